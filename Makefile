@@ -1,0 +1,48 @@
+# streamscore — every developer entry point. `make run` and `make test` are the
+# two commands the README opens with; both set up what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck protos protos-check check bench models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Serve the demo models on 127.0.0.1:50051 (metrics :9464) until Ctrl-C.
+run: $(STAMP)
+	$(VENV)/bin/streamscore dev
+
+## The whole suite: generated code fresh, lint, types, Dockerfile lint, tests.
+test: $(STAMP) protos-check lint typecheck
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+## Regenerate protobuf/gRPC modules and stubs under protos/.
+protos: $(STAMP)
+	PYTHON=$(PY) bash scripts/gen_protos.sh
+
+## Fails when the committed generated code differs from a fresh generation.
+protos-check: protos
+	git diff --exit-code -- protos/ || (echo "generated protos are stale: run 'make protos' and commit" >&2; exit 1)
+	test -z "$$(git status --porcelain --untracked-files=all -- protos/)" || (git status --porcelain -- protos/ >&2; echo "untracked generated files under protos/" >&2; exit 1)
+
+models: $(STAMP)
+	$(VENV)/bin/streamscore models demo --repository models
+
+bench: $(STAMP)
+	$(PY) -m bench.suite
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

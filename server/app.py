@@ -1,0 +1,195 @@
+"""AppContext: the one object that owns a server process's resources.
+
+Entering builds, in order: metrics, the model registry (models verified and
+loaded off the loop), the pipeline, the gRPC server with its servicers, health
+and reflection, and the metrics HTTP endpoint; health turns SERVING once models
+are loaded. Leaving tears down in reverse: health NOT_SERVING, ``server.stop``
+(new calls refused, in-flight calls get ``grace_period_s``), batchers drained,
+models released, metrics endpoint closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from types import TracebackType
+from typing import Self
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from protos.inference import grpc_service_pb2 as v2
+from protos.inference import grpc_service_pb2_grpc as v2_grpc
+from protos.streamscore.v1 import scoring_pb2 as pb
+from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
+from server.batcher import BatchPolicy
+from server.grpc_api import InferenceService, ScoringService
+from server.metrics import Metrics
+from server.pipeline import ScoringPipeline
+from server.registry import ModelRegistry, ServingOptions
+from server.runtime import RuntimeOptions
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Scoring"].full_name,
+    v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
+
+
+class AppContext:
+    """Owns the registry, batchers, gRPC server, health and metrics of one process."""
+
+    def __init__(self, settings: Settings, *, process_index: int = 0) -> None:
+        self.settings = settings
+        self.process_index = process_index
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(self.metrics.observer_for)
+        self.pipeline = ScoringPipeline(self.registry)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        """True while models are loaded and the server is not draining."""
+        return self._ready
+
+    def serving_options(self, model: str) -> ServingOptions:
+        """Registry options of ``model`` from the settings."""
+        serving = self.settings.serving_for(model)
+        return ServingOptions(
+            policy=BatchPolicy(
+                max_batch_size=serving.max_batch_size,
+                max_queue_size=serving.max_queue_size,
+                max_queue_delay_s=serving.max_queue_delay_ms / 1000.0,
+            ),
+            runtime=RuntimeOptions(
+                execution=serving.execution,
+                intra_op_threads=serving.intra_op_threads,
+                inter_op_threads=serving.inter_op_threads,
+            ),
+            versions=serving.versions,
+            champion=serving.champion,
+        )
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        refused = await self.registry.load_repository(
+            settings.models.repository, self.serving_options
+        )
+        self.metrics.model_load_failures.inc(len(refused))
+        self.metrics.models_loaded.set(len(self.registry.all_versions()))
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.server.max_receive_message_bytes),
+                ("grpc.max_send_message_length", settings.server.max_send_message_bytes),
+                ("grpc.so_reuseport", 1 if settings.server.processes > 1 else 0),
+            ]
+        )
+        self._server = server
+        pb_grpc.add_ScoringServicer_to_server(ScoringService(self.pipeline, self.metrics), server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(
+                self.pipeline,
+                self.registry,
+                self.metrics,
+                is_ready=lambda: self._ready,
+                max_queue_delay_us=lambda name: int(
+                    settings.serving_for(name).max_queue_delay_ms * 1000
+                ),
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{settings.server.host}:{settings.server.port}"
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind gRPC port {address}")
+        await server.start()
+        if settings.server.metrics_port:
+            port = settings.server.metrics_port + self.process_index
+            http_server, thread = start_http_server(
+                port, addr=settings.server.host, registry=self.metrics.registry
+            )
+            self._metrics_http = (http_server, thread)
+            self.metrics_port = http_server.server_port
+        if self.registry.all_versions():
+            self._ready = True
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        else:
+            logger.error("no model version loaded; health stays NOT_SERVING")
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        logger.info(
+            "serving",
+            extra={
+                "address": f"{settings.server.host}:{self.port}",
+                "metrics_port": self.metrics_port,
+                "models": {n: self.registry.versions(n) for n in self.registry.names()},
+                "refused": [str(e) for e in refused],
+                "process": self.process_index,
+            },
+        )
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def close(self) -> None:
+        """Drain and release everything, in reverse order of creation. Idempotent."""
+        self._ready = False
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.server.grace_period_s)
+            self._server = None
+        await self.registry.close()
+        if self._metrics_http is not None:
+            http_server, thread = self._metrics_http
+            self._metrics_http = None
+            await asyncio.to_thread(_stop_http, http_server, thread)
+        logger.info("stopped", extra={"process": self.process_index})
+
+    async def wait_closed(self) -> None:
+        """Wait until the gRPC server terminates."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _stop_http(http_server: WSGIServer, thread: threading.Thread) -> None:
+    http_server.shutdown()
+    http_server.server_close()
+    thread.join(timeout=5)

@@ -1,0 +1,292 @@
+"""Per-version micro-batcher: bounded queue, deadline-aware, no idle wait.
+
+Policy (continuous batching, gathered without timers):
+
+* One flush task per batcher runs at most one batch at a time. When it finds the
+  queue non-empty it first *gathers*: it yields to the event loop a few times
+  (``asyncio.sleep(0)``) while the queue keeps growing, so requests whose handlers
+  are already runnable in this loop turn join the batch. An idle server therefore
+  adds only a couple of loop turns (microseconds) to a lone request, and no
+  sub-millisecond timer is relied on (asyncio does not honour them).
+* While a batch runs (on a worker thread, or inline for tiny models), arrivals
+  queue up and the next batch takes them all, up to ``max_batch_size`` rows.
+* ``max_queue_delay_s`` > 0 adds a Triton-style fill window, but only while
+  recent batches held more than one request, so a lone caller never waits for it.
+* Over ``max_queue_size`` pending requests, ``submit`` raises ``QueueFull`` at once.
+* Before a batch runs, requests whose caller cancelled are skipped, and requests
+  whose deadline has passed fail with ``DeadlineExceeded``; neither is computed.
+* Each caller gets exactly the rows of its own request back: outputs are split by
+  row offsets of the concatenated batch. A result is set only on a future that is
+  still pending, so a caller that went away never strands the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    QueueFull,
+    ScoringError,
+    ShuttingDown,
+)
+
+logger = logging.getLogger(__name__)
+
+Outputs = dict[str, npt.NDArray[np.generic]]
+RunBatch = Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]]
+
+#: Loop turns the gatherer yields at most while the queue keeps growing.
+MAX_GATHER_TURNS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """Limits of one batcher."""
+
+    max_batch_size: int = 64
+    max_queue_size: int = 1024
+    max_queue_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_queue_size < 1:
+            raise ValueError("max_queue_size must be >= 1")
+        if self.max_queue_delay_s < 0:
+            raise ValueError("max_queue_delay_s must be >= 0")
+
+
+class BatchObserver(Protocol):
+    """What a batcher reports; the metrics module implements it."""
+
+    def batch_ran(self, rows: int, requests: int, seconds: float) -> None: ...
+    def queue_waited(self, seconds: float) -> None: ...
+    def dropped(self, reason: str) -> None: ...
+    def queue_depth(self, requests: int) -> None: ...
+
+
+class _NullObserver:
+    def batch_ran(self, rows: int, requests: int, seconds: float) -> None:
+        pass
+
+    def queue_waited(self, seconds: float) -> None:
+        pass
+
+    def dropped(self, reason: str) -> None:
+        pass
+
+    def queue_depth(self, requests: int) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Pending:
+    rows: npt.NDArray[np.float32]
+    future: asyncio.Future[Outputs]
+    deadline: float | None
+    enqueued_at: float
+
+
+@dataclass(slots=True)
+class _Stats:
+    recent_requests_per_batch: float = 1.0
+    batches: int = 0
+
+
+class MicroBatcher:
+    """Gathers concurrent requests for one model version into batches."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: RunBatch,
+        policy: BatchPolicy,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._run_batch = run_batch
+        self._observer: BatchObserver = observer or _NullObserver()
+        self._queue: deque[_Pending] = deque()
+        self._rows_queued = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stats = _Stats()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not counting the batch running now)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the flush task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._flush_loop(), name=f"batcher:{self.name}"
+            )
+
+    async def submit(
+        self, rows: npt.NDArray[np.float32], *, deadline: float | None = None
+    ) -> Outputs:
+        """Queue ``rows`` ([k, F]) and wait for their outputs (first dim k).
+
+        ``deadline`` is an absolute ``loop.time()``; past it the request is dropped
+        with ``DeadlineExceeded`` instead of being computed.
+        """
+        if self._closing:
+            raise ShuttingDown(f"model {self.name} is shutting down")
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            raise InvalidInput("rows", f"expected a non-empty [N, F] batch, got {rows.shape}")
+        if rows.shape[0] > self.policy.max_batch_size:
+            raise InvalidInput(
+                "rows",
+                f"{rows.shape[0]} rows exceed max_batch_size {self.policy.max_batch_size}",
+            )
+        if len(self._queue) >= self.policy.max_queue_size:
+            self._observer.dropped("queue_full")
+            raise QueueFull(
+                f"model {self.name}: queue full ({self.policy.max_queue_size} requests waiting)"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if deadline is not None and now >= deadline:
+            self._observer.dropped("deadline")
+            raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
+        if self._task is None:
+            self.start()
+        future: asyncio.Future[Outputs] = loop.create_future()
+        self._queue.append(_Pending(rows, future, deadline, now))
+        self._rows_queued += rows.shape[0]
+        self._observer.queue_depth(len(self._queue))
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        """Refuse new work, let queued requests run, then stop the flush task."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._gather()
+            batch = self._take_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _gather(self) -> None:
+        """Let requests that are runnable now join, without any timer."""
+        for _ in range(MAX_GATHER_TURNS):
+            before = len(self._queue)
+            await asyncio.sleep(0)
+            if len(self._queue) == before or self._queued_rows() >= self.policy.max_batch_size:
+                break
+        delay = self.policy.max_queue_delay_s
+        if delay > 0 and self._stats.recent_requests_per_batch > 1.5 and not self._closing:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + delay
+            while self._queued_rows() < self.policy.max_batch_size:
+                remaining = until - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _queued_rows(self) -> int:
+        return self._rows_queued
+
+    def _pop(self) -> _Pending:
+        pending = self._queue.popleft()
+        self._rows_queued -= pending.rows.shape[0]
+        return pending
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop whole requests up to max_batch_size rows, dropping dead ones."""
+        now = asyncio.get_running_loop().time()
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queue:
+            pending = self._queue[0]
+            if pending.future.done():  # caller cancelled (or already answered)
+                self._pop()
+                self._observer.dropped("cancelled")
+                continue
+            if pending.deadline is not None and now >= pending.deadline:
+                self._pop()
+                pending.future.set_exception(
+                    DeadlineExceeded(f"model {self.name}: deadline passed while queued")
+                )
+                self._observer.dropped("deadline")
+                continue
+            size = pending.rows.shape[0]
+            if batch and rows + size > self.policy.max_batch_size:
+                break
+            self._pop()
+            batch.append(pending)
+            rows += size
+        self._observer.queue_depth(len(self._queue))
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for pending in batch:
+            self._observer.queue_waited(started - pending.enqueued_at)
+        inputs = (
+            batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch], axis=0)
+        )
+        try:
+            outputs = await self._run_batch(inputs)
+        except asyncio.CancelledError:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(ShuttingDown(f"model {self.name} stopped"))
+            raise
+        except ScoringError as error:
+            self._fail(batch, error)
+            return
+        except Exception as error:  # the runtime failed: answer every caller, keep serving
+            logger.exception("batch failed", extra={"model": self.name, "rows": len(inputs)})
+            self._fail(batch, InferenceFailed(f"model {self.name}: inference failed: {error}"))
+            return
+        elapsed = loop.time() - started
+        self._observer.batch_ran(int(inputs.shape[0]), len(batch), elapsed)
+        stats = self._stats
+        stats.batches += 1
+        stats.recent_requests_per_batch = 0.8 * stats.recent_requests_per_batch + 0.2 * len(batch)
+        offset = 0
+        for pending in batch:
+            size = pending.rows.shape[0]
+            if not pending.future.done():
+                pending.future.set_result(
+                    {name: value[offset : offset + size] for name, value in outputs.items()}
+                )
+            offset += size
+
+    def _fail(self, batch: list[_Pending], error: ScoringError) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)

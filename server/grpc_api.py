@@ -1,0 +1,271 @@
+"""gRPC servicers: decode, call the pipeline, encode, map errors to status.
+
+No business logic lives here: ``server.codec`` converts messages and
+``server.pipeline`` does the work. Every ``ScoringError`` becomes its own gRPC
+status with its message; anything else is logged and answered INTERNAL, so the
+process never dies from a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from protos.inference import grpc_service_pb2 as v2
+from protos.inference import grpc_service_pb2_grpc as v2_grpc
+from protos.streamscore.v1 import scoring_pb2 as pb
+from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
+from server import codec
+from server.errors import ScoringError
+from server.metrics import Metrics
+from server.pipeline import ScoringPipeline
+from server.registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "streamscore"
+SERVER_VERSION = "0.1.0"
+#: Requests one ScoreStream call may have in the pipeline at once.
+STREAM_MAX_IN_FLIGHT = 256
+
+T = TypeVar("T")
+
+
+def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> float | None:
+    """The call's deadline as an absolute ``loop.time()``, if it has one."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+async def _answer(
+    context: grpc.aio.ServicerContext[object, object],
+    work: Callable[[], Awaitable[T]],
+    on_status: Callable[[grpc.StatusCode], None],
+) -> T:
+    """Run ``work``; turn its failure into the gRPC status (abort raises)."""
+    try:
+        result = await work()
+    except ScoringError as error:
+        on_status(error.code)
+        await context.abort(error.code, str(error))
+    except Exception:
+        logger.exception("unexpected error while handling a request")
+        on_status(grpc.StatusCode.INTERNAL)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+    on_status(grpc.StatusCode.OK)
+    return result
+
+
+class ScoringService(pb_grpc.ScoringServicer):
+    """``streamscore.v1.Scoring``."""
+
+    def __init__(self, pipeline: ScoringPipeline, metrics: Metrics) -> None:
+        self._pipeline = pipeline
+        self._metrics = metrics
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ScoreResponse:
+        """Score one transaction."""
+        started = time.perf_counter()
+        in_flight = self._metrics.in_flight.labels("score")
+        in_flight.inc()
+        try:
+            return await _answer(
+                context,
+                lambda: self._score_one(request, deadline_of(context), started),
+                lambda code: self._count("score", request, code),
+            )
+        finally:
+            in_flight.dec()
+            self._metrics.latency.labels("score", request.model).observe(
+                time.perf_counter() - started
+            )
+
+    async def ScoreStream(
+        self,
+        request_iterator: AsyncIterator[pb.ScoreRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        """Score a stream; answers come back as they finish, failed items carry ``error``."""
+        answers: asyncio.Queue[pb.ScoreResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+        deadline = deadline_of(context)
+        in_flight = self._metrics.in_flight.labels("stream")
+
+        async def score_item(request: pb.ScoreRequest) -> None:
+            started = time.perf_counter()
+            in_flight.inc()
+            try:
+                response = await self._score_one(request, deadline, started)
+                self._count("stream", request, grpc.StatusCode.OK)
+            except ScoringError as error:
+                self._count("stream", request, error.code)
+                response = _error_response(request, error.code, str(error))
+            except Exception:
+                logger.exception("unexpected error in ScoreStream item")
+                self._count("stream", request, grpc.StatusCode.INTERNAL)
+                response = _error_response(
+                    request, grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
+                )
+            finally:
+                in_flight.dec()
+                slots.release()
+            self._metrics.latency.labels("stream", request.model).observe(
+                time.perf_counter() - started
+            )
+            answers.put_nowait(response)
+
+        async def read_all() -> None:
+            async for request in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(score_item(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            while running:
+                await asyncio.gather(*running, return_exceptions=True)
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _score_one(
+        self, request: pb.ScoreRequest, deadline: float | None, started: float
+    ) -> pb.ScoreResponse:
+        result = await self._pipeline.score(codec.decode_score_request(request), deadline)
+        elapsed_us = int((time.perf_counter() - started) * 1e6)
+        return codec.encode_score_response(result, elapsed_us)
+
+    def _count(self, api: str, request: pb.ScoreRequest, code: grpc.StatusCode) -> None:
+        self._metrics.requests.labels(
+            api, request.model, request.model_version or "-", "-", code.name
+        ).inc()
+
+
+def _error_response(
+    request: pb.ScoreRequest, code: grpc.StatusCode, message: str
+) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        request_id=request.request_id,
+        model=request.model,
+        error=pb.ScoreError(code=code.value[0], message=message),
+    )
+
+
+class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
+    """Open Inference Protocol (KServe v2) data plane plus Triton's ModelConfig."""
+
+    def __init__(
+        self,
+        pipeline: ScoringPipeline,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        is_ready: Callable[[], bool],
+        max_queue_delay_us: Callable[[str], int],
+    ) -> None:
+        self._pipeline = pipeline
+        self._registry = registry
+        self._metrics = metrics
+        self._is_ready = is_ready
+        self._max_queue_delay_us = max_queue_delay_us
+
+    async def ServerLive(
+        self, request: v2.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: v2.ServerReadyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> v2.ServerReadyResponse:
+        return v2.ServerReadyResponse(ready=self._is_ready())
+
+    async def ModelReady(
+        self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> v2.ModelReadyResponse:
+        try:
+            self._pipeline.resolve(request.name, request.version or None)
+        except ScoringError:
+            return v2.ModelReadyResponse(ready=False)
+        return v2.ModelReadyResponse(ready=self._is_ready())
+
+    async def ServerMetadata(
+        self, request: v2.ServerMetadataRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_configuration"]
+        )
+
+    async def ModelMetadata(
+        self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> v2.ModelMetadataResponse:
+        async def work() -> v2.ModelMetadataResponse:
+            loaded = self._pipeline.resolve(request.name, request.version or None)
+            inputs, outputs = codec.tensor_metadata(loaded)
+            return v2.ModelMetadataResponse(
+                name=loaded.name,
+                versions=self._registry.versions(loaded.name),
+                platform="onnxruntime_onnx",
+                inputs=inputs,
+                outputs=outputs,
+            )
+
+        return await _answer(context, work, _ignore)
+
+    async def ModelConfig(
+        self, request: v2.ModelConfigRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> v2.ModelConfigResponse:
+        async def work() -> v2.ModelConfigResponse:
+            loaded = self._pipeline.resolve(request.name, request.version or None)
+            delay = self._max_queue_delay_us(loaded.name)
+            return v2.ModelConfigResponse(config=codec.model_config(loaded, delay))
+
+        return await _answer(context, work, _ignore)
+
+    async def ModelInfer(
+        self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> v2.ModelInferResponse:
+        started = time.perf_counter()
+        in_flight = self._metrics.in_flight.labels("v2")
+        in_flight.inc()
+
+        async def work() -> v2.ModelInferResponse:
+            loaded = self._pipeline.resolve(request.model_name, request.model_version or None)
+            rows = codec.decode_infer_rows(request, loaded)
+            names = codec.requested_outputs(request, loaded)
+            result = await self._pipeline.infer(loaded, rows, deadline_of(context))
+            return codec.encode_infer_response(request, loaded, result.outputs, names)
+
+        def count(code: grpc.StatusCode) -> None:
+            self._metrics.requests.labels(
+                "v2", request.model_name, request.model_version or "-", "-", code.name
+            ).inc()
+
+        try:
+            return await _answer(context, work, count)
+        finally:
+            in_flight.dec()
+            self._metrics.latency.labels("v2", request.model_name).observe(
+                time.perf_counter() - started
+            )
+
+
+def _ignore(code: grpc.StatusCode) -> None:
+    """Metadata calls are not counted as scoring requests."""

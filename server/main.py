@@ -1,0 +1,94 @@
+"""Process model: N single-threaded server processes sharing one port, drained on SIGTERM.
+
+One process is one core: each runs its own event loop (uvloop by default),
+ONNX sessions, batchers and metrics endpoint (``metrics_port + index``). With
+``processes > 1`` the parent forks the children before any gRPC object exists
+(gRPC forbids forking after it starts) and they share the port through
+SO_REUSEPORT. SO_REUSEPORT spreads *connections*, not requests: a caller with a
+single channel lands on one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+import uvloop
+
+from server.app import AppContext
+from server.logs import configure_logging
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+async def serve_until_signalled(settings: Settings, process_index: int = 0) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (health NOT_SERVING, in-flight finish)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with AppContext(settings, process_index=process_index):
+            await stop.wait()
+            logger.info("signal received, draining", extra={"process": process_index})
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def run_process(settings: Settings, process_index: int = 0) -> int:
+    """Run one server process to completion; returns its exit code."""
+    runner: Callable[[], asyncio.Runner]
+    if settings.server.uvloop:
+        runner = lambda: asyncio.Runner(loop_factory=uvloop.new_event_loop)  # noqa: E731
+    else:
+        runner = asyncio.Runner
+    with runner() as loop_runner:
+        loop_runner.run(serve_until_signalled(settings, process_index))
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    """Entry point of ``streamscore serve``: one process, or a parent and N forked children."""
+    configure_logging(settings.logging.level, settings.logging.json_format)
+    count = settings.server.processes
+    if count == 1:
+        return run_process(settings)
+    if settings.server.port == 0:
+        raise ValueError("server.port must be fixed (not 0) when server.processes > 1")
+    children: list[int] = []
+    for index in range(count):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                code = run_process(settings, index)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    return _supervise(children)
+
+
+def _supervise(children: list[int]) -> int:
+    """Forward SIGTERM/SIGINT to the children and wait for all of them."""
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            logger.error("server process exited", extra={"pid": pid, "code": code})
+        worst = max(worst, abs(code))
+    return worst

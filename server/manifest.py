@@ -1,0 +1,105 @@
+"""Model manifest: what a version in the model repository promises.
+
+Layout: ``<repository>/<name>/<version>/model.onnx`` beside ``manifest.json``.
+The manifest is the contract between the exporter and the server: the ordered
+feature list (column order of the model's single ``[N, F]`` input), the tensor
+names and dtypes, the file's sha256 and training metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+
+TensorDType = Literal["float32", "float64", "int64", "int32"]
+
+
+class TensorSpec(BaseModel):
+    """One named tensor of the ONNX graph."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    dtype: TensorDType
+
+
+class TrainingInfo(BaseModel):
+    """Provenance of the artifact: which data, which code, how good."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_snapshot: str = Field(description="Id of the training data snapshot.")
+    code_commit: str = Field(description="Commit of the training code.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="e.g. auc, logloss.")
+    created_at: datetime
+    algorithm: str = ""
+
+
+class ModelManifest(BaseModel):
+    """Validated contents of ``manifest.json``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    features: tuple[str, ...] = Field(min_length=1, description="Input columns, in order.")
+    input: TensorSpec = Field(description="The single [N, len(features)] input tensor.")
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    score_output: str = Field(description="Output holding the score.")
+    score_index: int = Field(
+        default=1, ge=0, description="Column of a [N, K] score output (1 = P(positive))."
+    )
+    nan_allowed: frozenset[str] = Field(
+        default_factory=frozenset, description="Features that may be NaN (missing)."
+    )
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Decision threshold.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    training: TrainingInfo
+
+    @field_validator("features")
+    @classmethod
+    def _unique_features(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        seen: set[str] = set()
+        dupes = [f for f in value if f in seen or seen.add(f)]  # type: ignore[func-returns-value]
+        if dupes:
+            raise ValueError(f"duplicate feature names: {sorted(set(dupes))}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelManifest:
+        names = {o.name for o in self.outputs}
+        if self.score_output not in names:
+            raise ValueError(f"score_output {self.score_output!r} is not among outputs {names}")
+        unknown = self.nan_allowed - set(self.features)
+        if unknown:
+            raise ValueError(f"nan_allowed names unknown features: {sorted(unknown)}")
+        return self
+
+    @classmethod
+    def read(cls, version_dir: Path) -> ModelManifest:
+        """Parse ``version_dir/manifest.json``; raises ``ValueError`` naming the problem."""
+        path = version_dir / MANIFEST_FILE
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def write(self, version_dir: Path) -> Path:
+        """Write ``manifest.json`` into ``version_dir`` and return its path."""
+        path = version_dir / MANIFEST_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

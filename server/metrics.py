@@ -1,0 +1,133 @@
+"""Prometheus metrics of one server process, on a registry the app owns.
+
+Label children are bound once per model version (``observer_for``) so the
+request path does no label lookups for batch metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
+    0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    """Every metric family of the server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "streamscore_requests",
+            "Scoring requests by API, model, version, route and gRPC status code.",
+            ["api", "model", "version", "route", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "streamscore_request_latency_seconds",
+            "Server-side end-to-end latency of a request, decode to response.",
+            ["api", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "streamscore_queue_wait_seconds",
+            "Time a request waited in its micro-batch queue.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "streamscore_batch_size_rows",
+            "Rows per executed micro-batch.",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "streamscore_batch_requests",
+            "Requests per executed micro-batch.",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "streamscore_inference_seconds",
+            "Time to run one micro-batch through ONNX Runtime.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "streamscore_queue_depth",
+            "Requests waiting in a micro-batch queue.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "streamscore_dropped_requests",
+            "Requests dropped before running, by reason (queue_full, deadline, cancelled).",
+            ["model", "version", "reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "streamscore_in_flight_requests", "Requests being handled now.", ["api"], registry=r
+        )
+        self.models_loaded = Gauge(
+            "streamscore_model_versions_loaded", "Loaded model versions.", registry=r
+        )
+        self.model_load_failures = Counter(
+            "streamscore_model_load_failures", "Model versions refused at load.", registry=r
+        )
+
+    def observer_for(self, model: str, version: str) -> BatchMetrics:
+        """Batch observer with label children bound for one version."""
+        return BatchMetrics(
+            batch_rows=self.batch_size.labels(model, version),
+            batch_requests=self.batch_requests.labels(model, version),
+            inference=self.inference.labels(model, version),
+            wait=self.queue_wait.labels(model, version),
+            depth=self.queue_depth.labels(model, version),
+            dropped_queue_full=self.dropped.labels(model, version, "queue_full"),
+            dropped_deadline=self.dropped.labels(model, version, "deadline"),
+            dropped_cancelled=self.dropped.labels(model, version, "cancelled"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMetrics:
+    """``server.batcher.BatchObserver`` backed by Prometheus children."""
+
+    batch_rows: Histogram
+    batch_requests: Histogram
+    inference: Histogram
+    wait: Histogram
+    depth: Gauge
+    dropped_queue_full: Counter
+    dropped_deadline: Counter
+    dropped_cancelled: Counter
+
+    def batch_ran(self, rows: int, requests: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
+        self.inference.observe(seconds)
+
+    def queue_waited(self, seconds: float) -> None:
+        self.wait.observe(seconds)
+
+    def dropped(self, reason: str) -> None:
+        if reason == "queue_full":
+            self.dropped_queue_full.inc()
+        elif reason == "deadline":
+            self.dropped_deadline.inc()
+        else:
+            self.dropped_cancelled.inc()
+
+    def queue_depth(self, requests: int) -> None:
+        self.depth.set(requests)

@@ -1,0 +1,98 @@
+"""The scoring pipeline, shared by both gRPC APIs and free of protobuf.
+
+One direction: router -> feature assembly -> micro-batcher -> runtime -> result.
+Servicers decode protobuf into the inputs here and encode the results back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server.errors import InvalidInput
+from server.registry import LoadedVersion, ModelRegistry
+from server.router import Route
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreInput:
+    """One transaction to score, decoded from the wire."""
+
+    model: str
+    request_id: str
+    features: Mapping[str, float]
+    entity_ids: Mapping[str, str] = field(default_factory=dict)
+    model_version: str | None = None
+    event_time_ms: int | None = None
+    echo_features: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    """The answer to one ``ScoreInput``."""
+
+    request_id: str
+    score: float
+    model: str
+    version: str
+    route: Route
+    defaulted_features: tuple[str, ...] = ()
+    features: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult:
+    """Raw outputs of a v2 inference on caller-supplied rows."""
+
+    loaded: LoadedVersion
+    outputs: Mapping[str, npt.NDArray[Any]]
+
+
+class ScoringPipeline:
+    """Routes, assembles features, batches and runs; one instance per process."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def score(self, request: ScoreInput, deadline: float | None) -> ScoreResult:
+        """Score one transaction; ``deadline`` is an absolute ``loop.time()``."""
+        if not request.model:
+            raise InvalidInput("model", "required")
+        decision = self._registry.routing.choose(request.model, request.model_version)
+        loaded = self._registry.get(request.model, decision.version)
+        row = loaded.layout.assemble_row(request.features)
+        outputs = await loaded.batcher.submit(row, deadline=deadline)
+        manifest = loaded.model.manifest
+        score_values = outputs[manifest.score_output]
+        score = float(
+            score_values[0, manifest.score_index] if score_values.ndim == 2 else score_values[0]
+        )
+        echoed: tuple[tuple[str, float], ...] = ()
+        if request.echo_features:
+            echoed = tuple(zip(loaded.layout.names, (float(v) for v in row[0]), strict=True))
+        return ScoreResult(
+            request_id=request.request_id,
+            score=score,
+            model=request.model,
+            version=decision.version,
+            route=decision.route,
+            features=echoed,
+        )
+
+    def resolve(self, model: str, version: str | None) -> LoadedVersion:
+        """The version a v2 call addresses (pinned, or the endpoint's champion)."""
+        if not model:
+            raise InvalidInput("model_name", "required")
+        decision = self._registry.routing.choose(model, version or None)
+        return self._registry.get(model, decision.version)
+
+    async def infer(
+        self, loaded: LoadedVersion, rows: npt.NDArray[np.float32], deadline: float | None
+    ) -> InferResult:
+        """Run caller-supplied rows ([N, F]) through ``loaded``'s batcher."""
+        outputs = await loaded.batcher.submit(rows, deadline=deadline)
+        return InferResult(loaded, outputs)

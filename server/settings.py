@@ -1,0 +1,499 @@
+"""Typed, frozen server settings, loaded once at start.
+
+Sources, later wins::
+
+    built-in defaults  <  YAML file  <  STREAMSCORE_* env vars  <  --set key.path=value
+
+Env vars: prefix ``STREAMSCORE_``, ``__`` between levels, names lower-cased
+(``STREAMSCORE_MODELS__DEFAULTS__MAX_BATCH_SIZE=32`` is ``models.defaults.max_batch_size``).
+Env and ``--set`` values are read as YAML scalars/flow collections (``null``, ``[1, 2]``,
+``'quoted'``); numbers and booleans are handed to the field as text so that the field's
+type decides (``--set server.admin_token=0123`` stays ``"0123"``).
+
+Relative paths are relative to the working directory, not to the config file.
+Unknown keys are errors. Every problem is reported in one :class:`SettingsError`
+naming the dotted key and where the value came from, never the value itself
+(values may be secrets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "STREAMSCORE_"
+ENV_NESTING = "__"
+MiB = 1024 * 1024
+
+_DEFAULT_SOURCE = "default"
+_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+ModelName = Annotated[str, StringConstraints(pattern=_NAME_PATTERN)]
+Execution = Literal["inline", "thread"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class SettingsError(Exception):
+    """Settings could not be loaded; the message lists every bad key and its source."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        head = f"{count} invalid setting{'s' if count != 1 else ''}:"
+        super().__init__("\n  ".join([head, *self.problems]))
+
+
+_Issue = tuple[str, tuple[tuple[str, ...], ...]]
+
+
+class _KeyedError(ValueError):
+    """Cross-field problems, each a message plus the keys (relative to the validated model)
+    involved: the first key is the one reported, all keys' sources are named."""
+
+    def __init__(self, issues: Sequence[_Issue]) -> None:
+        super().__init__("; ".join(message for message, _ in issues))
+        self.issues = tuple(issues)
+
+    @classmethod
+    def one(cls, message: str, *keys: tuple[str, ...]) -> _KeyedError:
+        """A single problem."""
+        return cls([(message, keys)])
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _version_text(value: Any) -> Any:
+    """YAML reads ``3`` as an int; versions are names, so accept ints as their text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_version_text(item) for item in value]
+    return value
+
+
+class ServerSettings(_Frozen):
+    """The gRPC listener and process layout."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="Address to bind.")
+    port: int = Field(
+        default=50051, ge=0, le=65535, description="gRPC port; 0 = OS picks (processes=1 only)."
+    )
+    metrics_port: int = Field(
+        default=9464, ge=0, le=65535, description="Prometheus /metrics port; 0 disables."
+    )
+    processes: int = Field(
+        default=1, ge=1, le=256, description="Server processes sharing the port (SO_REUSEPORT)."
+    )
+    grace_period_s: float = Field(
+        default=10.0, ge=0.0, description="On SIGTERM, time in-flight calls get to finish."
+    )
+    max_receive_message_bytes: int = Field(
+        default=4 * MiB, ge=1, description="Largest request message accepted."
+    )
+    max_send_message_bytes: int = Field(
+        default=4 * MiB, ge=1, description="Largest response message sent."
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="Reserved: bearer token for the admin API (not used yet)."
+    )
+    uvloop: bool = Field(default=True, description="Run each process's event loop on uvloop.")
+
+    @model_validator(mode="after")
+    def _ephemeral_port_single_process(self) -> ServerSettings:
+        if self.port == 0 and self.processes > 1:
+            raise _KeyedError.one(
+                "port 0 (OS-chosen) cannot be shared by several processes",
+                ("port",),
+                ("processes",),
+            )
+        return self
+
+
+class ModelServing(_Frozen):
+    """How one model's versions are loaded and micro-batched."""
+
+    max_batch_size: int = Field(
+        default=64, ge=1, le=4096, description="Most requests run in one session.run."
+    )
+    max_queue_size: int = Field(
+        default=1024, ge=1, description="Requests waiting per version; past it RESOURCE_EXHAUSTED."
+    )
+    max_queue_delay_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description="How long the first queued request may wait for a fuller batch; "
+        "0 = run whatever is queued as soon as the runtime is free.",
+    )
+    execution: Execution = Field(
+        default="inline",
+        description="'inline': session.run on the event-loop thread (no thread hop; the loop "
+        "blocks for one batch, fine at one process per core). 'thread': session.run on a "
+        "worker thread (ORT releases the GIL), so the loop keeps accepting and decoding "
+        "during a batch. Default pending the execution-mode bench.",
+    )
+    intra_op_threads: int = Field(
+        default=1, ge=0, description="ORT threads inside one operator; 0 = ORT default (all cores)."
+    )
+    inter_op_threads: int = Field(
+        default=1, ge=0, description="ORT threads across operators; 0 = ORT default."
+    )
+    versions: tuple[ModelName, ...] | None = Field(
+        default=None, description="Versions to load; None = every version found."
+    )
+    champion: ModelName | None = Field(
+        default=None, description="Version answering unpinned calls; None = highest number."
+    )
+
+    @field_validator("versions", "champion", mode="before")
+    @classmethod
+    def _versions_as_text(cls, value: Any) -> Any:
+        return _version_text(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelServing:
+        issues: list[_Issue] = []
+        if self.max_batch_size > self.max_queue_size:
+            issues.append(
+                (
+                    f"max_batch_size ({self.max_batch_size}) must not exceed "
+                    f"max_queue_size ({self.max_queue_size})",
+                    (("max_batch_size",), ("max_queue_size",)),
+                )
+            )
+        if self.versions is not None and not self.versions:
+            issues.append(("must list at least one version, or be null for all", (("versions",),)))
+        if (
+            self.champion is not None
+            and self.versions is not None
+            and self.champion not in self.versions
+        ):
+            issues.append(
+                (
+                    f"champion {self.champion!r} is not among versions {list(self.versions)}",
+                    (("champion",), ("versions",)),
+                )
+            )
+        if issues:
+            raise _KeyedError(issues)
+        return self
+
+
+def _doc(field: str) -> str | None:
+    return ModelServing.model_fields[field].description
+
+
+class ModelServingOverrides(_Frozen):
+    """Per-model subset of :class:`ModelServing`; only the fields given apply."""
+
+    max_batch_size: int | None = Field(default=None, description=_doc("max_batch_size"))
+    max_queue_size: int | None = Field(default=None, description=_doc("max_queue_size"))
+    max_queue_delay_ms: float | None = Field(default=None, description=_doc("max_queue_delay_ms"))
+    execution: Execution | None = Field(default=None, description=_doc("execution"))
+    intra_op_threads: int | None = Field(default=None, description=_doc("intra_op_threads"))
+    inter_op_threads: int | None = Field(default=None, description=_doc("inter_op_threads"))
+    versions: tuple[ModelName, ...] | None = Field(default=None, description=_doc("versions"))
+    champion: ModelName | None = Field(default=None, description=_doc("champion"))
+
+    @field_validator("versions", "champion", mode="before")
+    @classmethod
+    def _versions_as_text(cls, value: Any) -> Any:
+        return _version_text(value)
+
+    def apply_to(self, defaults: ModelServing) -> ModelServing:
+        """``defaults`` with the fields set here replaced, re-validated."""
+        given = self.model_dump(include=self.model_fields_set)
+        return ModelServing.model_validate({**defaults.model_dump(), **given})
+
+
+class ModelsSettings(_Frozen):
+    """The model repository and how its models are served."""
+
+    repository: Path = Field(
+        default=Path("models"), description="Directory holding <name>/<version>/ folders."
+    )
+    defaults: ModelServing = Field(
+        default_factory=ModelServing, description="Serving settings for every model."
+    )
+    per_model: dict[ModelName, ModelServingOverrides] = Field(
+        default_factory=dict, description="Overrides by model name, any subset of fields."
+    )
+
+    @model_validator(mode="after")
+    def _per_model_valid(self) -> ModelsSettings:
+        issues: list[_Issue] = []
+        for name, overrides in self.per_model.items():
+            try:
+                overrides.apply_to(self.defaults)
+            except ValidationError as exc:
+                for error in exc.errors(include_url=False):
+                    cause = error.get("ctx", {}).get("error")
+                    if not isinstance(cause, _KeyedError):
+                        field = tuple(str(part) for part in error["loc"])
+                        issues.append((error["msg"], (("per_model", name, *field),)))
+                        continue
+                    for message, keys in cause.issues:
+                        where = tuple(
+                            ("per_model", name, *key)
+                            if key[0] in overrides.model_fields_set
+                            else ("defaults", *key)
+                            for key in keys
+                        )
+                        issues.append((message, where))
+        if issues:
+            raise _KeyedError(issues)
+        return self
+
+
+class LoggingSettings(_Frozen):
+    """Log level and format (see ``server.logs``)."""
+
+    level: LogLevel = Field(default="INFO", description="Root log level.")
+    json_format: bool = Field(
+        default=True, alias="json", description="JSON lines on stderr; false = plain text."
+    )
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class RedisSettings(_Frozen):
+    """Connection to the feature store."""
+
+    url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        pattern=r"^(redis|rediss|unix)://",
+        description="redis://, rediss:// or unix:// URL.",
+    )
+    pool_max_connections: int = Field(
+        default=64, ge=1, description="Connections in this process's pool."
+    )
+    socket_timeout_s: float = Field(default=0.2, gt=0.0, description="Per-command socket timeout.")
+    failure_policy: Literal["degrade", "fail"] = Field(
+        default="degrade",
+        description="Redis down: 'degrade' scores with default features and flags the "
+        "response; 'fail' answers UNAVAILABLE.",
+    )
+
+
+class KafkaSettings(_Frozen):
+    """The event stream the feature worker consumes."""
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", min_length=1, description="Comma-separated host:port list."
+    )
+    events_topic: str = Field(
+        default="transactions", min_length=1, description="Topic of transaction events."
+    )
+    group_id: str = Field(
+        default="streamscore-features", min_length=1, description="Consumer group of the workers."
+    )
+    fetch_max_wait_ms: int = Field(
+        default=10, ge=0, description="Longest a fetch waits for data (latency vs batching)."
+    )
+
+
+class FeaturesSettings(_Frozen):
+    """Where the feature definitions live."""
+
+    definitions_path: Path = Field(
+        default=Path("features.yaml"), description="The declarative feature definition file."
+    )
+
+
+class Settings(_Frozen):
+    """Everything the server reads at start; immutable afterwards."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings, description="gRPC listener.")
+    models: ModelsSettings = Field(
+        default_factory=ModelsSettings, description="Model repository and serving."
+    )
+    logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Feature store.")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Event stream.")
+    features: FeaturesSettings = Field(
+        default_factory=FeaturesSettings, description="Feature definitions."
+    )
+
+    def serving_for(self, model_name: str) -> ModelServing:
+        """Serving settings of ``model_name``: its per-model overrides onto the defaults."""
+        overrides = self.models.per_model.get(model_name)
+        if overrides is None:
+            return self.models.defaults
+        return overrides.apply_to(self.models.defaults)
+
+
+# --------------------------------------------------------------------------- loading
+
+Key = tuple[str, ...]
+
+
+def load_settings(
+    config_path: Path | None, env: Mapping[str, str], overrides: Sequence[str]
+) -> Settings:
+    """Build the settings from defaults < ``config_path`` < ``STREAMSCORE_*`` entries of
+    ``env`` < ``overrides`` (``--set`` values, ``key.path=value``).
+
+    Raises :class:`SettingsError` listing every bad key with its source.
+    """
+    merged: dict[str, Any] = {}
+    sources: dict[Key, str] = {}
+    problems: list[str] = []
+    if config_path is not None:
+        try:
+            layer = _read_file(config_path)
+        except SettingsError as exc:
+            problems.extend(exc.problems)
+        else:
+            label = f"file {config_path}"
+            for name, value in layer.items():
+                _put(merged, sources, (str(name),), value, label)
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING))
+        if not all(key):
+            problems.append(f"{name}: malformed settings env var name (from env {name})")
+            continue
+        _put(merged, sources, key, _parse_value(env[name]), f"env {name}")
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        key = tuple(part.strip() for part in path.split("."))
+        if not sep or not all(key):
+            problems.append(f"{item}: expected key.path=value (from --set {item})")
+            continue
+        _put(merged, sources, key, _parse_value(text), f"--set {path.strip()}")
+    settings: Settings | None = None
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        problems.extend(_describe(exc, sources))
+    if problems or settings is None:
+        raise SettingsError(problems)
+    return settings
+
+
+def _read_file(path: Path) -> dict[Any, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SettingsError([f"cannot read config file {path}: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise SettingsError([f"config file {path}{where}: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError([f"config file {path}: top level must be a mapping of sections"])
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    """YAML-read ``text``; numbers, booleans and dates stay text for the field to parse."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None or isinstance(value, str | list | dict):
+        return value
+    return text.strip()
+
+
+def _put(target: dict[str, Any], sources: dict[Key, str], key: Key, value: Any, label: str) -> None:
+    """Set ``key`` to ``value`` (mappings merge key by key) and record ``label`` as its source."""
+    if isinstance(value, Mapping) and value:
+        for name, item in value.items():
+            _put(target, sources, (*key, str(name)), item, label)
+        return
+    node = target
+    for depth, part in enumerate(key[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+            sources.pop(key[: depth + 1], None)
+        node = child
+    node[key[-1]] = value
+    for stale in [k for k in sources if k[: len(key)] == key]:
+        del sources[stale]
+    sources[key] = label
+
+
+def _describe(exc: ValidationError, sources: Mapping[Key, str]) -> list[str]:
+    problems: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, _KeyedError):
+            for message, keys in cause.issues:
+                full = [(*loc, *key) for key in keys]
+                problems.append(_problem(full[0], message, full, sources))
+        elif error["type"] == "extra_forbidden":
+            # Name the key as the user wrote it (``bogus.x``), from each layer that set it.
+            key = tuple(str(part) for part in loc)
+            given = sorted(k for k in sources if k[: len(key)] == key) or [key]
+            for full_key in given:
+                message = "unknown key" if full_key == key else f"unknown key {_dotted(loc)!r}"
+                problems.append(_problem(full_key, message, [full_key], sources))
+        elif loc and loc[-1] == "[key]":  # a dict key (model name) failed validation
+            problems.append(_problem(loc[:-1], f"bad name: {error['msg']}", [loc[:-1]], sources))
+        else:
+            problems.append(_problem(loc, error["msg"], [loc], sources))
+    return problems
+
+
+def _problem(
+    key: tuple[str | int, ...],
+    message: str,
+    involved: Sequence[tuple[str | int, ...]],
+    sources: Mapping[Key, str],
+) -> str:
+    labels: list[str] = []
+    for item in involved:
+        label = _source_of(tuple(str(part) for part in item), sources)
+        if label not in labels:
+            labels.append(label)
+    return f"{_dotted(key)}: {message} (from {', '.join(labels)})"
+
+
+def _source_of(key: Key, sources: Mapping[Key, str]) -> str:
+    """The layer that set ``key`` or the value containing it, else the layers that set keys
+    inside it, else the built-in default."""
+    for end in range(len(key), 0, -1):
+        label = sources.get(key[:end])
+        if label is not None:
+            return label
+    inner = {label: None for k, label in sources.items() if k[: len(key)] == key}
+    return ", ".join(inner) or _DEFAULT_SOURCE
+
+
+def _dotted(key: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in key:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text

@@ -1,0 +1,161 @@
+"""Score and ScoreStream end to end against a real in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from protos.streamscore.v1 import scoring_pb2 as pb
+from tests.conftest import TEST_FEATURES
+from tests.support.model_factory import linear_scores, write_linear_model
+from tests.support.server import running_server
+
+
+def _request(values: np.ndarray, **kwargs: object) -> pb.ScoreRequest:
+    return pb.ScoreRequest(
+        model="lin",
+        features={name: float(v) for name, v in zip(TEST_FEATURES, values, strict=True)},
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _expected(repository: Path, version: str, values: np.ndarray) -> float:
+    _, weights, bias = write_linear_model(
+        repository / ".." / "ref", "lin", version, TEST_FEATURES, seed=int(version)
+    )
+    return float(linear_scores(values.reshape(1, -1).astype(np.float32), weights, bias)[0])
+
+
+async def test_score_returns_champion_score(linear_repository: Path) -> None:
+    values = np.linspace(-1, 1, len(TEST_FEATURES))
+    async with running_server(linear_repository) as srv:
+        response = await srv.scoring.Score(_request(values, request_id="r-1"))
+    assert response.request_id == "r-1"
+    assert response.model == "lin"
+    assert response.model_version == "2"  # highest version is champion by default
+    assert response.route == pb.ROUTE_CHAMPION
+    assert response.score == pytest.approx(_expected(linear_repository, "2", values), abs=1e-6)
+    assert response.server_time_us > 0
+
+
+async def test_pinned_version_and_configured_champion(linear_repository: Path) -> None:
+    values = np.full(len(TEST_FEATURES), 0.3)
+    async with running_server(linear_repository, ["models.per_model.lin.champion=1"]) as srv:
+        champion = await srv.scoring.Score(_request(values))
+        pinned = await srv.scoring.Score(_request(values, model_version="2"))
+    assert (champion.model_version, champion.route) == ("1", pb.ROUTE_CHAMPION)
+    assert (pinned.model_version, pinned.route) == ("2", pb.ROUTE_PINNED)
+    assert champion.score == pytest.approx(_expected(linear_repository, "1", values), abs=1e-6)
+    assert pinned.score == pytest.approx(_expected(linear_repository, "2", values), abs=1e-6)
+    assert champion.request_id and champion.request_id != pinned.request_id  # generated
+
+
+async def test_echo_features_in_model_order(linear_repository: Path) -> None:
+    values = np.arange(len(TEST_FEATURES), dtype=float)
+    async with running_server(linear_repository) as srv:
+        response = await srv.scoring.Score(_request(values, echo_features=True))
+    assert [f.name for f in response.features] == TEST_FEATURES
+    assert [f.value for f in response.features] == list(values)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "needle"),
+    [
+        (lambda r: setattr(r, "model", "nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+        (lambda r: setattr(r, "model", ""), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+        (lambda r: setattr(r, "model_version", "9"), grpc.StatusCode.NOT_FOUND, "'9'"),
+        (lambda r: r.features.pop("f3"), grpc.StatusCode.INVALID_ARGUMENT, "features.f3"),
+        (lambda r: r.features.__setitem__("zz", 1.0), grpc.StatusCode.INVALID_ARGUMENT, "zz"),
+        (
+            lambda r: r.features.__setitem__("f2", math.nan),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "features.f2",
+        ),
+        (
+            lambda r: r.features.__setitem__("f5", math.inf),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "features.f5",
+        ),
+    ],
+    ids=["unknown-model", "no-model", "unknown-version", "missing", "unknown", "nan", "inf"],
+)
+async def test_bad_input_gets_named_status(
+    linear_repository: Path, mutate: object, code: grpc.StatusCode, needle: str
+) -> None:
+    request = _request(np.zeros(len(TEST_FEATURES)))
+    mutate(request)  # type: ignore[operator]
+    async with running_server(linear_repository) as srv:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await srv.scoring.Score(request)
+        assert caught.value.code() == code
+        assert needle in (caught.value.details() or "")
+        # the server is still healthy afterwards
+        ok = await srv.scoring.Score(_request(np.zeros(len(TEST_FEATURES))))
+        assert ok.model_version == "2"
+
+
+async def test_oversized_message_is_resource_exhausted(linear_repository: Path) -> None:
+    request = _request(np.zeros(len(TEST_FEATURES)), request_id="x" * 5_000_000)
+    async with running_server(linear_repository) as srv:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await srv.scoring.Score(request)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_score_stream_answers_every_item(linear_repository: Path) -> None:
+    rng = np.random.default_rng(7)
+    rows = rng.normal(size=(200, len(TEST_FEATURES)))
+    requests = [_request(row, request_id=f"s-{i}") for i, row in enumerate(rows)]
+    requests.insert(50, pb.ScoreRequest(model="lin", request_id="bad", features={"f0": 1.0}))
+
+    async def produce():  # type: ignore[no-untyped-def]
+        for request in requests:
+            yield request
+
+    async with running_server(linear_repository) as srv:
+        answers = {r.request_id: r async for r in srv.scoring.ScoreStream(produce())}
+    assert len(answers) == len(requests)
+    assert answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "features.f1" in answers["bad"].error.message
+    _, weights, bias = write_linear_model(
+        linear_repository / ".." / "ref", "lin", "2", TEST_FEATURES, seed=2
+    )
+    expected = linear_scores(rows.astype(np.float32), weights, bias)
+    for i in range(len(rows)):
+        answer = answers[f"s-{i}"]
+        assert not answer.HasField("error")
+        assert answer.score == pytest.approx(float(expected[i]), abs=1e-6)
+
+
+async def test_scatter_correctness_under_random_concurrency(linear_repository: Path) -> None:
+    """Every caller gets exactly its own row's score, whatever batches formed."""
+    rng = np.random.default_rng(11)
+    rows = rng.normal(size=(600, len(TEST_FEATURES)))
+    _, weights, bias = write_linear_model(
+        linear_repository / ".." / "ref", "lin", "2", TEST_FEATURES, seed=2
+    )
+    expected = linear_scores(rows.astype(np.float32), weights, bias)
+    async with running_server(linear_repository, ["models.defaults.max_batch_size=16"]) as srv:
+
+        async def call(i: int) -> tuple[int, float]:
+            if i % 2:  # half spread out in time, half released at once (a burst)
+                await asyncio.sleep(float(rng.uniform(0, 0.02)))
+            response = await srv.scoring.Score(_request(rows[i], request_id=str(i)))
+            assert response.request_id == str(i)
+            return i, response.score
+
+        results = await asyncio.gather(*(call(i) for i in range(len(rows))))
+        batch_hist = srv.app.metrics.batch_requests.labels("lin", "2")
+        samples = {
+            s.name: s.value for s in batch_hist.collect()[0].samples if not s.labels.get("le")
+        }
+    for i, score in results:
+        assert score == pytest.approx(float(expected[i]), abs=1e-6)
+    batches = samples["streamscore_batch_requests_count"]
+    assert samples["streamscore_batch_requests_sum"] == len(rows)
+    assert batches < len(rows), "no batch larger than one request formed under concurrency"

@@ -1,0 +1,63 @@
+"""Run a real streamscore server in-process on a free port, and always stop it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from protos.inference import grpc_service_pb2_grpc as v2_grpc
+from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
+from server.app import AppContext
+from server.settings import Settings, load_settings
+
+
+def settings_for_test(repository: Path, *overrides: str) -> Settings:
+    """Settings for a test server: free ports, the given repository, plain logs."""
+    return load_settings(
+        None,
+        {},
+        [
+            "server.port=0",
+            "server.metrics_port=0",
+            "server.grace_period_s=5",
+            f"models.repository={repository}",
+            *overrides,
+        ],
+    )
+
+
+@dataclass
+class RunningServer:
+    """A started AppContext with client stubs on one channel."""
+
+    app: AppContext
+    channel: grpc.aio.Channel
+    scoring: pb_grpc.ScoringStub
+    inference: v2_grpc.GRPCInferenceServiceStub
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    repository: Path, overrides: Sequence[str] = ()
+) -> AsyncIterator[RunningServer]:
+    """Start a server on a free port; stop it (and close the channel) on exit."""
+    settings = settings_for_test(repository, *overrides)
+    async with AppContext(settings) as app:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        try:
+            yield RunningServer(
+                app,
+                channel,
+                pb_grpc.ScoringStub(channel),
+                v2_grpc.GRPCInferenceServiceStub(channel),
+            )
+        finally:
+            await channel.close()
