@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
+from devstack.services import KafkaBroker, RedisServer, kafka_broker, redis_server
 from tests.support.model_factory import write_linear_model
 
 #: Feature names of the small test model (the demo models use 30 real names).
@@ -27,3 +30,29 @@ def linear_repository(tmp_path: Path) -> Path:
     write_linear_model(repository, "lin", "1", TEST_FEATURES, seed=1)
     write_linear_model(repository, "lin", "2", TEST_FEATURES, seed=2)
     return repository
+
+
+@pytest.fixture(scope="session")
+def redis_process() -> Iterator[RedisServer]:
+    """One real ``redis-server`` for the session, on a free port (never 6379)."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_process: RedisServer) -> str:
+    """URL of the session's Redis, emptied before each test."""
+    client = redis.Redis(host=redis_process.host, port=redis_process.port)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_process.url
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """One real Tansu broker for the session; tests use their own topic names."""
+    log = tmp_path_factory.mktemp("tansu") / "broker.log"
+    with kafka_broker(log_file=log) as broker:
+        yield broker

