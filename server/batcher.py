@@ -3,11 +3,13 @@
 Policy (continuous batching, gathered without timers):
 
 * One flush task per batcher runs at most one batch at a time. When it finds the
-  queue non-empty it first *gathers*: it yields to the event loop a few times
-  (``asyncio.sleep(0)``) while the queue keeps growing, so requests whose handlers
-  are already runnable in this loop turn join the batch. An idle server therefore
-  adds only a couple of loop turns (microseconds) to a lone request, and no
-  sub-millisecond timer is relied on (asyncio does not honour them).
+  queue non-empty it first *gathers*: it yields to the event loop
+  (``asyncio.sleep(0)``) while new requests keep arriving, and stops after
+  ``gather_patience`` turns with no arrival. grpc.aio hands calls to handlers one
+  after another, a few loop turns apart, so under load this collects the calls
+  already inside the server; at idle it costs a lone request a few empty loop
+  turns (microseconds). No sub-millisecond timer is relied on (asyncio does not
+  honour them). A batch of size 1 skips gathering entirely.
 * While a batch runs (on a worker thread, or inline for tiny models), arrivals
   queue up and the next batch takes them all, up to ``max_batch_size`` rows.
 * ``max_queue_delay_s`` > 0 adds a Triton-style fill window, but only while
@@ -47,9 +49,6 @@ logger = logging.getLogger(__name__)
 Outputs = dict[str, npt.NDArray[np.generic]]
 RunBatch = Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]]
 
-#: Loop turns the gatherer yields at most while the queue keeps growing.
-MAX_GATHER_TURNS = 4
-
 
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
@@ -58,6 +57,10 @@ class BatchPolicy:
     max_batch_size: int = 64
     max_queue_size: int = 1024
     max_queue_delay_s: float = 0.0
+    #: Loop turns without a new arrival after which gathering stops.
+    gather_patience: int = 6
+    #: Most loop turns one gathering may take.
+    max_gather_turns: int = 64
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -66,6 +69,8 @@ class BatchPolicy:
             raise ValueError("max_queue_size must be >= 1")
         if self.max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")
+        if self.gather_patience < 1 or self.max_gather_turns < 0:
+            raise ValueError("gather_patience must be >= 1 and max_gather_turns >= 0")
 
 
 class BatchObserver(Protocol):
@@ -197,12 +202,25 @@ class MicroBatcher:
                 await self._run(batch)
 
     async def _gather(self) -> None:
-        """Let requests that are runnable now join, without any timer."""
-        for _ in range(MAX_GATHER_TURNS):
+        """Let requests that are runnable now join, without any timer.
+
+        grpc.aio accepts calls one after another, a few loop turns apart, so the
+        gatherer keeps yielding while arrivals keep coming and stops after
+        ``gather_patience`` turns without one (or when the batch is full).
+        """
+        policy = self.policy
+        idle_turns = 0
+        for _ in range(policy.max_gather_turns):
+            if self._rows_queued >= policy.max_batch_size:
+                return
             before = len(self._queue)
             await asyncio.sleep(0)
-            if len(self._queue) == before or self._queued_rows() >= self.policy.max_batch_size:
-                break
+            if len(self._queue) == before:
+                idle_turns += 1
+                if idle_turns >= policy.gather_patience:
+                    break
+            else:
+                idle_turns = 0
         delay = self.policy.max_queue_delay_s
         if delay > 0 and self._stats.recent_requests_per_batch > 1.5 and not self._closing:
             loop = asyncio.get_running_loop()

@@ -48,25 +48,27 @@ class FeatureLayout:
 
     def assemble_row(self, features: Mapping[str, float]) -> npt.NDArray[np.float32]:
         """One [1, F] float32 row from request features; every column must be present."""
-        row = np.empty((1, len(self.names)), dtype=np.float32)
-        index = self.index
-        for name, value in features.items():
-            column = index.get(name)
-            if column is None:
-                raise InvalidInput(
+        values = [features.get(name) for name in self.names]
+        if len(features) != len(self.names) or None in values:
+            raise self._shape_error(features)
+        if not all(map(math.isfinite, values)):  # type: ignore[arg-type]
+            for name, value in zip(self.names, values, strict=True):
+                if not math.isfinite(value) and name not in self.nan_allowed:  # type: ignore[arg-type]
+                    raise InvalidInput(f"features.{name}", f"{value} not allowed (must be finite)")
+        return np.array(values, dtype=np.float32).reshape(1, -1)
+
+    def _shape_error(self, features: Mapping[str, float]) -> InvalidInput:
+        for name in features:
+            if name not in self.index:
+                return InvalidInput(
                     f"features.{name}", f"unknown feature for model {self.model_key}"
                 )
-            if not math.isfinite(value) and name not in self.nan_allowed:
-                raise InvalidInput(f"features.{name}", f"{value} not allowed (must be finite)")
-            row[0, column] = value
-        if len(features) != len(self.names):
-            missing = [n for n in self.names if n not in features]
-            raise InvalidInput(
-                f"features.{missing[0]}",
-                f"missing ({len(missing)} missing: {', '.join(missing[:10])}"
-                f"{', ...' if len(missing) > 10 else ''})",
-            )
-        return row
+        missing = [n for n in self.names if n not in features]
+        more = ", ..." if len(missing) > 10 else ""
+        return InvalidInput(
+            f"features.{missing[0]}",
+            f"missing ({len(missing)} missing: {', '.join(missing[:10])}{more})",
+        )
 
     def check_rows(self, rows: npt.NDArray[np.float32], field: str) -> None:
         """Refuse NaN/inf in columns that do not allow it, naming row and feature."""

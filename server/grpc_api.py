@@ -23,7 +23,7 @@ from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server import codec
 from server.errors import ScoringError
-from server.metrics import Metrics
+from server.metrics import UNKNOWN_MODEL, ApiMetrics, Metrics
 from server.pipeline import ScoringPipeline
 from server.registry import ModelRegistry
 
@@ -46,49 +46,49 @@ def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> float | No
 
 
 async def _answer(
-    context: grpc.aio.ServicerContext[object, object],
-    work: Callable[[], Awaitable[T]],
-    on_status: Callable[[grpc.StatusCode], None],
+    context: grpc.aio.ServicerContext[object, object], work: Callable[[], Awaitable[T]]
 ) -> T:
-    """Run ``work``; turn its failure into the gRPC status (abort raises)."""
+    """Run a metadata call; turn its failure into the gRPC status (abort raises)."""
     try:
-        result = await work()
+        return await work()
     except ScoringError as error:
-        on_status(error.code)
         await context.abort(error.code, str(error))
     except Exception:
         logger.exception("unexpected error while handling a request")
-        on_status(grpc.StatusCode.INTERNAL)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
-    on_status(grpc.StatusCode.OK)
-    return result
 
 
 class ScoringService(pb_grpc.ScoringServicer):
     """``streamscore.v1.Scoring``."""
 
-    def __init__(self, pipeline: ScoringPipeline, metrics: Metrics) -> None:
+    def __init__(
+        self, pipeline: ScoringPipeline, registry: ModelRegistry, metrics: Metrics
+    ) -> None:
         self._pipeline = pipeline
-        self._metrics = metrics
+        self._registry = registry
+        self._unary = metrics.api("score")
+        self._stream = metrics.api("stream")
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ScoreResponse:
         """Score one transaction."""
         started = time.perf_counter()
-        in_flight = self._metrics.in_flight.labels("score")
-        in_flight.inc()
+        metrics = self._unary
+        metrics.in_flight.inc()
         try:
-            return await _answer(
-                context,
-                lambda: self._score_one(request, deadline_of(context), started),
-                lambda code: self._count("score", request, code),
-            )
+            response = await self._score_one(request, deadline_of(context), started, metrics)
+        except ScoringError as error:
+            self._count_failure(metrics, request, error.code)
+            await context.abort(error.code, str(error))
+        except Exception:
+            logger.exception("unexpected error in Score")
+            self._count_failure(metrics, request, grpc.StatusCode.INTERNAL)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
         finally:
-            in_flight.dec()
-            self._metrics.latency.labels("score", request.model).observe(
-                time.perf_counter() - started
-            )
+            metrics.in_flight.dec()
+            metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
+        return response
 
     async def ScoreStream(
         self,
@@ -100,29 +100,26 @@ class ScoringService(pb_grpc.ScoringServicer):
         slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
         deadline = deadline_of(context)
-        in_flight = self._metrics.in_flight.labels("stream")
+        metrics = self._stream
 
         async def score_item(request: pb.ScoreRequest) -> None:
             started = time.perf_counter()
-            in_flight.inc()
+            metrics.in_flight.inc()
             try:
-                response = await self._score_one(request, deadline, started)
-                self._count("stream", request, grpc.StatusCode.OK)
+                response = await self._score_one(request, deadline, started, metrics)
             except ScoringError as error:
-                self._count("stream", request, error.code)
+                self._count_failure(metrics, request, error.code)
                 response = _error_response(request, error.code, str(error))
             except Exception:
                 logger.exception("unexpected error in ScoreStream item")
-                self._count("stream", request, grpc.StatusCode.INTERNAL)
+                self._count_failure(metrics, request, grpc.StatusCode.INTERNAL)
                 response = _error_response(
                     request, grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
                 )
             finally:
-                in_flight.dec()
+                metrics.in_flight.dec()
                 slots.release()
-            self._metrics.latency.labels("stream", request.model).observe(
-                time.perf_counter() - started
-            )
+            metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
             answers.put_nowait(response)
 
         async def read_all() -> None:
@@ -148,16 +145,25 @@ class ScoringService(pb_grpc.ScoringServicer):
                 await reader
 
     async def _score_one(
-        self, request: pb.ScoreRequest, deadline: float | None, started: float
+        self,
+        request: pb.ScoreRequest,
+        deadline: float | None,
+        started: float,
+        metrics: ApiMetrics,
     ) -> pb.ScoreResponse:
         result = await self._pipeline.score(codec.decode_score_request(request), deadline)
+        metrics.count(result.model, result.version, result.route.value, "OK")
         elapsed_us = int((time.perf_counter() - started) * 1e6)
         return codec.encode_score_response(result, elapsed_us)
 
-    def _count(self, api: str, request: pb.ScoreRequest, code: grpc.StatusCode) -> None:
-        self._metrics.requests.labels(
-            api, request.model, request.model_version or "-", "-", code.name
-        ).inc()
+    def _model_label(self, model: str) -> str:
+        return model if self._registry.serves(model) else UNKNOWN_MODEL
+
+    def _count_failure(
+        self, metrics: ApiMetrics, request: pb.ScoreRequest, code: grpc.StatusCode
+    ) -> None:
+        version = request.model_version if self._registry.serves(request.model) else ""
+        metrics.count(self._model_label(request.model), version or "-", "-", code.name)
 
 
 def _error_response(
@@ -183,7 +189,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self._pipeline = pipeline
         self._registry = registry
-        self._metrics = metrics
+        self._v2 = metrics.api("v2")
         self._is_ready = is_ready
         self._max_queue_delay_us = max_queue_delay_us
 
@@ -227,7 +233,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                 outputs=outputs,
             )
 
-        return await _answer(context, work, _ignore)
+        return await _answer(context, work)
 
     async def ModelConfig(
         self, request: v2.ModelConfigRequest, context: grpc.aio.ServicerContext[object, object]
@@ -237,35 +243,32 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             delay = self._max_queue_delay_us(loaded.name)
             return v2.ModelConfigResponse(config=codec.model_config(loaded, delay))
 
-        return await _answer(context, work, _ignore)
+        return await _answer(context, work)
 
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelInferResponse:
         started = time.perf_counter()
-        in_flight = self._metrics.in_flight.labels("v2")
-        in_flight.inc()
-
-        async def work() -> v2.ModelInferResponse:
+        metrics = self._v2
+        metrics.in_flight.inc()
+        model = request.model_name if self._registry.serves(request.model_name) else UNKNOWN_MODEL
+        version = request.model_version or "-"
+        try:
             loaded = self._pipeline.resolve(request.model_name, request.model_version or None)
+            version = loaded.version
             rows = codec.decode_infer_rows(request, loaded)
             names = codec.requested_outputs(request, loaded)
             result = await self._pipeline.infer(loaded, rows, deadline_of(context))
-            return codec.encode_infer_response(request, loaded, result.outputs, names)
-
-        def count(code: grpc.StatusCode) -> None:
-            self._metrics.requests.labels(
-                "v2", request.model_name, request.model_version or "-", "-", code.name
-            ).inc()
-
-        try:
-            return await _answer(context, work, count)
+            response = codec.encode_infer_response(request, loaded, result.outputs, names)
+        except ScoringError as error:
+            metrics.count(model, version, "-", error.code.name)
+            await context.abort(error.code, str(error))
+        except Exception:
+            logger.exception("unexpected error in ModelInfer")
+            metrics.count(model, version, "-", grpc.StatusCode.INTERNAL.name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
         finally:
-            in_flight.dec()
-            self._metrics.latency.labels("v2", request.model_name).observe(
-                time.perf_counter() - started
-            )
-
-
-def _ignore(code: grpc.StatusCode) -> None:
-    """Metadata calls are not counted as scoring requests."""
+            metrics.in_flight.dec()
+            metrics.observe_latency(model, time.perf_counter() - started)
+        metrics.count(model, version, "pinned" if request.model_version else "champion", "OK")
+        return response

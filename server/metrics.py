@@ -86,6 +86,10 @@ class Metrics:
             "streamscore_model_load_failures", "Model versions refused at load.", registry=r
         )
 
+    def api(self, name: str) -> ApiMetrics:
+        """Request metrics of one API (``score``, ``stream``, ``v2``) with cached children."""
+        return ApiMetrics(name, self)
+
     def observer_for(self, model: str, version: str) -> BatchMetrics:
         """Batch observer with label children bound for one version."""
         return BatchMetrics(
@@ -98,6 +102,39 @@ class Metrics:
             dropped_deadline=self.dropped.labels(model, version, "deadline"),
             dropped_cancelled=self.dropped.labels(model, version, "cancelled"),
         )
+
+
+class ApiMetrics:
+    """Per-API request metrics; label children are created once and reused.
+
+    ``model`` labels must come from served model names (callers map anything
+    else to ``UNKNOWN_MODEL``) so a client cannot grow the label set.
+    """
+
+    def __init__(self, api: str, metrics: Metrics) -> None:
+        self._api = api
+        self._metrics = metrics
+        self.in_flight = metrics.in_flight.labels(api)
+        self._latency: dict[str, Histogram] = {}
+        self._requests: dict[tuple[str, str, str, str], Counter] = {}
+
+    def observe_latency(self, model: str, seconds: float) -> None:
+        """Record one request's server-side latency."""
+        child = self._latency.get(model)
+        if child is None:
+            child = self._latency[model] = self._metrics.latency.labels(self._api, model)
+        child.observe(seconds)
+
+    def count(self, model: str, version: str, route: str, code: str) -> None:
+        """Count one finished request."""
+        key = (model, version, route, code)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self._metrics.requests.labels(self._api, *key)
+        child.inc()
+
+
+UNKNOWN_MODEL = "_unknown"
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,6 +67,10 @@ class ModelRegistry:
         """The current routing table (immutable snapshot)."""
         return self._routing
 
+    def serves(self, name: str) -> bool:
+        """True when ``name`` has a loaded version."""
+        return name in self._versions
+
     def names(self) -> list[str]:
         """Served model names, sorted."""
         return sorted(self._versions)
