@@ -42,7 +42,7 @@ models: $(STAMP)
 	$(VENV)/bin/streamscore models demo --repository models
 
 bench: $(STAMP)
-	$(PY) -m bench.suite
+	$(PY) -m bench.serving_bench --json-out bench/results/serving.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

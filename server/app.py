@@ -19,7 +19,7 @@ from typing import Self
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -29,6 +29,7 @@ from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.batcher import BatchPolicy
 from server.grpc_api import InferenceService, ScoringService
+from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
 from server.pipeline import ScoringPipeline
 from server.registry import ModelRegistry, ServingOptions
@@ -52,7 +53,7 @@ class AppContext:
         self.metrics = Metrics()
         self.registry = ModelRegistry(self.metrics.observer_for)
         self.pipeline = ScoringPipeline(self.registry)
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health = HealthService()
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -155,10 +156,10 @@ class AppContext:
         gc.freeze()
         if self.registry.all_versions():
             self._ready = True
-            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            await self._set_health(SERVING)
         else:
             logger.error("no model version loaded; health stays NOT_SERVING")
-            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._set_health(NOT_SERVING)
         logger.info(
             "serving",
             extra={
@@ -166,13 +167,11 @@ class AppContext:
                 "metrics_port": self.metrics_port,
                 "models": {n: self.registry.versions(n) for n in self.registry.names()},
                 "refused": [str(e) for e in refused],
-                "process": self.process_index,
+                "process_index": self.process_index,
             },
         )
 
-    async def _set_health(
-        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
-    ) -> None:
+    async def _set_health(self, status: Status) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
@@ -188,7 +187,7 @@ class AppContext:
             http_server, thread = self._metrics_http
             self._metrics_http = None
             await asyncio.to_thread(_stop_http, http_server, thread)
-        logger.info("stopped", extra={"process": self.process_index})
+        logger.info("stopped", extra={"process_index": self.process_index})
 
     async def wait_closed(self) -> None:
         """Wait until the gRPC server terminates."""

@@ -248,9 +248,10 @@ class MicroBatcher:
         rows = 0
         while self._queue:
             pending = self._queue[0]
-            if pending.future.done():  # caller cancelled (or already answered)
+            if pending.future.done():  # caller went away: its deadline, or a cancel
                 self._pop()
-                self._observer.dropped("cancelled")
+                expired = pending.deadline is not None and now >= pending.deadline
+                self._observer.dropped("deadline" if expired else "cancelled")
                 continue
             if pending.deadline is not None and now >= pending.deadline:
                 self._pop()
@@ -273,11 +274,19 @@ class MicroBatcher:
         started = loop.time()
         for pending in batch:
             self._observer.queue_waited(started - pending.enqueued_at)
-        inputs = (
-            batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch], axis=0)
-        )
         try:
+            inputs = (
+                batch[0].rows
+                if len(batch) == 1
+                else np.concatenate([p.rows for p in batch], axis=0)
+            )
             outputs = await self._run_batch(inputs)
+            for name, value in outputs.items():
+                if value.ndim == 0 or value.shape[0] != inputs.shape[0]:
+                    raise InferenceFailed(
+                        f"model {self.name}: output {name!r} has shape {value.shape}, "
+                        f"not one row per input row ({inputs.shape[0]})"
+                    )
         except asyncio.CancelledError:
             for pending in batch:
                 if not pending.future.done():
@@ -287,7 +296,7 @@ class MicroBatcher:
             self._fail(batch, error)
             return
         except Exception as error:  # the runtime failed: answer every caller, keep serving
-            logger.exception("batch failed", extra={"model": self.name, "rows": len(inputs)})
+            logger.exception("batch failed", extra={"model": self.name, "requests": len(batch)})
             self._fail(batch, InferenceFailed(f"model {self.name}: inference failed: {error}"))
             return
         elapsed = loop.time() - started

@@ -93,6 +93,11 @@ def decode_infer_rows(
     shape = list(tensor.shape)
     if len(shape) != 2 or shape[1] != width or shape[0] < 1:
         raise InvalidInput("inputs[0].shape", f"expected [N >= 1, {width}], got {shape}")
+    max_rows = loaded.batcher.policy.max_batch_size
+    if shape[0] > max_rows:
+        raise InvalidInput(
+            "inputs[0].shape", f"{shape[0]} rows exceed the model's max_batch_size {max_rows}"
+        )
     count = shape[0] * width
     if request.raw_input_contents:
         if tensor.HasField("contents"):

@@ -35,7 +35,7 @@ async def serve_until_signalled(settings: Settings, process_index: int = 0) -> N
     try:
         async with AppContext(settings, process_index=process_index):
             await stop.wait()
-            logger.info("signal received, draining", extra={"process": process_index})
+            logger.info("signal received, draining", extra={"process_index": process_index})
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

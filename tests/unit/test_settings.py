@@ -105,8 +105,8 @@ def test_env_mapping_merges_into_file_section(tmp_path: Path) -> None:
 
 def test_repo_default_config_is_valid() -> None:
     settings = load_settings(REPO_CONFIG, {}, [])
-    assert "fraud" in settings.models.per_model
-    assert settings.serving_for("fraud").max_batch_size == 32
+    assert settings.models.repository == Path("models")
+    assert settings.serving_for("fraud") == settings.models.defaults  # the demo runs on defaults
 
 
 def test_serving_for_merges_overrides_onto_defaults(tmp_path: Path) -> None:

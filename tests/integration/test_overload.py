@@ -1,0 +1,162 @@
+"""Overload behaviour against a real server with a deliberately slow model.
+
+The slow model runs on its worker thread (``execution=thread``) with
+``max_batch_size=1``, so requests queue up one batch-time each while the event
+loop stays free to accept, reject and cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos.streamscore.v1 import scoring_pb2 as pb
+from server.batcher import MicroBatcher
+from tests.conftest import TEST_FEATURES
+from tests.support.model_factory import write_linear_model
+from tests.support.server import RunningServer, running_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+QUEUE = 4
+LABELS = {"model": "slow", "version": "1"}
+OK = grpc.StatusCode.OK
+
+
+@pytest.fixture
+async def slow_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    repository = tmp_path / "models"
+    write_linear_model(repository, "slow", "1", TEST_FEATURES, slow_layers=100, slow_width=1024)
+    overrides = [
+        "models.per_model.slow.execution=thread",
+        "models.per_model.slow.max_batch_size=1",
+        f"models.per_model.slow.max_queue_size={QUEUE}",
+    ]
+    async with running_server(repository, overrides) as srv:
+        yield srv
+
+
+def _request(i: int) -> pb.ScoreRequest:
+    return pb.ScoreRequest(
+        model="slow", request_id=str(i), features={f: float(i % 7) for f in TEST_FEATURES}
+    )
+
+
+def _sample(srv: RunningServer, name: str, **extra: str) -> float:
+    value = srv.app.metrics.registry.get_sample_value(name, {**LABELS, **extra})
+    return value or 0.0
+
+
+def _rows_run(srv: RunningServer) -> float:
+    return _sample(srv, "streamscore_batch_size_rows_sum")
+
+
+def _dropped(srv: RunningServer, reason: str) -> float:
+    return _sample(srv, "streamscore_dropped_requests_total", reason=reason)
+
+
+def _batcher(srv: RunningServer) -> MicroBatcher:
+    return srv.app.registry.get("slow", "1").batcher
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait until ``condition()`` holds, polling each millisecond (the batcher exposes
+    its depth but no event to await); give up after 5 s."""
+    async with asyncio.timeout(5):
+        for _ in itertools.count():
+            if condition():
+                return
+            await asyncio.sleep(0.001)
+
+
+async def _batch_seconds(srv: RunningServer) -> float:
+    """Measured server-side time of one batch of the slow model."""
+    for i in range(3):
+        await srv.scoring.Score(_request(i), timeout=10)
+    total = _sample(srv, "streamscore_inference_seconds_sum")
+    count = _sample(srv, "streamscore_inference_seconds_count")
+    seconds = total / count
+    assert seconds > 0.005, f"slow model is not slow enough ({seconds * 1000:.1f} ms per batch)"
+    return seconds
+
+
+async def _timed(
+    srv: RunningServer, i: int, deadline_s: float = 30
+) -> tuple[grpc.StatusCode, float]:
+    """Score request ``i`` with a deadline; its status code and client-side latency."""
+    started = time.perf_counter()
+    try:
+        await srv.scoring.Score(_request(i), timeout=deadline_s)
+        code = OK
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+    return code, time.perf_counter() - started
+
+
+async def test_flood_is_rejected_at_once_and_the_rest_succeed(slow_server: RunningServer) -> None:
+    srv = slow_server
+    await _batch_seconds(srv)
+    rows_before = _rows_run(srv)
+    results = await asyncio.gather(*(_timed(srv, i) for i in range(24)))
+    ok = [elapsed for code, elapsed in results if code == OK]
+    rejected = [elapsed for code, elapsed in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(ok) + len(rejected) == len(results), [code for code, _ in results]
+    assert QUEUE <= len(ok) < len(results)
+    assert rejected
+    # a rejection never waits for the queue to move: all come back before any accepted call
+    assert max(rejected) < min(ok), (max(rejected), min(ok))
+    assert _dropped(srv, "queue_full") == len(rejected)
+    assert _rows_run(srv) - rows_before == len(ok)
+    code, _ = await _timed(srv, 99)
+    assert code == OK
+
+
+async def test_deadline_behind_a_long_queue_is_not_computed(slow_server: RunningServer) -> None:
+    srv = slow_server
+    batch_s = await _batch_seconds(srv)
+    rows_before = _rows_run(srv)
+    backlog = [asyncio.create_task(_timed(srv, i)) for i in range(QUEUE)]
+    await _until(lambda: _batcher(srv).depth == QUEUE - 1)  # one runs, the rest wait
+    # queued behind ~QUEUE batches, its deadline is one batch away
+    code, elapsed = await _timed(srv, 100, deadline_s=batch_s)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < (QUEUE - 1) * batch_s
+    assert [code for code, _ in await asyncio.gather(*backlog)] == [OK] * QUEUE
+    assert _rows_run(srv) - rows_before == QUEUE  # the expired request never ran
+    assert _dropped(srv, "deadline") + _dropped(srv, "cancelled") == 1
+    assert (await _timed(srv, 101))[0] == OK
+
+
+async def test_deadline_drop_is_counted_as_deadline(slow_server: RunningServer) -> None:
+    srv = slow_server
+    batch_s = await _batch_seconds(srv)
+    backlog = [asyncio.create_task(_timed(srv, i)) for i in range(QUEUE)]
+    await _until(lambda: _batcher(srv).depth == QUEUE - 1)
+    code, _ = await _timed(srv, 100, deadline_s=batch_s)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.gather(*backlog)
+    assert _dropped(srv, "deadline") == 1
+    assert _dropped(srv, "cancelled") == 0
+
+
+async def test_cancelled_call_is_not_computed(slow_server: RunningServer) -> None:
+    srv = slow_server
+    await _batch_seconds(srv)
+    rows_before = _rows_run(srv)
+    backlog = [asyncio.create_task(_timed(srv, i)) for i in range(QUEUE - 1)]
+    await _until(lambda: _batcher(srv).depth == QUEUE - 2)
+    call = srv.scoring.Score(_request(100))
+    await _until(lambda: _batcher(srv).depth == QUEUE - 1)  # it is queued now
+    assert call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert [code for code, _ in await asyncio.gather(*backlog)] == [OK] * (QUEUE - 1)
+    assert _rows_run(srv) - rows_before == QUEUE - 1
+    await _until(lambda: _dropped(srv, "cancelled") == 1)
+    assert (await _timed(srv, 101))[0] == OK

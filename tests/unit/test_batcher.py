@@ -1,0 +1,438 @@
+"""MicroBatcher's pure logic, driven with a fake ``run_batch`` on a plain event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.batcher import BatchPolicy, MicroBatcher
+from server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    QueueFull,
+    ShuttingDown,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+WIDTH = 3
+Rows = npt.NDArray[np.float32]
+
+
+def make_rows(request: int, count: int) -> Rows:
+    """``count`` rows that identify their request and position: value = request*100 + row."""
+    base = np.arange(count, dtype=np.float32).reshape(count, 1) + request * 100
+    rows = np.repeat(base, WIDTH, axis=1) + np.arange(WIDTH, dtype=np.float32) / 10
+    return rows.astype(np.float32)
+
+
+def expected_outputs(rows: Rows) -> dict[str, npt.NDArray[Any]]:
+    return {
+        "double": rows * 2,
+        "total": rows.sum(axis=1),
+        "first": rows[:, :1].astype(np.int64),
+    }
+
+
+@dataclass
+class FakeRun:
+    """A ``run_batch`` that records its batches and can be held, slowed or made to fail."""
+
+    gate: asyncio.Event | None = None
+    turns: int = 0
+    fail_with: Exception | None = None
+    batches: list[Rows] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, rows: Rows) -> Mapping[str, npt.NDArray[np.generic]]:
+        self.batches.append(rows.copy())
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        for _ in range(self.turns):
+            await asyncio.sleep(0)
+        if self.fail_with is not None:
+            error, self.fail_with = self.fail_with, None
+            raise error
+        return expected_outputs(rows)
+
+    def sizes(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+
+@dataclass
+class Recorder:
+    """A ``BatchObserver`` that keeps what it is told."""
+
+    dropped_reasons: list[str] = field(default_factory=list)
+    ran: list[tuple[int, int]] = field(default_factory=list)
+
+    def batch_ran(self, rows: int, requests: int, seconds: float) -> None:
+        self.ran.append((rows, requests))
+
+    def queue_waited(self, seconds: float) -> None:
+        pass
+
+    def dropped(self, reason: str) -> None:
+        self.dropped_reasons.append(reason)
+
+    def queue_depth(self, requests: int) -> None:
+        pass
+
+
+def assert_own_rows(result: Mapping[str, npt.NDArray[Any]], rows: Rows) -> None:
+    expected = expected_outputs(rows)
+    assert sorted(result) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(result[name], value, err_msg=name)
+
+
+async def turns_until(condition: Any, limit: int = 50) -> int:
+    """Yield to the loop until ``condition()``; return how many turns it took."""
+    for turn in range(limit):
+        if condition():
+            return turn
+        await asyncio.sleep(0)
+    raise AssertionError(f"condition not met within {limit} loop turns")
+
+
+def batcher_with(run: FakeRun, recorder: Recorder | None = None, **policy: Any) -> MicroBatcher:
+    batcher = MicroBatcher("m/1", run, BatchPolicy(**policy), recorder)
+    batcher.start()
+    return batcher
+
+
+async def test_lone_submit_runs_without_waiting() -> None:
+    run = FakeRun()
+    batcher = batcher_with(run, max_queue_delay_s=5.0)  # a fill window never delays a lone call
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    task = asyncio.create_task(batcher.submit(make_rows(1, 1)))
+    turns = await turns_until(lambda: run.batches)
+    # a handful of empty loop turns (microseconds) of gathering, never a timer
+    assert turns <= 16, f"run_batch called only after {turns} loop turns"
+    assert_own_rows(await task, make_rows(1, 1))
+    assert loop.time() - started < 1.0
+    await batcher.close()
+
+
+async def test_same_turn_submits_form_one_batch() -> None:
+    run = FakeRun()
+    batcher = batcher_with(run, max_batch_size=16)
+    sizes = [1, 2, 1, 3, 1]
+    tasks = [asyncio.create_task(batcher.submit(make_rows(i, n))) for i, n in enumerate(sizes)]
+    results = await asyncio.gather(*tasks)
+    assert run.sizes() == [sum(sizes)]
+    for i, (n, result) in enumerate(zip(sizes, results, strict=True)):
+        assert_own_rows(result, make_rows(i, n))
+    await batcher.close()
+
+
+async def test_arrivals_on_the_next_loop_turns_join_the_gathering_batch() -> None:
+    """grpc.aio hands calls to handlers a loop turn or so apart; they still batch together."""
+    run = FakeRun()
+    batcher = batcher_with(run, max_batch_size=16)
+
+    async def caller(i: int) -> None:
+        for _ in range(i):
+            await asyncio.sleep(0)
+        assert_own_rows(await batcher.submit(make_rows(i, 1)), make_rows(i, 1))
+
+    await asyncio.gather(*(caller(i) for i in range(4)))
+    assert run.sizes() == [4]
+    await batcher.close()
+
+
+async def test_arrivals_during_a_batch_form_the_next_batches() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder, max_batch_size=4)
+    first = asyncio.create_task(batcher.submit(make_rows(0, 1)))
+    await run.started.wait()
+    sizes = [1, 1, 2, 3, 2, 1, 3]
+    tasks = [asyncio.create_task(batcher.submit(make_rows(i + 1, n))) for i, n in enumerate(sizes)]
+    await turns_until(lambda: batcher.depth == len(sizes))
+    assert run.sizes() == [1]  # nothing else ran while the first batch held the runtime
+    run.gate.set()  # type: ignore[union-attr]
+    results = await asyncio.gather(first, *tasks)
+    # FIFO, whole requests only, up to 4 rows: [1] then [1,1,2] [3] [2,1] [3]
+    assert run.sizes() == [1, 4, 3, 3, 3]
+    assert [r for r, _ in recorder.ran] == run.sizes()
+    assert [n for _, n in recorder.ran] == [1, 3, 1, 2, 1]
+    assert_own_rows(results[0], make_rows(0, 1))
+    for i, (n, result) in enumerate(zip(sizes, results[1:], strict=True)):
+        assert_own_rows(result, make_rows(i + 1, n))
+    await batcher.close()
+
+
+async def _random_scenario(
+    max_batch: int, sizes: list[int], delays: list[int], run_turns: int
+) -> None:
+    run = FakeRun(turns=run_turns)
+    batcher = batcher_with(run, max_batch_size=max_batch)
+
+    async def caller(i: int) -> None:
+        for _ in range(delays[i]):
+            await asyncio.sleep(0)
+        rows = make_rows(i, sizes[i])
+        assert_own_rows(await batcher.submit(rows), rows)
+
+    await asyncio.gather(*(caller(i) for i in range(len(sizes))))
+    await batcher.close()
+    assert all(len(b) <= max_batch for b in run.batches)
+    computed = np.concatenate(run.batches)
+    submitted = np.concatenate([make_rows(i, n) for i, n in enumerate(sizes)])
+    # every row computed exactly once
+    np.testing.assert_array_equal(
+        computed[np.lexsort(computed.T[::-1])], submitted[np.lexsort(submitted.T[::-1])]
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    max_batch=st.integers(min_value=1, max_value=8),
+    run_turns=st.integers(min_value=0, max_value=3),
+)
+def test_each_caller_gets_exactly_its_rows(
+    data: st.DataObject, max_batch: int, run_turns: int
+) -> None:
+    count = data.draw(st.integers(min_value=1, max_value=40), label="requests")
+    sizes = data.draw(
+        st.lists(st.integers(1, max_batch), min_size=count, max_size=count), label="sizes"
+    )
+    delays = data.draw(st.lists(st.integers(0, 6), min_size=count, max_size=count), label="delays")
+    asyncio.run(_random_scenario(max_batch, sizes, delays, run_turns))
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_each_caller_gets_exactly_its_rows_seeded(seed: int) -> None:
+    rng = random.Random(seed)
+    max_batch = rng.randint(1, 16)
+    count = 200
+    sizes = [rng.randint(1, max_batch) for _ in range(count)]
+    delays = [rng.randint(0, 10) for _ in range(count)]
+    await _random_scenario(max_batch, sizes, delays, rng.randint(0, 3))
+
+
+async def test_queue_full_raises_at_once() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder, max_batch_size=1, max_queue_size=2)
+    running = asyncio.create_task(batcher.submit(make_rows(0, 1)))
+    await run.started.wait()
+    queued = [asyncio.create_task(batcher.submit(make_rows(i, 1))) for i in (1, 2)]
+    await turns_until(lambda: batcher.depth == 2)
+    refused = batcher.submit(make_rows(3, 1))
+    with pytest.raises(QueueFull, match="queue full"):
+        refused.send(None)  # raises before ever suspending: no waiting for room
+    assert recorder.dropped_reasons == ["queue_full"]
+    run.gate.set()  # type: ignore[union-attr]
+    for i, task in enumerate([running, *queued]):
+        assert_own_rows(await task, make_rows(i, 1))
+    assert_own_rows(await batcher.submit(make_rows(4, 1)), make_rows(4, 1))  # room again
+    await batcher.close()
+
+
+async def test_bad_shapes_are_refused() -> None:
+    batcher = batcher_with(FakeRun(), max_batch_size=4)
+    for rows in (np.zeros((0, WIDTH), np.float32), np.zeros(WIDTH, np.float32)):
+        with pytest.raises(InvalidInput, match="non-empty"):
+            await batcher.submit(rows)
+    with pytest.raises(InvalidInput, match="5 rows exceed max_batch_size 4"):
+        await batcher.submit(make_rows(0, 5))
+    await batcher.close()
+
+
+async def test_deadline_passed_at_submit_never_runs() -> None:
+    run = FakeRun()
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder)
+    deadline = asyncio.get_running_loop().time() - 0.001
+    refused = batcher.submit(make_rows(0, 1), deadline=deadline)
+    with pytest.raises(DeadlineExceeded):
+        refused.send(None)
+    await asyncio.sleep(0)
+    assert run.batches == []
+    assert recorder.dropped_reasons == ["deadline"]
+    await batcher.close()
+
+
+async def test_deadline_passing_in_the_queue_is_dropped_not_run() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder, max_batch_size=8)
+    loop = asyncio.get_running_loop()
+    first = asyncio.create_task(batcher.submit(make_rows(0, 1)))
+    await run.started.wait()
+    expiring = asyncio.create_task(batcher.submit(make_rows(1, 1), deadline=loop.time() + 0.01))
+    patient = asyncio.create_task(batcher.submit(make_rows(2, 2), deadline=loop.time() + 60))
+    await turns_until(lambda: batcher.depth == 2)
+    await asyncio.sleep(0.02)  # let the first deadline pass while it waits
+    run.gate.set()  # type: ignore[union-attr]
+    with pytest.raises(DeadlineExceeded, match="while queued"):
+        await expiring
+    assert_own_rows(await patient, make_rows(2, 2))
+    await first
+    assert run.sizes() == [1, 2]
+    np.testing.assert_array_equal(run.batches[1], make_rows(2, 2))
+    assert recorder.dropped_reasons == ["deadline"]
+    await batcher.close()
+
+
+async def test_cancelled_caller_is_skipped() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder, max_batch_size=8)
+    first = asyncio.create_task(batcher.submit(make_rows(0, 1)))
+    await run.started.wait()
+    tasks = [asyncio.create_task(batcher.submit(make_rows(i, 1))) for i in (1, 2, 3)]
+    await turns_until(lambda: batcher.depth == 3)
+    tasks[1].cancel()
+    run.gate.set()  # type: ignore[union-attr]
+    await first
+    assert_own_rows(await tasks[0], make_rows(1, 1))
+    assert_own_rows(await tasks[2], make_rows(3, 1))
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[1]
+    np.testing.assert_array_equal(
+        run.batches[1], np.concatenate([make_rows(1, 1), make_rows(3, 1)])
+    )
+    assert recorder.dropped_reasons == ["cancelled"]
+    await batcher.close()
+
+
+async def test_caller_cancelled_mid_batch_does_not_strand_the_others() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        run = FakeRun(gate=asyncio.Event())
+        batcher = batcher_with(run, max_batch_size=8)
+        tasks = [asyncio.create_task(batcher.submit(make_rows(i, 2))) for i in range(3)]
+        await run.started.wait()
+        assert run.sizes() == [6]
+        tasks[0].cancel()
+        await asyncio.sleep(0)
+        run.gate.set()  # type: ignore[union-attr]
+        done = await asyncio.wait_for(asyncio.gather(tasks[1], tasks[2]), 5)
+        assert_own_rows(done[0], make_rows(1, 2))
+        assert_own_rows(done[1], make_rows(2, 2))
+        assert tasks[0].cancelled()
+        again = await asyncio.wait_for(batcher.submit(make_rows(9, 1)), 5)
+        assert_own_rows(again, make_rows(9, 1))
+        await batcher.close()
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+
+
+async def test_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:
+    run = FakeRun(fail_with=RuntimeError("boom"))
+    batcher = batcher_with(run, max_batch_size=8)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(
+            *(batcher.submit(make_rows(i, 1)) for i in range(3)), return_exceptions=True
+        ),
+        5,
+    )
+    assert run.sizes() == [3]
+    for outcome in outcomes:
+        assert isinstance(outcome, InferenceFailed)
+        assert "boom" in str(outcome)
+    assert_own_rows(await batcher.submit(make_rows(5, 2)), make_rows(5, 2))
+
+    run.fail_with = InvalidInput("rows", "model says no")  # a ScoringError passes through
+    outcomes = await asyncio.gather(
+        *(batcher.submit(make_rows(i, 1)) for i in range(2)), return_exceptions=True
+    )
+    assert all(isinstance(o, InvalidInput) and "model says no" in str(o) for o in outcomes)
+    assert_own_rows(await batcher.submit(make_rows(6, 1)), make_rows(6, 1))
+    await batcher.close()
+
+
+async def test_close_drains_queued_work_then_refuses() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    batcher = batcher_with(run, max_batch_size=1)
+    tasks = [asyncio.create_task(batcher.submit(make_rows(i, 1))) for i in range(3)]
+    await run.started.wait()
+    await turns_until(lambda: batcher.depth == 2)
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0)
+    refused = batcher.submit(make_rows(9, 1))
+    with pytest.raises(ShuttingDown):
+        refused.send(None)
+    assert not closing.done()
+    run.gate.set()  # type: ignore[union-attr]
+    for i, task in enumerate(tasks):
+        assert_own_rows(await task, make_rows(i, 1))
+    await asyncio.wait_for(closing, 5)
+    assert run.sizes() == [1, 1, 1]
+    with pytest.raises(ShuttingDown):
+        await batcher.submit(make_rows(10, 1))
+
+
+async def test_close_of_an_idle_batcher_returns() -> None:
+    batcher = batcher_with(FakeRun())
+    await asyncio.wait_for(batcher.close(), 1)
+    await asyncio.wait_for(batcher.close(), 1)  # idempotent
+
+
+async def _warm_with_full_batches(batcher: MicroBatcher, size: int, times: int) -> None:
+    for _ in range(times):
+        await asyncio.gather(*(batcher.submit(make_rows(i, 1)) for i in range(size)))
+
+
+async def test_fill_window_only_after_multi_request_batches() -> None:
+    delay = 0.2
+    run = FakeRun()
+    batcher = batcher_with(run, max_batch_size=4, max_queue_delay_s=delay)
+    loop = asyncio.get_running_loop()
+
+    async def lone() -> float:
+        started = loop.time()
+        assert_own_rows(await batcher.submit(make_rows(7, 1)), make_rows(7, 1))
+        return loop.time() - started
+
+    for _ in range(3):  # single-request traffic: never waits for the window
+        assert await lone() < delay / 2
+    await _warm_with_full_batches(batcher, 4, 2)
+    waited = [await lone() for _ in range(8)]
+    assert waited[0] >= delay * 0.8, waited  # busy recently: a lone request waits to fill
+    assert waited[-1] < delay / 2, waited  # after lone batches the window switches off again
+    await batcher.close()
+
+
+async def test_fill_window_gathers_late_arrivals_and_ends_when_full() -> None:
+    delay = 5.0
+    run = FakeRun()
+    batcher = batcher_with(run, max_batch_size=4, max_queue_delay_s=delay)
+    loop = asyncio.get_running_loop()
+    await _warm_with_full_batches(batcher, 4, 2)
+    batches_before = len(run.batches)
+    started = loop.time()
+    first = asyncio.create_task(batcher.submit(make_rows(1, 1)))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(run.batches) == batches_before  # waiting for company
+    late = asyncio.create_task(batcher.submit(make_rows(2, 2)))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(run.batches) == batches_before  # 3 of 4 rows: still waiting
+    last = asyncio.create_task(batcher.submit(make_rows(3, 1)))
+    results = await asyncio.wait_for(asyncio.gather(first, late, last), 2)
+    assert loop.time() - started < delay / 2  # full batch: the window ended early
+    assert run.sizes()[batches_before:] == [4]
+    for (i, n), result in zip([(1, 1), (2, 2), (3, 1)], results, strict=True):
+        assert_own_rows(result, make_rows(i, n))
+    await batcher.close()
