@@ -22,12 +22,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
+from redis.asyncio import Redis
 
+from feature_streams.batch_store import BatchSnapshotCache
+from feature_streams.definitions import FeatureDefinitions, load_definitions
 from protos.inference import grpc_service_pb2 as v2
 from protos.inference import grpc_service_pb2_grpc as v2_grpc
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.batcher import BatchPolicy
+from server.features import FeatureStore, StoreOptions
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
@@ -51,6 +55,10 @@ class AppContext:
         self.settings = settings
         self.process_index = process_index
         self.metrics = Metrics()
+        self.definitions: FeatureDefinitions | None = None
+        self.redis: Redis | None = None
+        self.snapshots: BatchSnapshotCache | None = None
+        self.feature_store: FeatureStore | None = None
         self.registry = ModelRegistry(self.metrics.observer_for)
         self.pipeline = ScoringPipeline(self.registry)
         self.health = HealthService()
@@ -81,6 +89,7 @@ class AppContext:
             ),
             versions=serving.versions,
             champion=serving.champion,
+            failure_policy=serving.feature_failure_policy or self.settings.redis.failure_policy,
         )
 
     async def __aenter__(self) -> Self:
@@ -99,8 +108,40 @@ class AppContext:
     ) -> None:
         await self.close()
 
+    async def _start_feature_store(self) -> None:
+        """Definitions, Redis pool, snapshot cache and store, when a definitions file is set."""
+        settings = self.settings
+        path = settings.features.definitions_path
+        if path is None:
+            logger.info("no feature definitions: every model feature comes with the request")
+            return
+        self.definitions = await asyncio.to_thread(load_definitions, path)
+        self.redis = Redis.from_url(
+            settings.redis.url,
+            max_connections=settings.redis.pool_max_connections,
+            socket_timeout=settings.redis.socket_timeout_s,
+            socket_connect_timeout=settings.redis.socket_timeout_s,
+        )
+        self.snapshots = BatchSnapshotCache(
+            self.redis,
+            self.definitions.batch_groups,
+            refresh_interval_s=settings.features.snapshot_refresh_s,
+        )
+        await self.snapshots.start()
+        self.feature_store = FeatureStore(
+            self.redis,
+            self.snapshots,
+            StoreOptions(settings.features.fetch_timeout_s, settings.features.retry_interval_s),
+            on_fetch=self.metrics.observe_feature_fetch,
+        )
+        self.registry = ModelRegistry(
+            self.metrics.observer_for, self.definitions, self.feature_store
+        )
+        self.pipeline = ScoringPipeline(self.registry)
+
     async def _start(self) -> None:
         settings = self.settings
+        await self._start_feature_store()
         refused = await self.registry.load_repository(
             settings.models.repository, self.serving_options
         )
@@ -183,6 +224,11 @@ class AppContext:
             await self._server.stop(self.settings.server.grace_period_s)
             self._server = None
         await self.registry.close()
+        if self.snapshots is not None:
+            await self.snapshots.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
         if self._metrics_http is not None:
             http_server, thread = self._metrics_http
             self._metrics_http = None

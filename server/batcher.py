@@ -28,9 +28,9 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +47,12 @@ from server.errors import (
 logger = logging.getLogger(__name__)
 
 Outputs = dict[str, npt.NDArray[np.generic]]
-RunBatch = Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]]
+RunRows = Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]]
+
+J = TypeVar("J")
+R = TypeVar("R")
+#: Runs one batch of jobs; returns, per job and in order, its result or the error it gets.
+RunJobs = Callable[[list[J]], Awaitable[Sequence[R | ScoringError]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +102,10 @@ class _NullObserver:
 
 
 @dataclass(slots=True)
-class _Pending:
-    rows: npt.NDArray[np.float32]
-    future: asyncio.Future[Outputs]
+class _Pending(Generic[J, R]):
+    job: J
+    rows: int
+    future: asyncio.Future[R]
     deadline: float | None
     enqueued_at: float
 
@@ -110,13 +116,18 @@ class _Stats:
     batches: int = 0
 
 
-class MicroBatcher:
-    """Gathers concurrent requests for one model version into batches."""
+class MicroBatcher(Generic[J, R]):
+    """Gathers concurrent jobs for one model version into batches.
+
+    A job is whatever ``run_batch`` understands (rows to score, or a request whose
+    features are fetched for the whole batch at once); the batcher only needs
+    each job's row count to respect ``max_batch_size``.
+    """
 
     def __init__(
         self,
         name: str,
-        run_batch: RunBatch,
+        run_batch: RunJobs[J, R],
         policy: BatchPolicy,
         observer: BatchObserver | None = None,
     ) -> None:
@@ -124,7 +135,7 @@ class MicroBatcher:
         self.policy = policy
         self._run_batch = run_batch
         self._observer: BatchObserver = observer or _NullObserver()
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[_Pending[J, R]] = deque()
         self._rows_queued = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -143,22 +154,19 @@ class MicroBatcher:
                 self._flush_loop(), name=f"batcher:{self.name}"
             )
 
-    async def submit(
-        self, rows: npt.NDArray[np.float32], *, deadline: float | None = None
-    ) -> Outputs:
-        """Queue ``rows`` ([k, F]) and wait for their outputs (first dim k).
+    async def submit(self, job: J, *, rows: int = 1, deadline: float | None = None) -> R:
+        """Queue ``job`` (``rows`` input rows) and wait for its result.
 
         ``deadline`` is an absolute ``loop.time()``; past it the request is dropped
         with ``DeadlineExceeded`` instead of being computed.
         """
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down")
-        if rows.ndim != 2 or rows.shape[0] == 0:
-            raise InvalidInput("rows", f"expected a non-empty [N, F] batch, got {rows.shape}")
-        if rows.shape[0] > self.policy.max_batch_size:
+        if rows < 1:
+            raise InvalidInput("rows", f"expected at least one row, got {rows}")
+        if rows > self.policy.max_batch_size:
             raise InvalidInput(
-                "rows",
-                f"{rows.shape[0]} rows exceed max_batch_size {self.policy.max_batch_size}",
+                "rows", f"{rows} rows exceed max_batch_size {self.policy.max_batch_size}"
             )
         if len(self._queue) >= self.policy.max_queue_size:
             self._observer.dropped("queue_full")
@@ -172,9 +180,9 @@ class MicroBatcher:
             raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
         if self._task is None:
             self.start()
-        future: asyncio.Future[Outputs] = loop.create_future()
-        self._queue.append(_Pending(rows, future, deadline, now))
-        self._rows_queued += rows.shape[0]
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.append(_Pending(job, rows, future, deadline, now))
+        self._rows_queued += rows
         self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
         return await future
@@ -236,15 +244,15 @@ class MicroBatcher:
     def _queued_rows(self) -> int:
         return self._rows_queued
 
-    def _pop(self) -> _Pending:
+    def _pop(self) -> _Pending[J, R]:
         pending = self._queue.popleft()
-        self._rows_queued -= pending.rows.shape[0]
+        self._rows_queued -= pending.rows
         return pending
 
-    def _take_batch(self) -> list[_Pending]:
+    def _take_batch(self) -> list[_Pending[J, R]]:
         """Pop whole requests up to max_batch_size rows, dropping dead ones."""
         now = asyncio.get_running_loop().time()
-        batch: list[_Pending] = []
+        batch: list[_Pending[J, R]] = []
         rows = 0
         while self._queue:
             pending = self._queue[0]
@@ -260,7 +268,7 @@ class MicroBatcher:
                 )
                 self._observer.dropped("deadline")
                 continue
-            size = pending.rows.shape[0]
+            size = pending.rows
             if batch and rows + size > self.policy.max_batch_size:
                 break
             self._pop()
@@ -269,24 +277,17 @@ class MicroBatcher:
         self._observer.queue_depth(len(self._queue))
         return batch
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[_Pending[J, R]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         for pending in batch:
             self._observer.queue_waited(started - pending.enqueued_at)
         try:
-            inputs = (
-                batch[0].rows
-                if len(batch) == 1
-                else np.concatenate([p.rows for p in batch], axis=0)
-            )
-            outputs = await self._run_batch(inputs)
-            for name, value in outputs.items():
-                if value.ndim == 0 or value.shape[0] != inputs.shape[0]:
-                    raise InferenceFailed(
-                        f"model {self.name}: output {name!r} has shape {value.shape}, "
-                        f"not one row per input row ({inputs.shape[0]})"
-                    )
+            results = await self._run_batch([p.job for p in batch])
+            if len(results) != len(batch):
+                raise InferenceFailed(
+                    f"model {self.name}: {len(results)} results for {len(batch)} requests"
+                )
         except asyncio.CancelledError:
             for pending in batch:
                 if not pending.future.done():
@@ -299,21 +300,49 @@ class MicroBatcher:
             logger.exception("batch failed", extra={"model": self.name, "requests": len(batch)})
             self._fail(batch, InferenceFailed(f"model {self.name}: inference failed: {error}"))
             return
-        elapsed = loop.time() - started
-        self._observer.batch_ran(int(inputs.shape[0]), len(batch), elapsed)
+        rows = sum(p.rows for p in batch)
+        self._observer.batch_ran(rows, len(batch), loop.time() - started)
         stats = self._stats
         stats.batches += 1
         stats.recent_requests_per_batch = 0.8 * stats.recent_requests_per_batch + 0.2 * len(batch)
-        offset = 0
-        for pending in batch:
-            size = pending.rows.shape[0]
-            if not pending.future.done():
-                pending.future.set_result(
-                    {name: value[offset : offset + size] for name, value in outputs.items()}
-                )
-            offset += size
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, ScoringError):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
 
-    def _fail(self, batch: list[_Pending], error: ScoringError) -> None:
+    def _fail(self, batch: list[_Pending[J, R]], error: ScoringError) -> None:
         for pending in batch:
             if not pending.future.done():
                 pending.future.set_exception(error)
+
+
+def split_rows(
+    outputs: Mapping[str, npt.NDArray[np.generic]], sizes: Sequence[int]
+) -> list[Outputs]:
+    """Split batch outputs (first dim = sum of ``sizes``) into one slice per job."""
+    total = sum(sizes)
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != total:
+            raise InferenceFailed(
+                f"output {name!r} has shape {value.shape}, not one row per input row ({total})"
+            )
+    parts: list[Outputs] = []
+    offset = 0
+    for size in sizes:
+        parts.append({name: value[offset : offset + size] for name, value in outputs.items()})
+        offset += size
+    return parts
+
+
+def rows_runner(run_rows: RunRows) -> RunJobs[npt.NDArray[np.float32], Outputs]:
+    """A ``run_batch`` for jobs that are ready [k, F] row blocks: concatenate, run, split."""
+
+    async def run(jobs: list[npt.NDArray[np.float32]]) -> list[Outputs | ScoringError]:
+        inputs = jobs[0] if len(jobs) == 1 else np.concatenate(jobs, axis=0)
+        outputs = await run_rows(inputs)
+        return list(split_rows(outputs, [job.shape[0] for job in jobs]))
+
+    return run

@@ -64,7 +64,14 @@ def encode_score_response(result: ScoreResult, server_time_us: int) -> pb.ScoreR
         route=ROUTES[result.route],
         defaulted_features=result.defaulted_features,
         server_time_us=server_time_us,
+        degraded=bool(result.degraded_reasons),
+        degraded_reasons=result.degraded_reasons,
     )
+    if result.freshness:
+        response.freshness.extend(
+            pb.FeatureFreshness(group=f.group, entity=f.entity, age_ms=f.age_ms)
+            for f in result.freshness
+        )
     if result.features:
         response.features.extend(pb.FeatureValue(name=n, value=v) for n, v in result.features)
     return response

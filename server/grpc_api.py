@@ -66,6 +66,7 @@ class ScoringService(pb_grpc.ScoringServicer):
     ) -> None:
         self._pipeline = pipeline
         self._registry = registry
+        self._metrics = metrics
         self._unary = metrics.api("score")
         self._stream = metrics.api("stream")
 
@@ -152,6 +153,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics: ApiMetrics,
     ) -> pb.ScoreResponse:
         result = await self._pipeline.score(codec.decode_score_request(request), deadline)
+        if result.freshness or result.degraded_reasons:
+            self._metrics.observe_features(result.freshness, result.degraded_reasons)
         metrics.count(result.model, result.version, result.route.value, "OK")
         elapsed_us = int((time.perf_counter() - started) * 1e6)
         return codec.encode_score_response(result, elapsed_us)

@@ -6,9 +6,12 @@ request path does no label lookups for batch metrics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from server.features import Freshness
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
@@ -79,12 +82,46 @@ class Metrics:
         self.in_flight = Gauge(
             "streamscore_in_flight_requests", "Requests being handled now.", ["api"], registry=r
         )
+        self.feature_fetch = Histogram(
+            "streamscore_feature_fetch_seconds",
+            "Redis round trip fetching one micro-batch's features.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.freshness = Histogram(
+            "streamscore_feature_freshness_seconds",
+            "Age of the newest applied stream event behind an answer, by stream group.",
+            ["group"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=r,
+        )
+        self._freshness_children: dict[str, Histogram] = {}
+        self.degraded = Counter(
+            "streamscore_degraded_answers",
+            "Answers given with default features because a dependency failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.models_loaded = Gauge(
             "streamscore_model_versions_loaded", "Loaded model versions.", registry=r
         )
         self.model_load_failures = Counter(
             "streamscore_model_load_failures", "Model versions refused at load.", registry=r
         )
+
+    def observe_feature_fetch(self, seconds: float, requests: int) -> None:
+        """One micro-batch's Redis round trip."""
+        self.feature_fetch.observe(seconds)
+
+    def observe_features(self, freshness: Sequence[Freshness], degraded: Sequence[str]) -> None:
+        """Freshness and degradation of one answered request."""
+        for item in freshness:
+            child = self._freshness_children.get(item.group)
+            if child is None:
+                child = self._freshness_children[item.group] = self.freshness.labels(item.group)
+            child.observe(item.age_ms / 1000.0)
+        for reason in degraded:
+            self.degraded.labels(reason).inc()
 
     def api(self, name: str) -> ApiMetrics:
         """Request metrics of one API (``score``, ``stream``, ``v2``) with cached children."""

@@ -6,7 +6,8 @@ Servicers decode protobuf into the inputs here and encode the results back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -15,6 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from server.errors import InvalidInput
+from server.executor import Job
+from server.features import Freshness
 from server.registry import LoadedVersion, ModelRegistry
 from server.router import Route
 
@@ -43,6 +46,8 @@ class ScoreResult(NamedTuple):
     route: Route
     defaulted_features: tuple[str, ...] = ()
     features: tuple[tuple[str, float], ...] = ()
+    freshness: tuple[Freshness, ...] = ()
+    degraded_reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +61,9 @@ class InferResult:
 class ScoringPipeline:
     """Routes, assembles features, batches and runs; one instance per process."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, clock: Callable[[], float] = time.time) -> None:
         self._registry = registry
+        self._clock = clock
 
     async def score(self, request: ScoreInput, deadline: float | None) -> ScoreResult:
         """Score one transaction; ``deadline`` is an absolute ``loop.time()``."""
@@ -65,23 +71,28 @@ class ScoringPipeline:
             raise InvalidInput("model", "required")
         decision = self._registry.routing.choose(request.model, request.model_version)
         loaded = self._registry.get(request.model, decision.version)
-        row = loaded.layout.assemble_row(request.features)
-        outputs = await loaded.batcher.submit(row, deadline=deadline)
+        t_ms = request.event_time_ms or int(self._clock() * 1000)
+        prepared = loaded.layout.prepare(request.features, request.entity_ids, t_ms)
+        result = await loaded.batcher.submit(Job(prepared=prepared), deadline=deadline)
         manifest = loaded.model.manifest
-        score_values = outputs[manifest.score_output]
+        score_values = result.outputs[manifest.score_output]
         score = float(
             score_values[0, manifest.score_index] if score_values.ndim == 2 else score_values[0]
         )
         echoed: tuple[tuple[str, float], ...] = ()
         if request.echo_features:
-            echoed = tuple(zip(loaded.layout.names, (float(v) for v in row[0]), strict=True))
+            row = result.rows[0]
+            echoed = tuple(zip(loaded.layout.names, (float(v) for v in row), strict=True))
         return ScoreResult(
             request_id=request.request_id,
             score=score,
             model=request.model,
             version=decision.version,
             route=decision.route,
+            defaulted_features=tuple(prepared.defaulted),
             features=echoed,
+            freshness=tuple(prepared.freshness),
+            degraded_reasons=tuple(prepared.degraded),
         )
 
     def resolve(self, model: str, version: str | None) -> LoadedVersion:
@@ -95,5 +106,7 @@ class ScoringPipeline:
         self, loaded: LoadedVersion, rows: npt.NDArray[np.float32], deadline: float | None
     ) -> InferResult:
         """Run caller-supplied rows ([N, F]) through ``loaded``'s batcher."""
-        outputs = await loaded.batcher.submit(rows, deadline=deadline)
-        return InferResult(loaded, outputs)
+        result = await loaded.batcher.submit(
+            Job(rows=rows), rows=int(rows.shape[0]), deadline=deadline
+        )
+        return InferResult(loaded, result.outputs)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from feature_streams.definitions import FeatureDefinitions
 from server.batcher import BatchObserver, BatchPolicy, MicroBatcher
 from server.errors import ModelLoadError, ModelNotFound
-from server.features import FeatureLayout
+from server.executor import Job, JobResult, VersionExecutor
+from server.features import FailurePolicy, FeatureLayout, FeatureStore
 from server.router import EndpointRouting, RoutingTable, version_sort_key
 from server.runtime import OnnxModel, RuntimeOptions, load_version
 
@@ -32,6 +34,7 @@ class ServingOptions:
     runtime: RuntimeOptions
     versions: tuple[str, ...] | None = None
     champion: str | None = None
+    failure_policy: FailurePolicy = "degrade"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,7 @@ class LoadedVersion:
 
     model: OnnxModel
     layout: FeatureLayout
-    batcher: MicroBatcher
+    batcher: MicroBatcher[Job, JobResult]
 
     @property
     def name(self) -> str:
@@ -57,10 +60,17 @@ ObserverFactory = Callable[[str, str], BatchObserver]
 class ModelRegistry:
     """Versions by name and version, plus the routing table built over them."""
 
-    def __init__(self, observer_factory: ObserverFactory | None = None) -> None:
+    def __init__(
+        self,
+        observer_factory: ObserverFactory | None = None,
+        definitions: FeatureDefinitions | None = None,
+        store: FeatureStore | None = None,
+    ) -> None:
         self._versions: Mapping[str, Mapping[str, LoadedVersion]] = MappingProxyType({})
         self._routing = RoutingTable()
         self._observer_factory = observer_factory
+        self._definitions = definitions
+        self._store = store
 
     @property
     def routing(self) -> RoutingTable:
@@ -121,10 +131,18 @@ class ModelRegistry:
         """Verify and load one version off the event loop, then publish it."""
         model = await asyncio.to_thread(load_version, version_dir, options.runtime)
         name, version = model.manifest.name, model.manifest.version
+        try:
+            layout = FeatureLayout.from_manifest(model.manifest, self._definitions)
+        except ModelLoadError:
+            model.close()
+            raise
         observer = self._observer_factory(name, version) if self._observer_factory else None
-        batcher = MicroBatcher(f"{name}/{version}", model.run, options.policy, observer)
+        executor = VersionExecutor(model, layout, self._store, options.failure_policy)
+        batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
+            f"{name}/{version}", executor.run, options.policy, observer
+        )
         batcher.start()
-        loaded = LoadedVersion(model, FeatureLayout.from_manifest(model.manifest), batcher)
+        loaded = LoadedVersion(model, layout, batcher)
         versions = dict(self._versions)
         previous = versions.get(name, {}).get(version)
         versions[name] = MappingProxyType({**versions.get(name, {}), version: loaded})

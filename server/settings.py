@@ -159,6 +159,11 @@ class ModelServing(_Frozen):
     champion: ModelName | None = Field(
         default=None, description="Version answering unpinned calls; None = highest number."
     )
+    feature_failure_policy: Literal["degrade", "fail"] | None = Field(
+        default=None,
+        description="Redis unreachable: 'degrade' (defaults, response flagged) or 'fail' "
+        "(UNAVAILABLE); None = redis.failure_policy.",
+    )
 
     @field_validator("versions", "champion", mode="before")
     @classmethod
@@ -209,6 +214,9 @@ class ModelServingOverrides(_Frozen):
     inter_op_threads: int | None = Field(default=None, description=_doc("inter_op_threads"))
     versions: tuple[ModelName, ...] | None = Field(default=None, description=_doc("versions"))
     champion: ModelName | None = Field(default=None, description=_doc("champion"))
+    feature_failure_policy: Literal["degrade", "fail"] | None = Field(
+        default=None, description=_doc("feature_failure_policy")
+    )
 
     @field_validator("versions", "champion", mode="before")
     @classmethod
@@ -315,8 +323,19 @@ class KafkaSettings(_Frozen):
 class FeaturesSettings(_Frozen):
     """Where the feature definitions live."""
 
-    definitions_path: Path = Field(
-        default=Path("features.yaml"), description="The declarative feature definition file."
+    definitions_path: Path | None = Field(
+        default=None,
+        description="The declarative feature definition file; null = no feature store "
+        "(every model feature must be sent with the request).",
+    )
+    fetch_timeout_s: float = Field(
+        default=0.05, gt=0.0, description="Budget of one micro-batch's Redis round trip."
+    )
+    retry_interval_s: float = Field(
+        default=0.5, gt=0.0, description="After a Redis failure, how long to serve without it."
+    )
+    snapshot_refresh_s: float = Field(
+        default=0.5, gt=0.0, description="How often the active batch snapshots are re-read."
     )
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.batcher import BatchPolicy, MicroBatcher
+from server.batcher import BatchPolicy, MicroBatcher, Outputs, rows_runner
 from server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -106,10 +106,26 @@ async def turns_until(condition: Any, limit: int = 50) -> int:
     raise AssertionError(f"condition not met within {limit} loop turns")
 
 
-def batcher_with(run: FakeRun, recorder: Recorder | None = None, **policy: Any) -> MicroBatcher:
-    batcher = MicroBatcher("m/1", run, BatchPolicy(**policy), recorder)
+class RowBatcher:
+    """A MicroBatcher whose jobs are row blocks (``rows_runner``), submitted by rows."""
+
+    def __init__(self, batcher: MicroBatcher[np.ndarray, Outputs]) -> None:
+        self.inner = batcher
+
+    async def submit(self, rows: np.ndarray, *, deadline: float | None = None) -> Outputs:
+        count = int(rows.shape[0]) if rows.ndim == 2 else 0
+        return await self.inner.submit(rows, rows=count, deadline=deadline)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def batcher_with(run: FakeRun, recorder: Recorder | None = None, **policy: Any) -> RowBatcher:
+    batcher: MicroBatcher[np.ndarray, Outputs] = MicroBatcher(
+        "m/1", rows_runner(run), BatchPolicy(**policy), recorder
+    )
     batcher.start()
-    return batcher
+    return RowBatcher(batcher)
 
 
 async def test_lone_submit_runs_without_waiting() -> None:
@@ -247,7 +263,7 @@ async def test_queue_full_raises_at_once() -> None:
 async def test_bad_shapes_are_refused() -> None:
     batcher = batcher_with(FakeRun(), max_batch_size=4)
     for rows in (np.zeros((0, WIDTH), np.float32), np.zeros(WIDTH, np.float32)):
-        with pytest.raises(InvalidInput, match="non-empty"):
+        with pytest.raises(InvalidInput, match="at least one row"):
             await batcher.submit(rows)
     with pytest.raises(InvalidInput, match="5 rows exceed max_batch_size 4"):
         await batcher.submit(make_rows(0, 5))

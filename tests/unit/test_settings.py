@@ -40,7 +40,7 @@ def test_defaults() -> None:
     assert settings.logging.json_format is True
     assert settings.redis.failure_policy == "degrade"
     assert settings.kafka.events_topic == "transactions"
-    assert settings.features.definitions_path == Path("features.yaml")
+    assert settings.features.definitions_path is None  # no feature store unless configured
 
 
 def test_precedence_file_then_env_then_set(tmp_path: Path) -> None:

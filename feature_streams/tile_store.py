@@ -1,0 +1,331 @@
+"""Redis tile store: key layout, the apply-once tile script, trimming and reads.
+
+Key layout
+----------
+One hash per stream group and entity key::
+
+    st:<group>:<entity key>          e.g.  st:card_activity:c-123
+
+(group names are ``[A-Za-z_][A-Za-z0-9_]*``, so the prefix is unambiguous even
+when the entity key holds ``:``). Its fields are:
+
+* tile fields ``"<tile_start_ms>:<slot>"`` (and ``"<start>:<slot>:ts"`` for
+  ``last`` slots), exactly as :mod:`feature_streams.windows` documents them;
+* ``_off:<topic>:<partition>``: the highest Kafka offset of that partition whose
+  event has been folded into this hash (applied, or dropped as too late);
+* ``_last_ts``: the newest applied event time (epoch ms) — the freshness mark,
+  the "max seen" of the lateness rule and the ``now`` of trimming.
+
+Fields starting with ``_`` are never tile fields (those start with a digit), so
+:func:`windows.read_hash` and :func:`windows.expired_fields` ignore them.
+
+Apply-once script
+-----------------
+:meth:`TileStore.apply` runs one ``EVALSHA`` per :class:`KeyBatch` (one key, one
+partition, events in offset order), all in one non-transactional pipeline. For
+each event the script, atomically on its one key (so it also works on Redis
+Cluster):
+
+1. skips it when its offset is ``<=`` the hash's ``_off:<topic>:<partition>``
+   (a replay after a crash between the Redis write and the Kafka commit);
+2. drops it as too late when ``ts < _last_ts - allowed_lateness`` (the rule of
+   :func:`windows.is_too_late`, tracked **per key** and persisted in the hash,
+   so a crash, replay or rebalance cannot change the decision for a key whose
+   events all come from one partition — the topic is partitioned by entity
+   key. A key fed by several partitions, e.g. merchants on a topic keyed by
+   card, sees them interleaved in consumption order, and so may its lateness);
+3. otherwise applies its :class:`~feature_streams.windows.TileUpdate` s
+   (``incr`` = ``HINCRBYFLOAT``; ``min``/``max``/``last`` compare-and-set) and
+   raises ``_last_ts``.
+
+It then stores the highest offset seen and, when anything was applied,
+``PEXPIRE`` s the hash by the group's ``retention_ms`` (wall clock after the last
+write). Arguments per event are ``offset, ts, m`` and ``m`` update arguments:
+``TileUpdate.args()`` cut to ``op, field, value`` except for ``last`` (fewer
+arguments is most of the client-side cost). A script is not rolled back on
+error, but every argument is generated here: a key holding a non-hash fails on
+the first ``HGET`` before any write (reported, see :class:`ApplyResult`), and
+connection/``OOM`` failures are retried by the caller — re-running a whole batch
+is harmless by step 1.
+
+The script is registered with ``register_script`` (SHA computed once) and sent
+as plain ``EVALSHA`` inside the pipeline; entries answered ``NOSCRIPT`` (Redis
+restarted or ``SCRIPT FLUSH``) are re-sent after one ``SCRIPT LOAD``. This saves
+the ``SCRIPT EXISTS`` round trip redis-py's pipeline would add to every batch.
+
+Trimming
+--------
+Expired tiles are removed periodically, not per event (:meth:`TileStore.trim`):
+``HKEYS`` + ``HGET _last_ts`` per key in one pipeline, then
+:func:`windows.expired_fields` with ``now = _last_ts`` and ``HDEL`` in a second
+pipeline. Safe against concurrent writers: ``_last_ts`` only grows, so an
+expired field stays expired, and the lateness rule keeps accepted events out of
+expired tiles. Whole idle hashes go away by their ``PEXPIRE``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
+
+from feature_streams.windows import GroupPlan, TileUpdate, UpdateOp, expired_fields
+
+__all__ = [
+    "APPLY_SCRIPT",
+    "KEY_PREFIX",
+    "LAST_TS_FIELD",
+    "ApplyResult",
+    "EventUpdates",
+    "KeyBatch",
+    "TileStore",
+    "offset_field",
+    "read_hashes",
+    "tile_key",
+]
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "st"
+LAST_TS_FIELD = "_last_ts"
+_TRIM_CHUNK = 500
+
+APPLY_SCRIPT = """
+local key = KEYS[1]
+local off_field = ARGV[1]
+local lateness = tonumber(ARGV[3])
+local stored_off = tonumber(redis.call('HGET', key, off_field) or '-1')
+local last_raw = redis.call('HGET', key, '_last_ts')
+local last_ts = last_raw and tonumber(last_raw)
+local applied, dup, late = 0, 0, 0
+local new_off = nil
+local i = 4
+local n_args = #ARGV
+while i <= n_args do
+  local off = tonumber(ARGV[i])
+  local ts = tonumber(ARGV[i + 1])
+  local first = i + 3
+  i = first + tonumber(ARGV[i + 2])
+  if off <= stored_off then
+    dup = dup + 1
+  else
+    new_off = ARGV[first - 3]
+    stored_off = off
+    if last_ts and ts < last_ts - lateness then
+      late = late + 1
+    else
+      local k = first
+      while k < i do
+        local op, f, v = ARGV[k], ARGV[k + 1], ARGV[k + 2]
+        if op == 'incr' then
+          redis.call('HINCRBYFLOAT', key, f, v)
+          k = k + 3
+        elseif op == 'last' then
+          local tf, et = ARGV[k + 3], tonumber(ARGV[k + 4])
+          local ct = tonumber(redis.call('HGET', key, tf) or '')
+          if not ct or et > ct or (et == ct and
+              tonumber(v) > tonumber(redis.call('HGET', key, f) or '-1e308')) then
+            redis.call('HSET', key, f, v, tf, ARGV[k + 4])
+          end
+          k = k + 5
+        else
+          local cur = redis.call('HGET', key, f)
+          if not cur or (op == 'max' and tonumber(v) > tonumber(cur))
+              or (op == 'min' and tonumber(v) < tonumber(cur)) then
+            redis.call('HSET', key, f, v)
+          end
+          k = k + 3
+        end
+      end
+      if not last_ts or ts > last_ts then
+        last_ts = ts
+        last_raw = ARGV[first - 2]
+      end
+      applied = applied + 1
+    end
+  end
+end
+if new_off then
+  redis.call('HSET', key, off_field, new_off)
+end
+if applied > 0 then
+  redis.call('HSET', key, '_last_ts', last_raw)
+  redis.call('PEXPIRE', key, ARGV[2])
+end
+return {applied, dup, late}
+"""
+"""KEYS[1] = hash; ARGV = offset field, retention ms, lateness ms, then per event
+``offset, ts_ms, m`` followed by ``m`` arguments: each update's ``TileUpdate.args()``,
+cut to ``op, field, value`` except for ``last`` (whose ``ts_field, ts`` are used).
+Returns ``{applied, duplicate, late}`` event counts."""
+
+
+def tile_key(group: str, entity_key: str) -> str:
+    """Redis key of one entity's tiles in one stream group: ``st:<group>:<key>``."""
+    return f"{KEY_PREFIX}:{group}:{entity_key}"
+
+
+def offset_field(topic: str, partition: int) -> str:
+    """Hash field holding the last applied offset of ``topic``/``partition``."""
+    return f"_off:{topic}:{partition}"
+
+
+@dataclass(frozen=True, slots=True)
+class EventUpdates:
+    """One event's tile updates for one key, with its Kafka offset and event time."""
+
+    offset: int
+    ts_ms: int
+    updates: Sequence[TileUpdate]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBatch:
+    """Events of ONE partition for ONE hash, in offset order: one script call."""
+
+    key: str
+    topic: str
+    partition: int
+    retention_ms: int
+    lateness_ms: int
+    events: Sequence[EventUpdates]
+
+    def script_args(self) -> list[str]:
+        """``ARGV`` of the apply script."""
+        args = [
+            offset_field(self.topic, self.partition),
+            str(self.retention_ms),
+            str(self.lateness_ms),
+        ]
+        for ev in self.events:
+            head = len(args)
+            args += (str(ev.offset), str(ev.ts_ms), "")
+            for update in ev.updates:
+                # Only `last` reads ts_field/ts: 3 arguments instead of 5 for the others
+                # (fewer arguments is most of the client-side cost of a call).
+                parts = update.args()
+                args += parts if update.op is UpdateOp.LAST else parts[:3]
+            args[head + 2] = str(len(args) - head - 3)
+        return args
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """Event counts of one :meth:`TileStore.apply` (summed over its key batches)."""
+
+    applied: int = 0
+    duplicate: int = 0
+    late: int = 0
+    per_batch: list[tuple[int, int, int]] = field(default_factory=list)
+    """``(applied, duplicate, late)`` of each key batch, in input order."""
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    """``(batch index, error)`` of batches whose key holds a non-hash value
+    (``WRONGTYPE``): nothing of them was applied, and retrying cannot help."""
+
+
+class TileStore:
+    """Tile hashes in Redis. Does not own ``client`` (the caller ``aclose()`` s it).
+
+    ``client`` may use ``decode_responses`` either way; :meth:`read` returns what
+    the client returns (``bytes`` by default), which :func:`windows.read_hash` takes.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._script: AsyncScript = client.register_script(APPLY_SCRIPT)
+
+    @property
+    def client(self) -> Redis:
+        """The Redis client this store uses."""
+        return self._client
+
+    async def load_script(self) -> None:
+        """``SCRIPT LOAD`` the apply script now (optional: apply loads it on demand)."""
+        self._script.sha = await self._client.script_load(APPLY_SCRIPT)
+
+    async def apply(self, batches: Sequence[KeyBatch]) -> ApplyResult:
+        """Apply every batch with one ``EVALSHA`` each, in one pipeline.
+
+        A key holding something other than a hash is reported in
+        :attr:`ApplyResult.rejected` (the script fails on its first ``HGET``,
+        before writing). Other redis errors (connection, ``OOM``, ``BUSY``...)
+        are raised; retrying the same batches afterwards is always safe.
+        """
+        result = ApplyResult()
+        if not batches:
+            return result
+        arg_lists = [b.script_args() for b in batches]
+        replies = await self._evalsha_many([b.key for b in batches], arg_lists)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            await self.load_script()
+            redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            again = await self._evalsha_many(
+                [batches[i].key for i in redo], [arg_lists[i] for i in redo]
+            )
+            for i, reply in zip(redo, again, strict=True):
+                replies[i] = reply
+        for n, reply in enumerate(replies):
+            if isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE"):
+                result.rejected.append((n, str(reply)))
+                result.per_batch.append((0, 0, 0))
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            applied, dup, late = (int(x) for x in reply)
+            result.applied += applied
+            result.duplicate += dup
+            result.late += late
+            result.per_batch.append((applied, dup, late))
+        return result
+
+    async def _evalsha_many(self, keys: Sequence[str], arg_lists: Sequence[list[str]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        sha = self._script.sha
+        for key, args in zip(keys, arg_lists, strict=True):
+            pipe.evalsha(sha, 1, key, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def read(self, keys: Sequence[str]) -> list[dict[Any, Any]]:
+        """``HGETALL`` of every key in one pipeline (``{}`` for a missing key)."""
+        return await read_hashes(self._client, keys)
+
+    async def trim(self, plan: GroupPlan, keys: Sequence[str]) -> int:
+        """Delete expired tile fields of ``keys`` (all of ``plan``'s group), with
+        ``now`` = each hash's ``_last_ts``. Returns how many fields were deleted."""
+        deleted = 0
+        for lo in range(0, len(keys), _TRIM_CHUNK):
+            chunk = keys[lo : lo + _TRIM_CHUNK]
+            pipe = self._client.pipeline(transaction=False)
+            for key in chunk:
+                pipe.hkeys(key)
+                pipe.hget(key, LAST_TS_FIELD)
+            replies = await pipe.execute()
+            pipe = self._client.pipeline(transaction=False)
+            doomed = 0
+            for n, key in enumerate(chunk):
+                fields, last = replies[2 * n], replies[2 * n + 1]
+                if last is None:
+                    continue
+                expired = expired_fields(plan, fields, int(float(last)))
+                if expired:
+                    pipe.hdel(key, *expired)
+                    doomed += 1
+            if doomed:
+                deleted += sum(int(n) for n in await pipe.execute())
+        return deleted
+
+
+async def read_hashes(client: Redis, keys: Sequence[str]) -> list[dict[Any, Any]]:
+    """``HGETALL`` of every key in one pipeline round trip, in order; a missing key
+    reads as ``{}``. Pass each to :func:`windows.read_hash`."""
+    if not keys:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    return [dict(h) for h in await pipe.execute()]

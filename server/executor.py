@@ -1,0 +1,90 @@
+"""Runs one micro-batch of one model version: features -> input matrix -> runtime -> split.
+
+A batch may mix Score jobs (a prepared row whose store features are fetched here,
+for the whole batch in one Redis round trip) and v2 jobs (caller-supplied rows).
+One ``session.run`` serves them all; each job gets its own slice of the outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from server.batcher import Outputs, split_rows
+from server.errors import DependencyUnavailable, ScoringError
+from server.features import FailurePolicy, FeatureLayout, FeatureStore, Prepared
+from server.runtime import OnnxModel
+
+
+@dataclass(slots=True)
+class Job:
+    """One request's share of a batch: ready rows (v2) or a prepared Score row."""
+
+    rows: npt.NDArray[np.float32] | None = None
+    prepared: Prepared | None = None
+
+    @property
+    def size(self) -> int:
+        """Input rows this job adds to the batch."""
+        return 1 if self.rows is None else int(self.rows.shape[0])
+
+
+class JobResult(NamedTuple):
+    """A job's outputs and the exact input rows the model saw for it."""
+
+    outputs: Outputs
+    rows: npt.NDArray[np.float32]
+    prepared: Prepared | None
+
+
+class VersionExecutor:
+    """The ``run_batch`` of one loaded version's micro-batcher."""
+
+    def __init__(
+        self,
+        model: OnnxModel,
+        layout: FeatureLayout,
+        store: FeatureStore | None,
+        failure_policy: FailurePolicy,
+    ) -> None:
+        self._model = model
+        self._layout = layout
+        self._store = store
+        self._policy = failure_policy
+
+    async def run(self, jobs: list[Job]) -> list[JobResult | ScoringError]:
+        """Fill store features for the Score jobs, run the model once, split per job."""
+        failed: dict[int, ScoringError] = {}
+        prepared = [job.prepared for job in jobs if job.prepared is not None]
+        if prepared and self._store is not None and self._layout.uses_store:
+            try:
+                await self._store.fill(self._layout, prepared, self._policy)
+            except DependencyUnavailable as error:  # policy "fail": only Score jobs fail
+                failed = {i: error for i, job in enumerate(jobs) if job.prepared is not None}
+        live = [job for i, job in enumerate(jobs) if i not in failed]
+        parts: list[tuple[npt.NDArray[np.float32], Outputs]] = []
+        if live:
+            blocks = [_rows_of(job) for job in live]
+            matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
+            outputs = await self._model.run(matrix)
+            sliced = split_rows(outputs, [block.shape[0] for block in blocks])
+            parts = list(zip(blocks, sliced, strict=True))
+        ready = iter(parts)
+        results: list[JobResult | ScoringError] = []
+        for i, job in enumerate(jobs):
+            if i in failed:
+                results.append(failed[i])
+            else:
+                block, part = next(ready)
+                results.append(JobResult(part, block, job.prepared))
+        return results
+
+
+def _rows_of(job: Job) -> npt.NDArray[np.float32]:
+    if job.rows is not None:
+        return job.rows
+    assert job.prepared is not None
+    return job.prepared.row
