@@ -14,6 +14,8 @@ import asyncio
 import gc
 import logging
 import threading
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 from wsgiref.simple_server import WSGIServer
@@ -51,16 +53,23 @@ SERVICE_NAMES = (
 class AppContext:
     """Owns the registry, batchers, gRPC server, health and metrics of one process."""
 
-    def __init__(self, settings: Settings, *, process_index: int = 0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        process_index: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.process_index = process_index
+        self.clock = clock
         self.metrics = Metrics()
         self.definitions: FeatureDefinitions | None = None
         self.redis: Redis | None = None
         self.snapshots: BatchSnapshotCache | None = None
         self.feature_store: FeatureStore | None = None
         self.registry = ModelRegistry(self.metrics.observer_for)
-        self.pipeline = ScoringPipeline(self.registry)
+        self.pipeline = ScoringPipeline(self.registry, clock)
         self.health = HealthService()
         self.port = 0
         self.metrics_port = 0
@@ -132,12 +141,13 @@ class AppContext:
             self.redis,
             self.snapshots,
             StoreOptions(settings.features.fetch_timeout_s, settings.features.retry_interval_s),
+            clock=self.clock,
             on_fetch=self.metrics.observe_feature_fetch,
         )
         self.registry = ModelRegistry(
             self.metrics.observer_for, self.definitions, self.feature_store
         )
-        self.pipeline = ScoringPipeline(self.registry)
+        self.pipeline = ScoringPipeline(self.registry, self.clock)
 
     async def _start(self) -> None:
         settings = self.settings

@@ -18,6 +18,7 @@ import pytest
 
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.batcher import MicroBatcher
+from server.executor import Job, JobResult
 from tests.conftest import TEST_FEATURES
 from tests.support.model_factory import write_linear_model
 from tests.support.server import RunningServer, running_server
@@ -61,7 +62,7 @@ def _dropped(srv: RunningServer, reason: str) -> float:
     return _sample(srv, "streamscore_dropped_requests_total", reason=reason)
 
 
-def _batcher(srv: RunningServer) -> MicroBatcher:
+def _batcher(srv: RunningServer) -> MicroBatcher[Job, JobResult]:
     return srv.app.registry.get("slow", "1").batcher
 
 

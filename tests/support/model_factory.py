@@ -37,11 +37,12 @@ def write_linear_model(
     slow_layers: int = 0,
     slow_width: int = 1024,
     nan_allowed: frozenset[str] = frozenset(),
+    weight_scale: float = 1.0,
 ) -> tuple[Path, npt.NDArray[np.float32], float]:
     """Write ``repository/name/version`` and return (dir, weights, bias)."""
     rng = np.random.default_rng(seed)
     width = len(features)
-    weights = (rng.normal(size=width) / np.sqrt(width)).astype(np.float32)
+    weights = (rng.normal(size=width) / np.sqrt(width) * weight_scale).astype(np.float32)
     bias = float(rng.normal() * 0.1)
     initializers = [
         numpy_helper.from_array(weights.reshape(width, 1), "w"),

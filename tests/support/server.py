@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +47,11 @@ class RunningServer:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    repository: Path, overrides: Sequence[str] = ()
+    repository: Path, overrides: Sequence[str] = (), clock: Callable[[], float] = time.time
 ) -> AsyncIterator[RunningServer]:
     """Start a server on a free port; stop it (and close the channel) on exit."""
     settings = settings_for_test(repository, *overrides)
-    async with AppContext(settings) as app:
+    async with AppContext(settings, clock=clock) as app:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
         try:
             yield RunningServer(

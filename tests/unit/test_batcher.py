@@ -404,7 +404,7 @@ async def test_close_of_an_idle_batcher_returns() -> None:
     await asyncio.wait_for(batcher.close(), 1)  # idempotent
 
 
-async def _warm_with_full_batches(batcher: MicroBatcher, size: int, times: int) -> None:
+async def _warm_with_full_batches(batcher: RowBatcher, size: int, times: int) -> None:
     for _ in range(times):
         await asyncio.gather(*(batcher.submit(make_rows(i, 1)) for i in range(size)))
 

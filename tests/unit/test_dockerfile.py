@@ -162,6 +162,7 @@ def test_image_config_and_env_load() -> None:
     # Relative paths resolve against WORKDIR; the feature definitions must be in the image.
     workdir = Path([args for keyword, args in final_stage() if keyword == "WORKDIR"][-1])
     copied = {args.split()[-1] for keyword, args in final_stage() if keyword == "COPY"}
+    assert settings.features.definitions_path is not None
     assert str(workdir / settings.features.definitions_path) in copied
 
 

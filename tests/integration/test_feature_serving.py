@@ -1,0 +1,337 @@
+"""Score with features from the store: batch snapshots and stream tiles in a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis.asyncio import Redis
+
+from devstack.services import RedisServer, redis_server
+from feature_streams.batch_store import activate, write_snapshot
+from feature_streams.definitions import FeatureDefinitions, load_definitions
+from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore, tile_key
+from feature_streams.windows import GroupPlan, point_in_time_values, updates_for_event
+from protos.streamscore.v1 import scoring_pb2 as pb
+from server.demo.synthetic import DEMO_FEATURES
+from tests.support.model_factory import linear_scores, write_linear_model
+from tests.support.server import running_server
+
+DEFINITIONS = Path(__file__).resolve().parents[2] / "features.yaml"
+T0 = 1_700_000_000_000  # a fixed "now" (epoch ms), tile-aligned to the minute
+REQUEST = {
+    "amount": 120.0,
+    "mcc": 5411.0,
+    "channel": 1.0,
+    "hour_of_day": 14.0,
+    "day_of_week": 2.0,
+    "is_international": 0.0,
+    "card_present": 0.0,
+    "distance_from_home_km": 3.5,
+}
+
+
+@dataclass
+class Store:
+    url: str
+    client: Redis
+    definitions: FeatureDefinitions
+    plans: Mapping[str, GroupPlan]
+    events: list[dict[str, Any]]
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> tuple[Path, np.ndarray, float]:
+    version_dir, weights, bias = write_linear_model(
+        tmp_path / "models", "fraud", "1", list(DEMO_FEATURES), seed=3, weight_scale=1e-3
+    )
+    return version_dir.parent.parent, weights, bias
+
+
+def _events(card: str, merchant: str) -> list[dict[str, Any]]:
+    """A card's recent activity, out of order, relative to T0."""
+    minutes_ago = [1, 3, 2, 30, 59, 61, 300, 1500, 2]
+    return [
+        {
+            "card_id": card,
+            "merchant_id": merchant,
+            "event_time_ms": T0 - m * 60_000 - 1234,
+            "amount": 10.0 * (i + 1),
+            "is_international": i % 2,
+        }
+        for i, m in enumerate(minutes_ago)
+    ]
+
+
+async def _apply(
+    client: Redis, plans: Mapping[str, GroupPlan], events: Sequence[dict[str, Any]]
+) -> None:
+    store = TileStore(client)
+    batches = []
+    for group, plan in plans.items():
+        by_key: dict[str, list[EventUpdates]] = {}
+        for offset, event in enumerate(events):
+            key = tile_key(group, str(event[plan.group.key]))
+            by_key.setdefault(key, []).append(
+                EventUpdates(offset, int(event["event_time_ms"]), updates_for_event(plan, event))
+            )
+        for key, updates in by_key.items():
+            batches.append(KeyBatch(key, "transactions", 0, plan.retention_ms, 10**12, updates))
+    await store.apply(batches)
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    definitions = load_definitions(DEFINITIONS)
+    client = Redis.from_url(redis_url)
+    plans = {name: GroupPlan.build(g) for name, g in definitions.stream_groups.items()}
+    events = _events("card-1", "merch-1")
+    await _apply(client, plans, events)
+    for group, rows in {
+        "customer_profile": [
+            (
+                "cust-1",
+                {
+                    f: float(i + 1)
+                    for i, f in enumerate(definitions.batch_groups["customer_profile"].fields)
+                },
+            )
+        ],
+        "card_profile": [("card-1", {"card_age_days": 400.0, "preapproved_limit": 2500.0})],
+    }.items():
+        info = await write_snapshot(client, group, rows)
+        await activate(client, group, info.snapshot_id)
+    try:
+        yield Store(redis_url, client, definitions, plans, events)
+    finally:
+        await client.aclose()
+
+
+def _overrides(url: str, *extra: str) -> list[str]:
+    return [f"features.definitions_path={DEFINITIONS}", f"redis.url={url}", *extra]
+
+
+def _request(t_ms: int | None = T0, **entity_ids: str) -> pb.ScoreRequest:
+    request = pb.ScoreRequest(
+        model="fraud", features=REQUEST, entity_ids=entity_ids, echo_features=True
+    )
+    if t_ms is not None:
+        request.event_time.CopyFrom(Timestamp(seconds=t_ms // 1000, nanos=(t_ms % 1000) * 10**6))
+    return request
+
+
+def _echo(response: pb.ScoreResponse) -> dict[str, float]:
+    return {f.name: f.value for f in response.features}
+
+
+def _expected_stream(store: Store, t_ms: int) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for plan in store.plans.values():
+        key = plan.group.key
+        mine = [e for e in store.events if e[key] == ("card-1" if key == "card_id" else "merch-1")]
+        values.update(point_in_time_values(plan, mine, [t_ms])[0])
+    return values
+
+
+async def test_score_fetches_batch_and_stream_features(
+    store: Store, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    repo, weights, bias = repository
+    async with running_server(repo, _overrides(store.url)) as srv:
+        response = await srv.scoring.Score(
+            _request(card_id="card-1", customer_id="cust-1", merchant_id="merch-1")
+        )
+    echoed = _echo(response)
+    customer_fields = list(store.definitions.batch_groups["customer_profile"].fields)
+    for i, name in enumerate(customer_fields):
+        assert echoed[name] == float(i + 1), name
+    assert echoed["card_age_days"] == 400.0 and echoed["preapproved_limit"] == 2500.0
+    expected = _expected_stream(store, T0)
+    for name, value in expected.items():
+        assert echoed[name] == pytest.approx(value, rel=1e-6), name
+    assert echoed["card_txn_count_5m"] == 4  # events 1, 2, 2 and 3 minutes ago
+    for name, value in REQUEST.items():
+        assert echoed[name] == value
+    row = np.array([[echoed[n] for n in DEMO_FEATURES]], dtype=np.float32)
+    assert response.score == pytest.approx(float(linear_scores(row, weights, bias)[0]), abs=1e-6)
+    assert list(response.defaulted_features) == []
+    assert not response.degraded
+    freshness = {(f.group, f.entity): f.age_ms for f in response.freshness}
+    newest = max(e["event_time_ms"] for e in store.events)
+    assert freshness[("card_activity", "card-1")] == T0 - newest
+    assert freshness[("merchant_activity", "merch-1")] == T0 - newest
+
+
+async def test_windows_decay_with_request_time_and_injected_clock(
+    store: Store, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    later = T0 + 10 * 60_000
+    async with running_server(
+        repository[0], _overrides(store.url), clock=lambda: later / 1000
+    ) as srv:
+        now = _echo(await srv.scoring.Score(_request(T0, card_id="card-1")))
+        decayed = _echo(await srv.scoring.Score(_request(None, card_id="card-1")))  # clock
+        much_later = _echo(await srv.scoring.Score(_request(T0 + 8 * 86_400_000, card_id="card-1")))
+    assert now["card_txn_count_5m"] == 4
+    assert decayed["card_txn_count_5m"] == 0  # the clock moved past the 5 min window
+    assert decayed["card_txn_count_1h"] == pytest.approx(
+        _expected_stream(store, later)["card_txn_count_1h"]
+    )
+    assert decayed["card_txn_count_1h"] < now["card_txn_count_1h"]
+    assert much_later["card_txn_count_24h"] == 0
+    assert much_later["card_amount_sum_24h"] == 0
+
+
+async def test_missing_entities_get_defaults_and_are_listed(
+    store: Store, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    definitions = store.definitions
+    async with running_server(repository[0], _overrides(store.url)) as srv:
+        unknown = await srv.scoring.Score(_request(card_id="card-404", customer_id="cust-404"))
+        absent = await srv.scoring.Score(_request())
+    customer_fields = set(definitions.batch_groups["customer_profile"].fields)
+    card_fields = {"card_age_days", "preapproved_limit"}
+    assert customer_fields | card_fields <= set(unknown.defaulted_features)
+    echoed = _echo(unknown)
+    for name in customer_fields:
+        default = float(definitions.batch_groups["customer_profile"].fields[name].default)
+        assert echoed[name] == pytest.approx(default, rel=1e-6)  # float32 in the model row
+    assert echoed["card_txn_count_24h"] == 0  # a card with no events: real zeros, not defaults
+    # no entity ids at all: every store feature is a default, and listed
+    store_features = set(DEMO_FEATURES) - set(REQUEST)
+    assert store_features == set(absent.defaulted_features)
+    assert not absent.degraded
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: r.entity_ids.__setitem__("planet_id", "x"), "entity_ids.planet_id"),
+        (lambda r: r.features.__setitem__("shoe_size", 42.0), "features.shoe_size"),
+        (lambda r: r.features.__setitem__("hour_of_day", 25.0), "features.hour_of_day"),
+        (lambda r: r.features.__setitem__("amount", -5.0), "features.amount"),
+        (lambda r: r.features.__setitem__("amount", float("nan")), "features.amount"),
+    ],
+    ids=["unknown-entity", "unknown-feature", "hour-out-of-range", "negative-amount", "nan"],
+)
+async def test_bad_request_features_name_the_field(
+    store: Store, repository: tuple[Path, np.ndarray, float], mutate: Any, field: str
+) -> None:
+    request = _request(card_id="card-1")
+    mutate(request)
+    async with running_server(repository[0], _overrides(store.url)) as srv:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await srv.scoring.Score(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
+
+
+async def test_features_sent_in_the_request_win_and_skip_the_store(
+    store: Store, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    everything = {name: 1.0 for name in DEMO_FEATURES} | REQUEST
+    async with running_server(repository[0], _overrides(store.url)) as srv:
+        request = _request(card_id="card-1", customer_id="cust-1")
+        request.features.update(everything)
+        response = await srv.scoring.Score(request)
+        fetches = srv.app.metrics.registry.get_sample_value(
+            "streamscore_feature_fetch_seconds_count"
+        )
+    assert _echo(response) == pytest.approx(everything)
+    assert fetches == 0
+
+
+async def test_one_redis_round_trip_per_micro_batch(
+    store: Store, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    async with running_server(repository[0], _overrides(store.url)) as srv:
+        requests = [
+            _request(card_id="card-1", customer_id="cust-1", merchant_id="merch-1")
+            for _ in range(300)
+        ]
+        responses = await asyncio.gather(*(srv.scoring.Score(r) for r in requests))
+        registry = srv.app.metrics.registry
+        fetches = registry.get_sample_value("streamscore_feature_fetch_seconds_count")
+        batches = registry.get_sample_value(
+            "streamscore_batch_requests_count", {"model": "fraud", "version": "1"}
+        )
+    assert len({r.score for r in responses}) == 1
+    assert fetches == batches
+    assert batches is not None and batches < 300
+
+
+def _policy_overrides(url: str, policy: str) -> list[str]:
+    return _overrides(
+        url,
+        f"redis.failure_policy={policy}",
+        "features.fetch_timeout_s=0.2",
+        "features.retry_interval_s=0.2",
+    )
+
+
+@pytest.fixture
+def private_redis() -> AsyncIterator[RedisServer]:
+    with redis_server() as server:
+        yield server  # type: ignore[misc]
+
+
+async def _seed(url: str) -> Store:
+    definitions = load_definitions(DEFINITIONS)
+    client = Redis.from_url(url)
+    plans = {name: GroupPlan.build(g) for name, g in definitions.stream_groups.items()}
+    events = _events("card-1", "merch-1")
+    await _apply(client, plans, events)
+    return Store(url, client, definitions, plans, events)
+
+
+@pytest.mark.parametrize("policy", ["degrade", "fail"])
+async def test_redis_down_follows_policy_and_recovers_without_restart(
+    private_redis: RedisServer, repository: tuple[Path, np.ndarray, float], policy: str
+) -> None:
+    seeded = await _seed(private_redis.url)
+    await seeded.client.aclose()
+    async with running_server(repository[0], _policy_overrides(private_redis.url, policy)) as srv:
+        before = await srv.scoring.Score(_request(card_id="card-1"))
+        assert not before.degraded and _echo(before)["card_txn_count_5m"] == 4
+
+        load = [srv.scoring.Score(_request(card_id="card-1")) for _ in range(20)]
+        private_redis.stop()
+        outcomes = await asyncio.gather(*load, return_exceptions=True)
+        down = await asyncio.gather(
+            *(srv.scoring.Score(_request(card_id="card-1")) for _ in range(20)),
+            return_exceptions=True,
+        )
+        if policy == "degrade":
+            assert all(isinstance(r, pb.ScoreResponse) for r in [*outcomes, *down])
+            assert all(r.degraded and "redis_unavailable" in r.degraded_reasons for r in down)  # type: ignore[union-attr]
+            assert "card_txn_count_5m" in down[0].defaulted_features  # type: ignore[union-attr]
+        else:
+            assert all(
+                isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE
+                for r in down
+            )
+
+        private_redis.restart()  # empty: no persistence
+        reseeded = await _seed(private_redis.url)
+        await reseeded.client.aclose()
+        for _ in range(100):
+            recovered = (
+                await srv.scoring.Score(_request(card_id="card-1")) if policy == "degrade" else None
+            )
+            if policy == "fail":
+                try:
+                    recovered = await srv.scoring.Score(_request(card_id="card-1"))
+                except grpc.aio.AioRpcError:
+                    recovered = None
+            if recovered is not None and not recovered.degraded:
+                break
+            await asyncio.sleep(0.05)
+        assert recovered is not None and not recovered.degraded
+        assert _echo(recovered)["card_txn_count_5m"] == 4
