@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,9 +277,9 @@ def _policy_overrides(url: str, policy: str) -> list[str]:
 
 
 @pytest.fixture
-def private_redis() -> AsyncIterator[RedisServer]:
+def private_redis() -> Iterator[RedisServer]:
     with redis_server() as server:
-        yield server  # type: ignore[misc]
+        yield server
 
 
 async def _seed(url: str) -> Store:
