@@ -572,10 +572,25 @@ def _is_tile_field(key: str) -> bool:
 
 
 def tiles_from_hash(
-    plan: GroupPlan, fields: Mapping[str, str] | Mapping[bytes, bytes] | Mapping[str, float]
+    plan: GroupPlan,
+    fields: Mapping[str, str] | Mapping[bytes, bytes] | Mapping[str, float],
+    t_ms: int | None = None,
+    t_last_ms: int | None = None,
 ) -> Tiles:
-    """Parse a fetched hash (``str`` or ``bytes``); ignores non-tile and unknown fields."""
+    """Parse a fetched hash (``str`` or ``bytes``); ignores non-tile and unknown fields.
+
+    With ``t_ms`` (and ``t_last_ms`` >= it, for reads at several times), tiles no
+    window reads at those times (older than the slot's longest window before
+    ``t_ms``, or starting at or after ``t_last_ms``) are skipped without being
+    parsed: a read then costs what the windows hold, not what the hash has kept.
+    """
     suffixes = plan.field_suffixes
+    earliest: dict[str, int] = {}
+    if t_ms is not None:
+        earliest = {
+            s.name: window_start(t_ms, plan.horizon_ms[s.name], s.tile_ms) for s in plan.slots
+        }
+    latest = t_last_ms if t_last_ms is not None else t_ms
     tiles: Tiles = {}
     halves: dict[tuple[str, int], list[float | None]] = {}  # (slot, start) -> [value, ts]
     items: Iterable[tuple[str | bytes, str | bytes | float]] = fields.items()
@@ -585,14 +600,17 @@ def tiles_from_hash(
         if entry is None or not start.isdigit():
             continue
         slot, is_ts = entry
+        tile = int(start)
+        if latest is not None and (tile >= latest or tile < earliest[slot.name]):
+            continue
         if slot.kind is SlotKind.LAST:
-            pair = halves.setdefault((slot.name, int(start)), [None, None])
+            pair = halves.setdefault((slot.name, tile), [None, None])
             pair[1 if is_ts else 0] = float(raw)
         else:
             per_slot = tiles.get(slot.name)
             if per_slot is None:
                 per_slot = tiles[slot.name] = {}
-            per_slot[int(start)] = float(raw)
+            per_slot[tile] = float(raw)
     for (name, tile), (value, ts) in halves.items():
         if value is None or ts is None:
             logger.warning("half-written last tile %s", field_name(name, tile))
@@ -607,7 +625,7 @@ def read_hash(
     t_ms: int,
 ) -> dict[str, float]:
     """Every feature of the group at ``t_ms`` from a fetched hash (``HGETALL``)."""
-    return read_window(plan, tiles_from_hash(plan, fields), t_ms)
+    return read_window(plan, tiles_from_hash(plan, fields, t_ms), t_ms)
 
 
 def expired_fields(plan: GroupPlan, fields: Iterable[str | bytes], now_ms: int) -> list[str]:

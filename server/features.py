@@ -57,7 +57,7 @@ from feature_streams.definitions import (
     resolve_features,
 )
 from feature_streams.tile_store import tile_key
-from feature_streams.windows import GroupPlan, read_hash
+from feature_streams.windows import GroupPlan, read_window, tiles_from_hash
 from server.errors import DependencyUnavailable, InvalidInput, ModelLoadError
 from server.manifest import ModelManifest
 
@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 FailurePolicy = Literal["degrade", "fail"]
 LAST_EVENT_FIELD = "_last_ts"
+_LAST_EVENT_FIELD_BYTES = LAST_EVENT_FIELD.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,18 +409,25 @@ class FeatureStore:
         results: Sequence[object],
     ) -> None:
         group = stream.plan.group.name
-        for item, raw in zip(members, results, strict=True):
-            hash_fields: Mapping[bytes, bytes] = raw if isinstance(raw, dict) else {}
-            values = read_hash(stream.plan, hash_fields, item.t_ms)
-            for name, column in stream.outputs:
-                if not item.sent[column]:
-                    item.row[0, column] = values[name]
-            last = hash_fields.get(LAST_EVENT_FIELD.encode()) or hash_fields.get(
-                LAST_EVENT_FIELD  # type: ignore[call-overload]
-            )
-            if last is not None:
-                age = item.t_ms - int(float(last))
-                item.freshness.append(Freshness(group, item.entity_ids[stream.entity], age))
+        by_key: dict[str, list[Prepared]] = {}
+        raw_by_key: dict[str, Mapping[bytes, bytes]] = {}
+        for item, key, raw in zip(members, keys, results, strict=True):
+            by_key.setdefault(key, []).append(item)
+            raw_by_key[key] = raw if isinstance(raw, dict) else {}
+        for key, items in by_key.items():
+            hash_fields = raw_by_key[key]
+            times = [item.t_ms for item in items]
+            # one parse per key and micro-batch, however many requests share the entity
+            tiles = tiles_from_hash(stream.plan, hash_fields, min(times), max(times))
+            last = hash_fields.get(_LAST_EVENT_FIELD_BYTES)
+            for item in items:
+                values = read_window(stream.plan, tiles, item.t_ms)
+                for name, column in stream.outputs:
+                    if not item.sent[column]:
+                        item.row[0, column] = values[name]
+                if last is not None:
+                    age = item.t_ms - int(float(last))
+                    item.freshness.append(Freshness(group, item.entity_ids[stream.entity], age))
 
     def _missing_entity(
         self, layout: FeatureLayout, item: Prepared, columns: Sequence[int]

@@ -1,0 +1,203 @@
+"""Feature-layer benchmarks: micro-batch feature fetch vs bare redis-py, fetched vs sent.
+
+1. ``fetch``: ``FeatureStore.fill`` for a 64-request micro-batch (every request has a
+   card, a customer and a merchant: 2 batch groups + 2 stream groups, windows
+   evaluated) against a bare pipelined ``HGETALL`` of the same keys with redis-py,
+   on the same Redis (a private ``redis-server`` started here). Target >= 0.7x.
+2. ``score``: Score throughput with features fetched from Redis vs the same
+   features sent in the request (no fetch), same server settings, 64 callers;
+   server pinned to core 0, load generator to core 1.
+
+    python -m bench.feature_bench --json-out bench/results/features.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from devstack.services import redis_server
+from feature_streams.batch_store import (
+    BatchSnapshotCache,
+    activate,
+    write_snapshot,
+)
+from feature_streams.definitions import FeatureDefinitions, load_definitions
+from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore, tile_key
+from feature_streams.windows import GroupPlan, updates_for_event
+from server.demo.synthetic import DEMO_FEATURES
+from server.features import FeatureLayout, FeatureStore, Prepared
+from server.manifest import ModelManifest, TensorSpec, TrainingInfo
+
+DEFINITIONS = Path("features.yaml")
+NOW_MS = int(time.time() * 1000)
+
+
+def _manifest() -> ModelManifest:
+    return ModelManifest(
+        name="fraud",
+        version="1",
+        features=DEMO_FEATURES,
+        input=TensorSpec(name="features", dtype="float32"),
+        outputs=(TensorSpec(name="probabilities", dtype="float32"),),
+        score_output="probabilities",
+        sha256="0" * 64,
+        training=TrainingInfo(
+            data_snapshot="-", code_commit="-", created_at="2026-01-01T00:00:00Z"
+        ),  # type: ignore[arg-type]
+    )
+
+
+async def seed(client: Redis, defs: FeatureDefinitions, cards: int, events_per_card: int) -> None:
+    """Batch snapshots for every entity and a day of events per card (and merchant)."""
+    rng = random.Random(1)
+    for group, prefix in (("customer_profile", "cust"), ("card_profile", "card")):
+        fields = list(defs.batch_groups[group].fields)
+        rows = ((f"{prefix}-{i}", {f: rng.random() * 100 for f in fields}) for i in range(cards))
+        info = await write_snapshot(client, group, rows)
+        await activate(client, group, info.snapshot_id)
+    plans = {name: GroupPlan.build(g) for name, g in defs.stream_groups.items()}
+    store = TileStore(client)
+    written: dict[str, set[str]] = {name: set() for name in plans}
+    for card in range(cards):
+        events = [
+            {
+                "card_id": f"card-{card}",
+                "merchant_id": f"merch-{card % 50}",
+                "event_time_ms": NOW_MS - rng.randrange(86_400_000),
+                "amount": rng.random() * 300,
+                "is_international": rng.randrange(2),
+            }
+            for _ in range(events_per_card)
+        ]
+        batches = []
+        for name, plan in plans.items():
+            by_key: dict[str, list[EventUpdates]] = {}
+            for offset, event in enumerate(events):
+                key = tile_key(name, str(event[plan.group.key]))
+                by_key.setdefault(key, []).append(
+                    EventUpdates(
+                        card * 10_000 + offset,
+                        int(event["event_time_ms"]),
+                        updates_for_event(plan, event),
+                    )
+                )
+            batches += [
+                KeyBatch(k, "bench", 0, plan.retention_ms, 10**12, u) for k, u in by_key.items()
+            ]
+            written[name].update(by_key)
+        await store.apply(batches)
+    for name, plan in plans.items():  # what the worker's periodic trim leaves in a hash
+        await store.trim(plan, sorted(written[name]))
+
+
+def _prepared(layout: FeatureLayout, card: int) -> Prepared:
+    ids = {
+        "card_id": f"card-{card}",
+        "customer_id": f"cust-{card}",
+        "merchant_id": f"merch-{card % 50}",
+    }
+    request = {"amount": 50.0, "hour_of_day": 12.0}
+    return layout.prepare(request, ids, NOW_MS)
+
+
+async def bench_fetch(
+    url: str, defs: FeatureDefinitions, cards: int, seconds: float
+) -> dict[str, Any]:
+    """FeatureStore.fill vs bare pipelined HGETALL of the same keys, 64 requests a batch."""
+    client = Redis.from_url(url)
+    cache = BatchSnapshotCache(client, defs.batch_groups)
+    await cache.refresh()
+    layout = FeatureLayout.from_manifest(_manifest(), defs)
+    store = FeatureStore(client, cache)
+    rng = random.Random(2)
+    batches = [[rng.randrange(cards) for _ in range(64)] for _ in range(200)]
+    snapshots = cache.snapshot_ids()
+
+    def keys_of(batch: list[int]) -> list[str]:
+        keys = []
+        for card in batch:
+            keys.append(f"bf:customer_profile:{snapshots['customer_profile']}:cust-{card}")
+            keys.append(f"bf:card_profile:{snapshots['card_profile']}:card-{card}")
+            keys.append(tile_key("card_activity", f"card-{card}"))
+            keys.append(tile_key("merchant_activity", f"merch-{card % 50}"))
+        return keys
+
+    async def bare() -> int:
+        done = 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            for batch in batches:
+                async with client.pipeline(transaction=False) as pipe:
+                    for key in keys_of(batch):
+                        pipe.hgetall(key)
+                    await pipe.execute()
+                done += len(batch)
+        return done
+
+    async def ours() -> int:
+        done = 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            for batch in batches:
+                prepared = [_prepared(layout, card) for card in batch]
+                await store.fill(layout, prepared, "fail")
+                done += len(batch)
+        return done
+
+    results = {}
+    for name, fn in (
+        ("bare_hgetall", bare),
+        ("feature_store_fill", ours),
+        ("bare_hgetall_2", bare),
+    ):
+        started = time.perf_counter()
+        count = await fn()
+        results[name] = count / (time.perf_counter() - started)
+    await client.aclose()
+    bare_rps = (results["bare_hgetall"] + results["bare_hgetall_2"]) / 2
+    return {
+        "requests_per_s": results,
+        "ratio_fill_vs_bare": results["feature_store_fill"] / bare_rps,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.feature_bench", description=__doc__)
+    parser.add_argument("--cards", type=int, default=5000)
+    parser.add_argument("--events-per-card", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    defs = load_definitions(DEFINITIONS)
+    with redis_server() as redis:
+
+        async def run() -> dict[str, Any]:
+            client = Redis.from_url(redis.url)
+            await seed(client, defs, args.cards, args.events_per_card)
+            await client.aclose()
+            return await bench_fetch(redis.url, defs, args.cards, args.seconds)
+
+        result = {
+            "fetch": asyncio.run(run()),
+            "cards": args.cards,
+            "events_per_card": args.events_per_card,
+        }
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
