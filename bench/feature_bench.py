@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from feature_streams.batch_store import (
 from feature_streams.definitions import FeatureDefinitions, load_definitions
 from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore, tile_key
 from feature_streams.windows import GroupPlan, updates_for_event
-from server.demo.synthetic import DEMO_FEATURES
+from server.demo.synthetic import DEMO_FEATURES, REQUEST_FEATURES
 from server.features import FeatureLayout, FeatureStore, Prepared
 from server.manifest import ModelManifest, TensorSpec, TrainingInfo
 
@@ -52,15 +53,15 @@ def _manifest() -> ModelManifest:
         score_output="probabilities",
         sha256="0" * 64,
         training=TrainingInfo(
-            data_snapshot="-", code_commit="-", created_at="2026-01-01T00:00:00Z"
-        ),  # type: ignore[arg-type]
+            data_snapshot="-", code_commit="-", created_at=datetime(2026, 1, 1, tzinfo=UTC)
+        ),
     )
 
 
 async def seed(client: Redis, defs: FeatureDefinitions, cards: int, events_per_card: int) -> None:
     """Batch snapshots for every entity and a day of events per card (and merchant)."""
     rng = random.Random(1)
-    for group, prefix in (("customer_profile", "cust"), ("card_profile", "card")):
+    for group, prefix in (("customer_profile", "customer_id"), ("card_profile", "card_id")):
         fields = list(defs.batch_groups[group].fields)
         rows = ((f"{prefix}-{i}", {f: rng.random() * 100 for f in fields}) for i in range(cards))
         info = await write_snapshot(client, group, rows)
@@ -69,10 +70,10 @@ async def seed(client: Redis, defs: FeatureDefinitions, cards: int, events_per_c
     store = TileStore(client)
     written: dict[str, set[str]] = {name: set() for name in plans}
     for card in range(cards):
-        events = [
+        events: list[dict[str, Any]] = [
             {
-                "card_id": f"card-{card}",
-                "merchant_id": f"merch-{card % 50}",
+                "card_id": f"card_id-{card}",
+                "merchant_id": f"merchant_id-{card % 50}",
                 "event_time_ms": NOW_MS - rng.randrange(86_400_000),
                 "amount": rng.random() * 300,
                 "is_international": rng.randrange(2),
@@ -102,9 +103,9 @@ async def seed(client: Redis, defs: FeatureDefinitions, cards: int, events_per_c
 
 def _prepared(layout: FeatureLayout, card: int) -> Prepared:
     ids = {
-        "card_id": f"card-{card}",
-        "customer_id": f"cust-{card}",
-        "merchant_id": f"merch-{card % 50}",
+        "card_id": f"card_id-{card}",
+        "customer_id": f"customer_id-{card}",
+        "merchant_id": f"merchant_id-{card % 50}",
     }
     request = {"amount": 50.0, "hour_of_day": 12.0}
     return layout.prepare(request, ids, NOW_MS)
@@ -126,10 +127,10 @@ async def bench_fetch(
     def keys_of(batch: list[int]) -> list[str]:
         keys = []
         for card in batch:
-            keys.append(f"bf:customer_profile:{snapshots['customer_profile']}:cust-{card}")
-            keys.append(f"bf:card_profile:{snapshots['card_profile']}:card-{card}")
-            keys.append(tile_key("card_activity", f"card-{card}"))
-            keys.append(tile_key("merchant_activity", f"merch-{card % 50}"))
+            keys.append(f"bf:customer_profile:{snapshots['customer_profile']}:customer_id-{card}")
+            keys.append(f"bf:card_profile:{snapshots['card_profile']}:card_id-{card}")
+            keys.append(tile_key("card_activity", f"card_id-{card}"))
+            keys.append(tile_key("merchant_activity", f"merchant_id-{card % 50}"))
         return keys
 
     async def bare() -> int:
@@ -171,11 +172,41 @@ async def bench_fetch(
     }
 
 
+def bench_score(url: str, repository: Path, cards: int, duration_s: float) -> dict[str, Any]:
+    """Score throughput with features fetched from Redis vs all sent in the request."""
+    from bench.serving_bench import Scenario, run_scenario
+
+    features = ("features.definitions_path=features.yaml", f"redis.url={url}")
+    entities = ("--entities", "card_id,customer_id,merchant_id")
+    cardinality = ("--entity-cardinality", str(cards))
+    request_only = ("--request-features", ",".join(REQUEST_FEATURES))
+    scenarios = [
+        Scenario("score features sent c64", "streamscore", features,
+                 loadgen_args=(*entities, *cardinality)),
+        Scenario("score features fetched c64", "streamscore", features,
+                 loadgen_args=(*entities, *cardinality, *request_only)),
+    ]  # fmt: skip
+    out: dict[str, Any] = {}
+    for scenario in scenarios:
+        m = run_scenario(scenario, repository, "fraud", duration_s, 1.0)
+        out[scenario.name] = {
+            "throughput_rps": m.throughput_rps,
+            "latency_us": m.latency_us,
+            "server_cpu_us_per_request": m.server_cpu_us_per_request,
+            "errors": m.errors,
+        }
+    sent = out["score features sent c64"]["throughput_rps"]
+    out["ratio_fetched_vs_sent"] = out["score features fetched c64"]["throughput_rps"] / sent
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.feature_bench", description=__doc__)
     parser.add_argument("--cards", type=int, default=5000)
     parser.add_argument("--events-per-card", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repository", type=Path, default=Path("models"))
+    parser.add_argument("--duration", type=float, default=6.0, help="Score scenarios, seconds")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     defs = load_definitions(DEFINITIONS)
@@ -189,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = {
             "fetch": asyncio.run(run()),
+            "score": bench_score(redis.url, args.repository, args.cards, args.duration),
             "cards": args.cards,
             "events_per_card": args.events_per_card,
         }

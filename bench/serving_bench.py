@@ -44,6 +44,7 @@ class Scenario:
     api: str = "score"
     v2_rows: int = 1
     rate: float | None = None
+    loadgen_args: tuple[str, ...] = ()
 
 
 @dataclass
@@ -76,6 +77,7 @@ def _server(scenario: Scenario, repository: Path, port: int) -> Iterator[subproc
             "server.metrics_port=0",
             f"models.repository={repository}",
             "logging.level=WARNING",
+            "features.definitions_path=null",
             *scenario.settings,
         ]
         cmd = [*pin, sys.executable, "-m", "server.cli", "serve"]
@@ -109,7 +111,7 @@ def run_scenario(
             "--v2-rows", str(scenario.v2_rows),
         ]  # fmt: skip
         cmd += ["--rate", str(scenario.rate)] if scenario.rate else []
-        cmd += ["--concurrency", str(scenario.concurrency)]
+        cmd += ["--concurrency", str(scenario.concurrency), *scenario.loadgen_args]
         cpu: dict[str, float] = {}
 
         def sample_cpu() -> None:
