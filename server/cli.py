@@ -8,12 +8,14 @@ streamscore models demo [--repository DIR] [--force]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from feature_streams.definitions import FeatureDefinitions, load_definitions
 from server.logs import configure_logging
 from server.settings import Settings, SettingsError, load_settings
 
@@ -50,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="build the demo models if absent, then serve them")
     _add_config_args(dev)
 
+    stream = commands.add_parser("stream", help="run the stream-feature worker (Kafka -> Redis)")
+    _add_config_args(stream)
+    stream.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
+
+    features = commands.add_parser("features", help="feature store tools")
+    feature_commands = features.add_subparsers(dest="features_command", required=True)
+    load = feature_commands.add_parser("load", help="load a batch group snapshot from a file")
+    _add_config_args(load)
+    load.add_argument("--group", required=True)
+    load.add_argument("--input", type=Path, required=True, help="Parquet or CSV file")
+    load.add_argument(
+        "--allow-missing-columns", action="store_true", help="absent fields get defaults"
+    )
+    rollback = feature_commands.add_parser("rollback", help="make the previous snapshot active")
+    _add_config_args(rollback)
+    rollback.add_argument("--group", required=True)
+    feature_commands.add_parser(
+        "backfill", help="point-in-time training features for a spine (see --help)"
+    )
+
     models = commands.add_parser("models", help="model repository tools")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     demo = model_commands.add_parser("demo", help="train and export the demo fraud models")
@@ -67,6 +89,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["features", "backfill"]:  # its own parser: feature_streams.backfill
+        from feature_streams.backfill import main_backfill
+
+        return main_backfill(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "models":
@@ -75,17 +102,70 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return main_models_demo(args.repository, args.force)
         settings = _settings(args)
-        from server.main import serve
+        if args.command == "serve":
+            from server.main import serve
 
+            return serve(settings)
         if args.command == "dev":
-            configure_logging(settings.logging.level, settings.logging.json_format)
-            from server.demo.train import build_demo_repository
+            from devstack.stack import run_dev_stack
 
-            build_demo_repository(settings.models.repository)
-        return serve(settings)
+            return run_dev_stack(settings)
+        configure_logging(settings.logging.level, settings.logging.json_format)
+        if args.command == "stream":
+            return _stream(settings, args.metrics_port)
+        return _features(settings, args)
     except SettingsError as error:
         sys.stderr.write(f"streamscore: configuration error:\n{error}\n")
         return 2
+
+
+def _definitions(settings: Settings) -> FeatureDefinitions:
+    path = settings.features.definitions_path
+    if path is None:
+        raise SettingsError(["features.definitions_path: required for this command"])
+    return load_definitions(path)
+
+
+def _stream(settings: Settings, metrics_port: int | None) -> int:
+    from feature_streams.worker import WorkerConfig, serve
+
+    config = WorkerConfig(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        redis_url=settings.redis.url,
+        group_id=settings.kafka.group_id,
+        fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
+        metrics_port=metrics_port,
+    )
+    asyncio.run(serve(config, _definitions(settings)))
+    return 0
+
+
+def _features(settings: Settings, args: argparse.Namespace) -> int:
+    from feature_streams.batch_load import BatchFileError, load_group_file, rollback_group
+    from feature_streams.batch_store import SnapshotStateError
+
+    try:
+        if args.features_command == "load":
+            report = asyncio.run(
+                load_group_file(
+                    settings.redis.url,
+                    _definitions(settings),
+                    args.group,
+                    args.input,
+                    allow_missing_columns=args.allow_missing_columns,
+                )
+            )
+            logger.info(
+                "snapshot loaded",
+                extra={"group": report.group, "snapshot": report.snapshot_id, "rows": report.rows},
+            )
+        else:
+            result = asyncio.run(rollback_group(settings.redis.url, args.group))
+            logger.info("rolled back", extra={"group": args.group, "active": result.active})
+    except (BatchFileError, SnapshotStateError, KeyError) as error:
+        sys.stderr.write(f"streamscore: {error}\n")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
