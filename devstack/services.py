@@ -90,6 +90,7 @@ def _spawn_redis(host: str, port: int) -> subprocess.Popen[bytes]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a terminal's Ctrl-C reaches the stack, which stops us last
     )  # fmt: skip
 
 
@@ -145,6 +146,7 @@ def kafka_broker(
             ],
             stdout=log,
             stderr=log,
+            start_new_session=True,  # stopped by us, after the worker has committed
         )  # fmt: skip
         broker = KafkaBroker(port, process, host)
         try:

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the model repository over gRPC")
     _add_config_args(serve)
 
-    dev = commands.add_parser("dev", help="build the demo models if absent, then serve them")
-    _add_config_args(dev)
+    commands.add_parser(
+        "dev", help="embedded stack: Redis, Kafka, worker, server, producer (see --help)"
+    )
 
     stream = commands.add_parser("stream", help="run the stream-feature worker (Kafka -> Redis)")
     _add_config_args(stream)
@@ -94,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from feature_streams.backfill import main_backfill
 
         return main_backfill(argv[2:])
+    if argv[:1] == ["dev"]:  # its own parser: devstack.stack (stack options + --config/--set)
+        from devstack.stack import main as main_dev
+
+        return main_dev(argv[1:], prog="streamscore dev")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "models":
@@ -106,10 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from server.main import serve
 
             return serve(settings)
-        if args.command == "dev":
-            from devstack.stack import run_dev_stack
-
-            return run_dev_stack(settings)
         configure_logging(settings.logging.level, settings.logging.json_format)
         if args.command == "stream":
             return _stream(settings, args.metrics_port)

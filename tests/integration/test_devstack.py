@@ -1,0 +1,224 @@
+"""The embedded stack (``python -m devstack.stack``, what ``streamscore dev`` runs) end to end.
+
+Starts the whole stack as a subprocess in its own process group with a small
+population, scores a card the producer has been sending with only entity ids and
+request fields, and checks that its batch features come from Redis and its stream
+features from the events the worker folded. Then sends SIGINT to the whole group, as
+a terminal's Ctrl-C does, and checks the exit code and that every process it started
+is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devstack.producer import TransactionSource, demo_population
+from protos.streamscore.v1 import scoring_pb2 as pb
+from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
+from server.demo.synthetic import DEMO_FEATURES
+from tests.conftest import free_port
+from tests.support.model_factory import write_linear_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SEED = 7
+CUSTOMERS = 2_000
+MERCHANTS = 1_500
+STARTUP_S = 45.0
+
+
+@dataclass
+class StackProcess:
+    """The stack subprocess and the stdout lines read so far."""
+
+    process: subprocess.Popen[str]
+    stderr: Path
+    lines: list[str] = field(default_factory=list)
+    _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def start_reader(self) -> threading.Thread:
+        assert self.process.stdout is not None
+        stdout = self.process.stdout
+
+        def read() -> None:
+            for line in stdout:
+                self._queue.put(line.rstrip("\n"))
+            self._queue.put(None)
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        return thread
+
+    def wait_for_line(self, matches: Callable[[str], bool], timeout_s: float) -> str:
+        """The first line (read from now on) that ``matches``; fails on timeout or EOF."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no matching line after {timeout_s} s:\n{self.output()}")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                pytest.fail(f"the stack exited ({self.process.poll()}):\n{self.output()}")
+            self.lines.append(line)
+            if matches(line):
+                return line
+
+    def output(self) -> str:
+        err = self.stderr.read_text(errors="replace")[-3000:] if self.stderr.exists() else ""
+        return "\n".join(self.lines) + "\n--- stderr (tail) ---\n" + err
+
+
+@contextlib.contextmanager
+def _stack(tmp_path: Path, *args: str) -> Iterator[StackProcess]:
+    stderr = tmp_path / "stack.stderr"
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "devstack.stack", *args],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,  # its own process group, like a terminal job
+        )
+    stack = StackProcess(process, stderr)
+    reader = stack.start_reader()
+    try:
+        yield stack
+    finally:
+        if process.poll() is None:  # the test failed before stopping it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        reader.join(timeout=5)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_serving(target: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.1)
+    pytest.fail(f"{target} not SERVING after {timeout_s} s")
+
+
+def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    write_linear_model(repository, "fraud", "1", list(DEMO_FEATURES), seed=3, weight_scale=1e-3)
+    grpc_port, metrics_port, redis_port = free_port(), free_port(), free_port()
+    target = f"127.0.0.1:{grpc_port}"
+    # The first transactions the producer sends (same population and seed).
+    population = demo_population(SEED, CUSTOMERS, MERCHANTS)
+    first = TransactionSource(population, SEED).next_event()
+
+    with _stack(
+        tmp_path,
+        "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+        "--redis-port", str(redis_port),
+        "--customers", str(CUSTOMERS),
+        "--merchants", str(MERCHANTS),
+        "--seed", str(SEED),
+        "--rate", "200",
+        "--status-interval", "1",
+        "--no-train",
+        "--data-dir", str(tmp_path / "devstack"),
+        "--set", f"models.repository={repository}",
+    ) as stack:  # fmt: skip
+        pids_line = stack.wait_for_line(lambda line: "pids" in line, STARTUP_S)
+        pids = {name: int(pid) for name, pid in re.findall(r"(\w+)=(\d+)", pids_line)}
+        assert set(pids) == {"redis", "broker", "worker", "server", "producer"}, pids_line
+        assert f"redis://127.0.0.1:{redis_port}/0" in "\n".join(stack.lines)
+        _wait_serving(target, 10.0)
+
+        request = pb.ScoreRequest(
+            model="fraud",
+            entity_ids={
+                "card_id": first.card_id,
+                "customer_id": first.customer_id,
+                "merchant_id": first.merchant_id,
+            },
+            features={
+                name: first.request[name]
+                for name in ("amount", "mcc", "channel", "is_international", "card_present")
+            },
+            echo_features=True,
+        )
+        deadline = time.monotonic() + 30.0
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            while True:
+                reply = stub.Score(request, timeout=2.0)
+                echoed = {f.name: f.value for f in reply.features}
+                if echoed["card_txn_count_5m"] >= 1 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        assert echoed["card_txn_count_5m"] >= 1, (echoed, stack.output())
+        assert echoed["card_txn_count_24h"] >= echoed["card_txn_count_5m"]
+        assert echoed["card_amount_sum_24h"] > 0
+        assert echoed["card_seconds_since_last_txn"] < 120
+        assert echoed["merchant_txn_count_1h"] >= 1
+        assert 0.0 <= reply.score <= 1.0
+        assert not reply.degraded
+        for name, value in population.customer_features(first.customer_id).items():
+            assert echoed[name] == pytest.approx(value), name
+        for name, value in population.card_features(first.card_id).items():
+            assert echoed[name] == pytest.approx(value), name
+        assert echoed["amount"] == pytest.approx(first.request["amount"])
+
+        status = stack.wait_for_line(
+            lambda line: "status |" in line and " 0.0 ev/s" not in line and "- ev/s" not in line,
+            15.0,
+        )
+        assert re.search(r"score \d+\.\d req/s", status), status
+        assert re.search(r"stream \d+\.\d ev/s lag \d+", status), status
+        assert re.search(r"freshness \d+\.\d\d s", status), status
+
+        os.killpg(stack.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        code = stack.process.wait(timeout=40)
+        stack.wait_for_line(lambda line: line == "stopped.", 5.0)
+        assert code == 0, stack.output()
+        still_running = {name: pid for name, pid in pids.items() if _alive(pid)}
+        assert not still_running, (still_running, stack.output())
+        stopped = [f"  {name} stopped (exit code 0)" for name in ("producer", "server", "worker")]
+        assert all(line in stack.lines for line in stopped), stack.output()
+        order = [stack.lines.index(line) for line in stopped]
+        assert order == sorted(order), "children stop in reverse start order"
