@@ -335,3 +335,21 @@ async def test_redis_down_follows_policy_and_recovers_without_restart(
             await asyncio.sleep(0.05)
         assert recovered is not None and not recovered.degraded
         assert _echo(recovered)["card_txn_count_5m"] == 4
+
+
+async def test_model_with_undefined_features_is_refused_naming_them(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = tmp_path / "models"
+    write_linear_model(repository, "fraud", "1", list(DEMO_FEATURES), weight_scale=1e-3)
+    write_linear_model(repository, "fraud", "2", [*DEMO_FEATURES[:5], "zodiac_sign", "shoe_size"])
+    async with running_server(repository, _overrides(store.url)) as srv:
+        assert srv.app.registry.versions("fraud") == ["1"]
+        failures = srv.app.metrics.registry.get_sample_value(
+            "streamscore_model_load_failures_total"
+        )
+        response = await srv.scoring.Score(_request(card_id="card-1"))
+    assert failures == 1
+    assert response.model_version == "1"
+    logged = " ".join(str(record.__dict__) for record in caplog.records)
+    assert "zodiac_sign" in logged and "shoe_size" in logged
