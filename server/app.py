@@ -1,11 +1,14 @@
 """AppContext: the one object that owns a server process's resources.
 
-Entering builds, in order: metrics, the model registry (models verified and
-loaded off the loop), the pipeline, the gRPC server with its servicers, health
-and reflection, and the metrics HTTP endpoint; health turns SERVING once models
-are loaded. Leaving tears down in reverse: health NOT_SERVING, ``server.stop``
-(new calls refused, in-flight calls get ``grace_period_s``), batchers drained,
-models released, metrics endpoint closed.
+Entering builds, in order: metrics, the Redis client (when features or the routing
+state use Redis), the feature store, the model registry and pipeline, the routing
+controller (reads or bootstraps the persisted routing state, loads its versions off
+the loop, then watches it), the gRPC server with its servicers (the admin API on it,
+or on its own server when ``server.admin_port`` is set), health and reflection, and
+the metrics HTTP endpoint; health turns SERVING once models are loaded. Leaving
+tears down in reverse: health NOT_SERVING, ``server.stop`` (new calls refused,
+in-flight calls get ``grace_period_s``), routing watch stopped, batchers drained,
+models released, Redis closed, metrics endpoint closed.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from feature_streams.batch_store import BatchSnapshotCache
 from feature_streams.definitions import FeatureDefinitions, load_definitions
 from protos.inference import grpc_service_pb2 as v2
 from protos.inference import grpc_service_pb2_grpc as v2_grpc
+from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
+from server.admin_api import SERVICE_NAME as ADMIN_SERVICE_NAME
+from server.admin_api import AdminService
+from server.auth import TokenAuthenticator
 from server.batcher import BatchPolicy
 from server.features import FeatureStore, StoreOptions
 from server.grpc_api import InferenceService, ScoringService
@@ -39,6 +46,8 @@ from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
 from server.pipeline import ScoringPipeline
 from server.registry import ModelRegistry, ServingOptions
+from server.routing_control import RoutingController
+from server.routing_store import FileRoutingStore, RedisRoutingStore, RoutingStore
 from server.runtime import RuntimeOptions
 from server.settings import Settings
 
@@ -70,10 +79,13 @@ class AppContext:
         self.feature_store: FeatureStore | None = None
         self.registry = ModelRegistry(self.metrics.observer_for)
         self.pipeline = ScoringPipeline(self.registry, clock)
+        self.routing: RoutingController | None = None
         self.health = HealthService()
         self.port = 0
+        self.admin_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
+        self._admin_server: grpc.aio.Server | None = None
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._ready = False
 
@@ -125,20 +137,14 @@ class AppContext:
             logger.info("no feature definitions: every model feature comes with the request")
             return
         self.definitions = await asyncio.to_thread(load_definitions, path)
-        self.redis = Redis.from_url(
-            settings.redis.url,
-            max_connections=settings.redis.pool_max_connections,
-            socket_timeout=settings.redis.socket_timeout_s,
-            socket_connect_timeout=settings.redis.socket_timeout_s,
-        )
         self.snapshots = BatchSnapshotCache(
-            self.redis,
+            self._redis_client(),
             self.definitions.batch_groups,
             refresh_interval_s=settings.features.snapshot_refresh_s,
         )
         await self.snapshots.start()
         self.feature_store = FeatureStore(
-            self.redis,
+            self._redis_client(),
             self.snapshots,
             StoreOptions(settings.features.fetch_timeout_s, settings.features.retry_interval_s),
             clock=self.clock,
@@ -149,22 +155,58 @@ class AppContext:
         )
         self.pipeline = ScoringPipeline(self.registry, self.clock)
 
+    def _redis_client(self) -> Redis:
+        """The process's one Redis pool (features and routing state share it)."""
+        if self.redis is None:
+            redis = self.settings.redis
+            self.redis = Redis.from_url(
+                redis.url,
+                max_connections=redis.pool_max_connections,
+                socket_timeout=redis.socket_timeout_s,
+                socket_connect_timeout=redis.socket_timeout_s,
+            )
+        return self.redis
+
+    def _routing_store(self) -> RoutingStore:
+        settings = self.settings
+        routing = settings.routing
+        if settings.routing_store() == "redis":
+            return RedisRoutingStore(
+                self._redis_client(), routing.redis_key, routing.audit_key, routing.audit_max_len
+            )
+        return FileRoutingStore(routing.state_file(settings.models.repository))
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        server = self.settings.server
+        return grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", server.max_receive_message_bytes),
+                ("grpc.max_send_message_length", server.max_send_message_bytes),
+                ("grpc.so_reuseport", 1 if server.processes > 1 else 0),
+            ]
+        )
+
     async def _start(self) -> None:
         settings = self.settings
         await self._start_feature_store()
-        refused = await self.registry.load_repository(
-            settings.models.repository, self.serving_options
+        self.routing = RoutingController(
+            self.registry,
+            self._routing_store(),
+            settings.models.repository,
+            self.serving_options,
+            canary_entity=settings.routing.canary_entity,
+            poll_interval_s=settings.routing.poll_interval_s,
+            metrics=self.metrics,
+            clock=self.clock,
         )
-        self.metrics.model_load_failures.inc(len(refused))
-        self.metrics.models_loaded.set(len(self.registry.all_versions()))
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", settings.server.max_receive_message_bytes),
-                ("grpc.max_send_message_length", settings.server.max_send_message_bytes),
-                ("grpc.so_reuseport", 1 if settings.server.processes > 1 else 0),
-            ]
-        )
+        await self.routing.start()
+        server = self._grpc_server()
         self._server = server
+        admin = AdminService(self.routing, TokenAuthenticator(settings.server.admin_credentials()))
+        admin_server = server
+        if settings.server.admin_port is not None:
+            admin_server = self._admin_server = self._grpc_server()
+        apb_grpc.add_AdminServicer_to_server(admin, admin_server)
         pb_grpc.add_ScoringServicer_to_server(
             ScoringService(self.pipeline, self.registry, self.metrics), server
         )
@@ -181,18 +223,26 @@ class AppContext:
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        admin_names = (ADMIN_SERVICE_NAME,) if admin_server is server else ()
         reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+            (*SERVICE_NAMES, *admin_names, health_name, reflection.SERVICE_NAME), server
         )
         address = f"{settings.server.host}:{settings.server.port}"
         self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind gRPC port {address}")
+        if admin_server is not server:
+            reflection.enable_server_reflection(
+                (ADMIN_SERVICE_NAME, reflection.SERVICE_NAME), admin_server
+            )
+            admin_address = f"{settings.server.host}:{settings.server.admin_port}"
+            self.admin_port = admin_server.add_insecure_port(admin_address)
+            if self.admin_port == 0:
+                raise OSError(f"could not bind admin port {admin_address}")
+            await admin_server.start()
+        else:
+            self.admin_port = self.port
         await server.start()
         if settings.server.metrics_port:
             port = settings.server.metrics_port + self.process_index
@@ -217,7 +267,9 @@ class AppContext:
                 "address": f"{settings.server.host}:{self.port}",
                 "metrics_port": self.metrics_port,
                 "models": {n: self.registry.versions(n) for n in self.registry.names()},
-                "refused": [str(e) for e in refused],
+                "refused": list(self.routing.load_failures.values()),
+                "admin_port": self.admin_port,
+                "routing_revision": self.routing.state.revision,
                 "process_index": self.process_index,
             },
         )
@@ -233,6 +285,11 @@ class AppContext:
         if self._server is not None:
             await self._server.stop(self.settings.server.grace_period_s)
             self._server = None
+        if self._admin_server is not None:
+            await self._admin_server.stop(self.settings.server.grace_period_s)
+            self._admin_server = None
+        if self.routing is not None:
+            await self.routing.close()
         await self.registry.close()
         if self.snapshots is not None:
             await self.snapshots.stop()

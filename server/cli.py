@@ -3,6 +3,7 @@
 streamscore serve [--config FILE] [--set key.path=value ...]
 streamscore dev   [--config FILE] [--set ...]   demo models + server (embedded stack)
 streamscore models demo [--repository DIR] [--force]
+streamscore models list|load|unload|route|promote|rollback|audit ...   admin API client
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from feature_streams.definitions import FeatureDefinitions, load_definitions
+from server.admin_cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from server.logs import configure_logging
 from server.settings import Settings, SettingsError, load_settings
 
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = model_commands.add_parser("demo", help="train and export the demo fraud models")
     demo.add_argument("--repository", type=Path, default=Path("models"))
     demo.add_argument("--force", action="store_true", help="rebuild existing versions")
+    add_admin_commands(model_commands, _add_config_args)
     return parser
 
 
@@ -101,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_dev(argv[1:], prog="streamscore dev")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "models" and args.models_command in ADMIN_COMMANDS:
+            return run_admin_command(args, _settings(args))
         if args.command == "models":
             configure_logging("INFO", json=False)
             from server.demo.train import main_models_demo  # training deps are optional

@@ -69,7 +69,9 @@ class ScoringPipeline:
         """Score one transaction; ``deadline`` is an absolute ``loop.time()``."""
         if not request.model:
             raise InvalidInput("model", "required")
-        decision = self._registry.routing.choose(request.model, request.model_version)
+        decision = self._registry.routing.choose(
+            request.model, request.model_version, request.entity_ids
+        )
         loaded = self._registry.get(request.model, decision.version)
         t_ms = request.event_time_ms or int(self._clock() * 1000)
         prepared = loaded.layout.prepare(request.features, request.entity_ids, t_ms)

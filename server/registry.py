@@ -4,6 +4,11 @@ The registry owns, per version, the verified ONNX model, its feature layout and
 its micro-batcher. Its state is two immutable mappings replaced whole (atomic
 swap), so a request that looked a version up keeps it even if it is unloaded
 meanwhile; unloading closes the batcher, which lets queued work finish first.
+
+Which versions are loaded and how they are routed is decided by the caller
+(``server.routing_control``): ``load``/``unload`` change the loaded set and
+``publish`` sets the routing, restricted to what is loaded here. ``unload``
+refuses a version the table routes, so the table never names a missing version.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from server.batcher import BatchObserver, BatchPolicy, MicroBatcher
 from server.errors import ModelLoadError, ModelNotFound
 from server.executor import Job, JobResult, VersionExecutor
 from server.features import FailurePolicy, FeatureLayout, FeatureStore
-from server.router import EndpointRouting, RoutingTable, version_sort_key
+from server.router import CanaryRoute, EndpointRouting, RoutingTable, version_sort_key
 from server.runtime import OnnxModel, RuntimeOptions, load_version
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,15 @@ class LoadedVersion:
 
 
 ObserverFactory = Callable[[str, str], BatchObserver]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """Wanted routing of one endpoint; versions need not be loaded (see ``publish``)."""
+
+    champion: str
+    canary: CanaryRoute | None = None
+    shadows: tuple[str, ...] = ()
 
 
 class ModelRegistry:
@@ -100,35 +114,26 @@ class ModelRegistry:
         """Every loaded version."""
         return [v for versions in self._versions.values() for v in versions.values()]
 
-    async def load_repository(
-        self, repository: Path, options_for: Callable[[str], ServingOptions]
-    ) -> list[ModelLoadError]:
-        """Load every ``<name>/<version>`` under ``repository``; return what was refused.
+    def has(self, name: str, version: str) -> bool:
+        """True when ``name``/``version`` is loaded."""
+        return version in self._versions.get(name, {})
 
-        A refused artifact is logged and skipped; the others keep loading.
-        """
-        refused: list[ModelLoadError] = []
-        for version_dir in await asyncio.to_thread(scan_repository, repository):
-            options = options_for(version_dir.parent.name)
-            if options.versions is not None and version_dir.name not in options.versions:
-                continue
-            try:
-                await self.load(version_dir, options)
-            except ModelLoadError as error:
-                logger.error("model refused", extra={"path": str(version_dir), "error": str(error)})
-                refused.append(error)
-        # At start-up the champion is the configured one, else the highest version;
-        # a version loaded later takes no unpinned traffic until it is promoted.
-        self._rebuild_routing(
-            champions={
-                name: options_for(name).champion or max(versions, key=version_sort_key)
-                for name, versions in self._versions.items()
-            }
-        )
-        return refused
+    async def try_load(
+        self, version_dir: Path, options: ServingOptions
+    ) -> LoadedVersion | ModelLoadError:
+        """``load``, but a refused artifact is logged and returned instead of raised."""
+        try:
+            return await self.load(version_dir, options)
+        except ModelLoadError as error:
+            logger.error("model refused", extra={"path": str(version_dir), "error": str(error)})
+            return error
 
     async def load(self, version_dir: Path, options: ServingOptions) -> LoadedVersion:
-        """Verify and load one version off the event loop, then publish it."""
+        """Verify and load one version off the event loop, then make it pinnable.
+
+        Routing of an endpoint that already has a champion is unchanged; a new
+        endpoint gets this version as its champion.
+        """
         model = await asyncio.to_thread(load_version, version_dir, options.runtime)
         name, version = model.manifest.name, model.manifest.version
         try:
@@ -147,7 +152,7 @@ class ModelRegistry:
         previous = versions.get(name, {}).get(version)
         versions[name] = MappingProxyType({**versions.get(name, {}), version: loaded})
         self._versions = MappingProxyType(versions)
-        self._rebuild_routing(champions={})
+        self.publish(self._current_specs())
         logger.info(
             "model loaded",
             extra={"model": name, "version": version, "execution": options.runtime.execution},
@@ -155,6 +160,74 @@ class ModelRegistry:
         if previous is not None:
             await self._retire(previous)
         return loaded
+
+    def publish(self, wanted: Mapping[str, RouteSpec]) -> RoutingTable:
+        """Make ``wanted`` the routing table, restricted to the loaded versions.
+
+        Every loaded endpoint gets routing: the wanted one where its versions are
+        loaded; otherwise a champion that is not loaded falls back to the current
+        one, else the highest loaded version (logged), and a canary or shadow that
+        is not loaded is left out. ``versions`` (pinnable) is always the loaded set.
+        """
+        endpoints: dict[str, EndpointRouting] = {}
+        for name, versions in self._versions.items():
+            available = frozenset(versions)
+            want = wanted.get(name)
+            current = self._routing.endpoints.get(name)
+            champion = want.champion if want else None
+            if champion not in available:
+                fallback = (
+                    current.champion
+                    if current and current.champion in available
+                    else max(available, key=version_sort_key)
+                )
+                if champion is not None:
+                    logger.error(
+                        "champion not loaded here; serving another version",
+                        extra={"model": name, "wanted": champion, "serving": fallback},
+                    )
+                champion = fallback
+            canary = want.canary if want else None
+            if canary is not None and (
+                canary.version not in available or canary.version == champion
+            ):
+                canary = None
+            shadows = tuple(
+                s for s in (want.shadows if want else ()) if s in available and s != champion
+            )
+            endpoints[name] = EndpointRouting(champion, available, canary, shadows)
+        self._routing = RoutingTable(MappingProxyType(endpoints))
+        return self._routing
+
+    async def unload(self, name: str, version: str) -> None:
+        """Stop routing to nothing new: remove the version, then drain and release it.
+
+        Refused (``ValueError``) while the routing table sends it traffic. Requests
+        that resolved it before keep it and finish on it.
+        """
+        loaded = self._versions.get(name, {}).get(version)
+        if loaded is None:
+            return
+        routing = self._routing.endpoints.get(name)
+        if routing is not None and version in routing.routed:
+            raise ValueError(f"{name}/{version} is routed; publish a table without it first")
+        versions = dict(self._versions)
+        remaining = {v: lv for v, lv in versions[name].items() if v != version}
+        if remaining:
+            versions[name] = MappingProxyType(remaining)
+        else:
+            del versions[name]
+        self._versions = MappingProxyType(versions)
+        self.publish(self._current_specs())
+        logger.info("model unloading", extra={"model": name, "version": version})
+        await self._retire(loaded)
+        logger.info("model unloaded", extra={"model": name, "version": version})
+
+    def _current_specs(self) -> dict[str, RouteSpec]:
+        return {
+            name: RouteSpec(r.champion, r.canary, r.shadows)
+            for name, r in self._routing.endpoints.items()
+        }
 
     async def close(self) -> None:
         """Drain every batcher and release every model."""
@@ -168,27 +241,17 @@ class ModelRegistry:
         await loaded.batcher.close()
         await asyncio.to_thread(loaded.model.close)
 
-    def _rebuild_routing(self, champions: Mapping[str, str | None]) -> None:
-        """Routing over the loaded versions; a champion that is gone falls back."""
-        endpoints: dict[str, EndpointRouting] = {}
-        for name, versions in self._versions.items():
-            available = frozenset(versions)
-            current = self._routing.endpoints.get(name)
-            champion = champions.get(name)
-            if champion not in available:
-                champion = current.champion if current and current.champion in available else None
-            if champion is None:
-                champion = max(available, key=version_sort_key)
-            endpoints[name] = EndpointRouting(champion=champion, versions=available)
-        self._routing = RoutingTable(MappingProxyType(endpoints))
-
 
 def scan_repository(repository: Path) -> list[Path]:
     """``<name>/<version>`` directories under ``repository``, versions in order."""
     if not repository.is_dir():
         raise ModelLoadError(f"model repository {repository} does not exist")
     found: list[Path] = []
-    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
-        versions = [p for p in model_dir.iterdir() if p.is_dir()]
+    for model_dir in sorted(p for p in repository.iterdir() if _visible_dir(p)):
+        versions = [p for p in model_dir.iterdir() if _visible_dir(p)]
         found.extend(sorted(versions, key=lambda p: version_sort_key(p.name)))
     return found
+
+
+def _visible_dir(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".")

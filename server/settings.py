@@ -108,20 +108,58 @@ class ServerSettings(_Frozen):
     max_send_message_bytes: int = Field(
         default=4 * MiB, ge=1, description="Largest response message sent."
     )
+    admin_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve the admin API on this port only; null = on the gRPC port; "
+        "0 = OS picks (processes=1 only).",
+    )
     admin_token: SecretStr | None = Field(
-        default=None, description="Reserved: bearer token for the admin API (not used yet)."
+        default=None,
+        description="Bearer token of the admin API (actor 'admin'); prefer the env var "
+        "STREAMSCORE_SERVER__ADMIN_TOKEN. No token at all = every admin call UNAUTHENTICATED.",
+    )
+    admin_tokens: dict[ModelName, SecretStr] = Field(
+        default_factory=dict,
+        description="More admin bearer tokens by name; the name is the audit log's actor.",
     )
     uvloop: bool = Field(default=True, description="Run each process's event loop on uvloop.")
 
     @model_validator(mode="after")
     def _ephemeral_port_single_process(self) -> ServerSettings:
+        issues: list[_Issue] = []
         if self.port == 0 and self.processes > 1:
-            raise _KeyedError.one(
-                "port 0 (OS-chosen) cannot be shared by several processes",
-                ("port",),
-                ("processes",),
+            issues.append(
+                (
+                    "port 0 (OS-chosen) cannot be shared by several processes",
+                    (("port",), ("processes",)),
+                )
             )
+        if self.admin_port == 0 and self.processes > 1:
+            issues.append(
+                (
+                    "admin_port 0 (OS-chosen) cannot be shared by several processes",
+                    (("admin_port",), ("processes",)),
+                )
+            )
+        if self.admin_port and self.admin_port == self.port:
+            issues.append(
+                (
+                    "admin_port must differ from port (null = serve admin on port)",
+                    (("admin_port",), ("port",)),
+                )
+            )
+        if issues:
+            raise _KeyedError(issues)
         return self
+
+    def admin_credentials(self) -> dict[str, str]:
+        """Admin bearer tokens by name (``admin`` for ``admin_token``)."""
+        tokens = {name: secret.get_secret_value() for name, secret in self.admin_tokens.items()}
+        if self.admin_token is not None:
+            tokens["admin"] = self.admin_token.get_secret_value()
+        return tokens
 
 
 class ModelServing(_Frozen):
@@ -339,6 +377,46 @@ class FeaturesSettings(_Frozen):
     )
 
 
+class RoutingSettings(_Frozen):
+    """Where the routing state (champion, canary, shadows) and its audit log persist."""
+
+    store: Literal["auto", "redis", "file"] = Field(
+        default="auto",
+        description="'redis' (every process and replica shares it), 'file' (one machine), "
+        "'auto' = redis when features.definitions_path is set, else file.",
+    )
+    redis_key: str = Field(
+        default="streamscore:routing", min_length=1, description="Hash holding the state."
+    )
+    audit_key: str = Field(
+        default="streamscore:audit", min_length=1, description="Stream holding the audit log."
+    )
+    audit_max_len: int = Field(
+        default=100_000, ge=100, description="Audit entries kept in Redis (approximately)."
+    )
+    file_path: Path | None = Field(
+        default=None,
+        description="File store's state file; null = <models.repository>/.routing.json "
+        "(audit log and lock beside it).",
+    )
+    poll_interval_s: float = Field(
+        default=0.2,
+        gt=0.0,
+        le=0.5,
+        description="How often each process checks the state's revision (changes apply "
+        "within about this long).",
+    )
+    canary_entity: ModelName = Field(
+        default="card_id",
+        description="Entity id whose stable hash makes the canary sticky; requests without "
+        "it go to the champion.",
+    )
+
+    def state_file(self, repository: Path) -> Path:
+        """The file store's path."""
+        return self.file_path or repository / ".routing.json"
+
+
 class Settings(_Frozen):
     """Everything the server reads at start; immutable afterwards."""
 
@@ -352,6 +430,15 @@ class Settings(_Frozen):
     features: FeaturesSettings = Field(
         default_factory=FeaturesSettings, description="Feature definitions."
     )
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="Routing state store."
+    )
+
+    def routing_store(self) -> Literal["redis", "file"]:
+        """The routing store in use (``auto`` resolved)."""
+        if self.routing.store == "auto":
+            return "redis" if self.features.definitions_path is not None else "file"
+        return self.routing.store
 
     def serving_for(self, model_name: str) -> ModelServing:
         """Serving settings of ``model_name``: its per-model overrides onto the defaults."""

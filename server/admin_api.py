@@ -1,0 +1,227 @@
+"""``streamscore.v1.Admin``: authenticate, decode, call the routing controller, encode.
+
+Every method first checks the caller's credentials (``server.auth``); the
+scoring data plane has no path into here. Domain errors become their gRPC
+status with the message naming the problem; anything else is logged, INTERNAL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from protos.streamscore.v1 import admin_pb2 as apb
+from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
+from server.auth import TokenAuthenticator
+from server.errors import ScoringError
+from server.routing_control import Actor, ModelView, RoutingController
+from server.routing_state import AuditEntry, CanaryRequest, EndpointState
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = apb.DESCRIPTOR.services_by_name["Admin"].full_name
+DEFAULT_AUDIT_LIMIT = 100
+
+_STATUS = {
+    "loaded": apb.VERSION_STATUS_LOADED,
+    "pending": apb.VERSION_STATUS_PENDING,
+    "failed": apb.VERSION_STATUS_FAILED,
+    "available": apb.VERSION_STATUS_AVAILABLE,
+}
+
+Context = grpc.aio.ServicerContext[object, object]
+T = TypeVar("T")
+
+
+class AdminService(apb_grpc.AdminServicer):
+    """The admin servicer over one process's ``RoutingController``."""
+
+    def __init__(self, controller: RoutingController, authenticator: TokenAuthenticator) -> None:
+        self._controller = controller
+        self._auth = authenticator
+
+    async def _call(self, context: Context, work: Callable[[Actor], Awaitable[T]]) -> T:
+        """Authenticate, run ``work``; turn failures into the gRPC status (abort raises)."""
+        try:
+            principal = self._auth.authenticate(context.invocation_metadata())
+            return await work(Actor(principal.name, context.peer() or ""))
+        except ScoringError as error:
+            await context.abort(error.code, str(error))
+        except Exception:
+            logger.exception("unexpected error in the admin API")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+
+    async def _changed(self, endpoint: str) -> apb.ChangeResponse:
+        state, views = await self._controller.list_models(endpoint)
+        return apb.ChangeResponse(model=encode_model(views[0]), revision=state.revision)
+
+    async def ListModels(
+        self, request: apb.ListModelsRequest, context: Context
+    ) -> apb.ListModelsResponse:
+        async def work(actor: Actor) -> apb.ListModelsResponse:
+            state, views = await self._controller.list_models(request.endpoint or None)
+            return apb.ListModelsResponse(
+                models=[encode_model(v) for v in views],
+                revision=state.revision,
+                applied_revision=self._controller.state.revision,
+            )
+
+        return await self._call(context, work)
+
+    async def LoadVersion(
+        self, request: apb.LoadVersionRequest, context: Context
+    ) -> apb.ChangeResponse:
+        async def work(actor: Actor) -> apb.ChangeResponse:
+            await self._controller.load_version(
+                request.endpoint,
+                request.version,
+                actor,
+                request.reason,
+                request.expected_revision,
+            )
+            return await self._changed(request.endpoint)
+
+        return await self._call(context, work)
+
+    async def UnloadVersion(
+        self, request: apb.UnloadVersionRequest, context: Context
+    ) -> apb.ChangeResponse:
+        async def work(actor: Actor) -> apb.ChangeResponse:
+            await self._controller.unload_version(
+                request.endpoint,
+                request.version,
+                actor,
+                request.reason,
+                request.expected_revision,
+            )
+            return await self._changed(request.endpoint)
+
+        return await self._call(context, work)
+
+    async def SetRouting(
+        self, request: apb.SetRoutingRequest, context: Context
+    ) -> apb.ChangeResponse:
+        async def work(actor: Actor) -> apb.ChangeResponse:
+            routing = request.routing
+            canary = None
+            if routing.HasField("canary"):
+                canary = CanaryRequest(
+                    version=routing.canary.version,
+                    share_bp=routing.canary.share_bp,
+                    salt=routing.canary.salt or None,
+                    entity=routing.canary.entity or None,
+                )
+            await self._controller.set_routing(
+                request.endpoint,
+                champion=routing.champion or None,
+                canary=canary,
+                shadows=tuple(routing.shadows),
+                rollout=routing.rollout_json,
+                actor=actor,
+                reason=request.reason,
+                expected_revision=request.expected_revision,
+            )
+            return await self._changed(request.endpoint)
+
+        return await self._call(context, work)
+
+    async def Promote(self, request: apb.PromoteRequest, context: Context) -> apb.ChangeResponse:
+        async def work(actor: Actor) -> apb.ChangeResponse:
+            await self._controller.promote(
+                request.endpoint, actor, request.reason, request.expected_revision
+            )
+            return await self._changed(request.endpoint)
+
+        return await self._call(context, work)
+
+    async def Rollback(self, request: apb.RollbackRequest, context: Context) -> apb.ChangeResponse:
+        async def work(actor: Actor) -> apb.ChangeResponse:
+            await self._controller.rollback(
+                request.endpoint, actor, request.reason, request.expected_revision
+            )
+            return await self._changed(request.endpoint)
+
+        return await self._call(context, work)
+
+    async def ListAudit(
+        self, request: apb.ListAuditRequest, context: Context
+    ) -> apb.ListAuditResponse:
+        async def work(actor: Actor) -> apb.ListAuditResponse:
+            entries = await self._controller.audit(
+                request.endpoint or None, request.limit or DEFAULT_AUDIT_LIMIT
+            )
+            return apb.ListAuditResponse(entries=[encode_audit(e) for e in entries])
+
+        return await self._call(context, work)
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def encode_state(state: EndpointState) -> apb.EndpointState:
+    """An ``EndpointState`` on the wire."""
+    routing = apb.Routing(champion=state.champion, shadows=state.shadows)
+    if state.canary is not None:
+        routing.canary.CopyFrom(
+            apb.Canary(
+                version=state.canary.version,
+                share_bp=state.canary.share_bp,
+                salt=state.canary.salt,
+                entity=state.canary.entity or "",
+            )
+        )
+    if state.rollout is not None:
+        routing.rollout_json = json.dumps(dict(state.rollout), sort_keys=True)
+    return apb.EndpointState(
+        loaded=state.loaded,
+        routing=routing,
+        previous_champion=state.previous_champion or "",
+        revision=state.revision,
+        updated_at=_timestamp(state.updated_at),
+        updated_by=state.updated_by,
+    )
+
+
+def encode_model(view: ModelView) -> apb.Model:
+    """A ``ModelView`` on the wire."""
+    model = apb.Model(
+        endpoint=view.endpoint,
+        versions=[
+            apb.ModelVersion(
+                version=v.version, status=_STATUS[v.status], roles=v.roles, error=v.error
+            )
+            for v in view.versions
+        ],
+    )
+    if view.state is not None:
+        model.state.CopyFrom(encode_state(view.state))
+    return model
+
+
+def encode_audit(entry: AuditEntry) -> apb.AuditEntry:
+    """An ``AuditEntry`` on the wire."""
+    message = apb.AuditEntry(
+        id=entry.id,
+        time=_timestamp(entry.time),
+        actor=entry.actor,
+        peer=entry.peer,
+        endpoint=entry.endpoint,
+        action=entry.action,
+        reason=entry.reason,
+        outcome=entry.outcome,
+        error=entry.error,
+        revision=entry.revision,
+    )
+    if entry.before is not None:
+        message.before.CopyFrom(encode_state(entry.before))
+    if entry.after is not None:
+        message.after.CopyFrom(encode_state(entry.after))
+    return message

@@ -1,0 +1,227 @@
+"""``streamscore models list|load|unload|route|promote|rollback|audit``: the admin API client.
+
+The target is ``--target`` or the configured ``server.host`` and admin port (the
+gRPC port unless ``server.admin_port`` is set); the bearer token is the
+configured ``server.admin_token`` (set ``STREAMSCORE_SERVER__ADMIN_TOKEN``).
+``route`` reads the endpoint's routing, changes only what its flags name, and
+writes it back with ``expected_revision``, so a concurrent change is refused
+(ABORTED) rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToJson
+from google.protobuf.message import Message
+
+from protos.streamscore.v1 import admin_pb2 as apb
+from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
+from server.router import BASIS_POINTS
+from server.settings import Settings, SettingsError
+
+ADMIN_COMMANDS = ("list", "load", "unload", "route", "promote", "rollback", "audit")
+
+AddConfigArgs = Callable[[argparse.ArgumentParser], None]
+
+
+def add_admin_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], add_config_args: AddConfigArgs
+) -> None:
+    """Add the admin subcommands to the ``models`` command group."""
+
+    def command(name: str, help_text: str, *, reason: bool = True) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help_text)
+        add_config_args(parser)
+        parser.add_argument("--target", help="host:port of the admin API (default: from config)")
+        parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+        parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+        if reason:
+            parser.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+        return parser
+
+    listing = command("list", "list endpoints, versions, state and routing", reason=False)
+    listing.add_argument("endpoint", nargs="?", default="")
+    for name, help_text in (("load", "load a version"), ("unload", "unload a version")):
+        parser = command(name, help_text)
+        parser.add_argument("endpoint")
+        parser.add_argument("version")
+    route = command("route", "change an endpoint's champion, canary, shadows, rollout policy")
+    route.add_argument("endpoint")
+    route.add_argument("--champion", help="new champion version")
+    route.add_argument("--canary", help="canary version")
+    share = route.add_mutually_exclusive_group()
+    share.add_argument("--share", type=float, help="canary share in percent (0-100)")
+    share.add_argument("--share-bp", type=int, help="canary share in basis points (0-10000)")
+    route.add_argument("--salt", help="hash salt of a new rollout (default: kept or random)")
+    route.add_argument("--entity", help="entity id the canary hash is keyed on")
+    route.add_argument("--no-canary", action="store_true", help="remove the canary")
+    route.add_argument("--shadow", action="append", help="shadow version; repeatable")
+    route.add_argument("--no-shadows", action="store_true", help="remove every shadow")
+    route.add_argument("--rollout-json", help="rollout policy (JSON object; '' removes it)")
+    for name, help_text in (
+        ("promote", "make the canary the champion"),
+        ("rollback", "make the previous champion the champion again"),
+    ):
+        command(name, help_text).add_argument("endpoint")
+    audit = command("audit", "show the audit log, newest first", reason=False)
+    audit.add_argument("endpoint", nargs="?", default="")
+    audit.add_argument("--limit", type=int, default=20)
+
+
+def run_admin_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one admin subcommand; 0 on success, 1 when the server refused."""
+    server = settings.server
+    target = args.target or f"{server.host}:{server.admin_port or server.port}"
+    if server.admin_token is None:
+        raise SettingsError(
+            ["server.admin_token: required to call the admin API (STREAMSCORE_SERVER__ADMIN_TOKEN)"]
+        )
+    metadata = (("authorization", f"Bearer {server.admin_token.get_secret_value()}"),)
+    with grpc.insecure_channel(target) as channel:
+        stub = apb_grpc.AdminStub(channel)
+
+        def call(method: Callable[..., Any], request: Message) -> Any:
+            result: Message = method(request, metadata=metadata, timeout=args.timeout)
+            return result
+
+        try:
+            answer = _dispatch(args, stub, call)
+        except grpc.RpcError as error:
+            code = error.code().name if isinstance(error, grpc.Call) else "ERROR"
+            details = error.details() if isinstance(error, grpc.Call) else str(error)
+            sys.stderr.write(f"streamscore: {code}: {details}\n")
+            return 1
+    if args.json:
+        sys.stdout.write(MessageToJson(answer, preserving_proto_field_name=True) + "\n")
+    elif isinstance(answer, apb.ListModelsResponse):
+        sys.stdout.write(format_models(answer))
+    elif isinstance(answer, apb.ListAuditResponse):
+        sys.stdout.write(format_audit(answer))
+    else:
+        sys.stdout.write(format_models(apb.ListModelsResponse(models=[answer.model])))
+    return 0
+
+
+def _dispatch(
+    args: argparse.Namespace,
+    stub: apb_grpc.AdminStub,
+    call: Callable[[Callable[..., Any], Message], Any],
+) -> Any:
+    command = args.models_command
+    if command == "list":
+        return call(stub.ListModels, apb.ListModelsRequest(endpoint=args.endpoint))
+    if command == "audit":
+        request = apb.ListAuditRequest(endpoint=args.endpoint, limit=args.limit)
+        return call(stub.ListAudit, request)
+    if command == "load":
+        request_load = apb.LoadVersionRequest(
+            endpoint=args.endpoint, version=args.version, reason=args.reason
+        )
+        return call(stub.LoadVersion, request_load)
+    if command == "unload":
+        request_unload = apb.UnloadVersionRequest(
+            endpoint=args.endpoint, version=args.version, reason=args.reason
+        )
+        return call(stub.UnloadVersion, request_unload)
+    if command == "promote":
+        return call(stub.Promote, apb.PromoteRequest(endpoint=args.endpoint, reason=args.reason))
+    if command == "rollback":
+        return call(stub.Rollback, apb.RollbackRequest(endpoint=args.endpoint, reason=args.reason))
+    listed = call(stub.ListModels, apb.ListModelsRequest(endpoint=args.endpoint))
+    state = listed.models[0].state
+    request_route = apb.SetRoutingRequest(
+        endpoint=args.endpoint,
+        routing=route_from_args(args, state.routing),
+        reason=args.reason,
+        expected_revision=state.revision,
+    )
+    return call(stub.SetRouting, request_route)
+
+
+def route_from_args(args: argparse.Namespace, current: apb.Routing) -> apb.Routing:
+    """``current`` with what the ``route`` flags change."""
+    routing = apb.Routing(
+        champion=args.champion or "",
+        shadows=current.shadows,
+        rollout_json=current.rollout_json,
+    )
+    share_bp: int | None = args.share_bp
+    if args.share is not None:
+        share_bp = round(args.share * BASIS_POINTS / 100)
+    if args.no_canary:
+        pass
+    elif args.canary or share_bp is not None or args.salt or args.entity:
+        version = args.canary or current.canary.version
+        if not version:
+            raise SettingsError(["--canary: required (the endpoint has no canary yet)"])
+        same = current.HasField("canary") and version == current.canary.version
+        routing.canary.CopyFrom(
+            apb.Canary(
+                version=version,
+                share_bp=share_bp if share_bp is not None else current.canary.share_bp,
+                salt=args.salt or "",
+                entity=args.entity or (current.canary.entity if same else ""),
+            )
+        )
+    elif current.HasField("canary"):
+        routing.canary.CopyFrom(current.canary)
+    if args.no_shadows:
+        del routing.shadows[:]
+    elif args.shadow:
+        del routing.shadows[:]
+        routing.shadows.extend(args.shadow)
+    if args.rollout_json is not None:
+        routing.rollout_json = args.rollout_json
+    return routing
+
+
+def _when(stamp: Any) -> str:
+    return datetime.fromtimestamp(stamp.ToNanoseconds() / 1e9, UTC).isoformat(timespec="seconds")
+
+
+def format_models(response: apb.ListModelsResponse) -> str:
+    """Human-readable endpoints, routing and versions."""
+    lines = []
+    for model in response.models:
+        state = model.state
+        routing = state.routing
+        if model.HasField("state"):
+            canary = (
+                f"{routing.canary.version} at {routing.canary.share_bp / 100:.2f}%"
+                if routing.HasField("canary")
+                else "-"
+            )
+            lines.append(
+                f"{model.endpoint}  champion {routing.champion}  canary {canary}  "
+                f"shadows {','.join(routing.shadows) or '-'}  "
+                f"previous {state.previous_champion or '-'}  revision {state.revision} "
+                f"({_when(state.updated_at)} by {state.updated_by})"
+            )
+        else:
+            lines.append(f"{model.endpoint}  (not served)")
+        for version in model.versions:
+            status = apb.VersionStatus.Name(version.status).removeprefix("VERSION_STATUS_")
+            roles = ",".join(version.roles)
+            error = f"  {version.error}" if version.error else ""
+            lines.append(f"  {version.version:<12} {status.lower():<10} {roles}{error}")
+    return "\n".join(lines) + "\n"
+
+
+def format_audit(response: apb.ListAuditResponse) -> str:
+    """Human-readable audit entries."""
+    lines = []
+    for entry in response.entries:
+        before = entry.before.routing.champion if entry.HasField("before") else "-"
+        after = entry.after.routing.champion if entry.HasField("after") else "-"
+        outcome = entry.outcome if not entry.error else f"{entry.outcome} ({entry.error})"
+        lines.append(
+            f"{_when(entry.time)}  {entry.endpoint}  {entry.action}  by {entry.actor} "
+            f"[{entry.peer}]  champion {before} -> {after}  {outcome}  {entry.reason!r}"
+        )
+    return "\n".join(lines) + ("\n" if lines else "")

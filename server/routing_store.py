@@ -1,0 +1,256 @@
+"""Where the routing state and its audit log persist: Redis, or a local file.
+
+Both stores keep one document (every endpoint's ``EndpointState`` as JSON) and a
+revision, and change them only by compare-and-set on the revision, so two admins
+(or two processes) can never lose each other's update. An applied change and its
+audit entry are written together, atomically.
+
+Redis layout (``routing.redis_key`` / ``routing.audit_key``)::
+
+    HASH   streamscore:routing   revision -> "7", state -> {"fraud": {...}, ...}
+    STREAM streamscore:audit     entry -> {"time":..., "actor":..., "before":..., ...}
+
+The compare-and-set is one Lua script touching both keys; on Redis Cluster give
+them a common hash tag (e.g. ``{streamscore}:routing`` and ``{streamscore}:audit``).
+
+File layout (``routing.file_path``): ``<path>`` holds ``{"revision": n, "endpoints":
+{...}}``, replaced atomically (write + rename) under an ``flock`` on ``<stem>.lock``;
+the audit log is ``<stem>.audit.jsonl``. It serves the processes of one machine.
+
+Failures to reach the store raise ``DependencyUnavailable`` (gRPC UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from server.errors import DependencyUnavailable
+from server.routing_state import AuditEntry, RoutingState
+
+#: Most audit entries a listing returns.
+MAX_AUDIT_LIMIT = 1000
+
+
+class RoutingStore(Protocol):
+    """Persistence of the routing state and the audit log."""
+
+    async def revision(self) -> int:
+        """The current revision (0 = nothing persisted)."""
+        ...
+
+    async def read(self) -> RoutingState:
+        """The current state."""
+        ...
+
+    async def commit(
+        self, expected_revision: int, state: RoutingState, entries: Sequence[AuditEntry]
+    ) -> bool:
+        """Write ``state`` (at ``expected_revision + 1``) and append ``entries``, iff the
+        stored revision is still ``expected_revision``; False when it moved on."""
+        ...
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        """Append an entry that changes no state (a refused action)."""
+        ...
+
+    async def audit(self, endpoint: str | None, limit: int) -> list[AuditEntry]:
+        """The newest ``limit`` entries, newest first, optionally of one endpoint."""
+        ...
+
+
+@contextlib.contextmanager
+def _unavailable(store: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as error:
+        raise DependencyUnavailable(f"routing store ({store}) unavailable: {error}") from error
+
+
+# Compare-and-set: KEYS = state hash, audit stream; ARGV = expected revision,
+# new revision, state JSON, audit max length, audit entries...
+_COMMIT = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '0')
+if current ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'revision', ARGV[2], 'state', ARGV[3])
+for i = 5, #ARGV do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'entry', ARGV[i])
+end
+return 1
+"""
+
+
+class RedisRoutingStore:
+    """State in a Redis hash, audit log in a Redis stream."""
+
+    def __init__(
+        self, redis: Redis, key: str, audit_key: str, audit_max_len: int = 100_000
+    ) -> None:
+        self._redis = redis
+        self._key = key
+        self._audit_key = audit_key
+        self._audit_max_len = audit_max_len
+        self._commit = redis.register_script(_COMMIT)
+
+    async def revision(self) -> int:
+        with _unavailable("redis"):
+            value = await self._redis.hget(self._key, "revision")
+        return int(value or 0)
+
+    async def read(self) -> RoutingState:
+        with _unavailable("redis"):
+            revision, state = await self._redis.hmget(self._key, ["revision", "state"])
+        return RoutingState.from_json(int(revision or 0), state)
+
+    async def commit(
+        self, expected_revision: int, state: RoutingState, entries: Sequence[AuditEntry]
+    ) -> bool:
+        args: list[str | int] = [
+            expected_revision,
+            state.revision,
+            state.to_json(),
+            self._audit_max_len,
+            *(e.to_json() for e in entries),
+        ]
+        with _unavailable("redis"):
+            done = await self._commit(keys=[self._key, self._audit_key], args=args)
+        return bool(done)
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        with _unavailable("redis"):
+            await self._redis.xadd(
+                self._audit_key,
+                {"entry": entry.to_json()},
+                maxlen=self._audit_max_len,
+                approximate=True,
+            )
+
+    async def audit(self, endpoint: str | None, limit: int) -> list[AuditEntry]:
+        limit = max(1, min(limit, MAX_AUDIT_LIMIT))
+        found: list[AuditEntry] = []
+        newest = "+"
+        with _unavailable("redis"):
+            while len(found) < limit:
+                page = await self._redis.xrevrange(self._audit_key, newest, "-", count=200)
+                if not page:
+                    break
+                for raw_id, fields in page:
+                    text = fields.get(b"entry") if fields else None
+                    if raw_id is None or text is None:
+                        continue
+                    entry = AuditEntry.from_json(_text(raw_id), text)
+                    if endpoint is None or entry.endpoint == endpoint:
+                        found.append(entry)
+                last_id = page[-1][0]
+                if last_id is None:
+                    break
+                newest = f"({_text(last_id)}"
+        return found[:limit]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class FileRoutingStore:
+    """State in a JSON file, audit log in a JSON-lines file beside it (one machine)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = path.with_name(f"{path.stem}.lock")
+        self._audit = path.with_name(f"{path.stem}.audit.jsonl")
+
+    async def revision(self) -> int:
+        return (await self.read()).revision
+
+    async def read(self) -> RoutingState:
+        with _unavailable("file"):
+            return await asyncio.to_thread(self._read)
+
+    async def commit(
+        self, expected_revision: int, state: RoutingState, entries: Sequence[AuditEntry]
+    ) -> bool:
+        with _unavailable("file"):
+            return await asyncio.to_thread(self._commit, expected_revision, state, entries)
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        with _unavailable("file"):
+            await asyncio.to_thread(self._locked_append, [entry])
+
+    async def audit(self, endpoint: str | None, limit: int) -> list[AuditEntry]:
+        limit = max(1, min(limit, MAX_AUDIT_LIMIT))
+        with _unavailable("file"):
+            lines = await asyncio.to_thread(self._audit_lines)
+        found: list[AuditEntry] = []
+        for line in reversed(lines):
+            entry_id, _, text = line.partition(" ")
+            entry = AuditEntry.from_json(entry_id, text)
+            if endpoint is None or entry.endpoint == endpoint:
+                found.append(entry)
+                if len(found) == limit:
+                    break
+        return found
+
+    def _read(self) -> RoutingState:
+        try:
+            text = self._path.read_text()
+        except FileNotFoundError:
+            return RoutingState()
+        data: dict[str, Any] = json.loads(text)
+        return RoutingState.from_json(int(data["revision"]), json.dumps(data["endpoints"]))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _commit(
+        self, expected_revision: int, state: RoutingState, entries: Sequence[AuditEntry]
+    ) -> bool:
+        with self._locked():
+            if self._read().revision != expected_revision:
+                return False
+            document = f'{{"revision":{state.revision},"endpoints":{state.to_json()}}}'
+            scratch = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
+            with scratch.open("w") as out:
+                out.write(document)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(scratch, self._path)
+            self._append(entries)
+        return True
+
+    def _locked_append(self, entries: Sequence[AuditEntry]) -> None:
+        with self._locked():
+            self._append(entries)
+
+    def _append(self, entries: Sequence[AuditEntry]) -> None:
+        stamp = time.time_ns()
+        with self._audit.open("a") as out:
+            for i, entry in enumerate(entries):
+                out.write(f"{stamp}-{i} {entry.to_json()}\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    def _audit_lines(self) -> list[str]:
+        try:
+            return [line for line in self._audit.read_text().splitlines() if line]
+        except FileNotFoundError:
+            return []
