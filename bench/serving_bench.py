@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -78,6 +79,8 @@ def _server(scenario: Scenario, repository: Path, port: int) -> Iterator[subproc
             f"models.repository={repository}",
             "logging.level=WARNING",
             "features.definitions_path=null",
+            # a fresh routing state per run: the repository's champion rule applies
+            f"routing.file_path={tempfile.gettempdir()}/streamscore-bench-routing-{port}.json",
             *scenario.settings,
         ]
         cmd = [*pin, sys.executable, "-m", "server.cli", "serve"]
