@@ -46,7 +46,12 @@ from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
 from server.pipeline import ScoringPipeline
 from server.registry import ModelRegistry, ServingOptions
+from server.rollout import RolloutState
+from server.rollout_controller import RolloutController, RolloutMetrics
+from server.rollout_routing import RoutingRolloutActions, rollout_states, sync_windows
+from server.rollout_stats import StatsRecorder
 from server.routing_control import RoutingController
+from server.routing_state import RoutingState
 from server.routing_store import FileRoutingStore, RedisRoutingStore, RoutingStore
 from server.runtime import RuntimeOptions
 from server.settings import Settings
@@ -80,6 +85,8 @@ class AppContext:
         self.registry = ModelRegistry(self.metrics.observer_for)
         self.pipeline = ScoringPipeline(self.registry, clock)
         self.routing: RoutingController | None = None
+        self.rollout_stats: StatsRecorder | None = None
+        self.rollouts: RolloutController | None = None
         self.health = HealthService()
         self.port = 0
         self.admin_port = 0
@@ -155,6 +162,10 @@ class AppContext:
         )
         self.pipeline = ScoringPipeline(self.registry, self.clock)
 
+    def _routing_applied(self, state: RoutingState) -> None:
+        if self.rollout_stats is not None:
+            sync_windows(self.rollout_stats, state)
+
     def _redis_client(self) -> Redis:
         """The process's one Redis pool (features and routing state share it)."""
         if self.redis is None:
@@ -189,6 +200,11 @@ class AppContext:
     async def _start(self) -> None:
         settings = self.settings
         await self._start_feature_store()
+        if settings.routing_store() == "redis":
+            redis = self._redis_client()
+            rollout_metrics = RolloutMetrics(self.metrics.registry)
+            self.rollout_stats = StatsRecorder(redis, on_flush_failure=rollout_metrics.flush_failed)
+            self.pipeline.stats = self.rollout_stats
         self.routing = RoutingController(
             self.registry,
             self._routing_store(),
@@ -198,8 +214,24 @@ class AppContext:
             poll_interval_s=settings.routing.poll_interval_s,
             metrics=self.metrics,
             clock=self.clock,
+            on_applied=self._routing_applied,
         )
         await self.routing.start()
+        if self.rollout_stats is not None:
+            routing = self.routing
+            await self.rollout_stats.start()
+
+            async def active_rollouts() -> list[RolloutState]:
+                return rollout_states(routing.state)
+
+            self.rollouts = RolloutController(
+                self._redis_client(),
+                RoutingRolloutActions(routing, self.clock),
+                active_rollouts,
+                metrics=rollout_metrics,
+                clock=self.clock,
+            )
+            await self.rollouts.start()
         server = self._grpc_server()
         self._server = server
         admin = AdminService(self.routing, TokenAuthenticator(settings.server.admin_credentials()))
@@ -288,6 +320,12 @@ class AppContext:
         if self._admin_server is not None:
             await self._admin_server.stop(self.settings.server.grace_period_s)
             self._admin_server = None
+        if self.rollouts is not None:
+            await self.rollouts.stop()
+            self.rollouts = None
+        if self.rollout_stats is not None:
+            await self.rollout_stats.stop()  # a last flush of this process's counts
+            self.rollout_stats = None
         if self.routing is not None:
             await self.routing.close()
         await self.registry.close()

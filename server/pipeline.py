@@ -15,11 +15,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from server.errors import InvalidInput
+from server.errors import InvalidInput, ScoringError
 from server.executor import Job
 from server.features import Freshness
 from server.registry import LoadedVersion, ModelRegistry
-from server.router import Route
+from server.rollout_stats import StatsRecorder
+from server.router import Decision, Route
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -64,6 +65,8 @@ class ScoringPipeline:
     def __init__(self, registry: ModelRegistry, clock: Callable[[], float] = time.time) -> None:
         self._registry = registry
         self._clock = clock
+        #: Rollout statistics (per answered request), when guarded rollouts are on.
+        self.stats: StatsRecorder | None = None
 
     async def score(self, request: ScoreInput, deadline: float | None) -> ScoreResult:
         """Score one transaction; ``deadline`` is an absolute ``loop.time()``."""
@@ -72,6 +75,33 @@ class ScoringPipeline:
         decision = self._registry.routing.choose(
             request.model, request.model_version, request.entity_ids
         )
+        started = time.perf_counter()
+        try:
+            result = await self._score(request, decision, deadline)
+        except ScoringError:
+            if self.stats is not None:
+                self.stats.record(
+                    request.model,
+                    decision.version,
+                    decision.route,
+                    ok=False,
+                    latency_s=time.perf_counter() - started,
+                )
+            raise
+        if self.stats is not None:
+            self.stats.record(
+                request.model,
+                decision.version,
+                decision.route,
+                ok=True,
+                latency_s=time.perf_counter() - started,
+                score=result.score,
+            )
+        return result
+
+    async def _score(
+        self, request: ScoreInput, decision: Decision, deadline: float | None
+    ) -> ScoreResult:
         loaded = self._registry.get(request.model, decision.version)
         t_ms = request.event_time_ms or int(self._clock() * 1000)
         prepared = loaded.layout.prepare(request.features, request.entity_ids, t_ms)

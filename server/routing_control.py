@@ -36,7 +36,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from server.errors import DependencyUnavailable, ModelLoadError, ModelNotFound, ScoringError
+from server.errors import (
+    DependencyUnavailable,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    ScoringError,
+)
 from server.metrics import Metrics
 from server.registry import LoadedVersion, ModelRegistry, RouteSpec, ServingOptions, scan_repository
 from server.router import CanaryRoute, version_sort_key
@@ -110,6 +116,7 @@ class RoutingController:
         poll_interval_s: float = 0.2,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        on_applied: Callable[[RoutingState], None] | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -119,6 +126,7 @@ class RoutingController:
         self._poll_interval_s = poll_interval_s
         self._metrics = metrics
         self._clock = clock
+        self._on_applied = on_applied
         self._lock = asyncio.Lock()
         self._state = RoutingState()
         self._synced = False
@@ -312,12 +320,25 @@ class RoutingController:
                 champion=champion,
                 canary=canary,
                 shadows=shadows,
-                rollout=parse_rollout(rollout) if isinstance(rollout, str) else rollout,
+                rollout=self._rollout_document(canary, rollout),
             ),
             actor,
             reason,
             expected_revision,
         )
+
+    def _rollout_document(
+        self, canary: CanaryRequest | None, rollout: Mapping[str, Any] | str | None
+    ) -> Mapping[str, Any] | None:
+        """A rollout policy given with a canary starts a guarded rollout at its first step."""
+        from server.rollout_routing import new_rollout  # rollout_routing builds on this module
+
+        value = parse_rollout(rollout) if isinstance(rollout, str) else rollout
+        if value is None or "id" in value:  # none, or an existing rollout document
+            return value
+        if canary is None:
+            raise InvalidInput("rollout_json", "a rollout policy needs a canary")
+        return new_rollout(value, canary.share_bp, self._clock())
 
     async def promote(
         self, endpoint: str, actor: Actor, reason: str, expected_revision: int = 0
@@ -577,6 +598,8 @@ class RoutingController:
                     },
                 },
             )
+        if self._on_applied is not None:
+            self._on_applied(state)
         self._changed.set()
         self._changed = asyncio.Event()
 

@@ -378,19 +378,31 @@ async def test_unloading_drains_in_flight_requests_first(tmp_path: Path) -> None
     assert code == Code.NOT_FOUND
 
 
-async def test_rollout_policy_is_kept_opaque(repository: Path) -> None:
-    policy = {"guardrails": {"max_error_rate": 0.01}, "steps_bp": [100, 1000]}
-    async with admin_server(repository) as admin:
-        response = await admin.stub.SetRouting(
-            apb.SetRoutingRequest(
-                endpoint="lin",
-                routing=apb.Routing(
-                    canary=apb.Canary(version="1", share_bp=100), rollout_json=json.dumps(policy)
-                ),
+async def test_rollout_policy_is_validated_and_starts_a_rollout(repository: Path) -> None:
+    policy = {"steps": [{"share_bp": 100, "hold_s": 60}, {"share_bp": 1000, "hold_s": 60}]}
+
+    def request(rollout: object, share_bp: int = 100) -> apb.SetRoutingRequest:
+        return apb.SetRoutingRequest(
+            endpoint="lin",
+            routing=apb.Routing(
+                canary=apb.Canary(version="1", share_bp=share_bp), rollout_json=json.dumps(rollout)
             ),
-            metadata=CREDENTIALS,
         )
+
+    async with admin_server(repository) as admin:
+        for bad, share, field in (
+            ({"steps_bp": [100, 1000]}, 100, "rollout_json"),
+            ({"steps": [{"share_bp": 0, "hold_s": 1}]}, 100, "rollout_json"),
+            (policy, 500, "canary.share_bp"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await admin.stub.SetRouting(request(bad, share), metadata=CREDENTIALS)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert field in (caught.value.details() or "")
+        response = await admin.stub.SetRouting(request(policy), metadata=CREDENTIALS)
         stored = admin.srv.app.routing
         assert stored is not None
-        assert stored.state.endpoints["lin"].rollout == policy
-    assert json.loads(response.model.state.routing.rollout_json) == policy
+        rollout = stored.state.endpoints["lin"].rollout
+        assert rollout is not None and rollout["id"] and rollout["step_started_at"] > 0
+        assert [s["share_bp"] for s in rollout["policy"]["steps"]] == [100, 1000]
+    assert json.loads(response.model.state.routing.rollout_json)["id"] == rollout["id"]

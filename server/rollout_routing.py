@@ -1,0 +1,162 @@
+"""Guarded rollouts meet the routing state: the controller's actions and its view.
+
+``RoutingRolloutActions`` is the ``RolloutActions`` the controller calls: every
+change goes through ``RoutingController.change`` (persisted, applied by every process,
+audit-logged with the numbers that decided it) and is refused when the endpoint's
+active rollout is no longer the one the decision was made for. A rollback gives the
+canary no traffic and keeps the champion (unlike the admin ``Rollback``, which brings
+back the previous champion).
+
+``rollout_states`` and ``sync_windows`` read the routing state: which endpoints have a
+canary with a rollout policy, and which stats window each process records into.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from server.errors import InvalidInput
+from server.rollout import RolloutDocument, RolloutPolicy, RolloutState
+from server.rollout_stats import StatsRecorder
+from server.routing_control import Actor, RoutingController
+from server.routing_state import (
+    EndpointState,
+    RoutingConflict,
+    RoutingState,
+    new_salt,
+)
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_ACTOR = Actor("rollout-controller")
+
+
+def rollout_document(state: EndpointState) -> RolloutDocument | None:
+    """The endpoint's rollout, when it has a canary and a valid rollout document."""
+    if state.canary is None or state.rollout is None:
+        return None
+    try:
+        return RolloutDocument.model_validate(dict(state.rollout))
+    except ValueError:
+        logger.warning("ignoring an invalid rollout document", extra={"rollout": state.rollout})
+        return None
+
+
+def new_rollout(policy_json: Mapping[str, object], share_bp: int, now: float) -> dict[str, object]:
+    """A rollout document for a fresh canary at ``share_bp`` (the policy's first step)."""
+    try:
+        policy = RolloutPolicy.model_validate(dict(policy_json))
+    except ValueError as error:
+        raise InvalidInput("rollout_json", str(error)) from None
+    first = policy.steps[0].share_bp
+    if share_bp != first:
+        raise InvalidInput(
+            "canary.share_bp", f"{share_bp} must equal the rollout's first step ({first})"
+        )
+    return RolloutDocument(id=new_salt(), policy=policy, step_started_at=now).model_dump(
+        mode="json"
+    )
+
+
+def rollout_states(state: RoutingState) -> list[RolloutState]:
+    """Every endpoint's active rollout."""
+    states = []
+    for name, endpoint in state.endpoints.items():
+        document = rollout_document(endpoint)
+        if document is not None and endpoint.canary is not None:
+            states.append(
+                document.state(
+                    name, endpoint.champion, endpoint.canary.version, endpoint.canary.share_bp
+                )
+            )
+    return states
+
+
+def sync_windows(recorder: StatsRecorder, state: RoutingState) -> None:
+    """Point the recorder at each endpoint's current rollout step (or nothing)."""
+    active = {s.endpoint: s for s in rollout_states(state)}
+    for name in state.endpoints:
+        rollout = active.get(name)
+        recorder.set_window(name, rollout.window() if rollout is not None else None)
+
+
+def _reason(reason: str, numbers: Mapping[str, float]) -> str:
+    return f"{reason} {json.dumps(dict(numbers), sort_keys=True)}"
+
+
+class RoutingRolloutActions:
+    """``server.rollout_controller.RolloutActions`` over the routing controller."""
+
+    def __init__(self, routing: RoutingController, clock: Callable[[], float]) -> None:
+        self._routing = routing
+        self._clock = clock
+
+    def _checked(self, endpoint: str, state: EndpointState, rollout_id: str) -> RolloutDocument:
+        document = rollout_document(state)
+        if document is None or document.id != rollout_id:
+            raise RoutingConflict(f"endpoint {endpoint!r}: rollout {rollout_id} is not active")
+        return document
+
+    async def set_canary_share(
+        self,
+        endpoint: str,
+        share_bp: int,
+        reason: str,
+        numbers: Mapping[str, float],
+        *,
+        rollout_id: str,
+    ) -> None:
+        """Advance the canary to ``share_bp`` (same salt: cards only move to the canary)."""
+        now = self._clock()
+
+        def transition(s: RoutingState) -> EndpointState:
+            current = s.endpoint(endpoint)
+            document = self._checked(endpoint, current, rollout_id)
+            assert current.canary is not None
+            return replace(
+                current,
+                canary=replace(current.canary, share_bp=share_bp),
+                rollout=document.advanced(now).model_dump(mode="json"),
+            )
+
+        await self._routing.change(
+            endpoint, "rollout_advance", transition, ROLLOUT_ACTOR, _reason(reason, numbers)
+        )
+
+    async def promote(
+        self, endpoint: str, reason: str, numbers: Mapping[str, float], *, rollout_id: str
+    ) -> None:
+        """Every step passed: the canary becomes champion."""
+
+        def transition(s: RoutingState) -> EndpointState:
+            current = s.endpoint(endpoint)
+            self._checked(endpoint, current, rollout_id)
+            assert current.canary is not None
+            return replace(
+                current,
+                champion=current.canary.version,
+                previous_champion=current.champion,
+                canary=None,
+                rollout=None,
+            )
+
+        await self._routing.change(
+            endpoint, "rollout_promote", transition, ROLLOUT_ACTOR, _reason(reason, numbers)
+        )
+
+    async def rollback(
+        self, endpoint: str, reason: str, numbers: Mapping[str, float], *, rollout_id: str
+    ) -> None:
+        """A guardrail tripped: the canary gets no traffic; the champion stays."""
+
+        def transition(s: RoutingState) -> EndpointState:
+            current = s.endpoint(endpoint)
+            self._checked(endpoint, current, rollout_id)
+            return replace(current, canary=None, rollout=None)
+
+        await self._routing.change(
+            endpoint, "rollout_rollback", transition, ROLLOUT_ACTOR, _reason(reason, numbers)
+        )
