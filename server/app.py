@@ -43,6 +43,7 @@ from server.batcher import BatchPolicy
 from server.features import FeatureStore, StoreOptions
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
+from server.kafka_sink import KafkaSink, SinkConfig, SinkMetrics
 from server.metrics import Metrics
 from server.pipeline import ScoringPipeline
 from server.registry import ModelRegistry, ServingOptions
@@ -55,6 +56,8 @@ from server.routing_state import RoutingState
 from server.routing_store import FileRoutingStore, RedisRoutingStore, RoutingStore
 from server.runtime import RuntimeOptions
 from server.settings import Settings
+from server.shadow import ShadowMetrics, ShadowOptions, ShadowRunner, live_backlog
+from server.traffic_log import TrafficLog
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,8 @@ class AppContext:
         self.pipeline = ScoringPipeline(self.registry, clock)
         self.routing: RoutingController | None = None
         self.rollout_stats: StatsRecorder | None = None
+        self.record_sink: KafkaSink | None = None
+        self.shadows: ShadowRunner | None = None
         self.rollouts: RolloutController | None = None
         self.health = HealthService()
         self.port = 0
@@ -162,6 +167,40 @@ class AppContext:
         )
         self.pipeline = ScoringPipeline(self.registry, self.clock)
 
+    def _start_side_records(self) -> None:
+        """Shadow runner, traffic log and their Kafka sink (it connects on first use)."""
+        s = self.settings
+        self.record_sink = KafkaSink(
+            SinkConfig(
+                bootstrap_servers=s.kafka.bootstrap_servers,
+                client_id=f"streamscore-records-{self.process_index}",
+                max_buffered=s.records.max_buffered,
+                retry_interval_s=s.records.retry_interval_s,
+            ),
+            SinkMetrics(self.metrics.registry),
+        )
+        self.shadows = ShadowRunner(
+            self.registry.get,
+            ShadowMetrics(self.metrics.registry),
+            sink=self.record_sink,
+            options=ShadowOptions(
+                max_batch_size=s.shadow.max_batch_size,
+                max_queue_size=s.shadow.max_queue_size,
+                records_topic=s.shadow.records_topic,
+            ),
+            is_busy=live_backlog(self.registry.all_versions, s.shadow.busy_queue_depth),
+            clock=self.clock,
+        )
+        self.pipeline.shadows = self.shadows
+        if s.traffic_log.sample_rate > 0:
+            self.pipeline.traffic = TrafficLog(
+                self.record_sink,
+                s.traffic_log.topic,
+                s.traffic_log.sample_rate,
+                registry=self.metrics.registry,
+                clock=self.clock,
+            )
+
     def _routing_applied(self, state: RoutingState) -> None:
         if self.rollout_stats is not None:
             sync_windows(self.rollout_stats, state)
@@ -200,6 +239,7 @@ class AppContext:
     async def _start(self) -> None:
         settings = self.settings
         await self._start_feature_store()
+        self._start_side_records()
         if settings.routing_store() == "redis":
             redis = self._redis_client()
             rollout_metrics = RolloutMetrics(self.metrics.registry)
@@ -328,7 +368,11 @@ class AppContext:
             self.rollout_stats = None
         if self.routing is not None:
             await self.routing.close()
+        if self.shadows is not None:  # before the registry: shadows run its models
+            await self.shadows.close(timeout_s=2.0)
         await self.registry.close()
+        if self.record_sink is not None:
+            await self.record_sink.close(timeout_s=2.0)
         if self.snapshots is not None:
             await self.snapshots.stop()
         if self.redis is not None:

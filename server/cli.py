@@ -4,6 +4,7 @@ streamscore serve [--config FILE] [--set key.path=value ...]
 streamscore dev   [--config FILE] [--set ...]   demo models + server (embedded stack)
 streamscore models demo [--repository DIR] [--force]
 streamscore models list|load|unload|route|promote|rollback|audit ...   admin API client
+streamscore replay (--file F | --topic T) [--target H:P] [--version V] [--pace P] ...
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dev", help="embedded stack: Redis, Kafka, worker, server, producer (see --help)"
     )
 
+    commands.add_parser("replay", help="replay recorded traffic against a server (see --help)")
+
     stream = commands.add_parser("stream", help="run the stream-feature worker (Kafka -> Redis)")
     _add_config_args(stream)
     stream.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
@@ -98,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from feature_streams.backfill import main_backfill
 
         return main_backfill(argv[2:])
+    if argv[:1] == ["replay"]:  # its own parser: server.replay
+        from server.replay import main_replay
+
+        bootstrap = os.environ.get("STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+        return main_replay(argv[1:], default_bootstrap=bootstrap)
     if argv[:1] == ["dev"]:  # its own parser: devstack.stack (stack options + --config/--set)
         from devstack.stack import main as main_dev
 

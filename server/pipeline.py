@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,10 @@ from server.features import Freshness
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout_stats import StatsRecorder
 from server.router import Decision, Route
+
+if TYPE_CHECKING:
+    from server.shadow import ShadowRunner
+    from server.traffic_log import TrafficLog
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -67,6 +71,9 @@ class ScoringPipeline:
         self._clock = clock
         #: Rollout statistics (per answered request), when guarded rollouts are on.
         self.stats: StatsRecorder | None = None
+        #: Shadow scoring and the traffic log (set by the app); both only queue work.
+        self.shadows: ShadowRunner | None = None
+        self.traffic: TrafficLog | None = None
 
     async def score(self, request: ScoreInput, deadline: float | None) -> ScoreResult:
         """Score one transaction; ``deadline`` is an absolute ``loop.time()``."""
@@ -102,6 +109,7 @@ class ScoringPipeline:
     async def _score(
         self, request: ScoreInput, decision: Decision, deadline: float | None
     ) -> ScoreResult:
+        started = time.perf_counter()
         loaded = self._registry.get(request.model, decision.version)
         t_ms = request.event_time_ms or int(self._clock() * 1000)
         prepared = loaded.layout.prepare(request.features, request.entity_ids, t_ms)
@@ -115,7 +123,7 @@ class ScoringPipeline:
         if request.echo_features:
             row = result.rows[0]
             echoed = tuple(zip(loaded.layout.names, (float(v) for v in row), strict=True))
-        return ScoreResult(
+        answer = ScoreResult(
             request_id=request.request_id,
             score=score,
             model=request.model,
@@ -126,6 +134,28 @@ class ScoringPipeline:
             freshness=tuple(prepared.freshness),
             degraded_reasons=tuple(prepared.degraded),
         )
+        # After the answer; both only queue work (never block, never raise).
+        if decision.shadows and self.shadows is not None:
+            self.shadows.submit(
+                request_id=request.request_id,
+                model=request.model,
+                live=loaded,
+                live_score=score,
+                route=decision.route.value,
+                row=result.rows,
+                shadows=decision.shadows,
+            )
+        if self.traffic is not None:
+            self.traffic.offer(
+                request,
+                answer,
+                names=loaded.layout.names,
+                row=result.rows,
+                t_ms=t_ms,
+                threshold=manifest.threshold,
+                timings={"pipeline_us": int((time.perf_counter() - started) * 1e6)},
+            )
+        return answer
 
     def resolve(self, model: str, version: str | None) -> LoadedVersion:
         """The version a v2 call addresses (pinned, or the endpoint's champion)."""

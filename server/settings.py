@@ -417,6 +417,45 @@ class RoutingSettings(_Frozen):
         return self.file_path or repository / ".routing.json"
 
 
+class ShadowSettings(_Frozen):
+    """Shadow scoring. Which versions shadow an endpoint is routing state (admin API)."""
+
+    records_topic: str | None = Field(
+        default="streamscore-shadow",
+        description="Kafka topic of shadow comparison records; null = metrics only.",
+    )
+    max_queue_size: int = Field(
+        default=256, ge=1, description="Shadow requests waiting per shadow version; past it shed."
+    )
+    max_batch_size: int = Field(default=64, ge=1, le=4096, description="Rows per shadow run.")
+    busy_queue_depth: int = Field(
+        default=32,
+        ge=1,
+        description="Live requests waiting in the micro-batch queues from which shadows are "
+        "shed (live traffic first).",
+    )
+
+
+class TrafficLogSettings(_Frozen):
+    """Sampled log of scored requests (request, assembled features, answer) to Kafka."""
+
+    sample_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Share of requests logged: 0 = off, 1 = all."
+    )
+    topic: str = Field(default="streamscore-traffic", min_length=1, description="Kafka topic.")
+
+
+class RecordsSettings(_Frozen):
+    """The bounded Kafka sink shadow records and the traffic log share (kafka.bootstrap_servers)."""
+
+    max_buffered: int = Field(
+        default=10_000, ge=1, description="Records held for Kafka; past it they are dropped."
+    )
+    retry_interval_s: float = Field(
+        default=2.0, gt=0.0, description="After a Kafka failure, how long records are dropped."
+    )
+
+
 class Settings(_Frozen):
     """Everything the server reads at start; immutable afterwards."""
 
@@ -432,6 +471,13 @@ class Settings(_Frozen):
     )
     routing: RoutingSettings = Field(
         default_factory=RoutingSettings, description="Routing state store."
+    )
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings, description="Shadow scoring.")
+    traffic_log: TrafficLogSettings = Field(
+        default_factory=TrafficLogSettings, description="Traffic log."
+    )
+    records: RecordsSettings = Field(
+        default_factory=RecordsSettings, description="Kafka sink of side records."
     )
 
     def routing_store(self) -> Literal["redis", "file"]:

@@ -205,8 +205,13 @@ def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(tmp_path: 
         assert echoed["amount"] == pytest.approx(first.request["amount"])
 
         status = stack.wait_for_line(
-            lambda line: "status |" in line and " 0.0 ev/s" not in line and "- ev/s" not in line,
-            15.0,
+            lambda line: (
+                "status |" in line
+                and " 0.0 ev/s" not in line
+                and "- ev/s" not in line
+                and "freshness - s" not in line
+            ),  # the worker's newest-event gauge is set
+            20.0,
         )
         assert re.search(r"score \d+\.\d req/s", status), status
         assert re.search(r"stream \d+\.\d ev/s lag \d+", status), status
