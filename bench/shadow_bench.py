@@ -100,8 +100,18 @@ def server(
 
 def set_shadow(port: int, model: str, shadow: str) -> None:
     """Make ``shadow`` a shadow of ``model`` through the admin API."""
+    route(port, model, ["--shadow", shadow])
+
+
+def set_canary(port: int, model: str, canary: str) -> None:
+    """Make ``canary`` a 50% sticky canary of ``model`` through the admin API."""
+    route(port, model, ["--canary", canary, "--share", "50"])
+
+
+def route(port: int, model: str, flags: list[str]) -> None:
+    """``streamscore models route`` against the bench server."""
     cmd = [
-        sys.executable, "-m", "server.cli", "models", "route", model, "--shadow", shadow,
+        sys.executable, "-m", "server.cli", "models", "route", model, *flags,
         "--reason", "shadow bench", "--target", f"127.0.0.1:{port}",
         "--set", f"server.admin_token={ADMIN_TOKEN}",
     ]  # fmt: skip
@@ -146,6 +156,54 @@ def shadow_counters(metrics_port: int) -> dict[str, float]:
                 )
                 totals[key] = totals.get(key, 0.0) + s.value
     return totals
+
+
+def canary_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """The answer with champion-only routing vs a 50% sticky canary (same load)."""
+    manifest = args.repository / args.model / args.live
+    runs: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):
+        for name in ("champion only", "canary 50%"):
+            port, metrics_port = free_port(), free_port()
+            with server(args.repository, args.model, args.live, port, metrics_port, []) as proc:
+                if name == "canary 50%":
+                    set_canary(port, args.model, args.shadow)
+                cpu_before = cpu_seconds(proc.pid)
+                result = load(port, args.model, manifest, args.rate, args.duration, args.warmup)
+                cpu = cpu_seconds(proc.pid) - cpu_before
+            sent = result["sent"] * (args.duration + args.warmup) / args.duration
+            runs.append(
+                {
+                    "scenario": name,
+                    "repeat": repeat,
+                    "latency_us": result["latency_us"],
+                    "throughput_rps": result["throughput_rps"],
+                    "errors": result["errors"],
+                    "server_cpu_us_per_request": round(cpu / sent * 1e6, 1) if sent else None,
+                }
+            )
+            lat = result["latency_us"]
+            print(f"{name:13} #{repeat} p50={lat['p50']} p99={lat['p99']}", file=sys.stderr)
+    medians = {
+        name: {
+            key: float(np.median([r["latency_us"][key] for r in runs if r["scenario"] == name]))
+            for key in ("p50", "p99")
+        }
+        | {
+            "cpu_us_per_request": float(
+                np.median([r["server_cpu_us_per_request"] for r in runs if r["scenario"] == name])
+            )
+        }
+        for name in ("champion only", "canary 50%")
+    }
+    return {
+        "rate": args.rate,
+        "runs": runs,
+        "medians": medians,
+        "p99_ratio": medians["canary 50%"]["p99"] / medians["champion only"]["p99"],
+        "cpu_ratio": medians["canary 50%"]["cpu_us_per_request"]
+        / medians["champion only"]["cpu_us_per_request"],
+    }
 
 
 def overhead(args: argparse.Namespace, kafka: str | None) -> dict[str, Any]:
@@ -295,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-kafka", action="store_true", help="no broker: shadow metrics only")
     parser.add_argument("--replay-records", type=int, default=5000)
     parser.add_argument("--replay-concurrency", type=int, default=64)
-    parser.add_argument("--parts", default="overhead,replay", help="overhead,replay")
+    parser.add_argument("--parts", default="overhead,canary,replay", help="overhead,canary,replay")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -318,6 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"shadow overhead: p99 none={o['p99_none_us']:.0f}us one shadow="
             f"{o['p99_shadow_us']:.0f}us ratio={o['p99_ratio']} (target <= {TARGET_RATIO}; "
             f"shadows ran: {o['shadows_ran']})"
+        )
+    if "canary" in parts:
+        document["canary"] = c = canary_overhead(args)
+        print(
+            f"canary routing: p99 champion-only={c['medians']['champion only']['p99']:.0f}us "
+            f"canary 50%={c['medians']['canary 50%']['p99']:.0f}us ratio={c['p99_ratio']:.2f}, "
+            f"cpu/req ratio {c['cpu_ratio']:.2f}"
         )
     if "replay" in parts:
         document["replay"] = r = replay(args)
