@@ -210,9 +210,8 @@ def overhead(args: argparse.Namespace, kafka: str | None) -> dict[str, Any]:
     """p99 of the answer with and without one shadow, ``args.repeats`` times each."""
     manifest = args.repository / args.model / args.live
     topic = "shadow-records"
-    settings = [
-        s.format(kafka=kafka or "", topic=topic) for s in (args.setting or DEFAULT_SETTINGS)
-    ]
+    defaults = DEFAULT_SETTINGS if kafka else ("shadow.records_topic=null",)
+    settings = [s.format(kafka=kafka or "", topic=topic) for s in (args.setting or defaults)]
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
         for name in ("none", "one shadow"):

@@ -17,7 +17,10 @@ Redis:
   (the consumer group join is excluded).
 
 The target is ``ratio = worker / bare >= 0.5``. Both run on this process's one
-core; pin with ``taskset -c N`` for steadier numbers.
+core; pin with ``taskset -c N`` for steadier numbers. On a shared machine the
+wall-clock rates move with other load; ``*_cpu_us_per_event`` (this process's CPU
+time per event; the worker's from its start, group join included, which is
+small) do not.
 """
 
 from __future__ import annotations
@@ -109,17 +112,27 @@ def bare_batches(
         ]
 
 
-async def run_bare(redis_url: str, plans: Sequence[GroupPlan], work: Workload, batch: int) -> float:
+@dataclass(frozen=True)
+class Timing:
+    """Wall seconds of one run and this process's CPU seconds over the same span."""
+
+    wall_s: float
+    cpu_s: float
+
+
+async def run_bare(
+    redis_url: str, plans: Sequence[GroupPlan], work: Workload, batch: int
+) -> Timing:
     batches = list(bare_batches(plans, work, "bench", batch))
     client = Redis.from_url(redis_url)
     try:
         await client.flushdb()
         store = TileStore(client)
         await store.load_script()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for key_batches in batches:
             await store.apply(key_batches)
-        return time.perf_counter() - started
+        return Timing(time.perf_counter() - started, time.process_time() - cpu)
     finally:
         await client.aclose()
 
@@ -131,7 +144,7 @@ async def run_worker(
     plans: Sequence[GroupPlan],
     work: Workload,
     batch: int,
-) -> float:
+) -> Timing:
     client = Redis.from_url(redis_url)
     try:
         await client.flushdb()
@@ -167,11 +180,12 @@ async def run_worker(
         if handled >= n:
             finished.set()
 
+    cpu = time.process_time()
     async with StreamWorker(config, defs, on_batch=on_batch) as worker:
         task = asyncio.create_task(worker.run())
         try:
             await finished.wait()
-            return time.perf_counter() - first[0]
+            return Timing(time.perf_counter() - first[0], time.process_time() - cpu)
         finally:
             worker.request_stop()
             await task
@@ -184,8 +198,9 @@ async def bench(args: argparse.Namespace, redis_url: str, bootstrap: str) -> dic
     plans = [GroupPlan.build(g) for g in defs.stream_groups.values() if g.topic == topic]
     work = make_workload(args.events, args.partitions, args.cards, args.merchants, args.seed)
     await ensure_topics(bootstrap, {topic: args.partitions})
-    bare_s = await run_bare(redis_url, plans, work, args.batch)
-    worker_s = await run_worker(bootstrap, redis_url, defs, plans, work, args.batch)
+    bare = await run_bare(redis_url, plans, work, args.batch)
+    worker = await run_worker(bootstrap, redis_url, defs, plans, work, args.batch)
+    bare_s, worker_s = bare.wall_s, worker.wall_s
     n = len(work.events)
     return {
         "bench": "stream_worker",
@@ -200,6 +215,8 @@ async def bench(args: argparse.Namespace, redis_url: str, bootstrap: str) -> dic
         "worker_seconds": round(worker_s, 3),
         "worker_events_per_s": round(n / worker_s),
         "ratio": round(bare_s / worker_s, 3),
+        "bare_cpu_us_per_event": round(bare.cpu_s / n * 1e6, 1),
+        "worker_cpu_us_per_event": round(worker.cpu_s / n * 1e6, 1),
         "target_ratio": 0.5,
         "python": platform.python_version(),
     }

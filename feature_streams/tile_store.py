@@ -99,38 +99,47 @@ APPLY_SCRIPT = """
 local key = KEYS[1]
 local off_field = ARGV[1]
 local lateness = tonumber(ARGV[3])
-local stored_off = tonumber(redis.call('HGET', key, off_field) or '-1')
-local last_raw = redis.call('HGET', key, '_last_ts')
+local head = redis.call('HMGET', key, off_field, '_last_ts')
+local stored_off = tonumber(head[1] or '-1')
+local last_raw = head[2]
 local last_ts = last_raw and tonumber(last_raw)
+local a, n = {}, 0
+local p = ARGV[4]
+local pos, len = 1, #p
+while pos <= len do
+  local e = string.find(p, '\\n', pos, true)
+  n = n + 1
+  a[n] = string.sub(p, pos, e - 1)
+  pos = e + 1
+end
 local applied, dup, late = 0, 0, 0
 local new_off = nil
-local i = 4
-local n_args = #ARGV
-while i <= n_args do
-  local off = tonumber(ARGV[i])
-  local ts = tonumber(ARGV[i + 1])
+local i = 1
+while i <= n do
+  local off = tonumber(a[i])
+  local ts = tonumber(a[i + 1])
   local first = i + 3
-  i = first + tonumber(ARGV[i + 2])
+  i = first + tonumber(a[i + 2])
   if off <= stored_off then
     dup = dup + 1
   else
-    new_off = ARGV[first - 3]
+    new_off = a[first - 3]
     stored_off = off
     if last_ts and ts < last_ts - lateness then
       late = late + 1
     else
       local k = first
       while k < i do
-        local op, f, v = ARGV[k], ARGV[k + 1], ARGV[k + 2]
+        local op, f, v = a[k], a[k + 1], a[k + 2]
         if op == 'incr' then
           redis.call('HINCRBYFLOAT', key, f, v)
           k = k + 3
         elseif op == 'last' then
-          local tf, et = ARGV[k + 3], tonumber(ARGV[k + 4])
+          local tf, et = a[k + 3], tonumber(a[k + 4])
           local ct = tonumber(redis.call('HGET', key, tf) or '')
           if not ct or et > ct or (et == ct and
               tonumber(v) > tonumber(redis.call('HGET', key, f) or '-1e308')) then
-            redis.call('HSET', key, f, v, tf, ARGV[k + 4])
+            redis.call('HSET', key, f, v, tf, a[k + 4])
           end
           k = k + 5
         else
@@ -144,25 +153,25 @@ while i <= n_args do
       end
       if not last_ts or ts > last_ts then
         last_ts = ts
-        last_raw = ARGV[first - 2]
+        last_raw = a[first - 2]
       end
       applied = applied + 1
     end
   end
 end
-if new_off then
-  redis.call('HSET', key, off_field, new_off)
-end
 if applied > 0 then
-  redis.call('HSET', key, '_last_ts', last_raw)
+  redis.call('HSET', key, off_field, new_off, '_last_ts', last_raw)
   redis.call('PEXPIRE', key, ARGV[2])
+elseif new_off then
+  redis.call('HSET', key, off_field, new_off)
 end
 return {applied, dup, late}
 """
-"""KEYS[1] = hash; ARGV = offset field, retention ms, lateness ms, then per event
-``offset, ts_ms, m`` followed by ``m`` arguments: each update's ``TileUpdate.args()``,
-cut to ``op, field, value`` except for ``last`` (whose ``ts_field, ts`` are used).
-Returns ``{applied, duplicate, late}`` event counts."""
+"""KEYS[1] = hash; ARGV = offset field, retention ms, lateness ms, payload. The
+payload is the events' tokens, each ended by a newline: per event ``offset, ts_ms,
+m`` followed by ``m`` tokens, each update's ``TileUpdate.args()`` cut to ``op,
+field, value`` except for ``last`` (whose ``ts_field, ts`` are used). Returns
+``{applied, duplicate, late}`` event counts."""
 
 
 def tile_key(group: str, entity_key: str) -> str:
@@ -196,22 +205,30 @@ class KeyBatch:
     events: Sequence[EventUpdates]
 
     def script_args(self) -> list[str]:
-        """``ARGV`` of the apply script."""
-        args = [
+        """``ARGV`` of the apply script: offset field, retention, lateness, payload.
+
+        Raises ``ValueError`` if a token holds a newline (the payload separator;
+        slot names built from definitions never do: names are identifiers and
+        ``where`` values are JSON-escaped).
+        """
+        tokens: list[str] = []
+        for ev in self.events:
+            head = len(tokens)
+            tokens += (str(ev.offset), str(ev.ts_ms), "")
+            for update in ev.updates:
+                # Only `last` reads ts_field/ts: 3 tokens instead of 5 for the others.
+                parts = update.args()
+                tokens += parts if update.op is UpdateOp.LAST else parts[:3]
+            tokens[head + 2] = str(len(tokens) - head - 3)
+        payload = "\n".join(tokens) + "\n"
+        if payload.count("\n") != len(tokens):
+            raise ValueError(f"a tile update of {self.key!r} holds a newline")
+        return [
             offset_field(self.topic, self.partition),
             str(self.retention_ms),
             str(self.lateness_ms),
+            payload,
         ]
-        for ev in self.events:
-            head = len(args)
-            args += (str(ev.offset), str(ev.ts_ms), "")
-            for update in ev.updates:
-                # Only `last` reads ts_field/ts: 3 arguments instead of 5 for the others
-                # (fewer arguments is most of the client-side cost of a call).
-                parts = update.args()
-                args += parts if update.op is UpdateOp.LAST else parts[:3]
-            args[head + 2] = str(len(args) - head - 3)
-        return args
 
 
 @dataclass(slots=True)
