@@ -4,31 +4,45 @@ Starts its own ``redis-server`` and Tansu broker, the stream worker (``/metrics`
 on a free port) and the server (feature store on, the demo ``fraud`` model) as
 subprocesses, the server on core 0; a prober on core 1 then:
 
-1. **readiness**: produces one event and polls ``Score`` until it is visible, so the
+1. **readiness**: produces one event and waits until ``Score`` sees it, so the
    worker has joined its consumer group and is consuming before any load starts
-   (otherwise the load produced during the group join is a backlog the probes
-   would measure instead of steady state);
-2. starts producing background card transactions at ``--rate`` events/s (paced
-   every 2 ms, on the same producer as the probes) and waits ``--warmup`` s;
+   (the group join takes seconds on Tansu; load produced meanwhile is a backlog
+   the probes would measure instead of freshness);
+2. produces background card transactions at ``--rate`` events/s, paced every 2 ms
+   on a producer with ``--background-linger-ms`` (20) of batching, and waits
+   ``--warmup`` s;
 3. for ``--duration`` s starts a probe every ``--probe-interval-ms`` (on a
    schedule, not after the previous one finished; probes may overlap). A probe
-   produces one event with ``event_time_ms = now`` for one of ``--probe-cards``
-   cards (rotating, so every partition is probed) and polls ``Score``
-   (``event_time`` = that event's time) every ``--poll-ms`` until the response's
-   freshness for the card's ``card_activity`` group is <= 0 ms, i.e. this event
-   (or a later one of the card) is in the tiles the server reads.
+   sends one event (``event_time_ms = now``) for one of ``--probe-cards`` cards
+   (rotating, so every partition is probed) on its own unbatched producer
+   (``linger_ms=0``: no client batching in the latency), then waits until the
+   card's hash in Redis holds that event time (one poller pipelines ``HGET
+   _last_ts`` for every card in flight every ``--poll-ms``), then calls ``Score``
+   (``event_time`` = the event's time) until its ``card_activity`` freshness is
+   <= 0 ms, i.e. the server's answer includes the event (at once, unless the
+   server serves stale tiles). ``--poll-via score`` polls ``Score`` only.
 
-The latency is produce call -> first ``Score`` reply that sees it: an upper bound
-by at most one poll interval plus one ``Score`` round trip (``score_rtt_us`` is
-reported so you can judge that). A probe not visible after ``--probe-timeout-s``
-counts as a miss and is recorded at the timeout, so misses can only make the
-percentiles worse. The default 20 ms schedule gives ~50 probes/s (750 in 15 s),
-enough for a p99 that is not just the maximum. The JSON also carries, from the
-worker's ``/metrics`` scraped every 250 ms during the measurement, its consumer
-lag (if it grows, the worker is not keeping up and the latencies are backlog, not
-freshness), batches/s, mean batch size, mean apply time and commits/s; and each
-process's CPU share (cores used) over the measured window, with ``others`` = the
-rest of the machine: other people's jobs on a shared box (rerun if it is not ~0).
+The latency is produce call -> first ``Score`` reply that includes the event, an
+upper bound by at most one poll interval plus one ``Score`` round trip
+(``in_redis_us`` and ``score_rtt_us`` are reported too). A probe not seen after
+``--probe-timeout-s`` counts as a miss, recorded at the timeout, so misses only
+make percentiles worse. The default schedule gives 50 probes/s (750 in 15 s), so
+p99 is not just the maximum.
+
+Why not poll ``Score`` every 2 ms per probe: that is ~500 calls/s per probe in
+flight, whose server CPU competes with the worker on 2 cores (and lets one slow
+probe snowball). Why a batched background producer: Tansu's in-memory storage
+slows down with the number of record batches it holds; unbatched at 5,000
+events/s (~2,000 batches/s) a bare consumer's produce -> fetch p50 climbs from
+~9 ms to ~30 ms within 30 s, so the result would mostly measure the broker's
+growing log, not the worker (with 20 ms batching it drifts ~3 ms in 30 s).
+
+The JSON also carries, from the worker's ``/metrics`` scraped every 250 ms during
+the measurement, its consumer lag (if it grows, the worker is not keeping up and
+the latencies are backlog, not freshness), batches/s, mean batch size, mean apply
+time and commits/s; and each process's CPU share (cores used) over the window,
+with ``others`` = the rest of the machine: other jobs on a shared box (rerun
+unless it is ~0).
 
     python -m bench.freshness_bench --rate 5000 --duration 15 \
         --json-out bench/results/freshness.json
@@ -123,7 +137,7 @@ async def _background(producer: AIOKafkaProducer, rate: float, stop: asyncio.Eve
 class _Prober:
     """Produces probe events; finds each one visible, then confirms it with ``Score``.
 
-    With ``redis_url`` one poller task ``HGET`` s the ``_last_ts`` of every card with
+    With ``redis``, :meth:`poll_redis` ``HGET`` s the ``_last_ts`` of every card with
     a probe in flight (one pipelined round trip per ``poll_s``); once a probe's event
     time is there, ``Score`` is called until its freshness says the same (at once,
     unless the server serves stale tiles). Without it every probe polls ``Score``.
@@ -305,15 +319,21 @@ def _lag_summary(samples: Sequence[int]) -> dict[str, float | int]:
 
 async def measure(args: argparse.Namespace, bootstrap: str, target: str) -> dict[str, Any]:
     """Readiness probe, background load, warm-up, then scheduled probes; the summary."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, acks=1)
+    # Probes unbatched (their latency holds no client batching); background batched
+    # like any producer at thousands of events/s, see the module docstring.
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
+    loader = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=args.background_linger_ms, acks=1
+    )
     await producer.start()
+    await loader.start()
     channel = grpc.aio.insecure_channel(target)
     stub = pb_grpc.ScoringStub(channel)
     redis = Redis.from_url(args.redis) if args.redis else None
     prober = _Prober(producer, stub, redis, args.poll_ms / 1000, args.probe_timeout_s)
     stop = asyncio.Event()
-    lag_stop = asyncio.Event()
-    poller = asyncio.create_task(prober.poll_redis(lag_stop)) if redis is not None else None
+    sampling_done = asyncio.Event()
+    poller = asyncio.create_task(prober.poll_redis(sampling_done)) if redis is not None else None
     stats = _WorkerStats()
     background: asyncio.Task[int] | None = None
     load_started = time.monotonic()
@@ -323,10 +343,10 @@ async def measure(args: argparse.Namespace, bootstrap: str, target: str) -> dict
             if time.monotonic() > ready_by:
                 raise RuntimeError("the worker never made a probe visible: is it consuming?")
         load_started = time.monotonic()
-        background = asyncio.create_task(_background(producer, args.rate, stop))
+        background = asyncio.create_task(_background(loader, args.rate, stop))
         await asyncio.sleep(args.warmup)
-        lag_task = (
-            asyncio.create_task(stats.sample(args.worker_metrics, lag_stop))
+        stats_task = (
+            asyncio.create_task(stats.sample(args.worker_metrics, sampling_done))
             if args.worker_metrics
             else None
         )
@@ -341,12 +361,12 @@ async def measure(args: argparse.Namespace, bootstrap: str, target: str) -> dict
             n += 1
         await asyncio.gather(*probes)
         window_end = time.monotonic()
-        lag_stop.set()
-        if lag_task is not None:
-            await lag_task
+        sampling_done.set()
+        if stats_task is not None:
+            await stats_task
     finally:
         stop.set()
-        lag_stop.set()
+        sampling_done.set()
         sent = await background if background is not None else 0
         load_s = time.monotonic() - load_started
         if poller is not None:
@@ -354,6 +374,7 @@ async def measure(args: argparse.Namespace, bootstrap: str, target: str) -> dict
         if redis is not None:
             await redis.aclose()
         await producer.stop()
+        await loader.stop()
         await channel.close(None)
     return {
         "background_events": sent,
@@ -444,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe-timeout-s", type=float, default=5.0)
     parser.add_argument("--ready-timeout-s", type=float, default=60.0)
     parser.add_argument("--poll-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--background-linger-ms", type=int, default=20, help="linger of the background producer"
+    )
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--logs", type=Path, default=Path("var/bench"))
     parser.add_argument("--json-out", type=Path, default=None)
@@ -503,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--probe-cards", str(args.probe_cards),
                 "--probe-timeout-s", str(args.probe_timeout_s),
                 "--ready-timeout-s", str(args.ready_timeout_s), "--poll-ms", str(args.poll_ms),
+                "--background-linger-ms", str(args.background_linger_ms),
             ]  # fmt: skip
             pids = {
                 "worker": wrk.pid,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -218,20 +219,6 @@ class BatchReport:
     """``time.perf_counter()`` when the batch came back from ``getmany``."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    """One consumed batch, decoded, waiting for its apply."""
-
-    key_batches: list[KeyBatch]
-    groups: list[str]
-    """Stream group of each key batch."""
-    dead: list[DeadLetter]
-    consumed: dict[TopicPartition, int]
-    """Offset + 1 of the last record per partition."""
-    records: int
-    started: float
-
-
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: StreamWorker) -> None:
         self._worker = worker
@@ -281,9 +268,6 @@ class StreamWorker:
         self._newest: dict[str, int] = {}
         self._last_commit = time.monotonic()
         self._last_trim = time.monotonic()
-        self._applying: asyncio.Task[bool] | None = None
-        self._committing: asyncio.Task[None] | None = None
-        self._unreported: list[BatchReport] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._redis: Redis | None = None
@@ -385,7 +369,6 @@ class StreamWorker:
         consumer, producer, redis_client = self._consumer, self._producer, self._redis
         if consumer is not None:
             async with self._lock:
-                await self._drain()
                 await self._commit(force=True)
                 self._consumer = None
             await consumer.stop()
@@ -404,42 +387,31 @@ class StreamWorker:
 
     async def run(self) -> None:
         """Consume until :meth:`request_stop`; every applied batch ends committed
-        (at once, or by the next interval commit / :meth:`close`).
-
-        Two batches are in flight at most: while batch ``k`` is applied (its
-        script calls run in Redis, then its offsets are committed) the loop
-        fetches and decodes batch ``k + 1``, whose apply starts once ``k``'s
-        replies are in, so every key still sees its events in offset order.
-        """
+        (at once, or by the next interval commit / :meth:`close`)."""
         consumer = self._consumer
         if consumer is None:
             raise RuntimeError("StreamWorker.run() before start()")
         backoff = 0.1
-        try:
-            while not self._stop.is_set():
-                try:
-                    records = await consumer.getmany(
-                        timeout_ms=self.config.poll_timeout_ms,
-                        max_records=self.config.max_batch_records,
-                    )
-                except KafkaError as exc:
-                    self.metrics.kafka_errors.inc()
-                    logger.warning("getmany failed: %s", exc)
-                    await self._pause(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                backoff = 0.1
-                async with self._lock:
-                    batch = self._prepare(records) if records else None
-                    if batch is not None:
-                        if not await self._wait_applied():
-                            break  # stopping while Redis is down: nothing more is applied
-                        self._applying = asyncio.create_task(self._apply_batch(batch))
-                    self._update_lag()
-                    self._start_commit()
-                    await self._maybe_trim()
-        finally:
-            await self._wait_applied()
+        while not self._stop.is_set():
+            try:
+                records = await consumer.getmany(
+                    timeout_ms=self.config.poll_timeout_ms,
+                    max_records=self.config.max_batch_records,
+                )
+            except KafkaError as exc:
+                self.metrics.kafka_errors.inc()
+                logger.warning("getmany failed: %s", exc)
+                await self._pause(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            async with self._lock:
+                report = await self._process(records) if records else None
+                self._update_lag()
+                await self._commit(force=False)
+                await self._maybe_trim()
+            if report is not None and self._on_batch is not None:
+                self._on_batch(report)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -447,9 +419,9 @@ class StreamWorker:
 
     # --- one batch ---------------------------------------------------------------
 
-    def _prepare(self, records: Mapping[TopicPartition, Sequence[ConsumerRecord]]) -> _Batch | None:
-        """Decode and validate ``records`` into one script call per (group, key,
-        partition); ``None`` when none of them belongs to an assigned partition."""
+    async def _process(
+        self, records: Mapping[TopicPartition, Sequence[ConsumerRecord]]
+    ) -> BatchReport | None:
         started = time.perf_counter()
         consumer = self._consumer
         assert consumer is not None
@@ -480,6 +452,8 @@ class StreamWorker:
         if not consumed:
             return None
         self.metrics.batch_records.observe(total)
+        if dead:
+            await self._dead_letters(dead)
         batches: list[KeyBatch] = []
         groups: list[str] = []
         for (group, key, tp), events in per_key.items():
@@ -496,66 +470,29 @@ class StreamWorker:
             )
             groups.append(group)
             self._touched[group].add(batches[-1].key)
-        return _Batch(batches, groups, dead, consumed, total, started)
-
-    async def _wait_applied(self) -> bool:
-        """Wait for the batch being applied, if any; ``False`` if it was abandoned
-        (stopping while Redis is down), in which case no later batch may be applied.
-        Cancelling the caller does not cancel the apply."""
-        task = self._applying
-        if task is None:
-            return True
-        if not task.done():
-            await asyncio.wait([task])
-        applied = not task.cancelled() and task.result()
-        if applied:
-            self._applying = None
-        return applied
-
-    async def _drain(self) -> None:
-        """Wait until the batch in flight is applied and the commit in flight is done."""
-        await self._wait_applied()
-        task = self._committing
-        if task is not None:
-            self._committing = None
-            await task
-
-    async def _apply_batch(self, batch: _Batch) -> bool:
-        """Dead letters, the tile apply (retried), counts; then the commit is started.
-        ``False`` when stopping while Redis is down (nothing applied or committed)."""
-        if batch.dead:
-            await self._dead_letters(batch.dead)
-        result = await self._apply(batch.key_batches) if batch.key_batches else ApplyResult()
+        result = await self._apply(batches)
         if result is None:
-            return False
+            return None  # stopping while Redis is down: leave these offsets uncommitted
         for index, error in result.rejected:
-            key = batch.key_batches[index].key
-            self.metrics.rejected_keys.labels(batch.groups[index]).inc()
+            self.metrics.rejected_keys.labels(groups[index]).inc()
             logger.error(
                 "key %s is not a tile hash; skipped its updates: %s",
-                key,
+                batches[index].key,
                 error,
-                extra={"key": key, "error": error},
+                extra={"key": batches[index].key, "error": error},
             )
-        counts = self._count(result, batch.key_batches, batch.groups)
-        self._pending.update(batch.consumed)
-        self._position.update(batch.consumed)
-        report = BatchReport(
-            records=batch.records,
-            malformed=len(batch.dead),
+        counts = self._count(result, batches, groups)
+        self._pending.update(consumed)
+        self._position.update(consumed)
+        return BatchReport(
+            records=total,
+            malformed=len(dead),
             applied={g: c[0] for g, c in counts.items()},
             duplicate={g: c[1] for g, c in counts.items()},
             late={g: c[2] for g, c in counts.items()},
-            next_offsets=batch.consumed,
-            started=batch.started,
+            next_offsets=consumed,
+            started=started,
         )
-        if self._on_batch is not None:
-            if self.config.commit_interval_s > 0:
-                self._on_batch(report)
-            else:
-                self._unreported.append(report)  # reported once its offsets are committed
-        self._start_commit()
-        return True
 
     def _count(
         self, result: ApplyResult, batches: Sequence[KeyBatch], groups: Sequence[str]
@@ -649,59 +586,28 @@ class StreamWorker:
 
     # --- commits, lag, trimming, rebalances --------------------------------------
 
-    def _start_commit(self) -> None:
-        """Commit the applied offsets in the background when due (every batch, or
-        every ``commit_interval_s``); one commit in flight at a time, in order."""
-        task = self._committing
-        if task is not None:
-            if not task.done():
-                return  # the commit loop picks up what was applied meanwhile
-            self._committing = None
-            task.result()  # re-raise an on_batch error
-        if not self._pending and not self._unreported:
+    async def _commit(self, force: bool) -> None:
+        consumer = self._consumer
+        if consumer is None or not self._pending:
             return
         interval = self.config.commit_interval_s
-        if interval > 0 and time.monotonic() - self._last_commit < interval:
+        if not force and interval > 0 and time.monotonic() - self._last_commit < interval:
             return
-        self._committing = asyncio.create_task(self._commit_loop())
-
-    async def _commit_loop(self) -> None:
-        ok = await self._commit(force=True)
-        while ok and self.config.commit_interval_s == 0 and (self._pending or self._unreported):
-            ok = await self._commit(force=True)
-
-    async def _commit(self, force: bool) -> bool:
-        """Commit the pending offsets of assigned partitions (unless ``force`` is off
-        and the interval is not due), then hand the batches they cover to ``on_batch``.
-        ``False`` if the commit failed (the offsets stay pending)."""
-        consumer = self._consumer
-        reports, self._unreported = self._unreported, []
+        assigned = consumer.assignment()
+        offsets = {tp: off for tp, off in self._pending.items() if tp in assigned}
+        self._pending.clear()
+        self._last_commit = time.monotonic()
+        if not offsets:
+            return
         try:
-            if consumer is None or not self._pending:
-                return True
-            interval = self.config.commit_interval_s
-            if not force and interval > 0 and time.monotonic() - self._last_commit < interval:
-                return True
-            assigned = consumer.assignment()
-            offsets = {tp: off for tp, off in self._pending.items() if tp in assigned}
-            self._pending.clear()
-            self._last_commit = time.monotonic()
-            if not offsets:
-                return True
-            try:
-                await consumer.commit(offsets)
-            except KafkaError as exc:  # CommitFailedError, IllegalStateError included
-                self.metrics.commit_failures.inc()
-                logger.warning("offset commit failed (the next owner re-reads): %r", exc)
-                for tp, off in offsets.items():
-                    self._pending.setdefault(tp, off)
-                return False
+            await consumer.commit(offsets)
+        except KafkaError as exc:  # CommitFailedError, IllegalStateError included
+            self.metrics.commit_failures.inc()
+            logger.warning("offset commit failed (the next owner re-reads): %r", exc)
+            for tp, off in offsets.items():
+                self._pending.setdefault(tp, off)
+        else:
             self.metrics.commits.inc()
-            return True
-        finally:
-            if self._on_batch is not None:
-                for report in reports:
-                    self._on_batch(report)
 
     def _update_lag(self) -> None:
         consumer = self._consumer
@@ -748,8 +654,7 @@ class StreamWorker:
 
     async def _on_revoked(self, revoked: frozenset[TopicPartition]) -> None:
         self._has_partitions.clear()
-        async with self._lock:  # waits for the batch being prepared
-            await self._drain()  # ... and for the one being applied / committed
+        async with self._lock:  # waits for the in-flight batch
             await self._commit(force=True)
             for tp in revoked:
                 self._pending.pop(tp, None)
@@ -831,6 +736,9 @@ async def serve(config: WorkerConfig, definitions: FeatureDefinitions) -> None:
         loop.add_signal_handler(sig, worker.request_stop)
     try:
         async with worker:
+            # Long-lived objects (modules, clients, plans) out of the collector's way:
+            # full collections then take ~5 ms instead of ~30 ms, a p99 freshness hit.
+            gc.freeze()
             await worker.run()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
