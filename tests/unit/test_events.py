@@ -121,3 +121,16 @@ def test_dead_letter_without_field_and_bad_record() -> None:
     assert parsed.field is None and parsed.error == "not valid JSON"
     with pytest.raises(ValueError, match="not a dead-letter record"):
         DeadLetter.from_record(b"{}", None, [("dlq.topic", b"tx")])
+
+
+def test_script_payload_refuses_a_newline_in_a_field() -> None:
+    """The apply script splits each key's events on newlines: a field may never hold one."""
+    from feature_streams.tile_store import EventUpdates, KeyBatch
+    from feature_streams.windows import TileUpdate, UpdateOp
+
+    good = TileUpdate(UpdateOp.INCR, "1700000000000:count@1m", 1.0)
+    bad = TileUpdate(UpdateOp.INCR, "1700000000000:count@1m\nHSET x", 1.0)
+    ok = KeyBatch("st:g:k", "t", 0, 60_000, 1_000, [EventUpdates(1, 1, [good])])
+    assert len(ok.script_args()) == 4
+    with pytest.raises(ValueError, match="newline"):
+        KeyBatch("st:g:k", "t", 0, 60_000, 1_000, [EventUpdates(1, 1, [bad])]).script_args()
