@@ -26,7 +26,13 @@ from server.pipeline import ScoreInput, ScoreResult, ScoringPipeline
 from server.registry import ModelRegistry
 from server.replay import read_topic, read_topic_values
 from server.router import Route
-from server.shadow import ShadowMetrics, ShadowOptions, ShadowRunner, live_backlog
+from server.shadow import (
+    ShadowMetrics,
+    ShadowOptions,
+    ShadowRunner,
+    live_backlog,
+    records_of,
+)
 from server.traffic_log import TRAFFIC_SCHEMA, TrafficLog
 from tests.conftest import TEST_FEATURES
 from tests.support.server import RunningServer, running_server
@@ -111,8 +117,9 @@ async def test_shadow_records_and_metrics_from_real_versions(
         reference = {r.request_id: r.score for r in [await answer(srv, i, "2") for i in range(n)]}
         await runner.close()
         await sink.close()
-        assert sink.sent[topic] == n and not sink.dropped
-    records = [json.loads(v) for v in await read_topic_values(kafka.bootstrap_servers, topic)]
+        assert sink.sent[topic] >= 1 and not sink.dropped
+    values = await read_topic_values(kafka.bootstrap_servers, topic)
+    records = [r for v in values for r in records_of(v)]
     assert len(records) == n
     by_id = {r["request_id"]: r for r in records}
     agreed = 0
@@ -128,7 +135,7 @@ async def test_shadow_records_and_metrics_from_real_versions(
     assert sample(metrics, "streamscore_shadow_compared_total", **labels) == n
     assert sample(metrics, "streamscore_shadow_agreed_total", **labels) == agreed
     assert sample(metrics, "streamscore_shadow_score_diff_count", **labels) == n
-    assert sample(metrics, "streamscore_record_sink_sent_total", topic=topic) == n
+    assert 1 <= sample(metrics, "streamscore_record_sink_sent_total", topic=topic) <= n  # messages
 
 
 class ListSink:
@@ -137,7 +144,7 @@ class ListSink:
         self.changed = asyncio.Event()
 
     def offer(self, topic: str, value: Payload, key: bytes | None = None) -> bool:
-        self.values.append(json.loads(value if isinstance(value, bytes) else value()))
+        self.values.extend(records_of(value if isinstance(value, bytes) else value()))
         self.changed.set()
         return True
 
@@ -355,7 +362,8 @@ async def test_wired_shadow_records_for_real_score_calls(
     # leaving the server drained the shadows and flushed the sink
     labels = {"model": "lin", "live_version": "2", "version": "1"}
     assert sample(metrics, "streamscore_shadow_compared_total", **labels) == 50
-    records = [json.loads(v) for v in await read_topic_values(kafka.bootstrap_servers, topic)]
+    values = await read_topic_values(kafka.bootstrap_servers, topic)
+    records = [r for v in values for r in records_of(v)]
     assert {r["request_id"] for r in records} == set(answers)  # pinned calls are not shadowed
     for record in records:
         assert record["live"]["score"] == answers[record["request_id"]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from server.shadow import (
     ShadowOptions,
     ShadowRunner,
     live_backlog,
+    records_of,
 )
 
 NAMES = ("a", "b", "c", "d")
@@ -96,8 +96,9 @@ class MemorySink:
     def offer(self, topic: str, value: Payload, key: bytes | None = None) -> bool:
         assert topic == TOPIC
         data = value if isinstance(value, bytes) else value()
-        self.records.append(json.loads(data))
-        self.keys.append(key)
+        for record in records_of(data):
+            self.records.append(record)
+            self.keys.append(record["request_id"].encode())
         self._changed.set()
         return True
 
