@@ -326,16 +326,20 @@ class FeatureStore:
             chunk = results[offset : offset + plan.n_commands]
             offset += plan.n_commands
             self._apply_batch_group(columns, plan, members, chunk)
-        for stream, stream_members, keys in stream_reads:
-            chunk = results[offset : offset + len(keys)]
-            offset += len(keys)
-            self._apply_stream_group(stream, stream_members, keys, chunk)
+        for stream, stream_members, keys, unique in stream_reads:
+            chunk = results[offset : offset + len(unique)]
+            offset += len(unique)
+            fetched = {
+                key: raw if isinstance(raw, dict) else {}
+                for key, raw in zip(unique, chunk, strict=True)
+            }
+            self._apply_stream_group(stream, stream_members, keys, fetched)
 
     def _queue(
         self, layout: FeatureLayout, batch: Sequence[Prepared], pipe: object
     ) -> tuple[
         list[tuple[BatchColumns, BatchReadPlan, list[Prepared]]],
-        list[tuple[StreamColumns, list[Prepared], list[str]]],
+        list[tuple[StreamColumns, list[Prepared], list[str], list[str]]],
     ]:
         batch_plans = []
         for columns in layout.batch:
@@ -355,6 +359,7 @@ class FeatureStore:
         stream_reads = []
         for stream in layout.stream:
             members, keys = [], []
+            queued: dict[str, None] = {}
             for item in batch:
                 if item.sent[stream.column_index].all():
                     continue
@@ -363,11 +368,13 @@ class FeatureStore:
                     self._missing_entity(layout, item, [c for _, c in stream.outputs])
                     continue
                 key = tile_key(stream.plan.group.name, entity_id)
-                pipe.hgetall(key)  # type: ignore[attr-defined]
+                if key not in queued:  # one HGETALL per entity, however many requests
+                    queued[key] = None
+                    pipe.hgetall(key)  # type: ignore[attr-defined]
                 members.append(item)
                 keys.append(key)
             if members:
-                stream_reads.append((stream, members, keys))
+                stream_reads.append((stream, members, keys, list(queued)))
         return batch_plans, stream_reads
 
     def _apply_batch_group(
@@ -406,16 +413,14 @@ class FeatureStore:
         stream: StreamColumns,
         members: list[Prepared],
         keys: list[str],
-        results: Sequence[object],
+        fetched: Mapping[str, Mapping[bytes, bytes]],
     ) -> None:
         group = stream.plan.group.name
         by_key: dict[str, list[Prepared]] = {}
-        raw_by_key: dict[str, Mapping[bytes, bytes]] = {}
-        for item, key, raw in zip(members, keys, results, strict=True):
+        for item, key in zip(members, keys, strict=True):
             by_key.setdefault(key, []).append(item)
-            raw_by_key[key] = raw if isinstance(raw, dict) else {}
         for key, items in by_key.items():
-            hash_fields = raw_by_key[key]
+            hash_fields = fetched[key]
             times = [item.t_ms for item in items]
             # one parse per key and micro-batch, however many requests share the entity
             tiles = tiles_from_hash(stream.plan, hash_fields, min(times), max(times))
