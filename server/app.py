@@ -162,10 +162,7 @@ class AppContext:
             clock=self.clock,
             on_fetch=self.metrics.observe_feature_fetch,
         )
-        self.registry = ModelRegistry(
-            self.metrics.observer_for, self.definitions, self.feature_store
-        )
-        self.pipeline = ScoringPipeline(self.registry, self.clock)
+        self.registry.use_features(self.definitions, self.feature_store)
 
     def _start_side_records(self) -> None:
         """Shadow runner, traffic log and their Kafka sink (it connects on first use)."""

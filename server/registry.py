@@ -86,6 +86,13 @@ class ModelRegistry:
         self._definitions = definitions
         self._store = store
 
+    def use_features(self, definitions: FeatureDefinitions, store: FeatureStore) -> None:
+        """Serve store features to the versions loaded from now on (call before any load)."""
+        if self._versions:
+            raise RuntimeError("feature store attached after versions were loaded")
+        self._definitions = definitions
+        self._store = store
+
     @property
     def routing(self) -> RoutingTable:
         """The current routing table (immutable snapshot)."""

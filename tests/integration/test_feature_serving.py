@@ -15,12 +15,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 
 from devstack.services import RedisServer, redis_server
-from feature_streams.batch_store import activate, write_snapshot
+from feature_streams.batch_store import BatchSnapshotCache, activate, write_snapshot
 from feature_streams.definitions import FeatureDefinitions, load_definitions
 from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore, tile_key
 from feature_streams.windows import GroupPlan, point_in_time_values, updates_for_event
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.demo.synthetic import DEMO_FEATURES
+from server.features import FeatureStore
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
 
@@ -353,3 +354,12 @@ async def test_model_with_undefined_features_is_refused_naming_them(
     assert response.model_version == "1"
     logged = " ".join(str(record.__dict__) for record in caplog.records)
     assert "zodiac_sign" in logged and "shoe_size" in logged
+
+
+async def test_feature_store_cannot_be_attached_after_versions_loaded(
+    store: Store, linear_repository: Path
+) -> None:
+    async with running_server(linear_repository) as srv:  # request-only: no feature store
+        feature_store = FeatureStore(store.client, BatchSnapshotCache(store.client, ()))
+        with pytest.raises(RuntimeError, match="after versions were loaded"):
+            srv.app.registry.use_features(store.definitions, feature_store)
