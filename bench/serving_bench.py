@@ -102,7 +102,13 @@ def _server(scenario: Scenario, repository: Path, port: int) -> Iterator[subproc
 def run_scenario(
     scenario: Scenario, repository: Path, model: str, duration_s: float, warmup_s: float
 ) -> Measurement:
-    """Run one scenario and return its measurement."""
+    """Run one scenario and return its measurement (the demo models are trained into
+    ``repository`` first when it has none, as ``make run`` does)."""
+    if not (repository / model).is_dir():
+        from server.demo.train import build_demo_repository  # training deps
+
+        print(f"training the demo models into {repository}/ ...", file=sys.stderr, flush=True)
+        build_demo_repository(repository)
     port = free_port()
     manifest_dir = sorted((repository / model).iterdir())[-1]
     with _server(scenario, repository, port) as server:

@@ -11,6 +11,7 @@ API by caller (``plan = GroupPlan.build(defs.stream_groups[name])``, once)::
                 updates_for_event(plan, ev) -> [TileUpdate]   (InvalidEventError: drop+count)
     tile store  TileUpdate.args(), expired_fields(plan, hkeys, now), plan.retention_ms
     server      read_hash(plan, hgetall_result, t) -> {feature: float}
+                (the server's hot path uses hash_reader.HashWindowReader, held equal to it)
     backfill    point_in_time_values(plan, events, times), or fold + read_window
     in memory   fold, merge_tiles, read_window, tiles_to_hash / tiles_from_hash
 

@@ -13,8 +13,10 @@ which column comes from where, defaults, validation rules. On the request path:
 2. ``FeatureStore.fill`` completes a whole micro-batch with ONE Redis pipeline: an
    ``HMGET`` per (batch group, entity) from the group's active snapshot and an
    ``HGETALL`` per (stream group, entity) tile hash; windows are evaluated at each
-   request's time by ``feature_streams.windows`` (the same code as the worker and the
-   backfill). Missing entities get the defined defaults and are listed as defaulted.
+   request's time by ``feature_streams.hash_reader`` (which looks up exactly the tile
+   fields each window reads, and is tested equal to ``feature_streams.windows``, the
+   code of the worker and the backfill). Missing entities get the defined defaults
+   and are listed as defaulted.
 3. Redis unreachable: the model's policy decides. ``degrade`` (the default) answers
    with defaults and flags the response ``degraded`` — a fraud score from request
    features beats no answer for a card authorisation that cannot wait; ``fail``
@@ -34,7 +36,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -56,8 +58,9 @@ from feature_streams.definitions import (
     feature_sources,
     resolve_features,
 )
+from feature_streams.hash_reader import HashWindowReader
 from feature_streams.tile_store import tile_key
-from feature_streams.windows import GroupPlan, read_window, tiles_from_hash
+from feature_streams.windows import GroupPlan
 from server.errors import DependencyUnavailable, InvalidInput, ModelLoadError
 from server.manifest import ModelManifest
 
@@ -86,10 +89,11 @@ class StreamColumns:
     entity: str
     outputs: tuple[tuple[str, int], ...]  # (feature name, row column)
     column_index: npt.NDArray[np.intp]
+    reader: HashWindowReader
+    placement: tuple[tuple[int, int], ...]  # (index in the reader's values, row column)
 
 
-@dataclass(frozen=True, slots=True)
-class Freshness:
+class Freshness(NamedTuple):
     """Age of the newest applied event behind a stream group, for one entity."""
 
     group: str
@@ -105,6 +109,7 @@ class Prepared:
     sent: npt.NDArray[np.bool_]  # columns the request carried
     entity_ids: Mapping[str, str]
     t_ms: int
+    store_sent: bool = False  # the request carried a column the store would fill
     defaulted: list[str] = field(default_factory=list)
     freshness: list[Freshness] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
@@ -168,7 +173,18 @@ class FeatureLayout:
                 if agg.name in index
             )
             cols_array = np.array([c for _, c in outputs], np.intp)
-            stream.append(StreamColumns(plan, stream_group.entity, outputs, cols_array))
+            position = {output.name: i for i, output in enumerate(plan.outputs)}
+            placement = tuple((position[name], column) for name, column in outputs)
+            stream.append(
+                StreamColumns(
+                    plan,
+                    stream_group.entity,
+                    outputs,
+                    cols_array,
+                    HashWindowReader(plan),
+                    placement,
+                )
+            )
         request_rules = {
             ref.name: definitions.request_features[ref.name]
             for ref in resolution.refs
@@ -219,6 +235,7 @@ class FeatureLayout:
                 raise InvalidInput(f"entity_ids.{name}", f"unknown entity (defined: {known})")
         row = self.defaults.copy().reshape(1, -1)
         sent = np.zeros(self.width, bool)
+        store_sent = False
         index = self.index
         for name, value in features.items():
             column = index.get(name)
@@ -231,11 +248,13 @@ class FeatureLayout:
                 problem = rule.violation(value)
                 if problem is not None:
                     raise InvalidInput(f"features.{name}", problem)
-            elif not math.isfinite(value) and name not in self.nan_allowed:
-                raise InvalidInput(f"features.{name}", f"{value} not allowed (must be finite)")
+            else:
+                store_sent = True
+                if not math.isfinite(value) and name not in self.nan_allowed:
+                    raise InvalidInput(f"features.{name}", f"{value} not allowed (must be finite)")
             row[0, column] = value
             sent[column] = True
-        prepared = Prepared(row, sent, entity_ids, t_ms)
+        prepared = Prepared(row, sent, entity_ids, t_ms, store_sent)
         for column in self.request_columns:
             if not sent[column]:
                 prepared.defaulted.append(self.names[column])
@@ -345,7 +364,7 @@ class FeatureStore:
         for columns in layout.batch:
             members = []
             for item in batch:
-                if item.sent[columns.column_index].all():
+                if item.store_sent and item.sent[columns.column_index].all():
                     continue
                 if columns.entity not in item.entity_ids:
                     self._missing_entity(layout, item, columns.columns)
@@ -361,7 +380,7 @@ class FeatureStore:
             members, keys = [], []
             queued: dict[str, None] = {}
             for item in batch:
-                if item.sent[stream.column_index].all():
+                if item.store_sent and item.sent[stream.column_index].all():
                     continue
                 entity_id = item.entity_ids.get(stream.entity)
                 if entity_id is None:
@@ -392,16 +411,21 @@ class FeatureStore:
                 item.degraded.append("batch_snapshot_gone")
                 self._defaulted(item, columns.spec.fields, columns.columns)
             return
+        fields, cols = columns.spec.fields, columns.columns
         for item in members:
             entity_id = item.entity_ids[columns.entity]
             values = read.values[entity_id]
-            for name, column in zip(columns.spec.fields, columns.columns, strict=True):
-                if not item.sent[column]:
-                    item.row[0, column] = values[name]
-            if entity_id in read.missing_entities:
-                self._defaulted(item, columns.spec.fields, columns.columns)
+            row = item.row[0]
+            if item.store_sent:
+                for name, column in zip(fields, cols, strict=True):
+                    if not item.sent[column]:
+                        row[column] = values[name]
             else:
-                absent = read.missing_fields.get(entity_id, ())
+                for name, column in zip(fields, cols, strict=True):
+                    row[column] = values[name]
+            if entity_id in read.missing_entities:
+                self._defaulted(item, fields, cols)
+            elif absent := read.missing_fields.get(entity_id):
                 item.defaulted.extend(n for n in absent if not item.sent[self._col(columns, n)])
 
     @staticmethod
@@ -416,23 +440,29 @@ class FeatureStore:
         fetched: Mapping[str, Mapping[bytes, bytes]],
     ) -> None:
         group = stream.plan.group.name
+        read_many = stream.reader.read_many
+        placement = stream.placement
         by_key: dict[str, list[Prepared]] = {}
         for item, key in zip(members, keys, strict=True):
             by_key.setdefault(key, []).append(item)
         for key, items in by_key.items():
             hash_fields = fetched[key]
-            times = [item.t_ms for item in items]
-            # one parse per key and micro-batch, however many requests share the entity
-            tiles = tiles_from_hash(stream.plan, hash_fields, min(times), max(times))
             last = hash_fields.get(_LAST_EVENT_FIELD_BYTES)
-            for item in items:
-                values = read_window(stream.plan, tiles, item.t_ms)
-                for name, column in stream.outputs:
-                    if not item.sent[column]:
-                        item.row[0, column] = values[name]
-                if last is not None:
-                    age = item.t_ms - int(float(last))
-                    item.freshness.append(Freshness(group, item.entity_ids[stream.entity], age))
+            last_ms = None if last is None else int(float(last))
+            all_values = read_many(hash_fields, [item.t_ms for item in items])
+            for item, values in zip(items, all_values, strict=True):
+                row = item.row[0]
+                if item.store_sent:
+                    sent = item.sent
+                    for position, column in placement:
+                        if not sent[column]:
+                            row[column] = values[position]
+                else:
+                    for position, column in placement:
+                        row[column] = values[position]
+                if last_ms is not None:
+                    entity = item.entity_ids[stream.entity]
+                    item.freshness.append(Freshness(group, entity, item.t_ms - last_ms))
 
     def _missing_entity(
         self, layout: FeatureLayout, item: Prepared, columns: Sequence[int]

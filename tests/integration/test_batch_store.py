@@ -327,21 +327,25 @@ async def test_snapshot_flip_under_1000_concurrent_reads_never_mixes(redis_url: 
             if counts["A"] >= n_readers:
                 flip_now.set()
 
+    # Every await is under a timeout, so a stuck connection fails here with its stack
+    # instead of at pytest-timeout's limit.
     try:
-        for sid, value in expected.items():
-            rows = [(e, dict.fromkeys(FIELDS, value)) for e in entities]
-            await write_snapshot(client, "profile", rows, snapshot_id=sid)
-        await activate(client, "profile", "A")
-        cache = BatchSnapshotCache(client, ["profile"], refresh_interval_s=0.01)
-        async with cache, asyncio.timeout(60), asyncio.TaskGroup() as tasks:
-            for n in range(n_readers):
-                tasks.create_task(reader(n, cache))
-            await flip_now.wait()
-            result = await activate(client, "profile", "B")
-            flipped.set()
-            assert (result.active, result.previous) == ("B", "A")
+        async with asyncio.timeout(60):
+            for sid, value in expected.items():
+                rows = [(e, dict.fromkeys(FIELDS, value)) for e in entities]
+                await write_snapshot(client, "profile", rows, snapshot_id=sid)
+            await activate(client, "profile", "A")
+            cache = BatchSnapshotCache(client, ["profile"], refresh_interval_s=0.01)
+            async with cache, asyncio.TaskGroup() as tasks:
+                for n in range(n_readers):
+                    tasks.create_task(reader(n, cache))
+                await flip_now.wait()
+                result = await activate(client, "profile", "B")
+                flipped.set()
+                assert (result.active, result.previous) == ("B", "A")
     finally:
-        await client.aclose()
+        async with asyncio.timeout(10):
+            await client.aclose()
 
     assert bad == []
     assert counts["A"] >= n_readers and counts["B"] == n_readers

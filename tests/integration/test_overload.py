@@ -33,7 +33,7 @@ OK = grpc.StatusCode.OK
 @pytest.fixture
 async def slow_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
     repository = tmp_path / "models"
-    write_linear_model(repository, "slow", "1", TEST_FEATURES, slow_layers=100, slow_width=1024)
+    write_linear_model(repository, "slow", "1", TEST_FEATURES, slow_layers=300, slow_width=1024)
     overrides = [
         "models.per_model.slow.execution=thread",
         "models.per_model.slow.max_batch_size=1",
