@@ -36,28 +36,28 @@ from protos.inference import grpc_service_pb2_grpc as v2_grpc
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
-from server.admin_api import SERVICE_NAME as ADMIN_SERVICE_NAME
-from server.admin_api import AdminService
-from server.auth import TokenAuthenticator
+from server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
+from server.admin.api import AdminService
+from server.admin.auth import TokenAuthenticator
 from server.batcher import BatchPolicy
 from server.features import FeatureStore, StoreOptions
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
-from server.kafka_sink import KafkaSink, SinkConfig, SinkMetrics
 from server.metrics import Metrics
 from server.pipeline import ScoringPipeline
+from server.records.kafka_sink import KafkaSink, SinkConfig, SinkMetrics
+from server.records.shadow import ShadowMetrics, ShadowOptions, ShadowRunner, live_backlog
+from server.records.traffic_log import TrafficLog
 from server.registry import ModelRegistry, ServingOptions
-from server.rollout import RolloutState
-from server.rollout_controller import RolloutController, RolloutMetrics
-from server.rollout_routing import RoutingRolloutActions, rollout_states, sync_windows
-from server.rollout_stats import StatsRecorder
-from server.routing_control import RoutingController
-from server.routing_state import RoutingState
-from server.routing_store import FileRoutingStore, RedisRoutingStore, RoutingStore
+from server.rollout.controller import RolloutController, RolloutMetrics
+from server.rollout.policy import RolloutState
+from server.rollout.routing import RoutingRolloutActions, rollout_states, sync_windows
+from server.rollout.stats import StatsRecorder
+from server.routing.control import RoutingController
+from server.routing.state import RoutingState
+from server.routing.store import FileRoutingStore, RedisRoutingStore, RoutingStore
 from server.runtime import RuntimeOptions
 from server.settings import Settings
-from server.shadow import ShadowMetrics, ShadowOptions, ShadowRunner, live_backlog
-from server.traffic_log import TrafficLog
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from feature_streams.definitions import FeatureDefinitions, load_definitions
-from server.admin_cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
+from server.admin.cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from server.logs import configure_logging
 from server.settings import Settings, SettingsError, load_settings
 
@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from feature_streams.backfill import main_backfill
 
         return main_backfill(argv[2:])
-    if argv[:1] == ["replay"]:  # its own parser: server.replay
-        from server.replay import main_replay
+    if argv[:1] == ["replay"]:  # its own parser: server.records.replay
+        from server.records.replay import main_replay
 
         bootstrap = os.environ.get("STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
         return main_replay(argv[1:], default_bootstrap=bootstrap)

@@ -19,12 +19,12 @@ from server.errors import InvalidInput, ScoringError
 from server.executor import Job
 from server.features import Freshness
 from server.registry import LoadedVersion, ModelRegistry
-from server.rollout_stats import StatsRecorder
+from server.rollout.stats import StatsRecorder
 from server.router import Decision, Route
 
 if TYPE_CHECKING:
-    from server.shadow import ShadowRunner
-    from server.traffic_log import TrafficLog
+    from server.records.shadow import ShadowRunner
+    from server.records.traffic_log import TrafficLog
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 

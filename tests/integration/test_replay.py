@@ -14,10 +14,9 @@ import pytest
 
 from devstack.services import KafkaBroker
 from protos.streamscore.v1 import scoring_pb2 as pb
-from server.kafka_sink import KafkaSink, SinkConfig
 from server.pipeline import ScoringPipeline
-from server.registry import ModelRegistry
-from server.replay import (
+from server.records.kafka_sink import KafkaSink, SinkConfig
+from server.records.replay import (
     ReplayConfig,
     ReplayError,
     main_replay,
@@ -25,6 +24,7 @@ from server.replay import (
     record_from_exchange,
     run_replay,
 )
+from server.registry import ModelRegistry
 from tests.conftest import TEST_FEATURES
 from tests.support.server import RunningServer, running_server
 

@@ -18,7 +18,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from server.rollout import (
+from server.rollout.controller import (
+    DEFAULT_LEASE_KEY,
+    ControllerOptions,
+    RolloutController,
+    RolloutMetrics,
+)
+from server.rollout.policy import (
     FULL_SHARE_BP,
     Advance,
     Promote,
@@ -27,13 +33,7 @@ from server.rollout import (
     RolloutState,
     RolloutStep,
 )
-from server.rollout_controller import (
-    DEFAULT_LEASE_KEY,
-    ControllerOptions,
-    RolloutController,
-    RolloutMetrics,
-)
-from server.rollout_stats import StatsRecorder
+from server.rollout.stats import StatsRecorder
 from server.router import Route
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from devstack.services import redis_server
-from server.rollout import (
+from server.rollout.policy import (
     LATENCY_BUCKETS,
     SCORE_BINS,
     RolloutPolicy,
@@ -21,7 +21,7 @@ from server.rollout import (
     latency_bucket,
     score_bin,
 )
-from server.rollout_stats import (
+from server.rollout.stats import (
     StatsRecorder,
     read_observation,
     read_stats,

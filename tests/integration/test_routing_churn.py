@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from protos.streamscore.v1 import admin_pb2 as apb
-from server.routing_store import FileRoutingStore
+from server.routing.store import FileRoutingStore
 from tests.conftest import TEST_FEATURES
 from tests.support.admin import CREDENTIALS, AdminServer, admin_server, score_request
 from tests.support.model_factory import write_linear_model

@@ -21,19 +21,19 @@ from prometheus_client import CollectorRegistry
 
 from devstack.services import KafkaBroker, free_port, kafka_broker
 from protos.streamscore.v1 import scoring_pb2 as pb
-from server.kafka_sink import KafkaSink, Payload, SinkConfig, SinkMetrics
 from server.pipeline import ScoreInput, ScoreResult, ScoringPipeline
-from server.registry import ModelRegistry
-from server.replay import read_topic, read_topic_values
-from server.router import Route
-from server.shadow import (
+from server.records.kafka_sink import KafkaSink, Payload, SinkConfig, SinkMetrics
+from server.records.replay import read_topic, read_topic_values
+from server.records.shadow import (
     ShadowMetrics,
     ShadowOptions,
     ShadowRunner,
     live_backlog,
     records_of,
 )
-from server.traffic_log import TRAFFIC_SCHEMA, TrafficLog
+from server.records.traffic_log import TRAFFIC_SCHEMA, TrafficLog
+from server.registry import ModelRegistry
+from server.router import Route
 from tests.conftest import TEST_FEATURES
 from tests.support.server import RunningServer, running_server
 
@@ -321,7 +321,7 @@ wired = pytest.mark.skipif(not WIRED, reason="pipeline shadow/traffic hook not w
 
 
 async def set_shadows(srv: RunningServer, *versions: str) -> None:
-    from server.routing_control import Actor
+    from server.routing.control import Actor
 
     assert srv.app.routing is not None
     await srv.app.routing.set_routing(

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from devstack.services import free_port
-from server.kafka_sink import KafkaSink, SinkConfig, SinkMetrics
+from server.records.kafka_sink import KafkaSink, SinkConfig, SinkMetrics
 
 TOPIC = "records"
 

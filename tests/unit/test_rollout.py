@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from server.rollout import (
+from server.rollout.policy import (
     LATENCY_BOUNDS_S,
     LATENCY_BUCKETS,
     NON_FINITE_SCORE_BIN,

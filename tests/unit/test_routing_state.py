@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from server.errors import InvalidInput, ModelNotFound, ScoringError
-from server.routing_state import (
+from server.routing.state import (
     AuditEntry,
     Canary,
     CanaryRequest,

@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.errors import ModelNotFound
-from server.kafka_sink import Payload
 from server.manifest import ModelManifest, TensorSpec, TrainingInfo
-from server.shadow import (
+from server.records.kafka_sink import Payload
+from server.records.shadow import (
     SHADOW_SCHEMA,
     ScoringVersion,
     ShadowMetrics,

@@ -1,8 +1,8 @@
 """Guarded canary rollout: policy, window statistics, PSI and the decision. Pure.
 
 No I/O, no clock, no event loop: callers pass the statistics they read and ``now``.
-``server.rollout_stats`` collects and aggregates the statistics across processes;
-``server.rollout_controller`` runs :func:`evaluate` periodically in one process and
+``server.rollout.stats`` collects and aggregates the statistics across processes;
+``server.rollout.controller`` runs :func:`evaluate` periodically in one process and
 applies the decision through the routing-state API.
 
 A rollout walks the canary through ``policy.steps`` (e.g. 1% -> 5% -> 25% -> 50% ->

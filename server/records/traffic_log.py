@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter
 
-from server.kafka_sink import RecordSink
+from server.records.kafka_sink import RecordSink
 
 if TYPE_CHECKING:
     from server.pipeline import ScoreInput, ScoreResult

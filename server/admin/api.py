@@ -1,6 +1,6 @@
 """``streamscore.v1.Admin``: authenticate, decode, call the routing controller, encode.
 
-Every method first checks the caller's credentials (``server.auth``); the
+Every method first checks the caller's credentials (``server.admin.auth``); the
 scoring data plane has no path into here. Domain errors become their gRPC
 status with the message naming the problem; anything else is logged, INTERNAL.
 """
@@ -17,10 +17,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
-from server.auth import TokenAuthenticator
+from server.admin.auth import TokenAuthenticator
 from server.errors import ScoringError
-from server.routing_control import Actor, ModelView, RoutingController
-from server.routing_state import AuditEntry, CanaryRequest, EndpointState
+from server.routing.control import Actor, ModelView, RoutingController
+from server.routing.state import AuditEntry, CanaryRequest, EndpointState
 
 logger = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ background task flushes the deltas every ``flush_interval_s`` with ``HINCRBY`` i
 one hash per (endpoint, rollout id, step, version). Any process can then read the
 sums with :func:`read_observation`.
 
-Redis key layout (``v1`` names the bucket layout of ``server.rollout``; changing
+Redis key layout (``v1`` names the bucket layout of ``server.rollout.policy``; changing
 ``LATENCY_BOUNDS_S`` or ``SCORE_CUTS`` must bump it)::
 
     streamscore:rollout:v1:{<endpoint>:<rollout_id>}:<step>:<version>   hash
         requests   requests routed to <version> in that step (answered + failed)
         errors     of which failed after routing
-        lat:<i>    requests in latency bucket i (server.rollout.LATENCY_BOUNDS_S)
-        score:<i>  answered requests in score bin i (server.rollout.score_bin)
+        lat:<i>    requests in latency bucket i (server.rollout.policy.LATENCY_BOUNDS_S)
+        score:<i>  answered requests in score bin i (server.rollout.policy.score_bin)
 
 Only non-zero fields are written. The ``{...}`` hash tag puts every key of one
 rollout in one Redis Cluster slot, so a flush is one ``MULTI``/``EXEC`` per rollout
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.rollout import (
+from server.rollout.policy import (
     LATENCY_BUCKETS,
     SCORE_BINS,
     Observation,

@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from server.errors import InvalidInput
-from server.rollout import RolloutDocument, RolloutPolicy, RolloutState
-from server.rollout_stats import StatsRecorder
-from server.routing_control import Actor, RoutingController
-from server.routing_state import (
+from server.rollout.policy import RolloutDocument, RolloutPolicy, RolloutState
+from server.rollout.stats import StatsRecorder
+from server.routing.control import Actor, RoutingController
+from server.routing.state import (
     EndpointState,
     RoutingConflict,
     RoutingState,
@@ -88,7 +88,7 @@ def _reason(reason: str, numbers: Mapping[str, float]) -> str:
 
 
 class RoutingRolloutActions:
-    """``server.rollout_controller.RolloutActions`` over the routing controller."""
+    """``server.rollout.controller.RolloutActions`` over the routing controller."""
 
     def __init__(self, routing: RoutingController, clock: Callable[[], float]) -> None:
         self._routing = routing

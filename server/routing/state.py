@@ -1,6 +1,6 @@
 """Desired routing state: what every server process should load and route. Pure.
 
-``RoutingState`` is the persisted document (see ``server.routing_store``): a global
+``RoutingState`` is the persisted document (see ``server.routing.store``): a global
 ``revision`` bumped by every change, and per endpoint an ``EndpointState``:
 
 * ``loaded``: versions every process keeps loaded (pinnable);

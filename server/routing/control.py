@@ -13,7 +13,7 @@ Every server process runs one ``RoutingController``:
   first). A request holds the version it resolved, so in-flight requests finish on
   the version they started with.
 * **change** (admin): under one lock per process, read the state, apply a pure
-  transition from ``server.routing_state``, write it with compare-and-set together
+  transition from ``server.routing.state``, write it with compare-and-set together
   with its audit entry (retrying on a concurrent change), and apply it here before
   answering. A refused change is audit-logged with its error and changes nothing.
   ``load_version`` loads the version in this process first, so a bad artifact is
@@ -46,7 +46,7 @@ from server.errors import (
 from server.metrics import Metrics
 from server.registry import LoadedVersion, ModelRegistry, RouteSpec, ServingOptions, scan_repository
 from server.router import CanaryRoute, version_sort_key
-from server.routing_state import (
+from server.routing.state import (
     AuditEntry,
     CanaryRequest,
     ConcurrentUpdate,
@@ -61,7 +61,7 @@ from server.routing_state import (
     rollback,
     set_routing,
 )
-from server.routing_store import RoutingStore
+from server.routing.store import RoutingStore
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ class RoutingController:
         self, canary: CanaryRequest | None, rollout: Mapping[str, Any] | str | None
     ) -> Mapping[str, Any] | None:
         """A rollout policy given with a canary starts a guarded rollout at its first step."""
-        from server.rollout_routing import new_rollout  # rollout_routing builds on this module
+        from server.rollout.routing import new_rollout  # rollout.routing builds on this module
 
         value = parse_rollout(rollout) if isinstance(rollout, str) else rollout
         if value is None or "id" in value:  # none, or an existing rollout document

@@ -1,7 +1,7 @@
 """Replay recorded traffic against a server and compare with what was recorded.
 
 ``streamscore replay`` (and the bench's replay mode) reads traffic-log records
-(``server.traffic_log``) from a Kafka topic (from the beginning up to the end
+(``server.records.traffic_log``) from a Kafka topic (from the beginning up to the end
 offsets seen at start) or a JSON-lines file, and sends them as ``Score`` calls to a
 target server:
 
@@ -44,7 +44,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from bench.histogram import LatencyHistogram, LatencySummary
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
-from server.traffic_log import TRAFFIC_SCHEMA, traffic_record
+from server.records.traffic_log import TRAFFIC_SCHEMA, traffic_record
 
 __all__ = [
     "FeatureMode",

@@ -49,8 +49,8 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from server.kafka_sink import RecordSink
 from server.manifest import ModelManifest
+from server.records.kafka_sink import RecordSink
 
 __all__ = [
     "ERROR_REASONS",

@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.errors import DependencyUnavailable
-from server.routing_state import AuditEntry, RoutingState
+from server.routing.state import AuditEntry, RoutingState
 
 #: Most audit entries a listing returns.
 MAX_AUDIT_LIMIT = 1000

@@ -11,8 +11,8 @@ lease acts. Each tick (``tick_s``) a process:
    therefore be conditional on ``rollout_id`` (and may check the current share)
    so that a late action of a former leader is refused, not applied twice;
 3. as leader, for each rollout whose ``policy.evaluation_interval_s`` has passed,
-   reads the summed statistics (``server.rollout_stats.read_observation``), calls
-   :func:`server.rollout.evaluate` with ``now`` from the injected clock and applies
+   reads the summed statistics (``server.rollout.stats.read_observation``), calls
+   :func:`server.rollout.policy.evaluate` with ``now`` from the injected clock and applies
    the decision through :class:`RolloutActions`.
 
 A decision is applied at most once per observed state (rollout id, share and the
@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from server.rollout import (
+from server.rollout.policy import (
     Advance,
     Decision,
     Hold,
@@ -48,7 +48,7 @@ from server.rollout import (
     RolloutState,
     evaluate,
 )
-from server.rollout_stats import KEY_PREFIX, read_observation
+from server.rollout.stats import KEY_PREFIX, read_observation
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ return 0
 class RolloutActions(Protocol):
     """What the routing-state API offers the controller; each call is audit-logged there.
 
-    ``numbers`` are the measurements behind the decision (see ``server.rollout.evaluate``).
+    ``numbers`` are the measurements behind the decision (see ``server.rollout.policy.evaluate``).
     Implementations must refuse (raise or no-op) a call whose ``rollout_id`` is not the
     endpoint's active rollout any more.
     """
