@@ -38,7 +38,7 @@ from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from server.admin.api import AdminService
-from server.admin.auth import TokenAuthenticator
+from server.admin.auth import Authenticator, CertificateAuthenticator, TokenAuthenticator
 from server.batcher import BatchPolicy
 from server.features import FeatureStore, StoreOptions
 from server.grpc_api import InferenceService, ScoringService
@@ -271,7 +271,13 @@ class AppContext:
             await self.rollouts.start()
         server = self._grpc_server()
         self._server = server
-        admin = AdminService(self.routing, TokenAuthenticator(settings.server.admin_credentials()))
+        tls = settings.server.admin_tls
+        authenticator: Authenticator = (
+            TokenAuthenticator(settings.server.admin_credentials())
+            if tls is None
+            else CertificateAuthenticator(tls.allowed_subjects)
+        )
+        admin = AdminService(self.routing, authenticator)
         admin_server = server
         if settings.server.admin_port is not None:
             admin_server = self._admin_server = self._grpc_server()
@@ -306,7 +312,15 @@ class AppContext:
                 (ADMIN_SERVICE_NAME, reflection.SERVICE_NAME), admin_server
             )
             admin_address = f"{settings.server.host}:{settings.server.admin_port}"
-            self.admin_port = admin_server.add_insecure_port(admin_address)
+            if tls is None:
+                self.admin_port = admin_server.add_insecure_port(admin_address)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                    root_certificates=tls.client_ca_file.read_bytes(),
+                    require_client_auth=True,
+                )
+                self.admin_port = admin_server.add_secure_port(admin_address, credentials)
             if self.admin_port == 0:
                 raise OSError(f"could not bind admin port {admin_address}")
             await admin_server.start()

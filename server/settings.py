@@ -27,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     SecretStr,
     StringConstraints,
     ValidationError,
@@ -86,6 +87,22 @@ def _version_text(value: Any) -> Any:
     return value
 
 
+class AdminTLSSettings(_Frozen):
+    """Mutual TLS on the admin port: the server's certificate, and the CA whose client
+    certificates are accepted. The client certificate's common name is the caller."""
+
+    cert_file: FilePath = Field(description="Server certificate chain (PEM).")
+    key_file: FilePath = Field(description="Server private key (PEM).")
+    client_ca_file: FilePath = Field(
+        description="CA bundle (PEM) a client certificate must chain to; one is required."
+    )
+    allowed_subjects: tuple[str, ...] = Field(
+        default=(),
+        description="Client certificate common names allowed to call; empty = every "
+        "certificate the CA signed.",
+    )
+
+
 class ServerSettings(_Frozen):
     """The gRPC listener and process layout."""
 
@@ -124,6 +141,11 @@ class ServerSettings(_Frozen):
         default_factory=dict,
         description="More admin bearer tokens by name; the name is the audit log's actor.",
     )
+    admin_tls: AdminTLSSettings | None = Field(
+        default=None,
+        description="Mutual TLS on admin_port (required with it): a client certificate "
+        "from client_ca_file authenticates the caller instead of a bearer token.",
+    )
     uvloop: bool = Field(default=True, description="Run each process's event loop on uvloop.")
 
     @model_validator(mode="after")
@@ -148,6 +170,13 @@ class ServerSettings(_Frozen):
                 (
                     "admin_port must differ from port (null = serve admin on port)",
                     (("admin_port",), ("port",)),
+                )
+            )
+        if self.admin_tls is not None and self.admin_port is None:
+            issues.append(
+                (
+                    "admin_tls needs its own admin_port (the scoring port stays plaintext)",
+                    (("admin_tls",), ("admin_port",)),
                 )
             )
         if issues:

@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
-from server.admin.auth import TokenAuthenticator
+from server.admin.auth import Authenticator
 from server.errors import ScoringError
 from server.routing.control import Actor, ModelView, RoutingController
 from server.routing.state import AuditEntry, CanaryRequest, EndpointState
@@ -41,14 +41,14 @@ T = TypeVar("T")
 class AdminService(apb_grpc.AdminServicer):
     """The admin servicer over one process's ``RoutingController``."""
 
-    def __init__(self, controller: RoutingController, authenticator: TokenAuthenticator) -> None:
+    def __init__(self, controller: RoutingController, authenticator: Authenticator) -> None:
         self._controller = controller
         self._auth = authenticator
 
     async def _call(self, context: Context, work: Callable[[Actor], Awaitable[T]]) -> T:
         """Authenticate, run ``work``; turn failures into the gRPC status (abort raises)."""
         try:
-            principal = self._auth.authenticate(context.invocation_metadata())
+            principal = self._auth.authenticate(context)  # type: ignore[arg-type]
             return await work(Actor(principal.name, context.peer() or ""))
         except ScoringError as error:
             await context.abort(error.code, str(error))

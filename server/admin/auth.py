@@ -1,17 +1,24 @@
-"""Admin API credentials: bearer tokens from the settings, compared in constant time.
+"""Admin API credentials: bearer tokens, or client certificates under mutual TLS.
 
-A call carries ``authorization: Bearer <token>`` metadata. The token is matched
-against every configured token (``server.admin_token``, named ``admin``, and the
-named ``server.admin_tokens``); the matching token's name is the audit log's actor.
-With no token configured the admin API is closed: every call is UNAUTHENTICATED.
+Tokens (:class:`TokenAuthenticator`): a call carries ``authorization: Bearer
+<token>`` metadata, matched in constant time against every configured token
+(``server.admin_token``, named ``admin``, and the named ``server.admin_tokens``);
+the matching token's name is the audit log's actor. With no token configured the
+admin API is closed: every call is UNAUTHENTICATED.
+
+Certificates (:class:`CertificateAuthenticator`, with ``server.admin_tls``): the TLS
+handshake already refused any client without a certificate chaining to the client
+CA; the certificate's common name is the actor (``cert:<CN>``), and when
+``allowed_subjects`` is set a name outside it is PERMISSION_DENIED.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -24,6 +31,26 @@ class Unauthenticated(ScoringError):
     """Missing or wrong credentials (the message never echoes what was sent)."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ScoringError):
+    """Authenticated, but not allowed to call the admin API."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class CallCredentials(Protocol):
+    """What an authenticator reads of a call (``grpc.aio.ServicerContext`` has both)."""
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]] | None: ...
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
+
+
+class Authenticator(Protocol):
+    """Turns a call's credentials into a principal or raises a ScoringError."""
+
+    def authenticate(self, call: CallCredentials) -> Principal: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +75,13 @@ class TokenAuthenticator:
         """False when no token is configured (every call is refused)."""
         return bool(self._digests)
 
-    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
+    def authenticate(self, call: CallCredentials) -> Principal:
+        """The principal of a call's bearer token; ``Unauthenticated`` otherwise."""
+        return self.authenticate_metadata(call.invocation_metadata())
+
+    def authenticate_metadata(
+        self, metadata: Iterable[tuple[str, str | bytes]] | None
+    ) -> Principal:
         """The principal of a call's metadata; ``Unauthenticated`` otherwise."""
         if not self._digests:
             raise Unauthenticated("the admin API is disabled: no server.admin_token is configured")
@@ -65,3 +98,28 @@ class TokenAuthenticator:
         if found is None:
             raise Unauthenticated("invalid credentials")
         return Principal(found)
+
+
+CERT_ACTOR_PREFIX = "cert:"
+
+
+class CertificateAuthenticator:
+    """Client certificates verified by the TLS handshake; the common name is the actor."""
+
+    def __init__(self, allowed_subjects: Iterable[str] = ()) -> None:
+        self._allowed = frozenset(allowed_subjects)
+
+    def authenticate(self, call: CallCredentials) -> Principal:
+        """``cert:<CN>`` of the verified client certificate."""
+        context = call.auth_context()
+        names = [bytes(n).decode(errors="replace") for n in context.get("x509_common_name", ())]
+        if not names:
+            # require_client_auth makes this unreachable over TLS; a plaintext port or a
+            # certificate without a common name ends here.
+            raise Unauthenticated("a client certificate with a common name is required")
+        name = names[0]
+        if self._allowed and name not in self._allowed:
+            raise PermissionDenied(
+                f"client certificate {name!r} is not in server.admin_tls.allowed_subjects"
+            )
+        return Principal(CERT_ACTOR_PREFIX + name)

@@ -2,7 +2,9 @@
 
 The target is ``--target`` or the configured ``server.host`` and admin port (the
 gRPC port unless ``server.admin_port`` is set); the bearer token is the
-configured ``server.admin_token`` (set ``STREAMSCORE_SERVER__ADMIN_TOKEN``).
+configured ``server.admin_token`` (set ``STREAMSCORE_SERVER__ADMIN_TOKEN``). Against
+an admin port with mutual TLS, ``--tls-cert/--tls-key`` (the client certificate,
+whose common name is the actor) and ``--tls-ca`` (the server's CA) replace the token.
 ``route`` reads the endpoint's routing, changes only what its flags name, and
 writes it back with ``expected_revision``, so a concurrent change is refused
 (ABORTED) rather than overwritten.
@@ -14,6 +16,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -41,6 +44,11 @@ def add_admin_commands(
         parser.add_argument("--target", help="host:port of the admin API (default: from config)")
         parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
         parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+        tls = parser.add_argument_group("mutual TLS (server.admin_tls)")
+        tls.add_argument("--tls-ca", type=Path, help="CA bundle that signed the server (PEM)")
+        tls.add_argument("--tls-cert", type=Path, help="client certificate chain (PEM)")
+        tls.add_argument("--tls-key", type=Path, help="client private key (PEM)")
+        tls.add_argument("--tls-server-name", help="name to check the server certificate against")
         if reason:
             parser.add_argument("--reason", required=True, help="why (recorded in the audit log)")
         return parser
@@ -78,12 +86,8 @@ def run_admin_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run one admin subcommand; 0 on success, 1 when the server refused."""
     server = settings.server
     target = args.target or f"{server.host}:{server.admin_port or server.port}"
-    if server.admin_token is None:
-        raise SettingsError(
-            ["server.admin_token: required to call the admin API (STREAMSCORE_SERVER__ADMIN_TOKEN)"]
-        )
-    metadata = (("authorization", f"Bearer {server.admin_token.get_secret_value()}"),)
-    with grpc.insecure_channel(target) as channel:
+    channel, metadata = _connect(args, settings, target)
+    with channel:
         stub = apb_grpc.AdminStub(channel)
 
         def call(method: Callable[..., Any], request: Message) -> Any:
@@ -106,6 +110,37 @@ def run_admin_command(args: argparse.Namespace, settings: Settings) -> int:
     else:
         sys.stdout.write(format_models(apb.ListModelsResponse(models=[answer.model])))
     return 0
+
+
+def _connect(
+    args: argparse.Namespace, settings: Settings, target: str
+) -> tuple[grpc.Channel, tuple[tuple[str, str], ...]]:
+    """A channel to the admin API and the metadata every call carries."""
+    tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
+    if any(tls_files):
+        if not all(tls_files):
+            raise SettingsError(["--tls-ca, --tls-cert and --tls-key: give all three"])
+        for flag, path in zip(("--tls-ca", "--tls-cert", "--tls-key"), tls_files, strict=True):
+            if not path.is_file():
+                raise SettingsError([f"{flag}: no such file: {path}"])
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=args.tls_ca.read_bytes(),
+            private_key=args.tls_key.read_bytes(),
+            certificate_chain=args.tls_cert.read_bytes(),
+        )
+        options = []
+        if args.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+        return grpc.secure_channel(target, credentials, options=options), ()
+    token = settings.server.admin_token
+    if token is None:
+        raise SettingsError(
+            [
+                "server.admin_token: required to call the admin API "
+                "(STREAMSCORE_SERVER__ADMIN_TOKEN), or --tls-ca/--tls-cert/--tls-key"
+            ]
+        )
+    return grpc.insecure_channel(target), (("authorization", f"Bearer {token.get_secret_value()}"),)
 
 
 def _dispatch(
