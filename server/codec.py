@@ -219,7 +219,8 @@ def model_config(loaded: LoadedVersion, max_queue_delay_us: int) -> v2config.Mod
         dims=[loaded.layout.width],
     )
     for o in manifest.outputs:
-        config.output.add(
-            name=o.name, data_type=_DTYPES[o.dtype][1], dims=output_dims(loaded, o.name)
-        )
+        dims = output_dims(loaded, o.name)
+        output = config.output.add(name=o.name, data_type=_DTYPES[o.dtype][1], dims=dims or [1])
+        if not dims:  # a [batch] output: Triton writes dims [1] with an empty reshape
+            output.reshape.SetInParent()
     return config

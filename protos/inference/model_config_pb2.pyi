@@ -65,6 +65,30 @@ TYPE_BF16: DataType.ValueType  # 14
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
 @_typing.final
+class ModelTensorReshape(_message.Message):
+    """Triton's way to give a tensor of rank 1 ([batch]) non-empty dims: dims [1] with an
+    empty reshape.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelTensorReshape: _TypeAlias = ModelTensorReshape  # noqa: Y015
+
+@_typing.final
 class ModelInput(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -99,20 +123,24 @@ class ModelOutput(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DATA_TYPE_FIELD_NUMBER: _builtins.int
     DIMS_FIELD_NUMBER: _builtins.int
+    RESHAPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     data_type: Global___DataType.ValueType
     @_builtins.property
     def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def reshape(self) -> Global___ModelTensorReshape: ...
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         data_type: Global___DataType.ValueType = ...,
         dims: _abc.Iterable[_builtins.int] | None = ...,
+        reshape: Global___ModelTensorReshape | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reshape", b"reshape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "dims", b"dims", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "dims", b"dims", "name", b"name", "reshape", b"reshape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

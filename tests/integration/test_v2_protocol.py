@@ -141,10 +141,12 @@ async def test_official_triton_client(repo: Repo) -> None:
     config = result["model_config"]
     assert config["name"] == "lin"
     assert config["max_batch_size"] == MAX_BATCH
-    assert config["inputs"] == [{"name": "features", "data_type": "TYPE_FP32", "dims": [WIDTH]}]
-    assert config["outputs"] == [
-        {"name": "label", "data_type": "TYPE_INT64", "dims": []},
-        {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [2]},
+    assert config["inputs"] == [
+        {"name": "features", "data_type": "TYPE_FP32", "dims": [WIDTH], "reshape": None}
+    ]
+    assert config["outputs"] == [  # [batch] label: Triton's dims [1] + empty reshape
+        {"name": "label", "data_type": "TYPE_INT64", "dims": [1], "reshape": []},
+        {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [2], "reshape": None},
     ]
 
     infer = result["infer"]

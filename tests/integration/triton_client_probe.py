@@ -43,6 +43,7 @@ def _config_tensors(items: Sequence[Any], data_types: Any) -> list[Json]:
             "name": str(t.name),
             "data_type": str(data_types.Name(t.data_type)),
             "dims": [int(d) for d in t.dims],
+            "reshape": [int(d) for d in t.reshape.shape] if t.HasField("reshape") else None,
         }
         for t in items
     ]
