@@ -49,7 +49,12 @@ from feature_streams.demo_batch import (
 )
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
-from server.demo.synthetic import DemoPopulation, make_population, sample_transaction
+from server.demo.synthetic import (
+    DemoPopulation,
+    SyntheticTransaction,
+    make_population,
+    sample_transactions,
+)
 
 __all__ = [
     "ProducerConfig",
@@ -65,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 _STREAM_SALT = 0x5EED
 """Mixed into the seed of the transaction draws (the population uses the plain seed)."""
+_DRAW_CHUNK = 256
+"""Transactions drawn per call of ``sample_transactions`` (each call scans every card)."""
 _INT_FIELDS = ("mcc", "channel", "is_international", "card_present")
 _EVENT_FIELDS = ("amount", *_INT_FIELDS, "distance_from_home_km")
 _SCORE_FIELDS = (
@@ -151,6 +158,7 @@ class TransactionSource:
         self._rng = np.random.default_rng((seed, _STREAM_SALT))
         self._burst_size = burst_size
         self._pending: deque[TransactionEvent] = deque()
+        self._drawn: deque[SyntheticTransaction] = deque()
         self._count = 0
 
     def _next_id(self) -> str:
@@ -161,7 +169,9 @@ class TransactionSource:
         """The next event: a queued burst charge, else a freshly drawn transaction."""
         if self._pending:
             return self._pending.popleft()
-        tx = sample_transaction(self._rng, self._population)
+        if not self._drawn:  # a draw costs O(cards) however many it returns
+            self._drawn.extend(sample_transactions(self._rng, self._population, _DRAW_CHUNK))
+        tx = self._drawn.popleft()
         event = TransactionEvent(
             transaction_id=self._next_id(),
             card_id=tx.card_id,

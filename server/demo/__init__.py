@@ -20,6 +20,7 @@ from server.demo.synthetic import (
     generate_dataset,
     make_population,
     sample_transaction,
+    sample_transactions,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "generate_dataset",
     "make_population",
     "sample_transaction",
+    "sample_transactions",
 ]

@@ -470,16 +470,34 @@ def sample_transaction(
     rng: np.random.Generator, population: DemoPopulation
 ) -> SyntheticTransaction:
     """Draw one transaction: request-time features plus customer/card/merchant ids."""
-    req = _sample_requests(rng, population, 1)
-    pattern = int(req.pattern[0])
-    return SyntheticTransaction(
-        customer_id=population.customer_ids[int(req.customer[0])],
-        card_id=population.card_ids[int(req.card[0])],
-        merchant_id=population.merchant_ids[int(req.merchant[0])],
-        is_fraud=pattern != _LEGIT,
-        pattern=FRAUD_PATTERNS[pattern],
-        request=dict(zip(REQUEST_FEATURES, req.values[0].tolist(), strict=True)),
-    )
+    return sample_transactions(rng, population, 1)[0]
+
+
+def sample_transactions(
+    rng: np.random.Generator, population: DemoPopulation, n: int
+) -> list[SyntheticTransaction]:
+    """Draw ``n`` transactions at once: each draw picks among every card, so one call
+    for many costs about as much as one call for one (prefer it in loops)."""
+    req = _sample_requests(rng, population, n)
+    values = req.values.tolist()
+    return [
+        SyntheticTransaction(
+            customer_id=population.customer_ids[customer],
+            card_id=population.card_ids[card],
+            merchant_id=population.merchant_ids[merchant],
+            is_fraud=pattern != _LEGIT,
+            pattern=FRAUD_PATTERNS[pattern],
+            request=dict(zip(REQUEST_FEATURES, row, strict=True)),
+        )
+        for customer, card, merchant, pattern, row in zip(
+            req.customer.tolist(),
+            req.card.tolist(),
+            req.merchant.tolist(),
+            req.pattern.tolist(),
+            values,
+            strict=True,
+        )
+    ]
 
 
 def generate_dataset(

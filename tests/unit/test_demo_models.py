@@ -26,6 +26,7 @@ from server.demo.synthetic import (
     generate_dataset,
     make_population,
     sample_transaction,
+    sample_transactions,
 )
 from server.demo.train import (
     DemoVersionSpec,
@@ -172,6 +173,21 @@ def test_sample_transaction_gives_request_features_and_known_ids() -> None:
         population.customer_features("cust-999999")
     with pytest.raises(KeyError):
         population.card_features("nope")
+
+
+def test_sample_transactions_draws_many_like_one_at_a_time() -> None:
+    population = make_population(np.random.default_rng(0), n_customers=200, n_merchants=50)
+    batch = sample_transactions(np.random.default_rng(9), population, 4_000)
+    one = sample_transactions(np.random.default_rng(9), population, 1)
+    assert one == [sample_transaction(np.random.default_rng(9), population)]
+    assert batch == sample_transactions(np.random.default_rng(9), population, 4_000)
+    assert len({t.card_id for t in batch}) > 100  # not one card repeated
+    assert all(tuple(t.request) == REQUEST_FEATURES for t in batch)
+    singles = [sample_transaction(np.random.default_rng(i), population) for i in range(4_000)]
+    for draws in (batch, singles):  # the same fraud mix either way (binomial, n=4000)
+        assert 0.01 < sum(t.is_fraud for t in draws) / len(draws) < 0.1
+    rates = [sum(t.is_fraud for t in d) / len(d) for d in (batch, singles)]
+    assert abs(rates[0] - rates[1]) < 0.02
 
 
 # --- export ---------------------------------------------------------------------------
