@@ -257,11 +257,15 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         model = request.model_name if self._registry.serves(request.model_name) else UNKNOWN_MODEL
         version = request.model_version or "-"
         try:
-            loaded = self._pipeline.resolve(request.model_name, request.model_version or None)
+            loaded, decision = self._pipeline.route(
+                request.model_name, request.model_version or None
+            )
             version = loaded.version
             rows = codec.decode_infer_rows(request, loaded)
             names = codec.requested_outputs(request, loaded)
-            result = await self._pipeline.infer(loaded, rows, deadline_of(context))
+            result = await self._pipeline.infer(
+                loaded, rows, deadline_of(context), decision=decision, request_id=request.id
+            )
             response = codec.encode_infer_response(request, loaded, result.outputs, names)
         except ScoringError as error:
             metrics.count(model, version, "-", error.code.name)

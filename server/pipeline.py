@@ -7,6 +7,7 @@ Servicers decode protobuf into the inputs here and encode the results back.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -159,16 +160,83 @@ class ScoringPipeline:
 
     def resolve(self, model: str, version: str | None) -> LoadedVersion:
         """The version a v2 call addresses (pinned, or the endpoint's champion)."""
+        return self.route(model, version)[0]
+
+    def route(self, model: str, version: str | None) -> tuple[LoadedVersion, Decision]:
+        """The version a v2 call addresses and the routing decision behind it."""
         if not model:
             raise InvalidInput("model_name", "required")
         decision = self._registry.routing.choose(model, version or None)
-        return self._registry.get(model, decision.version)
+        return self._registry.get(model, decision.version), decision
 
     async def infer(
-        self, loaded: LoadedVersion, rows: npt.NDArray[np.float32], deadline: float | None
+        self,
+        loaded: LoadedVersion,
+        rows: npt.NDArray[np.float32],
+        deadline: float | None,
+        *,
+        decision: Decision | None = None,
+        request_id: str = "",
     ) -> InferResult:
-        """Run caller-supplied rows ([N, F]) through ``loaded``'s batcher."""
+        """Run caller-supplied rows ([N, F]) through ``loaded``'s batcher; with the
+        ``decision`` that chose it, each row is shadowed and offered to the traffic log
+        like one Score call (ids ``<request_id>#<row>``)."""
+        started = time.perf_counter()
         result = await loaded.batcher.submit(
             Job(rows=rows), rows=int(rows.shape[0]), deadline=deadline
         )
+        if decision is not None and (
+            (decision.shadows and self.shadows is not None) or self.traffic is not None
+        ):
+            self._record_rows(loaded, decision, rows, result.outputs, request_id, started)
         return InferResult(loaded, result.outputs)
+
+    def _record_rows(
+        self,
+        loaded: LoadedVersion,
+        decision: Decision,
+        rows: npt.NDArray[np.float32],
+        outputs: Mapping[str, npt.NDArray[Any]],
+        request_id: str,
+        started: float,
+    ) -> None:
+        """Shadows and traffic-log records of a v2 call's rows (only queues work)."""
+        manifest = loaded.model.manifest
+        scores = outputs[manifest.score_output]
+        column = scores[:, manifest.score_index] if scores.ndim == 2 else scores
+        call_id = request_id or uuid.uuid4().hex  # the traffic log samples by id
+        names = loaded.layout.names
+        t_ms = int(self._clock() * 1000)
+        pinned = decision.version if decision.route is Route.PINNED else None
+        timings = {"pipeline_us": int((time.perf_counter() - started) * 1e6)}
+        for i, score in enumerate(column.tolist()):
+            item_id = f"{call_id}#{i}"
+            row = rows[i : i + 1]
+            if decision.shadows and self.shadows is not None:
+                self.shadows.submit(
+                    request_id=item_id,
+                    model=loaded.name,
+                    live=loaded,
+                    live_score=score,
+                    route=decision.route.value,
+                    row=row,
+                    shadows=decision.shadows,
+                )
+            if self.traffic is not None and self.traffic.sampled(item_id):
+                request = ScoreInput(
+                    model=loaded.name,
+                    request_id=item_id,
+                    features=dict(zip(names, row[0].tolist(), strict=True)),
+                    model_version=pinned,
+                    event_time_ms=t_ms,
+                )
+                answer = ScoreResult(item_id, score, loaded.name, decision.version, decision.route)
+                self.traffic.offer(
+                    request,
+                    answer,
+                    names=names,
+                    row=row,
+                    t_ms=t_ms,
+                    threshold=manifest.threshold,
+                    timings=timings,
+                )

@@ -1,8 +1,9 @@
 """Shadow records and traffic log through a real Tansu broker, from a real server's versions.
 
-The pipeline hook is not wired yet, so these tests drive ``ShadowRunner`` and
-``TrafficLog`` with a running server's registry and real pipeline answers: the row
-handed over is the exact assembled row (``echo_features``) the live model saw.
+The first tests drive ``ShadowRunner`` and ``TrafficLog`` directly with a running
+server's registry and real pipeline answers (the row handed over is the exact
+assembled row, ``echo_features``, the live model saw); the ``wired`` ones go through
+the server's own hook, for Score and v2 ModelInfer calls.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from devstack.services import KafkaBroker, free_port, kafka_broker
+from protos.inference import grpc_service_pb2 as v2
 from protos.streamscore.v1 import scoring_pb2 as pb
-from server.pipeline import ScoreInput, ScoreResult, ScoringPipeline
+from server.pipeline import ScoreInput, ScoreResult
 from server.records.kafka_sink import KafkaSink, Payload, SinkConfig, SinkMetrics
 from server.records.replay import read_topic, read_topic_values
 from server.records.shadow import (
@@ -32,7 +34,6 @@ from server.records.shadow import (
     records_of,
 )
 from server.records.traffic_log import TRAFFIC_SCHEMA, TrafficLog
-from server.registry import ModelRegistry
 from server.router import Route
 from tests.conftest import TEST_FEATURES
 from tests.support.server import RunningServer, running_server
@@ -314,10 +315,7 @@ async def test_sink_survives_kafka_coming_and_going(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- wired in
 # Through the real server: the pipeline hands answers to the ShadowRunner and the
-# TrafficLog the AppContext builds. Skipped until that hook exists.
-
-WIRED = hasattr(ScoringPipeline(ModelRegistry()), "shadows")
-wired = pytest.mark.skipif(not WIRED, reason="pipeline shadow/traffic hook not wired yet")
+# TrafficLog the AppContext builds.
 
 
 async def set_shadows(srv: RunningServer, *versions: str) -> None:
@@ -335,7 +333,6 @@ async def set_shadows(srv: RunningServer, *versions: str) -> None:
     )
 
 
-@wired
 async def test_wired_shadow_records_for_real_score_calls(
     kafka: KafkaBroker, linear_repository: Path
 ) -> None:
@@ -370,7 +367,6 @@ async def test_wired_shadow_records_for_real_score_calls(
         assert record["shadow"]["version"] == "1" and "score" in record["shadow"]
 
 
-@wired
 async def test_wired_failing_shadow_never_fails_the_answer(linear_repository: Path) -> None:
     async with running_server(linear_repository, ["shadow.records_topic=null"]) as srv:
         await set_shadows(srv, "1")
@@ -388,7 +384,6 @@ async def test_wired_failing_shadow_never_fails_the_answer(linear_repository: Pa
     assert sample(metrics, errors, model="lin", version="1", reason="inference") == 20
 
 
-@wired
 async def test_wired_traffic_log_samples_real_calls(
     kafka: KafkaBroker, linear_repository: Path
 ) -> None:
@@ -413,3 +408,55 @@ async def test_wired_traffic_log_samples_real_calls(
         response = sent[record.request_id]
         assert record.score == response.score and record.version == response.model_version
         assert list(record.features.values()) == [f.value for f in response.features]
+
+
+def v2_request(rows: npt.NDArray[np.float32], request_id: str, version: str = "") -> Any:
+    request = v2.ModelInferRequest(model_name="lin", model_version=version, id=request_id)
+    request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+    request.raw_input_contents.append(rows.astype("<f4").tobytes())
+    return request
+
+
+def v2_scores(response: Any) -> list[float]:
+    """P(positive) per row of a v2 answer (raw ``probabilities`` output, [N, 2])."""
+    index = [o.name for o in response.outputs].index("probabilities")
+    values = np.frombuffer(response.raw_output_contents[index], dtype="<f4").reshape(-1, 2)
+    return [float(v) for v in values[:, 1]]
+
+
+async def test_v2_infer_rows_are_shadowed_and_logged_like_score_calls(
+    kafka: KafkaBroker, linear_repository: Path
+) -> None:
+    shadow_topic, traffic_topic = unique("shadow-v2"), unique("traffic-v2")
+    overrides = [
+        f"shadow.records_topic={shadow_topic}",
+        "traffic_log.sample_rate=1.0",
+        f"traffic_log.topic={traffic_topic}",
+        f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
+    ]
+    rows = np.random.default_rng(5).normal(size=(4, len(TEST_FEATURES))).astype(np.float32)
+    async with running_server(linear_repository, overrides) as srv:
+        await set_shadows(srv, "1")  # champion is 2; 1 shadows it
+        response = await srv.inference.ModelInfer(v2_request(rows, "call-a"))
+        pinned = await srv.inference.ModelInfer(v2_request(rows[:1], "call-p", version="2"))
+        live = v2_scores(response)
+        metrics = srv.app.metrics.registry
+    labels = {"model": "lin", "live_version": "2", "version": "1"}
+    assert sample(metrics, "streamscore_shadow_compared_total", **labels) == 4
+    values = await read_topic_values(kafka.bootstrap_servers, shadow_topic)
+    shadows = {r["request_id"]: r for v in values for r in records_of(v)}
+    assert set(shadows) == {f"call-a#{i}" for i in range(4)}  # the pinned call is not
+    for i, score in enumerate(live):
+        assert shadows[f"call-a#{i}"]["live"]["score"] == pytest.approx(score, abs=1e-7)
+
+    records, skipped = await read_topic(kafka.bootstrap_servers, traffic_topic)
+    assert skipped == 0
+    by_id = {r.request_id: r for r in records}
+    assert set(by_id) == {*(f"call-a#{i}" for i in range(4)), "call-p#0"}
+    for i, score in enumerate(live):
+        record = by_id[f"call-a#{i}"]
+        assert record.version == "2" and record.score == pytest.approx(score, abs=1e-7)
+        # the row the model saw, by name: a replay with frozen features scores it again
+        assert list(record.features) == list(TEST_FEATURES)
+        np.testing.assert_array_equal(np.array(list(record.features.values()), np.float32), rows[i])
+    assert by_id["call-p#0"].score == pytest.approx(v2_scores(pinned)[0], abs=1e-7)
