@@ -7,21 +7,25 @@ the cost of a feature fetch. :class:`HashWindowReader` turns it around: a window
 ``[floor(t - W, T), t)`` of one slot reads exactly the fields
 ``"<s>:<slot>"`` for ``s`` in ``range(floor(t - W, T), t, T)``, so it looks those
 names up in the reply (C-level ``dict`` lookups) and only converts the values it
-finds. The name lists depend on ``t`` only through the window's tile range, so they
-are built once per range and cached (a live server moves to a new range once per
-tile, e.g. once a minute).
+finds. The name lists depend on ``t`` only through ``t // step`` (``step``: the gcd
+of the group's tile sizes, e.g. one minute) and whether ``t`` is on a step
+boundary, so they are built once per step and cached.
 
 The values are the same as ``read_window(plan, tiles_from_hash(plan, fields, t), t)``
-(same slots, same merge rules, same :func:`~feature_streams.windows.finalize`),
-which the unit tests check on random hashes. When a hash holds far fewer fields
-than the windows could read (a sparse entity under long windows of fine tiles),
-looking up every candidate name would cost more than parsing what is there, and
-the reader falls back to that generic path (always, for windows reading more than
-:data:`MAX_LOOKUPS` tiles). A live server moves to a new set of names once per
-finest tile; a replay at scattered past times builds one per distinct tile (about
-as costly as parsing one hash), so it is no faster there than parsing.
+(same slots, same merge rules, same :func:`~feature_streams.windows.finalize`, sums
+correctly rounded by ``math.fsum`` in both, so the order of the hash's fields does
+not matter), which the unit tests check on random hashes. When a hash holds far
+fewer fields than the windows could read (a sparse entity under long windows of fine
+tiles), looking up every candidate name would cost more than parsing what is there,
+and the reader falls back to that generic path; so it does when the group's windows
+read more than :data:`MAX_LOOKUPS` tiles in all, and for ``str`` keys (a client that
+decodes replies). A replay at times scattered over more than
+:data:`_MAX_CACHED_TIMES` steps rebuilds names often (about as costly as parsing one
+hash), so it is no faster there than parsing.
 
-Hash keys must be ``bytes`` (the server's Redis client does not decode replies).
+Only hashes as the tile store writes them are read the same both ways: the lookup
+path does not see fields the writer never produces (a negative or zero-padded tile
+start), and it treats an empty value as an absent tile where parsing raises.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from feature_streams.definitions import AggKind
 from feature_streams.windows import (
@@ -53,12 +57,12 @@ per field the hash holds (a lookup costs about a sixth of parsing a field; measu
 with ``bench.feature_bench``'s data)."""
 
 MAX_LOOKUPS = 4096
-"""Windows reading more tile fields than this (e.g. 30 days of 1-minute tiles) are
-always read by parsing the hash, and their names are never built."""
+"""A group whose windows read more tile fields than this in all (e.g. one of 30 days
+of 1-minute tiles) is always read by parsing the hash; its names are never built."""
 
 _MAX_CACHED_TIMES = 16
 """Read layouts kept before the cache is cleared (they advance with time, one per
-finest tile, so old ones are never read again)."""
+step, so old ones are never read again)."""
 
 
 class _RangeNames(NamedTuple):
@@ -101,8 +105,12 @@ class HashWindowReader:
                 key = (slot.name, output.window_ms)
                 ranges.setdefault(key, (slot, output.window_ms))
                 used.append(list(ranges).index(key))
+            if output.agg is AggKind.MEAN and len(used) != 2:
+                raise ValueError(f"{output.name}: a mean reads (sum, count) slots")
             outputs.append(tuple(used))
         self._ranges = tuple(ranges.values())
+        # (how, first slot's range, count slot's range for a mean, default, window):
+        # a mean's slots are (sum, count), see windows.GroupPlan.build.
         self._finishers: tuple[tuple[_Finish, int, int, float, float], ...] = tuple(
             (_finish_of(output.agg), used[0], used[-1], output.default, float(output.window_ms))
             for output, used in zip(plan.outputs, outputs, strict=True)
@@ -140,27 +148,31 @@ class HashWindowReader:
             built.append(_RangeNames(slot.kind, values, stamps))
         return _ReadLayout(tuple(built), lookups)
 
-    def read(self, fields: Mapping[bytes, bytes], t_ms: int) -> list[float]:
+    def read(self, fields: Mapping[bytes, bytes] | Mapping[str, str], t_ms: int) -> list[float]:
         """Feature values at ``t_ms``, in ``plan.outputs`` order."""
         return self.read_many(fields, (t_ms,))[0]
 
-    def read_many(self, fields: Mapping[bytes, bytes], times: Sequence[int]) -> list[list[float]]:
+    def read_many(
+        self, fields: Mapping[bytes, bytes] | Mapping[str, str], times: Sequence[int]
+    ) -> list[list[float]]:
         """Feature values at each of ``times`` from one hash (e.g. every request of a
         micro-batch on one entity); tiles are merged once per distinct tile range."""
         if not fields:
             return [[output.default for output in self.plan.outputs] for _ in times]
+        parse_only = not isinstance(next(iter(fields)), bytes)  # a decoding client
         results = []
         merged_by_layout: dict[int, tuple[_ReadLayout, list[SlotValue | None]]] = {}
         for t_ms in times:
             layout = self.layout_at(t_ms)
-            if not layout.ranges or layout.lookups > NAMES_PER_FIELD * len(fields):
+            if parse_only or not layout.ranges or layout.lookups > NAMES_PER_FIELD * len(fields):
                 by_name = read_window(self.plan, tiles_from_hash(self.plan, fields, t_ms), t_ms)
                 results.append([by_name[output.name] for output in self.plan.outputs])
                 continue
             # keyed by id: the entry holds the layout, so the id is not reused meanwhile
             entry = merged_by_layout.get(id(layout))
             if entry is None:
-                entry = merged_by_layout[id(layout)] = (layout, _merge(layout, fields))
+                merged = _merge(layout, cast(Mapping[bytes, bytes], fields))
+                entry = merged_by_layout[id(layout)] = (layout, merged)
             results.append(self._finish(entry[1], t_ms))
         return results
 
@@ -201,7 +213,7 @@ def _merge(layout: _ReadLayout, fields: Mapping[bytes, bytes]) -> list[SlotValue
         elif kind is SlotKind.MAX:
             merged.append(max(map(float, found)))
         else:
-            merged.append(sum(map(float, found)))
+            merged.append(math.fsum(map(float, found)))
     return merged
 
 

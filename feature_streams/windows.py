@@ -53,8 +53,10 @@ A count thus falls to 0 by itself once ``floor(t - W, T)`` passes the last event
 Finalize, when the window holds no event: the aggregation's ``default``.
 Otherwise ``count`` -> n, ``sum``, ``mean`` -> sum / n, ``min``, ``max``,
 ``last`` -> its value, ``time_since_last`` -> ``min(max(t - ts_last, 0), W) / 1000``
-seconds (capped at the window, never negative). Every value is a ``float``; sums
-are exact up to float rounding (Redis ``HINCRBYFLOAT`` uses long double).
+seconds (capped at the window, never negative). Every value is a ``float``. A window's
+sum over tiles is correctly rounded (``math.fsum``), so it does not depend on the order
+tiles are read in; within a tile, sums are exact up to float rounding in arrival order
+(Redis ``HINCRBYFLOAT`` uses long double).
 
 Redis hash layout
 -----------------
@@ -396,7 +398,8 @@ def _merge_range(
         values = [v for s, v in per_slot.items() if lo <= s < t_ms]
     if not values:
         return None
-    # The same result as folding merge_value over them, with builtins for speed.
+    # The same result as folding merge_value over them, with builtins for speed; sums
+    # are correctly rounded (fsum), so the order tiles come in never changes a value.
     if slot.kind is SlotKind.LAST:
         return max(v for v in values if isinstance(v, LastValue))
     numbers = [v for v in values if not isinstance(v, LastValue)]
@@ -404,7 +407,7 @@ def _merge_range(
         return min(numbers)
     if slot.kind is SlotKind.MAX:
         return max(numbers)
-    return sum(numbers)
+    return math.fsum(numbers)
 
 
 def finalize(output: OutputPlan, merged: Sequence[SlotValue | None], t_ms: int) -> float:

@@ -228,7 +228,7 @@ class FeatureLayout:
         """Validate one request and start its row (defaults overlaid with sent values)."""
         if not self.uses_store and not self.request_rules:
             row = self.assemble_row(features)
-            return Prepared(row, np.ones(self.width, bool), entity_ids, t_ms)
+            return Prepared(row, np.ones(self.width, bool), entity_ids, t_ms, store_sent=True)
         for name in entity_ids:
             if name not in self.entities:
                 known = ", ".join(sorted(self.entities))
