@@ -36,13 +36,20 @@ _DTYPES: Mapping[str, tuple[str, int, type[np.generic], str]] = {
 _NUMPY_TO_V2 = {np.dtype(np_type): (name, field) for name, _, np_type, field in _DTYPES.values()}
 
 
+MAX_EVENT_TIME_S = 253_402_300_799
+"""9999-12-31T23:59:59Z, the end of ``google.protobuf.Timestamp``'s valid range."""
+
+
 def decode_score_request(request: pb.ScoreRequest) -> ScoreInput:
     """A ``ScoreRequest`` as pipeline input (feature validation happens at assembly)."""
-    event_time_ms = (
-        request.event_time.seconds * 1000 + request.event_time.nanos // 1_000_000
-        if request.HasField("event_time")
-        else None
-    )
+    event_time_ms = None
+    if request.HasField("event_time"):
+        stamp = request.event_time
+        if not 0 <= stamp.seconds <= MAX_EVENT_TIME_S or not 0 <= stamp.nanos < 1_000_000_000:
+            raise InvalidInput(
+                "event_time", "must lie between 1970-01-01 and 9999-12-31 (UTC), nanos < 1e9"
+            )
+        event_time_ms = stamp.seconds * 1000 + stamp.nanos // 1_000_000
     return ScoreInput(
         model=request.model,
         request_id=request.request_id or uuid.uuid4().hex,

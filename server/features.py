@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -67,8 +67,19 @@ from server.manifest import ModelManifest
 logger = logging.getLogger(__name__)
 
 FailurePolicy = Literal["degrade", "fail"]
+F32_MAX = float(np.finfo(np.float32).max)
+"""Largest magnitude a feature value may have: rows are float32, so a finite double
+beyond it would reach the model as infinity."""
 LAST_EVENT_FIELD = "_last_ts"
 _LAST_EVENT_FIELD_BYTES = LAST_EVENT_FIELD.encode()
+
+
+_NOT_FLOAT32 = "{} not allowed (must be finite and within float32 range)"
+
+
+def _fits_float32(value: float) -> bool:
+    """Finite and representable as a finite float32 (False for NaN)."""
+    return -F32_MAX <= value <= F32_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,13 +224,17 @@ class FeatureLayout:
 
     def assemble_row(self, features: Mapping[str, float]) -> npt.NDArray[np.float32]:
         """Request-only mode: one [1, F] row; every column must be present and valid."""
-        values = [features.get(name) for name in self.names]
-        if len(features) != len(self.names) or None in values:
+        found = [features.get(name) for name in self.names]
+        if len(features) != len(self.names) or None in found:
             raise self._shape_error(features)
-        if not all(map(math.isfinite, values)):  # type: ignore[arg-type]
+        values = cast(list[float], found)
+        # all finite first: min/max are only meaningful without NaN
+        if not all(map(math.isfinite, values)) or not (
+            min(values) >= -F32_MAX and max(values) <= F32_MAX
+        ):
             for name, value in zip(self.names, values, strict=True):
-                if not math.isfinite(value) and name not in self.nan_allowed:  # type: ignore[arg-type]
-                    raise InvalidInput(f"features.{name}", f"{value} not allowed (must be finite)")
+                if not _fits_float32(value) and name not in self.nan_allowed:
+                    raise InvalidInput(f"features.{name}", _NOT_FLOAT32.format(value))
         return np.array(values, dtype=np.float32).reshape(1, -1)
 
     def prepare(
@@ -250,8 +265,8 @@ class FeatureLayout:
                     raise InvalidInput(f"features.{name}", problem)
             else:
                 store_sent = True
-                if not math.isfinite(value) and name not in self.nan_allowed:
-                    raise InvalidInput(f"features.{name}", f"{value} not allowed (must be finite)")
+            if not _fits_float32(value) and name not in self.nan_allowed:
+                raise InvalidInput(f"features.{name}", _NOT_FLOAT32.format(value))
             row[0, column] = value
             sent[column] = True
         prepared = Prepared(row, sent, entity_ids, t_ms, store_sent)

@@ -81,6 +81,9 @@ class ModelManifest(BaseModel):
         unknown = self.nan_allowed - set(self.features)
         if unknown:
             raise ValueError(f"nan_allowed names unknown features: {sorted(unknown)}")
+        if self.input.dtype != "float32":
+            # every row is assembled, validated and batched as float32
+            raise ValueError(f"input.dtype must be float32, got {self.input.dtype!r}")
         return self
 
     @classmethod

@@ -112,7 +112,9 @@ class ScoringPipeline:
     ) -> ScoreResult:
         started = time.perf_counter()
         loaded = self._registry.get(request.model, decision.version)
-        t_ms = request.event_time_ms or int(self._clock() * 1000)
+        t_ms = request.event_time_ms
+        if t_ms is None:
+            t_ms = int(self._clock() * 1000)
         prepared = loaded.layout.prepare(request.features, request.entity_ids, t_ms)
         result = await loaded.batcher.submit(Job(prepared=prepared), deadline=deadline)
         manifest = loaded.model.manifest

@@ -219,8 +219,20 @@ async def test_missing_entities_get_defaults_and_are_listed(
         (lambda r: r.features.__setitem__("hour_of_day", 25.0), "features.hour_of_day"),
         (lambda r: r.features.__setitem__("amount", -5.0), "features.amount"),
         (lambda r: r.features.__setitem__("amount", float("nan")), "features.amount"),
+        (lambda r: r.features.__setitem__("amount", 1e300), "features.amount"),
+        (lambda r: r.features.__setitem__("card_age_days", 1e300), "features.card_age_days"),
+        (lambda r: r.event_time.CopyFrom(Timestamp(seconds=2**62)), "event_time"),
     ],
-    ids=["unknown-entity", "unknown-feature", "hour-out-of-range", "negative-amount", "nan"],
+    ids=[
+        "unknown-entity",
+        "unknown-feature",
+        "hour-out-of-range",
+        "negative-amount",
+        "nan",
+        "amount-beyond-float32",
+        "store-feature-beyond-float32",
+        "event-time-overflow",
+    ],
 )
 async def test_bad_request_features_name_the_field(
     store: Store, repository: tuple[Path, np.ndarray, float], mutate: Any, field: str

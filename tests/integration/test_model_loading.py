@@ -59,6 +59,10 @@ def _wrong_output_dtype(version_dir: Path) -> None:
     _edit_manifest(version_dir, lambda m: m["outputs"][0].__setitem__("dtype", "int32"))
 
 
+def _float64_input(version_dir: Path) -> None:
+    _edit_manifest(version_dir, lambda m: m["input"].__setitem__("dtype", "float64"))
+
+
 def _remove_manifest(version_dir: Path) -> None:
     (version_dir / MANIFEST_FILE).unlink()
 
@@ -106,6 +110,7 @@ def _failures(srv: RunningServer) -> float | None:
         (_drop_feature, "7 features"),
         (_rename_output, "'labels' not in graph outputs"),
         (_wrong_output_dtype, "manifest says int32"),
+        (_float64_input, "input.dtype must be float32"),
         (_remove_manifest, "no manifest"),
         (_remove_model, f"{MODEL_FILE} is missing"),
         (_invalid_json, "invalid manifest"),
@@ -118,6 +123,7 @@ def _failures(srv: RunningServer) -> float | None:
         "feature-count",
         "output-name",
         "output-dtype",
+        "input-not-float32",
         "no-manifest",
         "no-model-file",
         "invalid-json",

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.streamscore.v1 import scoring_pb2 as pb
 from tests.conftest import TEST_FEATURES
@@ -82,8 +83,34 @@ async def test_echo_features_in_model_order(linear_repository: Path) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "features.f5",
         ),
+        (  # finite as a double, infinite as the model's float32
+            lambda r: r.features.__setitem__("f4", -1e300),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "features.f4",
+        ),
+        (
+            lambda r: r.event_time.CopyFrom(Timestamp(seconds=2**62)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "event_time",
+        ),
+        (
+            lambda r: r.event_time.CopyFrom(Timestamp(seconds=-1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "event_time",
+        ),
     ],
-    ids=["unknown-model", "no-model", "unknown-version", "missing", "unknown", "nan", "inf"],
+    ids=[
+        "unknown-model",
+        "no-model",
+        "unknown-version",
+        "missing",
+        "unknown",
+        "nan",
+        "inf",
+        "beyond-float32",
+        "event-time-overflow",
+        "event-time-before-1970",
+    ],
 )
 async def test_bad_input_gets_named_status(
     linear_repository: Path, mutate: object, code: grpc.StatusCode, needle: str
