@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SERVER_NAME = "streamscore"
 SERVER_VERSION = "0.1.0"
-#: Requests one ScoreStream call may have in the pipeline at once.
+#: Items of one ScoreStream call being scored, or answered but not yet sent, at once.
 STREAM_MAX_IN_FLIGHT = 256
 
 T = TypeVar("T")
@@ -119,7 +119,6 @@ class ScoringService(pb_grpc.ScoringServicer):
                 )
             finally:
                 metrics.in_flight.dec()
-                slots.release()
             metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
             answers.put_nowait(response)
 
@@ -137,6 +136,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                # A slot frees once its answer is taken by the transport, so a client
+                # that stops reading stops the reads too (HTTP/2 flow control pushes back)
+                # instead of answers piling up here.
+                slots.release()
             await reader
         finally:
             reader.cancel()

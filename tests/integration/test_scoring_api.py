@@ -188,3 +188,34 @@ async def test_scatter_correctness_under_random_concurrency(linear_repository: P
     assert batches is not None and batches < len(rows), (
         "no batch larger than one request formed under concurrency"
     )
+
+
+async def test_score_stream_stops_reading_when_answers_are_not_taken(
+    linear_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers nobody takes hold their slot: the call stops pulling requests at the
+    in-flight bound instead of scoring and buffering everything the client sends."""
+    from server import grpc_api
+
+    monkeypatch.setattr(grpc_api, "STREAM_MAX_IN_FLIGHT", 8)
+    pulled: list[int] = []
+
+    async def requests() -> AsyncIterator[pb.ScoreRequest]:
+        for i in range(500):
+            pulled.append(i)
+            yield _request(np.zeros(len(TEST_FEATURES)), request_id=f"b-{i}")
+
+    class Context:
+        def time_remaining(self) -> None:
+            return None
+
+    async with running_server(linear_repository) as srv:
+        app = srv.app
+        service = grpc_api.ScoringService(app.pipeline, app.registry, app.metrics)
+        stream = service.ScoreStream(requests(), Context())  # type: ignore[arg-type]
+        answers = [await anext(stream)]  # the transport took one answer, then stalls
+        await asyncio.sleep(0.5)
+        assert len(pulled) <= 8 + 2  # the bound, the one taken, one waiting for a slot
+        answers += [answer async for answer in stream]
+    assert sorted(a.request_id for a in answers) == sorted(f"b-{i}" for i in range(500))
+    assert all(not a.HasField("error") for a in answers)
