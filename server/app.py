@@ -291,9 +291,6 @@ class AppContext:
                 self.registry,
                 self.metrics,
                 is_ready=lambda: self._ready,
-                max_queue_delay_us=lambda name: int(
-                    settings.serving_for(name).max_queue_delay_ms * 1000
-                ),
             ),
             server,
         )

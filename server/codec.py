@@ -208,16 +208,17 @@ def output_dims(loaded: LoadedVersion, name: str) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in shape[1:]]
 
 
-def model_config(loaded: LoadedVersion, max_queue_delay_us: int) -> v2config.ModelConfig:
+def model_config(loaded: LoadedVersion) -> v2config.ModelConfig:
     """Triton ``ModelConfig`` (dims exclude the batch dimension)."""
     manifest = loaded.model.manifest
+    policy = loaded.batcher.policy
     config = v2config.ModelConfig(
         name=loaded.name,
         platform="onnxruntime_onnx",
         backend="onnxruntime",
-        max_batch_size=loaded.batcher.policy.max_batch_size,
+        max_batch_size=policy.max_batch_size,
         dynamic_batching=v2config.ModelDynamicBatching(
-            max_queue_delay_microseconds=max_queue_delay_us
+            max_queue_delay_microseconds=round(policy.max_queue_delay_s * 1e6)
         ),
     )
     config.input.add(

@@ -45,6 +45,14 @@ def deadline_of(context: grpc.aio.ServicerContext[object, object]) -> float | No
     return asyncio.get_running_loop().time() + remaining
 
 
+def request_labels(registry: ModelRegistry, model: str, version: str) -> tuple[str, str]:
+    """Metric labels of a request: only served models and loaded versions, so a
+    client cannot grow the label set with names of its own."""
+    if not registry.serves(model):
+        return UNKNOWN_MODEL, "-"
+    return model, version if version and registry.has(model, version) else "-"
+
+
 async def _answer(
     context: grpc.aio.ServicerContext[object, object], work: Callable[[], Awaitable[T]]
 ) -> T:
@@ -168,8 +176,8 @@ class ScoringService(pb_grpc.ScoringServicer):
     def _count_failure(
         self, metrics: ApiMetrics, request: pb.ScoreRequest, code: grpc.StatusCode
     ) -> None:
-        version = request.model_version if self._registry.serves(request.model) else ""
-        metrics.count(self._model_label(request.model), version or "-", "-", code.name)
+        model, version = request_labels(self._registry, request.model, request.model_version)
+        metrics.count(model, version, "-", code.name)
 
 
 def _error_response(
@@ -191,13 +199,11 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         registry: ModelRegistry,
         metrics: Metrics,
         is_ready: Callable[[], bool],
-        max_queue_delay_us: Callable[[str], int],
     ) -> None:
         self._pipeline = pipeline
         self._registry = registry
         self._v2 = metrics.api("v2")
         self._is_ready = is_ready
-        self._max_queue_delay_us = max_queue_delay_us
 
     async def ServerLive(
         self, request: v2.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -246,8 +252,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.ModelConfigResponse:
         async def work() -> v2.ModelConfigResponse:
             loaded = self._pipeline.resolve(request.name, request.version or None)
-            delay = self._max_queue_delay_us(loaded.name)
-            return v2.ModelConfigResponse(config=codec.model_config(loaded, delay))
+            return v2.ModelConfigResponse(config=codec.model_config(loaded))
 
         return await _answer(context, work)
 
@@ -257,8 +262,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         metrics = self._v2
         metrics.in_flight.inc()
-        model = request.model_name if self._registry.serves(request.model_name) else UNKNOWN_MODEL
-        version = request.model_version or "-"
+        model, version = request_labels(self._registry, request.model_name, request.model_version)
         try:
             loaded, decision = self._pipeline.route(
                 request.model_name, request.model_version or None
@@ -280,5 +284,5 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         finally:
             metrics.in_flight.dec()
             metrics.observe_latency(model, time.perf_counter() - started)
-        metrics.count(model, version, "pinned" if request.model_version else "champion", "OK")
+        metrics.count(model, version, decision.route.value, "OK")
         return response

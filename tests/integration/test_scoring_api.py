@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.streamscore.v1 import scoring_pb2 as pb
+from server.metrics import UNKNOWN_MODEL
 from tests.conftest import TEST_FEATURES
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
@@ -219,3 +220,31 @@ async def test_score_stream_stops_reading_when_answers_are_not_taken(
         answers += [answer async for answer in stream]
     assert sorted(a.request_id for a in answers) == sorted(f"b-{i}" for i in range(500))
     assert all(not a.HasField("error") for a in answers)
+
+
+async def test_caller_chosen_names_do_not_become_metric_labels(linear_repository: Path) -> None:
+    """Unknown models and versions are counted under placeholders, however many a
+    client invents (Score and v2 alike)."""
+    from protos.inference import grpc_service_pb2 as v2
+
+    async with running_server(linear_repository) as srv:
+        for i in range(5):
+            request = _request(np.zeros(len(TEST_FEATURES)))
+            request.model_version = f"made-up-{i}"
+            with pytest.raises(grpc.aio.AioRpcError):
+                await srv.scoring.Score(request)
+            infer = v2.ModelInferRequest(model_name="lin", model_version=f"v2-made-up-{i}")
+            with pytest.raises(grpc.aio.AioRpcError):
+                await srv.inference.ModelInfer(infer)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await srv.scoring.Score(pb.ScoreRequest(model=f"nope-{i}"))
+        samples = [
+            s.labels
+            for metric in srv.app.metrics.registry.collect()
+            if metric.name == "streamscore_requests"
+            for s in metric.samples
+        ]
+    versions = {labels["version"] for labels in samples}
+    models = {labels["model"] for labels in samples}
+    assert versions == {"-"}, versions
+    assert models == {"lin", UNKNOWN_MODEL}, models

@@ -376,3 +376,10 @@ async def test_model_ready_and_pinned_metadata(repo: Repo) -> None:
     assert config.config.max_batch_size == MAX_BATCH
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "model_name" in (caught.value.details() or "")
+
+
+async def test_model_config_reports_the_serving_queue_delay(repo: Repo) -> None:
+    overrides = [*SERVER_OPTIONS, "models.per_model.lin.max_queue_delay_ms=2.5"]
+    async with running_server(repo.path, overrides) as srv:
+        config = await srv.inference.ModelConfig(v2.ModelConfigRequest(name="lin"))
+    assert config.config.dynamic_batching.max_queue_delay_microseconds == 2500
