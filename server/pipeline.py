@@ -137,28 +137,43 @@ class ScoringPipeline:
             freshness=tuple(prepared.freshness),
             degraded_reasons=tuple(prepared.degraded),
         )
-        # After the answer; both only queue work (never block, never raise).
+        timings = {"pipeline_us": int((time.perf_counter() - started) * 1e6)}
+        self._after_answer(loaded, decision, answer, result.rows, t_ms, timings, request)
+        return answer
+
+    def _after_answer(
+        self,
+        loaded: LoadedVersion,
+        decision: Decision,
+        answer: ScoreResult,
+        row: npt.NDArray[np.float32],
+        t_ms: int,
+        timings: Mapping[str, int],
+        request: ScoreInput | None,
+    ) -> None:
+        """Shadows and the traffic log of one answered row ([1, F]); both only queue
+        work (never block, never raise). ``request`` is ``None`` when the traffic log
+        is known not to sample it."""
         if decision.shadows and self.shadows is not None:
             self.shadows.submit(
-                request_id=request.request_id,
-                model=request.model,
+                request_id=answer.request_id,
+                model=answer.model,
                 live=loaded,
-                live_score=score,
+                live_score=answer.score,
                 route=decision.route.value,
-                row=result.rows,
+                row=row,
                 shadows=decision.shadows,
             )
-        if self.traffic is not None:
+        if self.traffic is not None and request is not None:
             self.traffic.offer(
                 request,
                 answer,
                 names=loaded.layout.names,
-                row=result.rows,
+                row=row,
                 t_ms=t_ms,
-                threshold=manifest.threshold,
-                timings={"pipeline_us": int((time.perf_counter() - started) * 1e6)},
+                threshold=loaded.model.manifest.threshold,
+                timings=timings,
             )
-        return answer
 
     def resolve(self, model: str, version: str | None) -> LoadedVersion:
         """The version a v2 call addresses (pinned, or the endpoint's champion)."""
@@ -214,31 +229,14 @@ class ScoringPipeline:
         for i, score in enumerate(column.tolist()):
             item_id = f"{call_id}#{i}"
             row = rows[i : i + 1]
-            if decision.shadows and self.shadows is not None:
-                self.shadows.submit(
-                    request_id=item_id,
-                    model=loaded.name,
-                    live=loaded,
-                    live_score=score,
-                    route=decision.route.value,
-                    row=row,
-                    shadows=decision.shadows,
-                )
+            request: ScoreInput | None = None
             if self.traffic is not None and self.traffic.sampled(item_id):
-                request = ScoreInput(
+                request = ScoreInput(  # as a Score call sending every feature
                     model=loaded.name,
                     request_id=item_id,
                     features=dict(zip(names, row[0].tolist(), strict=True)),
                     model_version=pinned,
                     event_time_ms=t_ms,
                 )
-                answer = ScoreResult(item_id, score, loaded.name, decision.version, decision.route)
-                self.traffic.offer(
-                    request,
-                    answer,
-                    names=names,
-                    row=row,
-                    t_ms=t_ms,
-                    threshold=manifest.threshold,
-                    timings=timings,
-                )
+            answer = ScoreResult(item_id, score, loaded.name, decision.version, decision.route)
+            self._after_answer(loaded, decision, answer, row, t_ms, timings, request)
