@@ -47,7 +47,6 @@ from server.errors import (
 logger = logging.getLogger(__name__)
 
 Outputs = dict[str, npt.NDArray[np.generic]]
-RunRows = Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]]
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -335,14 +334,3 @@ def split_rows(
         parts.append({name: value[offset : offset + size] for name, value in outputs.items()})
         offset += size
     return parts
-
-
-def rows_runner(run_rows: RunRows) -> RunJobs[npt.NDArray[np.float32], Outputs]:
-    """A ``run_batch`` for jobs that are ready [k, F] row blocks: concatenate, run, split."""
-
-    async def run(jobs: list[npt.NDArray[np.float32]]) -> list[Outputs | ScoringError]:
-        inputs = jobs[0] if len(jobs) == 1 else np.concatenate(jobs, axis=0)
-        outputs = await run_rows(inputs)
-        return list(split_rows(outputs, [job.shape[0] for job in jobs]))
-
-    return run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.batcher import BatchPolicy, MicroBatcher, Outputs, rows_runner
+from server.batcher import BatchPolicy, MicroBatcher, Outputs, RunJobs, split_rows
 from server.errors import (
     DeadlineExceeded,
     InferenceFailed,
     InvalidInput,
     QueueFull,
+    ScoringError,
     ShuttingDown,
 )
 
@@ -104,6 +105,20 @@ async def turns_until(condition: Any, limit: int = 50) -> int:
             return turn
         await asyncio.sleep(0)
     raise AssertionError(f"condition not met within {limit} loop turns")
+
+
+def rows_runner(
+    run_rows: Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]],
+) -> RunJobs[npt.NDArray[np.float32], Outputs]:
+    """A ``run_batch`` for jobs that are ready [k, F] row blocks: concatenate, run,
+    split (what ``server.executor.VersionExecutor`` does, minus feature assembly)."""
+
+    async def run(jobs: list[npt.NDArray[np.float32]]) -> list[Outputs | ScoringError]:
+        inputs = jobs[0] if len(jobs) == 1 else np.concatenate(jobs, axis=0)
+        outputs = await run_rows(inputs)
+        return list(split_rows(outputs, [job.shape[0] for job in jobs]))
+
+    return run
 
 
 class RowBatcher:
