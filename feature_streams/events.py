@@ -84,15 +84,20 @@ def decode_event(raw: bytes | None) -> dict[str, object]:
         raise MalformedEventError("record has no value")
     try:
         value = json.loads(raw, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MalformedEventError(f"not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: Recursion
+        raise MalformedEventError(f"not valid JSON: {exc!r}"[:300]) from None
     if not isinstance(value, dict):
         raise MalformedEventError(f"expected a JSON object, got {type(value).__name__}")
     return value
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def validate_event(plan: GroupPlan, event: Mapping[str, object]) -> GroupEvent:

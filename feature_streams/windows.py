@@ -136,6 +136,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+MAX_EVENT_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z: the latest event time accepted."""
+
 TS_SUFFIX = ":ts"
 """Suffix of the hash field holding a ``last`` slot's event time."""
 
@@ -293,8 +296,11 @@ def event_time(plan: GroupPlan, event: Mapping[str, object]) -> int:
     value = event.get(name)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidEventError(f"event field {name!r}: expected epoch milliseconds, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EVENT_MS:
+        shown = repr(value)[:40]
+        raise InvalidEventError(
+            f"event field {name!r}: expected epoch milliseconds up to 9999-12-31, got {shown}"
+        )
     return value
 
 
@@ -311,11 +317,15 @@ def event_key(plan: GroupPlan, event: Mapping[str, object]) -> str:
 
 def _number(event: Mapping[str, object], name: str) -> float:
     value = event.get(name)
-    if isinstance(value, int | float):
-        number = float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
         if math.isfinite(number):
             return number
-    raise InvalidEventError(f"event field {name!r}: expected a finite number, got {value!r}")
+    shown = repr(value)[:40]
+    raise InvalidEventError(f"event field {name!r}: expected a finite number, got {shown}")
 
 
 def _matches(where: WhereItems, event: Mapping[str, object]) -> bool:

@@ -56,6 +56,7 @@ from redis.exceptions import RedisError
 from feature_streams.definitions import DefinitionError, FeatureDefinitions, load_definitions
 from feature_streams.events import (
     DeadLetter,
+    GroupEvent,
     MalformedEventError,
     dead_letter_topic,
     group_events,
@@ -100,10 +101,12 @@ class WorkerConfig:
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` on this port (0 = any free port); ``None`` = off."""
     metrics_host: str = "127.0.0.1"
-    create_topics_partitions: int | None = None
-    """Create missing event topics with this many partitions (dev stacks); ``None`` =
-    expect them to exist. Dead-letter topics are always created (1 partition)."""
     redis_retry_max_s: float = 2.0
+    max_event_ahead_ms: int | None = 86_400_000
+    """Events whose event time is more than this ahead of the worker's wall clock go
+    to the dead-letter topic: one wrong timestamp (e.g. in microseconds) would raise
+    its key's lateness mark and drop the key's real events as late until the hash
+    expires. ``None`` = no check."""
 
     def __post_init__(self) -> None:
         if self.commit_interval_s < 0 or self.trim_interval_s < 0:
@@ -322,10 +325,10 @@ class StreamWorker:
         """Connect everything and join the consumer group (assignment follows)."""
         cfg = self.config
         try:
-            wanted = {dead_letter_topic(t): 1 for t in self.topics}
-            if cfg.create_topics_partitions:
-                wanted.update(dict.fromkeys(self.topics, cfg.create_topics_partitions))
-            await ensure_topics(cfg.bootstrap_servers, wanted)
+            # event topics must exist; their dead-letter topics are made here (1 partition)
+            await ensure_topics(
+                cfg.bootstrap_servers, {dead_letter_topic(t): 1 for t in self.topics}
+            )
             self._redis = Redis.from_url(cfg.redis_url)
             self._store = TileStore(self._redis)
             self._producer = AIOKafkaProducer(
@@ -419,6 +422,20 @@ class StreamWorker:
 
     # --- one batch ---------------------------------------------------------------
 
+    def _check_not_ahead(self, events: Sequence[GroupEvent], limit: int | None) -> None:
+        """``MalformedEventError`` for an event time beyond ``limit`` (wall clock + skew)."""
+        if limit is None:
+            return
+        for ev in events:
+            if ev.ts_ms > limit:
+                plan = self.plans[ev.group]
+                raise MalformedEventError(
+                    f"event time {ev.ts_ms} is more than {self.config.max_event_ahead_ms} ms "
+                    "ahead of the worker's clock",
+                    plan.group.event_time_field,
+                    ev.group,
+                )
+
     async def _process(
         self, records: Mapping[TopicPartition, Sequence[ConsumerRecord]]
     ) -> BatchReport | None:
@@ -428,6 +445,8 @@ class StreamWorker:
         assigned = consumer.assignment()
         per_key: dict[tuple[str, str, TopicPartition], list[EventUpdates]] = {}
         dead: list[DeadLetter] = []
+        ahead = self.config.max_event_ahead_ms
+        ahead_limit = None if ahead is None else int(time.time() * 1000) + ahead
         consumed: dict[TopicPartition, int] = {}
         total = 0
         for tp, msgs in records.items():
@@ -437,9 +456,22 @@ class StreamWorker:
             for msg in msgs:
                 try:
                     evs = group_events(plans, msg.value)
+                    self._check_not_ahead(evs, ahead_limit)
                 except MalformedEventError as err:
                     dead.append(
                         DeadLetter.of(tp.topic, tp.partition, msg.offset, msg.value, msg.key, err)
+                    )
+                    continue
+                except Exception as err:  # never let one record stop its partition
+                    logger.exception(
+                        "event could not be processed",
+                        extra={"topic": tp.topic, "partition": tp.partition, "offset": msg.offset},
+                    )
+                    unexpected = MalformedEventError(f"could not be processed: {err!r}"[:300])
+                    dead.append(
+                        DeadLetter.of(
+                            tp.topic, tp.partition, msg.offset, msg.value, msg.key, unexpected
+                        )
                     )
                     continue
                 for ev in evs:
@@ -704,7 +736,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--session-timeout-ms", type=int, default=10_000)
     p.add_argument("--heartbeat-interval-ms", type=int, default=3_000)
     p.add_argument("--trim-interval-s", type=float, default=60.0)
-    p.add_argument("--create-topics-partitions", type=int, default=None)
+    p.add_argument(
+        "--max-event-ahead-ms",
+        type=int,
+        default=86_400_000,
+        help="dead-letter events this far ahead of the wall clock (negative: no check)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -724,7 +761,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         trim_interval_s=args.trim_interval_s,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        create_topics_partitions=args.create_topics_partitions,
+        max_event_ahead_ms=args.max_event_ahead_ms if args.max_event_ahead_ms >= 0 else None,
     )
 
 

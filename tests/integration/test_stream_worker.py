@@ -686,3 +686,58 @@ async def test_redis_outage_is_retried_and_nothing_commits_until_applied(
                 await client.aclose()
             assert read_hash(plan, raw, T0 + 10_000)["card_txn_count_5m"] == 10.0
             assert await committed(kafka.bootstrap_servers, config.group_id, topic, 1) == [10]
+
+
+async def test_poison_records_go_to_the_dead_letter_topic_and_never_stop_the_partition(
+    kafka: KafkaBroker, redis_url: str, redis_client: Redis
+) -> None:
+    """Records that broke decoding or tile math itself (deep nesting, numbers beyond a
+    float) and a far-future event time, which would raise the key's lateness mark and
+    drop its real events as late, are dead letters; the events around them apply."""
+    topic = unique("poison")
+    defs, _ = definitions_for(topic)
+    plan = GroupPlan.build(defs.stream_groups["card_activity"])
+    await ensure_topics(kafka.bootstrap_servers, {topic: 1})
+    now = int(time.time() * 1000) // MINUTE * MINUTE
+
+    def event(minute: int, **fields: object) -> bytes:
+        base = {"card_id": "c0", "event_time_ms": now + minute * MINUTE, "is_international": 0}
+        return json.dumps({**base, "amount": 10.0, **fields}).encode()
+
+    poison = {
+        b"[" * 50_000 + b"]" * 50_000: None,
+        event(0, event_time_ms=10**400): "event_time_ms",
+        event(0, amount=10**400): "amount",
+        event(0, amount=True): "amount",
+        event(0, event_time_ms=now * 1000): "event_time_ms",  # microseconds by mistake
+        event(0, event_time_ms=now + 30 * 86_400_000): "event_time_ms",  # a month ahead
+    }
+    records = [(0, event(-3)), *((0, value) for value in poison), (0, event(-2)), (0, event(-1))]
+    await produce_raw(kafka.bootstrap_servers, topic, records)
+    progress = Progress()
+    config = fast_config(kafka, redis_url, stream_groups=("card_activity",))
+    async with running(StreamWorker(config, defs, on_batch=progress)) as worker:
+        await progress.wait_for(
+            lambda: progress.total("records") == len(records), 30, "every record"
+        )
+        assert sample(worker, "malformed_events", topic=topic) == len(poison)
+        assert sample(worker, "applied_events", group="card_activity") == 3
+        assert sample(worker, "late_events", group="card_activity") == 0
+    [c0] = await read_hashes(redis_client, [tile_key("card_activity", "c0")])
+    assert read_hash(plan, c0, now + MINUTE)["card_txn_count_5m"] == 3.0
+    assert await committed(kafka.bootstrap_servers, config.group_id, topic, 1) == [len(records)]
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers)
+    await consumer.start()
+    letters: list[DeadLetter] = []
+    try:
+        tp = TopicPartition(dead_letter_topic(topic), 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        async with asyncio.timeout(15):
+            while len(letters) < len(poison):
+                for msgs in (await consumer.getmany(timeout_ms=200)).values():
+                    letters += [DeadLetter.from_record(m.value, m.key, m.headers) for m in msgs]
+    finally:
+        await consumer.stop()
+    assert sorted(((d.value, d.field) for d in letters), key=str) == sorted(poison.items(), key=str)
