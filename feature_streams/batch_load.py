@@ -609,11 +609,10 @@ def _check_unchanged(summary: FileSummary) -> None:
 async def _discard(client: Redis, group: str, snapshot_id: str) -> None:
     try:
         await delete_snapshot(client, group, snapshot_id)
-    except Exception:  # the original error matters more; GC removes it later
+    except Exception as error:  # the original error matters more; GC removes it later
         logger.warning(
             "could not delete the partial snapshot",
-            extra={"group": group, "snapshot_id": snapshot_id},
-            exc_info=True,
+            extra={"group": group, "snapshot_id": snapshot_id, "error": repr(error)},
         )
 
 

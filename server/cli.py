@@ -17,7 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from feature_streams.definitions import FeatureDefinitions, load_definitions
+from redis.exceptions import RedisError
+
+from feature_streams.definitions import DefinitionError, FeatureDefinitions, load_definitions
 from server.admin.cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from server.logs import configure_logging
 from server.settings import Settings, SettingsError, load_settings
@@ -131,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         sys.stderr.write(f"streamscore: configuration error:\n{error}\n")
         return 2
+    except DefinitionError as error:
+        sys.stderr.write(f"streamscore: feature definitions: {error}\n")
+        return 2
+    except (RedisError, OSError) as error:  # a dependency is down or unreachable
+        sys.stderr.write(f"streamscore: {error}\n")
+        return 1
 
 
 def _definitions(settings: Settings) -> FeatureDefinitions:
@@ -176,7 +184,9 @@ def _features(settings: Settings, args: argparse.Namespace) -> int:
         else:
             result = asyncio.run(rollback_group(settings.redis.url, args.group))
             logger.info("rolled back", extra={"group": args.group, "active": result.active})
-    except (BatchFileError, SnapshotStateError, KeyError) as error:
+    except DefinitionError:
+        raise  # the definitions file, not the command's input: main() reports it
+    except (BatchFileError, SnapshotStateError, ValueError) as error:
         sys.stderr.write(f"streamscore: {error}\n")
         return 1
     return 0
