@@ -176,6 +176,20 @@ async def test_pexpire_is_set_to_retention(store: TileStore, plan: GroupPlan) ->
     assert ttl > plan.retention_ms - 60_000
 
 
+async def test_lateness_boundary_matches_is_too_late(store: TileStore, plan: GroupPlan) -> None:
+    """The script's rule is windows.is_too_late exactly: an event ``lateness`` behind
+    the newest is accepted, one millisecond more is dropped."""
+    lateness = plan.group.allowed_lateness_ms
+    newest = T0 + 60 * MINUTE
+    times = [newest, newest - lateness, newest - lateness - 1]
+    assert [is_too_late(t, newest, lateness) for t in times] == [False, False, True]
+    events = [
+        {"card_id": "c0", "event_time_ms": t, "amount": 1.0, "is_international": 0} for t in times
+    ]
+    result = await store.apply(key_batches(plan, events, range(3)))
+    assert (result.applied, result.duplicate, result.late) == (2, 0, 1)
+
+
 async def test_too_late_events_are_dropped_and_counted(store: TileStore, plan: GroupPlan) -> None:
     lateness = plan.group.allowed_lateness_ms
     times = [T0, T0 + lateness + 5 * MINUTE, T0 + MINUTE, T0 + 6 * MINUTE, T0 + 7 * MINUTE]
