@@ -324,11 +324,15 @@ class TileStore:
             for key in chunk:
                 pipe.hkeys(key)
                 pipe.hget(key, LAST_TS_FIELD)
-            replies = await pipe.execute()
+            # one key that is not a hash (WRONGTYPE) must not stop the others' trim
+            replies = await pipe.execute(raise_on_error=False)
             pipe = self._client.pipeline(transaction=False)
             doomed = 0
             for n, key in enumerate(chunk):
                 fields, last = replies[2 * n], replies[2 * n + 1]
+                if isinstance(fields, Exception) or isinstance(last, Exception):
+                    logger.warning("cannot trim %s: %s", key, fields, extra={"key": key})
+                    continue
                 if last is None:
                     continue
                 expired = expired_fields(plan, fields, int(float(last)))
@@ -336,7 +340,8 @@ class TileStore:
                     pipe.hdel(key, *expired)
                     doomed += 1
             if doomed:
-                deleted += sum(int(n) for n in await pipe.execute())
+                results = await pipe.execute(raise_on_error=False)
+                deleted += sum(int(n) for n in results if not isinstance(n, Exception))
         return deleted
 
 

@@ -507,6 +507,7 @@ class StreamWorker:
             return None  # stopping while Redis is down: leave these offsets uncommitted
         for index, error in result.rejected:
             self.metrics.rejected_keys.labels(groups[index]).inc()
+            self._touched[groups[index]].discard(batches[index].key)  # nothing to trim
             logger.error(
                 "key %s is not a tile hash; skipped its updates: %s",
                 batches[index].key,

@@ -245,6 +245,22 @@ async def test_trim_removes_only_expired_fields_and_never_changes_a_read(
     assert await store.trim(plan, [tile_key(plan.group.name, k) for k in keys]) == 0
 
 
+async def test_a_key_that_is_not_a_hash_does_not_stop_the_others_trim(
+    store: TileStore, plan: GroupPlan
+) -> None:
+    day = 86_400_000
+    events = make_events(seed=5, n=500, cards=1, spread_ms=10 * day)
+    await store.apply(key_batches(plan, events, range(len(events))))
+    [raw] = await all_hashes(store, plan, ["c0"])
+    doomed = expired_fields(plan, raw, int(raw[LAST_TS_FIELD.encode()]))
+    assert doomed
+    poisoned = tile_key(plan.group.name, "not-a-hash")
+    await store.client.set(poisoned, "a string")
+    keys = [poisoned, tile_key(plan.group.name, "c0"), poisoned]
+    assert await store.trim(plan, keys) == len(doomed)
+    assert await store.client.get(poisoned) == b"a string"
+
+
 async def test_script_reloads_after_script_flush(store: TileStore, plan: GroupPlan) -> None:
     events = make_events(seed=4, n=10, cards=2, spread_ms=MINUTE)
     await store.client.script_flush()
