@@ -9,15 +9,37 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+# Linux: the child asks for SIGTERM when its parent dies (even by SIGKILL), then execs
+# the real command (same pid); it exits if the parent is already gone. The signal is
+# tied to the parent *thread*, so spawn from a thread that lives as long as the child.
+_PARENT_DEATH_SHIM = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped so the process gets SIGTERM if this one dies without stopping
+    it (Linux; elsewhere ``argv`` unchanged). ``argv[0]`` must be a path."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-c", _PARENT_DEATH_SHIM, str(os.getpid()), *argv]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -58,6 +80,7 @@ class RedisServer:
     port: int
     process: subprocess.Popen[bytes]
     host: str = "127.0.0.1"
+    die_with_parent: bool = False
 
     @property
     def url(self) -> str:
@@ -70,16 +93,15 @@ class RedisServer:
     def restart(self) -> None:
         """Stop, then start again on the same port (data is lost: no persistence)."""
         self.stop()
-        self.process = _spawn_redis(self.host, self.port)
+        self.process = _spawn_redis(self.host, self.port, self.die_with_parent)
         wait_for_port(self.host, self.port, 10.0, self.process)
 
 
-def _spawn_redis(host: str, port: int) -> subprocess.Popen[bytes]:
+def _spawn_redis(host: str, port: int, die_with_parent: bool) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found: install the Debian package redis-server")
-    return subprocess.Popen(
-        [
+    argv = [
             binary,
             "--bind", host,
             "--port", str(port),
@@ -87,18 +109,23 @@ def _spawn_redis(host: str, port: int) -> subprocess.Popen[bytes]:
             "--appendonly", "no",
             "--protected-mode", "no",
             "--loglevel", "warning",
-        ],
+    ]  # fmt: skip
+    return subprocess.Popen(
+        with_parent_death_signal(argv) if die_with_parent else argv,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # a terminal's Ctrl-C reaches the stack, which stops us last
-    )  # fmt: skip
+    )
 
 
 @contextlib.contextmanager
-def redis_server(port: int | None = None, host: str = "127.0.0.1") -> Iterator[RedisServer]:
-    """Start ``redis-server`` on ``port`` (a free one by default); stop it on exit."""
+def redis_server(
+    port: int | None = None, host: str = "127.0.0.1", *, die_with_parent: bool = False
+) -> Iterator[RedisServer]:
+    """Start ``redis-server`` on ``port`` (a free one by default); stop it on exit.
+    ``die_with_parent``: it also stops if this process is killed (the dev stack)."""
     port = port or free_port(host)
-    server = RedisServer(port, _spawn_redis(host, port), host)
+    server = RedisServer(port, _spawn_redis(host, port, die_with_parent), host, die_with_parent)
     try:
         wait_for_port(host, port, 10.0, server.process)
         logger.info("redis-server started", extra={"port": port})
@@ -129,25 +156,31 @@ def tansu_binary() -> Path:
 
 @contextlib.contextmanager
 def kafka_broker(
-    port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    log_file: Path | None = None,
+    *,
+    die_with_parent: bool = False,
 ) -> Iterator[KafkaBroker]:
-    """Start a Tansu broker on ``port`` (a free one by default); stop it on exit."""
+    """Start a Tansu broker on ``port`` (a free one by default); stop it on exit.
+    ``die_with_parent``: it also stops if this process is killed (the dev stack)."""
     port = port or free_port(host)
     url = f"tcp://{host}:{port}"
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(log_file.open("ab")) if log_file else subprocess.DEVNULL
+        argv = [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
         process = subprocess.Popen(
-            [
-                str(tansu_binary()),
-                "broker",
-                "--listener-url", url,
-                "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/",
-            ],
+            with_parent_death_signal(argv) if die_with_parent else argv,
             stdout=log,
             stderr=log,
             start_new_session=True,  # stopped by us, after the worker has committed
-        )  # fmt: skip
+        )
         broker = KafkaBroker(port, process, host)
         try:
             wait_for_port(host, port, 15.0, process)

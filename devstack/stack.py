@@ -46,7 +46,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.producer import TransactionSource, demo_population
-from devstack.services import KafkaBroker, RedisServer, free_port, kafka_broker, redis_server
+from devstack.services import (
+    KafkaBroker,
+    RedisServer,
+    free_port,
+    kafka_broker,
+    redis_server,
+    with_parent_death_signal,
+)
 from devstack.status import Scrape, compute_status, format_status
 from feature_streams.batch_load import load_group_file
 from feature_streams.definitions import FeatureDefinitions, load_definitions
@@ -252,23 +259,6 @@ class _Child:
         return await self.exited
 
 
-# Linux: the child asks for SIGTERM when this process dies (even by SIGKILL), then
-# execs the real command (same pid); it exits if this process is already gone.
-_PARENT_DEATH_SHIM = """\
-import ctypes, os, signal, sys
-ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(1)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def _with_parent_death_signal(argv: Sequence[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return list(argv)
-    return [sys.executable, "-c", _PARENT_DEATH_SHIM, str(os.getpid()), *argv]
-
-
 async def _spawn(name: str, argv: Sequence[str], logs: Path) -> _Child:
     """Start ``argv`` in its own session, output to ``<logs>/<name>.log``; it gets SIGTERM
     if this process dies without stopping it (Linux)."""
@@ -276,7 +266,7 @@ async def _spawn(name: str, argv: Sequence[str], logs: Path) -> _Child:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     with log.open("wb") as handle:
         process = await asyncio.create_subprocess_exec(
-            *_with_parent_death_signal(argv),
+            *with_parent_death_signal(argv),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=handle,
             stderr=asyncio.subprocess.STDOUT,
@@ -581,20 +571,6 @@ def _signals_raise() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """Start Redis and the broker with SIGINT blocked: they inherit the mask, so a
-    terminal's Ctrl-C (sent to the whole foreground process group) cannot stop them
-    before the worker has committed; SIGTERM still stops them. A Ctrl-C meanwhile is
-    delivered here when the mask is restored. (Redundant once ``devstack.services``
-    starts them in their own session.)"""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 _Handlers = dict[int, _Handler]
 
@@ -638,11 +614,16 @@ def run_dev_stack(
             saved: _Handlers = {}
             with contextlib.ExitStack() as services:
                 services.callback(_restore_signals, saved)  # runs last
-                with _sigint_blocked():
-                    redis = services.enter_context(redis_server(options.redis_port, LOOPBACK))
-                    broker = services.enter_context(
-                        kafka_broker(options.kafka_port, LOOPBACK, log_file=broker_log)
+                # their own sessions keep a terminal's Ctrl-C from them (we stop them
+                # last, after the worker committed); they die with us if we are killed
+                redis = services.enter_context(
+                    redis_server(options.redis_port, LOOPBACK, die_with_parent=True)
+                )
+                broker = services.enter_context(
+                    kafka_broker(
+                        options.kafka_port, LOOPBACK, log_file=broker_log, die_with_parent=True
                     )
+                )
                 services.callback(_ignore_signals, saved)  # runs first when tearing down
                 say(f"redis {redis.url} and kafka broker {broker.bootstrap_servers} started")
                 stack = _DevStack(options, plan, redis, broker, say)

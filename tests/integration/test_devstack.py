@@ -227,3 +227,35 @@ def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(tmp_path: 
         assert all(line in stack.lines for line in stopped), stack.output()
         order = [stack.lines.index(line) for line in stopped]
         assert order == sorted(order), "children stop in reverse start order"
+
+
+_HOLD_SERVICES = """\
+import sys, time
+from devstack.services import kafka_broker, redis_server
+with redis_server(die_with_parent=True) as redis, kafka_broker(die_with_parent=True) as broker:
+    print(redis.process.pid, broker.process.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_services_of_a_killed_stack_do_not_outlive_it() -> None:
+    """The dev stack's Redis and broker run in their own sessions (a terminal's Ctrl-C
+    must not stop them before the worker commits), so a SIGKILLed stack could not stop
+    them itself: they get SIGTERM from the kernel instead."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_SERVICES], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        pids = [int(p) for p in holder.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids), pids
