@@ -741,3 +741,29 @@ async def test_poison_records_go_to_the_dead_letter_topic_and_never_stop_the_par
     finally:
         await consumer.stop()
     assert sorted(((d.value, d.field) for d in letters), key=str) == sorted(poison.items(), key=str)
+
+
+async def test_expired_tiles_are_trimmed_periodically(
+    kafka: KafkaBroker, redis_url: str, redis_client: Redis
+) -> None:
+    """Without ``trim_now``: the run loop trims keys written since the last round
+    every ``trim_interval_s``."""
+    topic = unique("trim")
+    defs, _ = definitions_for(topic)
+    await ensure_topics(kafka.bootstrap_servers, {topic: 1})
+    events: list[dict[str, object]] = [
+        {"card_id": "c2", "event_time_ms": T0 - 10 * DAY, "amount": 1.0, "is_international": 0},
+        {"card_id": "c2", "event_time_ms": T0, "amount": 2.0, "is_international": 0},
+    ]
+    await produce(kafka, topic, 1, events, [0] * len(events))
+    progress = Progress()
+    config = fast_config(kafka, redis_url, stream_groups=("card_activity",), trim_interval_s=0.2)
+    async with running(StreamWorker(config, defs, on_batch=progress)) as worker:
+        await progress.wait_for(lambda: progress.total("records") == len(events), 30, "events")
+        for _ in range(200):  # trims run between batches: poll, up to 10 s
+            if sample(worker, "trimmed_fields", group="card_activity") > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert sample(worker, "trimmed_fields", group="card_activity") > 0
+    [c2] = await read_hashes(redis_client, [tile_key("card_activity", "c2")])
+    assert not [k for k in c2 if k[:1].isdigit() and int(k.split(b":")[0]) < T0 - 9 * DAY]
