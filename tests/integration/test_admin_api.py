@@ -362,15 +362,35 @@ async def test_unloading_drains_in_flight_requests_first(tmp_path: Path) -> None
         "models.per_model.lin.max_batch_size=1",
     ]
     async with admin_server(repository, overrides) as admin:
-        batcher = admin.srv.app.registry.get("lin", "2").batcher
+        loaded = admin.srv.app.registry.get("lin", "2")
+        batcher = loaded.batcher
+        # The first batch waits at a gate, so the queue depth does not depend on how
+        # fast the model is on this machine.
+        gate = asyncio.Event()
+        run = loaded.model.run
+
+        async def gated(rows: Any) -> Any:
+            await gate.wait()
+            return await run(rows)
+
+        loaded.model.run = gated  # type: ignore[method-assign]
         calls = [asyncio.create_task(_score(admin, version="2")) for _ in range(8)]
         # several requests queued behind the running one (the batcher has no event for it)
-        while batcher.depth < 4:  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
-        await admin.stub.UnloadVersion(
-            apb.UnloadVersionRequest(endpoint="lin", version="2", reason="drain"),
-            metadata=CREDENTIALS,
-        )
+        async with asyncio.timeout(10):
+            while batcher.depth < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+
+        async def unload_version() -> Any:
+            return await admin.stub.UnloadVersion(
+                apb.UnloadVersionRequest(endpoint="lin", version="2", reason="drain"),
+                metadata=CREDENTIALS,
+            )
+
+        unload = asyncio.create_task(unload_version())
+        await asyncio.sleep(0.2)
+        assert not unload.done()  # it waits for the queued requests
+        gate.set()
+        await unload
         assert batcher.depth == 0
         answers = await asyncio.gather(*calls)
         code, _ = await _code(_score(admin, version="2"))
