@@ -181,14 +181,20 @@ def _dispatch(
 
 def route_from_args(args: argparse.Namespace, current: apb.Routing) -> apb.Routing:
     """``current`` with what the ``route`` flags change."""
-    routing = apb.Routing(
-        champion=args.champion or "",
-        shadows=current.shadows,
-        rollout_json=current.rollout_json,
-    )
     share_bp: int | None = args.share_bp
     if args.share is not None:
         share_bp = round(args.share * BASIS_POINTS / 100)
+    # Changing the canary by hand ends a guarded rollout (only its controller moves it).
+    canary_changed = (
+        args.no_canary
+        or (args.canary is not None and args.canary != current.canary.version)
+        or (share_bp is not None and share_bp != current.canary.share_bp)
+    )
+    routing = apb.Routing(
+        champion=args.champion or "",
+        shadows=current.shadows,
+        rollout_json="" if canary_changed else current.rollout_json,
+    )
     if args.no_canary:
         pass
     elif args.canary or share_bp is not None or args.salt or args.entity:

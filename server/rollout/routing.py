@@ -67,11 +67,17 @@ def rollout_states(state: RoutingState) -> list[RolloutState]:
     for name, endpoint in state.endpoints.items():
         document = rollout_document(endpoint)
         if document is not None and endpoint.canary is not None:
-            states.append(
-                document.state(
-                    name, endpoint.champion, endpoint.canary.version, endpoint.canary.share_bp
+            try:
+                states.append(
+                    document.state(
+                        name, endpoint.champion, endpoint.canary.version, endpoint.canary.share_bp
+                    )
                 )
-            )
+            except ValueError as error:  # one bad endpoint must not stop the others'
+                logger.warning(
+                    "ignoring a rollout that does not match its canary",
+                    extra={"endpoint": name, "error": str(error)},
+                )
     return states
 
 

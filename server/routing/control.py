@@ -320,7 +320,7 @@ class RoutingController:
                 champion=champion,
                 canary=canary,
                 shadows=shadows,
-                rollout=self._rollout_document(canary, rollout),
+                rollout=self._rollout_document(s.endpoint(endpoint), canary, rollout),
             ),
             actor,
             reason,
@@ -328,13 +328,34 @@ class RoutingController:
         )
 
     def _rollout_document(
-        self, canary: CanaryRequest | None, rollout: Mapping[str, Any] | str | None
+        self,
+        current: EndpointState,
+        canary: CanaryRequest | None,
+        rollout: Mapping[str, Any] | str | None,
     ) -> Mapping[str, Any] | None:
-        """A rollout policy given with a canary starts a guarded rollout at its first step."""
+        """A rollout policy given with a canary starts a guarded rollout at its first
+        step; the active rollout's own document (it has an ``id``) may only be kept
+        with its canary unchanged, since the controller alone moves its share."""
         from server.rollout.routing import new_rollout  # rollout.routing builds on this module
 
         value = parse_rollout(rollout) if isinstance(rollout, str) else rollout
-        if value is None or "id" in value:  # none, or an existing rollout document
+        if value is None:
+            return None
+        if "id" in value:
+            kept = current.canary
+            unchanged = (
+                current.rollout is not None
+                and dict(value) == dict(current.rollout)
+                and canary is not None
+                and kept is not None
+                and (canary.version, canary.share_bp) == (kept.version, kept.share_bp)
+            )
+            if not unchanged:
+                raise InvalidInput(
+                    "rollout_json",
+                    "an active rollout continues only with its canary unchanged; to change "
+                    "the canary by hand, send an empty rollout_json (ends the rollout)",
+                )
             return value
         if canary is None:
             raise InvalidInput("rollout_json", "a rollout policy needs a canary")

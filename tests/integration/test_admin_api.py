@@ -426,3 +426,54 @@ async def test_rollout_policy_is_validated_and_starts_a_rollout(repository: Path
         assert rollout is not None and rollout["id"] and rollout["step_started_at"] > 0
         assert [s["share_bp"] for s in rollout["policy"]["steps"]] == [100, 1000]
     assert json.loads(response.model.state.routing.rollout_json)["id"] == rollout["id"]
+
+
+async def test_a_hand_change_to_an_active_rollouts_canary_is_refused_or_ends_it(
+    repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the rollout controller moves a guarded canary's share: resending the active
+    document with another share is INVALID_ARGUMENT and changes nothing (it used to be
+    stored, then break every process's rollout bookkeeping); dropping the document
+    ends the rollout; the CLI drops it when its flags change the canary."""
+    from server.cli import main
+
+    policy = {"steps": [{"share_bp": 2000, "hold_s": 600}, {"share_bp": 5000, "hold_s": 600}]}
+    async with admin_server(repository) as admin:
+        routing = apb.Routing(rollout_json=json.dumps(policy))
+        routing.canary.CopyFrom(apb.Canary(version="1", share_bp=2000))
+        await admin.stub.SetRouting(
+            apb.SetRoutingRequest(endpoint="lin", routing=routing, reason="start"),
+            metadata=CREDENTIALS,
+        )
+        before = await admin.model()
+        document = before.state.routing.rollout_json
+        edited = apb.Routing(rollout_json=document)
+        edited.canary.CopyFrom(apb.Canary(version="1", share_bp=3000))
+        code, details = await _code(
+            admin.stub.SetRouting(
+                apb.SetRoutingRequest(endpoint="lin", routing=edited, reason="by hand"),
+                metadata=CREDENTIALS,
+            )
+        )
+        assert code == Code.INVALID_ARGUMENT and "rollout_json" in details
+        after = await admin.model()
+        assert after.state.revision == before.state.revision
+        assert after.state.routing.canary.share_bp == 2000
+        # the same document with the canary unchanged keeps the rollout (e.g. a resend)
+        same = apb.Routing(rollout_json=document)
+        same.canary.CopyFrom(apb.Canary(version="1", share_bp=2000))
+        kept = await admin.stub.SetRouting(
+            apb.SetRoutingRequest(endpoint="lin", routing=same, reason="resend"),
+            metadata=CREDENTIALS,
+        )
+        assert kept.model.state.routing.rollout_json == document
+
+        target = f"127.0.0.1:{admin.srv.app.admin_port}"
+        argv = ["models", "route", "lin", "--share", "30", "--reason", "by hand"]
+        command = [*argv[:2], "--target", target, "--set", f"server.admin_token={TOKEN}", *argv[2:]]
+        assert await asyncio.to_thread(main, command) == 0, capsys.readouterr().err
+        ended = await admin.model()
+        assert ended.state.routing.canary.share_bp == 3000
+        assert ended.state.routing.rollout_json == ""
+        assert admin.srv.app.routing is not None
+        assert admin.srv.app.routing.state.endpoints["lin"].rollout is None
