@@ -9,6 +9,7 @@ checking) never holds ``server.stop(grace)`` for the whole grace period.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import TypeAlias
 
@@ -44,16 +45,26 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         request: health_pb2.HealthCheckRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        service = request.service
         last: Status | None = None
+
+        def current() -> Status:
+            return self._status.get(service, SERVICE_UNKNOWN)
+
         while True:
-            status = self._status.get(request.service, SERVICE_UNKNOWN)
+            status = current()
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
-            if self._draining:
+            if self._draining and current() == last:
                 return  # the last answer was NOT_SERVING; end the stream cleanly
             async with self._changed:
-                await self._changed.wait()
+                # re-read: a change made while the last answer was being sent counts
+                await self._changed.wait_for(functools.partial(self._moved, service, last))
+
+    def _moved(self, service: str, last: Status | None) -> bool:
+        """Whether a Watch that last sent ``last`` has something new to send or end."""
+        return self._status.get(service, SERVICE_UNKNOWN) != last or self._draining
 
     async def set(self, service: str, status: Status) -> None:
         """Set a service's status (ignored once draining)."""
