@@ -535,19 +535,7 @@ async def run_replay(
     RPC failures during the replay are counted, not raised.
     """
     if records is None:
-        if config.file is not None:
-            try:
-                records, skipped = await asyncio.to_thread(read_file, config.file, config.limit)
-            except OSError as error:
-                raise ReplayError(f"cannot read {config.file}: {error}") from error
-        else:
-            assert config.topic is not None
-            records, skipped = await read_topic(
-                config.bootstrap_servers,
-                config.topic,
-                limit=config.limit,
-                timeout_s=config.read_timeout_s,
-            )
+        records, skipped = await read_source(config)
     elif config.limit is not None:
         records = records[: config.limit]
     if not records:
@@ -659,20 +647,31 @@ def _config(args: argparse.Namespace) -> ReplayConfig:
     )
 
 
-async def _read_and_save(config: ReplayConfig, save: Path) -> tuple[list[ReplayRecord], int]:
+async def read_source(config: ReplayConfig) -> tuple[list[ReplayRecord], int]:
+    """The records of ``config``'s file or topic and how many were unparseable;
+    ``ReplayError`` when the file cannot be read."""
     if config.file is not None:
-        records, skipped = read_file(config.file, config.limit)
-    else:
-        assert config.topic is not None
-        records, skipped = await read_topic(
-            config.bootstrap_servers,
-            config.topic,
-            limit=config.limit,
-            timeout_s=config.read_timeout_s,
-        )
-    with save.open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(_as_traffic(record), separators=(",", ":")) + "\n")
+        try:
+            return await asyncio.to_thread(read_file, config.file, config.limit)
+        except OSError as error:
+            raise ReplayError(f"cannot read {config.file}: {error}") from error
+    assert config.topic is not None
+    return await read_topic(
+        config.bootstrap_servers,
+        config.topic,
+        limit=config.limit,
+        timeout_s=config.read_timeout_s,
+    )
+
+
+async def _read_and_save(config: ReplayConfig, save: Path) -> tuple[list[ReplayRecord], int]:
+    records, skipped = await read_source(config)
+    try:
+        with save.open("w") as handle:
+            for record in records:
+                handle.write(json.dumps(_as_traffic(record), separators=(",", ":")) + "\n")
+    except OSError as error:
+        raise ReplayError(f"cannot write {save}: {error}") from error
     return records, skipped
 
 

@@ -14,7 +14,6 @@ import pytest
 
 from devstack.services import KafkaBroker
 from protos.streamscore.v1 import scoring_pb2 as pb
-from server.pipeline import ScoringPipeline
 from server.records.kafka_sink import KafkaSink, SinkConfig
 from server.records.replay import (
     ReplayConfig,
@@ -24,7 +23,6 @@ from server.records.replay import (
     record_from_exchange,
     run_replay,
 )
-from server.registry import ModelRegistry
 from tests.conftest import TEST_FEATURES
 from tests.support.server import RunningServer, running_server
 
@@ -129,10 +127,15 @@ async def test_replay_command_line(linear_repository: Path, tmp_path: Path) -> N
         missing = await asyncio.to_thread(
             main_replay, ["--file", str(tmp_path / "none.jsonl"), "--target", srv.target]
         )
+        save = ["--save", str(tmp_path / "saved.jsonl")]
+        missing_saved = await asyncio.to_thread(
+            main_replay, ["--file", str(tmp_path / "none.jsonl"), "--target", srv.target, *save]
+        )
     assert same == 0 and document["agreement_rate"] == 1.0 and document["ok"] == N
     assert document["schema"] == "streamscore.replay/1"
     assert other == 3  # agreement below --fail-under
     assert missing == 1
+    assert missing_saved == 1  # a clear error with --save too, not a traceback
     with pytest.raises(SystemExit):
         main_replay(["--file", "a", "--topic", "b"])
 
@@ -146,10 +149,6 @@ async def test_nothing_to_replay_is_an_error(tmp_path: Path) -> None:
         ReplayConfig()
 
 
-WIRED = hasattr(ScoringPipeline(ModelRegistry()), "traffic")
-
-
-@pytest.mark.skipif(not WIRED, reason="pipeline traffic-log hook not wired yet")
 async def test_replay_of_a_run_recorded_by_the_traffic_log_agrees_fully(
     kafka: KafkaBroker, linear_repository: Path
 ) -> None:
