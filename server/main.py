@@ -59,8 +59,6 @@ def serve(settings: Settings) -> int:
     count = settings.server.processes
     if count == 1:
         return run_process(settings)
-    if settings.server.port == 0:
-        raise ValueError("server.port must be fixed (not 0) when server.processes > 1")
     children: list[int] = []
     for index in range(count):
         pid = os.fork()

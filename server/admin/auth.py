@@ -70,11 +70,6 @@ class TokenAuthenticator:
     def __init__(self, tokens: Mapping[str, str]) -> None:
         self._digests = tuple((name, _digest(secret)) for name, secret in tokens.items() if secret)
 
-    @property
-    def enabled(self) -> bool:
-        """False when no token is configured (every call is refused)."""
-        return bool(self._digests)
-
     def authenticate(self, call: CallCredentials) -> Principal:
         """The principal of a call's bearer token; ``Unauthenticated`` otherwise."""
         return self.authenticate_metadata(call.invocation_metadata())

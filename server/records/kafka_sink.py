@@ -25,15 +25,13 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
-
-from feature_streams.topics import ensure_topics
 
 __all__ = [
     "DROP_REASONS",
@@ -42,7 +40,6 @@ __all__ = [
     "RecordSink",
     "SinkConfig",
     "SinkMetrics",
-    "topics_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,8 +78,6 @@ class SinkConfig:
     connect_timeout_s: float = 5.0
     #: After Kafka failed, how long offers are dropped before the sink tries again.
     retry_interval_s: float = 2.0
-    #: Topics created (name, partitions) when connecting, if missing.
-    create_topics: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.max_buffered < 1 or self.max_batch < 1:
@@ -326,10 +321,6 @@ class KafkaSink:
         )
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
-                if cfg.create_topics:
-                    await ensure_topics(
-                        cfg.bootstrap_servers, dict(cfg.create_topics), request_timeout_ms=5000
-                    )
                 await producer.start()
         except asyncio.CancelledError:
             await _stop_producer(producer, 1.0)
@@ -423,8 +414,3 @@ async def _stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
             await producer.stop()
     except Exception as error:
         logger.warning("kafka record sink: producer stop failed", extra={"error": repr(error)})
-
-
-def topics_of(topics: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
-    """``SinkConfig.create_topics`` from a mapping of topic -> partitions."""
-    return tuple(sorted(topics.items()))
