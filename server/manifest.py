@@ -21,6 +21,10 @@ MODEL_FILE = "model.onnx"
 
 TensorDType = Literal["float32", "float64", "int64", "int32"]
 
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+"""Model names, versions, endpoints and rollout ids (path segments; routing also
+refuses ``.`` and ``..``)."""
+
 
 class TensorSpec(BaseModel):
     """One named tensor of the ONNX graph."""
@@ -48,8 +52,8 @@ class ModelManifest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, pattern=NAME_PATTERN)
+    version: str = Field(min_length=1, pattern=NAME_PATTERN)
     features: tuple[str, ...] = Field(min_length=1, description="Input columns, in order.")
     input: TensorSpec = Field(description="The single [N, len(features)] input tensor.")
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)

@@ -35,14 +35,15 @@ from pydantic import (
     model_validator,
 )
 
+from server.manifest import NAME_PATTERN
+
 ENV_PREFIX = "STREAMSCORE_"
 ENV_NESTING = "__"
 MiB = 1024 * 1024
 
 _DEFAULT_SOURCE = "default"
-_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
-ModelName = Annotated[str, StringConstraints(pattern=_NAME_PATTERN)]
+ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Execution = Literal["inline", "thread"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 

@@ -70,6 +70,8 @@ from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.manifest import NAME_PATTERN
+
 #: Upper bounds (seconds, inclusive) of the latency buckets; one overflow bucket follows.
 LATENCY_BOUNDS_S: tuple[float, ...] = tuple(round(1e-4 * 1.25**i, 9) for i in range(53))
 LATENCY_BUCKETS = len(LATENCY_BOUNDS_S) + 1
@@ -84,7 +86,7 @@ SCORE_BINS = len(SCORE_CUTS) + 2
 NON_FINITE_SCORE_BIN = SCORE_BINS - 1
 
 FULL_SHARE_BP = 10_000
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+_ID_PATTERN = re.compile(NAME_PATTERN)
 _EMPTY_NUMBERS: Mapping[str, float] = MappingProxyType({})
 
 

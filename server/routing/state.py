@@ -30,9 +30,10 @@ from typing import Any, Literal
 import grpc
 
 from server.errors import InvalidInput, ModelNotFound, ScoringError
+from server.manifest import NAME_PATTERN
 from server.router import BASIS_POINTS, version_sort_key
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME = re.compile(NAME_PATTERN)
 
 Outcome = Literal["applied", "refused"]
 
