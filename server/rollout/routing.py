@@ -27,6 +27,7 @@ from server.routing.state import (
     RoutingConflict,
     RoutingState,
     new_salt,
+    promote,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,15 @@ def sync_windows(recorder: StatsRecorder, state: RoutingState) -> None:
         recorder.set_window(name, rollout.window() if rollout is not None else None)
 
 
+def _next_share(policy: RolloutPolicy, share_bp: int) -> int | None:
+    """The share of the step after the one at ``share_bp`` (None: last or no step)."""
+    try:
+        index = policy.step_of(share_bp) + 1
+    except ValueError:
+        return None
+    return policy.steps[index].share_bp if index < len(policy.steps) else None
+
+
 def _reason(reason: str, numbers: Mapping[str, float]) -> str:
     return f"{reason} {json.dumps(dict(numbers), sort_keys=True)}"
 
@@ -122,6 +132,12 @@ class RoutingRolloutActions:
             current = s.endpoint(endpoint)
             document = self._checked(endpoint, current, rollout_id)
             assert current.canary is not None
+            at = current.canary.share_bp
+            if _next_share(document.policy, at) != share_bp:
+                # a decision made on an older share (e.g. by a former leader) is stale
+                raise RoutingConflict(
+                    f"endpoint {endpoint!r}: {share_bp} is not the step after the current {at}"
+                )
             return replace(
                 current,
                 canary=replace(current.canary, share_bp=share_bp),
@@ -140,14 +156,7 @@ class RoutingRolloutActions:
         def transition(s: RoutingState) -> EndpointState:
             current = s.endpoint(endpoint)
             self._checked(endpoint, current, rollout_id)
-            assert current.canary is not None
-            return replace(
-                current,
-                champion=current.canary.version,
-                previous_champion=current.champion,
-                canary=None,
-                rollout=None,
-            )
+            return promote(endpoint, current)
 
         await self._routing.change(
             endpoint, "rollout_promote", transition, ROLLOUT_ACTOR, _reason(reason, numbers)

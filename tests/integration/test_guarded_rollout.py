@@ -113,3 +113,33 @@ async def test_canary_with_shifted_scores_is_rolled_back_with_the_numbers(
     (rollback,) = [e for e in audit if e.action == "rollout_rollback"]
     assert rollback.actor == "rollout-controller"
     assert "psi" in rollback.reason.lower()
+
+
+async def test_a_stale_advance_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """An advance decided on an older share (a former leader that stalled past its
+    lease) must not move cards back: only the step after the current share applies."""
+    from server.rollout.routing import RoutingRolloutActions
+    from server.routing.state import RoutingConflict
+
+    repository = _repository(tmp_path, 1.0)
+    policy = {**POLICY, "steps": [{"share_bp": s, "hold_s": 600} for s in (2000, 5000, 8000)]}
+    async with admin_server(repository) as server:
+        routing = apb.Routing(champion="1", rollout_json=json.dumps(policy))
+        routing.canary.CopyFrom(apb.Canary(version="2", share_bp=2000))
+        await server.stub.SetRouting(
+            apb.SetRoutingRequest(endpoint="lin", routing=routing, reason="start"),
+            metadata=CREDENTIALS,
+        )
+        controller = server.srv.app.routing
+        assert controller is not None
+        rollout_id = json.loads((await server.model()).state.routing.rollout_json)["id"]
+        actions = RoutingRolloutActions(controller, lambda: 1.0)
+        with pytest.raises(RoutingConflict, match="not the step after"):
+            await actions.set_canary_share("lin", 8000, "skip", {}, rollout_id=rollout_id)
+        await actions.set_canary_share("lin", 5000, "advance", {}, rollout_id=rollout_id)
+        revision = (await server.model()).state.revision
+        with pytest.raises(RoutingConflict, match="not the step after"):  # decided at 2000
+            await actions.set_canary_share("lin", 5000, "stale", {}, rollout_id=rollout_id)
+        model = await server.model()
+    assert model.state.revision == revision
+    assert model.state.routing.canary.share_bp == 5000
