@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
+from pydantic import ValidationError
+
 from server.errors import InvalidInput
 from server.rollout.policy import RolloutDocument, RolloutPolicy, RolloutState
 from server.rollout.stats import StatsRecorder
@@ -46,12 +48,18 @@ def rollout_document(state: EndpointState) -> RolloutDocument | None:
         return None
 
 
+def _path(loc: tuple[int | str, ...]) -> str:
+    """A validation error location as ``steps[0].share_bp``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
 def new_rollout(policy_json: Mapping[str, object], share_bp: int, now: float) -> dict[str, object]:
     """A rollout document for a fresh canary at ``share_bp`` (the policy's first step)."""
     try:
         policy = RolloutPolicy.model_validate(dict(policy_json))
-    except ValueError as error:
-        raise InvalidInput("rollout_json", str(error)) from None
+    except ValidationError as error:
+        problems = [f"{_path(e['loc']) or '(policy)'}: {e['msg']}" for e in error.errors()]
+        raise InvalidInput("rollout_json", "; ".join(problems)) from None
     first = policy.steps[0].share_bp
     if share_bp != first:
         raise InvalidInput(

@@ -384,3 +384,15 @@ def test_reference_falls_back_to_history_and_holds_without_any() -> None:
     starved = evaluate(state_at(2500), Observation(canary, thin, thin), T0 + 100)
     assert isinstance(starved, Hold)
     assert "champion has 100 of 400" in starved.reason
+
+
+def test_a_bad_policy_is_named_field_by_field() -> None:
+    from server.errors import InvalidInput
+    from server.rollout.routing import new_rollout
+
+    with pytest.raises(InvalidInput) as caught:
+        new_rollout({"steps": [{"share_bp": 0, "hold_s": 1}], "max_psi": -1}, 100, 1.0)
+    message = str(caught.value)
+    assert message.startswith("rollout_json: ")
+    assert "steps[0].share_bp: " in message and "max_psi: " in message
+    assert "\n" not in message and "pydantic.dev" not in message
