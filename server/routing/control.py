@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -67,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 #: Compare-and-set attempts before a change gives up with ABORTED.
 MAX_ATTEMPTS = 8
+#: Base of the jittered backoff between attempts (up to ~1.3 s over all of them), so
+#: one process's burst of changes cannot starve another's.
+RETRY_BASE_S = 0.005
 BOOTSTRAP = "bootstrap"
 RESTORE = "restore"
 
@@ -449,7 +453,9 @@ class RoutingController:
         reason: str,
         expected_revision: int,
     ) -> EndpointState:
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:  # lost a compare-and-set to another process: back off, jittered
+                await asyncio.sleep(random.uniform(0, RETRY_BASE_S * 2**attempt))
             current = await self._store.read()
             before = current.endpoints.get(endpoint)
             if expected_revision and (before is None or before.revision != expected_revision):
