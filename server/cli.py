@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     stream = commands.add_parser("stream", help="run the stream-feature worker (Kafka -> Redis)")
     _add_config_args(stream)
     stream.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
+    stream.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address /metrics binds (0.0.0.0 in a container, to be scraped)",
+    )
 
     features = commands.add_parser("features", help="feature store tools")
     feature_commands = features.add_subparsers(dest="features_command", required=True)
@@ -128,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings)
         configure_logging(settings.logging.level, settings.logging.json_format)
         if args.command == "stream":
-            return _stream(settings, args.metrics_port)
+            return _stream(settings, args.metrics_port, args.metrics_host)
         return _features(settings, args)
     except SettingsError as error:
         sys.stderr.write(f"streamscore: configuration error:\n{error}\n")
@@ -148,7 +153,7 @@ def _definitions(settings: Settings) -> FeatureDefinitions:
     return load_definitions(path)
 
 
-def _stream(settings: Settings, metrics_port: int | None) -> int:
+def _stream(settings: Settings, metrics_port: int | None, metrics_host: str) -> int:
     from feature_streams.worker import WorkerConfig, serve
 
     config = WorkerConfig(
@@ -157,6 +162,7 @@ def _stream(settings: Settings, metrics_port: int | None) -> int:
         group_id=settings.kafka.group_id,
         fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     asyncio.run(serve(config, _definitions(settings)))
     return 0
