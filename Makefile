@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck protos protos-check check bench models clean
+.PHONY: run test lint typecheck protos protos-check check bench models k8s-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ models: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.serving_bench --json-out bench/results/serving.json
+
+## Refresh the settings and feature files the Kubernetes ConfigMap is generated from.
+k8s-config:
+	cp config/streamscore.yaml deploy/k8s/base/config/streamscore.yaml
+	cp features.yaml deploy/k8s/base/config/features.yaml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
