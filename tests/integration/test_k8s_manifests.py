@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.services import KafkaBroker
 from devstack.stack import DevOptions
 from feature_streams.definitions import load_definitions
 from feature_streams.worker import WorkerConfig
@@ -110,6 +116,10 @@ class Pod:
     container: Obj
     settings: Settings
     args: Any
+    argv: list[str]
+    """The container's args with mount paths mapped to the local layout."""
+    env: dict[str, str]
+    workdir: Path
 
 
 def _pod(objects: list[Obj], deployment_name: str, scratch: Path) -> Pod:
@@ -163,7 +173,8 @@ def _pod(objects: list[Obj], deployment_name: str, scratch: Path) -> Pod:
                 )
             }
         )
-    return Pod(deployment, container, settings, args)
+    argv = [local_path(arg) for arg in container["args"]]
+    return Pod(deployment, container, settings, args, argv, env, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -472,3 +483,55 @@ def test_service_monitor_scrapes_the_metrics_ports(rendered: dict[str, list[Obj]
     for service in scraped:
         names = {p["name"] for p in service["spec"]["ports"]}
         assert endpoint["port"] in names, service["metadata"]["name"]
+
+
+def _listening_on_any_address(port: int) -> bool:
+    """Whether a TCP socket listens on 0.0.0.0:``port`` (reachable from other pods)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A" and local == f"00000000:{port:04X}":
+            return True
+    return False
+
+
+def _await_scrape(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, f"the worker exited with {process.returncode}"
+        try:
+            return _scrape(port, "/metrics")
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_the_worker_starts_from_its_container_args_and_is_scrapable(
+    pods: dict[tuple[str, str], Pod], redis_url: str, kafka: KafkaBroker
+) -> None:
+    """The rendered worker command, config files and env start a real worker against a
+    real Redis and broker, and its /metrics listens on every address of the pod."""
+    pod = pods["prod", "streamscore-worker"]
+    port = free_port()
+    argv = list(pod.argv)
+    argv[argv.index("--metrics-port") + 1] = str(port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSCORE_")}
+    env.update(pod.env)
+    # the package from this checkout, whatever the working directory (the pod's)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["STREAMSCORE_REDIS__URL"] = redis_url
+    env["STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS"] = kafka.bootstrap_servers
+    env["STREAMSCORE_KAFKA__GROUP_ID"] = f"k8s-manifests-{uuid.uuid4().hex}"  # shared broker
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())", *argv],
+        cwd=pod.workdir,
+        env=env,
+    )
+    try:
+        text = _await_scrape(port, process, timeout_s=60)
+        assert _listening_on_any_address(port)
+        names = {family.name for family in text_string_to_metric_families(text)}
+        assert "streamscore_stream_events" in names, sorted(names)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
