@@ -94,9 +94,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     ).stdout.strip()
     deps = Path(grpc.__file__).resolve().parents[1]  # the dependencies' site-packages
     (Path(purelib) / "_deps.pth").write_text(f"{deps}\n")
+    pip = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-        + ["--no-index", str(src)],
+        [*pip, "--no-index", str(src)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -154,7 +154,9 @@ def test_help_lists_no_development_commands(installed: Installed) -> None:
 
 
 @pytest.mark.parametrize("command", [("dev",), ("models", "demo", "--force")])
-def test_development_commands_answer_one_line(installed: Installed, command: tuple[str]) -> None:
+def test_development_commands_answer_one_line(
+    installed: Installed, command: tuple[str, ...]
+) -> None:
     result = installed.run(*command)
     assert result.returncode == 2
     assert result.stdout == ""
