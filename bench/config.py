@@ -38,8 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bench.histogram import LatencySummary
 from bench.payloads import DEFAULT_ENTITIES, PayloadSpec
+from server.clients.histogram import LatencySummary
 
 Api = Literal["score", "stream", "v2"]
 APIS: tuple[Api, ...] = ("score", "stream", "v2")

@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from bench.callers import Caller
-from bench.histogram import LatencyHistogram
 from bench.payloads import PoolItem
+from server.clients.histogram import LatencyHistogram
 
 _clock = time.perf_counter_ns
 _YIELD_EVERY = 32

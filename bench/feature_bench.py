@@ -35,6 +35,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bench.pinning import CLIENT_CPUS, SERVER_CPUS
+from demo.synthetic import DEMO_FEATURES, REQUEST_FEATURES
 from devstack.services import redis_server
 from feature_streams.batch_store import (
     BatchSnapshotCache,
@@ -45,7 +46,6 @@ from feature_streams.definitions import FeatureDefinitions, load_definitions
 from feature_streams.hash_reader import HashWindowReader
 from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore, tile_key
 from feature_streams.windows import GroupPlan, read_hash, updates_for_event
-from server.demo.synthetic import DEMO_FEATURES, REQUEST_FEATURES
 from server.features import FeatureLayout, FeatureStore, Prepared
 from server.manifest import ModelManifest, TensorSpec, TrainingInfo
 

@@ -35,8 +35,8 @@ import grpc.aio
 from bench.callers import MODEL_INFER_METHOD, SCORE_METHOD, Caller, StreamCaller, UnaryCaller
 from bench.config import APIS, LoadConfig, LoadResult
 from bench.drivers import Recorder, Window, closed_loop, open_loop
-from bench.histogram import LatencySummary
 from bench.payloads import PayloadSpec, PoolItem, infer_pool, score_pool
+from server.clients.histogram import LatencySummary
 
 logger = logging.getLogger(__name__)
 

@@ -105,7 +105,7 @@ def run_scenario(
     """Run one scenario and return its measurement (the demo models are trained into
     ``repository`` first when it has none, as ``make run`` does)."""
     if not (repository / model).is_dir():
-        from server.demo.train import build_demo_repository  # training deps
+        from demo.train import build_demo_repository  # training deps
 
         print(f"training the demo models into {repository}/ ...", file=sys.stderr, flush=True)
         build_demo_repository(repository)

@@ -7,7 +7,7 @@ shadow run also scrapes the server's /metrics to prove shadows really ran
 (``streamscore_shadow_compared_total`` > 0) and reports what was shed.
 
 Replay: records ``--replay-records`` answers (Score with ``echo_features``) as
-traffic records, then runs ``python -m server.records.replay --pace max`` on core 1 against
+traffic records, then runs ``python -m server.clients.replay --pace max`` on core 1 against
 the server on core 0, pinned to the recorded version, and reports throughput,
 latency and agreement (100 % expected: same version, frozen features).
 
@@ -49,7 +49,7 @@ from bench.pinning import CLIENT_CPUS, SERVER_CPUS, cpu_list, taskset_prefix
 from devstack.services import free_port, kafka_broker, wait_for_port
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
-from server.records.replay import record_from_exchange
+from server.clients.replay import record_from_exchange
 
 TARGET_RATIO = 1.1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -309,7 +309,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
             )
             path.write_text("\n".join(lines) + "\n")
             cmd = [
-                *taskset_prefix(CLIENT_CPUS), sys.executable, "-m", "server.records.replay",
+                *taskset_prefix(CLIENT_CPUS), sys.executable, "-m", "server.clients.replay",
                 "--file", str(path), "--target", f"127.0.0.1:{port}", "--pace", "max",
                 "--version", args.live, "--concurrency", str(args.replay_concurrency),
                 "--connections", "2", "--json-out", str(out),

@@ -3,7 +3,7 @@
 Publishes JSON transaction events to the events topic, keyed by ``card_id``, at a
 fixed rate. The entities come from the demo population
 (``make_population(default_rng(seed), n_customers=..., n_merchants=...)``), the
-same one :func:`feature_streams.demo_batch.write_demo_batch_files` writes for the
+same one :func:`demo.batch_files.write_demo_batch_files` writes for the
 batch groups, so every id it sends has batch features in Redis. A transaction
 drawn with the ``burst`` fraud pattern is followed by a few small card-testing
 charges on the same card (they take the next slots of the schedule, so the total
@@ -42,19 +42,19 @@ import grpc
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from feature_streams.demo_batch import (
+from demo.batch_files import (
     DEFAULT_DEMO_CUSTOMERS,
     DEFAULT_DEMO_MERCHANTS,
     DEFAULT_DEMO_SEED,
 )
-from protos.streamscore.v1 import scoring_pb2 as pb
-from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
-from server.demo.synthetic import (
+from demo.synthetic import (
     DemoPopulation,
     SyntheticTransaction,
     make_population,
     sample_transactions,
 )
+from protos.streamscore.v1 import scoring_pb2 as pb
+from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 
 __all__ = [
     "ProducerConfig",
@@ -107,7 +107,7 @@ class TransactionEvent:
     merchant_id: str
     pattern: str
     request: dict[str, float]
-    """Request-time fields (``server.demo.synthetic.REQUEST_FEATURES``)."""
+    """Request-time fields (``demo.synthetic.REQUEST_FEATURES``)."""
 
     def payload(self, event_time_ms: int) -> dict[str, object]:
         """The JSON object sent to Kafka; ``event_time_ms`` is the event time."""

@@ -45,6 +45,11 @@ from typing import Any, TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from demo.batch_files import (
+    DEFAULT_DEMO_MERCHANTS,
+    DEFAULT_DEMO_SEED,
+    write_population_batch_files,
+)
 from devstack.producer import TransactionSource, demo_population
 from devstack.services import (
     KafkaBroker,
@@ -57,11 +62,6 @@ from devstack.services import (
 from devstack.status import Scrape, compute_status, format_status
 from feature_streams.batch_load import load_group_file
 from feature_streams.definitions import FeatureDefinitions, load_definitions
-from feature_streams.demo_batch import (
-    DEFAULT_DEMO_MERCHANTS,
-    DEFAULT_DEMO_SEED,
-    write_population_batch_files,
-)
 from feature_streams.events import dead_letter_topic
 from feature_streams.topics import ensure_topics
 from server.logs import configure_logging
@@ -607,7 +607,7 @@ def run_dev_stack(
     try:
         with _signals_raise():
             if options.train_models:
-                from server.demo.train import build_demo_repository  # training deps
+                from demo.train import build_demo_repository  # training deps
 
                 say(f"checking the demo models in {plan.repository}/ (training takes a minute)")
                 build_demo_repository(plan.repository)

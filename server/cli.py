@@ -1,10 +1,12 @@
 """``streamscore`` command line: serve, dev, models.
 
 streamscore serve [--config FILE] [--set key.path=value ...]
-streamscore dev   [--config FILE] [--set ...]   demo models + server (embedded stack)
-streamscore models demo [--repository DIR] [--force]
+streamscore dev   [--config FILE] [--set ...]   demo models + server (embedded stack)*
+streamscore models demo [--repository DIR] [--force]                              *
 streamscore models list|load|unload|route|promote|rollback|audit ...   admin API client
 streamscore replay (--file F | --topic T) [--target H:P] [--version V] [--pace P] ...
+
+* plugin commands of the development tree (``server.plugins``), absent from the image.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from redis.exceptions import RedisError
 from feature_streams.definitions import DefinitionError, FeatureDefinitions, load_definitions
 from server.admin.cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from server.logs import configure_logging
+from server.plugins import Plugin, PluginUnavailable, discover, match
 from server.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger(__name__)
@@ -46,17 +49,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+def build_parser(plugins: Sequence[Plugin] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every built-in subcommand, with the installed plugin
+    commands listed (they parse their own arguments: :func:`main` hands them over)."""
     parser = argparse.ArgumentParser(prog="streamscore", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the model repository over gRPC")
     _add_config_args(serve)
-
-    commands.add_parser(
-        "dev", help="embedded stack: Redis, Kafka, worker, server, producer (see --help)"
-    )
 
     commands.add_parser("replay", help="replay recorded traffic against a server (see --help)")
 
@@ -87,11 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="model repository tools")
     model_commands = models.add_subparsers(dest="models_command", required=True)
-    demo = model_commands.add_parser("demo", help="train and export the demo fraud models")
-    demo.add_argument("--repository", type=Path, default=Path("models"))
-    demo.add_argument("--force", action="store_true", help="rebuild existing versions")
     add_admin_commands(model_commands, _add_config_args)
+    groups = {(): commands, ("features",): feature_commands, ("models",): model_commands}
+    for plugin in discover() if plugins is None else plugins:
+        group = groups.get(plugin.path[:-1])
+        try:
+            command = plugin.load()
+        except PluginUnavailable:
+            continue  # not installed here: left out of --help
+        if group is not None:
+            group.add_parser(plugin.path[-1], help=f"{command.help} (see --help)", add_help=False)
     return parser
+
+
+def _run_plugin(plugin: Plugin, argv: list[str]) -> int:
+    try:
+        command = plugin.load()
+    except PluginUnavailable as error:
+        sys.stderr.write(f"streamscore: {error}\n")
+        return 2
+    return command.run(argv[len(plugin.path) :], plugin.prog)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -108,24 +123,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from feature_streams.backfill import main_backfill
 
         return main_backfill(argv[2:])
-    if argv[:1] == ["replay"]:  # its own parser: server.records.replay
-        from server.records.replay import main_replay
+    if argv[:1] == ["replay"]:  # its own parser: server.clients.replay
+        from server.clients.replay import main_replay
 
         bootstrap = os.environ.get("STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
         return main_replay(argv[1:], default_bootstrap=bootstrap)
-    if argv[:1] == ["dev"]:  # its own parser: devstack.stack (stack options + --config/--set)
-        from devstack.stack import main as main_dev
-
-        return main_dev(argv[1:], prog="streamscore dev")
-    args = build_parser().parse_args(argv)
+    plugins = discover()
+    plugin = match(plugins, argv)
+    if plugin is not None:  # its own parser (dev: stack options + --config/--set)
+        return _run_plugin(plugin, argv)
+    args = build_parser(plugins).parse_args(argv)
     try:
         if args.command == "models" and args.models_command in ADMIN_COMMANDS:
             return run_admin_command(args, _settings(args))
-        if args.command == "models":
-            configure_logging("INFO", json=False)
-            from server.demo.train import main_models_demo  # training deps are optional
-
-            return main_models_demo(args.repository, args.force)
         settings = _settings(args)
         if args.command == "serve":
             from server.main import serve

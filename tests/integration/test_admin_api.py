@@ -12,11 +12,11 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from demo.synthetic import DEMO_FEATURES
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
-from server.demo.synthetic import DEMO_FEATURES
 from server.manifest import MODEL_FILE
 from tests.conftest import TEST_FEATURES
 from tests.support.admin import CREDENTIALS, TOKEN, AdminServer, admin_server, score_request

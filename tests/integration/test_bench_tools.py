@@ -25,12 +25,12 @@ import pytest
 from bench.callers import with_request_id
 from bench.config import RESULT_KEYS, Api, LoadConfig, LoadResult
 from bench.floor_server import READY_PREFIX
-from bench.histogram import LatencySummary
 from bench.loadgen import run_load
 from bench.payloads import PayloadSpec, infer_pool, score_pool
 from bench.pinning import taskset_available, taskset_prefix, usable_cpus
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from protos.streamscore.v1 import scoring_pb2, scoring_pb2_grpc
+from server.clients.histogram import LatencySummary
 from server.manifest import ModelManifest, TensorSpec, TrainingInfo
 
 pytestmark = pytest.mark.integration

@@ -27,10 +27,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from demo.synthetic import DEMO_FEATURES
 from devstack.producer import TransactionSource, demo_population
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
-from server.demo.synthetic import DEMO_FEATURES
 from tests.conftest import free_port
 from tests.support.model_factory import write_linear_model
 

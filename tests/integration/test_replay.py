@@ -14,8 +14,7 @@ import pytest
 
 from devstack.services import KafkaBroker
 from protos.streamscore.v1 import scoring_pb2 as pb
-from server.records.kafka_sink import KafkaSink, SinkConfig
-from server.records.replay import (
+from server.clients.replay import (
     ReplayConfig,
     ReplayError,
     main_replay,
@@ -23,6 +22,7 @@ from server.records.replay import (
     record_from_exchange,
     run_replay,
 )
+from server.records.kafka_sink import KafkaSink, SinkConfig
 from tests.conftest import TEST_FEATURES
 from tests.support.server import RunningServer, running_server
 

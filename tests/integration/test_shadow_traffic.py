@@ -23,9 +23,9 @@ from prometheus_client import CollectorRegistry
 from devstack.services import KafkaBroker, free_port, kafka_broker
 from protos.inference import grpc_service_pb2 as v2
 from protos.streamscore.v1 import scoring_pb2 as pb
+from server.clients.replay import read_topic, read_topic_values
 from server.pipeline import ScoreInput, ScoreResult
 from server.records.kafka_sink import KafkaSink, Payload, SinkConfig, SinkMetrics
-from server.records.replay import read_topic, read_topic_values
 from server.records.shadow import (
     ShadowMetrics,
     ShadowOptions,

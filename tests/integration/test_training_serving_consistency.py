@@ -41,14 +41,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from devstack.services import KafkaBroker
-from feature_streams.backfill import BackfillReport, backfill, read_manifest_features
-from feature_streams.batch_load import load_group_file
-from feature_streams.definitions import FeatureDefinitions, parse_definitions
-from feature_streams.topics import ensure_topics
-from feature_streams.worker import BatchReport, StreamWorker, WorkerConfig
-from protos.streamscore.v1 import scoring_pb2 as pb
-from server.demo.synthetic import (
+from demo.synthetic import (
     CARD_BATCH_FEATURES,
     CUSTOMER_BATCH_FEATURES,
     DEMO_FEATURES,
@@ -56,6 +49,13 @@ from server.demo.synthetic import (
     make_population,
     sample_transaction,
 )
+from devstack.services import KafkaBroker
+from feature_streams.backfill import BackfillReport, backfill, read_manifest_features
+from feature_streams.batch_load import load_group_file
+from feature_streams.definitions import FeatureDefinitions, parse_definitions
+from feature_streams.topics import ensure_topics
+from feature_streams.worker import BatchReport, StreamWorker, WorkerConfig
+from protos.streamscore.v1 import scoring_pb2 as pb
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
 

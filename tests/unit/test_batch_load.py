@@ -11,6 +11,8 @@ import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
+from demo.batch_files import write_demo_batch_files
+from demo.synthetic import make_population
 from feature_streams.batch_load import (
     BatchFileError,
     ProgressReporter,
@@ -18,8 +20,6 @@ from feature_streams.batch_load import (
     validate_file,
 )
 from feature_streams.definitions import FeatureDefinitions, load_definitions, parse_definitions
-from feature_streams.demo_batch import write_demo_batch_files
-from server.demo.synthetic import make_population
 
 FEATURES_YAML = Path(__file__).resolve().parents[2] / "features.yaml"
 

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import server.demo.train as train
-from server.demo.synthetic import (
+import demo.train as train
+from demo.synthetic import (
     CARD_BATCH_FEATURES,
     CARD_STREAM_FEATURES,
     CUSTOMER_BATCH_FEATURES,
@@ -28,7 +28,7 @@ from server.demo.synthetic import (
     sample_transaction,
     sample_transactions,
 )
-from server.demo.train import (
+from demo.train import (
     DemoVersionSpec,
     ExportCheckError,
     TrainedVersion,
@@ -361,7 +361,7 @@ def test_main_models_demo_reports_and_returns_status(
 ) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(repository, copy)
-    caplog.set_level(logging.INFO, logger="server.demo.train")
+    caplog.set_level(logging.INFO, logger="demo.train")
     # Different n_rows does not matter: current versions are skipped, not retrained.
     assert main_models_demo(copy, force=False) == 0
     assert "up to date" in caplog.text

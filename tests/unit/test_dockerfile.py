@@ -150,6 +150,19 @@ def test_build_context_has_every_copied_file() -> None:
             assert not hits, f"COPY source {source} is excluded by .dockerignore {hits}"
 
 
+def test_development_tree_stays_out_of_the_image() -> None:
+    """bench/, devstack/ and demo/ are neither copied nor in the build context."""
+    ignored = {
+        line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+    }
+    assert {"bench", "devstack", "demo"} <= ignored
+    for keyword, args in instructions():
+        if keyword == "COPY" and not args.startswith("--from"):
+            for source in args.split()[:-1]:
+                top = Path(source).parts[0]
+                assert top not in ("bench", "devstack", "demo", "."), f"COPY {source}"
+
+
 def test_image_config_and_env_load() -> None:
     env = image_env()
     assert env["STREAMSCORE_MODELS__REPOSITORY"] == "/models"

@@ -41,9 +41,9 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.histogram import LatencyHistogram, LatencySummary
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
+from server.clients.histogram import LatencyHistogram, LatencySummary
 from server.records.traffic_log import TRAFFIC_SCHEMA, traffic_record
 
 __all__ = [

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from server.demo.synthetic import DEMO_FEATURES, generate_dataset
+from demo.synthetic import DEMO_FEATURES, generate_dataset
 from server.manifest import (
     MODEL_FILE,
     ModelManifest,

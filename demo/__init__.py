@@ -1,14 +1,17 @@
-"""Demo fraud models: synthetic transactions and the training/export pipeline.
+"""Demo data and the demo fraud models: development tree only, never in the image.
 
-``server.demo.synthetic`` draws reproducible labelled transactions whose columns
-are :data:`DEMO_FEATURES`; ``server.demo.train`` trains the ``fraud`` versions and
-writes them, with manifests, to a model repository (imported separately because
-it needs the ``train`` extra).
+``demo.synthetic`` draws reproducible labelled transactions whose columns are
+:data:`DEMO_FEATURES`; ``demo.batch_files`` writes the demo population's batch
+groups to files the batch loader reads; ``demo.train`` trains the ``fraud``
+versions and writes them, with manifests, to a model repository (imported
+separately because it needs the ``train`` extra); ``demo.command`` is the
+``streamscore models demo`` plugin command. Used by ``devstack``, ``bench`` and the
+tests; ``server`` and ``feature_streams`` never import it.
 """
 
 from __future__ import annotations
 
-from server.demo.synthetic import (
+from demo.synthetic import (
     CARD_BATCH_FEATURES,
     CARD_STREAM_FEATURES,
     CUSTOMER_BATCH_FEATURES,

@@ -19,7 +19,7 @@ import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.csv as pacsv  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 
-from server.demo.synthetic import (
+from demo.synthetic import (
     CARD_BATCH_FEATURES,
     CUSTOMER_BATCH_FEATURES,
     DemoPopulation,
