@@ -18,6 +18,8 @@ from tests.conftest import TEST_FEATURES
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
 
+pytestmark = pytest.mark.integration
+
 
 def _request(values: np.ndarray, **kwargs: object) -> pb.ScoreRequest:
     return pb.ScoreRequest(
