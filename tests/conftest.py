@@ -10,7 +10,11 @@ import pytest
 import redis
 
 from devstack.services import KafkaBroker, RedisServer, kafka_broker, redis_server
+from tests.support.layout import layout_problem
 from tests.support.model_factory import write_linear_model
+
+#: ``pytester`` runs the layout rule's hook on a scratch tree (tests/unit/test_layout.py).
+pytest_plugins = ["pytester"]
 
 #: Feature names of the small test model (the demo models use 30 real names).
 TEST_FEATURES = [f"f{i}" for i in range(8)]
@@ -56,3 +60,22 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     log = tmp_path_factory.mktemp("tansu") / "broker.log"
     with kafka_broker(log_file=log) as broker:
         yield broker
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Enforce the test layout rule (``tests/support/layout.py``) before anything runs."""
+    tests_dir = config.rootpath / "tests"
+    problems = []
+    for item in items:
+        if not item.path.is_relative_to(tests_dir):
+            continue
+        problem = layout_problem(
+            item.path.relative_to(tests_dir),
+            getattr(item, "fixturenames", ()),
+            item.get_closest_marker("integration") is not None,
+        )
+        if problem is not None:
+            problems.append(f"  {item.nodeid}: {problem}")
+    if problems:
+        raise pytest.UsageError("test layout rule broken:\n" + "\n".join(problems))

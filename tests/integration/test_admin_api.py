@@ -387,7 +387,13 @@ async def test_unloading_drains_in_flight_requests_first(tmp_path: Path) -> None
             )
 
         unload = asyncio.create_task(unload_version())
-        await asyncio.sleep(0.2)
+        # Positive signal: the unload reached the drain (lin/2 left the registry, its
+        # batcher is closing), and a later call on the same channel was answered since,
+        # so an unload that did not wait for the drain would have been answered too.
+        async with asyncio.timeout(10):
+            while admin.srv.app.registry.has("lin", "2"):  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+        await admin.model()
         assert not unload.done()  # it waits for the queued requests
         gate.set()
         await unload

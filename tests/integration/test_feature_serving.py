@@ -25,6 +25,8 @@ from server.features import FeatureStore
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
 
+pytestmark = pytest.mark.integration
+
 DEFINITIONS = Path(__file__).resolve().parents[2] / "features.yaml"
 T0 = 1_700_000_000_000  # a fixed "now" (epoch ms), tile-aligned to the minute
 REQUEST = {

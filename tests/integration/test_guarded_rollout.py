@@ -16,6 +16,8 @@ from tests.conftest import TEST_FEATURES
 from tests.support.admin import CREDENTIALS, AdminServer, admin_server, routing_of
 from tests.support.model_factory import write_linear_model
 
+pytestmark = pytest.mark.integration
+
 POLICY = {
     "steps": [
         {"share_bp": 2000, "hold_s": 1.0},

@@ -18,6 +18,8 @@ from tests.conftest import TEST_FEATURES
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
 
+pytestmark = pytest.mark.integration
+
 
 def _request(values: np.ndarray, **kwargs: object) -> pb.ScoreRequest:
     return pb.ScoreRequest(
@@ -215,7 +217,17 @@ async def test_score_stream_stops_reading_when_answers_are_not_taken(
         service = grpc_api.ScoringService(app.pipeline, app.registry, app.metrics)
         stream = service.ScoreStream(requests(), Context())  # type: ignore[arg-type]
         answers = [await anext(stream)]  # the transport took one answer, then stalls
-        await asyncio.sleep(0.5)
+
+        # Positive signal: all 8 admitted requests were answered (each latency is observed
+        # just before its answer is queued), so the reader had every chance to pull more.
+        def answered() -> float:
+            labels = {"api": "stream", "model": "lin"}
+            name = "streamscore_request_latency_seconds_count"
+            return app.metrics.registry.get_sample_value(name, labels) or 0.0
+
+        async with asyncio.timeout(10):
+            while answered() < 8:  # noqa: ASYNC110 (a metric: no event to await)
+                await asyncio.sleep(0.01)
         assert len(pulled) <= 8 + 2  # the bound, the one taken, one waiting for a slot
         answers += [answer async for answer in stream]
     assert sorted(a.request_id for a in answers) == sorted(f"b-{i}" for i in range(500))
