@@ -47,6 +47,23 @@ class TrainingInfo(BaseModel):
     algorithm: str = ""
 
 
+class ExplainerSpec(BaseModel):
+    """The explainer artifact beside ``model.onnx`` (see ``server.explain``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["tree_shap"] = Field(description="Exact TreeSHAP over the graph's trees.")
+    path: str = Field(pattern=NAME_PATTERN, description="File name in the version directory.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _in_version_dir(cls, value: str) -> str:
+        if value in (".", "..", MODEL_FILE, MANIFEST_FILE):
+            raise ValueError(f"explainer path {value!r} is not a separate file")
+        return value
+
+
 class ModelManifest(BaseModel):
     """Validated contents of ``manifest.json``."""
 
@@ -67,6 +84,9 @@ class ModelManifest(BaseModel):
     threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Decision threshold.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     training: TrainingInfo
+    explainer: ExplainerSpec | None = Field(
+        default=None, description="Reason codes need it; a model without one still serves."
+    )
 
     @field_validator("features")
     @classmethod
