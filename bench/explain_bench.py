@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.demo import train
-from server.demo.synthetic import generate_dataset
+from demo import train
+from demo.synthetic import generate_dataset
 from server.explain.artifact import write_explainer
 from server.explain.trees import LEAF, TreeEnsemble
 from server.explain.treeshap import PathTable

@@ -205,7 +205,7 @@ def _version_dir(config: BenchConfig) -> Path:
 
     model_dir = config.repository / config.model
     if not model_dir.is_dir():
-        from server.demo.train import build_demo_repository  # training deps
+        from demo.train import build_demo_repository  # training deps
 
         print(f"training the demo models into {config.repository}/ ...", file=sys.stderr)
         build_demo_repository(config.repository)

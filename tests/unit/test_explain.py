@@ -13,8 +13,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 import pytest
 
-from server.demo import train
-from server.demo.synthetic import DEMO_FEATURES, generate_dataset
+from demo import train
+from demo.synthetic import DEMO_FEATURES, generate_dataset
 from server.explain.artifact import EXPLAINER_FILE, data_covers, lightgbm_covers, write_explainer
 from server.explain.explainer import ExplainerError, TreeExplainer, load_explainer
 from server.explain.reasons import ReasonCatalogue, ReasonSpec
