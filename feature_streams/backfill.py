@@ -22,8 +22,12 @@ add, for every row, each feature's value as of that instant:
   tile store's apply script enforces). The file order must therefore be each key's
   log order (a topic partitioned by entity key, as the worker expects).
 
-A row whose entity id is null, or whose spine lacks the entity's column, gets the
-group's defaults, as a request without that entity id does online.
+Spine entity ids and event keys become keys by the entity's rule
+(:meth:`feature_streams.definitions.Entity.key`: ``" c-1"`` is ``"c-1"``, an ``int``
+entity's ``"042"`` is ``"42"``), as the loader and the worker make them; a spine id
+that cannot be a key is refused naming column and row. A row whose entity id is null
+or blank, or whose spine lacks the entity's column, gets the group's defaults, as a
+request without that entity id does online.
 
 Where online and offline can differ (see :mod:`feature_streams.windows`): online, the
 head tile of a window also holds events applied with event time ``>= t`` (the
@@ -74,6 +78,8 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 from feature_streams.batch_load import BatchFileError, iter_file_rows, validate_file
 from feature_streams.definitions import (
     DefinitionError,
+    Entity,
+    EntityKeyError,
     FeatureDefinitions,
     FeatureRef,
     FeatureSource,
@@ -218,18 +224,11 @@ def read_manifest_features(path: str | os.PathLike[str]) -> tuple[str, ...]:
 # --- the spine ------------------------------------------------------------------------
 
 
-def _entity_text(value: object) -> str | None:
-    """An entity id cell as the text the stores key by (``None``: no id)."""
-    if value is None or isinstance(value, bool):
+def _entity_key(entity: Entity, value: object) -> str | None:
+    """A spine cell as the entity's key (``None``: null or blank, no id)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, str):
-        text = value.strip()
-        return text or None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    raise BackfillError(f"{value!r} is not an entity id")
+    return entity.key(value)
 
 
 def _times(table: pa.Table, column: str) -> list[int]:
@@ -403,13 +402,19 @@ def _selected(definitions: FeatureDefinitions, features: Sequence[str] | None) -
         raise BackfillError(str(exc)) from None
 
 
-def _entity_ids(table: pa.Table, entity: str) -> list[str | None] | None:
+def _entity_ids(
+    table: pa.Table, definitions: FeatureDefinitions, entity: str
+) -> list[str | None] | None:
     if entity not in table.column_names:
         return None
-    try:
-        return [_entity_text(v) for v in table.column(entity).to_pylist()]
-    except BackfillError as exc:
-        raise BackfillError(f"spine column {entity!r}: {exc}") from None
+    spec = definitions.entities[entity]
+    out: list[str | None] = []
+    for row, value in enumerate(table.column(entity).to_pylist(), start=1):
+        try:
+            out.append(_entity_key(spec, value))
+        except EntityKeyError as exc:
+            raise BackfillError(f"spine column {entity!r}, row {row}: {exc}") from None
+    return out
 
 
 def backfill_table(
@@ -449,7 +454,7 @@ def backfill_table(
     for group in stream_groups:
         ids.setdefault(definitions.stream_groups[str(group)].entity, None)
     for entity in ids:
-        ids[entity] = _entity_ids(spine, entity)
+        ids[entity] = _entity_ids(spine, definitions, entity)
         if ids[entity] is None:
             logger.warning("the spine has no %r column: its groups get defaults", entity)
 
@@ -480,12 +485,12 @@ def backfill_table(
         logs: dict[str, _GroupLog] = {}
         for group in map(str, stream_groups):
             keys = ids[definitions.stream_groups[group].entity] or []
-            plan = GroupPlan.build(definitions.stream_groups[group])
+            plan = GroupPlan.of(definitions, group)
             logs[group] = _GroupLog(plan, frozenset(k for k in keys if k is not None))
         # Every group of a topic validates a record (all or nothing, as the worker does).
         topic_plans: dict[str, list[GroupPlan]] = {}
         for name, sg in definitions.stream_groups.items():
-            plan = logs[name].plan if name in logs else GroupPlan.build(sg)
+            plan = logs[name].plan if name in logs else GroupPlan.of(definitions, name)
             topic_plans.setdefault(sg.topic, []).append(plan)
         needed_topics = list(dict.fromkeys(logs[g].plan.group.topic for g in logs))
         for topic, source in _sources_by_topic(events, needed_topics).items():

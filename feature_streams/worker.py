@@ -254,9 +254,7 @@ class StreamWorker:
         if not names:
             raise ValueError("the definitions declare no stream group")
         self.config = config
-        self.plans: dict[str, GroupPlan] = {
-            n: GroupPlan.build(definitions.stream_groups[n]) for n in names
-        }
+        self.plans: dict[str, GroupPlan] = {n: GroupPlan.of(definitions, n) for n in names}
         by_topic: dict[str, list[GroupPlan]] = {}
         for plan in self.plans.values():
             by_topic.setdefault(plan.group.topic, []).append(plan)
