@@ -50,8 +50,8 @@ from devstack.services import KafkaBroker
 from feature_streams.backfill import BackfillReport, backfill, read_manifest_features
 from feature_streams.batch_load import load_group_file
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
+from feature_streams.stream_job import BatchReport, StreamWorker, WorkerConfig
 from feature_streams.topics import ensure_topics
-from feature_streams.worker import BatchReport, StreamWorker, WorkerConfig
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.demo.synthetic import (
     CARD_BATCH_FEATURES,
