@@ -499,10 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(ensure_topics(kafka.bootstrap_servers, {TOPIC: 4}))
         pin = taskset_prefix(SERVER_CPUS)
         worker = [
-            *(pin if args.pin_worker else []), sys.executable, "-m", "feature_streams.worker",
-            "--bootstrap", kafka.bootstrap_servers, "--redis", redis.url,
-            "--definitions", "features.yaml", "--session-timeout-ms", "6000",
-            "--metrics-port", str(metrics_port), "--log-level", "WARNING", *args.worker_arg,
+            *(pin if args.pin_worker else []), sys.executable, "-m", "server.cli", "stream",
+            "--set", f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
+            "--set", f"redis.url={redis.url}", "--set", "features.definitions_path=features.yaml",
+            "--set", "logging.level=WARNING", "--session-timeout-ms", "6000",
+            "--metrics-port", str(metrics_port), *args.worker_arg,
         ]  # fmt: skip
         server = [
             *pin, sys.executable, "-m", "server.cli", "serve",

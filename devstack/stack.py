@@ -5,7 +5,7 @@
 1. the demo models, trained into the repository unless already there;
 2. ``redis-server`` and a Tansu broker (free ports unless fixed ones are given);
 3. the events topic (``partitions`` partitions) and its ``.dlq``;
-4. the stream worker (``python -m feature_streams.worker``), which joins its consumer
+4. the stream worker (``python -m server.cli stream``), which joins its consumer
    group while the demo population's batch groups are written to files and loaded
    into Redis;
 5. the server (``python -m server.cli serve`` with the same config file and ``--set``
@@ -411,15 +411,15 @@ class _DevStack:
     def _worker_argv(self) -> list[str]:
         plan = self.plan
         return [
-            sys.executable, "-m", "feature_streams.worker",
-            "--bootstrap", self.broker.bootstrap_servers,
-            "--redis", self.redis.url,
-            "--definitions", str(plan.definitions),
-            "--group-id", plan.group_id,
+            sys.executable, "-m", "server.cli", "stream",
+            "--set", f"kafka.bootstrap_servers={self.broker.bootstrap_servers}",
+            "--set", f"redis.url={self.redis.url}",
+            "--set", f"features.definitions_path={plan.definitions}",
+            "--set", f"kafka.group_id={plan.group_id}",
+            "--set", f"kafka.fetch_max_wait_ms={plan.fetch_max_wait_ms}",
+            "--set", f"logging.level={plan.log_level}",
             "--metrics-host", LOOPBACK,
             "--metrics-port", str(plan.worker_metrics_port),
-            "--fetch-max-wait-ms", str(plan.fetch_max_wait_ms),
-            "--log-level", plan.log_level,
         ]  # fmt: skip
 
     def _producer_argv(self) -> list[str]:

@@ -24,8 +24,10 @@ File rules:
   integer (``3`` or ``3.0``); ``bool`` ``true``/``false``/``1``/``0``. NaN and
   infinities are refused. An empty cell (CSV) or null (Parquet) means "no value":
   the field is not stored and readers serve its default (counted per column).
-* Entity ids are non-empty, surrounding spaces dropped (``int`` entities: canonical
-  integers such as ``42``), and unique within the file. A file without data rows is refused.
+* Entity ids become keys by the entity's rule (:meth:`Entity.key`, e.g. surrounding
+  spaces dropped; ``int`` entities: ``" 042"`` and ``42.0`` are ``42``), refused by
+  column and row when they cannot, and keys are unique within the file.
+* A file without data rows is refused.
 
 Problems are reported together (up to 20) in a :class:`BatchFileError`, each naming
 the column and row, e.g. ``column 'credit_limit', row 17 (line 18): 'abc' is not a
@@ -39,7 +41,6 @@ import csv
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,7 +64,13 @@ from feature_streams.batch_store import (
     rollback,
     write_snapshot,
 )
-from feature_streams.definitions import BatchField, BatchGroup, FeatureDefinitions
+from feature_streams.definitions import (
+    BatchField,
+    BatchGroup,
+    Entity,
+    EntityKeyError,
+    FeatureDefinitions,
+)
 
 __all__ = [
     "BatchFileError",
@@ -85,7 +92,6 @@ _PARQUET_BATCH_ROWS: Final = 65_536
 _MAX_EXACT_INT: Final = 2**53
 _TRUE: Final = frozenset({"true", "1", "1.0"})
 _FALSE: Final = frozenset({"false", "0", "0.0"})
-_INT_TEXT: Final = re.compile(r"^-?(0|[1-9][0-9]*)$")
 
 
 class BatchFileError(ValueError):
@@ -209,18 +215,14 @@ _CONVERTERS: Final[Mapping[str, Converter]] = {
 }
 
 
-def _entity_converter(key_type: str) -> Callable[[object], str]:
+def _entity_converter(entity: Entity) -> Callable[[object], str]:
     def convert(value: object) -> str:
         if value is None:
             raise _BadCell("empty entity id")
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise _BadCell(f"{value!r} is not an entity id")
-        text = str(value).strip()
-        if not text:
-            raise _BadCell("empty entity id")
-        if key_type == "int" and not _INT_TEXT.match(text):
-            raise _BadCell(f"{value!r} is not a canonical integer id")
-        return text
+        try:
+            return entity.key(value)
+        except EntityKeyError as exc:
+            raise _BadCell(str(exc)) from None
 
     return convert
 
@@ -235,7 +237,7 @@ class _Layout:
     path: Path
     file_format: FileFormat
     group: BatchGroup
-    entity_key_type: str
+    entity: Entity
     columns: tuple[str, ...]
     entity_index: int
     field_indexes: tuple[tuple[int, BatchField, Converter], ...]
@@ -323,7 +325,7 @@ def _layout(
         path=path,
         file_format=file_format,
         group=group,
-        entity_key_type=definitions.entities[group.entity].key_type,
+        entity=definitions.entities[group.entity],
         columns=columns,
         entity_index=columns.index(group.entity),
         field_indexes=field_indexes,
@@ -371,7 +373,7 @@ class _Row:
 
 def _rows(layout: _Layout) -> Iterator[_Row]:
     entity_name = layout.group.entity
-    to_entity = _entity_converter(layout.entity_key_type)
+    to_entity = _entity_converter(layout.entity)
     for number, where, cells in _raw_rows(layout):
         row = _Row(number, where, None, {})
         try:

@@ -46,6 +46,9 @@ Every problem is reported with its key path, all at once, in a
 :class:`DefinitionError`, e.g.
 ``stream_groups.card_activity.aggregations[2].window: '5x' is not a duration``.
 
+An entity's ``key_type`` decides how a raw id becomes its key (:meth:`Entity.key`,
+rule in :mod:`feature_streams.entity_keys`).
+
 This module does no I/O beyond reading the one file, and imports no asyncio,
 redis, aiokafka, grpc or server code.
 """
@@ -70,6 +73,8 @@ from pydantic import (
     ValidationError,
 )
 
+from feature_streams.entity_keys import EntityKeyError, KeyType, entity_key, key_problem
+
 __all__ = [
     "AggKind",
     "Aggregation",
@@ -78,6 +83,7 @@ __all__ = [
     "DType",
     "DefinitionError",
     "Entity",
+    "EntityKeyError",
     "FeatureDefinitions",
     "FeatureRef",
     "FeatureResolution",
@@ -195,7 +201,16 @@ class Entity(_Frozen):
     """Something features are keyed by (a card, a customer, a merchant)."""
 
     name: Name
-    key_type: Literal["str", "int"] = "str"
+    key_type: KeyType = "str"
+
+    def key(self, raw: object) -> str:
+        """The key a raw id of this entity is stored under; raises
+        :class:`EntityKeyError` (rule: :mod:`feature_streams.entity_keys`)."""
+        return entity_key(self.key_type, raw)
+
+    def key_problem(self, text: str) -> str | None:
+        """Why ``text`` is not a canonical key of this entity, or ``None`` when it is."""
+        return key_problem(self.key_type, text)
 
 
 class BatchField(_Frozen):

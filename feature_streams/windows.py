@@ -5,7 +5,7 @@ Every function takes explicit epoch-millisecond timestamps. The stream worker
 (tiles -> feature values at request time) and the backfill (event log -> values
 at past times) all call this module, so online and offline values agree.
 
-API by caller (``plan = GroupPlan.build(defs.stream_groups[name])``, once)::
+API by caller (``plan = GroupPlan.of(defs, name)``, once)::
 
     worker      event_key(plan, ev), event_time(plan, ev), is_too_late(ms, max_seen, L),
                 updates_for_event(plan, ev) -> [TileUpdate]   (InvalidEventError: drop+count)
@@ -100,7 +100,13 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import NamedTuple
 
-from feature_streams.definitions import AggKind, StreamGroup, format_duration
+from feature_streams.definitions import (
+    AggKind,
+    FeatureDefinitions,
+    StreamGroup,
+    format_duration,
+)
+from feature_streams.entity_keys import EntityKeyError, KeyType, entity_key
 
 __all__ = [
     "GroupPlan",
@@ -222,10 +228,19 @@ class GroupPlan:
     time) every tile of a hash is expired, so the store may expire the whole key."""
     field_suffixes: Mapping[str | bytes, tuple[Slot, bool]]
     """Hash field text after ``"<start>:"`` (str and bytes) -> (slot, is the ts half)."""
+    key_type: KeyType = "str"
+    """The group's entity's key type: how :func:`event_key` makes an event's key."""
 
     @classmethod
-    def build(cls, group: StreamGroup) -> GroupPlan:
-        """Compile a (validated) stream group."""
+    def of(cls, definitions: FeatureDefinitions, name: str) -> GroupPlan:
+        """The plan of the defined stream group ``name``, keyed by its entity's rule."""
+        group = definitions.stream_groups[name]
+        return cls.build(group, definitions.entities[group.entity].key_type)
+
+    @classmethod
+    def build(cls, group: StreamGroup, key_type: KeyType = "str") -> GroupPlan:
+        """Compile a (validated) stream group whose entity has ``key_type``
+        (:meth:`of` looks it up in the definitions)."""
         slots: dict[str, Slot] = {}
         horizon: dict[str, int] = {}
         outputs: list[OutputPlan] = []
@@ -265,6 +280,7 @@ class GroupPlan:
             horizon_ms=MappingProxyType(horizon),
             retention_ms=retention + group.allowed_lateness_ms,
             field_suffixes=MappingProxyType(suffixes),
+            key_type=key_type,
         )
 
 
@@ -305,14 +321,16 @@ def event_time(plan: GroupPlan, event: Mapping[str, object]) -> int:
 
 
 def event_key(plan: GroupPlan, event: Mapping[str, object]) -> str:
-    """The event's entity key as text; raises :class:`InvalidEventError`."""
+    """The event's entity key (:func:`feature_streams.entity_keys.entity_key` under the
+    plan's ``key_type``); raises :class:`InvalidEventError`."""
     name = plan.group.key
     value = event.get(name)
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise InvalidEventError(f"event field {name!r}: expected a key, got {value!r}")
+    if value is None:
+        raise InvalidEventError(f"event field {name!r}: expected a key, got {value!r}")
+    try:
+        return entity_key(plan.key_type, value)
+    except EntityKeyError as exc:
+        raise InvalidEventError(f"event field {name!r}: {exc}"[:300]) from None
 
 
 def _number(event: Mapping[str, object], name: str) -> float:

@@ -5,6 +5,8 @@ streamscore dev   [--config FILE] [--set ...]   demo models + server (embedded s
 streamscore models demo [--repository DIR] [--force]                              *
 streamscore models list|load|unload|route|promote|rollback|audit ...   admin API client
 streamscore replay (--file F | --topic T) [--target H:P] [--version V] [--pace P] ...
+streamscore stream [--config FILE] [--set ...] [--metrics-port P] ...   (server/stream_cli.py)
+streamscore features load|rollback|backfill ...
 
 * plugin commands of the development tree (``server.plugins``), absent from the image.
 """
@@ -26,6 +28,7 @@ from server.admin.cli import ADMIN_COMMANDS, add_admin_commands, run_admin_comma
 from server.logs import configure_logging
 from server.plugins import Plugin, PluginUnavailable, discover, match
 from server.settings import Settings, SettingsError, load_settings
+from server.stream_cli import add_stream_arguments, run_stream, worker_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +65,7 @@ def build_parser(plugins: Sequence[Plugin] | None = None) -> argparse.ArgumentPa
 
     stream = commands.add_parser("stream", help="run the stream-feature worker (Kafka -> Redis)")
     _add_config_args(stream)
-    stream.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
-    stream.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        help="address /metrics binds (0.0.0.0 in a container, to be scraped)",
-    )
+    add_stream_arguments(stream)
 
     features = commands.add_parser("features", help="feature store tools")
     feature_commands = features.add_subparsers(dest="features_command", required=True)
@@ -143,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings)
         configure_logging(settings.logging.level, settings.logging.json_format)
         if args.command == "stream":
-            return _stream(settings, args.metrics_port, args.metrics_host)
+            return _stream(settings, args)
         return _features(settings, args)
     except SettingsError as error:
         sys.stderr.write(f"streamscore: configuration error:\n{error}\n")
@@ -163,19 +161,13 @@ def _definitions(settings: Settings) -> FeatureDefinitions:
     return load_definitions(path)
 
 
-def _stream(settings: Settings, metrics_port: int | None, metrics_host: str) -> int:
-    from feature_streams.worker import WorkerConfig, serve
-
-    config = WorkerConfig(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        redis_url=settings.redis.url,
-        group_id=settings.kafka.group_id,
-        fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
-        metrics_port=metrics_port,
-        metrics_host=metrics_host,
-    )
-    asyncio.run(serve(config, _definitions(settings)))
-    return 0
+def _stream(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        config = worker_config(settings, args)
+    except ValueError as error:
+        sys.stderr.write(f"streamscore stream: {error}\n")
+        return 2
+    return run_stream(config, _definitions(settings))
 
 
 def _features(settings: Settings, args: argparse.Namespace) -> int:

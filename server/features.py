@@ -4,8 +4,10 @@ stream tiles.
 ``FeatureLayout`` is built once per loaded version (manifest + feature definitions):
 which column comes from where, defaults, validation rules. On the request path:
 
-1. ``FeatureLayout.prepare`` validates one request (unknown feature or entity,
-   out-of-range or NaN request value: ``InvalidInput`` naming it) and starts its row
+1. ``FeatureLayout.prepare`` validates one request (unknown feature or entity, an
+   entity id that is not its entity's canonical key (``feature_streams.entity_keys``:
+   ``" c-1"``, an int entity's ``"042"``), out-of-range or NaN request value:
+   ``InvalidInput`` naming it) and starts its row
    from defaults overlaid with every value the request carries. A request may carry
    any model feature: a value sent wins over the store (replays with frozen features,
    callers that compute features themselves), and a group whose every column was
@@ -51,6 +53,7 @@ from feature_streams.batch_store import (
     queue_reads,
 )
 from feature_streams.definitions import (
+    Entity,
     FeatureDefinitions,
     FeatureSource,
     RequestFeature,
@@ -142,6 +145,7 @@ class FeatureLayout:
     stream: tuple[StreamColumns, ...] = ()
     defined_features: frozenset[str] = frozenset()
     entities: frozenset[str] = frozenset()
+    entity_defs: Mapping[str, Entity] = field(default_factory=dict)
 
     @classmethod
     def from_manifest(
@@ -210,6 +214,7 @@ class FeatureLayout:
             stream=tuple(stream),
             defined_features=frozenset(feature_sources(definitions)),
             entities=frozenset(definitions.entities),
+            entity_defs=dict(definitions.entities),
         )
 
     @property
@@ -244,10 +249,14 @@ class FeatureLayout:
         if not self.uses_store and not self.request_rules:
             row = self.assemble_row(features)
             return Prepared(row, np.ones(self.width, bool), entity_ids, t_ms, store_sent=True)
-        for name in entity_ids:
-            if name not in self.entities:
+        for name, entity_id in entity_ids.items():
+            entity = self.entity_defs.get(name)
+            if entity is None:
                 known = ", ".join(sorted(self.entities))
                 raise InvalidInput(f"entity_ids.{name}", f"unknown entity (defined: {known})")
+            problem = entity.key_problem(entity_id)
+            if problem is not None:
+                raise InvalidInput(f"entity_ids.{name}", problem)
         row = self.defaults.copy().reshape(1, -1)
         sent = np.zeros(self.width, bool)
         store_sent = False

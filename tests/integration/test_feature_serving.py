@@ -217,6 +217,8 @@ async def test_missing_entities_get_defaults_and_are_listed(
     ("mutate", "field"),
     [
         (lambda r: r.entity_ids.__setitem__("planet_id", "x"), "entity_ids.planet_id"),
+        (lambda r: r.entity_ids.__setitem__("card_id", " card-1"), "entity_ids.card_id"),
+        (lambda r: r.entity_ids.__setitem__("card_id", ""), "entity_ids.card_id"),
         (lambda r: r.features.__setitem__("shoe_size", 42.0), "features.shoe_size"),
         (lambda r: r.features.__setitem__("hour_of_day", 25.0), "features.hour_of_day"),
         (lambda r: r.features.__setitem__("amount", -5.0), "features.amount"),
@@ -227,6 +229,8 @@ async def test_missing_entities_get_defaults_and_are_listed(
     ],
     ids=[
         "unknown-entity",
+        "non-canonical-entity-id",
+        "empty-entity-id",
         "unknown-feature",
         "hour-out-of-range",
         "negative-amount",

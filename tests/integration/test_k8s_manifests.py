@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack.services import KafkaBroker
 from devstack.stack import DevOptions
 from feature_streams.definitions import load_definitions
-from feature_streams.worker import WorkerConfig
+from feature_streams.stream_job import WorkerConfig
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.cli import build_parser
 from server.settings import Settings, load_settings

@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from devstack.services import KafkaBroker, free_port, redis_server
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
 from feature_streams.events import DeadLetter, dead_letter_topic
+from feature_streams.stream_job import BatchReport, StreamWorker, WorkerConfig
 from feature_streams.tile_store import LAST_TS_FIELD, offset_field, read_hashes, tile_key
 from feature_streams.topics import ensure_topics
 from feature_streams.windows import (
@@ -47,7 +48,6 @@ from feature_streams.windows import (
     tile_start,
     tiles_to_hash,
 )
-from feature_streams.worker import BatchReport, StreamWorker, WorkerConfig
 
 pytestmark = pytest.mark.integration
 
@@ -300,13 +300,13 @@ async def committed(bootstrap: str, group_id: str, topic: str, partitions: int) 
 
 
 class WorkerProcess:
-    """``python -m feature_streams.worker`` as a child process."""
+    """``streamscore stream`` (``python -m server.cli stream``) as a child process."""
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "feature_streams.worker", *args],
+                [sys.executable, "-m", "server.cli", "stream", *args],
                 cwd=REPO,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -329,14 +329,14 @@ def worker_args(
     kafka: KafkaBroker, redis_url: str, definitions: Path, group_id: str, **extra: object
 ) -> list[str]:
     args = [
-        "--bootstrap", kafka.bootstrap_servers,
-        "--redis", redis_url,
-        "--definitions", str(definitions),
-        "--group-id", group_id,
+        "--set", f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
+        "--set", f"redis.url={redis_url}",
+        "--set", f"features.definitions_path={definitions}",
+        "--set", f"kafka.group_id={group_id}",
+        "--set", "logging.level=WARNING",
         "--session-timeout-ms", "1000",
         "--heartbeat-interval-ms", "250",
         "--max-batch-records", "1000",
-        "--log-level", "WARNING",
     ]  # fmt: skip
     for name, value in extra.items():
         args += [f"--{name.replace('_', '-')}", str(value)]

@@ -22,6 +22,10 @@ must not be picked.
 
 The topic has one partition, so log order is the file order for every key and the
 lateness decisions of worker and backfill are the same ones.
+
+Entity ids are spelled four ways (``"c"``, ``" c"``, ``"c "``, ``"\tc\n"``) in the
+events, the batch files and the spine: worker, loader and backfill must all key them as
+``"c"`` (the server is sent the canonical id; it refuses the others).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pytest
 from aiokafka import AIOKafkaProducer
 from google.protobuf.timestamp_pb2 import Timestamp
+from redis.asyncio import Redis
 
 from demo.synthetic import (
     CARD_BATCH_FEATURES,
@@ -53,8 +58,8 @@ from devstack.services import KafkaBroker
 from feature_streams.backfill import BackfillReport, backfill, read_manifest_features
 from feature_streams.batch_load import load_group_file
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
+from feature_streams.stream_job import BatchReport, StreamWorker, WorkerConfig
 from feature_streams.topics import ensure_topics
-from feature_streams.worker import BatchReport, StreamWorker, WorkerConfig
 from protos.streamscore.v1 import scoring_pb2 as pb
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
@@ -75,6 +80,14 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+SPELLINGS = ("{}", " {}", "{} ", "\t{}\n")
+
+
+def spell(entity_id: str, i: int) -> str:
+    """One of four raw spellings of the same id (every writer keys them alike)."""
+    return SPELLINGS[i % len(SPELLINGS)].format(entity_id)
+
+
 def recorded_stream(population: DemoPopulation, seed: int) -> list[bytes]:
     """Record values in log order: event time rises over SPAN_MS, mostly slightly out of
     order, ~5 % up to 14 min behind (beyond the 10 min lateness), plus malformed ones."""
@@ -85,9 +98,9 @@ def recorded_stream(population: DemoPopulation, seed: int) -> list[bytes]:
         u = rng.random()
         back = 14 * MINUTE if u < 0.05 else 9 * MINUTE if u < 0.2 else MINUTE
         event = {
-            "card_id": tx.card_id,
-            "customer_id": tx.customer_id,
-            "merchant_id": tx.merchant_id,
+            "card_id": spell(tx.card_id, i),
+            "customer_id": spell(tx.customer_id, i + 1),
+            "merchant_id": spell(tx.merchant_id, i + 2),
             "event_time_ms": T0 + i * SPAN_MS // N_EVENTS - int(rng.integers(0, back + 1)),
             "amount": tx.request["amount"],
             "is_international": int(tx.request["is_international"]),
@@ -119,7 +132,8 @@ def profile_tables(population: DemoPopulation, rng: np.random.Generator) -> dict
         ),
     ):
         keep = rng.random(len(ids)) > 0.1
-        columns: dict[str, Any] = {entity: [e for e, k in zip(ids, keep, strict=True) if k]}
+        kept = [e for e, k in zip(ids, keep, strict=True) if k]
+        columns: dict[str, Any] = {entity: [spell(e, i) for i, e in enumerate(kept)]}
         for j, name in enumerate(names):
             cells = values[keep, j].tolist()
             columns[name] = [None if rng.random() < 0.05 else v for v in cells]
@@ -143,7 +157,7 @@ def last_event_times(records: Sequence[bytes], key: str) -> dict[str, int]:
     for raw in records:
         try:
             event = json.loads(raw)
-            value, ts = event[key], int(event["event_time_ms"])
+            value, ts = event[key].strip(), int(event["event_time_ms"])
         except (ValueError, KeyError, TypeError):
             continue
         newest[value] = max(ts, newest.get(value, ts))
@@ -156,8 +170,9 @@ def make_spine(population: DemoPopulation, records: Sequence[bytes], seed: int) 
     rows: list[dict[str, Any]] = []
 
     def row(tx: Any, t: int, **ids: str | None) -> None:
-        entity = {"card_id": tx.card_id, "customer_id": tx.customer_id}
-        entity["merchant_id"] = tx.merchant_id
+        n = len(rows)
+        entity = {"card_id": spell(tx.card_id, n), "customer_id": spell(tx.customer_id, n + 1)}
+        entity["merchant_id"] = spell(tx.merchant_id, n + 2)
         rows.append({**entity, **ids, "ts_ms": t, **tx.request})
 
     offsets = [  # after the end of the stream: windows decay, tiles fall out
@@ -239,7 +254,11 @@ def timestamp(t_ms: int) -> Timestamp:
 
 
 def score_request(spine_row: Mapping[str, Any], features: Sequence[str]) -> pb.ScoreRequest:
-    ids = {e: spine_row[e] for e in ("card_id", "customer_id", "merchant_id") if spine_row[e]}
+    ids = {
+        e: spine_row[e].strip()  # the server takes canonical ids only
+        for e in ("card_id", "customer_id", "merchant_id")
+        if spine_row[e]
+    }
     return pb.ScoreRequest(
         model="fraud",
         entity_ids=ids,
@@ -267,6 +286,7 @@ async def test_backfill_matches_served_features_row_by_row(
     await ensure_topics(kafka.bootstrap_servers, {topic: 1})
     await produce(kafka.bootstrap_servers, topic, records)
     worker = await apply_stream(kafka, redis_url, definitions, records)
+    await assert_keys_canonical(redis_url)
 
     current = profile_tables(population, np.random.default_rng(9))
     schedule: dict[str, list[tuple[int, Path]]] = {}
@@ -281,7 +301,11 @@ async def test_backfill_matches_served_features_row_by_row(
     )
     request_features = list(definitions.request_features)
     rows = spine.to_pylist()
-    overrides = [f"features.definitions_path={definitions_path}", f"redis.url={redis_url}"]
+    overrides = [
+        f"features.definitions_path={definitions_path}",
+        f"redis.url={redis_url}",
+        "features.fetch_timeout_s=10",  # a noisy machine must not degrade answers
+    ]
     async with running_server(tmp_path / "models", overrides) as srv:
         responses = await asyncio.gather(
             *(srv.scoring.Score(score_request(r, request_features)) for r in rows)
@@ -317,6 +341,17 @@ async def test_backfill_matches_served_features_row_by_row(
     assert [r.score for r in responses] == pytest.approx(expected.tolist(), abs=1e-6)
     assert_worker_agrees(worker, report, len(records))
     assert_not_trivial(training, rows, definitions)
+
+
+async def assert_keys_canonical(redis_url: str) -> None:
+    """Every spelling of an id reached one key: no key holds whitespace."""
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(count=1000)]
+    finally:
+        await client.aclose()
+    assert keys
+    assert [k for k in keys if any(c in k for c in b" \t\n")] == []
 
 
 def assert_worker_agrees(worker: Progress, report: BackfillReport, n_records: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,9 @@ from feature_streams.definitions import (
     feature_sources,
     parse_definitions,
 )
+from feature_streams.point_in_time import BatchSnapshots, SnapshotRows, point_in_time_table
 
+REPO = Path(__file__).resolve().parents[2]
 MIN = 60_000
 HOUR = 60 * MIN
 T0 = 1_700_000_000_000  # minute-aligned
@@ -433,3 +437,28 @@ def test_cli_reads_files_batch_schedule_and_manifest(tmp_path: Path) -> None:
     assert main_backfill(bad) == 2
     missing = [*argv[:2], "--spine", str(tmp_path / "nope.csv"), *argv[4:8]]
     assert main_backfill(missing) == 2
+
+
+def test_the_point_in_time_logic_runs_on_memory_and_reads_no_files(
+    defs: FeatureDefinitions,
+) -> None:
+    events = [
+        {"card_id": "c1", "merchant_id": "m1", "ts": T0 + i * MIN, "amount": 2.0, "intl": 0}
+        for i in range(3)
+    ]
+    spine = pa.table({"card_id": ["c1"], "customer_id": [" u1"], "ts_ms": [T0 + 10 * MIN]})
+    older: SnapshotRows = [("u1", {"limit": 5.0})]
+    newer: SnapshotRows = [("u1 ", {})]  # the same customer, spelled otherwise
+    snapshots: BatchSnapshots = {"profile": [(T0, older), (T0 + MIN, newer)]}
+    table, report = point_in_time_table(
+        defs, events, spine, batch_snapshots=snapshots, features=["n_1h", "limit", "risk"]
+    )
+    assert table.column("n_1h").to_pylist() == [3.0]
+    assert table.column("limit").to_pylist() == [100.0]  # the newer snapshot's empty cell
+    assert report.defaulted_rows == {"profile": 0, "card": 0}
+    probe = "import json, sys, feature_streams.point_in_time; print(json.dumps(list(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    io = {"pyarrow.parquet", "pyarrow.csv", "feature_streams.batch_load", "redis", "aiokafka"}
+    assert io & set(json.loads(out.stdout)) == set()

@@ -175,13 +175,23 @@ def test_empty_files_unknown_groups_and_types_are_refused(
         assert expected in _problems(excinfo), path
 
 
-def test_int_entities_must_be_canonical(defs: FeatureDefinitions, tmp_path: Path) -> None:
-    good = _csv(tmp_path, "account_id,balance\n42,1\n-7,2\n", "a.csv")
-    assert [e for e, _ in iter_file_rows(defs, "account", good)] == ["42", "-7"]
-    bad = _csv(tmp_path, "account_id,balance\n042,1\n", "b.csv")
+def test_entity_ids_become_keys_by_the_entitys_rule(
+    defs: FeatureDefinitions, tmp_path: Path
+) -> None:
+    spelled = _csv(tmp_path, "account_id,balance\n042,1\n -7 ,2\n+5.0,3\n0,4\n", "a.csv")
+    assert [e for e, _ in iter_file_rows(defs, "account", spelled)] == ["42", "-7", "5", "0"]
+    text = _csv(tmp_path, "customer_id,limit,count,vip\n c-1 ,1,1,true\n", "c.csv")
+    assert [e for e, _ in iter_file_rows(defs, "profile", text)] == ["c-1"]
+    same = _csv(tmp_path, "account_id,balance\n42,1\n042,2\n", "s.csv")
+    with pytest.raises(BatchFileError) as excinfo:
+        validate_file(defs, "account", same)
+    assert "column 'account_id', row 2 (line 3): duplicate entity '42' (first at row 1)" in (
+        _problems(excinfo)
+    )
+    bad = _csv(tmp_path, "account_id,balance\n4.2e1,1\n", "b.csv")
     with pytest.raises(BatchFileError) as excinfo:
         validate_file(defs, "account", bad)
-    assert "column 'account_id', row 1 (line 2): '042' is not a canonical integer id" in (
+    assert "column 'account_id', row 1 (line 2): '4.2e1' is not an integer id" in (
         _problems(excinfo)
     )
 
