@@ -39,13 +39,13 @@ from typing import Any, Literal, TypeVar
 
 from server.errors import (
     DependencyUnavailable,
-    InvalidInput,
     ModelLoadError,
     ModelNotFound,
     ScoringError,
 )
 from server.metrics import Metrics
 from server.registry import LoadedVersion, ModelRegistry, RouteSpec, ServingOptions, scan_repository
+from server.rollout.policy import rollout_for_change
 from server.router import CanaryRoute, version_sort_key
 from server.routing.state import (
     AuditEntry,
@@ -56,7 +56,6 @@ from server.routing.state import (
     add_version,
     check_name,
     initial_state,
-    parse_rollout,
     promote,
     remove_version,
     rollback,
@@ -324,46 +323,12 @@ class RoutingController:
                 champion=champion,
                 canary=canary,
                 shadows=shadows,
-                rollout=self._rollout_document(s.endpoint(endpoint), canary, rollout),
+                rollout=rollout_for_change(s.endpoint(endpoint), canary, rollout, self._clock()),
             ),
             actor,
             reason,
             expected_revision,
         )
-
-    def _rollout_document(
-        self,
-        current: EndpointState,
-        canary: CanaryRequest | None,
-        rollout: Mapping[str, Any] | str | None,
-    ) -> Mapping[str, Any] | None:
-        """A rollout policy given with a canary starts a guarded rollout at its first
-        step; the active rollout's own document (it has an ``id``) may only be kept
-        with its canary unchanged, since the controller alone moves its share."""
-        from server.rollout.routing import new_rollout  # rollout.routing builds on this module
-
-        value = parse_rollout(rollout) if isinstance(rollout, str) else rollout
-        if value is None:
-            return None
-        if "id" in value:
-            kept = current.canary
-            unchanged = (
-                current.rollout is not None
-                and dict(value) == dict(current.rollout)
-                and canary is not None
-                and kept is not None
-                and (canary.version, canary.share_bp) == (kept.version, kept.share_bp)
-            )
-            if not unchanged:
-                raise InvalidInput(
-                    "rollout_json",
-                    "an active rollout continues only with its canary unchanged; to change "
-                    "the canary by hand, send an empty rollout_json (ends the rollout)",
-                )
-            return value
-        if canary is None:
-            raise InvalidInput("rollout_json", "a rollout policy needs a canary")
-        return new_rollout(value, canary.share_bp, self._clock())
 
     async def promote(
         self, endpoint: str, actor: Actor, reason: str, expected_revision: int = 0

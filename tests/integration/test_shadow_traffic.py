@@ -23,7 +23,6 @@ from prometheus_client import CollectorRegistry
 from devstack.services import KafkaBroker, free_port, kafka_broker
 from protos.inference import grpc_service_pb2 as v2
 from protos.streamscore.v1 import scoring_pb2 as pb
-from server.pipeline import ScoreInput, ScoreResult
 from server.records.kafka_sink import KafkaSink, Payload, SinkConfig, SinkMetrics
 from server.records.replay import read_topic, read_topic_values
 from server.records.shadow import (
@@ -35,6 +34,7 @@ from server.records.shadow import (
 )
 from server.records.traffic_log import TRAFFIC_SCHEMA, TrafficLog
 from server.router import Route
+from server.scoring_types import ScoreInput, ScoreResult
 from tests.conftest import TEST_FEATURES
 from tests.support.server import RunningServer, running_server
 
