@@ -2,13 +2,13 @@
 
 Every method first checks the caller's credentials (``server.admin.auth``); the
 scoring data plane has no path into here. Domain errors become their gRPC
-status with the message naming the problem; anything else is logged, INTERNAL.
+status with the message naming the problem (``server.grpc_status``); anything else
+is logged, INTERNAL.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -18,11 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from server.admin.auth import Authenticator
-from server.errors import ScoringError
+from server.grpc_status import abort
 from server.routing.control import Actor, ModelView, RoutingController
 from server.routing.state import AuditEntry, CanaryRequest, EndpointState
-
-logger = logging.getLogger(__name__)
 
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 DEFAULT_AUDIT_LIMIT = 100
@@ -50,11 +48,8 @@ class AdminService(apb_grpc.AdminServicer):
         try:
             principal = self._auth.authenticate(context)  # type: ignore[arg-type]
             return await work(Actor(principal.name, context.peer() or ""))
-        except ScoringError as error:
-            await context.abort(error.code, str(error))
-        except Exception:
-            logger.exception("unexpected error in the admin API")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+        except Exception as error:
+            await abort(context, error, "the admin API")
 
     async def _changed(self, endpoint: str) -> apb.ChangeResponse:
         state, views = await self._controller.list_models(endpoint)

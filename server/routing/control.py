@@ -475,7 +475,7 @@ class RoutingController:
             action=action,
             reason=reason,
             outcome="refused",
-            error=f"{error.code.name}: {error}",
+            error=f"{error.status}: {error}",
             before=self._state.endpoints.get(endpoint),
             revision=self._state.revision,
         )
