@@ -206,7 +206,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelReadyResponse:
         try:
-            self._pipeline.resolve(request.name, request.version or None)
+            self._pipeline.choose(request.name, request.version or None)
         except ScoringError:
             return v2.ModelReadyResponse(ready=False)
         return v2.ModelReadyResponse(ready=self._is_ready())
@@ -222,7 +222,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelMetadataResponse:
         async def work() -> v2.ModelMetadataResponse:
-            loaded = self._pipeline.resolve(request.name, request.version or None)
+            loaded, _ = self._pipeline.choose(request.name, request.version or None)
             inputs, outputs = codec.tensor_metadata(loaded)
             return v2.ModelMetadataResponse(
                 name=loaded.name,
@@ -238,7 +238,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelConfigRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelConfigResponse:
         async def work() -> v2.ModelConfigResponse:
-            loaded = self._pipeline.resolve(request.name, request.version or None)
+            loaded, _ = self._pipeline.choose(request.name, request.version or None)
             return v2.ModelConfigResponse(config=codec.model_config(loaded))
 
         return await _answer(context, work)
@@ -251,7 +251,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         metrics.in_flight.inc()
         model, version = request_labels(self._registry, request.model_name, request.model_version)
         try:
-            loaded, decision = self._pipeline.route(
+            loaded, decision = self._pipeline.choose(
                 request.model_name, request.model_version or None
             )
             version = loaded.version

@@ -146,12 +146,9 @@ class ScoringPipeline:
                 timings=timings,
             )
 
-    def resolve(self, model: str, version: str | None) -> LoadedVersion:
-        """The version a v2 call addresses (pinned, or the endpoint's champion)."""
-        return self.route(model, version)[0]
-
-    def route(self, model: str, version: str | None) -> tuple[LoadedVersion, Decision]:
-        """The version a v2 call addresses and the routing decision behind it."""
+    def choose(self, model: str, version: str | None) -> tuple[LoadedVersion, Decision]:
+        """The version a v2 call addresses (pinned, or routed as an unpinned request
+        without entity ids: the champion) and the routing decision behind it."""
         if not model:
             raise InvalidInput("model_name", "required")
         decision = self._registry.routing.choose(model, version or None)

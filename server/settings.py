@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.manifest import NAME_PATTERN
+from server.manifest import MODEL_NAME_PATTERN
 
 ENV_PREFIX = "STREAMSCORE_"
 ENV_NESTING = "__"
@@ -43,7 +43,7 @@ MiB = 1024 * 1024
 
 _DEFAULT_SOURCE = "default"
 
-ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 Execution = Literal["inline", "thread"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 

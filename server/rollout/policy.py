@@ -78,7 +78,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.errors import InvalidInput
-from server.manifest import NAME_PATTERN
+from server.manifest import MODEL_NAME_PATTERN
 from server.routing.state import CanaryRequest, EndpointState, new_salt, parse_rollout
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ SCORE_BINS = len(SCORE_CUTS) + 2
 NON_FINITE_SCORE_BIN = SCORE_BINS - 1
 
 FULL_SHARE_BP = 10_000
-_ID_PATTERN = re.compile(NAME_PATTERN)
+_ID_PATTERN = re.compile(MODEL_NAME_PATTERN)
 _EMPTY_NUMBERS: Mapping[str, float] = MappingProxyType({})
 
 

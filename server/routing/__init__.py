@@ -2,6 +2,6 @@
 
 ``state`` is the persisted document and its transitions, ``store`` keeps it (Redis hash
 with compare-and-set and an audit stream, or a file), ``control`` applies audited
-changes and keeps every process's router in step. ``server.router`` decides per
+changes and keeps every process's router in step. ``server.router`` chooses per
 request from it.
 """

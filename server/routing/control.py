@@ -10,7 +10,7 @@ Every server process runs one ``RoutingController``:
   apply it: load the versions that should be loaded (off the event loop; a version
   that fails is logged and counted, the others keep serving), publish the new
   routing table atomically, then unload what is no longer wanted (its batcher drains
-  first). A request holds the version it resolved, so in-flight requests finish on
+  first). A request holds the version chosen for it, so in-flight requests finish on
   the version they started with.
 * **change** (admin): under one lock per process, read the state, apply a pure
   transition from ``server.routing.state``, write it with compare-and-set together

@@ -28,10 +28,10 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from server.errors import InvalidInput, ModelNotFound, ScoringError, Status
-from server.manifest import NAME_PATTERN
+from server.manifest import MODEL_NAME_PATTERN
 from server.router import BASIS_POINTS, version_sort_key
 
-_NAME = re.compile(NAME_PATTERN)
+_NAME = re.compile(MODEL_NAME_PATTERN)
 
 Outcome = Literal["applied", "refused"]
 
