@@ -6,7 +6,7 @@ swap), so a request that looked a version up keeps it even if it is unloaded
 meanwhile; unloading closes the batcher, which lets queued work finish first.
 
 Which versions are loaded and how they are routed is decided by the caller
-(``server.routing.control``): ``load``/``unload`` change the loaded set and
+(``server.routing.sync``): ``load``/``unload`` change the loaded set and
 ``publish`` sets the routing, restricted to what is loaded here. ``unload``
 refuses a version the table routes, so the table never names a missing version.
 """

@@ -1,7 +1,7 @@
 """Guarded rollouts meet the routing state: the controller's actions and its view.
 
 ``RoutingRolloutActions`` is the ``RolloutActions`` the controller calls: every
-change goes through ``RoutingController.change`` (persisted, applied by every process,
+change goes through ``RoutingChanges.change`` (persisted, applied by every process,
 audit-logged with the numbers that decided it) and is refused when the endpoint's
 active rollout is no longer the one the decision was made for. A rollback gives the
 canary no traffic and keeps the champion (unlike the admin ``Rollback``, which brings
@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from server.rollout.policy import RolloutDocument, RolloutPolicy, RolloutState, rollout_document
 from server.rollout.stats import StatsRecorder
-from server.routing.control import Actor, RoutingController
+from server.routing.changes import Actor, RoutingChanges
 from server.routing.state import (
     EndpointState,
     RoutingConflict,
@@ -75,9 +75,9 @@ def _reason(reason: str, numbers: Mapping[str, float]) -> str:
 
 
 class RoutingRolloutActions:
-    """``server.rollout.controller.RolloutActions`` over the routing controller."""
+    """``server.rollout.controller.RolloutActions`` over the routing changes."""
 
-    def __init__(self, routing: RoutingController, clock: Callable[[], float]) -> None:
+    def __init__(self, routing: RoutingChanges, clock: Callable[[], float]) -> None:
         self._routing = routing
         self._clock = clock
 

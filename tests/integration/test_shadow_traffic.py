@@ -319,10 +319,10 @@ async def test_sink_survives_kafka_coming_and_going(tmp_path: Path) -> None:
 
 
 async def set_shadows(srv: RunningServer, *versions: str) -> None:
-    from server.routing.control import Actor
+    from server.routing.changes import Actor
 
-    assert srv.app.routing is not None
-    await srv.app.routing.set_routing(
+    assert srv.app.routing_changes is not None
+    await srv.app.routing_changes.set_routing(
         "lin",
         champion=None,
         canary=None,
