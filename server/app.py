@@ -398,11 +398,6 @@ class AppContext:
             await asyncio.to_thread(_stop_http, http_server, thread)
         logger.info("stopped", extra={"process_index": self.process_index})
 
-    async def wait_closed(self) -> None:
-        """Wait until the gRPC server terminates."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
 
 def _stop_http(http_server: WSGIServer, thread: threading.Thread) -> None:
     http_server.shutdown()

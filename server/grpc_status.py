@@ -34,7 +34,7 @@ def status_of(error: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     """The gRPC code and message ``error`` is answered with; ``where`` names the call
     in the log line of an unexpected error."""
     if isinstance(error, ScoringError):
-        return _CODES[error.status], str(error)
+        return grpc_code(error.status), str(error)
     logger.error("unexpected error in %s", where, exc_info=error)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 

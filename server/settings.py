@@ -178,7 +178,8 @@ class ModelServing(_Frozen):
         description="'inline': session.run on the event-loop thread (no thread hop; the loop "
         "blocks for one batch, fine at one process per core). 'thread': session.run on a "
         "worker thread (ORT releases the GIL), so the loop keeps accepting and decoding "
-        "during a batch. Default pending the execution-mode bench.",
+        "during a batch. Inline is the default: for the demo tree models a batch costs "
+        "less than the thread hand-off (bench/RESULTS.md).",
     )
     intra_op_threads: int = Field(
         default=1, ge=0, description="ORT threads inside one operator; 0 = ORT default (all cores)."

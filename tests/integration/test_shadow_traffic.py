@@ -30,12 +30,12 @@ from server.records.shadow import (
     ShadowOptions,
     ShadowRunner,
     live_backlog,
-    records_of,
 )
 from server.records.traffic_log import TRAFFIC_SCHEMA, TrafficLog
 from server.router import Route
 from server.scoring_types import ScoreInput, ScoreResult
 from tests.conftest import TEST_FEATURES
+from tests.support.readers import records_of
 from tests.support.server import RunningServer, running_server
 
 pytestmark = pytest.mark.integration
