@@ -101,6 +101,8 @@ __all__ = [
 ]
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+"""Feature, group and entity names: identifiers, since they become Redis key parts,
+tile fields and column names (model names: ``server.manifest.MODEL_NAME_PATTERN``)."""
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
 _UNIT_MS: dict[str, int] = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
 

@@ -44,8 +44,8 @@ write). The events travel as ONE newline-separated argument, per event
 ``offset, ts, m`` and ``m`` update tokens: ``TileUpdate.args()`` cut to ``op,
 field, value`` except for ``last``; the script splits it with ``string.find``.
 redis-py's per-argument packing was most of the client-side cost of a call: one
-argument instead of ~30 per card event took the worker from ~74 to ~50 us of CPU
-per event (``bench.stream_worker_bench``). A script is not rolled back on error,
+argument instead of one per token cut the worker's CPU per event by about a third
+(bench/RESULTS.md, "Stream worker"). A script is not rolled back on error,
 but every argument is generated here: a key holding a non-hash fails on the first
 ``HMGET`` before any write (reported, see :class:`ApplyResult`), and
 connection/``OOM`` failures are retried by the caller — re-running a whole batch

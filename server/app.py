@@ -2,13 +2,13 @@
 
 Entering builds, in order: metrics, the Redis client (when features or the routing
 state use Redis), the feature store, the model registry and pipeline, the routing
-controller (reads or bootstraps the persisted routing state, loads its versions off
-the loop, then watches it), the gRPC server with its servicers (the admin API on it,
-or on its own server when ``server.admin_port`` is set), health and reflection, and
-the metrics HTTP endpoint; health turns SERVING once models are loaded. Leaving
-tears down in reverse: health NOT_SERVING, ``server.stop`` (new calls refused,
-in-flight calls get ``grace_period_s``), routing watch stopped, batchers drained,
-models released, Redis closed, metrics endpoint closed.
+sync (reads or bootstraps the persisted routing state, loads its versions off the
+loop, then watches it) and the routing changes over it, the gRPC server with its
+servicers (the admin API on it, or on its own server when ``server.admin_port`` is
+set), health and reflection, and the metrics HTTP endpoint; health turns SERVING once
+models are loaded. Leaving tears down in reverse: health NOT_SERVING, ``server.stop``
+(new calls refused, in-flight calls get ``grace_period_s``), routing watch stopped,
+batchers drained, models released, Redis closed, metrics endpoint closed.
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ from server.rollout.controller import RolloutController, RolloutMetrics
 from server.rollout.policy import RolloutState
 from server.rollout.routing import RoutingRolloutActions, rollout_states, sync_windows
 from server.rollout.stats import StatsRecorder
-from server.routing.control import RoutingController
+from server.routing.changes import RoutingChanges
 from server.routing.state import RoutingState
 from server.routing.store import FileRoutingStore, RedisRoutingStore, RoutingStore
+from server.routing.sync import RoutingSync
 from server.runtime import RuntimeOptions
 from server.settings import Settings
 
@@ -87,7 +88,8 @@ class AppContext:
         self.feature_store: FeatureStore | None = None
         self.registry = ModelRegistry(self.metrics.observer_for)
         self.pipeline = ScoringPipeline(self.registry, clock)
-        self.routing: RoutingController | None = None
+        self.routing: RoutingSync | None = None
+        self.routing_changes: RoutingChanges | None = None
         self.rollout_stats: StatsRecorder | None = None
         self.record_sink: KafkaSink | None = None
         self.shadows: ShadowRunner | None = None
@@ -242,9 +244,10 @@ class AppContext:
             rollout_metrics = RolloutMetrics(self.metrics.registry)
             self.rollout_stats = StatsRecorder(redis, on_flush_failure=rollout_metrics.flush_failed)
             self.pipeline.stats = self.rollout_stats
-        self.routing = RoutingController(
+        store = self._routing_store()
+        self.routing = RoutingSync(
             self.registry,
-            self._routing_store(),
+            store,
             settings.models.repository,
             self.serving_options,
             canary_entity=settings.routing.canary_entity,
@@ -254,6 +257,9 @@ class AppContext:
             on_applied=self._routing_applied,
         )
         await self.routing.start()
+        self.routing_changes = RoutingChanges(
+            self.routing, store, self.registry, settings.models.repository, self.clock
+        )
         if self.rollout_stats is not None:
             routing = self.routing
             await self.rollout_stats.start()
@@ -263,7 +269,7 @@ class AppContext:
 
             self.rollouts = RolloutController(
                 self._redis_client(),
-                RoutingRolloutActions(routing, self.clock),
+                RoutingRolloutActions(self.routing_changes, self.clock),
                 active_rollouts,
                 metrics=rollout_metrics,
                 clock=self.clock,
@@ -277,7 +283,7 @@ class AppContext:
             if tls is None
             else CertificateAuthenticator(tls.allowed_subjects)
         )
-        admin = AdminService(self.routing, authenticator)
+        admin = AdminService(self.routing_changes, authenticator)
         admin_server = server
         if settings.server.admin_port is not None:
             admin_server = self._admin_server = self._grpc_server()
@@ -391,11 +397,6 @@ class AppContext:
             self._metrics_http = None
             await asyncio.to_thread(_stop_http, http_server, thread)
         logger.info("stopped", extra={"process_index": self.process_index})
-
-    async def wait_closed(self) -> None:
-        """Wait until the gRPC server terminates."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
 
 
 def _stop_http(http_server: WSGIServer, thread: threading.Thread) -> None:

@@ -109,12 +109,6 @@ class _Pending(Generic[J, R]):
     enqueued_at: float
 
 
-@dataclass(slots=True)
-class _Stats:
-    recent_requests_per_batch: float = 1.0
-    batches: int = 0
-
-
 class MicroBatcher(Generic[J, R]):
     """Gathers concurrent jobs for one model version into batches.
 
@@ -139,7 +133,8 @@ class MicroBatcher(Generic[J, R]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._stats = _Stats()
+        #: Moving average of requests per batch: the fill window opens only above 1.5.
+        self._recent_requests_per_batch = 1.0
 
     @property
     def depth(self) -> int:
@@ -229,19 +224,16 @@ class MicroBatcher(Generic[J, R]):
             else:
                 idle_turns = 0
         delay = self.policy.max_queue_delay_s
-        if delay > 0 and self._stats.recent_requests_per_batch > 1.5 and not self._closing:
+        if delay > 0 and self._recent_requests_per_batch > 1.5 and not self._closing:
             loop = asyncio.get_running_loop()
             until = loop.time() + delay
-            while self._queued_rows() < self.policy.max_batch_size:
+            while self._rows_queued < self.policy.max_batch_size:
                 remaining = until - loop.time()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-
-    def _queued_rows(self) -> int:
-        return self._rows_queued
 
     def _pop(self) -> _Pending[J, R]:
         pending = self._queue.popleft()
@@ -301,9 +293,7 @@ class MicroBatcher(Generic[J, R]):
             return
         rows = sum(p.rows for p in batch)
         self._observer.batch_ran(rows, len(batch), loop.time() - started)
-        stats = self._stats
-        stats.batches += 1
-        stats.recent_requests_per_batch = 0.8 * stats.recent_requests_per_batch + 0.2 * len(batch)
+        self._recent_requests_per_batch = 0.8 * self._recent_requests_per_batch + 0.2 * len(batch)
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue

@@ -17,9 +17,9 @@ from protos.inference import grpc_service_pb2 as v2
 from protos.inference import model_config_pb2 as v2config
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.errors import InvalidInput
-from server.pipeline import ScoreInput, ScoreResult
 from server.registry import LoadedVersion
 from server.router import Route
+from server.scoring_types import ScoreInput, ScoreResult
 
 ROUTES = {
     Route.CHAMPION: pb.ROUTE_CHAMPION,

@@ -1,34 +1,52 @@
-"""Domain errors, each carrying the gRPC status it maps to.
+"""Domain errors, each naming the status it answers with. Free of gRPC.
 
-    ScoringError                     base; ``code`` is the gRPC status
+    ScoringError                     base; ``status`` is a :class:`Status`
     ├── InvalidInput                 INVALID_ARGUMENT: names the bad field
     ├── ModelNotFound                NOT_FOUND: unknown model or version
     ├── QueueFull                    RESOURCE_EXHAUSTED: micro-batch queue over its bound
     ├── DeadlineExceeded             DEADLINE_EXCEEDED: dropped before running
-    ├── RequestCancelled             CANCELLED: caller went away before running
     ├── DependencyUnavailable        UNAVAILABLE: a dependency is down and policy says fail
     ├── ShuttingDown                 UNAVAILABLE: the server is draining
-    └── ModelLoadError               FAILED_PRECONDITION: an artifact was refused at load
+    ├── ModelLoadError               FAILED_PRECONDITION: an artifact was refused at load
+    └── InferenceFailed              INTERNAL: the runtime raised while running a batch
 
-Servicers catch ``ScoringError`` and abort with ``error.code`` and ``str(error)``;
-anything else is a bug, logged and answered with INTERNAL.
+Others live beside what raises them (``server.routing.state``: RoutingConflict,
+ConcurrentUpdate; ``server.admin.auth``: Unauthenticated, PermissionDenied).
+``server.grpc_status`` is the one place a ``Status`` becomes a gRPC status code;
+anything that is not a ``ScoringError`` is a bug, logged there and answered INTERNAL.
 """
 
 from __future__ import annotations
 
-import grpc
+from enum import StrEnum
+from typing import ClassVar
+
+
+class Status(StrEnum):
+    """The status an error answers with; each value is the name of a gRPC status code."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAVAILABLE = "UNAVAILABLE"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    INTERNAL = "INTERNAL"
 
 
 class ScoringError(Exception):
-    """Base of every error that becomes a gRPC status."""
+    """Base of every error that is answered with its own status and message."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    status: ClassVar[Status] = Status.INTERNAL
 
 
 class InvalidInput(ScoringError):
     """The request is malformed; the message names the field."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status = Status.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
@@ -38,46 +56,40 @@ class InvalidInput(ScoringError):
 class ModelNotFound(ScoringError):
     """No loaded model/version answers to the name asked for."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    status = Status.NOT_FOUND
 
 
 class QueueFull(ScoringError):
     """The version's micro-batch queue is at ``max_queue_size``."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = Status.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(ScoringError):
     """The caller's deadline passed before the request ran; it was never computed."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class RequestCancelled(ScoringError):
-    """The caller cancelled before the request ran; it was never computed."""
-
-    code = grpc.StatusCode.CANCELLED
+    status = Status.DEADLINE_EXCEEDED
 
 
 class DependencyUnavailable(ScoringError):
     """A dependency (e.g. Redis) is down and the model's policy is to fail."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 class ShuttingDown(ScoringError):
     """The server is draining and accepts no new work."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 class ModelLoadError(ScoringError):
     """A model artifact was refused (bad file, sha256 mismatch, manifest/graph mismatch)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 class InferenceFailed(ScoringError):
     """The runtime raised while running a batch; every request in it gets this."""
 
-    code = grpc.StatusCode.INTERNAL
+    status = Status.INTERNAL

@@ -40,8 +40,8 @@ class JobResult(NamedTuple):
     prepared: Prepared | None
 
 
-class VersionExecutor:
-    """The ``run_batch`` of one loaded version's micro-batcher."""
+class VersionBatchRunner:
+    """Runs the batches of one loaded version: the ``run_batch`` of its micro-batcher."""
 
     def __init__(
         self,

@@ -1,16 +1,15 @@
 """gRPC servicers: decode, call the pipeline, encode, map errors to status.
 
 No business logic lives here: ``server.codec`` converts messages and
-``server.pipeline`` does the work. Every ``ScoringError`` becomes its own gRPC
-status with its message; anything else is logged and answered INTERNAL, so the
-process never dies from a request.
+``server.pipeline`` does the work. Failures become gRPC statuses in
+``server.grpc_status`` (a ``ScoringError`` its own status and message, anything else
+logged and INTERNAL), so the process never dies from a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -23,11 +22,10 @@ from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server import codec
 from server.errors import ScoringError
+from server.grpc_status import abort, status_of
 from server.metrics import UNKNOWN_MODEL, ApiMetrics, Metrics
 from server.pipeline import ScoringPipeline
 from server.registry import ModelRegistry
-
-logger = logging.getLogger(__name__)
 
 SERVER_NAME = "streamscore"
 SERVER_VERSION = "0.1.0"
@@ -59,11 +57,8 @@ async def _answer(
     """Run a metadata call; turn its failure into the gRPC status (abort raises)."""
     try:
         return await work()
-    except ScoringError as error:
-        await context.abort(error.code, str(error))
-    except Exception:
-        logger.exception("unexpected error while handling a request")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+    except Exception as error:
+        await abort(context, error, "a metadata call")
 
 
 class ScoringService(pb_grpc.ScoringServicer):
@@ -87,13 +82,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics.in_flight.inc()
         try:
             response = await self._score_one(request, deadline_of(context), started, metrics)
-        except ScoringError as error:
-            self._count_failure(metrics, request, error.code)
-            await context.abort(error.code, str(error))
-        except Exception:
-            logger.exception("unexpected error in Score")
-            self._count_failure(metrics, request, grpc.StatusCode.INTERNAL)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+        except Exception as error:
+            code, message = status_of(error, "Score")
+            self._count_failure(metrics, request, code)
+            await context.abort(code, message)
         finally:
             metrics.in_flight.dec()
             metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
@@ -116,15 +108,10 @@ class ScoringService(pb_grpc.ScoringServicer):
             metrics.in_flight.inc()
             try:
                 response = await self._score_one(request, deadline, started, metrics)
-            except ScoringError as error:
-                self._count_failure(metrics, request, error.code)
-                response = _error_response(request, error.code, str(error))
-            except Exception:
-                logger.exception("unexpected error in ScoreStream item")
-                self._count_failure(metrics, request, grpc.StatusCode.INTERNAL)
-                response = _error_response(
-                    request, grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
-                )
+            except Exception as error:
+                code, message = status_of(error, "a ScoreStream item")
+                self._count_failure(metrics, request, code)
+                response = _error_response(request, code, message)
             finally:
                 metrics.in_flight.dec()
             metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
@@ -219,7 +206,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelReadyResponse:
         try:
-            self._pipeline.resolve(request.name, request.version or None)
+            self._pipeline.choose(request.name, request.version or None)
         except ScoringError:
             return v2.ModelReadyResponse(ready=False)
         return v2.ModelReadyResponse(ready=self._is_ready())
@@ -235,7 +222,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelMetadataResponse:
         async def work() -> v2.ModelMetadataResponse:
-            loaded = self._pipeline.resolve(request.name, request.version or None)
+            loaded, _ = self._pipeline.choose(request.name, request.version or None)
             inputs, outputs = codec.tensor_metadata(loaded)
             return v2.ModelMetadataResponse(
                 name=loaded.name,
@@ -251,7 +238,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelConfigRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelConfigResponse:
         async def work() -> v2.ModelConfigResponse:
-            loaded = self._pipeline.resolve(request.name, request.version or None)
+            loaded, _ = self._pipeline.choose(request.name, request.version or None)
             return v2.ModelConfigResponse(config=codec.model_config(loaded))
 
         return await _answer(context, work)
@@ -264,7 +251,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         metrics.in_flight.inc()
         model, version = request_labels(self._registry, request.model_name, request.model_version)
         try:
-            loaded, decision = self._pipeline.route(
+            loaded, decision = self._pipeline.choose(
                 request.model_name, request.model_version or None
             )
             version = loaded.version
@@ -274,13 +261,10 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                 loaded, rows, deadline_of(context), decision=decision, request_id=request.id
             )
             response = codec.encode_infer_response(request, loaded, result.outputs, names)
-        except ScoringError as error:
-            metrics.count(model, version, "-", error.code.name)
-            await context.abort(error.code, str(error))
-        except Exception:
-            logger.exception("unexpected error in ModelInfer")
-            metrics.count(model, version, "-", grpc.StatusCode.INTERNAL.name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+        except Exception as error:
+            code, message = status_of(error, "ModelInfer")
+            metrics.count(model, version, "-", code.name)
+            await context.abort(code, message)
         finally:
             metrics.in_flight.dec()
             metrics.observe_latency(model, time.perf_counter() - started)

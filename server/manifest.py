@@ -21,9 +21,13 @@ MODEL_FILE = "model.onnx"
 
 TensorDType = Literal["float32", "float64", "int64", "int32"]
 
-NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
-"""Model names, versions, endpoints and rollout ids (path segments; routing also
-refuses ``.`` and ``..``)."""
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+"""Model names, versions, endpoints and rollout ids: directory names in the model
+repository (routing also refuses ``.`` and ``..``), so versions like ``1.2`` or
+``2024-06-01`` are fine. Feature, group and entity names follow a stricter pattern,
+``feature_streams.definitions.NAME_PATTERN`` (identifiers): they become ``:``-joined
+Redis key parts, tile field names and Parquet/Spark column names, where ``.`` and
+``-`` are not safe everywhere. Two kinds of name, two patterns, on purpose."""
 
 
 class TensorSpec(BaseModel):
@@ -47,13 +51,17 @@ class TrainingInfo(BaseModel):
     algorithm: str = ""
 
 
+#: A plain file name inside the version directory (no path separators).
+FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class ExplainerSpec(BaseModel):
     """The explainer artifact beside ``model.onnx`` (see ``server.explain``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["tree_shap"] = Field(description="Exact TreeSHAP over the graph's trees.")
-    path: str = Field(pattern=NAME_PATTERN, description="File name in the version directory.")
+    path: str = Field(pattern=FILE_NAME_PATTERN, description="File name in the version directory.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("path")
@@ -69,8 +77,8 @@ class ModelManifest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(min_length=1, pattern=NAME_PATTERN)
-    version: str = Field(min_length=1, pattern=NAME_PATTERN)
+    name: str = Field(min_length=1, pattern=MODEL_NAME_PATTERN)
+    version: str = Field(min_length=1, pattern=MODEL_NAME_PATTERN)
     features: tuple[str, ...] = Field(min_length=1, description="Input columns, in order.")
     input: TensorSpec = Field(description="The single [N, len(features)] input tensor.")
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)

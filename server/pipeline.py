@@ -10,50 +10,21 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from server.errors import InvalidInput, ScoringError
 from server.executor import Job
-from server.features import Freshness
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout.stats import StatsRecorder
 from server.router import Decision, Route
+from server.scoring_types import ScoreInput, ScoreResult
 
 if TYPE_CHECKING:
     from server.records.shadow import ShadowRunner
     from server.records.traffic_log import TrafficLog
-
-_EMPTY: Mapping[str, str] = MappingProxyType({})
-
-
-class ScoreInput(NamedTuple):
-    """One transaction to score, decoded from the wire (a tuple: cheap on the hot path)."""
-
-    model: str
-    request_id: str
-    features: Mapping[str, float]
-    entity_ids: Mapping[str, str] = _EMPTY
-    model_version: str | None = None
-    event_time_ms: int | None = None
-    echo_features: bool = False
-
-
-class ScoreResult(NamedTuple):
-    """The answer to one ``ScoreInput``."""
-
-    request_id: str
-    score: float
-    model: str
-    version: str
-    route: Route
-    defaulted_features: tuple[str, ...] = ()
-    features: tuple[tuple[str, float], ...] = ()
-    freshness: tuple[Freshness, ...] = ()
-    degraded_reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +146,9 @@ class ScoringPipeline:
                 timings=timings,
             )
 
-    def resolve(self, model: str, version: str | None) -> LoadedVersion:
-        """The version a v2 call addresses (pinned, or the endpoint's champion)."""
-        return self.route(model, version)[0]
-
-    def route(self, model: str, version: str | None) -> tuple[LoadedVersion, Decision]:
-        """The version a v2 call addresses and the routing decision behind it."""
+    def choose(self, model: str, version: str | None) -> tuple[LoadedVersion, Decision]:
+        """The version a v2 call addresses (pinned, or routed as an unpinned request
+        without entity ids: the champion) and the routing decision behind it."""
         if not model:
             raise InvalidInput("model_name", "required")
         decision = self._registry.routing.choose(model, version or None)

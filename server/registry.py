@@ -6,7 +6,7 @@ swap), so a request that looked a version up keeps it even if it is unloaded
 meanwhile; unloading closes the batcher, which lets queued work finish first.
 
 Which versions are loaded and how they are routed is decided by the caller
-(``server.routing.control``): ``load``/``unload`` change the loaded set and
+(``server.routing.sync``): ``load``/``unload`` change the loaded set and
 ``publish`` sets the routing, restricted to what is loaded here. ``unload``
 refuses a version the table routes, so the table never names a missing version.
 """
@@ -23,7 +23,7 @@ from types import MappingProxyType
 from feature_streams.definitions import FeatureDefinitions
 from server.batcher import BatchObserver, BatchPolicy, MicroBatcher
 from server.errors import ModelLoadError, ModelNotFound
-from server.executor import Job, JobResult, VersionExecutor
+from server.executor import Job, JobResult, VersionBatchRunner
 from server.features import FailurePolicy, FeatureLayout, FeatureStore
 from server.router import CanaryRoute, EndpointRouting, RoutingTable, version_sort_key
 from server.runtime import OnnxModel, RuntimeOptions, load_version
@@ -149,9 +149,9 @@ class ModelRegistry:
             model.close()
             raise
         observer = self._observer_factory(name, version) if self._observer_factory else None
-        executor = VersionExecutor(model, layout, self._store, options.failure_policy)
+        runner = VersionBatchRunner(model, layout, self._store, options.failure_policy)
         batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
-            f"{name}/{version}", executor.run, options.policy, observer
+            f"{name}/{version}", runner.run, options.policy, observer
         )
         batcher.start()
         loaded = LoadedVersion(model, layout, batcher)
@@ -210,7 +210,7 @@ class ModelRegistry:
         """Stop routing to nothing new: remove the version, then drain and release it.
 
         Refused (``ValueError``) while the routing table sends it traffic. Requests
-        that resolved it before keep it and finish on it.
+        already routed to it keep it and finish on it.
         """
         loaded = self._versions.get(name, {}).get(version)
         if loaded is None:

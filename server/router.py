@@ -107,7 +107,7 @@ class EndpointRouting:
         canary = (self.canary.version,) if self.canary else ()
         return frozenset((self.champion, *canary, *self.shadows))
 
-    def decide(self, entity_ids: Mapping[str, str]) -> Decision:
+    def choose(self, entity_ids: Mapping[str, str]) -> Decision:
         """Champion or canary for an unpinned request."""
         canary = self.canary
         if canary is not None and canary.share_bp:
@@ -142,7 +142,7 @@ class RoutingTable:
                     f"model {endpoint!r} has no loaded version {pinned_version!r} (loaded: {known})"
                 )
             return Decision(pinned_version, Route.PINNED)
-        return routing.decide(entity_ids)
+        return routing.choose(entity_ids)
 
 
 def version_sort_key(version: str) -> tuple[int, int | str]:

@@ -1,19 +1,13 @@
-"""Typed, frozen server settings, loaded once at start.
+"""The server's settings schema: typed, frozen, loaded once at start.
 
-Sources, later wins::
+Sources, later wins (the generic loader is ``server.config_loader``)::
 
     built-in defaults  <  YAML file  <  STREAMSCORE_* env vars  <  --set key.path=value
 
-Env vars: prefix ``STREAMSCORE_``, ``__`` between levels, names lower-cased
-(``STREAMSCORE_MODELS__DEFAULTS__MAX_BATCH_SIZE=32`` is ``models.defaults.max_batch_size``).
-Env and ``--set`` values are read as YAML scalars/flow collections (``null``, ``[1, 2]``,
-``'quoted'``); numbers and booleans are handed to the field as text so that the field's
-type decides (``--set server.admin_token=0123`` stays ``"0123"``).
-
-Relative paths are relative to the working directory, not to the config file.
-Unknown keys are errors. Every problem is reported in one :class:`SettingsError`
-naming the dotted key and where the value came from, never the value itself
-(values may be secrets).
+``STREAMSCORE_MODELS__DEFAULTS__MAX_BATCH_SIZE=32`` is ``models.defaults.max_batch_size``.
+Every problem is reported in one :class:`SettingsError` naming the dotted key and
+where the value came from, never the value itself (values may be secrets); the
+cross-field checks here raise ``KeyedError`` to name every key involved.
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -35,44 +28,16 @@ from pydantic import (
     model_validator,
 )
 
-from server.manifest import NAME_PATTERN
+from server.config_loader import Issue, KeyedError, load_layers
+from server.config_loader import SettingsError as SettingsError
+from server.manifest import MODEL_NAME_PATTERN
 
 ENV_PREFIX = "STREAMSCORE_"
-ENV_NESTING = "__"
 MiB = 1024 * 1024
 
-_DEFAULT_SOURCE = "default"
-
-ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 Execution = Literal["inline", "thread"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-
-
-class SettingsError(Exception):
-    """Settings could not be loaded; the message lists every bad key and its source."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = tuple(problems)
-        count = len(self.problems)
-        head = f"{count} invalid setting{'s' if count != 1 else ''}:"
-        super().__init__("\n  ".join([head, *self.problems]))
-
-
-_Issue = tuple[str, tuple[tuple[str, ...], ...]]
-
-
-class _KeyedError(ValueError):
-    """Cross-field problems, each a message plus the keys (relative to the validated model)
-    involved: the first key is the one reported, all keys' sources are named."""
-
-    def __init__(self, issues: Sequence[_Issue]) -> None:
-        super().__init__("; ".join(message for message, _ in issues))
-        self.issues = tuple(issues)
-
-    @classmethod
-    def one(cls, message: str, *keys: tuple[str, ...]) -> _KeyedError:
-        """A single problem."""
-        return cls([(message, keys)])
 
 
 class _Frozen(BaseModel):
@@ -151,7 +116,7 @@ class ServerSettings(_Frozen):
 
     @model_validator(mode="after")
     def _ephemeral_port_single_process(self) -> ServerSettings:
-        issues: list[_Issue] = []
+        issues: list[Issue] = []
         if self.port == 0 and self.processes > 1:
             issues.append(
                 (
@@ -181,7 +146,7 @@ class ServerSettings(_Frozen):
                 )
             )
         if issues:
-            raise _KeyedError(issues)
+            raise KeyedError(issues)
         return self
 
     def admin_credentials(self) -> dict[str, str]:
@@ -213,7 +178,8 @@ class ModelServing(_Frozen):
         description="'inline': session.run on the event-loop thread (no thread hop; the loop "
         "blocks for one batch, fine at one process per core). 'thread': session.run on a "
         "worker thread (ORT releases the GIL), so the loop keeps accepting and decoding "
-        "during a batch. Default pending the execution-mode bench.",
+        "during a batch. Inline is the default: for the demo tree models a batch costs "
+        "less than the thread hand-off (bench/RESULTS.md).",
     )
     intra_op_threads: int = Field(
         default=1, ge=0, description="ORT threads inside one operator; 0 = ORT default (all cores)."
@@ -240,7 +206,7 @@ class ModelServing(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelServing:
-        issues: list[_Issue] = []
+        issues: list[Issue] = []
         if self.max_batch_size > self.max_queue_size:
             issues.append(
                 (
@@ -263,7 +229,7 @@ class ModelServing(_Frozen):
                 )
             )
         if issues:
-            raise _KeyedError(issues)
+            raise KeyedError(issues)
         return self
 
 
@@ -312,14 +278,14 @@ class ModelsSettings(_Frozen):
 
     @model_validator(mode="after")
     def _per_model_valid(self) -> ModelsSettings:
-        issues: list[_Issue] = []
+        issues: list[Issue] = []
         for name, overrides in self.per_model.items():
             try:
                 overrides.apply_to(self.defaults)
             except ValidationError as exc:
                 for error in exc.errors(include_url=False):
                     cause = error.get("ctx", {}).get("error")
-                    if not isinstance(cause, _KeyedError):
+                    if not isinstance(cause, KeyedError):
                         field = tuple(str(part) for part in error["loc"])
                         issues.append((error["msg"], (("per_model", name, *field),)))
                         continue
@@ -332,7 +298,7 @@ class ModelsSettings(_Frozen):
                         )
                         issues.append((message, where))
         if issues:
-            raise _KeyedError(issues)
+            raise KeyedError(issues)
         return self
 
 
@@ -526,8 +492,6 @@ class Settings(_Frozen):
 
 # --------------------------------------------------------------------------- loading
 
-Key = tuple[str, ...]
-
 
 def load_settings(
     config_path: Path | None, env: Mapping[str, str], overrides: Sequence[str]
@@ -537,145 +501,4 @@ def load_settings(
 
     Raises :class:`SettingsError` listing every bad key with its source.
     """
-    merged: dict[str, Any] = {}
-    sources: dict[Key, str] = {}
-    problems: list[str] = []
-    if config_path is not None:
-        try:
-            layer = _read_file(config_path)
-        except SettingsError as exc:
-            problems.extend(exc.problems)
-        else:
-            label = f"file {config_path}"
-            for name, value in layer.items():
-                _put(merged, sources, (str(name),), value, label)
-    for name in sorted(env):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        key = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING))
-        if not all(key):
-            problems.append(f"{name}: malformed settings env var name (from env {name})")
-            continue
-        _put(merged, sources, key, _parse_value(env[name]), f"env {name}")
-    for item in overrides:
-        path, sep, text = item.partition("=")
-        key = tuple(part.strip() for part in path.split("."))
-        if not sep or not all(key):
-            problems.append(f"{item}: expected key.path=value (from --set {item})")
-            continue
-        _put(merged, sources, key, _parse_value(text), f"--set {path.strip()}")
-    settings: Settings | None = None
-    try:
-        settings = Settings.model_validate(merged)
-    except ValidationError as exc:
-        problems.extend(_describe(exc, sources))
-    if problems or settings is None:
-        raise SettingsError(problems)
-    return settings
-
-
-def _read_file(path: Path) -> dict[Any, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SettingsError([f"cannot read config file {path}: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise SettingsError([f"config file {path}{where}: {problem}"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SettingsError([f"config file {path}: top level must be a mapping of sections"])
-    return data
-
-
-def _parse_value(text: str) -> Any:
-    """YAML-read ``text``; numbers, booleans and dates stay text for the field to parse."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if value is None or isinstance(value, str | list | dict):
-        return value
-    return text.strip()
-
-
-def _put(target: dict[str, Any], sources: dict[Key, str], key: Key, value: Any, label: str) -> None:
-    """Set ``key`` to ``value`` (mappings merge key by key) and record ``label`` as its source."""
-    if isinstance(value, Mapping) and value:
-        for name, item in value.items():
-            _put(target, sources, (*key, str(name)), item, label)
-        return
-    node = target
-    for depth, part in enumerate(key[:-1]):
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-            sources.pop(key[: depth + 1], None)
-        node = child
-    node[key[-1]] = value
-    for stale in [k for k in sources if k[: len(key)] == key]:
-        del sources[stale]
-    sources[key] = label
-
-
-def _describe(exc: ValidationError, sources: Mapping[Key, str]) -> list[str]:
-    problems: list[str] = []
-    for error in exc.errors(include_url=False):
-        loc = tuple(error["loc"])
-        cause = error.get("ctx", {}).get("error")
-        if isinstance(cause, _KeyedError):
-            for message, keys in cause.issues:
-                full = [(*loc, *key) for key in keys]
-                problems.append(_problem(full[0], message, full, sources))
-        elif error["type"] == "extra_forbidden":
-            # Name the key as the user wrote it (``bogus.x``), from each layer that set it.
-            key = tuple(str(part) for part in loc)
-            given = sorted(k for k in sources if k[: len(key)] == key) or [key]
-            for full_key in given:
-                message = "unknown key" if full_key == key else f"unknown key {_dotted(loc)!r}"
-                problems.append(_problem(full_key, message, [full_key], sources))
-        elif loc and loc[-1] == "[key]":  # a dict key (model name) failed validation
-            problems.append(_problem(loc[:-1], f"bad name: {error['msg']}", [loc[:-1]], sources))
-        else:
-            problems.append(_problem(loc, error["msg"], [loc], sources))
-    return problems
-
-
-def _problem(
-    key: tuple[str | int, ...],
-    message: str,
-    involved: Sequence[tuple[str | int, ...]],
-    sources: Mapping[Key, str],
-) -> str:
-    labels: list[str] = []
-    for item in involved:
-        label = _source_of(tuple(str(part) for part in item), sources)
-        if label not in labels:
-            labels.append(label)
-    return f"{_dotted(key)}: {message} (from {', '.join(labels)})"
-
-
-def _source_of(key: Key, sources: Mapping[Key, str]) -> str:
-    """The layer that set ``key`` or the value containing it, else the layers that set keys
-    inside it, else the built-in default."""
-    for end in range(len(key), 0, -1):
-        label = sources.get(key[:end])
-        if label is not None:
-            return label
-    inner = {label: None for k, label in sources.items() if k[: len(key)] == key}
-    return ", ".join(inner) or _DEFAULT_SOURCE
-
-
-def _dotted(key: tuple[str | int, ...]) -> str:
-    text = ""
-    for part in key:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else part
-    return text
+    return load_layers(Settings, config_path, env, overrides, env_prefix=ENV_PREFIX)

@@ -1,14 +1,14 @@
-"""``streamscore.v1.Admin``: authenticate, decode, call the routing controller, encode.
+"""``streamscore.v1.Admin``: authenticate, decode, call the routing changes, encode.
 
 Every method first checks the caller's credentials (``server.admin.auth``); the
 scoring data plane has no path into here. Domain errors become their gRPC
-status with the message naming the problem; anything else is logged, INTERNAL.
+status with the message naming the problem (``server.grpc_status``); anything else
+is logged, INTERNAL.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -18,11 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from server.admin.auth import Authenticator
-from server.errors import ScoringError
-from server.routing.control import Actor, ModelView, RoutingController
+from server.grpc_status import abort
+from server.routing.changes import Actor, ModelView, RoutingChanges
 from server.routing.state import AuditEntry, CanaryRequest, EndpointState
-
-logger = logging.getLogger(__name__)
 
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 DEFAULT_AUDIT_LIMIT = 100
@@ -39,10 +37,10 @@ T = TypeVar("T")
 
 
 class AdminService(apb_grpc.AdminServicer):
-    """The admin servicer over one process's ``RoutingController``."""
+    """The admin servicer over one process's ``RoutingChanges``."""
 
-    def __init__(self, controller: RoutingController, authenticator: Authenticator) -> None:
-        self._controller = controller
+    def __init__(self, changes: RoutingChanges, authenticator: Authenticator) -> None:
+        self._changes = changes
         self._auth = authenticator
 
     async def _call(self, context: Context, work: Callable[[Actor], Awaitable[T]]) -> T:
@@ -50,25 +48,22 @@ class AdminService(apb_grpc.AdminServicer):
         try:
             principal = self._auth.authenticate(context)  # type: ignore[arg-type]
             return await work(Actor(principal.name, context.peer() or ""))
-        except ScoringError as error:
-            await context.abort(error.code, str(error))
-        except Exception:
-            logger.exception("unexpected error in the admin API")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+        except Exception as error:
+            await abort(context, error, "the admin API")
 
     async def _changed(self, endpoint: str) -> apb.ChangeResponse:
-        state, views = await self._controller.list_models(endpoint)
+        state, views = await self._changes.list_models(endpoint)
         return apb.ChangeResponse(model=encode_model(views[0]), revision=state.revision)
 
     async def ListModels(
         self, request: apb.ListModelsRequest, context: Context
     ) -> apb.ListModelsResponse:
         async def work(actor: Actor) -> apb.ListModelsResponse:
-            state, views = await self._controller.list_models(request.endpoint or None)
+            state, views = await self._changes.list_models(request.endpoint or None)
             return apb.ListModelsResponse(
                 models=[encode_model(v) for v in views],
                 revision=state.revision,
-                applied_revision=self._controller.state.revision,
+                applied_revision=self._changes.sync.state.revision,
             )
 
         return await self._call(context, work)
@@ -77,7 +72,7 @@ class AdminService(apb_grpc.AdminServicer):
         self, request: apb.LoadVersionRequest, context: Context
     ) -> apb.ChangeResponse:
         async def work(actor: Actor) -> apb.ChangeResponse:
-            await self._controller.load_version(
+            await self._changes.load_version(
                 request.endpoint,
                 request.version,
                 actor,
@@ -92,7 +87,7 @@ class AdminService(apb_grpc.AdminServicer):
         self, request: apb.UnloadVersionRequest, context: Context
     ) -> apb.ChangeResponse:
         async def work(actor: Actor) -> apb.ChangeResponse:
-            await self._controller.unload_version(
+            await self._changes.unload_version(
                 request.endpoint,
                 request.version,
                 actor,
@@ -116,7 +111,7 @@ class AdminService(apb_grpc.AdminServicer):
                     salt=routing.canary.salt or None,
                     entity=routing.canary.entity or None,
                 )
-            await self._controller.set_routing(
+            await self._changes.set_routing(
                 request.endpoint,
                 champion=routing.champion or None,
                 canary=canary,
@@ -132,7 +127,7 @@ class AdminService(apb_grpc.AdminServicer):
 
     async def Promote(self, request: apb.PromoteRequest, context: Context) -> apb.ChangeResponse:
         async def work(actor: Actor) -> apb.ChangeResponse:
-            await self._controller.promote(
+            await self._changes.promote(
                 request.endpoint, actor, request.reason, request.expected_revision
             )
             return await self._changed(request.endpoint)
@@ -141,7 +136,7 @@ class AdminService(apb_grpc.AdminServicer):
 
     async def Rollback(self, request: apb.RollbackRequest, context: Context) -> apb.ChangeResponse:
         async def work(actor: Actor) -> apb.ChangeResponse:
-            await self._controller.rollback(
+            await self._changes.rollback(
                 request.endpoint, actor, request.reason, request.expected_revision
             )
             return await self._changed(request.endpoint)
@@ -152,7 +147,7 @@ class AdminService(apb_grpc.AdminServicer):
         self, request: apb.ListAuditRequest, context: Context
     ) -> apb.ListAuditResponse:
         async def work(actor: Actor) -> apb.ListAuditResponse:
-            entries = await self._controller.audit(
+            entries = await self._changes.audit(
                 request.endpoint or None, request.limit or DEFAULT_AUDIT_LIMIT
             )
             return apb.ListAuditResponse(entries=[encode_audit(e) for e in entries])

@@ -20,9 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
-
-from server.errors import ScoringError
+from server.errors import ScoringError, Status
 
 BEARER = "bearer "
 
@@ -30,13 +28,13 @@ BEARER = "bearer "
 class Unauthenticated(ScoringError):
     """Missing or wrong credentials (the message never echoes what was sent)."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    status = Status.UNAUTHENTICATED
 
 
 class PermissionDenied(ScoringError):
     """Authenticated, but not allowed to call the admin API."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    status = Status.PERMISSION_DENIED
 
 
 class CallCredentials(Protocol):

@@ -28,7 +28,8 @@ from submit to shadow score, errors and shed by reason. Each comparison (and eac
 shadow error) is also written as one JSON record (``SHADOW_SCHEMA``) to the sink,
 live and shadow side by side, so reading it needs no join. Records are JSON lines:
 the comparisons finished in one event-loop turn travel in one Kafka message, since
-a message costs the serving process far more than a line (``records_of`` splits).
+a message costs the serving process far more than a line (split a message on
+newlines to read it).
 """
 
 from __future__ import annotations
@@ -556,11 +557,6 @@ class ShadowRunner:
                 lane.version,
                 message,
             )
-
-
-def records_of(message: bytes) -> list[dict[str, Any]]:
-    """The comparison records of one Kafka message (JSON lines)."""
-    return [json.loads(line) for line in message.splitlines() if line]
 
 
 def _encode_lines(parts: list[Callable[[], bytes]]) -> bytes:

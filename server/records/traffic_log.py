@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter
 from server.records.kafka_sink import RecordSink
 
 if TYPE_CHECKING:
-    from server.pipeline import ScoreInput, ScoreResult
+    from server.scoring_types import ScoreInput, ScoreResult
 
 __all__ = ["TRAFFIC_SCHEMA", "TrafficLog", "traffic_record"]
 

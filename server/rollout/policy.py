@@ -56,21 +56,32 @@ the old step's window, so in-flight requests do not pollute the new one.
   The bins are finer near 0 and 1 because fraud scores pile up there.
 
 A ``max_*`` limit of ``inf`` disables that guard.
+
+**In the routing state.** :func:`rollout_document` reads the ``rollout`` object the
+routing state keeps beside an endpoint's canary; :func:`new_rollout` and
+:func:`rollout_for_change` are the rule an admin routing change follows (a policy
+with a canary starts a rollout at its first step; an active rollout continues only
+with its canary unchanged).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from server.manifest import NAME_PATTERN
+from server.errors import InvalidInput
+from server.manifest import MODEL_NAME_PATTERN
+from server.routing.state import CanaryRequest, EndpointState, new_salt, parse_rollout
+
+logger = logging.getLogger(__name__)
 
 #: Upper bounds (seconds, inclusive) of the latency buckets; one overflow bucket follows.
 LATENCY_BOUNDS_S: tuple[float, ...] = tuple(round(1e-4 * 1.25**i, 9) for i in range(53))
@@ -86,7 +97,7 @@ SCORE_BINS = len(SCORE_CUTS) + 2
 NON_FINITE_SCORE_BIN = SCORE_BINS - 1
 
 FULL_SHARE_BP = 10_000
-_ID_PATTERN = re.compile(NAME_PATTERN)
+_ID_PATTERN = re.compile(MODEL_NAME_PATTERN)
 _EMPTY_NUMBERS: Mapping[str, float] = MappingProxyType({})
 
 
@@ -528,3 +539,76 @@ def _check(
                 )
             )
     return tuple(breaches)
+
+
+# --------------------------------------------------------------------------- routing state
+
+
+def rollout_document(state: EndpointState) -> RolloutDocument | None:
+    """The endpoint's rollout, when it has a canary and a valid rollout document."""
+    if state.canary is None or state.rollout is None:
+        return None
+    try:
+        return RolloutDocument.model_validate(dict(state.rollout))
+    except ValueError:
+        logger.warning("ignoring an invalid rollout document", extra={"rollout": state.rollout})
+        return None
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """A validation error location as ``steps[0].share_bp``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def new_rollout(policy_json: Mapping[str, object], share_bp: int, now: float) -> dict[str, object]:
+    """A rollout document for a fresh canary at ``share_bp`` (the policy's first step)."""
+    try:
+        policy = RolloutPolicy.model_validate(dict(policy_json))
+    except ValidationError as error:
+        problems = [f"{_path(e['loc']) or '(policy)'}: {e['msg']}" for e in error.errors()]
+        raise InvalidInput("rollout_json", "; ".join(problems)) from None
+    first = policy.steps[0].share_bp
+    if share_bp != first:
+        raise InvalidInput(
+            "canary.share_bp", f"{share_bp} must equal the rollout's first step ({first})"
+        )
+    return RolloutDocument(id=new_salt(), policy=policy, step_started_at=now).model_dump(
+        mode="json"
+    )
+
+
+def rollout_for_change(
+    current: EndpointState,
+    canary: CanaryRequest | None,
+    rollout: Mapping[str, Any] | str | None,
+    now: float,
+) -> Mapping[str, Any] | None:
+    """The rollout document an admin routing change stores (``rollout`` as sent: a
+    mapping, its JSON text, or None/'' for none).
+
+    A rollout policy given with a canary starts a guarded rollout at its first step;
+    the active rollout's own document (it has an ``id``) may only be kept with its
+    canary unchanged, since the rollout controller alone moves its share.
+    """
+    value = parse_rollout(rollout) if isinstance(rollout, str) else rollout
+    if value is None:
+        return None
+    if "id" in value:
+        kept = current.canary
+        unchanged = (
+            current.rollout is not None
+            and dict(value) == dict(current.rollout)
+            and canary is not None
+            and kept is not None
+            and (canary.version, canary.share_bp) == (kept.version, kept.share_bp)
+        )
+        if not unchanged:
+            raise InvalidInput(
+                "rollout_json",
+                "an active rollout continues only with its canary unchanged; to change "
+                "the canary by hand, send an empty rollout_json (ends the rollout)",
+            )
+        return value
+    if canary is None:
+        raise InvalidInput("rollout_json", "a rollout policy needs a canary")
+    return new_rollout(value, canary.share_bp, now)

@@ -1,7 +1,7 @@
 """Guarded rollouts meet the routing state: the controller's actions and its view.
 
 ``RoutingRolloutActions`` is the ``RolloutActions`` the controller calls: every
-change goes through ``RoutingController.change`` (persisted, applied by every process,
+change goes through ``RoutingChanges.change`` (persisted, applied by every process,
 audit-logged with the numbers that decided it) and is refused when the endpoint's
 active rollout is no longer the one the decision was made for. A rollback gives the
 canary no traffic and keeps the champion (unlike the admin ``Rollback``, which brings
@@ -18,56 +18,19 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from pydantic import ValidationError
-
-from server.errors import InvalidInput
-from server.rollout.policy import RolloutDocument, RolloutPolicy, RolloutState
+from server.rollout.policy import RolloutDocument, RolloutPolicy, RolloutState, rollout_document
 from server.rollout.stats import StatsRecorder
-from server.routing.control import Actor, RoutingController
+from server.routing.changes import Actor, RoutingChanges
 from server.routing.state import (
     EndpointState,
     RoutingConflict,
     RoutingState,
-    new_salt,
     promote,
 )
 
 logger = logging.getLogger(__name__)
 
 ROLLOUT_ACTOR = Actor("rollout-controller")
-
-
-def rollout_document(state: EndpointState) -> RolloutDocument | None:
-    """The endpoint's rollout, when it has a canary and a valid rollout document."""
-    if state.canary is None or state.rollout is None:
-        return None
-    try:
-        return RolloutDocument.model_validate(dict(state.rollout))
-    except ValueError:
-        logger.warning("ignoring an invalid rollout document", extra={"rollout": state.rollout})
-        return None
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    """A validation error location as ``steps[0].share_bp``."""
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-def new_rollout(policy_json: Mapping[str, object], share_bp: int, now: float) -> dict[str, object]:
-    """A rollout document for a fresh canary at ``share_bp`` (the policy's first step)."""
-    try:
-        policy = RolloutPolicy.model_validate(dict(policy_json))
-    except ValidationError as error:
-        problems = [f"{_path(e['loc']) or '(policy)'}: {e['msg']}" for e in error.errors()]
-        raise InvalidInput("rollout_json", "; ".join(problems)) from None
-    first = policy.steps[0].share_bp
-    if share_bp != first:
-        raise InvalidInput(
-            "canary.share_bp", f"{share_bp} must equal the rollout's first step ({first})"
-        )
-    return RolloutDocument(id=new_salt(), policy=policy, step_started_at=now).model_dump(
-        mode="json"
-    )
 
 
 def rollout_states(state: RoutingState) -> list[RolloutState]:
@@ -112,9 +75,9 @@ def _reason(reason: str, numbers: Mapping[str, float]) -> str:
 
 
 class RoutingRolloutActions:
-    """``server.rollout.controller.RolloutActions`` over the routing controller."""
+    """``server.rollout.controller.RolloutActions`` over the routing changes."""
 
-    def __init__(self, routing: RoutingController, clock: Callable[[], float]) -> None:
+    def __init__(self, routing: RoutingChanges, clock: Callable[[], float]) -> None:
         self._routing = routing
         self._clock = clock
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -307,17 +307,6 @@ class StatsRecorder:
                     await self.flush()
                 except Exception:
                     logger.exception("rollout stats flush crashed; retrying next interval")
-
-
-async def read_stats(
-    redis: Redis, endpoint: str, rollout_id: str, steps: Iterable[int], version: str
-) -> list[WindowStats]:
-    """The summed counters of ``version`` in each of ``steps``, in one round trip."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for step in steps:
-            pipe.hgetall(stats_key(endpoint, rollout_id, step, version))
-        replies = await pipe.execute()
-    return [stats_from_hash(reply) for reply in replies]
 
 
 async def read_observation(redis: Redis, state: RolloutState) -> Observation:

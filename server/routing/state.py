@@ -14,7 +14,7 @@
 The transitions (``add_version``, ``remove_version``, ``set_routing``, ``promote``,
 ``rollback``) validate and return a new ``EndpointState``; they raise
 ``ScoringError`` subclasses naming the problem (NOT_FOUND, INVALID_ARGUMENT,
-FAILED_PRECONDITION), which the admin API turns into gRPC statuses.
+FAILED_PRECONDITION), which ``server.grpc_status`` turns into gRPC statuses.
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
-import grpc
-
-from server.errors import InvalidInput, ModelNotFound, ScoringError
-from server.manifest import NAME_PATTERN
+from server.errors import InvalidInput, ModelNotFound, ScoringError, Status
+from server.manifest import MODEL_NAME_PATTERN
 from server.router import BASIS_POINTS, version_sort_key
 
-_NAME = re.compile(NAME_PATTERN)
+_NAME = re.compile(MODEL_NAME_PATTERN)
 
 Outcome = Literal["applied", "refused"]
 
@@ -41,13 +39,13 @@ Outcome = Literal["applied", "refused"]
 class RoutingConflict(ScoringError):
     """The change contradicts the current state (e.g. unloading a routed version)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status = Status.FAILED_PRECONDITION
 
 
 class ConcurrentUpdate(ScoringError):
     """Someone else changed the endpoint since the caller read it (``expected_revision``)."""
 
-    code = grpc.StatusCode.ABORTED
+    status = Status.ABORTED
 
 
 def check_name(field_name: str, value: str) -> str:

@@ -132,10 +132,10 @@ async def test_a_stale_advance_is_refused_and_changes_nothing(tmp_path: Path) ->
             apb.SetRoutingRequest(endpoint="lin", routing=routing, reason="start"),
             metadata=CREDENTIALS,
         )
-        controller = server.srv.app.routing
-        assert controller is not None
+        changes = server.srv.app.routing_changes
+        assert changes is not None
         rollout_id = json.loads((await server.model()).state.routing.rollout_json)["id"]
-        actions = RoutingRolloutActions(controller, lambda: 1.0)
+        actions = RoutingRolloutActions(changes, lambda: 1.0)
         with pytest.raises(RoutingConflict, match="not the step after"):
             await actions.set_canary_share("lin", 8000, "skip", {}, rollout_id=rollout_id)
         await actions.set_canary_share("lin", 5000, "advance", {}, rollout_id=rollout_id)

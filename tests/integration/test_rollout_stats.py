@@ -24,11 +24,11 @@ from server.rollout.policy import (
 from server.rollout.stats import (
     StatsRecorder,
     read_observation,
-    read_stats,
     stats_from_hash,
     stats_key,
 )
 from server.router import Route
+from tests.support.readers import read_stats
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 

@@ -24,18 +24,18 @@ from devstack.services import KafkaBroker, free_port, kafka_broker
 from protos.inference import grpc_service_pb2 as v2
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.clients.replay import read_topic, read_topic_values
-from server.pipeline import ScoreInput, ScoreResult
 from server.records.kafka_sink import KafkaSink, Payload, SinkConfig, SinkMetrics
 from server.records.shadow import (
     ShadowMetrics,
     ShadowOptions,
     ShadowRunner,
     live_backlog,
-    records_of,
 )
 from server.records.traffic_log import TRAFFIC_SCHEMA, TrafficLog
 from server.router import Route
+from server.scoring_types import ScoreInput, ScoreResult
 from tests.conftest import TEST_FEATURES
+from tests.support.readers import records_of
 from tests.support.server import RunningServer, running_server
 
 pytestmark = pytest.mark.integration
@@ -319,10 +319,10 @@ async def test_sink_survives_kafka_coming_and_going(tmp_path: Path) -> None:
 
 
 async def set_shadows(srv: RunningServer, *versions: str) -> None:
-    from server.routing.control import Actor
+    from server.routing.changes import Actor
 
-    assert srv.app.routing is not None
-    await srv.app.routing.set_routing(
+    assert srv.app.routing_changes is not None
+    await srv.app.routing_changes.set_routing(
         "lin",
         champion=None,
         canary=None,

@@ -111,7 +111,7 @@ def rows_runner(
     run_rows: Callable[[npt.NDArray[np.float32]], Awaitable[Mapping[str, npt.NDArray[np.generic]]]],
 ) -> RunJobs[npt.NDArray[np.float32], Outputs]:
     """A ``run_batch`` for jobs that are ready [k, F] row blocks: concatenate, run,
-    split (what ``server.executor.VersionExecutor`` does, minus feature assembly)."""
+    split (what ``server.executor.VersionBatchRunner`` does, minus feature assembly)."""
 
     async def run(jobs: list[npt.NDArray[np.float32]]) -> list[Outputs | ScoringError]:
         inputs = jobs[0] if len(jobs) == 1 else np.concatenate(jobs, axis=0)

@@ -388,7 +388,7 @@ def test_reference_falls_back_to_history_and_holds_without_any() -> None:
 
 def test_a_bad_policy_is_named_field_by_field() -> None:
     from server.errors import InvalidInput
-    from server.rollout.routing import new_rollout
+    from server.rollout.policy import new_rollout
 
     with pytest.raises(InvalidInput) as caught:
         new_rollout({"steps": [{"share_bp": 0, "hold_s": 1}], "max_psi": -1}, 100, 1.0)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import grpc
 import pytest
 
-from server.errors import InvalidInput, ModelNotFound, ScoringError
+from server.errors import InvalidInput, ModelNotFound, ScoringError, Status
 from server.routing.state import (
     AuditEntry,
     Canary,
@@ -205,4 +204,4 @@ def test_names_and_rollout_parsing() -> None:
         parse_rollout("[1]")
     with pytest.raises(InvalidInput, match="rollout_json: not valid JSON"):
         parse_rollout("{")
-    assert RoutingConflict("x").code == grpc.StatusCode.FAILED_PRECONDITION
+    assert RoutingConflict("x").status == Status.FAILED_PRECONDITION

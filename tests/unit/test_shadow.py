@@ -23,8 +23,8 @@ from server.records.shadow import (
     ShadowOptions,
     ShadowRunner,
     live_backlog,
-    records_of,
 )
+from tests.support.readers import records_of
 
 NAMES = ("a", "b", "c", "d")
 TOPIC = "shadow-records"

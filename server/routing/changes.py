@@ -1,0 +1,385 @@
+"""Changes to the persisted routing state, and the admin API's view of it.
+
+* **change**: under the process's ``RoutingSync.lock``, read the state, apply a
+  pure transition from ``server.routing.state``, write it with compare-and-set
+  together with its audit entry (retrying, jittered, on a concurrent change), and
+  apply it in this process before answering. A refused change is audit-logged with
+  its error and changes nothing. The admin operations (``load_version``,
+  ``unload_version``, ``set_routing``, ``promote``, ``rollback``) are transitions
+  passed to it; the guarded-rollout controller passes its own, with its own actor.
+* ``load_version`` loads the version in this process first, so a bad artifact is
+  refused before the state names it.
+* **reads**: ``list_models`` (persisted state, versions on disk and their status in
+  this process) and ``audit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from server.errors import DependencyUnavailable, ModelLoadError, ModelNotFound, ScoringError
+from server.registry import ModelRegistry, scan_repository
+from server.rollout.policy import rollout_for_change
+from server.router import version_sort_key
+from server.routing.state import (
+    AuditEntry,
+    CanaryRequest,
+    ConcurrentUpdate,
+    EndpointState,
+    RoutingState,
+    add_version,
+    check_name,
+    promote,
+    remove_version,
+    rollback,
+    set_routing,
+)
+from server.routing.store import RoutingStore
+from server.routing.sync import RoutingSync
+
+logger = logging.getLogger(__name__)
+
+#: Compare-and-set attempts before a change gives up with ABORTED.
+MAX_ATTEMPTS = 8
+#: Base of the jittered backoff between attempts (up to ~1.3 s over all of them), so
+#: one process's burst of changes cannot starve another's.
+RETRY_BASE_S = 0.005
+
+T = TypeVar("T")
+Transition = Callable[[RoutingState], EndpointState]
+VersionStatus = Literal["loaded", "pending", "failed", "available"]
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asks for a change: a credential's name and the peer address."""
+
+    name: str
+    peer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionView:
+    """One version of an endpoint as this process sees it."""
+
+    version: str
+    status: VersionStatus
+    roles: tuple[str, ...] = ()
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """An endpoint: its desired state (None when only on disk) and its versions."""
+
+    endpoint: str
+    state: EndpointState | None
+    versions: tuple[VersionView, ...]
+
+
+class RoutingChanges:
+    """Audited changes to the persisted routing state, applied here through ``sync``."""
+
+    def __init__(
+        self,
+        sync: RoutingSync,
+        store: RoutingStore,
+        registry: ModelRegistry,
+        repository: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sync = sync
+        self._store = store
+        self._registry = registry
+        self._repository = repository
+        self._clock = clock
+
+    # ------------------------------------------------------------------ reads
+
+    async def list_models(
+        self, endpoint: str | None = None
+    ) -> tuple[RoutingState, list[ModelView]]:
+        """The persisted state (the applied one if the store is down) and every endpoint."""
+        try:
+            state = await self._store.read()
+        except DependencyUnavailable:
+            state = self.sync.state
+        on_disk: dict[str, set[str]] = {}
+        with contextlib.suppress(ModelLoadError):
+            for version_dir in await asyncio.to_thread(scan_repository, self._repository):
+                on_disk.setdefault(version_dir.parent.name, set()).add(version_dir.name)
+        names = sorted(set(state.endpoints) | set(on_disk))
+        if endpoint:
+            if endpoint not in names:
+                raise ModelNotFound(
+                    f"endpoint {endpoint!r} is unknown (known: {', '.join(names) or 'none'})"
+                )
+            names = [endpoint]
+        views = []
+        for name in names:
+            desired = state.endpoints.get(name)
+            wanted = set(desired.loaded) if desired else set()
+            versions = sorted(on_disk.get(name, set()) | wanted, key=version_sort_key)
+            views.append(
+                ModelView(
+                    name,
+                    desired,
+                    tuple(self._version_view(name, v, desired, v in wanted) for v in versions),
+                )
+            )
+        return state, views
+
+    def _version_view(
+        self, name: str, version: str, desired: EndpointState | None, wanted: bool
+    ) -> VersionView:
+        roles = tuple(desired.role_of(version)) if desired else ()
+        error = self.sync.load_error(name, version)
+        status: VersionStatus
+        if self._registry.has(name, version):
+            status = "loaded"
+        elif error:
+            status = "failed"
+        elif wanted:
+            status = "pending"
+        else:
+            status = "available"
+        return VersionView(version, status, roles, error)
+
+    async def audit(self, endpoint: str | None, limit: int) -> list[AuditEntry]:
+        """The newest audit entries, newest first."""
+        return await self._store.audit(endpoint or None, limit)
+
+    # ------------------------------------------------------------------ changes
+
+    async def load_version(
+        self, endpoint: str, version: str, actor: Actor, reason: str, expected_revision: int = 0
+    ) -> EndpointState:
+        """Load ``version`` here (refused if it does not load), then persist it as loaded."""
+
+        async def work() -> EndpointState:
+            check_name("endpoint", endpoint)
+            check_name("version", version)
+            version_dir = self._repository / endpoint / version
+            if not await asyncio.to_thread(version_dir.is_dir):
+                raise ModelNotFound(
+                    f"version {version!r} of {endpoint!r} is not in the model repository"
+                )
+            if not self._registry.has(endpoint, version):
+                result = await self.sync.try_load(endpoint, version)
+                if isinstance(result, ModelLoadError):
+                    raise result
+            return await self._change(
+                endpoint,
+                "load",
+                lambda s: add_version(s.endpoints.get(endpoint), version),
+                actor,
+                reason,
+                expected_revision,
+            )
+
+        return await self._locked(endpoint, "load", actor, reason, work)
+
+    async def unload_version(
+        self, endpoint: str, version: str, actor: Actor, reason: str, expected_revision: int = 0
+    ) -> EndpointState:
+        """Persist ``version`` as not loaded (refused while routed); it drains, then goes."""
+        return await self.change(
+            endpoint,
+            "unload",
+            lambda s: remove_version(endpoint, s.endpoint(endpoint), version),
+            actor,
+            reason,
+            expected_revision,
+        )
+
+    async def set_routing(
+        self,
+        endpoint: str,
+        *,
+        champion: str | None,
+        canary: CanaryRequest | None,
+        shadows: tuple[str, ...],
+        rollout: Mapping[str, Any] | str | None,
+        actor: Actor,
+        reason: str,
+        expected_revision: int = 0,
+    ) -> EndpointState:
+        """Replace champion (None = keep), canary, shadows and rollout policy (a mapping,
+        or its JSON text; None or '' = none)."""
+        return await self.change(
+            endpoint,
+            "set_routing",
+            lambda s: set_routing(
+                endpoint,
+                s.endpoint(endpoint),
+                champion=champion,
+                canary=canary,
+                shadows=shadows,
+                rollout=rollout_for_change(s.endpoint(endpoint), canary, rollout, self._clock()),
+            ),
+            actor,
+            reason,
+            expected_revision,
+        )
+
+    async def promote(
+        self, endpoint: str, actor: Actor, reason: str, expected_revision: int = 0
+    ) -> EndpointState:
+        """The canary becomes champion."""
+        return await self.change(
+            endpoint,
+            "promote",
+            lambda s: promote(endpoint, s.endpoint(endpoint)),
+            actor,
+            reason,
+            expected_revision,
+        )
+
+    async def rollback(
+        self, endpoint: str, actor: Actor, reason: str, expected_revision: int = 0
+    ) -> EndpointState:
+        """The previous champion becomes champion again."""
+        return await self.change(
+            endpoint,
+            "rollback",
+            lambda s: rollback(endpoint, s.endpoint(endpoint)),
+            actor,
+            reason,
+            expected_revision,
+        )
+
+    async def change(
+        self,
+        endpoint: str,
+        action: str,
+        transition: Transition,
+        actor: Actor,
+        reason: str,
+        expected_revision: int = 0,
+    ) -> EndpointState:
+        """Apply ``transition`` to the persisted state of ``endpoint``, audit-logged.
+
+        ``expected_revision`` > 0 refuses (ABORTED) when the endpoint changed since
+        the caller read it at that revision. Returns the endpoint's new state,
+        already applied in this process.
+        """
+
+        async def work() -> EndpointState:
+            return await self._change(
+                endpoint, action, transition, actor, reason, expected_revision
+            )
+
+        return await self._locked(endpoint, action, actor, reason, work)
+
+    async def _locked(
+        self,
+        endpoint: str,
+        action: str,
+        actor: Actor,
+        reason: str,
+        work: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Run ``work`` under the lock; a refusal is audit-logged, then re-raised."""
+        async with self.sync.lock:
+            try:
+                return await work()
+            except DependencyUnavailable:
+                raise
+            except ScoringError as error:
+                logger.warning(
+                    "admin change refused",
+                    extra={
+                        "endpoint": endpoint,
+                        "action": action,
+                        "actor": actor.name,
+                        "error": str(error),
+                    },
+                )
+                await self._audit_refusal(endpoint, action, actor, reason, error)
+                # Undo side effects (a version loaded for a refused change).
+                with contextlib.suppress(DependencyUnavailable):
+                    await self.sync.apply(await self._store.read())
+                raise
+
+    async def _change(
+        self,
+        endpoint: str,
+        action: str,
+        transition: Transition,
+        actor: Actor,
+        reason: str,
+        expected_revision: int,
+    ) -> EndpointState:
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:  # lost a compare-and-set to another process: back off, jittered
+                await asyncio.sleep(random.uniform(0, RETRY_BASE_S * 2**attempt))
+            current = await self._store.read()
+            before = current.endpoints.get(endpoint)
+            if expected_revision and (before is None or before.revision != expected_revision):
+                have = before.revision if before else 0
+                raise ConcurrentUpdate(
+                    f"endpoint {endpoint!r} changed since revision {expected_revision} "
+                    f"(now {have}); read it again"
+                )
+            after = transition(current)
+            if before is not None and after.same_routing(before):
+                await self.sync.apply(current)
+                return before
+            now = self._clock()
+            after = replace(
+                after, revision=current.revision + 1, updated_at=now, updated_by=actor.name
+            )
+            entry = AuditEntry(
+                time=now,
+                actor=actor.name,
+                peer=actor.peer,
+                endpoint=endpoint,
+                action=action,
+                reason=reason,
+                outcome="applied",
+                before=before,
+                after=after,
+                revision=after.revision,
+            )
+            new_state = current.with_endpoint(endpoint, after)
+            if await self._store.commit(current.revision, new_state, [entry]):
+                logger.info(
+                    "routing changed",
+                    extra={
+                        "endpoint": endpoint,
+                        "action": action,
+                        "actor": actor.name,
+                        "revision": new_state.revision,
+                    },
+                )
+                await self.sync.apply(new_state)
+                return after
+        raise ConcurrentUpdate(f"endpoint {endpoint!r}: too many concurrent changes; retry")
+
+    async def _audit_refusal(
+        self, endpoint: str, action: str, actor: Actor, reason: str, error: ScoringError
+    ) -> None:
+        entry = AuditEntry(
+            time=self._clock(),
+            actor=actor.name,
+            peer=actor.peer,
+            endpoint=endpoint,
+            action=action,
+            reason=reason,
+            outcome="refused",
+            error=f"{error.status}: {error}",
+            before=self.sync.state.endpoints.get(endpoint),
+            revision=self.sync.state.revision,
+        )
+        try:
+            await self._store.append_audit(entry)
+        except DependencyUnavailable as down:
+            logger.error("refusal not audit-logged", extra={"error": str(down)})
