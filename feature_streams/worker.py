@@ -61,7 +61,8 @@ from feature_streams.events import (
     dead_letter_topic,
     group_events,
 )
-from feature_streams.tile_store import ApplyResult, EventUpdates, KeyBatch, TileStore, tile_key
+from feature_streams.keys import tile_key
+from feature_streams.tile_store import ApplyResult, EventUpdates, KeyBatch, TileStore
 from feature_streams.topics import ensure_topics
 from feature_streams.windows import GroupPlan
 
