@@ -47,6 +47,7 @@ __all__ = [
     "RETIRED",
     "TILE_PREFIX",
     "active_key",
+    "as_text",
     "check_group",
     "check_snapshot_id",
     "data_key",
@@ -153,3 +154,12 @@ def lua_string(value: str) -> str:
     if not _LUA_SAFE.match(value):
         raise ValueError(f"{value!r} is not a plain Lua string")
     return f"'{value}'"
+
+
+def as_text(value: object) -> str | None:
+    """A pointer, id or field name as Redis returned it (``bytes`` or ``str``) as text."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
