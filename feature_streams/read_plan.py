@@ -242,6 +242,10 @@ class Freshness(NamedTuple):
 class FetchRow:
     """One request's row: the caller fills the first four fields, the fetch the rest.
 
+    Start ``row`` from the columns' defaults: a column the fetch lists in
+    ``defaulted`` because it had nothing to read there (no entity id, snapshot gone)
+    is left as the row holds it.
+
     ``sent`` marks columns the caller already holds; when ``store_sent`` is true some
     of them are store columns, which the fetch then leaves as they are (and a group
     whose every column was sent is not read at all).
