@@ -37,16 +37,15 @@ from redis.asyncio import Redis
 from bench.pinning import CLIENT_CPUS, SERVER_CPUS
 from demo.synthetic import DEMO_FEATURES, REQUEST_FEATURES
 from devstack.services import redis_server
-from feature_streams.batch_store import (
-    BatchSnapshotCache,
-    activate,
-    write_snapshot,
-)
+from feature_streams.batch_store import activate, write_snapshot
 from feature_streams.definitions import FeatureDefinitions, load_definitions
+from feature_streams.fetcher import BatchSnapshotCache
 from feature_streams.hash_reader import HashWindowReader
-from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore, tile_key
+from feature_streams.keys import data_key, tile_key
+from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore
 from feature_streams.windows import GroupPlan, read_hash, updates_for_event
-from server.features import FeatureLayout, FeatureStore, Prepared
+from server.feature_store import FeatureStore
+from server.features import FeatureLayout, Prepared
 from server.manifest import ModelManifest, TensorSpec, TrainingInfo
 
 DEFINITIONS = Path("features.yaml")
@@ -139,8 +138,9 @@ async def bench_fetch(
     def keys_of(batch: list[int]) -> list[str]:
         keys = []
         for card in batch:
-            keys.append(f"bf:customer_profile:{snapshots['customer_profile']}:customer_id-{card}")
-            keys.append(f"bf:card_profile:{snapshots['card_profile']}:card_id-{card}")
+            customer, card_snapshot = snapshots["customer_profile"], snapshots["card_profile"]
+            keys.append(data_key("customer_profile", customer or "", f"customer_id-{card}"))
+            keys.append(data_key("card_profile", card_snapshot or "", f"card_id-{card}"))
             keys.append(tile_key("card_activity", f"card_id-{card}"))
             keys.append(tile_key("merchant_activity", f"merchant_id-{card % 50}"))
         return keys

@@ -73,7 +73,7 @@ from redis.asyncio import Redis
 
 from bench.pinning import CLIENT_CPUS, SERVER_CPUS, taskset_prefix
 from devstack.services import free_port, kafka_broker, redis_server, wait_for_port
-from feature_streams.tile_store import LAST_TS_FIELD, tile_key
+from feature_streams.keys import LAST_TS_FIELD, tile_key
 from feature_streams.topics import ensure_topics
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc

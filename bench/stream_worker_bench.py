@@ -43,8 +43,9 @@ from redis.asyncio import Redis
 
 from devstack.services import kafka_broker, redis_server
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
+from feature_streams.keys import tile_key
 from feature_streams.stream_job import BatchReport, StreamWorker, WorkerConfig
-from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore, tile_key
+from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore
 from feature_streams.topics import ensure_topics
 from feature_streams.windows import GroupPlan, event_key, event_time, updates_for_event
 

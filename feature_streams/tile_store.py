@@ -2,19 +2,17 @@
 
 Key layout
 ----------
-One hash per stream group and entity key::
-
-    st:<group>:<entity key>          e.g.  st:card_activity:c-123
-
-(group names are ``[A-Za-z_][A-Za-z0-9_]*``, so the prefix is unambiguous even
-when the entity key holds ``:``). Its fields are:
+One hash per stream group and entity key, :func:`feature_streams.keys.tile_key`
+(``st:<group>:<entity key>``). Its fields are:
 
 * tile fields ``"<tile_start_ms>:<slot>"`` (and ``"<start>:<slot>:ts"`` for
   ``last`` slots), exactly as :mod:`feature_streams.windows` documents them;
-* ``_off:<topic>:<partition>``: the highest Kafka offset of that partition whose
-  event has been folded into this hash (applied, or dropped as too late);
-* ``_last_ts``: the newest applied event time (epoch ms) — the freshness mark,
-  the "max seen" of the lateness rule and the ``now`` of trimming.
+* ``_off:<topic>:<partition>`` (:func:`~feature_streams.keys.offset_field`): the
+  highest Kafka offset of that partition whose event has been folded into this hash
+  (applied, or dropped as too late);
+* ``_last_ts`` (:data:`~feature_streams.keys.LAST_TS_FIELD`): the newest applied
+  event time (epoch ms) — the freshness mark, the "max seen" of the lateness rule
+  and the ``now`` of trimming.
 
 Fields starting with ``_`` are never tile fields (those start with a digit), so
 :func:`windows.read_hash` and :func:`windows.expired_fields` ignore them.
@@ -71,38 +69,34 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from string import Template
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from feature_streams.keys import LAST_TS_FIELD, lua_string, offset_field
 from feature_streams.windows import GroupPlan, TileUpdate, UpdateOp, expired_fields
 
 __all__ = [
     "APPLY_SCRIPT",
-    "KEY_PREFIX",
-    "LAST_TS_FIELD",
     "ApplyResult",
     "EventUpdates",
     "KeyBatch",
     "TileStore",
-    "offset_field",
     "read_hashes",
-    "tile_key",
 ]
 
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "st"
-LAST_TS_FIELD = "_last_ts"
 _TRIM_CHUNK = 500
 
-APPLY_SCRIPT = """
+_APPLY_SOURCE = """
 local key = KEYS[1]
 local off_field = ARGV[1]
 local lateness = tonumber(ARGV[3])
-local head = redis.call('HMGET', key, off_field, '_last_ts')
+local head = redis.call('HMGET', key, off_field, $last_ts)
 local stored_off = tonumber(head[1] or '-1')
 local last_raw = head[2]
 local last_ts = last_raw and tonumber(last_raw)
@@ -163,28 +157,19 @@ while i <= n do
   end
 end
 if applied > 0 then
-  redis.call('HSET', key, off_field, new_off, '_last_ts', last_raw)
+  redis.call('HSET', key, off_field, new_off, $last_ts, last_raw)
   redis.call('PEXPIRE', key, ARGV[2])
 elseif new_off then
   redis.call('HSET', key, off_field, new_off)
 end
 return {applied, dup, late}
 """
+APPLY_SCRIPT = Template(_APPLY_SOURCE).substitute(last_ts=lua_string(LAST_TS_FIELD))
 """KEYS[1] = hash; ARGV = offset field, retention ms, lateness ms, payload. The
 payload is the events' tokens, each ended by a newline: per event ``offset, ts_ms,
 m`` followed by ``m`` tokens, each update's ``TileUpdate.args()`` cut to ``op,
 field, value`` except for ``last`` (whose ``ts_field, ts`` are used). Returns
 ``{applied, duplicate, late}`` event counts."""
-
-
-def tile_key(group: str, entity_key: str) -> str:
-    """Redis key of one entity's tiles in one stream group: ``st:<group>:<key>``."""
-    return f"{KEY_PREFIX}:{group}:{entity_key}"
-
-
-def offset_field(topic: str, partition: int) -> str:
-    """Hash field holding the last applied offset of ``topic``/``partition``."""
-    return f"_off:{topic}:{partition}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,8 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 
-from feature_streams.batch_store import BatchSnapshotCache
 from feature_streams.definitions import FeatureDefinitions, load_definitions
+from feature_streams.fetcher import BatchSnapshotCache
 from protos.inference import grpc_service_pb2 as v2
 from protos.inference import grpc_service_pb2_grpc as v2_grpc
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
@@ -40,7 +40,7 @@ from server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from server.admin.api import AdminService
 from server.admin.auth import Authenticator, CertificateAuthenticator, TokenAuthenticator
 from server.batcher import BatchPolicy
-from server.features import FeatureStore, StoreOptions
+from server.feature_store import FeatureStore, StoreOptions
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics

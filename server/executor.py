@@ -15,7 +15,8 @@ import numpy.typing as npt
 
 from server.batcher import Outputs, split_rows
 from server.errors import DependencyUnavailable, ScoringError
-from server.features import FailurePolicy, FeatureLayout, FeatureStore, Prepared
+from server.feature_store import FeatureStore
+from server.features import FailurePolicy, FeatureLayout, Prepared
 from server.runtime import OnnxModel
 
 

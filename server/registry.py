@@ -24,7 +24,8 @@ from feature_streams.definitions import FeatureDefinitions
 from server.batcher import BatchObserver, BatchPolicy, MicroBatcher
 from server.errors import ModelLoadError, ModelNotFound
 from server.executor import Job, JobResult, VersionBatchRunner
-from server.features import FailurePolicy, FeatureLayout, FeatureStore
+from server.feature_store import FeatureStore
+from server.features import FailurePolicy, FeatureLayout
 from server.router import CanaryRoute, EndpointRouting, RoutingTable, version_sort_key
 from server.runtime import OnnxModel, RuntimeOptions, load_version
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from aiokafka import ConsumerRecord, TopicPartition
 
 from feature_streams.events import DeadLetter, GroupEvent, MalformedEventError, group_events
-from feature_streams.tile_store import EventUpdates, KeyBatch, tile_key
+from feature_streams.keys import tile_key
+from feature_streams.tile_store import EventUpdates, KeyBatch
 from feature_streams.windows import GroupPlan
 
 __all__ = ["SortedBatch", "check_not_ahead", "sort_records"]

@@ -12,20 +12,22 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from feature_streams.batch_load import BatchFileError, load_group_file, rollback_group
 from feature_streams.batch_store import (
-    BatchReadResult,
-    BatchSnapshotCache,
-    GroupReadSpec,
-    SnapshotGoneError,
     SnapshotStateError,
     activate,
     collect_garbage,
-    data_key,
     get_pointers,
     list_snapshots,
-    queue_reads,
     write_snapshot,
 )
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
+from feature_streams.fetcher import BatchSnapshotCache
+from feature_streams.keys import data_key
+from feature_streams.read_plan import (
+    BatchReadResult,
+    GroupReadSpec,
+    SnapshotGoneError,
+    queue_reads,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

@@ -16,12 +16,14 @@ from redis.asyncio import Redis
 
 from demo.synthetic import DEMO_FEATURES
 from devstack.services import RedisServer, redis_server
-from feature_streams.batch_store import BatchSnapshotCache, activate, write_snapshot
+from feature_streams.batch_store import activate, write_snapshot
 from feature_streams.definitions import FeatureDefinitions, load_definitions
-from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore, tile_key
+from feature_streams.fetcher import BatchSnapshotCache
+from feature_streams.keys import tile_key
+from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore
 from feature_streams.windows import GroupPlan, point_in_time_values, updates_for_event
 from protos.streamscore.v1 import scoring_pb2 as pb
-from server.features import FeatureStore
+from server.feature_store import FeatureStore
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
 

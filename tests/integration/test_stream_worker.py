@@ -33,8 +33,9 @@ from redis.asyncio import Redis
 from devstack.services import KafkaBroker, free_port, redis_server
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
 from feature_streams.events import DeadLetter, dead_letter_topic
+from feature_streams.keys import LAST_TS_FIELD, offset_field, tile_key
 from feature_streams.stream_job import BatchReport, StreamWorker, WorkerConfig
-from feature_streams.tile_store import LAST_TS_FIELD, offset_field, read_hashes, tile_key
+from feature_streams.tile_store import read_hashes
 from feature_streams.topics import ensure_topics
 from feature_streams.windows import (
     GroupPlan,

@@ -11,14 +11,12 @@ import pytest
 from redis.asyncio import Redis
 
 from feature_streams.definitions import load_definitions
+from feature_streams.keys import LAST_TS_FIELD, offset_field, tile_key
 from feature_streams.tile_store import (
-    LAST_TS_FIELD,
     EventUpdates,
     KeyBatch,
     TileStore,
-    offset_field,
     read_hashes,
-    tile_key,
 )
 from feature_streams.windows import (
     GroupPlan,

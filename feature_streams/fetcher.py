@@ -1,0 +1,372 @@
+"""The online feature fetcher: one Redis round trip per micro-batch, assembled rows.
+
+Beside the definitions (:mod:`feature_streams.definitions`) and the pure window math
+(:mod:`feature_streams.windows`) that the stream worker and the backfill share, this
+is the online read side of the feature store:
+
+* :class:`BatchSnapshotCache` keeps the active snapshot id of each batch group,
+  refreshed in the background, so the request path reads a pointer without I/O;
+* :class:`FeatureFetcher` completes a micro-batch of :class:`FetchRow` s with ONE
+  non-transactional pipeline: an ``HMGET`` per (batch group, entity) from the group's
+  active snapshot (:func:`~feature_streams.read_plan.queue_reads`) and an ``HGETALL``
+  per (stream group, entity) tile hash, whose windows are evaluated at each row's
+  time by :class:`~feature_streams.hash_reader.HashWindowReader` (tested equal to
+  :mod:`feature_streams.windows`). Missing entities, rows and fields get the defined
+  defaults and are listed in ``FetchRow.defaulted``.
+
+Redis errors and the timeout are raised to the caller, which owns the failure policy
+(the server: degrade or fail, and the back-off before the next attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from feature_streams.keys import LAST_TS_FIELD_BYTES, active_key, as_text, check_group, tile_key
+from feature_streams.read_plan import (
+    BatchColumns,
+    BatchReadPlan,
+    FetchPlan,
+    FetchRow,
+    Freshness,
+    ReadPipeline,
+    SnapshotGoneError,
+    StreamColumns,
+    queue_reads,
+)
+
+__all__ = [
+    "SNAPSHOT_GONE",
+    "BatchSnapshotCache",
+    "FeatureFetcher",
+    "FetchResult",
+    "default_all",
+    "defaulted",
+]
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_GONE = "batch_snapshot_gone"
+"""``FetchRow.degraded`` reason: the snapshot read was being deleted (defaults served)."""
+
+
+class BatchSnapshotCache:
+    """The active snapshot id of each group, refreshed in the background.
+
+    ``snapshot_id`` is a plain attribute read (no I/O) for the request path;
+    ``refresh`` reads all pointers now (one pipeline). While Redis is unreachable the
+    last known ids are kept and a warning is logged once per outage. ``on_change`` is
+    called with the new ids whenever a refresh finds a different one.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        groups: Iterable[str],
+        *,
+        refresh_interval_s: float = 0.5,
+        on_change: Callable[[Mapping[str, str | None]], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._on_change = on_change
+        self._groups = tuple(check_group(g) for g in dict.fromkeys(groups))
+        self._interval = refresh_interval_s
+        self._ids: Mapping[str, str | None] = MappingProxyType(dict.fromkeys(self._groups))
+        self._refreshed_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The groups tracked."""
+        return self._groups
+
+    @property
+    def refreshed_at(self) -> float | None:
+        """``time.monotonic()`` of the last successful refresh (``None`` before one)."""
+        return self._refreshed_at
+
+    def snapshot_id(self, group: str) -> str | None:
+        """Cached active snapshot of ``group`` (``None``: never loaded). ``KeyError`` if
+        the group is not tracked."""
+        return self._ids[group]
+
+    def snapshot_ids(self) -> Mapping[str, str | None]:
+        """All cached ids (an immutable view, consistent across groups)."""
+        return self._ids
+
+    async def refresh(self) -> Mapping[str, str | None]:
+        """Read every group's active pointer now; returns the new ids."""
+        if self._groups:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for group in self._groups:
+                    pipe.get(active_key(group))
+                replies = await pipe.execute()
+            ids = {g: as_text(r) for g, r in zip(self._groups, replies, strict=True)}
+            changed = ids != dict(self._ids)
+            self._ids = MappingProxyType(ids)
+            if changed:
+                logger.info("batch snapshots changed", extra={"snapshots": ids})
+                if self._on_change is not None:
+                    try:
+                        self._on_change(self._ids)
+                    except Exception:
+                        logger.exception("batch snapshot on_change callback failed")
+        self._refreshed_at = time.monotonic()
+        return self._ids
+
+    async def start(self) -> None:
+        """Refresh once (logging a failure) and start the background refresh."""
+        if self._task is not None:
+            return
+        await self._refresh_logged()
+        self._task = asyncio.create_task(self._run(), name="batch-snapshot-cache")
+
+    async def stop(self) -> None:
+        """Stop the background refresh (idempotent)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> BatchSnapshotCache:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh()
+        except (RedisError, OSError) as exc:
+            if not self._failing:
+                logger.warning("batch snapshot refresh failed: %s", exc)
+            self._failing = True
+        except Exception:  # a bug must not silently stop the refresh
+            logger.exception("batch snapshot refresh failed")
+        else:
+            if self._failing:
+                logger.info("batch snapshot refresh recovered")
+            self._failing = False
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self._refresh_logged()
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """What one :meth:`FeatureFetcher.fetch` did (the values are in the rows)."""
+
+    round_trip_s: float | None
+    """Seconds from queueing the reads to their replies; ``None`` when nothing was read."""
+    snapshots: Mapping[str, str | None]
+    """Batch group -> snapshot id read (one per group for the whole micro-batch)."""
+    gone: tuple[str, ...] = ()
+    """Batch groups whose snapshot was being deleted: their rows got defaults."""
+
+
+_NOTHING_READ = FetchResult(None, MappingProxyType({}))
+_Batches = list[tuple[BatchColumns, BatchReadPlan, list[FetchRow]]]
+_Streams = list[tuple[StreamColumns, list[FetchRow], list[str], list[str]]]
+
+
+class FeatureFetcher:
+    """Completes micro-batches of rows from Redis; one per process.
+
+    Does not own ``client`` or ``snapshots`` (the caller starts, stops and closes them).
+    """
+
+    def __init__(self, client: Redis, snapshots: BatchSnapshotCache) -> None:
+        self._client = client
+        self._snapshots = snapshots
+        self._refreshing: asyncio.Task[object] | None = None
+
+    @property
+    def snapshots(self) -> BatchSnapshotCache:
+        """The active-snapshot cache reads follow."""
+        return self._snapshots
+
+    async def fetch(
+        self, plan: FetchPlan, rows: Sequence[FetchRow], timeout_s: float | None = None
+    ) -> FetchResult:
+        """Complete every row of ``rows`` in place with one Redis round trip.
+
+        Raises ``RedisError``, ``OSError`` or ``TimeoutError`` (after ``timeout_s``)
+        when Redis cannot answer; rows may then hold ``defaulted`` entries for missing
+        entity ids, nothing else is changed.
+        """
+        if not plan.uses_store or not rows:
+            return _NOTHING_READ
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with self._client.pipeline(transaction=False) as pipe:
+            batch_plans, stream_reads = self._queue(plan, rows, pipe)
+            if not batch_plans and not stream_reads:
+                return _NOTHING_READ
+            results = await asyncio.wait_for(pipe.execute(), timeout_s)
+        round_trip_s = loop.time() - started
+        snapshots: dict[str, str | None] = {}
+        gone: list[str] = []
+        offset = 0
+        for columns, read_plan, members in batch_plans:
+            chunk = results[offset : offset + read_plan.n_commands]
+            offset += read_plan.n_commands
+            snapshots[columns.spec.group] = read_plan.snapshot_id
+            if not self._apply_batch_group(columns, read_plan, members, chunk):
+                gone.append(columns.spec.group)
+        for stream, stream_members, keys, unique in stream_reads:
+            chunk = results[offset : offset + len(unique)]
+            offset += len(unique)
+            fetched = {
+                key: raw if isinstance(raw, dict) else {}
+                for key, raw in zip(unique, chunk, strict=True)
+            }
+            self._apply_stream_group(stream, stream_members, keys, fetched)
+        read = MappingProxyType(snapshots)
+        if snapshots:
+            for item in rows:
+                item.snapshots = read
+        return FetchResult(round_trip_s, read, tuple(gone))
+
+    def _queue(
+        self, plan: FetchPlan, rows: Sequence[FetchRow], pipe: ReadPipeline
+    ) -> tuple[_Batches, _Streams]:
+        batch_plans: _Batches = []
+        for columns in plan.batch:
+            members = []
+            for item in rows:
+                if item.store_sent and item.sent[columns.column_index].all():
+                    continue
+                if columns.entity not in item.entity_ids:
+                    self._missing_entity(plan, item, columns.columns)
+                    continue
+                members.append(item)
+            if members:
+                ids = [m.entity_ids[columns.entity] for m in members]
+                snapshot = self._snapshots.snapshot_id(columns.spec.group)
+                read_plan = queue_reads(pipe, columns.spec, snapshot, ids)
+                batch_plans.append((columns, read_plan, members))
+        stream_reads: _Streams = []
+        for stream in plan.stream:
+            members, keys = [], []
+            queued: dict[str, None] = {}
+            for item in rows:
+                if item.store_sent and item.sent[stream.column_index].all():
+                    continue
+                entity_id = item.entity_ids.get(stream.entity)
+                if entity_id is None:
+                    self._missing_entity(plan, item, [c for _, c in stream.outputs])
+                    continue
+                key = tile_key(stream.plan.group.name, entity_id)
+                if key not in queued:  # one HGETALL per entity, however many requests
+                    queued[key] = None
+                    pipe.hgetall(key)
+                members.append(item)
+                keys.append(key)
+            if members:
+                stream_reads.append((stream, members, keys, list(queued)))
+        return batch_plans, stream_reads
+
+    def _apply_batch_group(
+        self,
+        columns: BatchColumns,
+        plan: BatchReadPlan,
+        members: list[FetchRow],
+        results: Sequence[object],
+    ) -> bool:
+        """Place one group's values; False when its snapshot was gone (defaults)."""
+        try:
+            read = plan.decode(results)
+        except SnapshotGoneError:
+            self._refresh_snapshots()
+            for item in members:
+                item.degraded.append(SNAPSHOT_GONE)
+                defaulted(item, columns.spec.fields, columns.columns)
+            return False
+        fields, cols = columns.spec.fields, columns.columns
+        for item in members:
+            entity_id = item.entity_ids[columns.entity]
+            values = read.values[entity_id]
+            row = item.row[0]
+            if item.store_sent:
+                for name, column in zip(fields, cols, strict=True):
+                    if not item.sent[column]:
+                        row[column] = values[name]
+            else:
+                for name, column in zip(fields, cols, strict=True):
+                    row[column] = values[name]
+            if entity_id in read.missing_entities:
+                defaulted(item, fields, cols)
+            elif absent := read.missing_fields.get(entity_id):
+                item.defaulted.extend(n for n in absent if not item.sent[_col(columns, n)])
+        return True
+
+    @staticmethod
+    def _apply_stream_group(
+        stream: StreamColumns,
+        members: list[FetchRow],
+        keys: list[str],
+        fetched: Mapping[str, Mapping[bytes, bytes]],
+    ) -> None:
+        group = stream.plan.group.name
+        read_many = stream.reader.read_many
+        placement = stream.placement
+        by_key: dict[str, list[FetchRow]] = {}
+        for item, key in zip(members, keys, strict=True):
+            by_key.setdefault(key, []).append(item)
+        for key, items in by_key.items():
+            hash_fields = fetched[key]
+            last = hash_fields.get(LAST_TS_FIELD_BYTES)
+            last_ms = None if last is None else int(float(last))
+            all_values = read_many(hash_fields, [item.t_ms for item in items])
+            for item, values in zip(items, all_values, strict=True):
+                row = item.row[0]
+                if item.store_sent:
+                    sent = item.sent
+                    for position, column in placement:
+                        if not sent[column]:
+                            row[column] = values[position]
+                else:
+                    for position, column in placement:
+                        row[column] = values[position]
+                if last_ms is not None:
+                    entity = item.entity_ids[stream.entity]
+                    item.freshness.append(Freshness(group, entity, item.t_ms - last_ms))
+
+    @staticmethod
+    def _missing_entity(plan: FetchPlan, item: FetchRow, columns: Sequence[int]) -> None:
+        defaulted(item, [plan.names[c] for c in columns], columns)
+
+    def _refresh_snapshots(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._snapshots.refresh())
+
+
+def _col(columns: BatchColumns, name: str) -> int:
+    return columns.columns[columns.spec.fields.index(name)]
+
+
+def defaulted(item: FetchRow, names: Sequence[str], columns: Sequence[int]) -> None:
+    """Record ``names`` (at ``columns``) as served by default, except those sent."""
+    item.defaulted.extend(n for n, c in zip(names, columns, strict=True) if not item.sent[c])
+
+
+def default_all(plan: FetchPlan, item: FetchRow) -> None:
+    """Record every store column of ``plan`` as served by default (store unavailable)."""
+    for columns in plan.batch:
+        defaulted(item, columns.spec.fields, columns.columns)
+    for stream in plan.stream:
+        defaulted(item, [n for n, _ in stream.outputs], [c for _, c in stream.outputs])

@@ -1,0 +1,216 @@
+"""The online fetcher's own contract, against a real Redis: one round trip per
+micro-batch, values per column (batch snapshot + stream windows), what was defaulted,
+freshness, the snapshot ids read, and errors left to the caller's policy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, cast
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from feature_streams.batch_store import activate, collect_garbage, write_snapshot
+from feature_streams.definitions import FeatureDefinitions, parse_definitions
+from feature_streams.fetcher import SNAPSHOT_GONE, BatchSnapshotCache, FeatureFetcher
+from feature_streams.keys import tile_key
+from feature_streams.read_plan import FetchPlan, FetchRow
+from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore
+from feature_streams.windows import GroupPlan, point_in_time_values, updates_for_event
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+DEFS: FeatureDefinitions = parse_definitions(
+    """
+version: 1
+entities:
+  card_id: {key_type: str}
+  customer_id: {key_type: str}
+batch_groups:
+  profile:
+    entity: customer_id
+    fields:
+      limit: {dtype: float, default: 100.0}
+      score: {dtype: float, default: 0.5}
+stream_groups:
+  activity:
+    topic: tx
+    entity: card_id
+    event_time_field: ts
+    allowed_lateness: 10m
+    tiles:
+      - {size: 1m, max_window: 1h}
+    aggregations:
+      - {name: count_5m, agg: count, window: 5m}
+      - {name: sum_1h, agg: sum, field: amount, window: 1h}
+"""
+)
+NAMES = ("amount", "limit", "score", "count_5m", "sum_1h")
+T0 = 1_700_000_000_000
+EVENTS: list[dict[str, Any]] = [
+    {"card_id": "k1", "ts": T0 - m * 60_000 - 7, "amount": 10.0 * m} for m in (1, 2, 4, 30)
+]
+PLAN = FetchPlan.build(DEFS, NAMES, ["profile"], ["activity"])
+
+
+class CountingRedis(Redis):
+    """Counts the pipelines executed (one per round trip)."""
+
+    executed = 0
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        async def counted(raise_on_error: bool = True) -> list[Any]:
+            self.executed += 1
+            return await execute(raise_on_error)
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[CountingRedis]:
+    redis = cast(CountingRedis, CountingRedis.from_url(redis_url))
+    plan = GroupPlan.build(DEFS.stream_groups["activity"])
+    updates = [
+        EventUpdates(n, int(e["ts"]), updates_for_event(plan, e)) for n, e in enumerate(EVENTS)
+    ]
+    key = tile_key("activity", "k1")
+    await TileStore(redis).apply([KeyBatch(key, "tx", 0, plan.retention_ms, 10**12, updates)])
+    rows = [("c1", {"limit": 900.0, "score": 0.9}), ("c2", {"limit": 700.0})]
+    info = await write_snapshot(redis, "profile", rows)
+    await activate(redis, "profile", info.snapshot_id)
+    redis.executed = 0
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+def _row(t_ms: int = T0, sent: Mapping[str, float] | None = None, **ids: str) -> FetchRow:
+    values = np.full((1, len(NAMES)), -1.0, np.float32)
+    mask = np.zeros(len(NAMES), bool)
+    for name, value in (sent or {}).items():
+        values[0, NAMES.index(name)] = value
+        mask[NAMES.index(name)] = True
+    store_sent = any(n != "amount" for n in sent or {})
+    return FetchRow(values, mask, ids, t_ms, store_sent)
+
+
+def _values(row: FetchRow) -> dict[str, float]:
+    return dict(zip(NAMES, row.row[0].tolist(), strict=True))
+
+
+async def _fetcher(client: CountingRedis) -> FeatureFetcher:
+    cache = BatchSnapshotCache(client, ["profile"])
+    await cache.refresh()
+    client.executed = 0
+    return FeatureFetcher(client, cache)
+
+
+async def test_one_round_trip_fills_values_defaults_freshness_and_snapshot_ids(
+    client: CountingRedis,
+) -> None:
+    fetcher = await _fetcher(client)
+    rows = [
+        _row(card_id="k1", customer_id="c1"),
+        _row(T0 - 3 * 60_000, card_id="k1", customer_id="c2"),  # older time, missing field
+        _row(card_id="nobody", customer_id="c-none"),  # no tiles, no snapshot row
+        _row(customer_id="c1"),  # no card id at all
+    ]
+    result = await fetcher.fetch(PLAN, rows)
+
+    assert client.executed == 1
+    active = fetcher.snapshots.snapshot_id("profile")
+    assert result.snapshots == {"profile": active} and result.gone == ()
+    assert result.round_trip_s is not None and result.round_trip_s >= 0
+    plan = GroupPlan.build(DEFS.stream_groups["activity"])
+    at_t0, at_t3 = point_in_time_values(plan, EVENTS, [T0, T0 - 3 * 60_000])
+    got = [_values(r) for r in rows]
+    assert got[0] == {"amount": -1.0, "limit": 900.0, "score": pytest.approx(0.9), **at_t0}
+    assert got[1] == {"amount": -1.0, "limit": 700.0, "score": 0.5, **at_t3}
+    assert got[2] == {"amount": -1.0, "limit": 100.0, "score": 0.5, "count_5m": 0, "sum_1h": 0}
+    assert got[3]["limit"] == 900.0 and got[3]["count_5m"] == -1.0  # left for the caller
+    assert [r.defaulted for r in rows] == [
+        [],
+        ["score"],
+        ["limit", "score"],
+        ["count_5m", "sum_1h"],
+    ]
+    newest = max(int(e["ts"]) for e in EVENTS)
+    assert rows[0].freshness[0].age_ms == T0 - newest
+    assert [(f.group, f.entity) for f in rows[0].freshness] == [("activity", "k1")]
+    assert rows[2].freshness == []  # never seen: no last event
+    assert all(r.snapshots == {"profile": active} for r in rows)
+    assert PLAN.sources(rows[1]) == {
+        "limit": f"snapshot:profile/{active}",
+        "score": "default",
+        "count_5m": "stream:activity",
+        "sum_1h": "stream:activity",
+    }
+
+
+async def test_sent_store_columns_are_kept_and_fully_sent_groups_not_read(
+    client: CountingRedis,
+) -> None:
+    fetcher = await _fetcher(client)
+    row = _row(sent={"limit": 1.0, "score": 2.0, "count_5m": 3.0}, card_id="k1", customer_id="c1")
+    result = await fetcher.fetch(PLAN, [row])
+    assert result.snapshots == {}  # the profile group was all sent: not queued
+    values = _values(row)
+    assert (values["limit"], values["score"], values["count_5m"]) == (1.0, 2.0, 3.0)
+    assert (
+        values["sum_1h"]
+        == point_in_time_values(GroupPlan.build(DEFS.stream_groups["activity"]), EVENTS, [T0])[0][
+            "sum_1h"
+        ]
+    )
+    assert PLAN.sources(row)["limit"] == "request"
+
+
+async def test_nothing_to_read_makes_no_round_trip(client: CountingRedis) -> None:
+    fetcher = await _fetcher(client)
+    row = _row(sent={"limit": 1.0, "score": 2.0, "count_5m": 3.0, "sum_1h": 4.0})
+    result = await fetcher.fetch(PLAN, [row])
+    assert client.executed == 0 and result.round_trip_s is None
+    assert await fetcher.fetch(PLAN, []) == result
+
+
+async def test_a_snapshot_deleted_under_the_reader_serves_defaults_flagged(
+    client: CountingRedis,
+) -> None:
+    fetcher = await _fetcher(client)
+    stale = fetcher.snapshots.snapshot_id("profile")
+    newer = await write_snapshot(client, "profile", [("c1", {"limit": 1.0, "score": 1.0})])
+    await activate(client, "profile", newer.snapshot_id)
+    again = await write_snapshot(client, "profile", [("c1", {"limit": 2.0, "score": 2.0})])
+    await activate(client, "profile", again.snapshot_id)  # stale is now retired
+    deleted, _ = await collect_garbage(client, "profile", grace_s=0)
+    assert deleted == (stale,)
+
+    row = _row(card_id="k1", customer_id="c1")
+    result = await fetcher.fetch(PLAN, [row])
+    assert result.gone == ("profile",) and result.snapshots == {"profile": stale}
+    assert row.degraded == [SNAPSHOT_GONE] and row.defaulted == ["limit", "score"]
+    assert (_values(row)["limit"], _values(row)["score"]) == (-1.0, -1.0)  # not written
+    for _ in range(200):  # the fetcher refreshes its pointers in the background
+        if fetcher.snapshots.snapshot_id("profile") == again.snapshot_id:
+            break
+        await fetcher.fetch(PLAN, [_row(customer_id="c1")])
+    assert fetcher.snapshots.snapshot_id("profile") == again.snapshot_id
+
+
+async def test_redis_errors_are_raised_for_the_callers_policy() -> None:
+    down = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
+    cache = BatchSnapshotCache(down, ["profile"])
+    row = _row(card_id="k1", customer_id="c1")
+    with pytest.raises((RedisConnectionError, OSError)):
+        await FeatureFetcher(down, cache).fetch(PLAN, [row])
+    assert row.degraded == [] and _values(row)["limit"] == -1.0
+    await down.aclose()
