@@ -3,6 +3,7 @@
 streamscore serve [--config FILE] [--set key.path=value ...]
 streamscore dev   [--config FILE] [--set ...]   demo models + server (embedded stack)
 streamscore models demo [--repository DIR] [--force]
+streamscore models validate NAME VERSION --holdout FILE [--segments COL,...]
 streamscore models list|load|unload|route|promote|rollback|audit ...   admin API client
 streamscore replay (--file F | --topic T) [--target H:P] [--version V] [--pace P] ...
 """
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = model_commands.add_parser("demo", help="train and export the demo fraud models")
     demo.add_argument("--repository", type=Path, default=Path("models"))
     demo.add_argument("--force", action="store_true", help="rebuild existing versions")
+    model_commands.add_parser("validate", help="validation report, model card (see --help)")
     add_admin_commands(model_commands, _add_config_args)
     return parser
 
@@ -108,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from feature_streams.backfill import main_backfill
 
         return main_backfill(argv[2:])
+    if argv[:2] == ["models", "validate"]:  # its own parser: server.governance.cli
+        from server.governance.cli import main_validate
+
+        return main_validate(argv[2:])
     if argv[:1] == ["replay"]:  # its own parser: server.records.replay
         from server.records.replay import main_replay
 

@@ -67,6 +67,10 @@ class ModelManifest(BaseModel):
     threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Decision threshold.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     training: TrainingInfo
+    purpose: str = Field(default="", description="What the model decides, for whom (model card).")
+    limitations: tuple[str, ...] = Field(
+        default=(), description="Known limitations and unsuitable uses (model card)."
+    )
 
     @field_validator("features")
     @classmethod
