@@ -153,9 +153,10 @@ def write_validation_artifacts(
     model = _load(version_dir)
     try:
         manifest = model.manifest
-        holdout.require(list(manifest.features), f"{manifest.name}/{manifest.version} feature")
-        holdout.require([label], "label")
-        holdout.require(segments, "segment")
+        holdout.require(
+            [*manifest.features, label, *segments],
+            f"{manifest.name}/{manifest.version} feature, label or segment",
+        )
         segment_values = {column: _segment_values(holdout, column) for column in segments}
         rows = holdout.matrix(manifest.features)
         labels = holdout.labels(label)
