@@ -3,6 +3,7 @@
 streamscore serve [--config FILE] [--set key.path=value ...]
 streamscore dev   [--config FILE] [--set ...]   demo models + server (embedded stack)*
 streamscore models demo [--repository DIR] [--force]                              *
+streamscore models validate NAME VERSION --holdout FILE [--segments COL,...]
 streamscore models list|load|unload|route|promote|rollback|audit ...   admin API client
 streamscore replay (--file F | --topic T) [--target H:P] [--version V] [--pace P] ...
 streamscore stream [--config FILE] [--set ...] [--metrics-port P] ...   (server/stream_cli.py)
@@ -85,6 +86,7 @@ def build_parser(plugins: Sequence[Plugin] | None = None) -> argparse.ArgumentPa
 
     models = commands.add_parser("models", help="model repository tools")
     model_commands = models.add_subparsers(dest="models_command", required=True)
+    model_commands.add_parser("validate", help="validation report, model card (see --help)")
     add_admin_commands(model_commands, _add_config_args)
     groups = {(): commands, ("features",): feature_commands, ("models",): model_commands}
     for plugin in discover() if plugins is None else plugins:
@@ -121,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from feature_streams.backfill import main_backfill
 
         return main_backfill(argv[2:])
+    if argv[:2] == ["models", "validate"]:  # its own parser: server.governance.cli
+        from server.governance.cli import main_validate
+
+        return main_validate(argv[2:])
     if argv[:1] == ["replay"]:  # its own parser: server.clients.replay
         from server.clients.replay import main_replay
 

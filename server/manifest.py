@@ -95,6 +95,10 @@ class ModelManifest(BaseModel):
     explainer: ExplainerSpec | None = Field(
         default=None, description="Reason codes need it; a model without one still serves."
     )
+    purpose: str = Field(default="", description="What the model decides, for whom (model card).")
+    limitations: tuple[str, ...] = Field(
+        default=(), description="Known limitations and unsuitable uses (model card)."
+    )
 
     @field_validator("features")
     @classmethod

@@ -1,0 +1,1 @@
+"""Model governance: validation report, model card and reference profile of a version."""
