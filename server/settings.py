@@ -118,7 +118,7 @@ class AdminTLSSettings(TLSSettings):
     """Mutual TLS on the admin port: the server's certificate, and the CA whose client
     certificates are accepted. The client certificate's common name is the caller."""
 
-    client_ca_file: FilePath = Field(  # type: ignore[assignment]
+    client_ca_file: FilePath = Field(
         description="CA bundle (PEM) a client certificate must chain to; one is required."
     )
     allowed_subjects: tuple[str, ...] = Field(

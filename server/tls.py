@@ -122,8 +122,11 @@ class ReloadingCertificates:
 
     def credentials(self) -> grpc.ServerCredentials:
         """Server credentials that ask :meth:`fetch` on every new handshake."""
+        # The stubs say the fetcher must return a configuration; gRPC documents None as
+        # "keep the current one", which is what fetch returns while nothing changed.
+        fetcher: Callable[[], grpc.ServerCertificateConfiguration] = self.fetch  # type: ignore[assignment]
         return grpc.dynamic_ssl_server_credentials(
             self._current.configuration,
-            self.fetch,
+            fetcher,
             require_client_authentication=self.mutual,
         )
