@@ -149,7 +149,7 @@ def spread_server(
             process.wait()
 
 
-def age_settings(age_s: float | None, grace_s: float = 1.0) -> tuple[str, ...]:
+def age_settings(age_s: float | None, grace_s: float = 10.0) -> tuple[str, ...]:
     """Overrides setting the connection age (None = never)."""
     if age_s is None:
         return ("server.connections.max_connection_age_s=null",)
