@@ -36,9 +36,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from bench.payloads import DEFAULT_ENTITIES, PayloadSpec
+from server.clients.channels import ClientTLS
 from server.clients.histogram import LatencySummary
 
 Api = Literal["score", "stream", "v2"]
@@ -112,6 +114,12 @@ class LoadConfig:
     connect_timeout_s: float = 10.0
     #: Open loop: a send later than this after its intended time counts as ``late``.
     late_threshold_ms: float = 2.0
+    #: TLS: the CA that signed the server (PEM path); None = plaintext.
+    tls_ca: str | None = None
+    #: Mutual TLS: client certificate chain and key (PEM paths).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -130,10 +138,23 @@ class LoadConfig:
             (self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0"),
             (self.connect_timeout_s > 0, "connect_timeout_s must be > 0"),
             (self.late_threshold_ms >= 0, "late_threshold_ms must be >= 0"),
+            ((self.tls_cert is None) == (self.tls_key is None), "tls_cert/tls_key: both or none"),
+            (self.tls_ca is not None or self.tls_cert is None, "tls_cert needs tls_ca"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def client_tls(self) -> ClientTLS | None:
+        """The client TLS files, None for plaintext."""
+        if self.tls_ca is None:
+            return None
+        return ClientTLS(
+            Path(self.tls_ca),
+            None if self.tls_cert is None else Path(self.tls_cert),
+            None if self.tls_key is None else Path(self.tls_key),
+            self.tls_server_name,
+        )
 
     @property
     def mode(self) -> Literal["closed", "open"]:

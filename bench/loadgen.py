@@ -6,6 +6,7 @@ Examples (server on core 0, client on core 1, see ``bench.pinning``)::
         --concurrency 16 --duration 30 --warmup 5 --manifest models/fraud/1
     taskset -c 1 python -m bench.loadgen --api stream --concurrency 4 --stream-window 8
     taskset -c 1 python -m bench.loadgen --api v2 --v2-rows 32 --v2-raw --connections 2
+    taskset -c 1 python -m bench.loadgen --api score --concurrency 64 --tls-ca ca.pem
     taskset -c 1 python -m bench.loadgen --api score --rate 2000 --max-outstanding 512 \\
         --deadline-ms 50 --json-out result.json
 
@@ -36,6 +37,7 @@ from bench.callers import MODEL_INFER_METHOD, SCORE_METHOD, Caller, StreamCaller
 from bench.config import APIS, LoadConfig, LoadResult
 from bench.drivers import Recorder, Window, closed_loop, open_loop
 from bench.payloads import PayloadSpec, PoolItem, infer_pool, score_pool
+from server.clients.channels import add_tls_arguments, aio_channel
 from server.clients.histogram import LatencySummary
 
 logger = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ async def run_load(config: LoadConfig) -> LoadResult:
     spec = payload_spec(config)
     items = itertools.cycle(build_pool(config, spec))
     channels = [
-        grpc.aio.insecure_channel(config.target, options=_channel_options(i))
+        aio_channel(config.target, config.client_tls(), _channel_options(i))
         for i in range(config.connections)
     ]
     rec = Recorder(open_loop=config.mode == "open")
@@ -261,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s)
     p.add_argument("--late-threshold-ms", type=float, default=d.late_threshold_ms)
     p.add_argument("--json-out", type=Path, default=None, help="write JSON here, not stdout")
+    add_tls_arguments(p)
     p.add_argument(
         "--replay",
         type=Path,
@@ -296,6 +299,10 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         drain_timeout_s=args.drain_timeout,
         connect_timeout_s=args.connect_timeout,
         late_threshold_ms=args.late_threshold_ms,
+        tls_ca=None if args.tls_ca is None else str(args.tls_ca),
+        tls_cert=None if args.tls_cert is None else str(args.tls_cert),
+        tls_key=None if args.tls_key is None else str(args.tls_key),
+        tls_server_name=args.tls_server_name,
     )
 
 

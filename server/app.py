@@ -5,8 +5,9 @@ state use Redis), the feature store, the model registry and pipeline, the routin
 sync (reads or bootstraps the persisted routing state, loads its versions off the
 loop, then watches it) and the routing changes over it, the gRPC server with its
 servicers (the admin API on it, or on its own server when ``server.admin_port`` is
-set), health and reflection, and the metrics HTTP endpoint; health turns SERVING once
-models are loaded. Leaving tears down in reverse: health NOT_SERVING, ``server.stop``
+set), health and reflection, and the metrics HTTP endpoint (listeners plaintext or
+TLS with certificates re-read on change or SIGHUP, see ``server.tls``); health turns
+SERVING once models are loaded. Leaving tears down in reverse: health NOT_SERVING, ``server.stop``
 (new calls refused, in-flight calls get ``grace_period_s``), routing watch stopped,
 batchers drained, models released, Redis closed, metrics endpoint closed.
 """
@@ -59,6 +60,8 @@ from server.routing.store import FileRoutingStore, RedisRoutingStore, RoutingSto
 from server.routing.sync import RoutingSync
 from server.runtime import RuntimeOptions
 from server.settings import Settings
+from server.tls import ReloadingCertificates
+from server.transport import TLSReloadMetrics, bind, server_options
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ class AppContext:
         self._server: grpc.aio.Server | None = None
         self._admin_server: grpc.aio.Server | None = None
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
+        self._certificates: list[ReloadingCertificates] = []
         self._ready = False
 
     @property
@@ -226,14 +230,12 @@ class AppContext:
         return FileRoutingStore(routing.state_file(settings.models.repository))
 
     def _grpc_server(self) -> grpc.aio.Server:
-        server = self.settings.server
-        return grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", server.max_receive_message_bytes),
-                ("grpc.max_send_message_length", server.max_send_message_bytes),
-                ("grpc.so_reuseport", 1 if server.processes > 1 else 0),
-            ]
-        )
+        return grpc.aio.server(options=server_options(self.settings.server))
+
+    def reload_tls(self) -> None:
+        """Re-read every listener's certificate files on its next handshake (SIGHUP)."""
+        for certificates in self._certificates:
+            certificates.request_reload()
 
     async def _start(self) -> None:
         settings = self.settings
@@ -306,8 +308,13 @@ class AppContext:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, *admin_names, health_name, reflection.SERVICE_NAME), server
         )
+        tls_metrics = TLSReloadMetrics(self.metrics.registry)
         address = f"{settings.server.host}:{settings.server.port}"
-        self.port = server.add_insecure_port(address)
+        self.port, certificates = bind(
+            server, address, settings.server.tls, listener="grpc", metrics=tls_metrics
+        )
+        if certificates is not None:
+            self._certificates.append(certificates)
         if self.port == 0:
             raise OSError(f"could not bind gRPC port {address}")
         if admin_server is not server:
@@ -315,15 +322,11 @@ class AppContext:
                 (ADMIN_SERVICE_NAME, reflection.SERVICE_NAME), admin_server
             )
             admin_address = f"{settings.server.host}:{settings.server.admin_port}"
-            if tls is None:
-                self.admin_port = admin_server.add_insecure_port(admin_address)
-            else:
-                credentials = grpc.ssl_server_credentials(
-                    [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-                    root_certificates=tls.client_ca_file.read_bytes(),
-                    require_client_auth=True,
-                )
-                self.admin_port = admin_server.add_secure_port(admin_address, credentials)
+            self.admin_port, certificates = bind(
+                admin_server, admin_address, tls, listener="admin", metrics=tls_metrics
+            )
+            if certificates is not None:
+                self._certificates.append(certificates)
             if self.admin_port == 0:
                 raise OSError(f"could not bind admin port {admin_address}")
             await admin_server.start()
@@ -355,6 +358,7 @@ class AppContext:
                 "models": {n: self.registry.versions(n) for n in self.registry.names()},
                 "refused": list(self.routing.load_failures.values()),
                 "admin_port": self.admin_port,
+                "tls": settings.server.tls is not None,
                 "routing_revision": self.routing.state.revision,
                 "process_index": self.process_index,
             },

@@ -5,7 +5,8 @@ ONNX sessions, batchers and metrics endpoint (``metrics_port + index``). With
 ``processes > 1`` the parent forks the children before any gRPC object exists
 (gRPC forbids forking after it starts) and they share the port through
 SO_REUSEPORT. SO_REUSEPORT spreads *connections*, not requests: a caller with a
-single channel lands on one process.
+single channel lands on one process until ``server.connections.max_connection_age_s``
+makes it reconnect. SIGHUP re-reads the TLS certificate files (the parent forwards it).
 """
 
 from __future__ import annotations
@@ -27,17 +28,26 @@ logger = logging.getLogger(__name__)
 
 
 async def serve_until_signalled(settings: Settings, process_index: int = 0) -> None:
-    """Serve until SIGTERM or SIGINT, then drain (health NOT_SERVING, in-flight finish)."""
+    """Serve until SIGTERM or SIGINT, then drain (health NOT_SERVING, in-flight finish);
+    SIGHUP re-reads the TLS certificates."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    started: list[AppContext] = []
+
+    def reload_tls() -> None:  # a SIGHUP while starting must not kill the process
+        for app in started:
+            app.reload_tls()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_tls)
     try:
-        async with AppContext(settings, process_index=process_index):
+        async with AppContext(settings, process_index=process_index) as app:
+            started.append(app)
             await stop.wait()
             logger.info("signal received, draining", extra={"process_index": process_index})
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 
 
@@ -73,7 +83,7 @@ def serve(settings: Settings) -> int:
 
 
 def _supervise(children: list[int]) -> int:
-    """Forward SIGTERM/SIGINT to the children and wait for all of them."""
+    """Forward SIGTERM/SIGINT/SIGHUP to the children and wait for all of them."""
 
     def forward(signum: int, _frame: object) -> None:
         for pid in children:
@@ -82,6 +92,7 @@ def _supervise(children: list[int]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     worst = 0
     for pid in children:
         _, status = os.waitpid(pid, 0)

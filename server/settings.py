@@ -12,6 +12,7 @@ cross-field checks here raise ``KeyedError`` to name every key involved.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,12 +54,35 @@ def _version_text(value: Any) -> Any:
     return value
 
 
-class AdminTLSSettings(_Frozen):
-    """Mutual TLS on the admin port: the server's certificate, and the CA whose client
-    certificates are accepted. The client certificate's common name is the caller."""
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (traffic never leaves the machine)."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class TLSSettings(_Frozen):
+    """TLS on a listener: the server's certificate and key, and optionally the CA whose
+    client certificates are required (mutual TLS). The files are re-read when they
+    change (checked on each new connection) or on SIGHUP; open connections are kept."""
 
     cert_file: FilePath = Field(description="Server certificate chain (PEM).")
     key_file: FilePath = Field(description="Server private key (PEM).")
+    client_ca_file: FilePath | None = Field(
+        default=None,
+        description="CA bundle (PEM) a client certificate must chain to; set = mutual TLS "
+        "(a client without such a certificate fails the handshake); null = server-side TLS.",
+    )
+
+
+class AdminTLSSettings(TLSSettings):
+    """Mutual TLS on the admin port: the server's certificate, and the CA whose client
+    certificates are accepted. The client certificate's common name is the caller."""
+
     client_ca_file: FilePath = Field(
         description="CA bundle (PEM) a client certificate must chain to; one is required."
     )
@@ -66,6 +90,46 @@ class AdminTLSSettings(_Frozen):
         default=(),
         description="Client certificate common names allowed to call; empty = every "
         "certificate the CA signed.",
+    )
+
+
+class ConnectionSettings(_Frozen):
+    """Bounds on every gRPC connection of the scoring and admin listeners."""
+
+    max_concurrent_streams: int = Field(
+        default=256,
+        ge=1,
+        description="Calls in flight on one connection; more wait on the client (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS).",
+    )
+    keepalive_time_s: float = Field(
+        default=60.0, gt=0.0, description="The server pings an idle-transport client this often."
+    )
+    keepalive_timeout_s: float = Field(
+        default=20.0, gt=0.0, description="A ping unanswered this long closes the connection."
+    )
+    keepalive_min_ping_interval_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="Client pings closer than this are strikes; too many close the "
+        "connection (GOAWAY too_many_pings).",
+    )
+    keepalive_permit_without_calls: bool = Field(
+        default=True, description="Accept client pings on a connection with no call open."
+    )
+    max_connection_idle_s: float | None = Field(
+        default=300.0, gt=0.0, description="A connection without calls this long is closed."
+    )
+    max_connection_age_s: float | None = Field(
+        default=30.0,
+        gt=0.0,
+        description="A connection older than this (+-10% jitter) gets GOAWAY: the client "
+        "reconnects and SO_REUSEPORT may put it on another process; null = never.",
+    )
+    max_connection_age_grace_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="After max_connection_age, how long calls still open may finish.",
     )
 
 
@@ -112,6 +176,18 @@ class ServerSettings(_Frozen):
         description="Mutual TLS on admin_port (required with it): a client certificate "
         "from client_ca_file authenticates the caller instead of a bearer token.",
     )
+    tls: TLSSettings | None = Field(
+        default=None,
+        description="TLS (mutual with client_ca_file) on the gRPC port; null = plaintext.",
+    )
+    allow_plaintext_admin_tokens: bool = Field(
+        default=False,
+        description="Accept admin bearer tokens on a plaintext listener bound to a "
+        "non-loopback host (tokens readable on the network); default: refused at start.",
+    )
+    connections: ConnectionSettings = Field(
+        default_factory=ConnectionSettings, description="Per-connection limits."
+    )
     uvloop: bool = Field(default=True, description="Run each process's event loop on uvloop.")
 
     @model_validator(mode="after")
@@ -141,13 +217,32 @@ class ServerSettings(_Frozen):
         if self.admin_tls is not None and self.admin_port is None:
             issues.append(
                 (
-                    "admin_tls needs its own admin_port (the scoring port stays plaintext)",
+                    "admin_tls needs its own admin_port (on the gRPC port, server.tls "
+                    "protects the admin API and bearer tokens authenticate)",
                     (("admin_tls",), ("admin_port",)),
+                )
+            )
+        if self.admin_tokens_in_plaintext() and not self.allow_plaintext_admin_tokens:
+            listener = ("admin_port",) if self.admin_port is not None else ("tls",)
+            issues.append(
+                (
+                    f"admin bearer tokens would cross the network in plaintext on "
+                    f"{self.host}: set server.tls (or admin_tls with admin_port), bind a "
+                    "loopback host, or set allow_plaintext_admin_tokens: true",
+                    (listener, ("host",), ("allow_plaintext_admin_tokens",)),
                 )
             )
         if issues:
             raise KeyedError(issues)
         return self
+
+    def admin_tokens_in_plaintext(self) -> bool:
+        """True when bearer tokens are configured, the admin API's listener is plaintext and
+        it is bound to a non-loopback host."""
+        if not self.admin_credentials():
+            return False
+        plaintext = self.admin_tls is None if self.admin_port is not None else self.tls is None
+        return plaintext and not is_loopback_host(self.host)
 
     def admin_credentials(self) -> dict[str, str]:
         """Admin bearer tokens by name (``admin`` for ``admin_token``)."""

@@ -2,9 +2,11 @@
 
 The target is ``--target`` or the configured ``server.host`` and admin port (the
 gRPC port unless ``server.admin_port`` is set); the bearer token is the
-configured ``server.admin_token`` (set ``STREAMSCORE_SERVER__ADMIN_TOKEN``). Against
-an admin port with mutual TLS, ``--tls-cert/--tls-key`` (the client certificate,
-whose common name is the actor) and ``--tls-ca`` (the server's CA) replace the token.
+configured ``server.admin_token`` (set ``STREAMSCORE_SERVER__ADMIN_TOKEN``), sent
+only over TLS (``--tls-ca``: the server's CA, for a port with ``server.tls``), to a
+loopback target, or with ``--insecure``. Against an admin port with mutual TLS,
+``--tls-cert/--tls-key`` (the client certificate, whose common name is the actor)
+replace the token.
 ``route`` reads the endpoint's routing, changes only what its flags name, and
 writes it back with ``expected_revision``, so a concurrent change is refused
 (ABORTED) rather than overwritten.
@@ -16,7 +18,6 @@ import argparse
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,6 +26,13 @@ from google.protobuf.message import Message
 
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
+from server.clients.channels import (
+    ChannelSetupError,
+    add_tls_arguments,
+    check_token_transport,
+    sync_channel,
+    tls_from_args,
+)
 from server.router import BASIS_POINTS
 from server.settings import Settings, SettingsError
 
@@ -44,11 +52,7 @@ def add_admin_commands(
         parser.add_argument("--target", help="host:port of the admin API (default: from config)")
         parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
         parser.add_argument("--json", action="store_true", help="print the answer as JSON")
-        tls = parser.add_argument_group("mutual TLS (server.admin_tls)")
-        tls.add_argument("--tls-ca", type=Path, help="CA bundle that signed the server (PEM)")
-        tls.add_argument("--tls-cert", type=Path, help="client certificate chain (PEM)")
-        tls.add_argument("--tls-key", type=Path, help="client private key (PEM)")
-        tls.add_argument("--tls-server-name", help="name to check the server certificate against")
+        add_tls_arguments(parser, token=True)
         if reason:
             parser.add_argument("--reason", required=True, help="why (recorded in the audit log)")
         return parser
@@ -116,31 +120,23 @@ def _connect(
     args: argparse.Namespace, settings: Settings, target: str
 ) -> tuple[grpc.Channel, tuple[tuple[str, str], ...]]:
     """A channel to the admin API and the metadata every call carries."""
-    tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
-    if any(tls_files):
-        if not all(tls_files):
-            raise SettingsError(["--tls-ca, --tls-cert and --tls-key: give all three"])
-        for flag, path in zip(("--tls-ca", "--tls-cert", "--tls-key"), tls_files, strict=True):
-            if not path.is_file():
-                raise SettingsError([f"{flag}: no such file: {path}"])
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=args.tls_ca.read_bytes(),
-            private_key=args.tls_key.read_bytes(),
-            certificate_chain=args.tls_cert.read_bytes(),
-        )
-        options = []
-        if args.tls_server_name:
-            options.append(("grpc.ssl_target_name_override", args.tls_server_name))
-        return grpc.secure_channel(target, credentials, options=options), ()
-    token = settings.server.admin_token
-    if token is None:
-        raise SettingsError(
-            [
-                "server.admin_token: required to call the admin API "
-                "(STREAMSCORE_SERVER__ADMIN_TOKEN), or --tls-ca/--tls-cert/--tls-key"
-            ]
-        )
-    return grpc.insecure_channel(target), (("authorization", f"Bearer {token.get_secret_value()}"),)
+    try:
+        tls = tls_from_args(args)
+        if tls is not None and tls.cert_file is not None:  # the certificate authenticates
+            return sync_channel(target, tls), ()
+        token = settings.server.admin_token
+        if token is None:
+            raise SettingsError(
+                [
+                    "server.admin_token: required to call the admin API "
+                    "(STREAMSCORE_SERVER__ADMIN_TOKEN), or --tls-ca/--tls-cert/--tls-key"
+                ]
+            )
+        check_token_transport(target, tls, insecure=args.insecure)
+    except ChannelSetupError as exc:
+        raise SettingsError([str(exc)]) from None
+    metadata = (("authorization", f"Bearer {token.get_secret_value()}"),)
+    return sync_channel(target, tls), metadata
 
 
 def _dispatch(

@@ -43,6 +43,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
+from server.clients.channels import (
+    ClientTLS,
+    add_tls_arguments,
+    aio_channel,
+    distinct_connection,
+    tls_from_args,
+)
 from server.clients.histogram import LatencyHistogram, LatencySummary
 from server.records.traffic_log import TRAFFIC_SCHEMA, traffic_record
 
@@ -279,6 +286,8 @@ class ReplayConfig:
     score_tolerance: float = 1e-6
     read_timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
+    #: TLS to the server (``--tls-ca`` ...); None = plaintext.
+    tls: ClientTLS | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -306,6 +315,7 @@ class ReplayConfig:
         """Plain JSON values of every field."""
         data = asdict(self)
         data["file"] = None if self.file is None else str(self.file)
+        data["tls"] = None if self.tls is None else {"mutual": self.tls.cert_file is not None}
         return data
 
 
@@ -541,7 +551,10 @@ async def run_replay(
     if not records:
         raise ReplayError(f"no records to replay from {config.source} ({skipped} unparseable)")
     work = [(build_request(record, config), record) for record in records]
-    channels = [grpc.aio.insecure_channel(config.target) for _ in range(config.connections)]
+    channels = [
+        aio_channel(config.target, config.tls, distinct_connection(index))
+        for index in range(config.connections)
+    ]
     tally = _Tally(config)
     timeout = None if config.deadline_ms is None else config.deadline_ms / 1000
     try:
@@ -619,6 +632,7 @@ def build_parser(default_bootstrap: str = "127.0.0.1:9092") -> argparse.Argument
     p.add_argument("--score-tolerance", type=float, default=1e-6)
     p.add_argument("--json-out", type=Path, default=None, help="write JSON here, not stdout")
     p.add_argument("--save", type=Path, default=None, help="also write the records read (JSONL)")
+    add_tls_arguments(p)
     p.add_argument(
         "--fail-under",
         type=float,
@@ -644,6 +658,7 @@ def _config(args: argparse.Namespace) -> ReplayConfig:
         deadline_ms=args.deadline_ms,
         threshold=args.threshold,
         score_tolerance=args.score_tolerance,
+        tls=tls_from_args(args),
     )
 
 

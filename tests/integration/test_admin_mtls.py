@@ -119,7 +119,10 @@ async def test_certificate_name_is_the_audit_actor_through_the_cli(
     assert await asyncio.to_thread(main, ["models", "list", *target, *bob]) == 1
     assert "PERMISSION_DENIED" in capsys.readouterr().err
     assert main(["models", "list", *target, "--tls-ca", str(pki.ca.cert)]) == 2
-    assert "give all three" in capsys.readouterr().err
+    assert "server.admin_token: required" in capsys.readouterr().err  # no cert: a token
+    half = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.alice.cert)]
+    assert main(["models", "list", *target, *half]) == 2
+    assert "give both or neither" in capsys.readouterr().err
 
 
 def test_tls_settings_are_checked_at_load(linear_repository: Path, pki: Pki) -> None:

@@ -1,0 +1,80 @@
+"""The gRPC listeners' transport: channel arguments from the settings, plaintext or TLS ports.
+
+Every bound of ``server.connections`` becomes a gRPC core channel argument of the
+server: HTTP/2 ``max_concurrent_streams`` per connection, the keepalive policy
+(server pings, and what client pings it tolerates), idle and age limits. The age
+limit (GOAWAY after ``max_connection_age_s``, calls still open get the grace) makes a
+long-lived client channel reconnect, and with ``server.processes > 1`` SO_REUSEPORT
+hands the new connection to any process: see README "Every process busy".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter
+
+from server.settings import ServerSettings, TLSSettings
+from server.tls import ReloadingCertificates
+
+_MS = 1000
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * _MS))
+
+
+def server_options(server: ServerSettings) -> list[tuple[str, Any]]:
+    """Channel arguments of a gRPC server from ``server`` (sizes, reuseport, connections)."""
+    c = server.connections
+    min_ping_ms = round(c.keepalive_min_ping_interval_s * _MS)
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", server.max_receive_message_bytes),
+        ("grpc.max_send_message_length", server.max_send_message_bytes),
+        ("grpc.so_reuseport", 1 if server.processes > 1 else 0),
+        ("grpc.max_concurrent_streams", c.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", _ms(c.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(c.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1 if c.keepalive_permit_without_calls else 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if c.max_connection_idle_s is not None:
+        options.append(("grpc.max_connection_idle_ms", _ms(c.max_connection_idle_s)))
+    if c.max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", _ms(c.max_connection_age_s)))
+        options.append(("grpc.max_connection_age_grace_ms", _ms(c.max_connection_age_grace_s)))
+    return options
+
+
+class TLSReloadMetrics:
+    """``streamscore_tls_reloads_total{listener, outcome}``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._reloads = Counter(
+            "streamscore_tls_reloads",
+            "Certificate re-reads of a TLS listener, by outcome (ok: served to new "
+            "connections; refused: unreadable or mismatched files, previous kept).",
+            ("listener", "outcome"),
+            registry=registry,
+        )
+
+    def observe(self, listener: str, ok: bool) -> None:
+        """Count one reload attempt."""
+        self._reloads.labels(listener, "ok" if ok else "refused").inc()
+
+
+def bind(
+    server: grpc.aio.Server,
+    address: str,
+    tls: TLSSettings | None,
+    *,
+    listener: str,
+    metrics: TLSReloadMetrics,
+) -> tuple[int, ReloadingCertificates | None]:
+    """Bind ``address`` plaintext or with reloading TLS; the port (0 = failed) and certs."""
+    if tls is None:
+        return server.add_insecure_port(address), None
+    certificates = ReloadingCertificates(tls, listener=listener, on_reload=metrics.observe)
+    return server.add_secure_port(address, certificates.credentials()), certificates
