@@ -8,6 +8,7 @@ streamscore models list|load|unload|route|promote|rollback|audit ...   admin API
 streamscore replay (--file F | --topic T) [--target H:P] [--version V] [--pace P] ...
 streamscore stream [--config FILE] [--set ...] [--metrics-port P] ...   (server/stream_cli.py)
 streamscore features load|rollback|backfill ...
+streamscore score-batch --model M --input SPINE --output OUT ...   (server/batch_scoring/)
 
 * plugin commands of the development tree (``server.plugins``), absent from the image.
 """
@@ -63,6 +64,7 @@ def build_parser(plugins: Sequence[Plugin] | None = None) -> argparse.ArgumentPa
     _add_config_args(serve)
 
     commands.add_parser("replay", help="replay recorded traffic against a server (see --help)")
+    commands.add_parser("score-batch", help="score a spine offline with a model (see --help)")
 
     stream = commands.add_parser("stream", help="run the stream-feature worker (Kafka -> Redis)")
     _add_config_args(stream)
@@ -127,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.governance.cli import main_validate
 
         return main_validate(argv[2:])
+
+    if argv[:1] == ["score-batch"]:  # its own parser: server.batch_scoring.cli
+        from server.batch_scoring.cli import main_score_batch
+
+        return main_score_batch(argv[1:])
     if argv[:1] == ["replay"]:  # its own parser: server.clients.replay
         from server.clients.replay import main_replay
 
