@@ -42,6 +42,7 @@ from server.registry import ModelRegistry, scan_repository
 from server.rollout.policy import rollout_for_change
 from server.router import version_sort_key
 from server.routing.approval import (
+    REPORT_FILE,
     Approval,
     ApprovalRequired,
     Records,
@@ -235,6 +236,13 @@ class RoutingChanges:
                 raise ModelNotFound(
                     f"version {version!r} of {endpoint!r} is not in the model repository"
                 )
+            if endpoint not in self.sync.state.endpoints:
+                # Loading a new endpoint routes it at once: gate it before loading.
+                problem = await self.gate.problem(endpoint, version, self.sync.state.records)
+                if problem is not None:
+                    raise ApprovalRequired(
+                        f"champion {version!r} of {endpoint!r} is not approved: {problem}"
+                    )
             if not self._registry.has(endpoint, version):
                 result = await self.sync.try_load(endpoint, version)
                 if isinstance(result, ModelLoadError):
@@ -265,11 +273,6 @@ class RoutingChanges:
             evidence = await self.gate.evidence(endpoint, version)
             if evidence.artifact_sha256 is None:
                 raise RoutingConflict(f"{endpoint}/{version} has no artifact in {version_dir}")
-            if evidence.report_sha256 is None:
-                raise ApprovalRequired(
-                    f"{endpoint}/{version} cannot be approved: no validation report "
-                    "(validation_report.json); run 'streamscore models validate' first"
-                )
             artifact, report = evidence.artifact_sha256, evidence.report_sha256
 
             async def update(s: RoutingState) -> Change:
@@ -278,6 +281,11 @@ class RoutingChanges:
                     raise SelfApproval(
                         f"approver must differ from submitter: {actor.name!r} submitted or "
                         f"loaded {endpoint}/{version}"
+                    )
+                if report is None:
+                    raise ApprovalRequired(
+                        f"{endpoint}/{version} cannot be approved: no validation report "
+                        f"({REPORT_FILE}); run 'streamscore models validate' first"
                     )
                 approval = Approval(actor.name, now, reason, artifact, report)
                 return Change(

@@ -289,10 +289,13 @@ class RoutingSync:
             if name in known:
                 continue
             options = self._options_for(name)
+            allowed = await self._approved(name, [d.name for d in dirs], state)
             loaded = []
             for version_dir in dirs:
                 version = version_dir.name
                 if options.versions is not None and version not in options.versions:
+                    continue
+                if version not in allowed:
                     continue
                 if self._registry.has(name, version):
                     loaded.append(version)
@@ -300,11 +303,10 @@ class RoutingSync:
                 result = await self.try_load(name, version)
                 if not isinstance(result, ModelLoadError):
                     loaded.append(version)
-            candidates = await self._approved(name, loaded, state)
-            if candidates:
+            if loaded:
                 champion = options.champion
-                if champion not in candidates:
-                    champion = max(candidates, key=version_sort_key)
+                if champion not in loaded:
+                    champion = max(loaded, key=version_sort_key)
                 fresh[name] = initial_state(loaded, champion)
         if state is None:
             return RoutingState(0, fresh)
@@ -341,7 +343,8 @@ class RoutingSync:
     async def _approved(
         self, name: str, loaded: list[str], state: RoutingState | None
     ) -> list[str]:
-        """The versions of ``loaded`` that may become ``name``'s first champion."""
+        """The versions of ``loaded`` that may be loaded at ``name``'s first start (a model
+        requiring approval: only approved ones, so only they can become champion)."""
         if not loaded or self._gate is None or not await self._gate.required_async(name):
             return loaded
         records = state.records if state is not None else {}
