@@ -12,7 +12,7 @@ import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -94,6 +94,16 @@ class ModelManifest(BaseModel):
     training: TrainingInfo
     explainer: ExplainerSpec | None = Field(
         default=None, description="Reason codes need it; a model without one still serves."
+    )
+    submitted_by: str | None = Field(
+        default=None,
+        description="Who submitted the version (maker-checker: may not approve it); "
+        "None = 'repository'.",
+    )
+    governance: dict[str, Any] | None = Field(
+        default=None,
+        description="Model risk metadata; its presence makes the model require approval "
+        "unless governance.require_approval says otherwise.",
     )
 
     @field_validator("features")

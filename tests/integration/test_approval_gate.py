@@ -197,10 +197,11 @@ def _calls(stub: apb_grpc.AdminAsyncStub) -> dict[str, Callable[[Metadata], Awai
         "Revoke": (stub.Revoke, apb.RevokeRequest(endpoint="lin", version="1")),
     }
     assert set(requests) == set(apb.DESCRIPTOR.services_by_name["Admin"].methods_by_name)
-    return {
-        name: (lambda metadata, m=method, r=request: m(r, timeout=10, metadata=metadata))
-        for name, (method, request) in requests.items()
-    }
+
+    def bind(method: Callable[..., Awaitable[Any]], request: Any) -> Callable[..., Awaitable[Any]]:
+        return lambda metadata: method(request, timeout=10, metadata=metadata)
+
+    return {name: bind(method, request) for name, (method, request) in requests.items()}
 
 
 async def test_every_admin_rpc_checks_its_role(repository: Path) -> None:
