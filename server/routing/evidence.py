@@ -55,7 +55,7 @@ class ApprovalGate:
             version_dirs = [d for d in model_dir.iterdir() if d.is_dir()]
         except OSError:
             return False
-        return any("governance" in _manifest(d) for d in version_dirs)
+        return any(_manifest(d).get("governance") is not None for d in version_dirs)
 
     async def required_async(self, model: str) -> bool:
         """``required`` off the event loop (it reads manifests)."""
