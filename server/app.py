@@ -55,6 +55,7 @@ from server.rollout.policy import RolloutState
 from server.rollout.routing import RoutingRolloutActions, rollout_states, sync_windows
 from server.rollout.stats import StatsRecorder
 from server.routing.changes import RoutingChanges
+from server.routing.evidence import ApprovalGate
 from server.routing.state import RoutingState
 from server.routing.store import FileRoutingStore, RedisRoutingStore, RoutingStore
 from server.routing.sync import RoutingSync
@@ -247,6 +248,7 @@ class AppContext:
             self.rollout_stats = StatsRecorder(redis, on_flush_failure=rollout_metrics.flush_failed)
             self.pipeline.stats = self.rollout_stats
         store = self._routing_store()
+        gate = ApprovalGate(settings.models.repository, settings.governance.required)
         self.routing = RoutingSync(
             self.registry,
             store,
@@ -257,10 +259,11 @@ class AppContext:
             metrics=self.metrics,
             clock=self.clock,
             on_applied=self._routing_applied,
+            gate=gate,
         )
         await self.routing.start()
         self.routing_changes = RoutingChanges(
-            self.routing, store, self.registry, settings.models.repository, self.clock
+            self.routing, store, self.registry, settings.models.repository, self.clock, gate
         )
         if self.rollout_stats is not None:
             routing = self.routing
@@ -281,9 +284,11 @@ class AppContext:
         self._server = server
         tls = settings.server.admin_tls
         authenticator: Authenticator = (
-            TokenAuthenticator(settings.server.admin_credentials())
+            TokenAuthenticator(settings.server.admin_credentials(), settings.server.admin_roles())
             if tls is None
-            else CertificateAuthenticator(tls.allowed_subjects)
+            else CertificateAuthenticator(
+                tls.allowed_subjects, tls.subject_roles, tls.default_roles
+            )
         )
         admin = AdminService(self.routing_changes, authenticator)
         admin_server = server

@@ -12,7 +12,7 @@ import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -98,6 +98,16 @@ class ModelManifest(BaseModel):
     purpose: str = Field(default="", description="What the model decides, for whom (model card).")
     limitations: tuple[str, ...] = Field(
         default=(), description="Known limitations and unsuitable uses (model card)."
+    )
+    submitted_by: str | None = Field(
+        default=None,
+        description="Who submitted the version (maker-checker: may not approve it); "
+        "None = 'repository'.",
+    )
+    governance: dict[str, Any] | None = Field(
+        default=None,
+        description="Model risk metadata; its presence makes the model require approval "
+        "unless governance.require_approval says otherwise.",
     )
 
     @field_validator("features")

@@ -39,6 +39,8 @@ MiB = 1024 * 1024
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 Execution = Literal["inline", "thread"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+#: Admin roles: viewer reads; deployer loads and routes; approver approves; admin all.
+AdminRole = Literal["viewer", "deployer", "approver", "admin"]
 
 
 class _Frozen(BaseModel):
@@ -90,6 +92,24 @@ class AdminTLSSettings(TLSSettings):
         default=(),
         description="Client certificate common names allowed to call; empty = every "
         "certificate the CA signed.",
+    )
+    subject_roles: dict[str, tuple[AdminRole, ...]] = Field(
+        default_factory=dict,
+        description="Admin roles by client certificate common name (viewer, deployer, "
+        "approver, admin).",
+    )
+    default_roles: tuple[AdminRole, ...] = Field(
+        default=("admin",),
+        description="Roles of a certificate not in subject_roles (admin: as before roles).",
+    )
+
+
+class AdminToken(_Frozen):
+    """A named admin bearer token with its roles."""
+
+    token: SecretStr = Field(description="The bearer token (prefer an env var).")
+    roles: tuple[AdminRole, ...] = Field(
+        min_length=1, description="viewer, deployer, approver and/or admin."
     )
 
 
@@ -167,9 +187,10 @@ class ServerSettings(_Frozen):
         description="Bearer token of the admin API (actor 'admin'); prefer the env var "
         "STREAMSCORE_SERVER__ADMIN_TOKEN. No token at all = every admin call UNAUTHENTICATED.",
     )
-    admin_tokens: dict[ModelName, SecretStr] = Field(
+    admin_tokens: dict[ModelName, SecretStr | AdminToken] = Field(
         default_factory=dict,
-        description="More admin bearer tokens by name; the name is the audit log's actor.",
+        description="More admin bearer tokens by name (the audit log's actor): "
+        "{token: ..., roles: [...]}, or a bare token (role admin, as before roles).",
     )
     admin_tls: AdminTLSSettings | None = Field(
         default=None,
@@ -246,10 +267,23 @@ class ServerSettings(_Frozen):
 
     def admin_credentials(self) -> dict[str, str]:
         """Admin bearer tokens by name (``admin`` for ``admin_token``)."""
-        tokens = {name: secret.get_secret_value() for name, secret in self.admin_tokens.items()}
+        tokens = {
+            name: (item.token if isinstance(item, AdminToken) else item).get_secret_value()
+            for name, item in self.admin_tokens.items()
+        }
         if self.admin_token is not None:
             tokens["admin"] = self.admin_token.get_secret_value()
         return tokens
+
+    def admin_roles(self) -> dict[str, tuple[AdminRole, ...]]:
+        """Roles of each admin token by name (a bare token and ``admin_token``: admin)."""
+        roles: dict[str, tuple[AdminRole, ...]] = {
+            name: item.roles if isinstance(item, AdminToken) else ("admin",)
+            for name, item in self.admin_tokens.items()
+        }
+        if self.admin_token is not None:
+            roles["admin"] = ("admin",)
+        return roles
 
 
 class ModelServing(_Frozen):
@@ -468,6 +502,20 @@ class FeaturesSettings(_Frozen):
     )
 
 
+class GovernanceSettings(_Frozen):
+    """Model governance: which models need an approved version to take traffic."""
+
+    require_approval: dict[ModelName, bool] = Field(
+        default_factory=dict,
+        description="Per model: true = a version needs an approval before champion or canary "
+        "traffic. A model not listed requires it when a manifest of it has a governance block.",
+    )
+
+    def required(self, model: str) -> bool | None:
+        """The configured requirement of ``model`` (None = decided by its manifests)."""
+        return self.require_approval.get(model)
+
+
 class RoutingSettings(_Frozen):
     """Where the routing state (champion, canary, shadows) and its audit log persist."""
 
@@ -562,6 +610,9 @@ class Settings(_Frozen):
     )
     routing: RoutingSettings = Field(
         default_factory=RoutingSettings, description="Routing state store."
+    )
+    governance: GovernanceSettings = Field(
+        default_factory=GovernanceSettings, description="Approval gate."
     )
     shadow: ShadowSettings = Field(default_factory=ShadowSettings, description="Shadow scoring.")
     traffic_log: TrafficLogSettings = Field(

@@ -1,6 +1,7 @@
 """``streamscore.v1.Admin``: authenticate, decode, call the routing changes, encode.
 
-Every method first checks the caller's credentials (``server.admin.auth``); the
+Every method first checks the caller's credentials and then its role for that
+method (``server.admin.auth``; a call refused for its role is audit-logged); the
 scoring data plane has no path into here. Domain errors become their gRPC
 status with the message naming the problem (``server.grpc_status``); anything else
 is logged, INTERNAL.
@@ -17,9 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
-from server.admin.auth import Authenticator
+from server.admin.auth import Authenticator, PermissionDenied, authorize
 from server.grpc_status import abort
-from server.routing.changes import Actor, ModelView, RoutingChanges
+from server.routing.changes import Actor, ApprovalView, ModelView, RoutingChanges
 from server.routing.state import AuditEntry, CanaryRequest, EndpointState
 
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -43,11 +44,25 @@ class AdminService(apb_grpc.AdminServicer):
         self._changes = changes
         self._auth = authenticator
 
-    async def _call(self, context: Context, work: Callable[[Actor], Awaitable[T]]) -> T:
-        """Authenticate, run ``work``; turn failures into the gRPC status (abort raises)."""
+    async def _call(
+        self,
+        context: Context,
+        method: str,
+        work: Callable[[Actor], Awaitable[T]],
+        endpoint: str = "",
+        reason: str = "",
+    ) -> T:
+        """Authenticate, check the role ``method`` needs, run ``work``; turn failures into
+        the gRPC status (abort raises)."""
         try:
             principal = self._auth.authenticate(context)  # type: ignore[arg-type]
-            return await work(Actor(principal.name, context.peer() or ""))
+            actor = Actor(principal.name, context.peer() or "")
+            try:
+                authorize(principal, method)
+            except PermissionDenied as denied:
+                await self._changes.audit_refusal(endpoint, method, actor, reason, denied)
+                raise
+            return await work(actor)
         except Exception as error:
             await abort(context, error, "the admin API")
 
@@ -66,7 +81,7 @@ class AdminService(apb_grpc.AdminServicer):
                 applied_revision=self._changes.sync.state.revision,
             )
 
-        return await self._call(context, work)
+        return await self._call(context, "ListModels", work, request.endpoint)
 
     async def LoadVersion(
         self, request: apb.LoadVersionRequest, context: Context
@@ -81,7 +96,7 @@ class AdminService(apb_grpc.AdminServicer):
             )
             return await self._changed(request.endpoint)
 
-        return await self._call(context, work)
+        return await self._call(context, "LoadVersion", work, request.endpoint, request.reason)
 
     async def UnloadVersion(
         self, request: apb.UnloadVersionRequest, context: Context
@@ -96,7 +111,7 @@ class AdminService(apb_grpc.AdminServicer):
             )
             return await self._changed(request.endpoint)
 
-        return await self._call(context, work)
+        return await self._call(context, "UnloadVersion", work, request.endpoint, request.reason)
 
     async def SetRouting(
         self, request: apb.SetRoutingRequest, context: Context
@@ -123,7 +138,7 @@ class AdminService(apb_grpc.AdminServicer):
             )
             return await self._changed(request.endpoint)
 
-        return await self._call(context, work)
+        return await self._call(context, "SetRouting", work, request.endpoint, request.reason)
 
     async def Promote(self, request: apb.PromoteRequest, context: Context) -> apb.ChangeResponse:
         async def work(actor: Actor) -> apb.ChangeResponse:
@@ -132,7 +147,7 @@ class AdminService(apb_grpc.AdminServicer):
             )
             return await self._changed(request.endpoint)
 
-        return await self._call(context, work)
+        return await self._call(context, "Promote", work, request.endpoint, request.reason)
 
     async def Rollback(self, request: apb.RollbackRequest, context: Context) -> apb.ChangeResponse:
         async def work(actor: Actor) -> apb.ChangeResponse:
@@ -141,7 +156,7 @@ class AdminService(apb_grpc.AdminServicer):
             )
             return await self._changed(request.endpoint)
 
-        return await self._call(context, work)
+        return await self._call(context, "Rollback", work, request.endpoint, request.reason)
 
     async def ListAudit(
         self, request: apb.ListAuditRequest, context: Context
@@ -152,7 +167,21 @@ class AdminService(apb_grpc.AdminServicer):
             )
             return apb.ListAuditResponse(entries=[encode_audit(e) for e in entries])
 
-        return await self._call(context, work)
+        return await self._call(context, "ListAudit", work, request.endpoint)
+
+    async def Approve(self, request: apb.ApproveRequest, context: Context) -> apb.ChangeResponse:
+        async def work(actor: Actor) -> apb.ChangeResponse:
+            await self._changes.approve(request.endpoint, request.version, actor, request.reason)
+            return await self._changed(request.endpoint)
+
+        return await self._call(context, "Approve", work, request.endpoint, request.reason)
+
+    async def Revoke(self, request: apb.RevokeRequest, context: Context) -> apb.ChangeResponse:
+        async def work(actor: Actor) -> apb.ChangeResponse:
+            await self._changes.revoke(request.endpoint, request.version, actor, request.reason)
+            return await self._changed(request.endpoint)
+
+        return await self._call(context, "Revoke", work, request.endpoint, request.reason)
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -185,17 +214,30 @@ def encode_state(state: EndpointState) -> apb.EndpointState:
     )
 
 
+def encode_approval(view: ApprovalView) -> apb.VersionApproval:
+    """An ``ApprovalView`` on the wire."""
+    message = apb.VersionApproval(
+        required=view.required, problem=view.problem, submitters=view.submitters
+    )
+    approval = view.record.approval
+    if approval is not None:
+        message.approved_by = approval.approver
+        message.approved_at.CopyFrom(_timestamp(approval.time))
+        message.reason = approval.reason
+        message.artifact_sha256 = approval.artifact_sha256
+        message.report_sha256 = approval.report_sha256
+    return message
+
+
 def encode_model(view: ModelView) -> apb.Model:
     """A ``ModelView`` on the wire."""
-    model = apb.Model(
-        endpoint=view.endpoint,
-        versions=[
-            apb.ModelVersion(
-                version=v.version, status=_STATUS[v.status], roles=v.roles, error=v.error
-            )
-            for v in view.versions
-        ],
-    )
+    model = apb.Model(endpoint=view.endpoint)
+    for v in view.versions:
+        version = model.versions.add(
+            version=v.version, status=_STATUS[v.status], roles=v.roles, error=v.error
+        )
+        if v.approval is not None:
+            version.approval.CopyFrom(encode_approval(v.approval))
     if view.state is not None:
         model.state.CopyFrom(encode_state(view.state))
     return model
@@ -214,6 +256,7 @@ def encode_audit(entry: AuditEntry) -> apb.AuditEntry:
         outcome=entry.outcome,
         error=entry.error,
         revision=entry.revision,
+        detail_json=json.dumps(dict(entry.detail), sort_keys=True) if entry.detail else "",
     )
     if entry.before is not None:
         message.before.CopyFrom(encode_state(entry.before))

@@ -10,6 +10,12 @@ Certificates (:class:`CertificateAuthenticator`, with ``server.admin_tls``): the
 handshake already refused any client without a certificate chaining to the client
 CA; the certificate's common name is the actor (``cert:<CN>``), and when
 ``allowed_subjects`` is set a name outside it is PERMISSION_DENIED.
+
+Roles (:func:`authorize`): every principal has roles; each Admin RPC needs one
+(:data:`RPC_ROLES`): ``viewer`` reads, ``deployer`` loads and routes, ``approver``
+approves and revokes, ``admin`` may do everything; any role may read. A token
+without configured roles (``server.admin_token``, a bare ``server.admin_tokens``
+entry) is ``admin``, as before roles existed.
 """
 
 from __future__ import annotations
@@ -18,11 +24,28 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from server.errors import ScoringError, Status
 
 BEARER = "bearer "
+
+Role = Literal["viewer", "deployer", "approver", "admin"]
+ADMIN: Role = "admin"
+ADMIN_ROLES: frozenset[str] = frozenset({ADMIN})
+
+#: The role each Admin RPC needs (``admin`` has every one; any role can read).
+RPC_ROLES: Mapping[str, Role] = {
+    "ListModels": "viewer",
+    "ListAudit": "viewer",
+    "LoadVersion": "deployer",
+    "UnloadVersion": "deployer",
+    "SetRouting": "deployer",
+    "Promote": "deployer",
+    "Rollback": "deployer",
+    "Approve": "approver",
+    "Revoke": "approver",
+}
 
 
 class Unauthenticated(ScoringError):
@@ -32,7 +55,7 @@ class Unauthenticated(ScoringError):
 
 
 class PermissionDenied(ScoringError):
-    """Authenticated, but not allowed to call the admin API."""
+    """Authenticated, but not allowed to call the admin API (or this RPC)."""
 
     status = Status.PERMISSION_DENIED
 
@@ -53,9 +76,22 @@ class Authenticator(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a call authenticated as."""
+    """Who a call authenticated as, and its roles."""
 
     name: str
+    roles: frozenset[str] = ADMIN_ROLES
+
+
+def authorize(principal: Principal, method: str) -> None:
+    """Raise ``PermissionDenied`` naming the role ``method`` needs if ``principal`` lacks it."""
+    needed = RPC_ROLES[method]
+    roles = principal.roles
+    if ADMIN in roles or needed in roles or (needed == "viewer" and roles):
+        return
+    have = ", ".join(sorted(roles)) or "none"
+    raise PermissionDenied(
+        f"{method} needs role {needed!r} (or 'admin'); {principal.name!r} has: {have}"
+    )
 
 
 def _digest(token: str) -> bytes:
@@ -63,10 +99,14 @@ def _digest(token: str) -> bytes:
 
 
 class TokenAuthenticator:
-    """Checks bearer tokens; ``tokens`` maps a name to its secret."""
+    """Checks bearer tokens; ``tokens`` maps a name to its secret, ``roles`` a name to
+    its roles (a name without: admin)."""
 
-    def __init__(self, tokens: Mapping[str, str]) -> None:
+    def __init__(
+        self, tokens: Mapping[str, str], roles: Mapping[str, Iterable[str]] | None = None
+    ) -> None:
         self._digests = tuple((name, _digest(secret)) for name, secret in tokens.items() if secret)
+        self._roles = {name: frozenset(r) for name, r in (roles or {}).items()}
 
     def authenticate(self, call: CallCredentials) -> Principal:
         """The principal of a call's bearer token; ``Unauthenticated`` otherwise."""
@@ -90,17 +130,25 @@ class TokenAuthenticator:
                 found = name
         if found is None:
             raise Unauthenticated("invalid credentials")
-        return Principal(found)
+        return Principal(found, self._roles.get(found, ADMIN_ROLES))
 
 
 CERT_ACTOR_PREFIX = "cert:"
 
 
 class CertificateAuthenticator:
-    """Client certificates verified by the TLS handshake; the common name is the actor."""
+    """Client certificates verified by the TLS handshake; the common name is the actor.
+    Roles: ``subject_roles`` by common name, else ``default_roles``."""
 
-    def __init__(self, allowed_subjects: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        allowed_subjects: Iterable[str] = (),
+        subject_roles: Mapping[str, Iterable[str]] | None = None,
+        default_roles: Iterable[str] = (ADMIN,),
+    ) -> None:
         self._allowed = frozenset(allowed_subjects)
+        self._roles = {name: frozenset(r) for name, r in (subject_roles or {}).items()}
+        self._default = frozenset(default_roles)
 
     def authenticate(self, call: CallCredentials) -> Principal:
         """``cert:<CN>`` of the verified client certificate."""
@@ -115,4 +163,4 @@ class CertificateAuthenticator:
             raise PermissionDenied(
                 f"client certificate {name!r} is not in server.admin_tls.allowed_subjects"
             )
-        return Principal(CERT_ACTOR_PREFIX + name)
+        return Principal(CERT_ACTOR_PREFIX + name, self._roles.get(name, self._default))

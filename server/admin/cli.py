@@ -1,4 +1,5 @@
-"""``streamscore models list|load|unload|route|promote|rollback|audit``: the admin API client.
+"""``streamscore models list|load|unload|route|promote|rollback|approve|revoke|audit``: the
+admin API client.
 
 The target is ``--target`` or the configured ``server.host`` and admin port (the
 gRPC port unless ``server.admin_port`` is set); the bearer token is the
@@ -36,7 +37,17 @@ from server.clients.channels import (
 from server.router import BASIS_POINTS
 from server.settings import Settings, SettingsError
 
-ADMIN_COMMANDS = ("list", "load", "unload", "route", "promote", "rollback", "audit")
+ADMIN_COMMANDS = (
+    "list",
+    "load",
+    "unload",
+    "route",
+    "promote",
+    "rollback",
+    "approve",
+    "revoke",
+    "audit",
+)
 
 AddConfigArgs = Callable[[argparse.ArgumentParser], None]
 
@@ -59,7 +70,12 @@ def add_admin_commands(
 
     listing = command("list", "list endpoints, versions, state and routing", reason=False)
     listing.add_argument("endpoint", nargs="?", default="")
-    for name, help_text in (("load", "load a version"), ("unload", "unload a version")):
+    for name, help_text in (
+        ("load", "load a version"),
+        ("unload", "unload a version"),
+        ("approve", "approve a version as its artifact and validation report are now"),
+        ("revoke", "withdraw a version's approval"),
+    ):
         parser = command(name, help_text)
         parser.add_argument("endpoint")
         parser.add_argument("version")
@@ -160,6 +176,16 @@ def _dispatch(
             endpoint=args.endpoint, version=args.version, reason=args.reason
         )
         return call(stub.UnloadVersion, request_unload)
+    if command == "approve":
+        request_approve = apb.ApproveRequest(
+            endpoint=args.endpoint, version=args.version, reason=args.reason
+        )
+        return call(stub.Approve, request_approve)
+    if command == "revoke":
+        request_revoke = apb.RevokeRequest(
+            endpoint=args.endpoint, version=args.version, reason=args.reason
+        )
+        return call(stub.Revoke, request_revoke)
     if command == "promote":
         return call(stub.Promote, apb.PromoteRequest(endpoint=args.endpoint, reason=args.reason))
     if command == "rollback":
@@ -246,8 +272,19 @@ def format_models(response: apb.ListModelsResponse) -> str:
             status = apb.VersionStatus.Name(version.status).removeprefix("VERSION_STATUS_")
             roles = ",".join(version.roles)
             error = f"  {version.error}" if version.error else ""
-            lines.append(f"  {version.version:<12} {status.lower():<10} {roles}{error}")
+            lines.append(
+                f"  {version.version:<12} {status.lower():<10} {roles}{error}"
+                f"{_approval_text(version.approval)}"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _approval_text(approval: apb.VersionApproval) -> str:
+    if approval.problem and approval.required:
+        return f"  unapproved: {approval.problem}"
+    if approval.approved_by and not approval.problem:
+        return f"  approved by {approval.approved_by} ({_when(approval.approved_at)})"
+    return ""
 
 
 def format_audit(response: apb.ListAuditResponse) -> str:

@@ -7,6 +7,12 @@ active rollout is no longer the one the decision was made for. A rollback gives 
 canary no traffic and keeps the champion (unlike the admin ``Rollback``, which brings
 back the previous champion).
 
+Approval: a canary only gets a share above 0 once approved (``server.routing.changes``
+refuses it), so a canary found unapproved when the controller advances or promotes
+it lost its approval (revoked, or its artifact or report changed). The controller
+then rolls it back rather than holding: holding would keep an unapproved version
+answering its share of traffic. The refusal and the rollback are both audit-logged.
+
 ``rollout_states`` and ``sync_windows`` read the routing state: which endpoints have a
 canary with a rollout policy, and which stats window each process records into.
 """
@@ -20,6 +26,7 @@ from dataclasses import replace
 
 from server.rollout.policy import RolloutDocument, RolloutPolicy, RolloutState, rollout_document
 from server.rollout.stats import StatsRecorder
+from server.routing.approval import ApprovalRequired
 from server.routing.changes import Actor, RoutingChanges
 from server.routing.state import (
     EndpointState,
@@ -115,9 +122,12 @@ class RoutingRolloutActions:
                 rollout=document.advanced(now).model_dump(mode="json"),
             )
 
-        await self._routing.change(
-            endpoint, "rollout_advance", transition, ROLLOUT_ACTOR, _reason(reason, numbers)
-        )
+        try:
+            await self._routing.change(
+                endpoint, "rollout_advance", transition, ROLLOUT_ACTOR, _reason(reason, numbers)
+            )
+        except ApprovalRequired as refused:
+            await self._unapproved(endpoint, refused, numbers, rollout_id)
 
     async def promote(
         self, endpoint: str, reason: str, numbers: Mapping[str, float], *, rollout_id: str
@@ -129,8 +139,27 @@ class RoutingRolloutActions:
             self._checked(endpoint, current, rollout_id)
             return promote(endpoint, current)
 
-        await self._routing.change(
-            endpoint, "rollout_promote", transition, ROLLOUT_ACTOR, _reason(reason, numbers)
+        try:
+            await self._routing.change(
+                endpoint, "rollout_promote", transition, ROLLOUT_ACTOR, _reason(reason, numbers)
+            )
+        except ApprovalRequired as refused:
+            await self._unapproved(endpoint, refused, numbers, rollout_id)
+
+    async def _unapproved(
+        self,
+        endpoint: str,
+        refused: ApprovalRequired,
+        numbers: Mapping[str, float],
+        rollout_id: str,
+    ) -> None:
+        """The canary lost its approval: roll it back instead of advancing/promoting."""
+        logger.warning(
+            "canary not approved: rolling it back",
+            extra={"endpoint": endpoint, "error": str(refused)},
+        )
+        await self.rollback(
+            endpoint, f"canary not approved ({refused})", numbers, rollout_id=rollout_id
         )
 
     async def rollback(

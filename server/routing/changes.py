@@ -8,9 +8,15 @@
   ``unload_version``, ``set_routing``, ``promote``, ``rollback``) are transitions
   passed to it; the guarded-rollout controller passes its own, with its own actor.
 * ``load_version`` loads the version in this process first, so a bad artifact is
-  refused before the state names it.
-* **reads**: ``list_models`` (persisted state, versions on disk and their status in
-  this process) and ``audit``.
+  refused before the state names it; its actor is recorded as a submitter.
+* **gate**: a change that makes a version champion or raises its canary share is
+  refused (FAILED_PRECONDITION, naming what is missing) when its model requires
+  approval and the version has none valid (``server.routing.approval``).
+* ``approve`` / ``revoke``: an approval bound to the sha256 of the artifact and of
+  the validation report, refused (PERMISSION_DENIED) for whoever submitted or
+  loaded the version; persisted with the state, audit-logged.
+* **reads**: ``list_models`` (persisted state, versions on disk, their status in
+  this process and their approval) and ``audit``.
 """
 
 from __future__ import annotations
@@ -25,15 +31,37 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from server.errors import DependencyUnavailable, ModelLoadError, ModelNotFound, ScoringError
+from server.errors import (
+    DependencyUnavailable,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    ScoringError,
+)
 from server.registry import ModelRegistry, scan_repository
 from server.rollout.policy import rollout_for_change
 from server.router import version_sort_key
+from server.routing.approval import (
+    REPORT_FILE,
+    Approval,
+    ApprovalRequired,
+    Records,
+    SelfApproval,
+    VersionRecord,
+    approval_problem,
+    exposure,
+    makers,
+    newly_exposed,
+    record_of,
+    with_record,
+)
+from server.routing.evidence import ApprovalGate
 from server.routing.state import (
     AuditEntry,
     CanaryRequest,
     ConcurrentUpdate,
     EndpointState,
+    RoutingConflict,
     RoutingState,
     add_version,
     check_name,
@@ -67,6 +95,30 @@ class Actor:
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """What a change makes of the state: the endpoint (None = untouched or absent),
+    the governance records, and details for the audit entry."""
+
+    after: EndpointState | None
+    records: Records
+    detail: Mapping[str, Any] | None = None
+
+
+Update = Callable[[RoutingState], Awaitable[Change]]
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalView:
+    """A version's approval as it stands now."""
+
+    required: bool
+    #: Why it may not take traffic ('' = it may).
+    problem: str
+    record: VersionRecord
+    submitters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VersionView:
     """One version of an endpoint as this process sees it."""
 
@@ -74,6 +126,7 @@ class VersionView:
     status: VersionStatus
     roles: tuple[str, ...] = ()
     error: str = ""
+    approval: ApprovalView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +148,15 @@ class RoutingChanges:
         registry: ModelRegistry,
         repository: Path,
         clock: Callable[[], float] = time.time,
+        gate: ApprovalGate | None = None,
     ) -> None:
         self.sync = sync
         self._store = store
         self._registry = registry
         self._repository = repository
         self._clock = clock
+        #: Without one, approvals are required where manifests have a governance block.
+        self.gate = gate or ApprovalGate(repository, lambda _model: None)
 
     # ------------------------------------------------------------------ reads
 
@@ -128,14 +184,22 @@ class RoutingChanges:
             desired = state.endpoints.get(name)
             wanted = set(desired.loaded) if desired else set()
             versions = sorted(on_disk.get(name, set()) | wanted, key=version_sort_key)
-            views.append(
-                ModelView(
-                    name,
-                    desired,
-                    tuple(self._version_view(name, v, desired, v in wanted) for v in versions),
-                )
-            )
+            required = await self.gate.required_async(name)
+            version_views = []
+            for v in versions:
+                view = self._version_view(name, v, desired, v in wanted)
+                approval = await self._approval_view(name, v, required, state.records)
+                version_views.append(replace(view, approval=approval))
+            views.append(ModelView(name, desired, tuple(version_views)))
         return state, views
+
+    async def _approval_view(
+        self, name: str, version: str, required: bool, records: Records
+    ) -> ApprovalView:
+        record = record_of(records, name, version)
+        evidence = await self.gate.evidence(name, version)
+        problem = approval_problem(record, evidence)
+        return ApprovalView(required, problem or "", record, makers(record, evidence))
 
     def _version_view(
         self, name: str, version: str, desired: EndpointState | None, wanted: bool
@@ -172,20 +236,112 @@ class RoutingChanges:
                 raise ModelNotFound(
                     f"version {version!r} of {endpoint!r} is not in the model repository"
                 )
+            if endpoint not in self.sync.state.endpoints:
+                # Loading a new endpoint routes it at once: gate it before loading.
+                problem = await self.gate.problem(endpoint, version, self.sync.state.records)
+                if problem is not None:
+                    raise ApprovalRequired(
+                        f"champion {version!r} of {endpoint!r} is not approved: {problem}"
+                    )
             if not self._registry.has(endpoint, version):
                 result = await self.sync.try_load(endpoint, version)
                 if isinstance(result, ModelLoadError):
                     raise result
-            return await self._change(
-                endpoint,
-                "load",
-                lambda s: add_version(s.endpoints.get(endpoint), version),
-                actor,
-                reason,
-                expected_revision,
+
+            async def update(s: RoutingState) -> Change:
+                record = record_of(s.records, endpoint, version).with_loader(actor.name)
+                return Change(
+                    add_version(s.endpoints.get(endpoint), version),
+                    with_record(s.records, endpoint, version, record),
+                )
+
+            return _present(
+                await self._change(endpoint, "load", update, actor, reason, expected_revision)
             )
 
         return await self._locked(endpoint, "load", actor, reason, work)
+
+    async def approve(
+        self, endpoint: str, version: str, actor: Actor, reason: str
+    ) -> EndpointState | None:
+        """Approve ``version`` as its files are now (refused for its submitters)."""
+        now = self._clock()
+
+        async def work() -> EndpointState | None:
+            version_dir = await self._version_dir(endpoint, version)
+            _require_reason(reason)
+            evidence = await self.gate.evidence(endpoint, version)
+            if evidence.artifact_sha256 is None:
+                raise RoutingConflict(f"{endpoint}/{version} has no artifact in {version_dir}")
+            artifact, report = evidence.artifact_sha256, evidence.report_sha256
+
+            async def update(s: RoutingState) -> Change:
+                record = record_of(s.records, endpoint, version)
+                if actor.name in makers(record, evidence):
+                    raise SelfApproval(
+                        f"approver must differ from submitter: {actor.name!r} submitted or "
+                        f"loaded {endpoint}/{version}"
+                    )
+                if report is None:
+                    raise ApprovalRequired(
+                        f"{endpoint}/{version} cannot be approved: no validation report "
+                        f"({REPORT_FILE}); run 'streamscore models validate' first"
+                    )
+                approval = Approval(actor.name, now, reason, artifact, report)
+                return Change(
+                    s.endpoints.get(endpoint),
+                    with_record(s.records, endpoint, version, replace(record, approval=approval)),
+                    {"version": version, "artifact_sha256": artifact, "report_sha256": report},
+                )
+
+            return await self._change(endpoint, "approve", update, actor, reason, 0)
+
+        return await self._locked(endpoint, "approve", actor, reason, work)
+
+    async def revoke(
+        self, endpoint: str, version: str, actor: Actor, reason: str
+    ) -> EndpointState | None:
+        """Withdraw ``version``'s approval (routing already given to it stays)."""
+
+        async def work() -> EndpointState | None:
+            await self._version_dir(endpoint, version)
+            _require_reason(reason)
+
+            async def update(s: RoutingState) -> Change:
+                record = record_of(s.records, endpoint, version)
+                if record.approval is None:
+                    raise RoutingConflict(f"{endpoint}/{version} has no approval to revoke")
+                previous = record.approval
+                return Change(
+                    s.endpoints.get(endpoint),
+                    with_record(s.records, endpoint, version, replace(record, approval=None)),
+                    {
+                        "version": version,
+                        "approved_by": previous.approver,
+                        "artifact_sha256": previous.artifact_sha256,
+                        "report_sha256": previous.report_sha256,
+                    },
+                )
+
+            return await self._change(endpoint, "revoke", update, actor, reason, 0)
+
+        return await self._locked(endpoint, "revoke", actor, reason, work)
+
+    async def _version_dir(self, endpoint: str, version: str) -> Path:
+        check_name("endpoint", endpoint)
+        check_name("version", version)
+        version_dir = self._repository / endpoint / version
+        if not await asyncio.to_thread(version_dir.is_dir):
+            raise ModelNotFound(
+                f"version {version!r} of {endpoint!r} is not in the model repository"
+            )
+        return version_dir
+
+    async def audit_refusal(
+        self, endpoint: str, action: str, actor: Actor, reason: str, error: ScoringError
+    ) -> None:
+        """Audit-log a call refused before it reached a change (e.g. a missing role)."""
+        await self._audit_refusal(endpoint, action, actor, reason, error)
 
     async def unload_version(
         self, endpoint: str, version: str, actor: Actor, reason: str, expected_revision: int = 0
@@ -272,9 +428,12 @@ class RoutingChanges:
         already applied in this process.
         """
 
+        async def update(s: RoutingState) -> Change:
+            return Change(transition(s), s.records)
+
         async def work() -> EndpointState:
-            return await self._change(
-                endpoint, action, transition, actor, reason, expected_revision
+            return _present(
+                await self._change(endpoint, action, update, actor, reason, expected_revision)
             )
 
         return await self._locked(endpoint, action, actor, reason, work)
@@ -313,11 +472,11 @@ class RoutingChanges:
         self,
         endpoint: str,
         action: str,
-        transition: Transition,
+        update: Update,
         actor: Actor,
         reason: str,
         expected_revision: int,
-    ) -> EndpointState:
+    ) -> EndpointState | None:
         for attempt in range(MAX_ATTEMPTS):
             if attempt:  # lost a compare-and-set to another process: back off, jittered
                 await asyncio.sleep(random.uniform(0, RETRY_BASE_S * 2**attempt))
@@ -329,14 +488,19 @@ class RoutingChanges:
                     f"endpoint {endpoint!r} changed since revision {expected_revision} "
                     f"(now {have}); read it again"
                 )
-            after = transition(current)
-            if before is not None and after.same_routing(before):
+            change = await update(current)
+            after = change.after
+            if after is not None:
+                await self._check_gate(endpoint, before, after, change.records)
+            unchanged = after is None or (before is not None and after.same_routing(before))
+            if unchanged and change.records == current.records:
                 await self.sync.apply(current)
                 return before
             now = self._clock()
-            after = replace(
-                after, revision=current.revision + 1, updated_at=now, updated_by=actor.name
-            )
+            if after is not None and not unchanged:
+                after = replace(
+                    after, revision=current.revision + 1, updated_at=now, updated_by=actor.name
+                )
             entry = AuditEntry(
                 time=now,
                 actor=actor.name,
@@ -347,9 +511,14 @@ class RoutingChanges:
                 outcome="applied",
                 before=before,
                 after=after,
-                revision=after.revision,
+                revision=current.revision + 1,
+                detail=change.detail,
             )
-            new_state = current.with_endpoint(endpoint, after)
+            new_state = (
+                current.with_endpoint(endpoint, after)
+                if after is not None
+                else replace(current, revision=current.revision + 1)
+            ).with_records(change.records)
             if await self._store.commit(current.revision, new_state, [entry]):
                 logger.info(
                     "routing changed",
@@ -363,6 +532,28 @@ class RoutingChanges:
                 await self.sync.apply(new_state)
                 return after
         raise ConcurrentUpdate(f"endpoint {endpoint!r}: too many concurrent changes; retry")
+
+    async def _check_gate(
+        self, endpoint: str, before: EndpointState | None, after: EndpointState, records: Records
+    ) -> None:
+        """Refuse ``after`` if it raises the share of a version that is not approved."""
+
+        def shares(state: EndpointState | None) -> dict[str, int]:
+            if state is None:
+                return {}
+            canary = (state.canary.version, state.canary.share_bp) if state.canary else None
+            return exposure(state.champion, canary)
+
+        versions = newly_exposed(shares(before), shares(after))
+        if not versions or not await self.gate.required_async(endpoint):
+            return
+        for version in versions:
+            problem = await self.gate.problem(endpoint, version, records)
+            if problem is not None:
+                role = "champion" if version == after.champion else "canary"
+                raise ApprovalRequired(
+                    f"{role} {version!r} of {endpoint!r} is not approved: {problem}"
+                )
 
     async def _audit_refusal(
         self, endpoint: str, action: str, actor: Actor, reason: str, error: ScoringError
@@ -383,3 +574,15 @@ class RoutingChanges:
             await self._store.append_audit(entry)
         except DependencyUnavailable as down:
             logger.error("refusal not audit-logged", extra={"error": str(down)})
+
+
+def _present(state: EndpointState | None) -> EndpointState:
+    """The endpoint a routing transition returned (it always returns one)."""
+    if state is None:  # pragma: no cover - transitions never return None
+        raise RoutingConflict("the change left no endpoint state")
+    return state
+
+
+def _require_reason(reason: str) -> None:
+    if not reason.strip():
+        raise InvalidInput("reason", "required: say why (it goes to the audit log)")

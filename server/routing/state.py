@@ -30,6 +30,7 @@ from typing import Any, Literal
 from server.errors import InvalidInput, ModelNotFound, ScoringError, Status
 from server.manifest import MODEL_NAME_PATTERN
 from server.router import BASIS_POINTS, version_sort_key
+from server.routing.approval import Records, records_from_dict, records_to_dict
 
 _NAME = re.compile(MODEL_NAME_PATTERN)
 
@@ -129,10 +130,12 @@ def _content(state: EndpointState) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class RoutingState:
-    """Every endpoint's desired state at one ``revision`` (0 = nothing persisted yet)."""
+    """Every endpoint's desired state at one ``revision`` (0 = nothing persisted yet),
+    and the versions' governance records (who loaded them, approvals)."""
 
     revision: int = 0
     endpoints: Mapping[str, EndpointState] = field(default_factory=dict)
+    records: Records = field(default_factory=dict)
 
     def endpoint(self, name: str) -> EndpointState:
         """The endpoint's state; ``ModelNotFound`` naming the known ones."""
@@ -145,7 +148,15 @@ class RoutingState:
     def with_endpoint(self, name: str, state: EndpointState) -> RoutingState:
         """A copy with ``name`` replaced, at the next revision."""
         endpoints = {**self.endpoints, name: state}
-        return RoutingState(self.revision + 1, MappingProxyType(endpoints))
+        return RoutingState(self.revision + 1, MappingProxyType(endpoints), self.records)
+
+    def with_records(self, records: Records) -> RoutingState:
+        """A copy with the governance records replaced (same revision)."""
+        return replace(self, records=records)
+
+    def records_json(self) -> str:
+        """The governance records as JSON (stored beside the endpoints)."""
+        return json.dumps(records_to_dict(self.records), sort_keys=True, separators=(",", ":"))
 
     def to_json(self) -> str:
         """The endpoints as JSON (the revision is stored beside it)."""
@@ -156,13 +167,16 @@ class RoutingState:
         )
 
     @classmethod
-    def from_json(cls, revision: int, text: str | bytes | None) -> RoutingState:
-        """Parse what ``to_json`` wrote (``None`` = empty state)."""
+    def from_json(
+        cls, revision: int, text: str | bytes | None, records: str | bytes | None = None
+    ) -> RoutingState:
+        """Parse what ``to_json`` and ``records_json`` wrote (``None`` = empty)."""
+        parsed = records_from_dict(json.loads(records)) if records else MappingProxyType({})
         if not text:
-            return cls(revision, MappingProxyType({}))
+            return cls(revision, MappingProxyType({}), parsed)
         data = json.loads(text)
         endpoints = {name: endpoint_from_dict(item) for name, item in data.items()}
-        return cls(revision, MappingProxyType(endpoints))
+        return cls(revision, MappingProxyType(endpoints), parsed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +195,8 @@ class AuditEntry:
     after: EndpointState | None = None
     revision: int = 0
     id: str = ""
+    #: What else the action concerned (e.g. an approval's version and hashes).
+    detail: Mapping[str, Any] | None = None
 
     def to_json(self) -> str:
         """JSON of everything but ``id`` (assigned by the store)."""
@@ -197,6 +213,7 @@ class AuditEntry:
                 "before": endpoint_to_dict(self.before) if self.before else None,
                 "after": endpoint_to_dict(self.after) if self.after else None,
                 "revision": self.revision,
+                "detail": dict(self.detail) if self.detail else None,
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -220,6 +237,7 @@ class AuditEntry:
             after=endpoint_from_dict(after) if after else None,
             revision=int(data.get("revision", 0)),
             id=entry_id,
+            detail=MappingProxyType(dict(data["detail"])) if data.get("detail") else None,
         )
 
 

@@ -7,14 +7,16 @@ audit entry are written together, atomically.
 
 Redis layout (``routing.redis_key`` / ``routing.audit_key``)::
 
-    HASH   streamscore:routing   revision -> "7", state -> {"fraud": {...}, ...}
+    HASH   streamscore:routing   revision -> "7", state -> {"fraud": {...}, ...},
+                                 records -> {"fraud": {"3": {"approval": ...}}}
     STREAM streamscore:audit     entry -> {"time":..., "actor":..., "before":..., ...}
 
 The compare-and-set is one Lua script touching both keys; on Redis Cluster give
 them a common hash tag (e.g. ``{streamscore}:routing`` and ``{streamscore}:audit``).
 
 File layout (``routing.file_path``): ``<path>`` holds ``{"revision": n, "endpoints":
-{...}}``, replaced atomically (write + rename) under an ``flock`` on ``<stem>.lock``;
+{...}, "records": {...}}`` (``records``: who loaded each version, its approval),
+replaced atomically (write + rename) under an ``flock`` on ``<stem>.lock``;
 the audit log is ``<stem>.audit.jsonl``. It serves the processes of one machine.
 
 Failures to reach the store raise ``DependencyUnavailable`` (gRPC UNAVAILABLE).
@@ -78,14 +80,14 @@ def _unavailable(store: str) -> Iterator[None]:
 
 
 # Compare-and-set: KEYS = state hash, audit stream; ARGV = expected revision,
-# new revision, state JSON, audit max length, audit entries...
+# new revision, state JSON, audit max length, records JSON, audit entries...
 _COMMIT = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '0')
 if current ~= tonumber(ARGV[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'revision', ARGV[2], 'state', ARGV[3])
-for i = 5, #ARGV do
+redis.call('HSET', KEYS[1], 'revision', ARGV[2], 'state', ARGV[3], 'records', ARGV[5])
+for i = 6, #ARGV do
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'entry', ARGV[i])
 end
 return 1
@@ -111,8 +113,10 @@ class RedisRoutingStore:
 
     async def read(self) -> RoutingState:
         with _unavailable("redis"):
-            revision, state = await self._redis.hmget(self._key, ["revision", "state"])
-        return RoutingState.from_json(int(revision or 0), state)
+            revision, state, records = await self._redis.hmget(
+                self._key, ["revision", "state", "records"]
+            )
+        return RoutingState.from_json(int(revision or 0), state, records)
 
     async def commit(
         self, expected_revision: int, state: RoutingState, entries: Sequence[AuditEntry]
@@ -122,6 +126,7 @@ class RedisRoutingStore:
             state.revision,
             state.to_json(),
             self._audit_max_len,
+            state.records_json(),
             *(e.to_json() for e in entries),
         ]
         with _unavailable("redis"):
@@ -209,7 +214,11 @@ class FileRoutingStore:
         except FileNotFoundError:
             return RoutingState()
         data: dict[str, Any] = json.loads(text)
-        return RoutingState.from_json(int(data["revision"]), json.dumps(data["endpoints"]))
+        return RoutingState.from_json(
+            int(data["revision"]),
+            json.dumps(data["endpoints"]),
+            json.dumps(data.get("records") or {}),
+        )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -227,7 +236,10 @@ class FileRoutingStore:
         with self._locked():
             if self._read().revision != expected_revision:
                 return False
-            document = f'{{"revision":{state.revision},"endpoints":{state.to_json()}}}'
+            document = (
+                f'{{"revision":{state.revision},"endpoints":{state.to_json()},'
+                f'"records":{state.records_json()}}}'
+            )
             scratch = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
             with scratch.open("w") as out:
                 out.write(document)

@@ -4,7 +4,11 @@ Every server process runs one ``RoutingSync``:
 
 * **start**: read the store; endpoints found in the repository but absent from the
   state are bootstrapped (configured champion, else the highest version that
-  loads) and persisted with actor ``bootstrap``; then the state is applied. If the
+  loads) and persisted with actor ``bootstrap``; then the state is applied. A model
+  that requires approval (``server.routing.evidence``) is bootstrapped only with an
+  approved champion (configured, else the highest approved): with none it is not
+  served (Score: NOT_FOUND; logged, and ListModels shows why each version is
+  unapproved) until a version is approved and then loaded with LoadVersion. If the
   store cannot be reached the process serves the bootstrap state and keeps trying.
 * **watch**: poll the store's revision every ``poll_interval_s``; on a new revision,
   apply it: load the versions that should be loaded (off the event loop; a version
@@ -35,6 +39,7 @@ from server.errors import DependencyUnavailable, ModelLoadError
 from server.metrics import Metrics
 from server.registry import LoadedVersion, ModelRegistry, RouteSpec, ServingOptions, scan_repository
 from server.router import CanaryRoute, version_sort_key
+from server.routing.evidence import ApprovalGate
 from server.routing.state import AuditEntry, EndpointState, RoutingState, initial_state
 from server.routing.store import RoutingStore
 
@@ -59,8 +64,10 @@ class RoutingSync:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         on_applied: Callable[[RoutingState], None] | None = None,
+        gate: ApprovalGate | None = None,
     ) -> None:
         self._registry = registry
+        self._gate = gate
         self._store = store
         self._repository = repository
         self._options_for = options_for
@@ -198,7 +205,7 @@ class RoutingSync:
             for name, endpoint in sorted(applied.endpoints.items())
         ]
         restored = RoutingState(
-            1, {n: replace(e, revision=1) for n, e in applied.endpoints.items()}
+            1, {n: replace(e, revision=1) for n, e in applied.endpoints.items()}, applied.records
         )
         if await self._store.commit(0, restored, entries):
             logger.warning("routing store was empty; restored the applied state")
@@ -282,10 +289,13 @@ class RoutingSync:
             if name in known:
                 continue
             options = self._options_for(name)
+            allowed = await self._approved(name, [d.name for d in dirs], state)
             loaded = []
             for version_dir in dirs:
                 version = version_dir.name
                 if options.versions is not None and version not in options.versions:
+                    continue
+                if version not in allowed:
                     continue
                 if self._registry.has(name, version):
                     loaded.append(version)
@@ -310,7 +320,7 @@ class RoutingSync:
                 n: replace(s, revision=revision, updated_at=now, updated_by=BOOTSTRAP)
                 for n, s in missing.items()
             }
-            new_state = RoutingState(revision, {**state.endpoints, **stamped})
+            new_state = RoutingState(revision, {**state.endpoints, **stamped}, state.records)
             entries = [
                 AuditEntry(
                     time=now,
@@ -329,6 +339,32 @@ class RoutingSync:
                 logger.info("routing bootstrapped", extra={"endpoints": sorted(stamped)})
                 return new_state
             state = await self._store.read()
+
+    async def _approved(
+        self, name: str, loaded: list[str], state: RoutingState | None
+    ) -> list[str]:
+        """The versions of ``loaded`` that may be loaded at ``name``'s first start (a model
+        requiring approval: only approved ones, so only they can become champion)."""
+        if not loaded or self._gate is None or not await self._gate.required_async(name):
+            return loaded
+        records = state.records if state is not None else {}
+        approved = []
+        for version in loaded:
+            problem = await self._gate.problem(name, version, records)
+            if problem is None:
+                approved.append(version)
+            else:
+                logger.warning(
+                    "version not approved: it cannot be the first champion",
+                    extra={"model": name, "version": version, "problem": problem},
+                )
+        if not approved:
+            logger.error(
+                "model requires approval and has no approved version: not served until one "
+                "is approved and loaded",
+                extra={"model": name},
+            )
+        return approved
 
 
 def _origin() -> str:

@@ -55,6 +55,8 @@ def _calls(stub: apb_grpc.AdminAsyncStub) -> dict[str, Callable[..., Awaitable[A
         "Promote": (stub.Promote, apb.PromoteRequest(endpoint="lin")),
         "Rollback": (stub.Rollback, apb.RollbackRequest(endpoint="lin")),
         "ListAudit": (stub.ListAudit, apb.ListAuditRequest()),
+        "Approve": (stub.Approve, apb.ApproveRequest(endpoint="lin", version="1")),
+        "Revoke": (stub.Revoke, apb.RevokeRequest(endpoint="lin", version="1")),
     }
     assert set(requests) == set(apb.DESCRIPTOR.services_by_name["Admin"].methods_by_name), (
         "a new Admin method needs a credentials test"

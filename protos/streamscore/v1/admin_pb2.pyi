@@ -165,6 +165,57 @@ class EndpointState(_message.Message):
 Global___EndpointState: _TypeAlias = EndpointState  # noqa: Y015
 
 @_typing.final
+class VersionApproval(_message.Message):
+    """A version's approval as it stands now (re-checked against the files on disk)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    APPROVED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ARTIFACT_SHA256_FIELD_NUMBER: _builtins.int
+    REPORT_SHA256_FIELD_NUMBER: _builtins.int
+    SUBMITTERS_FIELD_NUMBER: _builtins.int
+    required: _builtins.bool
+    """The model requires approval before champion or canary traffic."""
+    problem: _builtins.str
+    """Why the version is not approved now ("" = approved): no report, no approval,
+    or the approval is void (artifact or report changed, approver is a submitter).
+    """
+    approved_by: _builtins.str
+    """The approval on record, if any (may be void: see problem)."""
+    reason: _builtins.str
+    artifact_sha256: _builtins.str
+    report_sha256: _builtins.str
+    @_builtins.property
+    def approved_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def submitters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Who submitted (manifest submitted_by, else "repository") or loaded it."""
+
+    def __init__(
+        self,
+        *,
+        required: _builtins.bool = ...,
+        problem: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
+        approved_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        artifact_sha256: _builtins.str = ...,
+        report_sha256: _builtins.str = ...,
+        submitters: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approved_at", b"approved_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_at", b"approved_at", "approved_by", b"approved_by", "artifact_sha256", b"artifact_sha256", "problem", b"problem", "reason", b"reason", "report_sha256", b"report_sha256", "required", b"required", "submitters", b"submitters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionApproval: _TypeAlias = VersionApproval  # noqa: Y015
+
+@_typing.final
 class ModelVersion(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -172,6 +223,7 @@ class ModelVersion(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     status: Global___VersionStatus.ValueType
     error: _builtins.str
@@ -179,6 +231,8 @@ class ModelVersion(_message.Message):
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"champion", "canary", "shadow", "previous_champion"."""
 
+    @_builtins.property
+    def approval(self) -> Global___VersionApproval: ...
     def __init__(
         self,
         *,
@@ -186,10 +240,11 @@ class ModelVersion(_message.Message):
         status: Global___VersionStatus.ValueType = ...,
         roles: _abc.Iterable[_builtins.str] | None = ...,
         error: _builtins.str = ...,
+        approval: Global___VersionApproval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "roles", b"roles", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "error", b"error", "roles", b"roles", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -434,6 +489,57 @@ class ChangeResponse(_message.Message):
 Global___ChangeResponse: _TypeAlias = ChangeResponse  # noqa: Y015
 
 @_typing.final
+class ApproveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    version: _builtins.str
+    reason: _builtins.str
+    """Why (required; recorded with the approval and in the audit log)."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        version: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveRequest: _TypeAlias = ApproveRequest  # noqa: Y015
+
+@_typing.final
+class RevokeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    version: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        version: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
+
+@_typing.final
 class ListAuditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -473,6 +579,7 @@ class AuditEntry(_message.Message):
     BEFORE_FIELD_NUMBER: _builtins.int
     AFTER_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    DETAIL_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     actor: _builtins.str
     """The credential's name ("admin", a named token) or "bootstrap"."""
@@ -480,7 +587,9 @@ class AuditEntry(_message.Message):
     """The caller's address."""
     endpoint: _builtins.str
     action: _builtins.str
-    """"load", "unload", "set_routing", "promote", "rollback", "bootstrap", "restore", ..."""
+    """"load", "unload", "set_routing", "promote", "rollback", "approve", "revoke",
+    "bootstrap", "restore", "rollout_*", or the RPC name of a call refused for its role.
+    """
     reason: _builtins.str
     outcome: _builtins.str
     """"applied" or "refused"."""
@@ -488,6 +597,10 @@ class AuditEntry(_message.Message):
     """Why it was refused."""
     revision: _builtins.int
     """State revision written by this change (the current one for a refusal)."""
+    detail_json: _builtins.str
+    """What else the action concerned, as a JSON object (an approval: version and the
+    sha256 of its artifact and report); "" = nothing.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -511,10 +624,11 @@ class AuditEntry(_message.Message):
         before: Global___EndpointState | None = ...,
         after: Global___EndpointState | None = ...,
         revision: _builtins.int = ...,
+        detail_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "after", b"after", "before", b"before", "endpoint", b"endpoint", "error", b"error", "id", b"id", "outcome", b"outcome", "peer", b"peer", "reason", b"reason", "revision", b"revision", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "after", b"after", "before", b"before", "detail_json", b"detail_json", "endpoint", b"endpoint", "error", b"error", "id", b"id", "outcome", b"outcome", "peer", b"peer", "reason", b"reason", "revision", b"revision", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

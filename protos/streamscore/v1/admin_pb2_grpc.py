@@ -28,7 +28,17 @@ if _version_not_supported:
 class AdminStub:
     """Lists, loads and unloads model versions and changes routing. Served on the
     scoring port unless server.admin_port is set. Every call needs credentials
-    (`authorization: Bearer <token>` metadata); without them: UNAUTHENTICATED.
+    (`authorization: Bearer <token>` metadata, or a client certificate on an admin
+    port with mutual TLS); without them: UNAUTHENTICATED. Each credential has roles:
+    viewer (ListModels, ListAudit), deployer (LoadVersion, UnloadVersion, SetRouting,
+    Promote, Rollback), approver (Approve, Revoke), admin (everything); every role can
+    read. A call without its role: PERMISSION_DENIED naming the role needed.
+
+    Approval gate: for a model that requires approval, SetRouting/Promote/Rollback/
+    LoadVersion that would make a version champion or raise its canary share is
+    FAILED_PRECONDITION unless the version is approved (bound to the sha256 of its
+    artifact and of its validation_report.json, by someone who neither submitted
+    nor loaded it). Shadows need no approval.
 
     Changes are persisted with compare-and-set, applied by every server process
     within a second, and audit-logged. Errors: NOT_FOUND (unknown endpoint or
@@ -78,12 +88,32 @@ class AdminStub:
                 request_serializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/streamscore.v1.Admin/Approve',
+                request_serializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/streamscore.v1.Admin/Revoke',
+                request_serializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
     """Lists, loads and unloads model versions and changes routing. Served on the
     scoring port unless server.admin_port is set. Every call needs credentials
-    (`authorization: Bearer <token>` metadata); without them: UNAUTHENTICATED.
+    (`authorization: Bearer <token>` metadata, or a client certificate on an admin
+    port with mutual TLS); without them: UNAUTHENTICATED. Each credential has roles:
+    viewer (ListModels, ListAudit), deployer (LoadVersion, UnloadVersion, SetRouting,
+    Promote, Rollback), approver (Approve, Revoke), admin (everything); every role can
+    read. A call without its role: PERMISSION_DENIED naming the role needed.
+
+    Approval gate: for a model that requires approval, SetRouting/Promote/Rollback/
+    LoadVersion that would make a version champion or raise its canary share is
+    FAILED_PRECONDITION unless the version is approved (bound to the sha256 of its
+    artifact and of its validation_report.json, by someone who neither submitted
+    nor loaded it). Shadows need no approval.
 
     Changes are persisted with compare-and-set, applied by every server process
     within a second, and audit-logged. Errors: NOT_FOUND (unknown endpoint or
@@ -142,6 +172,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Approve(self, request, context):
+        """Approves a version as its artifact and validation report are now. NOT_FOUND:
+        not in the repository; FAILED_PRECONDITION: no validation report;
+        PERMISSION_DENIED: the caller submitted or loaded it ("approver must differ
+        from submitter").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """Withdraws a version's approval (routing already given to it stays; it cannot
+        get more until approved again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +228,16 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
                     response_serializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
             ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ApproveRequest.FromString,
+                    response_serializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.RevokeRequest.FromString,
+                    response_serializer=protos_dot_streamscore_dot_v1_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'streamscore.v1.Admin', rpc_method_handlers)
@@ -191,7 +249,17 @@ def add_AdminServicer_to_server(servicer, server):
 class Admin:
     """Lists, loads and unloads model versions and changes routing. Served on the
     scoring port unless server.admin_port is set. Every call needs credentials
-    (`authorization: Bearer <token>` metadata); without them: UNAUTHENTICATED.
+    (`authorization: Bearer <token>` metadata, or a client certificate on an admin
+    port with mutual TLS); without them: UNAUTHENTICATED. Each credential has roles:
+    viewer (ListModels, ListAudit), deployer (LoadVersion, UnloadVersion, SetRouting,
+    Promote, Rollback), approver (Approve, Revoke), admin (everything); every role can
+    read. A call without its role: PERMISSION_DENIED naming the role needed.
+
+    Approval gate: for a model that requires approval, SetRouting/Promote/Rollback/
+    LoadVersion that would make a version champion or raise its canary share is
+    FAILED_PRECONDITION unless the version is approved (bound to the sha256 of its
+    artifact and of its validation_report.json, by someone who neither submitted
+    nor loaded it). Shadows need no approval.
 
     Changes are persisted with compare-and-set, applied by every server process
     within a second, and audit-logged. Errors: NOT_FOUND (unknown endpoint or
@@ -379,6 +447,60 @@ class Admin:
             '/streamscore.v1.Admin/ListAudit',
             protos_dot_streamscore_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
             protos_dot_streamscore_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamscore.v1.Admin/Approve',
+            protos_dot_streamscore_dot_v1_dot_admin__pb2.ApproveRequest.SerializeToString,
+            protos_dot_streamscore_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamscore.v1.Admin/Revoke',
+            protos_dot_streamscore_dot_v1_dot_admin__pb2.RevokeRequest.SerializeToString,
+            protos_dot_streamscore_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,7 +29,17 @@ GRPC_VERSION: str
 class AdminStub:
     """Lists, loads and unloads model versions and changes routing. Served on the
     scoring port unless server.admin_port is set. Every call needs credentials
-    (`authorization: Bearer <token>` metadata); without them: UNAUTHENTICATED.
+    (`authorization: Bearer <token>` metadata, or a client certificate on an admin
+    port with mutual TLS); without them: UNAUTHENTICATED. Each credential has roles:
+    viewer (ListModels, ListAudit), deployer (LoadVersion, UnloadVersion, SetRouting,
+    Promote, Rollback), approver (Approve, Revoke), admin (everything); every role can
+    read. A call without its role: PERMISSION_DENIED naming the role needed.
+
+    Approval gate: for a model that requires approval, SetRouting/Promote/Rollback/
+    LoadVersion that would make a version champion or raise its canary share is
+    FAILED_PRECONDITION unless the version is approved (bound to the sha256 of its
+    artifact and of its validation_report.json, by someone who neither submitted
+    nor loaded it). Shadows need no approval.
 
     Changes are persisted with compare-and-set, applied by every server process
     within a second, and audit-logged. Errors: NOT_FOUND (unknown endpoint or
@@ -58,12 +68,32 @@ class AdminStub:
     """Makes the previous champion the champion again."""
     ListAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]
     """The audit log, newest first."""
+    Approve: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ApproveRequest, _admin_pb2.ChangeResponse]
+    """Approves a version as its artifact and validation report are now. NOT_FOUND:
+    not in the repository; FAILED_PRECONDITION: no validation report;
+    PERMISSION_DENIED: the caller submitted or loaded it ("approver must differ
+    from submitter").
+    """
+    Revoke: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.ChangeResponse]
+    """Withdraws a version's approval (routing already given to it stays; it cannot
+    get more until approved again).
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
     """Lists, loads and unloads model versions and changes routing. Served on the
     scoring port unless server.admin_port is set. Every call needs credentials
-    (`authorization: Bearer <token>` metadata); without them: UNAUTHENTICATED.
+    (`authorization: Bearer <token>` metadata, or a client certificate on an admin
+    port with mutual TLS); without them: UNAUTHENTICATED. Each credential has roles:
+    viewer (ListModels, ListAudit), deployer (LoadVersion, UnloadVersion, SetRouting,
+    Promote, Rollback), approver (Approve, Revoke), admin (everything); every role can
+    read. A call without its role: PERMISSION_DENIED naming the role needed.
+
+    Approval gate: for a model that requires approval, SetRouting/Promote/Rollback/
+    LoadVersion that would make a version champion or raise its canary share is
+    FAILED_PRECONDITION unless the version is approved (bound to the sha256 of its
+    artifact and of its validation_report.json, by someone who neither submitted
+    nor loaded it). Shadows need no approval.
 
     Changes are persisted with compare-and-set, applied by every server process
     within a second, and audit-logged. Errors: NOT_FOUND (unknown endpoint or
@@ -89,11 +119,31 @@ class AdminAsyncStub(AdminStub):
     """Makes the previous champion the champion again."""
     ListAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRequest, _admin_pb2.ListAuditResponse]  # type: ignore[assignment]
     """The audit log, newest first."""
+    Approve: _aio.UnaryUnaryMultiCallable[_admin_pb2.ApproveRequest, _admin_pb2.ChangeResponse]  # type: ignore[assignment]
+    """Approves a version as its artifact and validation report are now. NOT_FOUND:
+    not in the repository; FAILED_PRECONDITION: no validation report;
+    PERMISSION_DENIED: the caller submitted or loaded it ("approver must differ
+    from submitter").
+    """
+    Revoke: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeRequest, _admin_pb2.ChangeResponse]  # type: ignore[assignment]
+    """Withdraws a version's approval (routing already given to it stays; it cannot
+    get more until approved again).
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Lists, loads and unloads model versions and changes routing. Served on the
     scoring port unless server.admin_port is set. Every call needs credentials
-    (`authorization: Bearer <token>` metadata); without them: UNAUTHENTICATED.
+    (`authorization: Bearer <token>` metadata, or a client certificate on an admin
+    port with mutual TLS); without them: UNAUTHENTICATED. Each credential has roles:
+    viewer (ListModels, ListAudit), deployer (LoadVersion, UnloadVersion, SetRouting,
+    Promote, Rollback), approver (Approve, Revoke), admin (everything); every role can
+    read. A call without its role: PERMISSION_DENIED naming the role needed.
+
+    Approval gate: for a model that requires approval, SetRouting/Promote/Rollback/
+    LoadVersion that would make a version champion or raise its canary share is
+    FAILED_PRECONDITION unless the version is approved (bound to the sha256 of its
+    artifact and of its validation_report.json, by someone who neither submitted
+    nor loaded it). Shadows need no approval.
 
     Changes are persisted with compare-and-set, applied by every server process
     within a second, and audit-logged. Errors: NOT_FOUND (unknown endpoint or
@@ -159,5 +209,27 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAuditResponse, _abc.Awaitable[_admin_pb2.ListAuditResponse]]:
         """The audit log, newest first."""
+
+    @_abc_1.abstractmethod
+    def Approve(
+        self,
+        request: _admin_pb2.ApproveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ChangeResponse, _abc.Awaitable[_admin_pb2.ChangeResponse]]:
+        """Approves a version as its artifact and validation report are now. NOT_FOUND:
+        not in the repository; FAILED_PRECONDITION: no validation report;
+        PERMISSION_DENIED: the caller submitted or loaded it ("approver must differ
+        from submitter").
+        """
+
+    @_abc_1.abstractmethod
+    def Revoke(
+        self,
+        request: _admin_pb2.RevokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ChangeResponse, _abc.Awaitable[_admin_pb2.ChangeResponse]]:
+        """Withdraws a version's approval (routing already given to it stays; it cannot
+        get more until approved again).
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
