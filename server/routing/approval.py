@@ -21,10 +21,9 @@ from types import MappingProxyType
 from typing import Any
 
 from server.errors import ScoringError, Status
+from server.governance.report import REPORT_FILE as REPORT_FILE
 from server.router import BASIS_POINTS
 
-#: The validation report's file name in a version directory.
-REPORT_FILE = "validation_report.json"
 #: The submitter of a version that was in the repository when it was first served
 #: and whose manifest names no ``submitted_by``.
 REPOSITORY_SUBMITTER = "repository"
