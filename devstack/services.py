@@ -246,6 +246,11 @@ def _spawn_cluster_node(
     )
 
 
+def _stop_all(nodes: list[RedisServer]) -> None:
+    for node in nodes:
+        node.stop()
+
+
 def _cluster_ok(host: str, port: int) -> bool:
     reply = subprocess.run(
         ["redis-cli", "-h", host, "-p", str(port), "cluster", "info"],
@@ -285,7 +290,7 @@ def redis_cluster(
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rc-")))
         nodes: list[RedisServer] = []
-        stack.callback(lambda: [node.stop() for node in nodes])
+        stack.callback(_stop_all, nodes)
         for _ in range(primaries * 2):
             port = free_port(host)
             bus_port = free_port(host)
@@ -295,10 +300,14 @@ def redis_cluster(
             wait_for_port(host, node.port, 10.0, node.process)
         subprocess.run(
             [
-                "redis-cli", "--cluster", "create",
+                "redis-cli",
+                "--cluster",
+                "create",
                 *(f"{host}:{node.port}" for node in nodes),
-                "--cluster-replicas", "1", "--cluster-yes",
-            ],  # fmt: skip
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -150,7 +150,7 @@ async def uncovered_reason(client: AnyRedis) -> str | None:
     return None
 
 
-async def scan_keys(client: AnyRedis, match: str, count: int = 1000) -> AsyncIterator[bytes]:
+async def scan_keys(client: AnyRedis, match: str, count: int = 1000) -> AsyncIterator[bytes | str]:
     """Every key matching ``match``; on a cluster, from every primary (each scanned to
     the end), so nothing is missed however the keys spread over the slots."""
     if isinstance(client, RedisCluster):
