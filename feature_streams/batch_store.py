@@ -69,7 +69,7 @@ from feature_streams.keys import (
     previous_key,
     registry_key,
 )
-from feature_streams.redis_client import AnyRedis
+from feature_streams.redis_client import AnyRedis, scan_keys
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -396,10 +396,10 @@ async def _delete_marked(client: AnyRedis, group: str, snapshot_id: str) -> int:
     removed = 0
     batch: list[Any] = []
     pattern = data_key_pattern(group, snapshot_id)
-    async for key in client.scan_iter(match=pattern, count=_DELETE_CHUNK):
+    async for key in scan_keys(client, pattern, _DELETE_CHUNK):  # every primary
         batch.append(key)
         if len(batch) >= _DELETE_CHUNK:
-            removed += int(await client.unlink(*batch))
+            removed += int(await client.unlink(*batch))  # split per slot on a cluster
             batch.clear()
     if batch:
         removed += int(await client.unlink(*batch))
