@@ -51,7 +51,6 @@ from typing import Final, Literal, TextIO
 
 import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.types as pat  # type: ignore[import-untyped, unused-ignore]
-from redis.asyncio import Redis
 
 from feature_streams.batch_store import (
     DEFAULT_CHUNK_SIZE,
@@ -71,6 +70,7 @@ from feature_streams.definitions import (
     EntityKeyError,
     FeatureDefinitions,
 )
+from feature_streams.redis_client import AnyRedis, RedisOptions, connect
 
 __all__ = [
     "BatchFileError",
@@ -551,7 +551,7 @@ async def load_group_file(
         if progress
         else None
     )
-    client = Redis.from_url(redis_url)
+    client = await connect(RedisOptions(redis_url))
     written = False
     try:
         try:
@@ -608,7 +608,7 @@ def _check_unchanged(summary: FileSummary) -> None:
         raise BatchFileError(summary.path, ["the file changed while it was being loaded"])
 
 
-async def _discard(client: Redis, group: str, snapshot_id: str) -> None:
+async def _discard(client: AnyRedis, group: str, snapshot_id: str) -> None:
     try:
         await delete_snapshot(client, group, snapshot_id)
     except Exception as error:  # the original error matters more; GC removes it later
@@ -623,7 +623,7 @@ async def rollback_group(redis_url: str, group: str) -> ActivateResult:
 
     Raises :class:`feature_streams.batch_store.SnapshotStateError` when there is none.
     """
-    client = Redis.from_url(redis_url)
+    client = await connect(RedisOptions(redis_url))
     try:
         return await rollback(client, group)
     finally:

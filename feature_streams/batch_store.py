@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from string import Template
 from typing import Any, Final
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
@@ -70,6 +69,7 @@ from feature_streams.keys import (
     previous_key,
     registry_key,
 )
+from feature_streams.redis_client import AnyRedis, scan_keys
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -172,14 +172,14 @@ class ActivateResult:
     changed: bool
 
 
-async def list_snapshots(client: Redis, group: str) -> list[SnapshotInfo]:
+async def list_snapshots(client: AnyRedis, group: str) -> list[SnapshotInfo]:
     """Every registered snapshot of ``group``, oldest first."""
     raw: dict[Any, Any] = await client.hgetall(registry_key(check_group(group)))
     infos = [SnapshotInfo.from_json(group, as_text(k) or "", v) for k, v in raw.items()]
     return sorted(infos, key=lambda i: (i.created_at_ms, i.snapshot_id))
 
 
-async def get_pointers(client: Redis, group: str) -> tuple[str | None, str | None]:
+async def get_pointers(client: AnyRedis, group: str) -> tuple[str | None, str | None]:
     """``(active, previous)`` snapshot ids of ``group`` (``None`` when unset)."""
     active, previous = await client.mget(active_key(group), previous_key(group))
     return as_text(active), as_text(previous)
@@ -220,7 +220,7 @@ def _state_error(exc: ResponseError) -> SnapshotStateError:
 
 
 async def write_snapshot(
-    client: Redis,
+    client: AnyRedis,
     group: str,
     rows: Iterable[tuple[str, Mapping[str, float]]],
     *,
@@ -336,7 +336,7 @@ return {target, active or '', retired, 1}
 """)
 
 
-async def _flip(client: Redis, group: str, target: str) -> ActivateResult:
+async def _flip(client: AnyRedis, group: str, target: str) -> ActivateResult:
     try:
         reply = await client.eval(_ACTIVATE_LUA, 3, *meta_keys(group), target, _now_ms())
     except ResponseError as exc:
@@ -351,7 +351,7 @@ async def _flip(client: Redis, group: str, target: str) -> ActivateResult:
     return result
 
 
-async def activate(client: Redis, group: str, snapshot_id: str) -> ActivateResult:
+async def activate(client: AnyRedis, group: str, snapshot_id: str) -> ActivateResult:
     """Atomically make ``snapshot_id`` active; the old active becomes previous.
 
     The old previous becomes ``retired`` (deleted later by :func:`collect_garbage`).
@@ -361,7 +361,7 @@ async def activate(client: Redis, group: str, snapshot_id: str) -> ActivateResul
     return await _flip(client, group, check_snapshot_id(snapshot_id))
 
 
-async def rollback(client: Redis, group: str) -> ActivateResult:
+async def rollback(client: AnyRedis, group: str) -> ActivateResult:
     """Swap active and previous atomically (the rolled-back snapshot becomes previous).
 
     Raises :class:`SnapshotStateError` when there is no previous snapshot.
@@ -391,15 +391,15 @@ return 1
 """)
 
 
-async def _delete_marked(client: Redis, group: str, snapshot_id: str) -> int:
+async def _delete_marked(client: AnyRedis, group: str, snapshot_id: str) -> int:
     """UNLINK a ``deleting`` snapshot's data keys in chunks, then drop its entry."""
     removed = 0
     batch: list[Any] = []
     pattern = data_key_pattern(group, snapshot_id)
-    async for key in client.scan_iter(match=pattern, count=_DELETE_CHUNK):
+    async for key in scan_keys(client, pattern, _DELETE_CHUNK):  # every primary
         batch.append(key)
         if len(batch) >= _DELETE_CHUNK:
-            removed += int(await client.unlink(*batch))
+            removed += int(await client.unlink(*batch))  # split per slot on a cluster
             batch.clear()
     if batch:
         removed += int(await client.unlink(*batch))
@@ -411,7 +411,7 @@ async def _delete_marked(client: Redis, group: str, snapshot_id: str) -> int:
     return removed
 
 
-async def delete_snapshot(client: Redis, group: str, snapshot_id: str) -> bool:
+async def delete_snapshot(client: AnyRedis, group: str, snapshot_id: str) -> bool:
     """Delete a snapshot now, whatever its age, unless it is active or previous.
 
     For discarding a failed or unwanted load. Returns whether it was deleted.
@@ -431,7 +431,7 @@ async def delete_snapshot(client: Redis, group: str, snapshot_id: str) -> bool:
 
 
 async def collect_garbage(
-    client: Redis,
+    client: AnyRedis,
     group: str,
     *,
     grace_s: float = DEFAULT_GRACE_S,

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from feature_streams.keys import LAST_TS_FIELD_BYTES, active_key, as_text, check_group, tile_key
@@ -43,6 +42,7 @@ from feature_streams.read_plan import (
     StreamColumns,
     queue_reads,
 )
+from feature_streams.redis_client import AnyRedis
 
 __all__ = [
     "SNAPSHOT_GONE",
@@ -70,7 +70,7 @@ class BatchSnapshotCache:
 
     def __init__(
         self,
-        client: Redis,
+        client: AnyRedis,
         groups: Iterable[str],
         *,
         refresh_interval_s: float = 0.5,
@@ -189,7 +189,7 @@ class FeatureFetcher:
     Does not own ``client`` or ``snapshots`` (the caller starts, stops and closes them).
     """
 
-    def __init__(self, client: Redis, snapshots: BatchSnapshotCache) -> None:
+    def __init__(self, client: AnyRedis, snapshots: BatchSnapshotCache) -> None:
         self._client = client
         self._snapshots = snapshots
         self._refreshing: asyncio.Task[object] | None = None

@@ -72,11 +72,11 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from feature_streams.keys import LAST_TS_FIELD, lua_string, offset_field
+from feature_streams.redis_client import AnyRedis
 from feature_streams.windows import GroupPlan, TileUpdate, UpdateOp, expired_fields
 
 __all__ = [
@@ -240,12 +240,12 @@ class TileStore:
     the client returns (``bytes`` by default), which :func:`windows.read_hash` takes.
     """
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: AnyRedis) -> None:
         self._client = client
         self._script: AsyncScript = client.register_script(APPLY_SCRIPT)
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> AnyRedis:
         """The Redis client this store uses."""
         return self._client
 
@@ -330,7 +330,7 @@ class TileStore:
         return deleted
 
 
-async def read_hashes(client: Redis, keys: Sequence[str]) -> list[dict[Any, Any]]:
+async def read_hashes(client: AnyRedis, keys: Sequence[str]) -> list[dict[Any, Any]]:
     """``HGETALL`` of every key in one pipeline round trip, in order; a missing key
     reads as ``{}``. Pass each to :func:`windows.read_hash`."""
     if not keys:

@@ -15,6 +15,7 @@ batchers drained, models released, Redis closed, metrics endpoint closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import threading
@@ -28,10 +29,19 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from feature_streams.definitions import FeatureDefinitions, load_definitions
 from feature_streams.fetcher import BatchSnapshotCache
+from feature_streams.redis_client import (
+    AnyRedis,
+    RedisModeMismatchError,
+    RedisOptions,
+    client_for,
+    connect,
+    is_cluster,
+    uncovered_reason,
+)
 from protos.inference import grpc_service_pb2 as v2
 from protos.inference import grpc_service_pb2_grpc as v2_grpc
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
@@ -87,7 +97,10 @@ class AppContext:
         self.clock = clock
         self.metrics = Metrics()
         self.definitions: FeatureDefinitions | None = None
-        self.redis: Redis | None = None
+        self.redis: AnyRedis | None = None
+        self.redis_uncovered: str | None = None
+        """Why the Redis Cluster cannot serve every slot (health NOT_SERVING meanwhile)."""
+        self._coverage_task: asyncio.Task[None] | None = None
         self.snapshots: BatchSnapshotCache | None = None
         self.feature_store: FeatureStore | None = None
         self.registry = ModelRegistry(self.metrics.observer_for)
@@ -209,17 +222,60 @@ class AppContext:
         if self.rollout_stats is not None:
             sync_windows(self.rollout_stats, state)
 
-    def _redis_client(self) -> Redis:
-        """The process's one Redis pool (features and routing state share it)."""
-        if self.redis is None:
-            redis = self.settings.redis
-            self.redis = Redis.from_url(
-                redis.url,
-                max_connections=redis.pool_max_connections,
-                socket_timeout=redis.socket_timeout_s,
-                socket_connect_timeout=redis.socket_timeout_s,
+    def _redis_options(self) -> RedisOptions:
+        redis = self.settings.redis
+        return RedisOptions(
+            redis.url,
+            redis.mode,
+            max_connections=redis.pool_max_connections,
+            socket_timeout_s=redis.socket_timeout_s,
+        )
+
+    async def _connect_redis(self) -> None:
+        """Build the process's one Redis client (standalone or cluster, checked against
+        ``redis.mode``) when anything uses Redis; a mismatch raises (exit 2). An
+        unreachable Redis at start falls back to the configured mode (the store
+        degrades until it answers)."""
+        settings = self.settings
+        if settings.features.definitions_path is None and settings.routing_store() != "redis":
+            return
+        try:
+            self.redis = await connect(self._redis_options(), probe_timeout_s=2.0)
+        except RedisModeMismatchError:
+            raise
+        except (RedisError, OSError) as exc:
+            logger.warning("redis not reachable at start (%s); mode %s", exc, settings.redis.mode)
+            cluster = settings.redis.mode == "cluster"
+            self.redis = client_for(self._redis_options(), "cluster" if cluster else "standalone")
+        if is_cluster(self.redis):
+            self._coverage_task = asyncio.create_task(
+                self._watch_coverage(), name="redis-cluster-coverage"
             )
+
+    def _redis_client(self) -> AnyRedis:
+        """The process's one Redis client (features and routing state share it)."""
+        if self.redis is None:
+            self.redis = client_for(self._redis_options(), "standalone")
         return self.redis
+
+    async def _watch_coverage(self, interval_s: float = 1.0) -> None:
+        """Health NOT_SERVING, with the reason logged, while cluster slots are uncovered."""
+        assert self.redis is not None
+        while True:
+            try:
+                reason = await uncovered_reason(self.redis)
+            except Exception as exc:  # never let the watch die
+                reason = f"redis cluster: coverage check failed: {exc}"
+            if reason != self.redis_uncovered:
+                self.redis_uncovered = reason
+                if reason is not None:
+                    logger.error("health NOT_SERVING: %s", reason)
+                    await self._set_health(NOT_SERVING)
+                else:
+                    logger.info("redis cluster slots covered again")
+                    if self._ready:
+                        await self._set_health(SERVING)
+            await asyncio.sleep(interval_s)
 
     def _routing_store(self) -> RoutingStore:
         settings = self.settings
@@ -240,6 +296,7 @@ class AppContext:
 
     async def _start(self) -> None:
         settings = self.settings
+        await self._connect_redis()
         await self._start_feature_store()
         self._start_side_records()
         if settings.routing_store() == "redis":
@@ -351,7 +408,8 @@ class AppContext:
         gc.freeze()
         if self.registry.all_versions():
             self._ready = True
-            await self._set_health(SERVING)
+            if self.redis_uncovered is None:
+                await self._set_health(SERVING)
         else:
             logger.error("no model version loaded; health stays NOT_SERVING")
             await self._set_health(NOT_SERVING)
@@ -376,6 +434,11 @@ class AppContext:
     async def close(self) -> None:
         """Drain and release everything, in reverse order of creation. Idempotent."""
         self._ready = False
+        coverage, self._coverage_task = self._coverage_task, None
+        if coverage is not None:
+            coverage.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await coverage
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.settings.server.grace_period_s)

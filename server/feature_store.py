@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from feature_streams.fetcher import BatchSnapshotCache, FeatureFetcher, default_all
+from feature_streams.redis_client import AnyRedis
 from server.errors import DependencyUnavailable
 from server.features import FailurePolicy, FeatureLayout, Prepared
 
@@ -50,7 +50,7 @@ class FeatureStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: AnyRedis,
         snapshots: BatchSnapshotCache,
         options: StoreOptions = StoreOptions(),
         clock: Callable[[], float] = time.time,

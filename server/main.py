@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import uvloop
 
+from feature_streams.redis_client import RedisModeMismatchError
 from server.app import AppContext
 from server.logs import configure_logging
 from server.settings import Settings
@@ -59,7 +60,11 @@ def run_process(settings: Settings, process_index: int = 0) -> int:
     else:
         runner = asyncio.Runner
     with runner() as loop_runner:
-        loop_runner.run(serve_until_signalled(settings, process_index))
+        try:
+            loop_runner.run(serve_until_signalled(settings, process_index))
+        except RedisModeMismatchError as exc:
+            logger.error("%s", exc)  # the one line naming the mismatch
+            return exc.exit_code
     return 0
 
 

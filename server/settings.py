@@ -453,7 +453,12 @@ class RedisSettings(_Frozen):
     url: str = Field(
         default="redis://127.0.0.1:6379/0",
         pattern=r"^(redis|rediss|unix)://",
-        description="redis://, rediss:// or unix:// URL.",
+        description="redis://, rediss:// or unix:// URL (on a cluster: any node, the seed).",
+    )
+    mode: Literal["standalone", "cluster", "auto"] = Field(
+        default="auto",
+        description="'standalone' (one Redis), 'cluster' (Redis Cluster) or 'auto' "
+        "(detected); a set mode that disagrees with the server exits 2 at start.",
     )
     pool_max_connections: int = Field(
         default=64, ge=1, description="Connections in this process's pool."
@@ -525,10 +530,14 @@ class RoutingSettings(_Frozen):
         "'auto' = redis when features.definitions_path is set, else file.",
     )
     redis_key: str = Field(
-        default="streamscore:routing", min_length=1, description="Hash holding the state."
+        default="streamscore:{routing}",
+        min_length=1,
+        description="Hash holding the state (shares a hash tag with audit_key on a cluster).",
     )
     audit_key: str = Field(
-        default="streamscore:audit", min_length=1, description="Stream holding the audit log."
+        default="streamscore:{routing}:audit",
+        min_length=1,
+        description="Stream holding the audit log (same Redis Cluster slot as redis_key).",
     )
     audit_max_len: int = Field(
         default=100_000, ge=100, description="Audit entries kept in Redis (approximately)."

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
 from feature_streams.definitions import FeatureDefinitions
+from feature_streams.redis_client import RedisModeMismatchError
 from feature_streams.stream_job import WorkerConfig, serve
 from server.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["add_stream_arguments", "run_stream", "worker_config"]
 
@@ -46,6 +50,7 @@ def worker_config(settings: Settings, args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         bootstrap_servers=settings.kafka.bootstrap_servers,
         redis_url=settings.redis.url,
+        redis_mode=settings.redis.mode,
         group_id=settings.kafka.group_id,
         fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
         stream_groups=tuple(args.stream_group),
@@ -62,5 +67,9 @@ def worker_config(settings: Settings, args: argparse.Namespace) -> WorkerConfig:
 
 def run_stream(config: WorkerConfig, definitions: FeatureDefinitions) -> int:
     """Run the worker until SIGTERM/SIGINT; returns the exit status."""
-    asyncio.run(serve(config, definitions))
+    try:
+        asyncio.run(serve(config, definitions))
+    except RedisModeMismatchError as exc:
+        logger.error("%s", exc)  # the one line naming the mismatch
+        return exc.exit_code
     return 0

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from devstack.services import KafkaBroker, RedisServer, kafka_broker, redis_server
+from devstack.services import (
+    KafkaBroker,
+    LocalRedisCluster,
+    RedisServer,
+    kafka_broker,
+    redis_server,
+)
+from devstack.services import redis_cluster as start_redis_cluster
 from tests.support.layout import layout_problem
 from tests.support.model_factory import write_linear_model
 
@@ -52,6 +59,28 @@ def redis_url(redis_process: RedisServer) -> str:
     finally:
         client.close()
     return redis_process.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A real local Redis Cluster (3 primaries, 3 replicas) for the session."""
+    with start_redis_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    """Seed URL of the session's Redis Cluster, every primary emptied before each test."""
+    for node in redis_cluster.nodes:
+        client = redis.Redis(host=node.host, port=node.port)
+        try:
+            if client.info("replication").get("role") == "master":
+                client.flushall()
+        except redis.RedisError:
+            pass  # a node a failover test stopped
+        finally:
+            client.close()
+    return redis_cluster.url
 
 
 @pytest.fixture(scope="session")

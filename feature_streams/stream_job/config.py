@@ -14,6 +14,8 @@ class WorkerConfig:
 
     bootstrap_servers: str
     redis_url: str
+    redis_mode: Literal["standalone", "cluster", "auto"] = "auto"
+    """``redis.mode``: a set mode that disagrees with the server fails the start."""
     group_id: str = "streamscore-features"
     stream_groups: tuple[str, ...] = ()
     """Stream groups to maintain; empty = every group in the definitions."""

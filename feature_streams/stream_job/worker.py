@@ -42,11 +42,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, start_http_server
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from feature_streams.definitions import FeatureDefinitions
 from feature_streams.events import dead_letter_topic
+from feature_streams.redis_client import AnyRedis, RedisOptions, connect
 from feature_streams.stream_job.config import WorkerConfig
 from feature_streams.stream_job.dead_letters import DeadLetterPublisher
 from feature_streams.stream_job.metrics import WorkerMetrics
@@ -126,7 +126,7 @@ class StreamWorker:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._dead_letters: DeadLetterPublisher | None = None
-        self._redis: Redis | None = None
+        self._redis: AnyRedis | None = None
         self._store: TileStore | None = None
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.metrics_port: int | None = None
@@ -182,7 +182,7 @@ class StreamWorker:
             await ensure_topics(
                 cfg.bootstrap_servers, {dead_letter_topic(t): 1 for t in self.topics}
             )
-            self._redis = Redis.from_url(cfg.redis_url)
+            self._redis = await connect(RedisOptions(cfg.redis_url, cfg.redis_mode))
             self._store = TileStore(self._redis)
             self._producer = AIOKafkaProducer(
                 bootstrap_servers=cfg.bootstrap_servers,

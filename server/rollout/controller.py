@@ -36,9 +36,9 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client import Enum as EnumMetric
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from feature_streams.redis_client import AnyRedis
 from server.rollout.policy import (
     Advance,
     Decision,
@@ -228,7 +228,7 @@ class RolloutController:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         actions: RolloutActions,
         rollouts: RolloutSource,
         *,

@@ -35,9 +35,9 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from feature_streams.redis_client import AnyRedis
 from server.rollout.policy import (
     LATENCY_BUCKETS,
     SCORE_BINS,
@@ -161,7 +161,7 @@ class StatsRecorder:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         *,
         flush_interval_s: float = 1.0,
         key_ttl_s: int = DEFAULT_KEY_TTL_S,
@@ -309,7 +309,7 @@ class StatsRecorder:
                     logger.exception("rollout stats flush crashed; retrying next interval")
 
 
-async def read_observation(redis: Redis, state: RolloutState) -> Observation:
+async def read_observation(redis: AnyRedis, state: RolloutState) -> Observation:
     """Canary and champion of ``state``'s current step, and the champion over all steps."""
     step = state.step
     async with redis.pipeline(transaction=False) as pipe:

@@ -7,12 +7,13 @@ audit entry are written together, atomically.
 
 Redis layout (``routing.redis_key`` / ``routing.audit_key``)::
 
-    HASH   streamscore:routing   revision -> "7", state -> {"fraud": {...}, ...},
-                                 records -> {"fraud": {"3": {"approval": ...}}}
-    STREAM streamscore:audit     entry -> {"time":..., "actor":..., "before":..., ...}
+    HASH   streamscore:{routing}         revision -> "7", state -> {"fraud": {...}, ...},
+                                         records -> {"fraud": {"3": {"approval": ...}}}
+    STREAM streamscore:{routing}:audit   entry -> {"time":..., "actor":..., "before":..., ...}
 
-The compare-and-set is one Lua script touching both keys; on Redis Cluster give
-them a common hash tag (e.g. ``{streamscore}:routing`` and ``{streamscore}:audit``).
+The compare-and-set is one Lua script touching both keys, so they share the hash tag
+``{routing}`` (one Redis Cluster slot); on a cluster, keys in different slots are
+refused at construction (``ValueError`` naming both settings).
 
 File layout (``routing.file_path``): ``<path>`` holds ``{"revision": n, "endpoints":
 {...}, "records": {...}}`` (``records``: who loaded each version, its approval),
@@ -34,7 +35,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from server.errors import DependencyUnavailable
@@ -98,8 +100,20 @@ class RedisRoutingStore:
     """State in a Redis hash, audit log in a Redis stream."""
 
     def __init__(
-        self, redis: Redis, key: str, audit_key: str, audit_max_len: int = 100_000
+        self,
+        redis: Redis | RedisCluster,
+        key: str,
+        audit_key: str,
+        audit_max_len: int = 100_000,
     ) -> None:
+        if isinstance(redis, RedisCluster) and key_slot(key.encode()) != key_slot(
+            audit_key.encode()
+        ):
+            raise ValueError(
+                f"routing.redis_key {key!r} and routing.audit_key {audit_key!r} hash to "
+                "different Redis Cluster slots: give them a common hash tag, e.g. "
+                "'streamscore:{routing}' and 'streamscore:{routing}:audit'"
+            )
         self._redis = redis
         self._key = key
         self._audit_key = audit_key

@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import cast
 
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -28,6 +29,7 @@ from feature_streams.read_plan import (
     SnapshotGoneError,
     queue_reads,
 )
+from feature_streams.redis_client import RedisOptions, connect, detect_mode, scan_keys
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -50,11 +52,18 @@ batch_groups:
 SPEC = GroupReadSpec.from_group(DEFS.batch_groups["profile"])
 
 
+@pytest.fixture(params=["standalone", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """One Redis, then the local Redis Cluster (3 primaries): same assertions."""
+    name = "redis_url" if request.param == "standalone" else "redis_cluster_url"
+    return cast(str, request.getfixturevalue(name))
+
+
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_url)
+async def client(store_url: str) -> AsyncIterator[Redis]:
+    redis = await connect(RedisOptions(store_url))
     try:
-        yield redis
+        yield cast(Redis, redis)
     finally:
         await redis.aclose()
 
@@ -69,24 +78,24 @@ def _file(tmp_path: Path, name: str, value: float, n: int = 20) -> Path:
 async def _read(client: Redis, snapshot_id: str | None, entities: list[str]) -> BatchReadResult:
     """The server's path: other commands around ours in one pipeline, then our slice."""
     async with client.pipeline(transaction=False) as pipe:
-        pipe.ping()  # stands in for the stream tile reads queued before ours
+        pipe.hgetall("st:other:x")  # stands in for the stream tile reads queued before ours
         plan = queue_reads(pipe, SPEC, snapshot_id, entities)
-        pipe.ping()
+        pipe.hgetall("st:other:y")
         results = await pipe.execute()
-    assert results[0] is True and results[-1] is True
+    assert results[0] == {} and results[-1] == {}
     return plan.decode(results[1 : 1 + plan.n_commands])
 
 
 async def _keys(client: Redis, snapshot_id: str) -> int:
-    return len([k async for k in client.scan_iter(match=f"bf:profile:{snapshot_id}:*")])
+    return len([k async for k in scan_keys(client, f"bf:profile:{snapshot_id}:*")])
 
 
 async def test_load_then_read_returns_values_defaults_and_missing(
-    client: Redis, redis_url: str, tmp_path: Path
+    client: Redis, store_url: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "p.csv"
     path.write_text("customer_id,limit,count,score\nc1,10.5,3,0.9\nc2,,4,\n")
-    report = await load_group_file(redis_url, DEFS, "profile", path, progress=False)
+    report = await load_group_file(store_url, DEFS, "profile", path, progress=False)
     assert (report.rows, report.previous_snapshot_id, report.deleted_snapshots) == (2, None, ())
     assert report.null_cells == {"limit": 1, "count": 0, "score": 1}
 
@@ -127,30 +136,30 @@ async def test_never_loaded_group_reads_defaults_without_commands(client: Redis)
 
 
 async def test_loads_flip_keep_previous_roll_back_and_delete_the_oldest(
-    client: Redis, redis_url: str, tmp_path: Path
+    client: Redis, store_url: str, tmp_path: Path
 ) -> None:
     first = await load_group_file(
-        redis_url, DEFS, "profile", _file(tmp_path, "a", 1.0), grace_s=0, progress=False
+        store_url, DEFS, "profile", _file(tmp_path, "a", 1.0), grace_s=0, progress=False
     )
     second = await load_group_file(
-        redis_url, DEFS, "profile", _file(tmp_path, "b", 2.0), grace_s=0, progress=False
+        store_url, DEFS, "profile", _file(tmp_path, "b", 2.0), grace_s=0, progress=False
     )
     assert second.previous_snapshot_id == first.snapshot_id
     assert await get_pointers(client, "profile") == (second.snapshot_id, first.snapshot_id)
     assert (await _read(client, second.snapshot_id, ["c0"])).values["c0"]["score"] == 2.0
     assert (await _read(client, first.snapshot_id, ["c0"])).values["c0"]["score"] == 1.0
 
-    back = await rollback_group(redis_url, "profile")
+    back = await rollback_group(store_url, "profile")
     assert (back.active, back.previous) == (first.snapshot_id, second.snapshot_id)
     cache = BatchSnapshotCache(client, ["profile"])
     await cache.refresh()
     restored = await _read(client, cache.snapshot_id("profile"), ["c0", "c5"])
     assert restored.values["c5"] == {"limit": 6.0, "count": 5.0, "score": 1.0}
-    forward = await rollback_group(redis_url, "profile")  # a second rollback undoes the first
+    forward = await rollback_group(store_url, "profile")  # a second rollback undoes the first
     assert (forward.active, forward.previous) == (second.snapshot_id, first.snapshot_id)
 
     third = await load_group_file(
-        redis_url, DEFS, "profile", _file(tmp_path, "c", 3.0), grace_s=0, progress=False
+        store_url, DEFS, "profile", _file(tmp_path, "c", 3.0), grace_s=0, progress=False
     )
     assert third.previous_snapshot_id == second.snapshot_id
     assert third.deleted_snapshots == (first.snapshot_id,)
@@ -164,11 +173,11 @@ async def test_loads_flip_keep_previous_roll_back_and_delete_the_oldest(
 
 
 async def test_deletion_waits_for_the_grace_period(
-    client: Redis, redis_url: str, tmp_path: Path
+    client: Redis, store_url: str, tmp_path: Path
 ) -> None:
     loads = [
         await load_group_file(
-            redis_url, DEFS, "profile", _file(tmp_path, n, v, n=3), grace_s=3600, progress=False
+            store_url, DEFS, "profile", _file(tmp_path, n, v, n=3), grace_s=3600, progress=False
         )
         for n, v in (("a", 1.0), ("b", 2.0), ("c", 3.0))
     ]
@@ -181,13 +190,13 @@ async def test_deletion_waits_for_the_grace_period(
 
 
 async def test_rollback_without_previous_is_refused(
-    client: Redis, redis_url: str, tmp_path: Path
+    client: Redis, store_url: str, tmp_path: Path
 ) -> None:
     with pytest.raises(SnapshotStateError, match="no previous snapshot"):
-        await rollback_group(redis_url, "profile")
-    await load_group_file(redis_url, DEFS, "profile", _file(tmp_path, "a", 1.0), progress=False)
+        await rollback_group(store_url, "profile")
+    await load_group_file(store_url, DEFS, "profile", _file(tmp_path, "a", 1.0), progress=False)
     with pytest.raises(SnapshotStateError, match="no previous snapshot"):
-        await rollback_group(redis_url, "profile")
+        await rollback_group(store_url, "profile")
 
 
 @pytest.mark.parametrize(
@@ -199,26 +208,26 @@ async def test_rollback_without_previous_is_refused(
     ],
 )
 async def test_bad_file_is_refused_before_anything_is_written(
-    client: Redis, redis_url: str, tmp_path: Path, content: str, expected: str
+    client: Redis, store_url: str, tmp_path: Path, content: str, expected: str
 ) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(content)
     with pytest.raises(BatchFileError, match=expected):
-        await load_group_file(redis_url, DEFS, "profile", path, progress=False)
+        await load_group_file(store_url, DEFS, "profile", path, progress=False)
     assert await client.dbsize() == 0
 
 
 async def test_bad_file_leaves_the_active_snapshot_untouched(
-    client: Redis, redis_url: str, tmp_path: Path
+    client: Redis, store_url: str, tmp_path: Path
 ) -> None:
     good = await load_group_file(
-        redis_url, DEFS, "profile", _file(tmp_path, "a", 1.0), progress=False
+        store_url, DEFS, "profile", _file(tmp_path, "a", 1.0), progress=False
     )
     before = sorted(await client.keys("*"))
     bad = tmp_path / "bad.csv"
     bad.write_text("customer_id,limit,count,score\nc1,1,1,oops\n")
     with pytest.raises(BatchFileError, match="column 'score', row 1"):
-        await load_group_file(redis_url, DEFS, "profile", bad, progress=False)
+        await load_group_file(store_url, DEFS, "profile", bad, progress=False)
     assert sorted(await client.keys("*")) == before
     assert await get_pointers(client, "profile") == (good.snapshot_id, None)
 
@@ -286,10 +295,10 @@ async def test_cache_survives_an_unreachable_redis(caplog: pytest.LogCaptureFixt
     assert "batch snapshot refresh failed" in caplog.text
 
 
-async def test_decoded_responses_read_the_same(redis_url: str, client: Redis) -> None:
+async def test_decoded_responses_read_the_same(store_url: str, client: Redis) -> None:
     await write_snapshot(client, "profile", [("c1", {"limit": 7.0})], snapshot_id="s1")
     await activate(client, "profile", "s1")
-    text_client = Redis.from_url(redis_url, decode_responses=True)
+    text_client = cast(Redis, await connect(RedisOptions(store_url, decode_responses=True)))
     try:
         cache = BatchSnapshotCache(text_client, ["profile"])
         assert (await cache.refresh())["profile"] == "s1"
@@ -300,15 +309,18 @@ async def test_decoded_responses_read_the_same(redis_url: str, client: Redis) ->
         await text_client.aclose()
 
 
-async def test_snapshot_flip_under_1000_concurrent_reads_never_mixes(redis_url: str) -> None:
+async def test_snapshot_flip_under_1000_concurrent_reads_never_mixes(store_url: str) -> None:
     """Snapshot A holds 1.0 in every field of every entity, B 2.0. 1,000 readers keep
     reading 5 random entities through the server's read path (cached pointer, one
     pipeline, decode); A is flipped to B after 1,000 reads, with ~1,000 reads in flight,
     and each reader stops once its cache gave it B. No read may mix A and B."""
     n_readers = 1_000
     entities = [f"c{i}" for i in range(200)]
-    pool = BlockingConnectionPool.from_url(redis_url, max_connections=64, timeout=30)
-    client = Redis.from_pool(pool)
+    if await detect_mode(store_url) == "cluster":  # per node, never blocks: room for all
+        client = cast(Redis, await connect(RedisOptions(store_url, max_connections=2048)))
+    else:
+        pool = BlockingConnectionPool.from_url(store_url, max_connections=64, timeout=30)
+        client = Redis.from_pool(pool)
     expected = {"A": 1.0, "B": 2.0}
     counts = {"A": 0, "B": 0, "A_after_flip": 0}
     bad: list[str] = []
