@@ -117,10 +117,13 @@ class ConnectionSettings(_Frozen):
     """Bounds on every gRPC connection of the scoring and admin listeners."""
 
     max_concurrent_streams: int = Field(
-        default=256,
+        default=4096,
         ge=1,
         description="Calls in flight on one connection; more wait on the client (HTTP/2 "
-        "SETTINGS_MAX_CONCURRENT_STREAMS).",
+        "SETTINGS_MAX_CONCURRENT_STREAMS). A client that opens more than this before it has "
+        "read the server's SETTINGS frame gets the excess refused (RST_STREAM REFUSED_STREAM "
+        "-> UNAVAILABLE), so keep it well above any caller's burst; the work itself is "
+        "bounded by each version's queue.",
     )
     keepalive_time_s: float = Field(
         default=60.0, gt=0.0, description="The server pings an idle-transport client this often."

@@ -120,7 +120,10 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
 
 
 def _overrides(url: str, *extra: str) -> list[str]:
-    return [f"features.definitions_path={DEFINITIONS}", f"redis.url={url}", *extra]
+    # A generous fetch timeout: these tests check values, and the 50 ms default trips on a
+    # loaded machine (answers then come degraded); tests of the outage path set their own.
+    timeout = "features.fetch_timeout_s=2.0"
+    return [f"features.definitions_path={DEFINITIONS}", f"redis.url={url}", timeout, *extra]
 
 
 def _request(t_ms: int | None = T0, **entity_ids: str) -> pb.ScoreRequest:
