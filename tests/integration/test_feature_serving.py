@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,9 +445,7 @@ async def test_a_timeout_degrades_only_its_batch_and_repeated_ones_open_the_brea
         assert not recovered.degraded and _echo(recovered)["card_txn_count_5m"] == 4
         assert _breaker_state(srv) == "closed"
         registry = srv.app.metrics.registry
-        assert registry.get_sample_value(
-            "streamscore_feature_fetch_seconds_count"
-        ) == fetches + 1  # type: ignore[operator]
+        assert registry.get_sample_value("streamscore_feature_fetch_seconds_count") == fetches + 1  # type: ignore[operator]
         for state in ("open", "half_open", "closed"):
             assert registry.get_sample_value(
                 "streamscore_feature_store_breaker_transitions_total", {"state": state}
@@ -470,10 +468,19 @@ async def test_a_key_error_degrades_only_that_request_and_never_the_breaker(
             for answer in answers[1::2]:
                 assert not answer.degraded and _echo(answer)["card_txn_count_5m"] == 4
         assert _breaker_state(srv) == "closed"
-        assert srv.app.metrics.registry.get_sample_value(
-            "streamscore_degraded_answers_total", {"reason": "store_key_error"}
-        ) == 50
+        assert (
+            srv.app.metrics.registry.get_sample_value(
+                "streamscore_degraded_answers_total", {"reason": "store_key_error"}
+            )
+            == 50
+        )
     await seeded.client.aclose()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110  (a count other tasks grow, no event)
+            await asyncio.sleep(0.01)
 
 
 async def test_redis_killed_under_load_every_call_answered_and_recovered(
@@ -495,13 +502,11 @@ async def test_redis_killed_under_load_every_call_answered_and_recovered(
 
     async with running_server(repository[0], _breaker_overrides(private_redis.url)) as srv:
         callers = [asyncio.create_task(caller(srv)) for _ in range(8)]
-        while len(answers) < 50:
-            await asyncio.sleep(0.01)
+        await _until(lambda: len(answers) >= 50)
         private_redis.process.kill()  # SIGKILL
         private_redis.process.wait()
         seen = len(answers)
-        while len(answers) < seen + 200:  # calls made while Redis is down
-            await asyncio.sleep(0.01)
+        await _until(lambda: len(answers) >= seen + 200)  # calls made while Redis is down
         down = answers[seen + 50 : seen + 200]
         private_redis.restart()  # empty: no persistence
         reseeded = await _seed(private_redis.url)
