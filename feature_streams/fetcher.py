@@ -14,8 +14,12 @@ is the online read side of the feature store:
   :mod:`feature_streams.windows`). Missing entities, rows and fields get the defined
   defaults and are listed in ``FetchRow.defaulted``.
 
-Redis errors and the timeout are raised to the caller, which owns the failure policy
-(the server: degrade or fail, and the back-off before the next attempt).
+A problem of one key degrades only the rows that read it (``FetchRow.degraded``
+names it): :data:`KEY_ERROR` when Redis answers that key with an error such as
+``WRONGTYPE`` (something other than a hash was written there), :data:`VALUE_INVALID`
+when a stored value is no finite number. Anything else (connection lost, the
+timeout, a server-wide error reply such as ``LOADING`` or ``OOM``) is raised to the
+caller, which owns the failure policy (the server: degrade or fail, its breaker).
 """
 
 from __future__ import annotations
@@ -28,9 +32,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from feature_streams.keys import LAST_TS_FIELD_BYTES, active_key, as_text, check_group, tile_key
+from feature_streams.keys import (
+    LAST_TS_FIELD_BYTES,
+    active_key,
+    as_text,
+    check_group,
+    data_key,
+    registry_key,
+    tile_key,
+)
 from feature_streams.read_plan import (
     BatchColumns,
     BatchReadPlan,
@@ -45,7 +57,9 @@ from feature_streams.read_plan import (
 from feature_streams.redis_client import AnyRedis
 
 __all__ = [
+    "KEY_ERROR",
     "SNAPSHOT_GONE",
+    "VALUE_INVALID",
     "BatchSnapshotCache",
     "FeatureFetcher",
     "FetchResult",
@@ -57,6 +71,19 @@ logger = logging.getLogger(__name__)
 
 SNAPSHOT_GONE = "batch_snapshot_gone"
 """``FetchRow.degraded`` reason: the snapshot read was being deleted (defaults served)."""
+
+KEY_ERROR = "store_key_error"
+"""``FetchRow.degraded`` reason: Redis answered this row's key with an error (e.g.
+``WRONGTYPE``); that group's values are defaults for this row only."""
+
+VALUE_INVALID = "store_value_invalid"
+"""``FetchRow.degraded`` reason: a stored value of this row's key is no finite number;
+the values it feeds are defaults for this row only."""
+
+_KEY_ERRORS = ("WRONGTYPE", "NOPERM")
+"""Error replies about one key (its type, an ACL on it); any other is store-wide."""
+
+_LOG_EVERY_S = 10.0
 
 
 class BatchSnapshotCache:
@@ -193,6 +220,7 @@ class FeatureFetcher:
         self._client = client
         self._snapshots = snapshots
         self._refreshing: asyncio.Task[object] | None = None
+        self._next_log = 0.0
 
     @property
     def snapshots(self) -> BatchSnapshotCache:
@@ -206,7 +234,8 @@ class FeatureFetcher:
 
         Raises ``RedisError``, ``OSError`` or ``TimeoutError`` (after ``timeout_s``)
         when Redis cannot answer; rows may then hold ``defaulted`` entries for missing
-        entity ids, nothing else is changed.
+        entity ids, nothing else is changed. An error about one key degrades only the
+        rows reading it (:data:`KEY_ERROR`, :data:`VALUE_INVALID`).
         """
         if not plan.uses_store or not rows:
             return _NOTHING_READ
@@ -216,8 +245,11 @@ class FeatureFetcher:
             batch_plans, stream_reads = self._queue(plan, rows, pipe)
             if not batch_plans and not stream_reads:
                 return _NOTHING_READ
-            results = await asyncio.wait_for(pipe.execute(), timeout_s)
+            results = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout_s)
         round_trip_s = loop.time() - started
+        for reply in results:
+            if isinstance(reply, BaseException) and not _is_key_error(reply):
+                raise reply
         snapshots: dict[str, str | None] = {}
         gone: list[str] = []
         offset = 0
@@ -230,8 +262,8 @@ class FeatureFetcher:
         for stream, stream_members, keys, unique in stream_reads:
             chunk = results[offset : offset + len(unique)]
             offset += len(unique)
-            fetched = {
-                key: raw if isinstance(raw, dict) else {}
+            fetched: dict[str, Mapping[bytes, bytes] | BaseException] = {
+                key: raw if isinstance(raw, dict | BaseException) else {}
                 for key, raw in zip(unique, chunk, strict=True)
             }
             self._apply_stream_group(stream, stream_members, keys, fetched)
@@ -296,10 +328,26 @@ class FeatureFetcher:
                 item.degraded.append(SNAPSHOT_GONE)
                 defaulted(item, columns.spec.fields, columns.columns)
             return False
+        except ResponseError as error:  # the registry key itself (checked: a key error)
+            self._log_key_error(registry_key(columns.spec.group), str(error))
+            for item in members:
+                item.degraded.append(KEY_ERROR)
+                defaulted(item, columns.spec.fields, columns.columns)
+            return True
         fields, cols = columns.spec.fields, columns.columns
+        for entity_id, reply in read.key_errors.items():
+            self._log_key_error(
+                data_key(columns.spec.group, str(plan.snapshot_id), entity_id), reply
+            )
+        for entity_id, names in read.invalid_fields.items():
+            self._log_invalid(columns.spec.group, entity_id, names)
         for item in members:
             entity_id = item.entity_ids[columns.entity]
             values = read.values[entity_id]
+            if entity_id in read.key_errors:
+                item.degraded.append(KEY_ERROR)
+            elif entity_id in read.invalid_fields:
+                item.degraded.append(VALUE_INVALID)
             row = item.row[0]
             if item.store_sent:
                 for name, column in zip(fields, cols, strict=True):
@@ -314,12 +362,12 @@ class FeatureFetcher:
                 item.defaulted.extend(n for n in absent if not item.sent[_col(columns, n)])
         return True
 
-    @staticmethod
     def _apply_stream_group(
+        self,
         stream: StreamColumns,
         members: list[FetchRow],
         keys: list[str],
-        fetched: Mapping[str, Mapping[bytes, bytes]],
+        fetched: Mapping[str, Mapping[bytes, bytes] | BaseException],
     ) -> None:
         group = stream.plan.group.name
         read_many = stream.reader.read_many
@@ -329,9 +377,24 @@ class FeatureFetcher:
             by_key.setdefault(key, []).append(item)
         for key, items in by_key.items():
             hash_fields = fetched[key]
-            last = hash_fields.get(LAST_TS_FIELD_BYTES)
-            last_ms = None if last is None else int(float(last))
-            all_values = read_many(hash_fields, [item.t_ms for item in items])
+            reason = KEY_ERROR
+            try:
+                if isinstance(hash_fields, BaseException):
+                    self._log_key_error(key, str(hash_fields))
+                    raise hash_fields
+                reason = VALUE_INVALID
+                last = hash_fields.get(LAST_TS_FIELD_BYTES)
+                last_ms = None if last is None else int(float(last))
+                all_values = read_many(hash_fields, [item.t_ms for item in items])
+            except (ResponseError, ValueError, TypeError, OverflowError) as error:
+                if reason == VALUE_INVALID:
+                    self._log_invalid(group, key, (repr(error)[:200],))
+                names = [n for n, _ in stream.outputs]
+                columns = [c for _, c in stream.outputs]
+                for item in items:
+                    item.degraded.append(reason)
+                    defaulted(item, names, columns)
+                continue
             for item, values in zip(items, all_values, strict=True):
                 row = item.row[0]
                 if item.store_sent:
@@ -350,9 +413,41 @@ class FeatureFetcher:
     def _missing_entity(plan: FetchPlan, item: FetchRow, columns: Sequence[int]) -> None:
         defaulted(item, [plan.names[c] for c in columns], columns)
 
+    def _log_key_error(self, key: str, error: str) -> None:
+        if self._may_log():
+            logger.warning(
+                "feature store key %s answered an error (its rows degraded): %s",
+                key,
+                error,
+                extra={"key": key, "error": error},
+            )
+
+    def _log_invalid(self, group: str, entity: str, detail: Sequence[str]) -> None:
+        if self._may_log():
+            logger.warning(
+                "feature store group %s, %s: a stored value is no number (rows degraded): %s",
+                group,
+                entity,
+                ", ".join(detail),
+                extra={"group": group, "entity": entity},
+            )
+
+    def _may_log(self) -> bool:
+        """At most one such warning per :data:`_LOG_EVERY_S` (the metric counts all)."""
+        now = time.monotonic()
+        if now < self._next_log:
+            return False
+        self._next_log = now + _LOG_EVERY_S
+        return True
+
     def _refresh_snapshots(self) -> None:
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.get_running_loop().create_task(self._snapshots.refresh())
+
+
+def _is_key_error(reply: BaseException) -> bool:
+    """An error reply about one key (WRONGTYPE, NOPERM), not about the store."""
+    return isinstance(reply, ResponseError) and str(reply).startswith(_KEY_ERRORS)
 
 
 def _col(columns: BatchColumns, name: str) -> int:

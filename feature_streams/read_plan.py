@@ -121,7 +121,10 @@ class BatchReadResult:
 
     ``values`` has every requested entity; ``missing_entities`` got all defaults (no
     row in the snapshot, or no snapshot at all); ``missing_fields`` lists, per entity
-    that has a row, the fields served as defaults.
+    that has a row, the fields served as defaults. ``key_errors`` (entity -> Redis
+    error, e.g. ``WRONGTYPE``: its key holds no hash) and ``invalid_fields`` (entity ->
+    fields holding no finite number) are also among the missing: a problem of one
+    entity's data, not of the store.
     """
 
     group: str
@@ -129,6 +132,8 @@ class BatchReadResult:
     values: Mapping[str, Mapping[str, float]]
     missing_entities: frozenset[str]
     missing_fields: Mapping[str, tuple[str, ...]]
+    key_errors: Mapping[str, str] = field(default_factory=dict)
+    invalid_fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +153,13 @@ class BatchReadPlan:
         """Per-entity values from this plan's slice of the pipeline results.
 
         Raises :class:`SnapshotGoneError` if the snapshot was being deleted, and
-        re-raises an error the pipeline returned in place of a result.
+        re-raises an error the pipeline returned for the registry entry; an error in
+        place of one entity's row is that entity's (``key_errors``, defaults served).
         """
         if len(results) != self.n_commands:
             raise ValueError(f"expected {self.n_commands} results, got {len(results)}")
-        for item in results:
-            if isinstance(item, BaseException):
-                raise item
+        if results and isinstance(results[-1], BaseException):
+            raise results[-1]
         spec = self.spec
         if self.snapshot_id is None:
             return BatchReadResult(
@@ -174,31 +179,49 @@ class BatchReadPlan:
         values: dict[str, Mapping[str, float]] = {}
         missing_entities: set[str] = set()
         missing_fields: dict[str, tuple[str, ...]] = {}
+        key_errors: dict[str, str] = {}
+        invalid_fields: dict[str, tuple[str, ...]] = {}
         fields, defaults = spec.fields, spec.defaults
         for entity_id, raw in zip(self.entity_ids, results, strict=False):
+            if isinstance(raw, BaseException):
+                key_errors[entity_id] = str(raw)
+                values[entity_id] = spec.default_values
+                missing_entities.add(entity_id)
+                continue
             if not isinstance(raw, list | tuple) or len(raw) != len(fields):
                 raise ValueError(f"result for entity {entity_id!r} is not an HMGET reply")
             row: dict[str, float] = {}
             absent: list[str] = []
+            invalid: list[str] = []
             for name, default, cell in zip(fields, defaults, raw, strict=True):
                 value = _parse(cell)
                 if value is None:
                     absent.append(name)
                     row[name] = default
+                    if cell is not None:
+                        invalid.append(name)
                 else:
                     row[name] = value
             values[entity_id] = row
+            if invalid:
+                invalid_fields[entity_id] = tuple(invalid)
             if len(absent) == len(fields):
                 missing_entities.add(entity_id)
             elif absent:
                 missing_fields[entity_id] = tuple(absent)
         return BatchReadResult(
-            spec.group, self.snapshot_id, values, frozenset(missing_entities), missing_fields
+            spec.group,
+            self.snapshot_id,
+            values,
+            frozenset(missing_entities),
+            missing_fields,
+            key_errors,
+            invalid_fields,
         )
 
 
 def _parse(cell: object) -> float | None:
-    """A stored value, or ``None`` when absent or unreadable (served as the default)."""
+    """A stored value, or ``None`` when absent or no finite number (default served)."""
     if cell is None:
         return None
     try:

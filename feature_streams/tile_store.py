@@ -44,10 +44,11 @@ field, value`` except for ``last``; the script splits it with ``string.find``.
 redis-py's per-argument packing was most of the client-side cost of a call: one
 argument instead of one per token cut the worker's CPU per event by about a third
 (bench/RESULTS.md, "Stream worker"). A script is not rolled back on error,
-but every argument is generated here: a key holding a non-hash fails on the first
-``HMGET`` before any write (reported, see :class:`ApplyResult`), and
-connection/``OOM`` failures are retried by the caller — re-running a whole batch
-is harmless by step 1.
+so it first validates every token of its payload and every stored value it will
+update (``INVALID ...`` before any write, reported in :attr:`ApplyResult.failed`);
+a key holding a non-hash fails on the first ``HMGET`` before any write (reported,
+:attr:`ApplyResult.rejected`), and connection/``OOM`` failures are raised for the
+caller to retry — re-running a whole batch is harmless by step 1.
 
 The script is registered with ``register_script`` (SHA computed once) and sent
 as plain ``EVALSHA`` inside the pipeline; entries answered ``NOSCRIPT`` (Redis
@@ -92,6 +93,20 @@ logger = logging.getLogger(__name__)
 
 _TRIM_CHUNK = 500
 
+STORE_WIDE = (
+    "OOM",
+    "BUSY",
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "NOSCRIPT",
+    "NOREPLICAS",
+    "MISCONF",
+)
+"""Error replies about the server, not the call: :meth:`TileStore.apply` raises them."""
+
 _APPLY_SOURCE = """
 local key = KEYS[1]
 local off_field = ARGV[1]
@@ -109,9 +124,55 @@ while pos <= len do
   a[n] = string.sub(p, pos, e - 1)
   pos = e + 1
 end
+-- Validate everything before the first write: a script is not rolled back on error.
+local function num(s)
+  local x = tonumber(s)
+  if x and x == x and x ~= math.huge and x ~= -math.huge then return x end
+  return nil
+end
+local function bad(what) return redis.error_reply('INVALID ' .. key .. ': ' .. what) end
+if not num(ARGV[2]) or not lateness then return bad('retention or lateness') end
+if not stored_off then return bad('offset mark holds no number') end
+if last_raw and not last_ts then return bad('last event time holds no number') end
+local targets, nt, seen = {}, 0, {}
+local function target(f)
+  if not seen[f] then seen[f] = true; nt = nt + 1; targets[nt] = f end
+end
+local i = 1
+while i <= n do
+  local m = num(a[i + 2])
+  if not num(a[i]) or not num(a[i + 1]) or not m or m < 0 or i + 2 + m > n then
+    return bad('event at token ' .. i)
+  end
+  local k, stop = i + 3, i + 3 + m
+  while k < stop do
+    local op = a[k]
+    local width = 3
+    if op == 'last' then
+      width = 5
+      if not num(a[k + 4]) then return bad('update at token ' .. k) end
+      target(a[k + 3])
+    elseif op ~= 'incr' and op ~= 'min' and op ~= 'max' then
+      return bad('unknown update ' .. tostring(op))
+    end
+    if k + width > stop or not num(a[k + 2]) then return bad('update at token ' .. k) end
+    target(a[k + 1])
+    k = k + width
+  end
+  i = stop
+end
+for lo = 1, nt, 500 do
+  local hi = math.min(lo + 499, nt)
+  local cur = redis.call('HMGET', key, unpack(targets, lo, hi))
+  for j = 1, #cur do
+    if cur[j] and not num(cur[j]) then
+      return bad('field ' .. targets[lo + j - 1] .. ' holds no number')
+    end
+  end
+end
 local applied, dup, late = 0, 0, 0
 local new_off = nil
-local i = 1
+i = 1
 while i <= n do
   local off = tonumber(a[i])
   local ts = tonumber(a[i + 1])
@@ -231,6 +292,10 @@ class ApplyResult:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     """``(batch index, error)`` of batches whose key holds a non-hash value
     (``WRONGTYPE``): nothing of them was applied, and retrying cannot help."""
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    """``(batch index, error)`` of batches the script refused or failed on (``INVALID``:
+    a malformed argument or a stored value that is no number, found before any write;
+    any other error of that one call). Nothing of them is marked applied."""
 
 
 class TileStore:
@@ -258,8 +323,10 @@ class TileStore:
 
         A key holding something other than a hash is reported in
         :attr:`ApplyResult.rejected` (the script fails on its first ``HMGET``,
-        before writing). Other redis errors (connection, ``OOM``, ``BUSY``...)
-        are raised; retrying the same batches afterwards is always safe.
+        before writing); an error of one call (``INVALID`` input found before any
+        write, a script error) in :attr:`ApplyResult.failed`. Store-wide errors
+        (connection, timeout, ``OOM``, ``BUSY``, ``LOADING``...) are raised;
+        retrying the same batches afterwards is always safe.
         """
         result = ApplyResult()
         if not batches:
@@ -277,6 +344,10 @@ class TileStore:
         for n, reply in enumerate(replies):
             if isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE"):
                 result.rejected.append((n, str(reply)))
+                result.per_batch.append((0, 0, 0))
+                continue
+            if isinstance(reply, ResponseError) and not str(reply).startswith(STORE_WIDE):
+                result.failed.append((n, str(reply)))
                 result.per_batch.append((0, 0, 0))
                 continue
             if isinstance(reply, BaseException):

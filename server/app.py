@@ -51,7 +51,7 @@ from server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from server.admin.api import AdminService
 from server.admin.auth import Authenticator, CertificateAuthenticator, TokenAuthenticator
 from server.batcher import BatchPolicy
-from server.feature_store import FeatureStore, StoreOptions
+from server.feature_store import FeatureStore, store_options
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
@@ -178,9 +178,10 @@ class AppContext:
         self.feature_store = FeatureStore(
             self._redis_client(),
             self.snapshots,
-            StoreOptions(settings.features.fetch_timeout_s, settings.features.retry_interval_s),
+            store_options(settings.features),
             clock=self.clock,
             on_fetch=self.metrics.observe_feature_fetch,
+            on_breaker=self.metrics.feature_store_breaker,
         )
         self.registry.use_features(self.definitions, self.feature_store)
 

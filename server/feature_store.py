@@ -5,31 +5,39 @@
 snapshots and stream windows, see there) and adds what the server decides:
 
 * Redis unreachable or too slow (``StoreOptions.timeout_s``): the model's policy
-  decides. ``degrade`` (the default) answers with defaults and flags the response
-  ``degraded`` — a fraud score from request features beats no answer for a card
-  authorisation that cannot wait; ``fail`` answers UNAVAILABLE.
-* After a failure the store waits ``retry_interval_s`` before touching Redis again,
-  so an outage costs no connect timeout per request, and it reconnects by itself
-  when Redis is back.
-* The round trip is reported to ``on_fetch`` (the fetch latency metric).
+  decides for the micro-batch that failed, and only for it. ``degrade`` (the
+  default) answers with defaults and flags the responses ``redis_unavailable`` — a
+  fraud score from request features beats no answer for a card authorisation that
+  cannot wait; ``fail`` answers UNAVAILABLE.
+* Repeated failures (``StoreOptions.breaker``: so many within a window, no success
+  between) open a :class:`~server.circuit_breaker.CircuitBreaker`: while open every
+  micro-batch is answered by the policy at once, so an outage costs no timeout per
+  request; then one micro-batch probes Redis, and its success closes the breaker
+  (Redis back: served again within ``open_s`` plus one round trip, no restart).
+* A problem of one key (``WRONGTYPE``, a value that is no number) is no store failure:
+  the fetcher degrades only the rows reading that key (``store_key_error``,
+  ``store_value_invalid``) and the breaker counts a success.
+* The round trip is reported to ``on_fetch`` (the fetch latency metric) and breaker
+  changes to ``on_breaker`` (its state gauge).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
 from feature_streams.fetcher import BatchSnapshotCache, FeatureFetcher, default_all
 from feature_streams.redis_client import AnyRedis
+from server.circuit_breaker import BreakerOptions, BreakerState, CircuitBreaker
 from server.errors import DependencyUnavailable
 from server.features import FailurePolicy, FeatureLayout, Prepared
+from server.settings import FeaturesSettings
 
-__all__ = ["REDIS_UNAVAILABLE", "FeatureStore", "StoreOptions"]
+__all__ = ["REDIS_UNAVAILABLE", "FeatureStore", "StoreOptions", "store_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +50,19 @@ class StoreOptions:
     """How the server talks to the feature store."""
 
     timeout_s: float = 0.05
-    retry_interval_s: float = 0.5
+    breaker: BreakerOptions = field(default_factory=BreakerOptions)
+
+
+def store_options(features: FeaturesSettings) -> StoreOptions:
+    """The store's options from the ``features`` settings."""
+    return StoreOptions(
+        features.fetch_timeout_s,
+        BreakerOptions(
+            failure_threshold=features.breaker_failures,
+            failure_window_s=features.breaker_window_s,
+            open_s=features.retry_interval_s,
+        ),
+    )
 
 
 class FeatureStore:
@@ -55,12 +75,18 @@ class FeatureStore:
         options: StoreOptions = StoreOptions(),
         clock: Callable[[], float] = time.time,
         on_fetch: Callable[[float, int], None] | None = None,
+        on_breaker: Callable[[BreakerState], None] | None = None,
     ) -> None:
         self._fetcher = FeatureFetcher(client, snapshots)
         self._options = options
         self._clock = clock
         self._on_fetch = on_fetch
-        self._down_until = 0.0
+        self._breaker = CircuitBreaker(options.breaker, time.monotonic, on_breaker)
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The breaker guarding Redis (its ``state`` for health and tests)."""
+        return self._breaker
 
     @property
     def fetcher(self) -> FeatureFetcher:
@@ -78,18 +104,30 @@ class FeatureStore:
         plan = layout.fetch
         if not plan.uses_store or not batch:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._down_until:
+        breaker = self._breaker
+        if not breaker.allow():
             self._unavailable(layout, batch, policy)
             return
         try:
             result = await self._fetcher.fetch(plan, batch, self._options.timeout_s)
         except (RedisError, OSError, TimeoutError) as error:
-            self._down_until = loop.time() + self._options.retry_interval_s
-            logger.warning("feature store unreachable", extra={"error": repr(error)})
+            breaker.failure()
+            logger.warning(
+                "feature store unreachable: %r (breaker %s)",
+                error,
+                breaker.state,
+                extra={"error": repr(error), "breaker": breaker.state},
+            )
             self._unavailable(layout, batch, policy)
             return
-        if self._on_fetch is not None and result.round_trip_s is not None:
+        except BaseException:
+            breaker.abandon()  # cancelled (or a bug): no verdict on Redis
+            raise
+        if result.round_trip_s is None:
+            breaker.abandon()  # nothing was read: no verdict on Redis
+            return
+        breaker.success()
+        if self._on_fetch is not None:
             self._on_fetch(result.round_trip_s, len(batch))
 
     @staticmethod

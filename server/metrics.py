@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server.circuit_breaker import STATES, BreakerState
 from server.features import Freshness
 
 _LATENCY_BUCKETS = (
@@ -102,6 +103,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.breaker_state = Gauge(
+            "streamscore_feature_store_breaker_state",
+            "1 for the state the feature store's Redis circuit breaker is in, else 0.",
+            ["state"],
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "streamscore_feature_store_breaker_transitions",
+            "Changes of the feature store's circuit breaker, by the state entered.",
+            ["state"],
+            registry=r,
+        )
+        for state in STATES:
+            self.breaker_state.labels(state).set(1.0 if state == "closed" else 0.0)
         self.models_loaded = Gauge(
             "streamscore_model_versions_loaded", "Loaded model versions.", registry=r
         )
@@ -112,6 +127,12 @@ class Metrics:
     def observe_feature_fetch(self, seconds: float, requests: int) -> None:
         """One micro-batch's Redis round trip."""
         self.feature_fetch.observe(seconds)
+
+    def feature_store_breaker(self, state: BreakerState) -> None:
+        """The feature store's breaker entered ``state``."""
+        for name in STATES:
+            self.breaker_state.labels(name).set(1.0 if name == state else 0.0)
+        self.breaker_transitions.labels(state).inc()
 
     def observe_features(self, freshness: Sequence[Freshness], degraded: Sequence[str]) -> None:
         """Freshness and degradation of one answered request."""

@@ -503,7 +503,19 @@ class FeaturesSettings(_Frozen):
         default=0.05, gt=0.0, description="Budget of one micro-batch's Redis round trip."
     )
     retry_interval_s: float = Field(
-        default=0.5, gt=0.0, description="After a Redis failure, how long to serve without it."
+        default=0.5,
+        gt=0.0,
+        description="How long the Redis circuit breaker stays open (answers served without "
+        "Redis) before one micro-batch probes it again.",
+    )
+    breaker_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Failed micro-batch fetches (within breaker_window_s, no success between) "
+        "that open the Redis circuit breaker; before that only the failed batch degrades.",
+    )
+    breaker_window_s: float = Field(
+        default=1.0, gt=0.0, description="Window in which breaker_failures are counted."
     )
     snapshot_refresh_s: float = Field(
         default=0.5, gt=0.0, description="How often the active batch snapshots are re-read."

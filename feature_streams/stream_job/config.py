@@ -37,6 +37,14 @@ class WorkerConfig:
     """Serve Prometheus ``/metrics`` on this port (0 = any free port); ``None`` = off."""
     metrics_host: str = "127.0.0.1"
     redis_retry_max_s: float = 2.0
+    redis_timeout_s: float = 5.0
+    """Socket connect and read timeout of every Redis call: a black-holed or frozen
+    Redis fails the call (retried) instead of hanging the worker and its drain."""
+    max_events_per_call: int = 500
+    """Events of one key per apply-script call (a hot key's backlog is chunked)."""
+    script_retries: int = 3
+    """Attempts of a key batch whose script call failed (not a store-wide error)
+    before its records go to the dead-letter topic with the error."""
     max_event_ahead_ms: int | None = 86_400_000
     """Events whose event time is more than this ahead of the worker's wall clock go
     to the dead-letter topic: one wrong timestamp (e.g. in microseconds) would raise
@@ -46,6 +54,10 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.commit_interval_s < 0 or self.trim_interval_s < 0:
             raise ValueError("commit_interval_s and trim_interval_s must be >= 0")
+        if self.redis_timeout_s <= 0 or self.max_events_per_call < 1 or self.script_retries < 1:
+            raise ValueError(
+                "redis_timeout_s must be > 0, max_events_per_call and script_retries >= 1"
+            )
         if self.max_batch_records < 1 or self.trim_batch_keys < 1 or self.poll_timeout_ms < 0:
             raise ValueError(
                 "max_batch_records and trim_batch_keys must be >= 1, poll_timeout_ms >= 0"

@@ -1,4 +1,7 @@
-"""Publishing dead letters to ``<topic>.dlq`` (at least once), counted and logged."""
+"""Publishing dead letters to ``<topic>.dlq`` (at least once), counted and logged.
+
+A letter that could not be sent is returned to the caller, which must not commit
+its record's offset until it is sent (the worker retries it)."""
 
 from __future__ import annotations
 
@@ -18,20 +21,24 @@ logger = logging.getLogger(__name__)
 
 
 class DeadLetterPublisher:
-    """Sends malformed records with their reason; a failed send is counted and logged,
-    never raised (the record's offset is still committed)."""
+    """Sends rejected records with their reason; a failed send is counted, logged and
+    returned, never raised."""
 
     def __init__(self, producer: AIOKafkaProducer, metrics: WorkerMetrics) -> None:
         self._producer = producer
         self._metrics = metrics
 
-    async def publish(self, dead: Sequence[DeadLetter]) -> None:
-        """Send every letter concurrently and wait for all of them."""
+    async def publish(self, dead: Sequence[DeadLetter], *, again: bool = False) -> list[DeadLetter]:
+        """Send every letter concurrently, wait for all; returns those not sent.
+        ``again``: a retry of letters already counted and logged."""
+        if again:
+            sent = await asyncio.gather(*(self._send(letter) for letter in dead))
+            return [letter for letter, ok in zip(dead, sent, strict=True) if not ok]
         sends = []
         for letter in dead:
             self._metrics.malformed.labels(letter.topic).inc()
             logger.warning(
-                "malformed event %s:%d@%d sent to the dead-letter topic: %s",
+                "event %s:%d@%d goes to the dead-letter topic: %s",
                 letter.topic,
                 letter.partition,
                 letter.offset,
@@ -45,9 +52,10 @@ class DeadLetterPublisher:
                 },
             )
             sends.append(self._send(letter))
-        await asyncio.gather(*sends)
+        sent = await asyncio.gather(*sends)
+        return [letter for letter, ok in zip(dead, sent, strict=True) if not ok]
 
-    async def _send(self, letter: DeadLetter) -> None:
+    async def _send(self, letter: DeadLetter) -> bool:
         try:
             await self._producer.send_and_wait(
                 dead_letter_topic(letter.topic),
@@ -57,8 +65,8 @@ class DeadLetterPublisher:
             )
         except KafkaError as exc:
             self._metrics.dead_letter_failures.labels(letter.topic).inc()
-            logger.error(
-                "dead letter of %s:%d@%d lost: %r",
+            logger.warning(
+                "dead letter of %s:%d@%d not sent (retried; offset held): %r",
                 letter.topic,
                 letter.partition,
                 letter.offset,
@@ -69,3 +77,5 @@ class DeadLetterPublisher:
                     "offset": letter.offset,
                 },
             )
+            return False
+        return True

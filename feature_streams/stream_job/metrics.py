@@ -93,6 +93,19 @@ class WorkerMetrics:
             ["group"],
             registry=r,
         )
+        self.script_errors = Counter(
+            "streamscore_stream_script_errors",
+            "Apply-script calls that failed for their own key batch (retried, bounded).",
+            ["group"],
+            registry=r,
+        )
+        self.failed_batches = Counter(
+            "streamscore_stream_failed_key_batches",
+            "Key batches given up after their retries: their records went to the "
+            "dead-letter topic with the error.",
+            ["group"],
+            registry=r,
+        )
         self.trimmed = Counter(
             "streamscore_stream_trimmed_fields",
             "Expired tile fields deleted.",

@@ -6,7 +6,10 @@ entity's rule). A malformed record, one whose event time is too far ahead of the
 worker's clock, or one that raises anything else becomes a :class:`DeadLetter` and
 never stops its partition. Valid events are grouped per (group, entity key,
 partition) into :class:`~feature_streams.tile_store.KeyBatch` es, one apply-script call
-each.
+each, of at most ``max_events_per_call`` events: a hot key's 5,000 events become
+several calls (``SortedBatch.rounds``), so no one script blocks Redis for long. Their
+offsets ascend chunk after chunk, and a chunk runs only after the one before it on
+its key, so the apply-once mark holds.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class SortedBatch:
     """Next offset per partition read (last offset + 1)."""
     per_topic: dict[str, int] = field(default_factory=dict)
     """Records read per topic."""
+    rounds: list[list[int]] = field(default_factory=list)
+    """Indexes of ``batches`` to apply together, round after round: round ``r`` holds
+    the ``r``-th chunk of each key (a key's next chunk waits for the one before)."""
 
     @property
     def records(self) -> int:
@@ -72,6 +78,7 @@ def sort_records(
     assigned: Collection[TopicPartition],
     now_ms: int,
     max_event_ahead_ms: int | None,
+    max_events_per_call: int = 1000,
 ) -> SortedBatch:
     """Sort one ``getmany`` result; partitions not in ``assigned`` (revoked meanwhile:
     the new owner re-reads them) are skipped."""
@@ -109,17 +116,23 @@ def sort_records(
                 )
         out.consumed[tp] = msgs[-1].offset + 1
         out.per_topic[tp.topic] = out.per_topic.get(tp.topic, 0) + len(msgs)
+    if max_events_per_call < 1:
+        raise ValueError("max_events_per_call must be >= 1")
     for (group, key, tp), events in per_key.items():
         plan = plans[group]
-        out.batches.append(
-            KeyBatch(
-                tile_key(group, key),
-                tp.topic,
-                tp.partition,
-                plan.retention_ms,
-                plan.group.allowed_lateness_ms,
-                events,
+        for chunk, lo in enumerate(range(0, len(events), max_events_per_call)):
+            if chunk == len(out.rounds):
+                out.rounds.append([])
+            out.rounds[chunk].append(len(out.batches))
+            out.batches.append(
+                KeyBatch(
+                    tile_key(group, key),
+                    tp.topic,
+                    tp.partition,
+                    plan.retention_ms,
+                    plan.group.allowed_lateness_ms,
+                    events[lo : lo + max_events_per_call],
+                )
             )
-        )
-        out.groups.append(group)
+            out.groups.append(group)
     return out

@@ -18,10 +18,20 @@ publish a record's dead letter again.
 
 Rebalances: ``on_partitions_revoked`` waits for the in-flight batch (it takes the
 same lock as the loop), then commits what was applied. aiokafka does not call it
-on ``stop()``, so :meth:`StreamWorker.close` flushes the same way. Redis errors
-are retried with backoff (re-applying is harmless); nothing is committed until
-the apply succeeded. Expired tiles are trimmed every ``trim_interval_s`` on the
-keys written since the last trim (trim.py).
+on ``stop()``, so :meth:`StreamWorker.close` flushes the same way. Expired tiles
+are trimmed every ``trim_interval_s`` on the keys written since the last trim
+(trim.py).
+
+Failures. Every Redis call has a socket/connect timeout (``redis_timeout_s``): a
+frozen or black-holed Redis fails the call instead of hanging the loop, so SIGTERM
+still drains. Store-wide errors (connection, timeout, ``OOM``, ``LOADING``...) are
+retried with backoff for as long as it takes (re-applying is harmless); an error of
+one key batch's script call is retried ``script_retries`` times (``INVALID`` input,
+found by the script before any write, not at all), then that batch's records go to
+the dead-letter topic with the error and the rest of the batch goes on: one bad key
+never stalls every partition. Nothing is committed until the batch is applied and
+every one of its dead letters is sent (an unsent letter is retried; stopping
+meanwhile leaves the batch uncommitted, to be re-read).
 
 Run it: ``streamscore stream`` (:func:`feature_streams.stream_job.serve.serve`).
 """
@@ -45,7 +55,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from redis.exceptions import RedisError
 
 from feature_streams.definitions import FeatureDefinitions
-from feature_streams.events import dead_letter_topic
+from feature_streams.events import DeadLetter, MalformedEventError, dead_letter_topic
 from feature_streams.redis_client import AnyRedis, RedisOptions, connect
 from feature_streams.stream_job.config import WorkerConfig
 from feature_streams.stream_job.dead_letters import DeadLetterPublisher
@@ -182,7 +192,10 @@ class StreamWorker:
             await ensure_topics(
                 cfg.bootstrap_servers, {dead_letter_topic(t): 1 for t in self.topics}
             )
-            self._redis = await connect(RedisOptions(cfg.redis_url, cfg.redis_mode))
+            self._redis = await connect(
+                RedisOptions(cfg.redis_url, cfg.redis_mode, socket_timeout_s=cfg.redis_timeout_s),
+                probe_timeout_s=cfg.redis_timeout_s,
+            )
             self._store = TileStore(self._redis)
             self._producer = AIOKafkaProducer(
                 bootstrap_servers=cfg.bootstrap_servers,
@@ -289,18 +302,18 @@ class StreamWorker:
             consumer.assignment(),
             int(time.time() * 1000),
             self.config.max_event_ahead_ms,
+            self.config.max_events_per_call,
         )
         if not ready.consumed:
             return None
         for topic, n in ready.per_topic.items():
             self.metrics.events.labels(topic).inc(n)
         self.metrics.batch_records.observe(ready.records)
-        if ready.dead:
-            assert self._dead_letters is not None
-            await self._dead_letters.publish(ready.dead)
+        if ready.dead and not await self._send_dead(ready.dead):
+            return None  # stopping with a dead letter unsent: leave the offsets
         batches, groups = ready.batches, ready.groups
         self._trimmer.touched(groups, (b.key for b in batches))
-        result = await self._apply(batches)
+        result = await self._apply(batches, groups, ready.rounds)
         if result is None:
             return None  # stopping while Redis is down: leave these offsets uncommitted
         for index, error in result.rejected:
@@ -312,6 +325,10 @@ class StreamWorker:
                 error,
                 extra={"key": batches[index].key, "error": error},
             )
+        if result.failed:
+            letters = self._failed_letters(records, batches, groups, result.failed)
+            if not await self._send_dead(letters):
+                return None
         counts = self._count(result, batches, groups)
         self._offsets.applied(ready.consumed)
         return BatchReport(
@@ -349,24 +366,113 @@ class StreamWorker:
                 m.newest_event.labels(group).set(ts / 1000.0)
         return sums
 
-    async def _apply(self, batches: Sequence[KeyBatch]) -> ApplyResult | None:
+    async def _apply(
+        self, batches: Sequence[KeyBatch], groups: Sequence[str], rounds: Sequence[list[int]]
+    ) -> ApplyResult | None:
+        """Apply ``batches`` round by round (a key's chunks in order); ``None`` when
+        stopping before everything was applied or given up."""
+        total = ApplyResult(per_batch=[(0, 0, 0)] * len(batches))
+        for indexes in rounds:
+            if not await self._apply_round(batches, groups, indexes, total):
+                return None
+        return total
+
+    async def _apply_round(
+        self,
+        batches: Sequence[KeyBatch],
+        groups: Sequence[str],
+        indexes: list[int],
+        total: ApplyResult,
+    ) -> bool:
         store = self._store
         assert store is not None
-        delay = 0.05
-        while True:
+        cfg = self.config
+        delay, attempt, todo = 0.05, 0, indexes
+        while todo:
             started = time.perf_counter()
             try:
-                result = await store.apply(batches)
+                result = await store.apply([batches[i] for i in todo])
             except (RedisError, OSError) as exc:
                 self.metrics.redis_errors.inc()
                 logger.warning("tile apply failed, retrying: %r", exc)
                 if self._stop.is_set():
-                    return None
+                    return False
                 await self._pause(delay)
-                delay = min(delay * 2, self.config.redis_retry_max_s)
+                delay = min(delay * 2, cfg.redis_retry_max_s)
                 continue
             self.metrics.apply_seconds.observe(time.perf_counter() - started)
-            return result
+            total.applied += result.applied
+            total.duplicate += result.duplicate
+            total.late += result.late
+            for j, counts in enumerate(result.per_batch):
+                total.per_batch[todo[j]] = counts
+            total.rejected.extend((todo[j], error) for j, error in result.rejected)
+            attempt += 1
+            retry = []
+            for j, error in result.failed:
+                i = todo[j]
+                self.metrics.script_errors.labels(groups[i]).inc()
+                if attempt >= cfg.script_retries or error.startswith("INVALID"):
+                    total.failed.append((i, error))
+                else:
+                    retry.append(i)
+            todo = retry
+            if todo:
+                logger.warning(
+                    "tile script failed for %d key batches, retrying: %s",
+                    len(todo),
+                    result.failed[0][1],
+                )
+                if self._stop.is_set():
+                    return False
+                await self._pause(delay)
+                delay = min(delay * 2, cfg.redis_retry_max_s)
+        return True
+
+    def _failed_letters(
+        self,
+        records: Mapping[TopicPartition, Sequence[ConsumerRecord]],
+        batches: Sequence[KeyBatch],
+        groups: Sequence[str],
+        failed: Sequence[tuple[int, str]],
+    ) -> list[DeadLetter]:
+        """One dead letter per record with an event in a given-up key batch."""
+        by_offset = {(tp, m.offset): m for tp, msgs in records.items() for m in msgs}
+        letters: dict[tuple[TopicPartition, int], DeadLetter] = {}
+        for index, error in failed:
+            batch, group = batches[index], groups[index]
+            self.metrics.failed_batches.labels(group).inc()
+            self._trimmer.untouch(group, batch.key)
+            logger.error(
+                "gave up applying %d events to %s; their records go to the dead-letter topic: %s",
+                len(batch.events),
+                batch.key,
+                error,
+                extra={"key": batch.key, "error": error},
+            )
+            tp = TopicPartition(batch.topic, batch.partition)
+            reason = MalformedEventError(f"tile apply failed: {error}"[:300], None, group)
+            for event in batch.events:
+                msg = by_offset.get((tp, event.offset))
+                if msg is not None and (tp, event.offset) not in letters:
+                    letters[tp, event.offset] = DeadLetter.of(
+                        tp.topic, tp.partition, msg.offset, msg.value, msg.key, reason
+                    )
+        return list(letters.values())
+
+    async def _send_dead(self, letters: Sequence[DeadLetter]) -> bool:
+        """Send ``letters`` until all are sent; ``False`` when stopping first."""
+        publisher = self._dead_letters
+        assert publisher is not None
+        unsent = await publisher.publish(letters)
+        delay = 0.1
+        while unsent:
+            if self._stop.is_set():
+                return False
+            await self._pause(delay)
+            delay = min(delay * 2, 5.0)
+            unsent = await publisher.publish(unsent, again=True)
+        return True
 
     # --- trimming, rebalances --------------------------------------------------
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -386,3 +389,144 @@ async def test_feature_store_cannot_be_attached_after_versions_loaded(
         feature_store = FeatureStore(store.client, BatchSnapshotCache(store.client, ()))
         with pytest.raises(RuntimeError, match="after versions were loaded"):
             srv.app.registry.use_features(store.definitions, feature_store)
+
+
+def _breaker_overrides(url: str) -> list[str]:
+    return _overrides(
+        url,
+        "features.fetch_timeout_s=0.05",
+        "features.breaker_failures=3",
+        "features.breaker_window_s=30",
+        "features.retry_interval_s=0.3",
+    )
+
+
+def _breaker_state(srv: Any) -> str:
+    registry = srv.app.metrics.registry
+    for state in ("closed", "open", "half_open"):
+        value = registry.get_sample_value(
+            "streamscore_feature_store_breaker_state", {"state": state}
+        )
+        if value == 1.0:
+            return state
+    raise AssertionError("no breaker state set")
+
+
+async def test_a_timeout_degrades_only_its_batch_and_repeated_ones_open_the_breaker(
+    private_redis: RedisServer, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    seeded = await _seed(private_redis.url)
+    await seeded.client.aclose()
+    async with running_server(repository[0], _breaker_overrides(private_redis.url)) as srv:
+        assert not (await srv.scoring.Score(_request(card_id="card-1"))).degraded
+        pid = private_redis.process.pid
+        os.kill(pid, signal.SIGSTOP)  # Redis frozen: connections open, no answers
+        try:
+            slow = await srv.scoring.Score(_request(card_id="card-1"))
+            assert list(slow.degraded_reasons) == ["redis_unavailable"]
+            assert _breaker_state(srv) == "closed"  # one failure: only that batch degraded
+            os.kill(pid, signal.SIGCONT)
+            back = await srv.scoring.Score(_request(card_id="card-1"))
+            assert not back.degraded, "no blackout after a single timeout"
+            os.kill(pid, signal.SIGSTOP)
+            for _ in range(3):
+                answer = await srv.scoring.Score(_request(card_id="card-1"))
+                assert list(answer.degraded_reasons) == ["redis_unavailable"]
+            assert _breaker_state(srv) == "open"
+            fetches = srv.app.metrics.registry.get_sample_value(
+                "streamscore_feature_fetch_seconds_count"
+            )
+            open_answers = [await srv.scoring.Score(_request(card_id="card-1")) for _ in range(5)]
+            assert all(a.degraded for a in open_answers)  # answered without touching Redis
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for _ in range(400):  # the probe after retry_interval_s closes the breaker
+            recovered = await srv.scoring.Score(_request(card_id="card-1"))
+            if not recovered.degraded:
+                break
+            await asyncio.sleep(0.01)
+        assert not recovered.degraded and _echo(recovered)["card_txn_count_5m"] == 4
+        assert _breaker_state(srv) == "closed"
+        registry = srv.app.metrics.registry
+        assert registry.get_sample_value("streamscore_feature_fetch_seconds_count") == fetches + 1  # type: ignore[operator]
+        for state in ("open", "half_open", "closed"):
+            assert registry.get_sample_value(
+                "streamscore_feature_store_breaker_transitions_total", {"state": state}
+            )
+
+
+async def test_a_key_error_degrades_only_that_request_and_never_the_breaker(
+    private_redis: RedisServer, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    seeded = await _seed(private_redis.url)
+    await seeded.client.set(tile_key("card_activity", "card-bad"), "a string, not a hash")
+    async with running_server(repository[0], _breaker_overrides(private_redis.url)) as srv:
+        for _ in range(5):  # more than breaker_failures
+            answers = await asyncio.gather(
+                *(srv.scoring.Score(_request(card_id=c)) for c in ("card-bad", "card-1") * 10)
+            )
+            for answer in answers[0::2]:
+                assert list(answer.degraded_reasons) == ["store_key_error"]
+                assert "card_txn_count_5m" in answer.defaulted_features
+            for answer in answers[1::2]:
+                assert not answer.degraded and _echo(answer)["card_txn_count_5m"] == 4
+        assert _breaker_state(srv) == "closed"
+        assert (
+            srv.app.metrics.registry.get_sample_value(
+                "streamscore_degraded_answers_total", {"reason": "store_key_error"}
+            )
+            == 50
+        )
+    await seeded.client.aclose()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110  (a count other tasks grow, no event)
+            await asyncio.sleep(0.01)
+
+
+async def test_redis_killed_under_load_every_call_answered_and_recovered(
+    private_redis: RedisServer,
+    repository: tuple[Path, np.ndarray, float],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seeded = await _seed(private_redis.url)
+    await seeded.client.aclose()
+    answers: list[pb.ScoreResponse | BaseException] = []
+    stop = asyncio.Event()
+
+    async def caller(srv: Any) -> None:
+        while not stop.is_set():
+            try:
+                answers.append(await srv.scoring.Score(_request(card_id="card-1"), timeout=5))
+            except grpc.aio.AioRpcError as error:
+                answers.append(error)
+
+    async with running_server(repository[0], _breaker_overrides(private_redis.url)) as srv:
+        callers = [asyncio.create_task(caller(srv)) for _ in range(8)]
+        await _until(lambda: len(answers) >= 50)
+        private_redis.process.kill()  # SIGKILL
+        private_redis.process.wait()
+        seen = len(answers)
+        await _until(lambda: len(answers) >= seen + 200)  # calls made while Redis is down
+        down = answers[seen + 50 : seen + 200]
+        private_redis.restart()  # empty: no persistence
+        reseeded = await _seed(private_redis.url)
+        await reseeded.client.aclose()
+        back_at = asyncio.get_running_loop().time()
+        while True:
+            latest = answers[-1]
+            if isinstance(latest, pb.ScoreResponse) and not latest.degraded:
+                break
+            await asyncio.sleep(0.005)
+        recovery_s = asyncio.get_running_loop().time() - back_at
+        stop.set()
+        await asyncio.gather(*callers)
+    assert all(isinstance(a, pb.ScoreResponse) for a in answers), "every call answered"
+    assert all("redis_unavailable" in a.degraded_reasons for a in down)  # type: ignore[union-attr]
+    assert recovery_s < 5.0, f"recovered {recovery_s:.2f}s after Redis was back"
+    assert not [r for r in caplog.records if r.exc_info], "no exception in the logs"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert set(errors) <= {"routing store unreachable; serving the last applied routing"}
+    print(f"recovery after Redis restart: {recovery_s * 1000:.0f} ms")  # bench/RESULTS.md

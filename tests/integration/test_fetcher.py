@@ -15,8 +15,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from feature_streams.batch_store import activate, collect_garbage, write_snapshot
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
-from feature_streams.fetcher import SNAPSHOT_GONE, BatchSnapshotCache, FeatureFetcher
-from feature_streams.keys import tile_key
+from feature_streams.fetcher import (
+    KEY_ERROR,
+    SNAPSHOT_GONE,
+    VALUE_INVALID,
+    BatchSnapshotCache,
+    FeatureFetcher,
+)
+from feature_streams.keys import data_key, tile_key
 from feature_streams.read_plan import FetchPlan, FetchRow
 from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore
 from feature_streams.windows import GroupPlan, point_in_time_values, updates_for_event
@@ -214,3 +220,51 @@ async def test_redis_errors_are_raised_for_the_callers_policy() -> None:
         await FeatureFetcher(down, cache).fetch(PLAN, [row])
     assert row.degraded == [] and _values(row)["limit"] == -1.0
     await down.aclose()
+
+
+async def test_a_key_holding_no_hash_degrades_only_the_rows_reading_it(
+    client: CountingRedis,
+) -> None:
+    fetcher = await _fetcher(client)
+    await client.set(tile_key("activity", "bad-card"), "not a hash")  # WRONGTYPE on HGETALL
+    active = fetcher.snapshots.snapshot_id("profile")
+    assert active is not None
+    await client.delete(data_key("profile", active, "c2"))
+    await client.set(data_key("profile", active, "c2"), "not a hash")  # WRONGTYPE on HMGET
+    rows = [
+        _row(card_id="bad-card", customer_id="c1"),
+        _row(card_id="k1", customer_id="c2"),
+        _row(card_id="k1", customer_id="c1"),
+    ]
+    await fetcher.fetch(PLAN, rows)  # nothing raised: one key's problem is not the store's
+    assert client.executed == 1
+    got = [_values(r) for r in rows]
+    plan = GroupPlan.build(DEFS.stream_groups["activity"])
+    at_t0 = point_in_time_values(plan, EVENTS, [T0])[0]
+    assert rows[0].degraded == [KEY_ERROR] and rows[0].defaulted == ["count_5m", "sum_1h"]
+    assert got[0]["limit"] == 900.0 and got[0]["count_5m"] == -1.0  # its batch group: fine
+    assert rows[1].degraded == [KEY_ERROR] and rows[1].defaulted == ["limit", "score"]
+    assert got[1]["count_5m"] == at_t0["count_5m"]  # its stream group: fine
+    assert rows[2].degraded == [] and rows[2].defaulted == []
+    assert got[2] == {"amount": -1.0, "limit": 900.0, "score": pytest.approx(0.9), **at_t0}
+
+
+async def test_a_value_that_is_no_number_degrades_only_the_rows_reading_it(
+    client: CountingRedis,
+) -> None:
+    fetcher = await _fetcher(client)
+    start = (T0 - 60_000) // 60_000 * 60_000
+    await client.hset(tile_key("activity", "k2"), f"{start}:count@1m", "garbage")
+    active = fetcher.snapshots.snapshot_id("profile")
+    assert active is not None
+    await client.hset(data_key("profile", active, "c2"), "limit", "twelve")
+    rows = [
+        _row(card_id="k2", customer_id="c1"),
+        _row(card_id="k1", customer_id="c2"),
+        _row(card_id="k1", customer_id="c1"),
+    ]
+    await fetcher.fetch(PLAN, rows)
+    assert rows[0].degraded == [VALUE_INVALID] and rows[0].defaulted == ["count_5m", "sum_1h"]
+    assert rows[1].degraded == [VALUE_INVALID] and "limit" in rows[1].defaulted
+    assert _values(rows[1])["limit"] == 100.0  # the defined default
+    assert rows[2].degraded == []
