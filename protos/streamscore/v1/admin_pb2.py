@@ -25,47 +25,49 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/streamscore/v1/admin.proto\x12\x0estreamscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x06\x43\x61nary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08share_bp\x18\x02 \x01(\x05\x12\x0c\n\x04salt\x18\x03 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x04 \x01(\t\"j\n\x07Routing\x12\x10\n\x08\x63hampion\x18\x01 \x01(\t\x12&\n\x06\x63\x61nary\x18\x02 \x01(\x0b\x32\x16.streamscore.v1.Canary\x12\x0f\n\x07shadows\x18\x03 \x03(\t\x12\x14\n\x0crollout_json\x18\x04 \x01(\t\"\xba\x01\n\rEndpointState\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12(\n\x07routing\x18\x02 \x01(\x0b\x32\x17.streamscore.v1.Routing\x12\x19\n\x11previous_champion\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x06 \x01(\t\"l\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.streamscore.v1.VersionStatus\x12\r\n\x05roles\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"w\n\x05Model\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12.\n\x08versions\x18\x03 \x03(\x0b\x32\x1c.streamscore.v1.ModelVersion\"%\n\x11ListModelsRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"g\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.streamscore.v1.Model\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x03\"b\n\x12LoadVersionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"d\n\x14UnloadVersionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"z\n\x11SetRoutingRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12(\n\x07routing\x18\x02 \x01(\x0b\x32\x17.streamscore.v1.Routing\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"M\n\x0ePromoteRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"N\n\x0fRollbackRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"H\n\x0e\x43hangeResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.streamscore.v1.Model\x12\x10\n\x08revision\x18\x02 \x01(\x03\"3\n\x10ListAuditRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xa0\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12-\n\x06\x62\x65\x66ore\x18\n \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12,\n\x05\x61\x66ter\x18\x0b \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12\x10\n\x08revision\x18\x0c \x01(\x03\"@\n\x11ListAuditResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.streamscore.v1.AuditEntry*\x9f\x01\n\rVersionStatus\x12\x1e\n\x1aVERSION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATUS_LOADED\x10\x01\x12\x1a\n\x16VERSION_STATUS_PENDING\x10\x02\x12\x19\n\x15VERSION_STATUS_FAILED\x10\x03\x12\x1c\n\x18VERSION_STATUS_AVAILABLE\x10\x04\x32\xc1\x04\n\x05\x41\x64min\x12S\n\nListModels\x12!.streamscore.v1.ListModelsRequest\x1a\".streamscore.v1.ListModelsResponse\x12Q\n\x0bLoadVersion\x12\".streamscore.v1.LoadVersionRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12U\n\rUnloadVersion\x12$.streamscore.v1.UnloadVersionRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12O\n\nSetRouting\x12!.streamscore.v1.SetRoutingRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12I\n\x07Promote\x12\x1e.streamscore.v1.PromoteRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12K\n\x08Rollback\x12\x1f.streamscore.v1.RollbackRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12P\n\tListAudit\x12 .streamscore.v1.ListAuditRequest\x1a!.streamscore.v1.ListAuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/streamscore/v1/admin.proto\x12\x0estreamscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x06\x43\x61nary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08share_bp\x18\x02 \x01(\x05\x12\x0c\n\x04salt\x18\x03 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x04 \x01(\t\"j\n\x07Routing\x12\x10\n\x08\x63hampion\x18\x01 \x01(\t\x12&\n\x06\x63\x61nary\x18\x02 \x01(\x0b\x32\x16.streamscore.v1.Canary\x12\x0f\n\x07shadows\x18\x03 \x03(\t\x12\x14\n\x0crollout_json\x18\x04 \x01(\t\"\xba\x01\n\rEndpointState\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12(\n\x07routing\x18\x02 \x01(\x0b\x32\x17.streamscore.v1.Routing\x12\x19\n\x11previous_champion\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x06 \x01(\t\"\xa2\x01\n\x07Lineage\x12\x17\n\x0f\x61rtifact_sha256\x18\x01 \x01(\t\x12\x15\n\rdata_snapshot\x18\x02 \x01(\t\x12\x13\n\x0b\x63ode_commit\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x11\n\texplainer\x18\x06 \x01(\x08\x12\x18\n\x10\x65xplainer_sha256\x18\x07 \x01(\t\"\x96\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.streamscore.v1.VersionStatus\x12\r\n\x05roles\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12(\n\x07lineage\x18\x05 \x01(\x0b\x32\x17.streamscore.v1.Lineage\"w\n\x05Model\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12.\n\x08versions\x18\x03 \x03(\x0b\x32\x1c.streamscore.v1.ModelVersion\"%\n\x11ListModelsRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"g\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.streamscore.v1.Model\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x03\"b\n\x12LoadVersionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"d\n\x14UnloadVersionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"z\n\x11SetRoutingRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12(\n\x07routing\x18\x02 \x01(\x0b\x32\x17.streamscore.v1.Routing\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"M\n\x0ePromoteRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"N\n\x0fRollbackRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"H\n\x0e\x43hangeResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.streamscore.v1.Model\x12\x10\n\x08revision\x18\x02 \x01(\x03\"3\n\x10ListAuditRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xa0\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12-\n\x06\x62\x65\x66ore\x18\n \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12,\n\x05\x61\x66ter\x18\x0b \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12\x10\n\x08revision\x18\x0c \x01(\x03\"@\n\x11ListAuditResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.streamscore.v1.AuditEntry*\x9f\x01\n\rVersionStatus\x12\x1e\n\x1aVERSION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATUS_LOADED\x10\x01\x12\x1a\n\x16VERSION_STATUS_PENDING\x10\x02\x12\x19\n\x15VERSION_STATUS_FAILED\x10\x03\x12\x1c\n\x18VERSION_STATUS_AVAILABLE\x10\x04\x32\xc1\x04\n\x05\x41\x64min\x12S\n\nListModels\x12!.streamscore.v1.ListModelsRequest\x1a\".streamscore.v1.ListModelsResponse\x12Q\n\x0bLoadVersion\x12\".streamscore.v1.LoadVersionRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12U\n\rUnloadVersion\x12$.streamscore.v1.UnloadVersionRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12O\n\nSetRouting\x12!.streamscore.v1.SetRoutingRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12I\n\x07Promote\x12\x1e.streamscore.v1.PromoteRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12K\n\x08Rollback\x12\x1f.streamscore.v1.RollbackRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12P\n\tListAudit\x12 .streamscore.v1.ListAuditRequest\x1a!.streamscore.v1.ListAuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.streamscore.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERSIONSTATUS']._serialized_start=1803
-  _globals['_VERSIONSTATUS']._serialized_end=1962
+  _globals['_VERSIONSTATUS']._serialized_start=2011
+  _globals['_VERSIONSTATUS']._serialized_end=2170
   _globals['_CANARY']._serialized_start=86
   _globals['_CANARY']._serialized_end=159
   _globals['_ROUTING']._serialized_start=161
   _globals['_ROUTING']._serialized_end=267
   _globals['_ENDPOINTSTATE']._serialized_start=270
   _globals['_ENDPOINTSTATE']._serialized_end=456
-  _globals['_MODELVERSION']._serialized_start=458
-  _globals['_MODELVERSION']._serialized_end=566
-  _globals['_MODEL']._serialized_start=568
-  _globals['_MODEL']._serialized_end=687
-  _globals['_LISTMODELSREQUEST']._serialized_start=689
-  _globals['_LISTMODELSREQUEST']._serialized_end=726
-  _globals['_LISTMODELSRESPONSE']._serialized_start=728
-  _globals['_LISTMODELSRESPONSE']._serialized_end=831
-  _globals['_LOADVERSIONREQUEST']._serialized_start=833
-  _globals['_LOADVERSIONREQUEST']._serialized_end=931
-  _globals['_UNLOADVERSIONREQUEST']._serialized_start=933
-  _globals['_UNLOADVERSIONREQUEST']._serialized_end=1033
-  _globals['_SETROUTINGREQUEST']._serialized_start=1035
-  _globals['_SETROUTINGREQUEST']._serialized_end=1157
-  _globals['_PROMOTEREQUEST']._serialized_start=1159
-  _globals['_PROMOTEREQUEST']._serialized_end=1236
-  _globals['_ROLLBACKREQUEST']._serialized_start=1238
-  _globals['_ROLLBACKREQUEST']._serialized_end=1316
-  _globals['_CHANGERESPONSE']._serialized_start=1318
-  _globals['_CHANGERESPONSE']._serialized_end=1390
-  _globals['_LISTAUDITREQUEST']._serialized_start=1392
-  _globals['_LISTAUDITREQUEST']._serialized_end=1443
-  _globals['_AUDITENTRY']._serialized_start=1446
-  _globals['_AUDITENTRY']._serialized_end=1734
-  _globals['_LISTAUDITRESPONSE']._serialized_start=1736
-  _globals['_LISTAUDITRESPONSE']._serialized_end=1800
-  _globals['_ADMIN']._serialized_start=1965
-  _globals['_ADMIN']._serialized_end=2542
+  _globals['_LINEAGE']._serialized_start=459
+  _globals['_LINEAGE']._serialized_end=621
+  _globals['_MODELVERSION']._serialized_start=624
+  _globals['_MODELVERSION']._serialized_end=774
+  _globals['_MODEL']._serialized_start=776
+  _globals['_MODEL']._serialized_end=895
+  _globals['_LISTMODELSREQUEST']._serialized_start=897
+  _globals['_LISTMODELSREQUEST']._serialized_end=934
+  _globals['_LISTMODELSRESPONSE']._serialized_start=936
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1039
+  _globals['_LOADVERSIONREQUEST']._serialized_start=1041
+  _globals['_LOADVERSIONREQUEST']._serialized_end=1139
+  _globals['_UNLOADVERSIONREQUEST']._serialized_start=1141
+  _globals['_UNLOADVERSIONREQUEST']._serialized_end=1241
+  _globals['_SETROUTINGREQUEST']._serialized_start=1243
+  _globals['_SETROUTINGREQUEST']._serialized_end=1365
+  _globals['_PROMOTEREQUEST']._serialized_start=1367
+  _globals['_PROMOTEREQUEST']._serialized_end=1444
+  _globals['_ROLLBACKREQUEST']._serialized_start=1446
+  _globals['_ROLLBACKREQUEST']._serialized_end=1524
+  _globals['_CHANGERESPONSE']._serialized_start=1526
+  _globals['_CHANGERESPONSE']._serialized_end=1598
+  _globals['_LISTAUDITREQUEST']._serialized_start=1600
+  _globals['_LISTAUDITREQUEST']._serialized_end=1651
+  _globals['_AUDITENTRY']._serialized_start=1654
+  _globals['_AUDITENTRY']._serialized_end=1942
+  _globals['_LISTAUDITRESPONSE']._serialized_start=1944
+  _globals['_LISTAUDITRESPONSE']._serialized_end=2008
+  _globals['_ADMIN']._serialized_start=2173
+  _globals['_ADMIN']._serialized_end=2750
 # @@protoc_insertion_point(module_scope)
