@@ -19,6 +19,7 @@ from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from server.admin.auth import Authenticator
 from server.grpc_status import abort
+from server.lineage import Lineage
 from server.routing.changes import Actor, ModelView, RoutingChanges
 from server.routing.state import AuditEntry, CanaryRequest, EndpointState
 
@@ -185,13 +186,30 @@ def encode_state(state: EndpointState) -> apb.EndpointState:
     )
 
 
+def encode_lineage(lineage: Lineage) -> apb.Lineage:
+    """A version's ``Lineage`` on the wire."""
+    return apb.Lineage(
+        artifact_sha256=lineage.artifact_sha256,
+        data_snapshot=lineage.data_snapshot,
+        code_commit=lineage.code_commit,
+        created_at=lineage.created_at,
+        algorithm=lineage.algorithm,
+        explainer=lineage.explainer,
+        explainer_sha256=lineage.explainer_sha256,
+    )
+
+
 def encode_model(view: ModelView) -> apb.Model:
     """A ``ModelView`` on the wire."""
     model = apb.Model(
         endpoint=view.endpoint,
         versions=[
             apb.ModelVersion(
-                version=v.version, status=_STATUS[v.status], roles=v.roles, error=v.error
+                version=v.version,
+                status=_STATUS[v.status],
+                roles=v.roles,
+                error=v.error,
+                lineage=encode_lineage(v.lineage) if v.lineage is not None else None,
             )
             for v in view.versions
         ],
