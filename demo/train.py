@@ -41,8 +41,10 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from demo.synthetic import DEMO_FEATURES, generate_dataset
+from server.explain.artifact import write_explainer
 from server.manifest import (
     MODEL_FILE,
+    ExplainerSpec,
     ModelManifest,
     TensorSpec,
     TrainingInfo,
@@ -59,6 +61,11 @@ DEFAULT_N_ROWS: Final = 80_000
 PARITY_TOLERANCE: Final = 1e-4
 """Largest accepted |ONNX - predict_proba| on held-out rows."""
 TARGET_OPSET: Final = 15
+HOLDOUT_FILE: Final = "holdout.parquet"
+HOLDOUT_ROWS: Final = 4_000
+HOLDOUT_SEED_OFFSET: Final = 7_919
+"""The holdout of version v is drawn with seed ``spec.seed + HOLDOUT_SEED_OFFSET``."""
+VALIDATION_SEGMENTS: Final = ("channel",)
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -290,23 +297,61 @@ def _code_commit() -> str:
     return commit if result.returncode == 0 and commit else "unknown"
 
 
-def is_current(version_dir: Path, version: str) -> bool:
+def is_current(version_dir: Path, version: str, *, validated: bool = False) -> bool:
     """True if ``version_dir`` holds a valid manifest for ``fraud/<version>`` whose
-    sha256 matches its ``model.onnx``."""
+    sha256 matches its ``model.onnx`` and whose explainer matches its file (and, when
+    ``validated``, a validation report beside them)."""
+    from server.governance.report import REPORT_FILE
+
     model_path = version_dir / MODEL_FILE
     try:
         manifest = ModelManifest.read(version_dir)
+        explainer = manifest.explainer
         return (
             manifest.name == MODEL_NAME
             and manifest.version == version
             and model_path.is_file()
             and manifest.sha256 == sha256_of(model_path)
+            and explainer is not None
+            and explainer.sha256 == sha256_of(version_dir / explainer.path)
+            and (not validated or (version_dir / REPORT_FILE).is_file())
         )
     except (OSError, ValueError):
         return False
 
 
-def _manifest(trained: TrainedVersion, sha256: str, commit: str) -> ModelManifest:
+def write_holdout(path: Path, spec: DemoVersionSpec, n_rows: int = HOLDOUT_ROWS) -> Path:
+    """A labelled holdout from a seed the version never saw (features + ``label``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x, y = generate_dataset(n_rows, spec.seed + HOLDOUT_SEED_OFFSET)
+    columns = {name: x[:, i] for i, name in enumerate(DEMO_FEATURES)}
+    table = pa.table({**columns, "label": y.astype(np.int8)})
+    pq.write_table(table, path)
+    return path
+
+
+def validate_version(version_dir: Path, champion: str | None) -> None:
+    """``write_validation_artifacts`` on the version's holdout: report, model card,
+    reference profile (what ``make run`` and drift monitoring read)."""
+    from server.governance.holdout import read_holdout
+    from server.governance.validation import write_validation_artifacts
+
+    result = write_validation_artifacts(
+        version_dir,
+        read_holdout(version_dir / HOLDOUT_FILE),
+        segments=VALIDATION_SEGMENTS,
+        champion_version=champion,
+        latency_runs=60,
+    )
+    if not result.online.passed:
+        raise ExportCheckError(f"{version_dir}: online-path check failed ({result.report_path})")
+
+
+def _manifest(
+    trained: TrainedVersion, sha256: str, commit: str, explainer: ExplainerSpec
+) -> ModelManifest:
     return ModelManifest(
         name=MODEL_NAME,
         version=trained.spec.version,
@@ -328,6 +373,7 @@ def _manifest(trained: TrainedVersion, sha256: str, commit: str) -> ModelManifes
             created_at=datetime.now(UTC),
             algorithm=trained.algorithm,
         ),
+        explainer=explainer,
     )
 
 
@@ -339,7 +385,10 @@ def _write_version(trained: TrainedVersion, version_dir: Path, commit: str) -> N
     try:
         model_path = staging / MODEL_FILE
         model_path.write_bytes(trained.onnx_bytes)
-        _manifest(trained, sha256_of(model_path), commit).write(staging)
+        # covers from the booster: LightGBM's own counts, so TreeSHAP equals pred_contrib
+        explainer = write_explainer(model_path, booster=trained.classifier.booster_)
+        _manifest(trained, sha256_of(model_path), commit, explainer).write(staging)
+        write_holdout(staging / HOLDOUT_FILE, trained.spec)
         os.chmod(staging, 0o755)  # mkdtemp creates 0700
         if version_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{version_dir.name}.old-", dir=parent))
@@ -359,24 +408,32 @@ def build_demo_repository(
     force: bool = False,
     n_rows: int = DEFAULT_N_ROWS,
     specs: Sequence[DemoVersionSpec] | None = None,
+    validate: bool = True,
 ) -> list[Path]:
     """Train and write ``<repository>/fraud/<version>/`` for each demo version.
 
-    A version whose directory already holds a valid manifest matching its
-    ``model.onnx`` is skipped unless ``force``. Returns the version directories
-    written (skipped ones are not listed). Raises :class:`ExportCheckError` if
-    an export does not reproduce its model; that version is not written.
+    Each version gets ``model.onnx``, its explainer (``explainer.json``), the manifest
+    and a holdout; with ``validate`` also the validation report, model card and
+    reference profile (against the previous demo version as champion). A version
+    whose directory already holds all that, matching, is skipped unless ``force``.
+    Returns the version directories written (skipped ones are not listed). Raises
+    :class:`ExportCheckError` if an export does not reproduce its model (that version
+    is not written) or its online-path check fails.
     """
     written: list[Path] = []
     commit: str | None = None
+    previous: str | None = None
     for spec in specs if specs is not None else demo_version_specs(n_rows):
         version_dir = repository / MODEL_NAME / spec.version
-        if not force and is_current(version_dir, spec.version):
+        champion, previous = previous, spec.version
+        if not force and is_current(version_dir, spec.version, validated=validate):
             logger.info("%s is current, skipping (use force to rebuild)", version_dir)
             continue
         trained = train_version(spec)
         commit = commit or _code_commit()
         _write_version(trained, version_dir, commit)
+        if validate:
+            validate_version(version_dir, champion)
         logger.info(
             "wrote %s: %s auc=%.4f threshold=%.4f precision=%.3f recall=%.3f",
             version_dir,

@@ -322,6 +322,19 @@ class RequestFeature(_Frozen):
         return None
 
 
+REASON_CODE_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+class ReasonDefinition(_Frozen):
+    """One reason code: plain-language text and the features it stands for.
+
+    Correlated features share a code; the server sums their contributions."""
+
+    code: str = Field(pattern=REASON_CODE_PATTERN)
+    text: str = Field(min_length=1)
+    features: tuple[Name, ...] = Field(min_length=1)
+
+
 class FeatureDefinitions(_Frozen):
     """The whole definition file. Treat the dicts as read-only."""
 
@@ -330,6 +343,9 @@ class FeatureDefinitions(_Frozen):
     batch_groups: dict[Name, BatchGroup] = Field(default_factory=dict)
     stream_groups: dict[Name, StreamGroup] = Field(default_factory=dict)
     request_features: dict[Name, RequestFeature] = Field(default_factory=dict)
+    reasons: dict[str, ReasonDefinition] = Field(
+        default_factory=dict, description="Reason-code catalogue by code (reason codes)."
+    )
 
 
 class FeatureSource(StrEnum):
@@ -458,8 +474,20 @@ def _named(section: object) -> object:
     }
 
 
+def _with_codes(section: object) -> object:
+    """Copy each reason's key into its ``code`` unless it states one."""
+    if not isinstance(section, dict):
+        return section
+    return {
+        k: ({"code": k, **v} if isinstance(v, dict) and "code" not in v else v)
+        for k, v in section.items()
+    }
+
+
 def _with_names(raw: dict[str, Any]) -> dict[str, Any]:
     out = dict(raw)
+    if "reasons" in raw:
+        out["reasons"] = _with_codes(raw["reasons"])
     for key in ("entities", "stream_groups", "request_features"):
         out[key] = _named(raw.get(key, {}))
     groups = _named(raw.get("batch_groups", {}))
@@ -556,6 +584,25 @@ def _semantic_problems(defs: FeatureDefinitions) -> Iterator[str]:
             apath = f"{path}.aggregations[{i}]"
             yield from claim(agg.name, f"{apath}.name")
             yield from _aggregation_problems(sg, agg, apath, sizes)
+
+    yield from _reason_problems(defs, defined_at)
+
+
+def _reason_problems(defs: FeatureDefinitions, defined: Mapping[str, str]) -> Iterator[str]:
+    """Reasons name defined features, each feature in at most one reason."""
+    reason_of: dict[str, str] = {}
+    for code, reason in defs.reasons.items():
+        path = f"reasons.{code}"
+        if reason.code != code:
+            yield f"{path}.code: must equal its key {code!r}"
+        unknown = [f for f in reason.features if f not in defined]
+        if unknown:
+            yield f"{path}.features: unknown features {unknown}"
+        for name in reason.features:
+            if name in reason_of:
+                yield f"{path}.features: {name!r} is already in reason {reason_of[name]!r}"
+            else:
+                reason_of[name] = code
 
 
 def _aggregation_problems(

@@ -51,6 +51,7 @@ from server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from server.admin.api import AdminService
 from server.admin.auth import Authenticator, CertificateAuthenticator, TokenAuthenticator
 from server.batcher import BatchPolicy
+from server.explain.service import ReasonPolicy
 from server.feature_store import FeatureStore, store_options
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
@@ -143,6 +144,7 @@ class AppContext:
             versions=serving.versions,
             champion=serving.champion,
             failure_policy=serving.feature_failure_policy or self.settings.redis.failure_policy,
+            reasons=ReasonPolicy(serving.reasons.when, serving.reasons.top_n),
         )
 
     async def __aenter__(self) -> Self:

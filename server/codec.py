@@ -17,6 +17,7 @@ from protos.inference import grpc_service_pb2 as v2
 from protos.inference import model_config_pb2 as v2config
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.errors import InvalidInput
+from server.explain.reasons import Reason
 from server.registry import LoadedVersion
 from server.router import Route
 from server.scoring_types import ScoreInput, ScoreResult
@@ -58,6 +59,7 @@ def decode_score_request(request: pb.ScoreRequest) -> ScoreInput:
         model_version=request.model_version or None,
         event_time_ms=event_time_ms,
         echo_features=request.echo_features,
+        explain=request.explain,
     )
 
 
@@ -73,7 +75,13 @@ def encode_score_response(result: ScoreResult, server_time_us: int) -> pb.ScoreR
         server_time_us=server_time_us,
         degraded=bool(result.degraded_reasons),
         degraded_reasons=result.degraded_reasons,
+        artifact_sha256=result.artifact_sha256,
+        threshold=result.threshold,
+        decision=result.decision,
     )
+    if result.reasons is not None:
+        response.reasons_base_value = result.reasons_base_value
+        response.reasons.extend(encode_reason(r) for r in result.reasons)
     if result.freshness:
         response.freshness.extend(
             pb.FeatureFreshness(group=f.group, entity=f.entity, age_ms=f.age_ms)
@@ -82,6 +90,19 @@ def encode_score_response(result: ScoreResult, server_time_us: int) -> pb.ScoreR
     if result.features:
         response.features.extend(pb.FeatureValue(name=n, value=v) for n, v in result.features)
     return response
+
+
+def encode_reason(reason: Reason) -> pb.Reason:
+    """One reason with the features behind it."""
+    return pb.Reason(
+        code=reason.code,
+        text=reason.text,
+        contribution=reason.contribution,
+        features=[
+            pb.ReasonFeature(name=f.name, value=f.value, contribution=f.contribution)
+            for f in reason.features
+        ],
+    )
 
 
 def decode_infer_rows(

@@ -8,6 +8,7 @@
     ├── DependencyUnavailable        UNAVAILABLE: a dependency is down and policy says fail
     ├── ShuttingDown                 UNAVAILABLE: the server is draining
     ├── ModelLoadError               FAILED_PRECONDITION: an artifact was refused at load
+    ├── NoExplainer                  FAILED_PRECONDITION: reasons asked of a model without one
     └── InferenceFailed              INTERNAL: the runtime raised while running a batch
 
 Others live beside what raises them (``server.routing.state``: RoutingConflict,
@@ -87,6 +88,17 @@ class ModelLoadError(ScoringError):
     """A model artifact was refused (bad file, sha256 mismatch, manifest/graph mismatch)."""
 
     status = Status.FAILED_PRECONDITION
+
+
+class NoExplainer(ScoringError):
+    """Reasons were asked of a version without an explainer; names the model."""
+
+    status = Status.FAILED_PRECONDITION
+
+    def __init__(self, model: str, version: str) -> None:
+        super().__init__(
+            f"model {model!r} version {version!r} has no explainer: it cannot give reasons"
+        )
 
 
 class InferenceFailed(ScoringError):

@@ -23,6 +23,7 @@ from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server import codec
 from server.errors import ScoringError
 from server.grpc_status import abort, status_of
+from server.lineage import Lineage
 from server.metrics import UNKNOWN_MODEL, ApiMetrics, Metrics
 from server.pipeline import ScoringPipeline
 from server.registry import ModelRegistry
@@ -230,6 +231,9 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                 platform="onnxruntime_onnx",
                 inputs=inputs,
                 outputs=outputs,
+                lineage=Lineage.of(
+                    loaded.model.manifest, explainer=loaded.reasons is not None
+                ).as_strings(),
             )
 
         return await _answer(context, work)

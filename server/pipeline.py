@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from server.errors import InvalidInput, ScoringError
+from server.errors import InvalidInput, NoExplainer, ScoringError
 from server.executor import Job
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout.stats import StatsRecorder
@@ -86,6 +86,8 @@ class ScoringPipeline:
         t_ms = request.event_time_ms
         if t_ms is None:
             t_ms = int(self._clock() * 1000)
+        if request.explain and loaded.reasons is None:
+            raise NoExplainer(request.model, decision.version)
         prepared = loaded.layout.prepare(request.features, request.entity_ids, t_ms)
         result = await loaded.batcher.submit(Job(prepared=prepared), deadline=deadline)
         manifest = loaded.model.manifest
@@ -93,6 +95,11 @@ class ScoringPipeline:
         score = float(
             score_values[0, manifest.score_index] if score_values.ndim == 2 else score_values[0]
         )
+        flagged = score >= manifest.threshold
+        explained = None
+        if loaded.reasons is not None and loaded.reason_policy.needed(request.explain, flagged):
+            # a separate batcher: answers not needing reasons already left with their batch
+            explained = await loaded.reasons.explain(result.rows, deadline)
         echoed: tuple[tuple[str, float], ...] = ()
         if request.echo_features:
             row = result.rows[0]
@@ -107,6 +114,11 @@ class ScoringPipeline:
             features=echoed,
             freshness=tuple(prepared.freshness),
             degraded_reasons=tuple(prepared.degraded),
+            artifact_sha256=manifest.sha256,
+            threshold=manifest.threshold,
+            decision=flagged,
+            reasons=None if explained is None else explained.reasons,
+            reasons_base_value=0.0 if explained is None else explained.base_value,
         )
         timings = {"pipeline_us": int((time.perf_counter() - started) * 1e6)}
         self._after_answer(loaded, decision, answer, result.rows, t_ms, timings, request)

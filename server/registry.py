@@ -24,6 +24,7 @@ from feature_streams.definitions import FeatureDefinitions
 from server.batcher import BatchObserver, BatchPolicy, MicroBatcher
 from server.errors import ModelLoadError, ModelNotFound
 from server.executor import Job, JobResult, VersionBatchRunner
+from server.explain.service import DEFAULT_REASONS, ReasonPolicy, VersionReasons, load_reasons
 from server.feature_store import FeatureStore
 from server.features import FailurePolicy, FeatureLayout
 from server.router import CanaryRoute, EndpointRouting, RoutingTable, version_sort_key
@@ -41,15 +42,19 @@ class ServingOptions:
     versions: tuple[str, ...] | None = None
     champion: str | None = None
     failure_policy: FailurePolicy = "degrade"
+    reasons: ReasonPolicy = DEFAULT_REASONS
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedVersion:
-    """One servable version: model, input layout, batcher."""
+    """One servable version: model, input layout, batcher, and its reasons (explainer,
+    catalogue, explanation batcher) when it has an explainer."""
 
     model: OnnxModel
     layout: FeatureLayout
     batcher: MicroBatcher[Job, JobResult]
+    reasons: VersionReasons | None = None
+    reason_policy: ReasonPolicy = DEFAULT_REASONS
 
     @property
     def name(self) -> str:
@@ -146,6 +151,9 @@ class ModelRegistry:
         name, version = model.manifest.name, model.manifest.version
         try:
             layout = FeatureLayout.from_manifest(model.manifest, self._definitions)
+            reasons = await asyncio.to_thread(
+                load_reasons, version_dir, model.manifest, self._definitions, options.reasons
+            )
         except ModelLoadError:
             model.close()
             raise
@@ -155,7 +163,9 @@ class ModelRegistry:
             f"{name}/{version}", runner.run, options.policy, observer
         )
         batcher.start()
-        loaded = LoadedVersion(model, layout, batcher)
+        if reasons is not None:
+            reasons.start()
+        loaded = LoadedVersion(model, layout, batcher, reasons, options.reasons)
         versions = dict(self._versions)
         previous = versions.get(name, {}).get(version)
         versions[name] = MappingProxyType({**versions.get(name, {}), version: loaded})
@@ -247,6 +257,8 @@ class ModelRegistry:
 
     async def _retire(self, loaded: LoadedVersion) -> None:
         await loaded.batcher.close()
+        if loaded.reasons is not None:
+            await loaded.reasons.close()
         await asyncio.to_thread(loaded.model.close)
 
 

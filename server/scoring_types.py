@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from server.router import Route
 
 if TYPE_CHECKING:
+    from server.explain.reasons import Reason
     from server.features import Freshness
 
 __all__ = ["ScoreInput", "ScoreResult"]
@@ -31,6 +32,7 @@ class ScoreInput(NamedTuple):
     model_version: str | None = None
     event_time_ms: int | None = None
     echo_features: bool = False
+    explain: bool = False
 
 
 class ScoreResult(NamedTuple):
@@ -45,3 +47,9 @@ class ScoreResult(NamedTuple):
     features: tuple[tuple[str, float], ...] = ()
     freshness: tuple[Freshness, ...] = ()
     degraded_reasons: tuple[str, ...] = ()
+    artifact_sha256: str = ""
+    threshold: float = 0.0
+    decision: bool = False
+    reasons: tuple[Reason, ...] | None = None
+    """Top reasons when computed (``None``: not computed; ``()``: none pushed up)."""
+    reasons_base_value: float = 0.0

@@ -289,6 +289,20 @@ class ServerSettings(_Frozen):
         return roles
 
 
+class ReasonsSettings(_Frozen):
+    """When a model's answers carry reason codes (needs the version's explainer)."""
+
+    when: Literal["always", "on_request", "above_threshold"] = Field(
+        default="on_request",
+        description="'always': every answer; 'on_request': when ScoreRequest.explain is "
+        "set; 'above_threshold': answers with score >= threshold (flag / decline) and "
+        "those that ask. Asking a version without an explainer is FAILED_PRECONDITION.",
+    )
+    top_n: int = Field(
+        default=4, ge=1, le=64, description="Most reasons per answer (toward adverse)."
+    )
+
+
 class ModelServing(_Frozen):
     """How one model's versions are loaded and micro-batched."""
 
@@ -329,6 +343,9 @@ class ModelServing(_Frozen):
         default=None,
         description="Redis unreachable: 'degrade' (defaults, response flagged) or 'fail' "
         "(UNAVAILABLE); None = redis.failure_policy.",
+    )
+    reasons: ReasonsSettings = Field(
+        default_factory=ReasonsSettings, description="Reason codes: when and how many."
     )
 
     @field_validator("versions", "champion", mode="before")
@@ -383,6 +400,7 @@ class ModelServingOverrides(_Frozen):
     feature_failure_policy: Literal["degrade", "fail"] | None = Field(
         default=None, description=_doc("feature_failure_policy")
     )
+    reasons: ReasonsSettings | None = Field(default=None, description=_doc("reasons"))
 
     @field_validator("versions", "champion", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from server.admin.auth import Authenticator, PermissionDenied, authorize
 from server.grpc_status import abort
+from server.lineage import Lineage
 from server.routing.changes import Actor, ApprovalView, ModelView, RoutingChanges
 from server.routing.state import AuditEntry, CanaryRequest, EndpointState
 
@@ -229,6 +230,19 @@ def encode_approval(view: ApprovalView) -> apb.VersionApproval:
     return message
 
 
+def encode_lineage(lineage: Lineage) -> apb.Lineage:
+    """A version's ``Lineage`` on the wire."""
+    return apb.Lineage(
+        artifact_sha256=lineage.artifact_sha256,
+        data_snapshot=lineage.data_snapshot,
+        code_commit=lineage.code_commit,
+        created_at=lineage.created_at,
+        algorithm=lineage.algorithm,
+        explainer=lineage.explainer,
+        explainer_sha256=lineage.explainer_sha256,
+    )
+
+
 def encode_model(view: ModelView) -> apb.Model:
     """A ``ModelView`` on the wire."""
     model = apb.Model(endpoint=view.endpoint)
@@ -236,6 +250,8 @@ def encode_model(view: ModelView) -> apb.Model:
         version = model.versions.add(
             version=v.version, status=_STATUS[v.status], roles=v.roles, error=v.error
         )
+        if v.lineage is not None:
+            version.lineage.CopyFrom(encode_lineage(v.lineage))
         if v.approval is not None:
             version.approval.CopyFrom(encode_approval(v.approval))
     if view.state is not None:

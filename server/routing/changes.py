@@ -38,6 +38,8 @@ from server.errors import (
     ModelNotFound,
     ScoringError,
 )
+from server.lineage import Lineage
+from server.manifest import ModelManifest
 from server.registry import ModelRegistry, scan_repository
 from server.rollout.policy import rollout_for_change
 from server.router import version_sort_key
@@ -127,6 +129,7 @@ class VersionView:
     roles: tuple[str, ...] = ()
     error: str = ""
     approval: ApprovalView | None = None
+    lineage: Lineage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +172,12 @@ class RoutingChanges:
         except DependencyUnavailable:
             state = self.sync.state
         on_disk: dict[str, set[str]] = {}
+        manifests: dict[tuple[str, str], ModelManifest] = {}
         with contextlib.suppress(ModelLoadError):
-            for version_dir in await asyncio.to_thread(scan_repository, self._repository):
+            for version_dir, manifest in await asyncio.to_thread(_scan_manifests, self._repository):
                 on_disk.setdefault(version_dir.parent.name, set()).add(version_dir.name)
+                if manifest is not None:
+                    manifests[version_dir.parent.name, version_dir.name] = manifest
         names = sorted(set(state.endpoints) | set(on_disk))
         if endpoint:
             if endpoint not in names:
@@ -187,7 +193,7 @@ class RoutingChanges:
             required = await self.gate.required_async(name)
             version_views = []
             for v in versions:
-                view = self._version_view(name, v, desired, v in wanted)
+                view = self._version_view(name, v, desired, v in wanted, manifests.get((name, v)))
                 approval = await self._approval_view(name, v, required, state.records)
                 version_views.append(replace(view, approval=approval))
             views.append(ModelView(name, desired, tuple(version_views)))
@@ -202,20 +208,28 @@ class RoutingChanges:
         return ApprovalView(required, problem or "", record, makers(record, evidence))
 
     def _version_view(
-        self, name: str, version: str, desired: EndpointState | None, wanted: bool
+        self,
+        name: str,
+        version: str,
+        desired: EndpointState | None,
+        wanted: bool,
+        manifest: ModelManifest | None,
     ) -> VersionView:
         roles = tuple(desired.role_of(version)) if desired else ()
         error = self.sync.load_error(name, version)
         status: VersionStatus
+        lineage = Lineage.of(manifest) if manifest is not None else None
         if self._registry.has(name, version):
             status = "loaded"
+            loaded = self._registry.get(name, version)
+            lineage = Lineage.of(loaded.model.manifest, explainer=loaded.reasons is not None)
         elif error:
             status = "failed"
         elif wanted:
             status = "pending"
         else:
             status = "available"
-        return VersionView(version, status, roles, error)
+        return VersionView(version, status, roles, error, lineage=lineage)
 
     async def audit(self, endpoint: str | None, limit: int) -> list[AuditEntry]:
         """The newest audit entries, newest first."""
@@ -586,3 +600,14 @@ def _present(state: EndpointState | None) -> EndpointState:
 def _require_reason(reason: str) -> None:
     if not reason.strip():
         raise InvalidInput("reason", "required: say why (it goes to the audit log)")
+
+
+def _scan_manifests(repository: Path) -> list[tuple[Path, ModelManifest | None]]:
+    """Every version directory with its manifest (None when unreadable)."""
+    found: list[tuple[Path, ModelManifest | None]] = []
+    for version_dir in scan_repository(repository):
+        try:
+            found.append((version_dir, ModelManifest.read(version_dir)))
+        except (OSError, ValueError):
+            found.append((version_dir, None))
+    return found

@@ -319,3 +319,47 @@ def test_request_feature_ranges() -> None:
     assert amount.violation(float("inf")) == "amount: inf is not finite"
     assert mcc.violation(10_000) == "mcc: 10000 is not <= 9999.0"
     assert mcc.violation(5411.5) == "mcc: 5411.5 is not an integer"
+
+
+# --- reason codes ----------------------------------------------------------------------
+
+
+def test_demo_reasons_cover_every_demo_feature_once() -> None:
+    defs = load_definitions(FEATURES_YAML)
+    covered = [f for reason in defs.reasons.values() for f in reason.features]
+    assert sorted(covered) == sorted(DEMO_FEATURES)
+    assert all(reason.text and reason.code == code for code, reason in defs.reasons.items())
+    shared = [r for r in defs.reasons.values() if len(r.features) > 1]
+    assert shared  # correlated features share a code
+
+
+def test_reasons_parse_with_code_from_key() -> None:
+    raw = edited(
+        "reasons", {"VEL": {"text": "Many recent transactions", "features": ["n_5m", "sum_1h"]}}
+    )
+    defs = parse_definitions(yaml.safe_dump(raw))
+    assert defs.reasons["VEL"].code == "VEL"
+    assert defs.reasons["VEL"].features == ("n_5m", "sum_1h")
+
+
+def test_reasons_naming_unknown_features_are_refused_naming_them() -> None:
+    raw = edited("reasons", {"X1": {"text": "t", "features": ["amount", "nope", "gone"]}})
+    assert problems(raw) == ("reasons.X1.features: unknown features ['nope', 'gone']",)
+
+
+def test_a_feature_in_two_reasons_is_refused() -> None:
+    raw = edited(
+        "reasons",
+        {
+            "A": {"text": "a", "features": ["amount", "n_5m"]},
+            "B": {"text": "b", "features": ["n_5m"]},
+        },
+    )
+    assert problems(raw) == ("reasons.B.features: 'n_5m' is already in reason 'A'",)
+
+
+def test_reason_shape_errors_name_the_key() -> None:
+    bad = problems(edited("reasons", {"A": {"text": "", "features": []}}))
+    assert any(p.startswith("reasons.A.text") for p in bad)
+    assert any(p.startswith("reasons.A.features") for p in bad)
+    assert problems(edited("reasons", {"A": {"code": "B", "text": "t", "features": ["amount"]}}))

@@ -29,6 +29,7 @@ from demo.synthetic import (
     sample_transactions,
 )
 from demo.train import (
+    HOLDOUT_FILE,
     DemoVersionSpec,
     ExportCheckError,
     TrainedVersion,
@@ -39,6 +40,9 @@ from demo.train import (
     main_models_demo,
     train_version,
 )
+from server.explain.explainer import load_explainer
+from server.governance.profile import PROFILE_FILE
+from server.governance.report import REPORT_FILE, verify_report
 from server.manifest import MANIFEST_FILE, MODEL_FILE, ModelManifest, sha256_of
 
 N_ROWS = 20_000  # small snapshots keep the module to a few seconds
@@ -317,6 +321,22 @@ def test_session_signature_matches_manifest(repository: Path, fresh: Dataset) ->
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_each_version_has_a_checked_explainer_and_validation(
+    repository: Path, fresh: Dataset
+) -> None:
+    for version in VERSIONS:
+        version_dir = repository / "fraud" / version
+        manifest = ModelManifest.read(version_dir)
+        explainer = load_explainer(version_dir, manifest, rows=fresh[0][:256])
+        assert explainer is not None
+        (margin,) = _session(repository, version).run(["probabilities"], {"features": fresh[0][:5]})
+        explained = explainer.transform(explainer.explain(fresh[0][:5]).margin)
+        np.testing.assert_allclose(explained, np.asarray(margin)[:, 1], atol=1e-5)
+        for name in (REPORT_FILE, PROFILE_FILE, "model_card.md", HOLDOUT_FILE):
+            assert (version_dir / name).is_file(), (version, name)
+        verify_report(version_dir)
+
+
 # --- idempotence and reproducibility ---------------------------------------------------
 
 
@@ -330,12 +350,17 @@ def test_force_rebuild_reproduces_the_same_bytes(repository: Path, tmp_path: Pat
     copy = tmp_path / "copy"
     shutil.copytree(repository, copy)
     before = _mtimes(copy)
-    written = build_demo_repository(copy, force=True, n_rows=N_ROWS)
+    written = build_demo_repository(copy, force=True, n_rows=N_ROWS, validate=False)
     assert written == [copy / "fraud" / v for v in VERSIONS]
     for version in VERSIONS:
         original = ModelManifest.read(repository / "fraud" / version)
         rebuilt = ModelManifest.read(copy / "fraud" / version)
         assert rebuilt.sha256 == original.sha256 == sha256_of(copy / "fraud" / version / MODEL_FILE)
+        assert rebuilt.explainer is not None and rebuilt.explainer == original.explainer
+        for name in (rebuilt.explainer.path, HOLDOUT_FILE):
+            assert sha256_of(copy / "fraud" / version / name) == sha256_of(
+                repository / "fraud" / version / name
+            )
     assert _mtimes(copy) != before
     assert sorted(p.name for p in (copy / "fraud").iterdir()) == list(VERSIONS)  # no staging
 
@@ -348,7 +373,9 @@ def test_tampered_version_is_rebuilt(repository: Path, tmp_path: Path) -> None:
     (copy / "fraud" / "2" / MANIFEST_FILE).write_text("{not json")
     assert not is_current(model.parent, "1")
     assert not is_current(copy / "fraud" / "2", "2")
-    written = build_demo_repository(copy, n_rows=N_ROWS, specs=demo_version_specs(N_ROWS)[:1])
+    written = build_demo_repository(
+        copy, n_rows=N_ROWS, specs=demo_version_specs(N_ROWS)[:1], validate=False
+    )
     assert written == [model.parent]
     assert sha256_of(model) == ModelManifest.read(repository / "fraud" / "1").sha256
 

@@ -216,6 +216,47 @@ class VersionApproval(_message.Message):
 Global___VersionApproval: _TypeAlias = VersionApproval  # noqa: Y015
 
 @_typing.final
+class Lineage(_message.Message):
+    """Where a version comes from (its manifest): artifact, training data and code."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_SHA256_FIELD_NUMBER: _builtins.int
+    DATA_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CODE_COMMIT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    EXPLAINER_FIELD_NUMBER: _builtins.int
+    EXPLAINER_SHA256_FIELD_NUMBER: _builtins.int
+    artifact_sha256: _builtins.str
+    data_snapshot: _builtins.str
+    code_commit: _builtins.str
+    created_at: _builtins.str
+    """RFC 3339."""
+    algorithm: _builtins.str
+    explainer: _builtins.bool
+    """The version carries a checked explainer (it can give reason codes)."""
+    explainer_sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        artifact_sha256: _builtins.str = ...,
+        data_snapshot: _builtins.str = ...,
+        code_commit: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+        explainer: _builtins.bool = ...,
+        explainer_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "artifact_sha256", b"artifact_sha256", "code_commit", b"code_commit", "created_at", b"created_at", "data_snapshot", b"data_snapshot", "explainer", b"explainer", "explainer_sha256", b"explainer_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lineage: _TypeAlias = Lineage  # noqa: Y015
+
+@_typing.final
 class ModelVersion(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -224,6 +265,7 @@ class ModelVersion(_message.Message):
     ROLES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     APPROVAL_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     status: Global___VersionStatus.ValueType
     error: _builtins.str
@@ -233,6 +275,12 @@ class ModelVersion(_message.Message):
 
     @_builtins.property
     def approval(self) -> Global___VersionApproval: ...
+    @_builtins.property
+    def lineage(self) -> Global___Lineage:
+        """From the manifest of a loaded version, or of one in the repository; unset when
+        the manifest cannot be read.
+        """
+
     def __init__(
         self,
         *,
@@ -241,10 +289,11 @@ class ModelVersion(_message.Message):
         roles: _abc.Iterable[_builtins.str] | None = ...,
         error: _builtins.str = ...,
         approval: Global___VersionApproval | None = ...,
+        lineage: Global___Lineage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "error", b"error", "roles", b"roles", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "error", b"error", "lineage", b"lineage", "roles", b"roles", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

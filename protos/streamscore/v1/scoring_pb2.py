@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/streamscore/v1/scoring.proto\x12\x0estreamscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x02\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12?\n\nentity_ids\x18\x04 \x03(\x0b\x32+.streamscore.v1.ScoreRequest.EntityIdsEntry\x12<\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32*.streamscore.v1.ScoreRequest.FeaturesEntry\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\recho_features\x18\x07 \x01(\x08\x1a\x30\n\x0e\x45ntityIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"+\n\x0c\x46\x65\x61tureValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"A\n\x10\x46\x65\x61tureFreshness\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x02 \x01(\t\x12\x0e\n\x06\x61ge_ms\x18\x03 \x01(\x03\"+\n\nScoreError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xee\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12$\n\x05route\x18\x05 \x01(\x0e\x32\x15.streamscore.v1.Route\x12\x1a\n\x12\x64\x65\x66\x61ulted_features\x18\x06 \x03(\t\x12\x33\n\tfreshness\x18\x07 \x03(\x0b\x32 .streamscore.v1.FeatureFreshness\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\t \x03(\t\x12.\n\x08\x66\x65\x61tures\x18\n \x03(\x0b\x32\x1c.streamscore.v1.FeatureValue\x12\x16\n\x0eserver_time_us\x18\x0b \x01(\x03\x12)\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1a.streamscore.v1.ScoreError*V\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROUTE_CHAMPION\x10\x01\x12\x10\n\x0cROUTE_CANARY\x10\x02\x12\x10\n\x0cROUTE_PINNED\x10\x03\x32\x9f\x01\n\x07Scoring\x12\x44\n\x05Score\x12\x1c.streamscore.v1.ScoreRequest\x1a\x1d.streamscore.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.streamscore.v1.ScoreRequest\x1a\x1d.streamscore.v1.ScoreResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/streamscore/v1/scoring.proto\x12\x0estreamscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x03\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12?\n\nentity_ids\x18\x04 \x03(\x0b\x32+.streamscore.v1.ScoreRequest.EntityIdsEntry\x12<\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32*.streamscore.v1.ScoreRequest.FeaturesEntry\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\recho_features\x18\x07 \x01(\x08\x12\x0f\n\x07\x65xplain\x18\x08 \x01(\x08\x1a\x30\n\x0e\x45ntityIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"+\n\x0c\x46\x65\x61tureValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"B\n\rReasonFeature\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\"k\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\x12/\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x1d.streamscore.v1.ReasonFeature\"A\n\x10\x46\x65\x61tureFreshness\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x02 \x01(\t\x12\x0e\n\x06\x61ge_ms\x18\x03 \x01(\x03\"+\n\nScoreError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf1\x03\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12$\n\x05route\x18\x05 \x01(\x0e\x32\x15.streamscore.v1.Route\x12\x1a\n\x12\x64\x65\x66\x61ulted_features\x18\x06 \x03(\t\x12\x33\n\tfreshness\x18\x07 \x03(\x0b\x32 .streamscore.v1.FeatureFreshness\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\t \x03(\t\x12.\n\x08\x66\x65\x61tures\x18\n \x03(\x0b\x32\x1c.streamscore.v1.FeatureValue\x12\x16\n\x0eserver_time_us\x18\x0b \x01(\x03\x12)\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1a.streamscore.v1.ScoreError\x12\x17\n\x0f\x61rtifact_sha256\x18\r \x01(\t\x12\x11\n\tthreshold\x18\x0e \x01(\x01\x12\x10\n\x08\x64\x65\x63ision\x18\x0f \x01(\x08\x12\'\n\x07reasons\x18\x10 \x03(\x0b\x32\x16.streamscore.v1.Reason\x12\x1a\n\x12reasons_base_value\x18\x11 \x01(\x01*V\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROUTE_CHAMPION\x10\x01\x12\x10\n\x0cROUTE_CANARY\x10\x02\x12\x10\n\x0cROUTE_PINNED\x10\x03\x32\x9f\x01\n\x07Scoring\x12\x44\n\x05Score\x12\x1c.streamscore.v1.ScoreRequest\x1a\x1d.streamscore.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.streamscore.v1.ScoreRequest\x1a\x1d.streamscore.v1.ScoreResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST_ENTITYIDSENTRY']._serialized_options = b'8\001'
   _globals['_SCOREREQUEST_FEATURESENTRY']._loaded_options = None
   _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_ROUTE']._serialized_start=986
-  _globals['_ROUTE']._serialized_end=1072
+  _globals['_ROUTE']._serialized_start=1311
+  _globals['_ROUTE']._serialized_end=1397
   _globals['_SCOREREQUEST']._serialized_start=89
-  _globals['_SCOREREQUEST']._serialized_end=458
-  _globals['_SCOREREQUEST_ENTITYIDSENTRY']._serialized_start=361
-  _globals['_SCOREREQUEST_ENTITYIDSENTRY']._serialized_end=409
-  _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_start=411
-  _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_end=458
-  _globals['_FEATUREVALUE']._serialized_start=460
-  _globals['_FEATUREVALUE']._serialized_end=503
-  _globals['_FEATUREFRESHNESS']._serialized_start=505
-  _globals['_FEATUREFRESHNESS']._serialized_end=570
-  _globals['_SCOREERROR']._serialized_start=572
-  _globals['_SCOREERROR']._serialized_end=615
-  _globals['_SCORERESPONSE']._serialized_start=618
-  _globals['_SCORERESPONSE']._serialized_end=984
-  _globals['_SCORING']._serialized_start=1075
-  _globals['_SCORING']._serialized_end=1234
+  _globals['_SCOREREQUEST']._serialized_end=475
+  _globals['_SCOREREQUEST_ENTITYIDSENTRY']._serialized_start=378
+  _globals['_SCOREREQUEST_ENTITYIDSENTRY']._serialized_end=426
+  _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_start=428
+  _globals['_SCOREREQUEST_FEATURESENTRY']._serialized_end=475
+  _globals['_FEATUREVALUE']._serialized_start=477
+  _globals['_FEATUREVALUE']._serialized_end=520
+  _globals['_REASONFEATURE']._serialized_start=522
+  _globals['_REASONFEATURE']._serialized_end=588
+  _globals['_REASON']._serialized_start=590
+  _globals['_REASON']._serialized_end=697
+  _globals['_FEATUREFRESHNESS']._serialized_start=699
+  _globals['_FEATUREFRESHNESS']._serialized_end=764
+  _globals['_SCOREERROR']._serialized_start=766
+  _globals['_SCOREERROR']._serialized_end=809
+  _globals['_SCORERESPONSE']._serialized_start=812
+  _globals['_SCORERESPONSE']._serialized_end=1309
+  _globals['_SCORING']._serialized_start=1400
+  _globals['_SCORING']._serialized_end=1559
 # @@protoc_insertion_point(module_scope)

@@ -97,6 +97,7 @@ class ScoreRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     ECHO_FEATURES_FIELD_NUMBER: _builtins.int
+    EXPLAIN_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model endpoint, e.g. "fraud"."""
     model_version: _builtins.str
@@ -105,6 +106,11 @@ class ScoreRequest(_message.Message):
     """Caller's id for this request, echoed in the response; generated if empty."""
     echo_features: _builtins.bool
     """Ask the server to echo the assembled feature vector (audit, consistency checks)."""
+    explain: _builtins.bool
+    """Ask for reason codes (models whose reasons.when is on_request; `always` and
+    `above_threshold` models decide themselves). A model without an explainer
+    answers FAILED_PRECONDITION.
+    """
     @_builtins.property
     def entity_ids(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Entity ids by entity name, e.g. {"card_id": "c-123", "customer_id": "u-9"}."""
@@ -127,10 +133,11 @@ class ScoreRequest(_message.Message):
         features: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         echo_features: _builtins.bool = ...,
+        explain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo_features", b"echo_features", "entity_ids", b"entity_ids", "event_time", b"event_time", "features", b"features", "model", b"model", "model_version", b"model_version", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo_features", b"echo_features", "entity_ids", b"entity_ids", "event_time", b"event_time", "explain", b"explain", "features", b"features", "model", b"model", "model_version", b"model_version", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,6 +164,67 @@ class FeatureValue(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FeatureValue: _TypeAlias = FeatureValue  # noqa: Y015
+
+@_typing.final
+class ReasonFeature(_message.Message):
+    """A feature behind a reason: its value in the scored row and its own contribution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    CONTRIBUTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    value: _builtins.float
+    contribution: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.float = ...,
+        contribution: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contribution", b"contribution", "name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReasonFeature: _TypeAlias = ReasonFeature  # noqa: Y015
+
+@_typing.final
+class Reason(_message.Message):
+    """A principal reason for the score: exact TreeSHAP attributions of the scored row
+    (from the very artifact that scored it) summed over the features sharing its code.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    CONTRIBUTION_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    text: _builtins.str
+    contribution: _builtins.float
+    """Summed contribution to the model's raw margin (log-odds); > 0 pushes toward adverse."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReasonFeature]: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        text: _builtins.str = ...,
+        contribution: _builtins.float = ...,
+        features: _abc.Iterable[Global___ReasonFeature] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "contribution", b"contribution", "features", b"features", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reason: _TypeAlias = Reason  # noqa: Y015
 
 @_typing.final
 class FeatureFreshness(_message.Message):
@@ -227,6 +295,11 @@ class ScoreResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     SERVER_TIME_US_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ARTIFACT_SHA256_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    REASONS_BASE_VALUE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     score: _builtins.float
     """The model's score, e.g. the probability of fraud in [0, 1]."""
@@ -238,6 +311,15 @@ class ScoreResponse(_message.Message):
     """True when a dependency was down and the server answered with defaults."""
     server_time_us: _builtins.int
     """Server-side time spent, microseconds."""
+    artifact_sha256: _builtins.str
+    """Lineage: sha256 of the model.onnx that scored (the manifest's), so any decision
+    names its exact artifact.
+    """
+    threshold: _builtins.float
+    """The version's decision threshold and the decision at it (score >= threshold)."""
+    decision: _builtins.bool
+    reasons_base_value: _builtins.float
+    """Raw margin the reasons explain: base_value + sum of all contributions."""
     @_builtins.property
     def defaulted_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Features that were missing and replaced by their defined default."""
@@ -258,6 +340,10 @@ class ScoreResponse(_message.Message):
     def error(self) -> Global___ScoreError:
         """Only in ScoreStream: set when this item failed; other fields then hold request_id only."""
 
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reason]:
+        """Top reasons toward the adverse outcome, largest first (when computed)."""
+
     def __init__(
         self,
         *,
@@ -273,10 +359,15 @@ class ScoreResponse(_message.Message):
         features: _abc.Iterable[Global___FeatureValue] | None = ...,
         server_time_us: _builtins.int = ...,
         error: Global___ScoreError | None = ...,
+        artifact_sha256: _builtins.str = ...,
+        threshold: _builtins.float = ...,
+        decision: _builtins.bool = ...,
+        reasons: _abc.Iterable[Global___Reason] | None = ...,
+        reasons_base_value: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["defaulted_features", b"defaulted_features", "degraded", b"degraded", "degraded_reasons", b"degraded_reasons", "error", b"error", "features", b"features", "freshness", b"freshness", "model", b"model", "model_version", b"model_version", "request_id", b"request_id", "route", b"route", "score", b"score", "server_time_us", b"server_time_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_sha256", b"artifact_sha256", "decision", b"decision", "defaulted_features", b"defaulted_features", "degraded", b"degraded", "degraded_reasons", b"degraded_reasons", "error", b"error", "features", b"features", "freshness", b"freshness", "model", b"model", "model_version", b"model_version", "reasons", b"reasons", "reasons_base_value", b"reasons_base_value", "request_id", b"request_id", "route", b"route", "score", b"score", "server_time_us", b"server_time_us", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

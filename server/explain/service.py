@@ -1,0 +1,158 @@
+"""Reasons on the request path: one explanation batcher per loaded version.
+
+A version with a checked explainer gets a :class:`VersionReasons`: its own
+:class:`~server.batcher.MicroBatcher` of *explanation* jobs, separate from the
+scoring batcher. A request is scored first, like every other; only a request whose
+answer needs reasons (per the model's :class:`ReasonPolicy` and the request's flag)
+then submits its scored row here. Concurrent such rows are explained together, one
+TreeSHAP batch on a worker thread (off the event loop), so answers that need no
+reasons never wait for an explanation: they left with their scoring batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from feature_streams.definitions import FeatureDefinitions
+from server.batcher import BatchPolicy, MicroBatcher
+from server.errors import ModelLoadError, ScoringError
+from server.explain.explainer import ExplainerError, TreeExplainer, load_explainer
+from server.explain.reasons import DEFAULT_TOP_N, Reason, ReasonCatalogue, ReasonSpec
+from server.manifest import ModelManifest
+
+logger = logging.getLogger(__name__)
+
+ReasonsWhen = Literal["always", "on_request", "above_threshold"]
+EXPLAIN_BATCH: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonPolicy:
+    """When a model's answers carry reasons, and how many."""
+
+    when: ReasonsWhen = "on_request"
+    top_n: int = DEFAULT_TOP_N
+
+    def __post_init__(self) -> None:
+        if self.top_n < 1:
+            raise ValueError("reasons.top_n must be >= 1")
+
+    def needed(self, asked: bool, decision: bool) -> bool:
+        """Whether one answer needs reasons: asked for (any mode), always, or a
+        flagged decision (``above_threshold``)."""
+        return asked or self.when == "always" or (self.when == "above_threshold" and decision)
+
+
+DEFAULT_REASONS: Final = ReasonPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Explained:
+    """One row's reasons and the base value its contributions add to."""
+
+    reasons: tuple[Reason, ...]
+    base_value: float
+
+
+def catalogue_for(
+    manifest: ModelManifest, definitions: FeatureDefinitions | None
+) -> ReasonCatalogue:
+    """The version's catalogue from ``features.yaml``'s ``reasons`` (restricted to the
+    model's features), or one reason per feature (code = feature name) when the file
+    has none. Raises ``ValueError`` when the catalogue leaves a model feature out."""
+    features = manifest.features
+    if definitions is None or not definitions.reasons:
+        logger.warning(
+            "no reason catalogue: one reason per feature",
+            extra={"model": manifest.name, "version": manifest.version},
+        )
+        specs = [ReasonSpec(code=f, text=f, features=(f,)) for f in features]
+        return ReasonCatalogue.build(specs, features)
+    wanted = set(features)
+    specs = []
+    for reason in definitions.reasons.values():
+        mine = tuple(f for f in reason.features if f in wanted)
+        if mine:
+            specs.append(ReasonSpec(code=reason.code, text=reason.text, features=mine))
+    return ReasonCatalogue.build(specs, features)
+
+
+class VersionReasons:
+    """A version's explainer, catalogue and explanation batcher."""
+
+    def __init__(
+        self,
+        explainer: TreeExplainer,
+        catalogue: ReasonCatalogue,
+        policy: ReasonPolicy,
+        max_queue_size: int = 1024,
+    ) -> None:
+        self.explainer = explainer
+        self.catalogue = catalogue
+        self.policy = policy
+        self._batcher: MicroBatcher[npt.NDArray[np.float32], Explained] = MicroBatcher(
+            f"{explainer.name}/{explainer.version}:reasons",
+            self._run,
+            BatchPolicy(max_batch_size=EXPLAIN_BATCH, max_queue_size=max_queue_size),
+        )
+
+    def start(self) -> None:
+        """Start the explanation batcher."""
+        self._batcher.start()
+
+    async def close(self) -> None:
+        """Finish queued explanations, then stop."""
+        await self._batcher.close()
+
+    async def explain(self, row: npt.NDArray[np.float32], deadline: float | None) -> Explained:
+        """Reasons of one scored row (``[1, F]``, exactly what the model saw)."""
+        return await self._batcher.submit(row, deadline=deadline)
+
+    async def _run(self, rows: list[npt.NDArray[np.float32]]) -> list[Explained | ScoringError]:
+        matrix = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+        explained = await asyncio.to_thread(self.explain_now, matrix)
+        return list(explained)
+
+    def explain_now(self, x: npt.NDArray[np.float32]) -> list[Explained]:
+        """Reasons of every row of ``x`` (CPU-bound: call it off the event loop)."""
+        explanation = self.explainer.explain(x)
+        top = self.catalogue.top(explanation.values, x, self.policy.top_n)
+        return [Explained(tuple(reasons), explanation.base_value) for reasons in top]
+
+
+def load_reasons(
+    version_dir: Path,
+    manifest: ModelManifest,
+    definitions: FeatureDefinitions | None,
+    policy: ReasonPolicy,
+) -> VersionReasons | None:
+    """The version's checked reasons, or None without an explainer; a bad explainer or
+    catalogue raises :class:`ModelLoadError` naming the version (it is refused)."""
+    try:
+        explainer = load_explainer(version_dir, manifest)
+    except ExplainerError as error:
+        raise ModelLoadError(str(error)) from error
+    except OSError as error:
+        raise ModelLoadError(f"{manifest.name}/{manifest.version}: explainer: {error}") from error
+    if explainer is None:
+        return None
+    try:
+        catalogue = catalogue_for(manifest, definitions)
+    except ValueError as error:
+        raise ModelLoadError(
+            f"{manifest.name}/{manifest.version}: reason catalogue: {error}"
+        ) from error
+    return VersionReasons(explainer, catalogue, policy)
+
+
+def reason_codes(reasons: Sequence[Reason]) -> list[str]:
+    """The codes of ``reasons``, in order (logs and tests)."""
+    return [r.code for r in reasons]

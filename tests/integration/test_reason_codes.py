@@ -1,0 +1,199 @@
+"""Reason codes served over gRPC: each ``reasons.when`` mode, the catalogue from
+features.yaml, FAILED_PRECONDITION without an explainer, a tampered explainer refused
+at load while the other version serves, and lineage in Score / ModelMetadata /
+ListModels. The demo models are trained once for the module (small snapshots)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from demo.synthetic import DEMO_FEATURES, generate_dataset
+from demo.train import build_demo_repository
+from feature_streams.definitions import load_definitions
+from protos.inference import grpc_service_pb2 as v2
+from protos.streamscore.v1 import admin_pb2 as apb
+from protos.streamscore.v1 import scoring_pb2 as pb
+from server.explain.explainer import load_explainer
+from server.explain.service import catalogue_for
+from server.manifest import ModelManifest
+from tests.support.admin import CREDENTIALS, admin_server
+from tests.support.server import RunningServer, running_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+FEATURES_YAML = Path(__file__).resolve().parents[2] / "features.yaml"
+F32 = npt.NDArray[np.float32]
+
+
+@pytest.fixture(scope="module")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("models")
+    build_demo_repository(repo, n_rows=8_000, validate=False)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def rows() -> F32:
+    x, _ = generate_dataset(3_000, seed=777)
+    return x
+
+
+def _request(row: F32, **kwargs: object) -> pb.ScoreRequest:
+    features = {name: float(v) for name, v in zip(DEMO_FEATURES, row.tolist(), strict=True)}
+    return pb.ScoreRequest(model="fraud", model_version="2", features=features, **kwargs)  # type: ignore[arg-type]
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+async def _score(srv: RunningServer, request: pb.ScoreRequest) -> pb.ScoreResponse:
+    response: pb.ScoreResponse = await srv.scoring.Score(request, timeout=20)
+    return response
+
+
+async def test_on_request_gives_exact_reasons_only_when_asked(
+    demo_repo: Path, rows: F32, redis_url: str
+) -> None:
+    overrides = [f"features.definitions_path={FEATURES_YAML}", f"redis.url={redis_url}"]
+    definitions = load_definitions(FEATURES_YAML)
+    manifest = ModelManifest.read(demo_repo / "fraud" / "2")
+    explainer = load_explainer(demo_repo / "fraud" / "2", manifest)
+    assert explainer is not None
+    catalogue = catalogue_for(manifest, definitions)
+    async with running_server(demo_repo, overrides) as srv:
+        # request features only (store features come from Redis: empty here, defaults)
+        request_features = {"amount", "mcc", "channel", "hour_of_day", "day_of_week"}
+        request_features |= {"is_international", "card_present", "distance_from_home_km"}
+        base = {n: float(v) for n, v in zip(DEMO_FEATURES, rows[0].tolist(), strict=True)}
+        features = {n: v for n, v in base.items() if n in request_features}
+        features["amount"] = 2_500.0
+        plain = await _score(
+            srv, pb.ScoreRequest(model="fraud", model_version="2", features=features)
+        )
+        assert not plain.reasons
+        assert plain.artifact_sha256 == manifest.sha256
+        assert plain.threshold == pytest.approx(manifest.threshold)
+        assert plain.decision == (plain.score >= manifest.threshold)
+        asked = await _score(
+            srv,
+            pb.ScoreRequest(
+                model="fraud",
+                model_version="2",
+                features=features,
+                explain=True,
+                echo_features=True,
+            ),
+        )
+    assert 1 <= len(asked.reasons) <= 4
+    texts = {r.code: r.text for r in definitions.reasons.values()}
+    contributions = [r.contribution for r in asked.reasons]
+    assert contributions == sorted(contributions, reverse=True) and contributions[-1] > 0
+    for reason in asked.reasons:
+        assert reason.text == texts[reason.code]
+        assert {f.name for f in reason.features} == set(definitions.reasons[reason.code].features)
+        assert reason.contribution == pytest.approx(sum(f.contribution for f in reason.features))
+    # the served reasons are the explainer's on the very row the model saw
+    row = np.array([[f.value for f in asked.features]], dtype=np.float32)
+    explanation = explainer.explain(row)
+    assert asked.reasons_base_value == pytest.approx(explanation.base_value)
+    assert float(explanation.margin[0]) == pytest.approx(_logit(asked.score), abs=1e-4)
+    (expected,) = catalogue.top(explanation.values, row, 4)
+    assert [r.code for r in asked.reasons] == [r.code for r in expected]
+
+
+async def test_always_and_above_threshold_modes(demo_repo: Path, rows: F32) -> None:
+    manifest = ModelManifest.read(demo_repo / "fraud" / "2")
+    async with running_server(demo_repo, ["models.defaults.reasons.when=always"]) as srv:
+        for row in rows[:5]:
+            answer = await _score(srv, _request(row))
+            assert answer.reasons_base_value != 0.0  # computed for every answer
+            assert len(answer.reasons) <= 4
+    async with running_server(
+        demo_repo,
+        [
+            "models.per_model.fraud.reasons.when=above_threshold",
+            "models.per_model.fraud.reasons.top_n=2",
+        ],
+    ) as srv:
+        flagged = unflagged = 0
+        calm = rows[0]
+        for row in rows[:400]:
+            answer = await _score(srv, _request(row))
+            assert answer.decision == (answer.score >= manifest.threshold)
+            if answer.decision:
+                flagged += 1
+                assert 1 <= len(answer.reasons) <= 2 and answer.reasons_base_value != 0.0
+            else:
+                unflagged += 1
+                calm = row
+                assert not answer.reasons and answer.reasons_base_value == 0.0
+        assert flagged and unflagged
+        # an explicit ask is honoured in every mode
+        asked = await _score(srv, _request(calm, explain=True))
+        assert asked.reasons_base_value != 0.0
+
+
+async def test_no_explainer_is_failed_precondition_and_tampered_is_refused(
+    demo_repo: Path, rows: F32, tmp_path: Path
+) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(demo_repo, repo)
+    bare_dir = repo / "fraud" / "1"
+    bare = ModelManifest.read(bare_dir).model_copy(update={"explainer": None})
+    bare.write(bare_dir)
+    tampered = repo / "fraud" / "2" / "explainer.json"
+    document = json.loads(tampered.read_text())
+    document["covers"][0] += 1.0
+    tampered.write_text(json.dumps(document))
+    async with admin_server(repo) as admin:
+        srv = admin.srv
+        assert srv.app.registry.versions("fraud") == ["1"]  # 2 refused, 1 serves
+        request = _request(rows[0])
+        request.model_version = "1"
+        answer = await _score(srv, request)
+        assert answer.artifact_sha256 == bare.sha256 and not answer.reasons
+        request.explain = True
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _score(srv, request)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'fraud'" in (info.value.details() or "")
+        listed = await admin.stub.ListModels(
+            apb.ListModelsRequest(endpoint="fraud"), metadata=CREDENTIALS, timeout=10
+        )
+        versions = {v.version: v for v in listed.models[0].versions}
+        assert versions["2"].status == apb.VERSION_STATUS_FAILED
+        assert "explainer" in versions["2"].error
+        assert versions["1"].lineage.artifact_sha256 == bare.sha256
+        assert not versions["1"].lineage.explainer
+
+
+async def test_lineage_in_metadata_and_list_models(demo_repo: Path) -> None:
+    async with admin_server(demo_repo) as admin:
+        for version in ("1", "2"):
+            manifest = ModelManifest.read(demo_repo / "fraud" / version)
+            assert manifest.explainer is not None
+            meta = await admin.srv.inference.ModelMetadata(
+                v2.ModelMetadataRequest(name="fraud", version=version), timeout=10
+            )
+            assert meta.lineage["artifact_sha256"] == manifest.sha256
+            assert meta.lineage["data_snapshot"] == manifest.training.data_snapshot
+            assert meta.lineage["code_commit"] == manifest.training.code_commit
+            assert meta.lineage["explainer"] == "true"
+            assert meta.lineage["explainer_sha256"] == manifest.explainer.sha256
+        listed = await admin.stub.ListModels(
+            apb.ListModelsRequest(endpoint="fraud"), metadata=CREDENTIALS, timeout=10
+        )
+        for entry in listed.models[0].versions:
+            manifest = ModelManifest.read(demo_repo / "fraud" / entry.version)
+            assert entry.lineage.artifact_sha256 == manifest.sha256
+            assert entry.lineage.data_snapshot == manifest.training.data_snapshot
+            assert entry.lineage.explainer
