@@ -61,7 +61,7 @@ class Assumptions:
     """Not measured: deployment choices and traffic shape (each one a flag)."""
 
     target_utilisation: float = 0.6  # of a core, server and worker: headroom for peaks
-    cores_per_pod: int = 2  # server.processes per pod, one core each
+    cores_per_pod: int = 1  # deploy/k8s: one server process per pod, 1 CPU
     min_pods: int = 3  # one per zone
     events_per_decision: float = 1.0  # each authorisation is one transaction event
     tile_keys_per_event: float = 2.0  # card + merchant hash (merchant coalesced: <= 2)
@@ -156,9 +156,8 @@ def plan(rate: float, cards: int, m: Measured, a: Assumptions) -> Plan:
         + hgetalls * m.redis_us_per_hgetall
         + writes * m.redis_us_per_evalsha
     ) / 1e6
-    card_bytes = (
-        m.card_tile_bytes
-        + a.snapshot_copies * (m.card_row_bytes + a.customers_per_card * m.customer_row_bytes)
+    card_bytes = m.card_tile_bytes + a.snapshot_copies * (
+        m.card_row_bytes + a.customers_per_card * m.customer_row_bytes
     )
     memory = (cards * card_bytes + a.merchants * m.merchant_tile_bytes) * a.redis_overhead / GIB
     for_cpu = _ceil(redis_cores / a.redis_utilisation)
@@ -196,7 +195,7 @@ def markdown(plans: Sequence[Plan], cards: int) -> str:
         f"| decisions/s ({cards / 1e6:g} M cards) | server cores | pods | worker cores"
         " | worker replicas | partitions | Redis reads/s | Redis writes/s | Redis cores"
         " | memory GiB | shards (CPU / memory) | primaries | tightest |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| " + " | ".join(["---:"] * 12 + ["---"]) + " |",
     ]
     for p in plans:
         lines.append(

@@ -14,9 +14,7 @@ from bench.capacity import GIB, Assumptions, Measured, load_measured, main, plan
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_results(
-    directory: Path, *, server_us: float = 250.0, worker_us: float = 100.0
-) -> Path:
+def write_results(directory: Path, *, server_us: float = 250.0, worker_us: float = 100.0) -> Path:
     """The four JSON files ``load_measured`` reads, with round numbers."""
     files: dict[str, Any] = {
         "features.json": {
@@ -88,7 +86,7 @@ def test_arithmetic_of_one_plan(tmp_path: Path) -> None:
 
 
 def test_doubling_throughput_per_core_halves_pods(tmp_path: Path) -> None:
-    a = Assumptions(min_pods=1, target_utilisation=0.5)
+    a = Assumptions(min_pods=1, target_utilisation=0.5, cores_per_pod=2)
     slow = load_measured(write_results(tmp_path))
     fast = replace(slow, server_cpu_us_per_decision=slow.server_cpu_us_per_decision / 2)
     p_slow, p_fast = plan(48_000, 1, slow, a), plan(48_000, 1, fast, a)
@@ -112,17 +110,16 @@ def test_minimums_hold_at_low_load(tmp_path: Path) -> None:
 def test_cli_flags_change_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = write_results(tmp_path)
     out = tmp_path / "plans.json"
-    argv = ["--results", str(results), "--rates", "10000", "--cards", "1000000"]
-    assert main([*argv, "--min-pods", "1", "--json-out", str(out)]) == 0
-    table = capsys.readouterr().out
-    assert "| 10,000 |" in table
-    pods = json.loads(out.read_text())["plans"][0]["pods"]
-    assert main([*argv, "--min-pods", "1", "--cores-per-pod", "4", "--json-out", str(out)]) == 0
-    assert json.loads(out.read_text())["plans"][0]["pods"] == -(-pods // 2)
+    argv = ["--results", str(results), "--rates", "16000", "--cards", "1000000"]
+    argv += ["--min-pods", "1", "--target-utilisation", "0.5", "--json-out", str(out)]
+    assert main([*argv, "--cores-per-pod", "2"]) == 0
+    assert "| 16,000 |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["plans"][0]["pods"] == 4  # 8 cores, 2 per pod
+    assert main([*argv, "--cores-per-pod", "4"]) == 0
+    assert json.loads(out.read_text())["plans"][0]["pods"] == 2
 
 
 def test_the_committed_bench_files_load() -> None:
     """The table in docs/capacity.md comes from these files: they must stay readable."""
     m = load_measured(REPO / "bench" / "results")
     assert m.server_cpu_us_per_decision > 0 and m.card_tile_bytes > 0
-
