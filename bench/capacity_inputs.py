@@ -152,6 +152,7 @@ async def measure(
         "hmget_snapshot_row": await _redis_cpu_per_op(pid, batch, hmget, seconds),
         "evalsha_apply_one_event": await _redis_cpu_per_op(pid, batch, evalsha, seconds),
     }
+    version = (await client.info("server"))["redis_version"]
     await client.aclose()
     return {
         "cards": cards,
@@ -162,7 +163,7 @@ async def measure(
         "memory": memory,
         "redis_cpu": cpu,
         "pipeline_commands": batch,
-        "redis_version": (await Redis.from_url(url).info("server"))["redis_version"],
+        "redis_version": version,
     }
 
 
