@@ -9,9 +9,10 @@ never blocks on Kafka, never raises), different promise: a record offered is sen
   Consumers drop duplicates by key: a resend after a lost ack repeats records
   (no idempotent producer: some brokers, Tansu among them, refuse it).
 * One FIFO per sink: the spill file (oldest) then memory (newest). A round is a
-  prefix of it, at most one record batch per partition, and the next round starts
-  only after every batch of this one was acknowledged; so records reach each
-  partition in offer order, spilled ones before newer in-memory ones.
+  prefix of it (spilled records, then memory ones once the whole spill is in it), at
+  most one record batch per partition, and the next round starts only after every
+  batch of this one was acknowledged; so records reach each partition in offer
+  order, spilled ones before newer in-memory ones.
 * Memory is bounded in bytes (``max_buffered_bytes``; a lazy record counts as
   ``lazy_size_estimate`` until encoded). An offer past it moves the oldest records
   to the spill first (encoding them then if needed); when Kafka fails, the sender
@@ -400,12 +401,10 @@ class DurableSink:
                     if await self._pause():
                         return
                     continue
-            if self._spill.pending:
-                ok = await self._send_spilled(self._producer)
-            elif self._memory:
-                await self._fill_round()
-                await self._encode_head()
-                ok = await self._send_memory(self._producer)
+            if self._spill.pending or self._memory:
+                if not self._spill.pending:
+                    await self._fill_round()
+                ok = await self._send_round(self._producer)
             else:
                 self._update_idle()
                 if self._closing:
@@ -536,45 +535,37 @@ class DurableSink:
             if self._metrics is not None:
                 self._metrics.sent(topic, count)
 
-    async def _send_spilled(self, producer: AIOKafkaProducer) -> bool:
+    async def _send_round(self, producer: AIOKafkaProducer) -> bool:
+        """One round: the FIFO's prefix (spilled records first, then memory) to Kafka."""
         cfg = self.config
+        await self._encode_head()
+        topics = {r.topic for r in self._spill.peek(cfg.max_batch, cfg.max_batch_bytes)}
+        topics.update(e.topic for _, e in zip(range(cfg.max_batch), self._memory, strict=False))
+        try:
+            await self._known_partitions(producer, topics)
+        except Exception:
+            return False
+        # synchronous from here to the in-flight mark: offers cannot interleave
         spilled = self._spill.peek(cfg.max_batch, cfg.max_batch_bytes)
         records = [(r.topic, r.key, r.value) for r in spilled]
-        try:
-            await self._known_partitions(producer, {r[0] for r in records})
-        except Exception:
-            return False
-        count, builders = self._build(producer, records)
-        if not await self._ship(producer, builders):
-            return False
-        self._spill.consume(count)
-        self._acked(records[:count])
-        return True
-
-    async def _send_memory(self, producer: AIOKafkaProducer) -> bool:
-        head = [e for _, e in zip(range(self.config.max_batch), self._memory, strict=False)]
-        try:
-            await self._known_partitions(producer, {e.topic for e in head})
-        except Exception:
-            return False
-        # synchronous from here to the round's in-flight mark: offers cannot interleave
         entries: list[_Entry] = []
-        records: list[tuple[str, bytes | None, bytes]] = []
-        for entry in self._memory:
-            if len(entries) >= self.config.max_batch or (entry.value is None and not entry.dead):
-                break  # not encoded yet: the next round
-            entries.append(entry)
-            if entry.value is not None:
-                records.append((entry.topic, entry.key, entry.value))
+        if len(spilled) == self._spill.pending:  # the whole spill: memory comes next
+            for entry in self._memory:
+                if len(records) >= cfg.max_batch or (entry.value is None and not entry.dead):
+                    break  # not encoded yet: the next round
+                entries.append(entry)
+                if entry.value is not None:
+                    records.append((entry.topic, entry.key, entry.value))
         count, builders = self._build(producer, records)
-        if count < len(records):  # cut the round after the count-th live record
-            live = 0
-            for index, entry in enumerate(entries):
-                if not entry.dead:
-                    if live == count:
-                        entries = entries[:index]
-                        break
-                    live += 1
+        from_spill = min(count, len(spilled))
+        live_wanted = count - from_spill
+        live = 0
+        for index, entry in enumerate(entries):  # cut after the last live record sent
+            if not entry.dead:
+                if live == live_wanted:
+                    entries = entries[:index]
+                    break
+                live += 1
         self._inflight_memory, self._inflight_spilled = len(entries), 0
         ok = await self._ship(producer, builders)
         inflight, moved = self._inflight_memory, self._inflight_spilled
@@ -584,6 +575,7 @@ class DurableSink:
         for _ in range(inflight):  # those not moved to the spill meanwhile
             entry = self._memory.popleft()
             self._memory_bytes -= entry.size
-        self._spill.consume(moved)
+        # moved ones sit right after the round's spilled ones
+        self._spill.consume(from_spill + moved)
         self._acked(records[:count])
         return True
