@@ -184,3 +184,34 @@ async def test_oversize_record_is_truncated_and_the_rest_flow(
     assert sorted(v["seq"] for v in values) == [0, 1, 3]
     (cut,) = [v for v in values if v["seq"] == 1]
     assert cut["s"].endswith("chars]") and cut["truncated"]
+
+
+async def test_wired_durable_traffic_log_keyed_by_request_id(
+    tmp_path: Path, kafka: KafkaBroker, linear_repository: Path
+) -> None:
+    from protos.streamscore.v1 import scoring_pb2 as pb
+    from server.clients.replay import read_topic
+    from tests.conftest import TEST_FEATURES
+    from tests.support.server import running_server
+
+    topic = f"traffic-durable-{uuid.uuid4().hex[:8]}"
+    overrides = [
+        "traffic_log.sample_rate=1.0",
+        "traffic_log.delivery=durable",
+        f"records.durable.spill_dir={tmp_path / 'spill'}",
+        f"traffic_log.topic={topic}",
+        f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
+    ]
+    ids = [f"w{i}" for i in range(30)]
+    async with running_server(linear_repository, overrides) as srv:
+        assert srv.app.durable_sink is not None
+        for request_id in ids:
+            request = pb.ScoreRequest(
+                model="lin", request_id=request_id, features={f: 0.5 for f in TEST_FEATURES}
+            )
+            await srv.scoring.Score(request)
+        assert await srv.app.durable_sink.flush(timeout_s=30.0)
+        assert srv.app.durable_sink.health().ok
+    records, skipped = await read_topic(kafka.bootstrap_servers, topic)
+    assert skipped == 0 and sorted(r.request_id for r in records) == sorted(ids)
+    assert (tmp_path / "spill" / "p0").is_dir()
