@@ -57,8 +57,10 @@ from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
 from server.pipeline import ScoringPipeline
+from server.records.durable_sink import DurableSink, DurableSinkConfig
 from server.records.kafka_sink import KafkaSink, SinkConfig, SinkMetrics
 from server.records.shadow import ShadowMetrics, ShadowOptions, ShadowRunner, live_backlog
+from server.records.shrink import shrink_json
 from server.records.traffic_log import TrafficLog
 from server.registry import ModelRegistry, ServingOptions
 from server.rollout.controller import RolloutController, RolloutMetrics
@@ -110,6 +112,7 @@ class AppContext:
         self.routing_changes: RoutingChanges | None = None
         self.rollout_stats: StatsRecorder | None = None
         self.record_sink: KafkaSink | None = None
+        self.durable_sink: DurableSink | None = None
         self.shadows: ShadowRunner | None = None
         self.rollouts: RolloutController | None = None
         self.health = HealthService()
@@ -190,6 +193,7 @@ class AppContext:
     def _start_side_records(self) -> None:
         """Shadow runner, traffic log and their Kafka sink (it connects on first use)."""
         s = self.settings
+        sink_metrics = SinkMetrics(self.metrics.registry)
         self.record_sink = KafkaSink(
             SinkConfig(
                 bootstrap_servers=s.kafka.bootstrap_servers,
@@ -197,7 +201,7 @@ class AppContext:
                 max_buffered=s.records.max_buffered,
                 retry_interval_s=s.records.retry_interval_s,
             ),
-            SinkMetrics(self.metrics.registry),
+            sink_metrics,
         )
         self.shadows = ShadowRunner(
             self.registry.get,
@@ -213,12 +217,32 @@ class AppContext:
         )
         self.pipeline.shadows = self.shadows
         if s.traffic_log.sample_rate > 0:
+            durable = s.records.durable
+            if s.traffic_log.delivery == "durable" and durable.spill_dir is not None:
+                self.durable_sink = DurableSink(
+                    DurableSinkConfig(
+                        bootstrap_servers=s.kafka.bootstrap_servers,
+                        spill_dir=durable.spill_dir / f"p{self.process_index}",
+                        name="traffic",
+                        client_id=f"streamscore-durable-{self.process_index}",
+                        max_buffered_bytes=durable.max_buffered_bytes,
+                        spill_max_bytes=durable.spill_max_bytes,
+                        spill_segment_bytes=durable.spill_segment_bytes,
+                        max_request_size=durable.max_request_size,
+                        retry_interval_s=durable.retry_interval_s,
+                    ),
+                    sink_metrics,
+                    shrink=shrink_json,
+                )
+                self.durable_sink.start()  # sends what a previous run spilled
+            salt = s.traffic_log.sample_salt
             self.pipeline.traffic = TrafficLog(
-                self.record_sink,
+                self.durable_sink or self.record_sink,
                 s.traffic_log.topic,
                 s.traffic_log.sample_rate,
                 registry=self.metrics.registry,
                 clock=self.clock,
+                sample_salt=salt.get_secret_value().encode() if salt is not None else None,
             )
 
     def _routing_applied(self, state: RoutingState) -> None:
@@ -462,6 +486,8 @@ class AppContext:
         await self.registry.close()
         if self.record_sink is not None:
             await self.record_sink.close(timeout_s=2.0)
+        if self.durable_sink is not None:  # what Kafka does not take in time is spilled
+            await self.durable_sink.close(timeout_s=2.0)
         if self.snapshots is not None:
             await self.snapshots.stop()
         if self.redis is not None:

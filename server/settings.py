@@ -624,6 +624,41 @@ class TrafficLogSettings(_Frozen):
         default=0.0, ge=0.0, le=1.0, description="Share of requests logged: 0 = off, 1 = all."
     )
     topic: str = Field(default="streamscore-traffic", min_length=1, description="Kafka topic.")
+    delivery: Literal["best_effort", "durable"] = Field(
+        default="best_effort",
+        description="best_effort: the shared sink (drops when Kafka is away); durable: acks=all, "
+        "spill to records.durable.spill_dir, drops only past the spill budget.",
+    )
+    sample_salt: SecretStr | None = Field(
+        default=None,
+        description="Secret keying the request-id sampling hash (same in every process for the "
+        "same choice); null = random per process. Set it from env or a file, not argv.",
+    )
+
+
+class DurableRecordsSettings(_Frozen):
+    """The durable sink (``traffic_log.delivery: durable``): memory and spill bounds."""
+
+    spill_dir: Path | None = Field(
+        default=None,
+        description="Spill directory (one subdirectory per server process); required for "
+        "durable delivery. Records left there are sent at the next start.",
+    )
+    max_buffered_bytes: int = Field(
+        default=8 << 20, ge=1024, description="Record bytes held in memory; past it they spill."
+    )
+    spill_max_bytes: int = Field(
+        default=1 << 30, ge=1 << 16, description="Spill budget; past it records are dropped."
+    )
+    spill_segment_bytes: int = Field(default=16 << 20, ge=1 << 12, description="Segment size.")
+    max_request_size: int = Field(
+        default=1 << 20,
+        ge=1 << 12,
+        description="The broker's largest request: bigger records are truncated or dropped.",
+    )
+    retry_interval_s: float = Field(
+        default=1.0, gt=0.0, description="After a Kafka failure, how long until the next try."
+    )
 
 
 class RecordsSettings(_Frozen):
@@ -634,6 +669,10 @@ class RecordsSettings(_Frozen):
     )
     retry_interval_s: float = Field(
         default=2.0, gt=0.0, description="After a Kafka failure, how long records are dropped."
+    )
+    durable: DurableRecordsSettings = Field(
+        default_factory=DurableRecordsSettings,
+        description="The durable sink (traffic_log.delivery: durable).",
     )
 
 
@@ -663,6 +702,16 @@ class Settings(_Frozen):
     records: RecordsSettings = Field(
         default_factory=RecordsSettings, description="Kafka sink of side records."
     )
+
+    @model_validator(mode="after")
+    def _durable_needs_a_spill_dir(self) -> Settings:
+        if self.traffic_log.delivery == "durable" and self.records.durable.spill_dir is None:
+            raise _KeyedError.one(
+                "traffic_log.delivery durable needs records.durable.spill_dir",
+                ("records", "durable", "spill_dir"),
+                ("traffic_log", "delivery"),
+            )
+        return self
 
     def routing_store(self) -> Literal["redis", "file"]:
         """The routing store in use (``auto`` resolved)."""

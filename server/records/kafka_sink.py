@@ -100,14 +100,41 @@ class SinkMetrics:
         )
         self._dropped = PromCounter(
             "streamscore_record_sink_dropped",
-            "Side records dropped, by topic and reason "
-            "(buffer_full, kafka_unavailable, send_failed, encode_failed, closed).",
+            "Side records dropped, by topic and reason (best effort: buffer_full, "
+            "kafka_unavailable, send_failed, encode_failed, closed; durable: spill_full, "
+            "too_large, encode_failed, closed).",
             ["topic", "reason"],
             registry=registry,
         )
         self.buffered = Gauge(
             "streamscore_record_sink_buffered",
             "Side records waiting to be sent.",
+            registry=registry,
+        )
+        self._spilled = PromCounter(
+            "streamscore_record_sink_spilled",
+            "Records a durable sink wrote to its local spill file (Kafka slow or down), by topic.",
+            ["topic"],
+            registry=registry,
+        )
+        self._truncated = PromCounter(
+            "streamscore_record_sink_truncated",
+            "Records too large for the broker that were cut down and sent, by topic.",
+            ["topic"],
+            registry=registry,
+        )
+        #: Bytes a durable sink holds in memory, by sink.
+        self.buffered_bytes = Gauge(
+            "streamscore_record_sink_buffered_bytes",
+            "Bytes of records a durable sink holds in memory (lazy records at an estimate).",
+            ["sink"],
+            registry=registry,
+        )
+        #: Bytes of a durable sink's spill files, by sink.
+        self.spill_bytes = Gauge(
+            "streamscore_record_sink_spill_bytes",
+            "Bytes of a durable sink's spill files (records waiting for Kafka on disk).",
+            ["sink"],
             registry=registry,
         )
         self._sent_children: dict[str, PromCounter] = {}
@@ -119,6 +146,14 @@ class SinkMetrics:
         if child is None:
             child = self._sent_children[topic] = self._sent.labels(topic)
         child.inc(count)
+
+    def spilled(self, topic: str, count: int) -> None:
+        """``count`` records of ``topic`` were written to a spill file."""
+        self._spilled.labels(topic).inc(count)
+
+    def truncated(self, topic: str, count: int) -> None:
+        """``count`` records of ``topic`` were cut down to fit the broker."""
+        self._truncated.labels(topic).inc(count)
 
     def dropped(self, topic: str, reason: str, count: int) -> None:
         """``count`` records of ``topic`` were dropped for ``reason``."""

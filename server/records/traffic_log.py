@@ -7,8 +7,10 @@ building and encoding the JSON happen later on the sink's sender task. A full
 buffer or an unreachable Kafka drops records (counted by the sink); serving never
 waits for the log.
 
-Sampling is deterministic per request id (``sample_rate`` of the id hash space), so
-every process, and a replay of the same ids, makes the same choice.
+Sampling hashes the request id keyed by a server-side secret salt (``sample_salt``),
+so a caller cannot choose ids that are always (or never) logged. With the same salt
+every process, and a replay of the same ids, makes the same choice; without one,
+each ``TrafficLog`` draws a random salt.
 
 Record (``TRAFFIC_SCHEMA``, one JSON object per Kafka message, key = request id)::
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -104,8 +107,10 @@ class TrafficLog:
         *,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
+        sample_salt: bytes | None = None,
     ) -> None:
-        """``sample_rate`` in [0, 1] (0 = off, 1 = every request)."""
+        """``sample_rate`` in [0, 1] (0 = off, 1 = every request); ``sample_salt`` keys the
+        id hash (a secret; random when None; blake2b takes up to 64 bytes)."""
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
         self._sink = sink
@@ -113,6 +118,7 @@ class TrafficLog:
         self.sample_rate = sample_rate
         self._cutoff = int(sample_rate * _HASH_SPACE)
         self._clock = clock
+        self._salt = sample_salt[:64] if sample_salt else os.urandom(32)
         self._sampled: Counter | None = (
             Counter(
                 "streamscore_traffic_log_sampled",
@@ -124,12 +130,12 @@ class TrafficLog:
         )
 
     def sampled(self, request_id: str) -> bool:
-        """True when ``request_id`` falls in the sampled share of the id hash space."""
+        """True when ``request_id`` falls in the sampled share of the salted id hash space."""
         if self._cutoff >= _HASH_SPACE:
             return True
         if self._cutoff <= 0:
             return False
-        digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(request_id.encode(), digest_size=8, key=self._salt).digest()
         return int.from_bytes(digest, "big") < self._cutoff
 
     def offer(

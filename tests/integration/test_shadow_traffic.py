@@ -200,10 +200,17 @@ class NullSink:
 
 def test_traffic_log_sampling_rate_is_respected_and_deterministic() -> None:
     ids = [f"req-{i}" for i in range(2000)]
-    log = TrafficLog(NullSink(), "t", 0.25)
+    log = TrafficLog(NullSink(), "t", 0.25, sample_salt=b"server secret")
     chosen = [log.sampled(request_id) for request_id in ids]
     assert 0.25 * 2000 - 90 <= sum(chosen) <= 0.25 * 2000 + 90  # ~4 sigma
-    assert chosen == [TrafficLog(NullSink(), "t", 0.25).sampled(r) for r in ids]
+    same_salt = TrafficLog(NullSink(), "t", 0.25, sample_salt=b"server secret")
+    assert chosen == [same_salt.sampled(r) for r in ids]  # every process, every replay
+    # keyed by the server's salt: ids a caller found sampled under one salt (or with the
+    # unkeyed hash) are no more likely to be sampled under another
+    picked = [r for r, c in zip(ids, chosen, strict=True) if c]
+    for other in (TrafficLog(NullSink(), "t", 0.25), TrafficLog(NullSink(), "t", 0.25)):
+        hits = sum(other.sampled(r) for r in picked)
+        assert hits < 0.25 * len(picked) + 4 * (0.25 * 0.75 * len(picked)) ** 0.5
     assert not any(TrafficLog(NullSink(), "t", 0.0).sampled(r) for r in ids)
     assert all(TrafficLog(NullSink(), "t", 1.0).sampled(r) for r in ids)
     with pytest.raises(ValueError, match="sample_rate"):
@@ -390,6 +397,7 @@ async def test_wired_traffic_log_samples_real_calls(
     topic = unique("traffic-wired")
     overrides = [
         "traffic_log.sample_rate=0.5",
+        "traffic_log.sample_salt=wired-salt",
         f"traffic_log.topic={topic}",
         f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
     ]
@@ -400,7 +408,7 @@ async def test_wired_traffic_log_samples_real_calls(
                 model="lin", request_id=f"t{i}", features=features(i), echo_features=True
             )
             sent[request.request_id] = await srv.scoring.Score(request)
-        log = TrafficLog(NullSink(), topic, 0.5)
+        log = TrafficLog(NullSink(), topic, 0.5, sample_salt=b"wired-salt")
     records, skipped = await read_topic(kafka.bootstrap_servers, topic)
     assert skipped == 0
     assert sorted(r.request_id for r in records) == sorted(r for r in sent if log.sampled(r))
