@@ -706,10 +706,13 @@ class Settings(_Frozen):
     @model_validator(mode="after")
     def _durable_needs_a_spill_dir(self) -> Settings:
         if self.traffic_log.delivery == "durable" and self.records.durable.spill_dir is None:
-            raise _KeyedError.one(
-                "traffic_log.delivery durable needs records.durable.spill_dir",
-                ("records", "durable", "spill_dir"),
-                ("traffic_log", "delivery"),
+            raise KeyedError(
+                [
+                    (
+                        "traffic_log.delivery durable needs records.durable.spill_dir",
+                        (("records", "durable", "spill_dir"), ("traffic_log", "delivery")),
+                    )
+                ]
             )
         return self
 

@@ -277,3 +277,14 @@ def test_values_not_echoed_in_errors() -> None:
     (problem,) = problems_of(sets=["redis.url=http://user:hunter2@host"])
     assert "hunter2" not in problem
     assert problem.endswith("(from --set redis.url)")
+
+
+def test_durable_traffic_log_needs_a_spill_dir() -> None:
+    problems = problems_of(sets=["traffic_log.delivery=durable"])
+    assert len(problems) == 1
+    assert "records.durable.spill_dir" in problems[0]
+    assert "traffic_log.delivery" in problems[0]
+    settings = load_settings(
+        None, {}, ["traffic_log.delivery=durable", "records.durable.spill_dir=/tmp/spill"]
+    )
+    assert settings.traffic_log.delivery == "durable"
