@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -56,7 +57,7 @@ from redis.exceptions import RedisError
 
 from feature_streams.definitions import FeatureDefinitions
 from feature_streams.events import DeadLetter, MalformedEventError, dead_letter_topic
-from feature_streams.redis_client import AnyRedis, RedisOptions, connect
+from feature_streams.redis_client import AnyRedis, RedisOptions, client_for, connect
 from feature_streams.stream_job.config import WorkerConfig
 from feature_streams.stream_job.dead_letters import DeadLetterPublisher
 from feature_streams.stream_job.metrics import WorkerMetrics
@@ -192,10 +193,7 @@ class StreamWorker:
             await ensure_topics(
                 cfg.bootstrap_servers, {dead_letter_topic(t): 1 for t in self.topics}
             )
-            self._redis = await connect(
-                RedisOptions(cfg.redis_url, cfg.redis_mode, socket_timeout_s=cfg.redis_timeout_s),
-                probe_timeout_s=cfg.redis_timeout_s,
-            )
+            self._redis = await self._connect_redis()
             self._store = TileStore(self._redis)
             self._producer = AIOKafkaProducer(
                 bootstrap_servers=cfg.bootstrap_servers,
@@ -254,6 +252,27 @@ class StreamWorker:
             server.shutdown()
             server.server_close()
             thread.join(timeout=5)
+
+    async def _connect_redis(self) -> AnyRedis:
+        """The worker's Redis client, its mode checked when Redis answers at start.
+
+        Redis down at start is not fatal: the worker builds a lazily connecting client of
+        the configured mode (standalone when ``auto``) and its apply loop retries until
+        Redis is back, as it does for an outage later on. A mode mismatch still raises.
+        """
+        cfg = self.config
+        options = RedisOptions(cfg.redis_url, cfg.redis_mode, socket_timeout_s=cfg.redis_timeout_s)
+        try:
+            return await connect(options, probe_timeout_s=cfg.redis_timeout_s)
+        except (RedisError, OSError) as error:
+            mode: Literal["standalone", "cluster"] = (
+                "cluster" if cfg.redis_mode == "cluster" else "standalone"
+            )
+            logger.warning(
+                "redis unreachable at start; its mode is not checked, applies retry",
+                extra={"error": repr(error), "mode": mode},
+            )
+            return client_for(options, mode)
 
     async def run(self) -> None:
         """Consume until :meth:`request_stop`; every applied batch ends committed
