@@ -79,7 +79,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         """Score one transaction."""
         started = time.perf_counter()
         metrics = self._unary
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         try:
             response = await self._score_one(request, deadline_of(context), started, metrics)
         except Exception as error:
@@ -87,7 +87,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             self._count_failure(metrics, request, code)
             await context.abort(code, message)
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
         return response
 
@@ -105,7 +105,7 @@ class ScoringService(pb_grpc.ScoringServicer):
 
         async def score_item(request: pb.ScoreRequest) -> None:
             started = time.perf_counter()
-            metrics.in_flight.inc()
+            metrics.in_flight += 1
             try:
                 response = await self._score_one(request, deadline, started, metrics)
             except Exception as error:
@@ -113,7 +113,7 @@ class ScoringService(pb_grpc.ScoringServicer):
                 self._count_failure(metrics, request, code)
                 response = _error_response(request, code, message)
             finally:
-                metrics.in_flight.dec()
+                metrics.in_flight -= 1
             metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
             answers.put_nowait(response)
 
@@ -248,7 +248,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.ModelInferResponse:
         started = time.perf_counter()
         metrics = self._v2
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         model, version = request_labels(self._registry, request.model_name, request.model_version)
         try:
             loaded, decision = self._pipeline.choose(
@@ -266,7 +266,7 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             metrics.count(model, version, "-", code.name)
             await context.abort(code, message)
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             metrics.observe_latency(model, time.perf_counter() - started)
         metrics.count(model, version, decision.route.value, "OK")
         return response

@@ -151,7 +151,10 @@ class ApiMetrics:
     def __init__(self, api: str, metrics: Metrics) -> None:
         self._api = api
         self._metrics = metrics
-        self.in_flight = metrics.in_flight.labels(api)
+        #: Requests of this API being handled now: a plain int on the request path,
+        #: read by the gauge only when scraped (no lock per request).
+        self.in_flight = 0
+        metrics.in_flight.labels(api).set_function(lambda: self.in_flight)
         self._latency: dict[str, Histogram] = {}
         self._requests: dict[tuple[str, str, str, str], Counter] = {}
 
