@@ -25,7 +25,7 @@ from server.errors import ScoringError
 from server.grpc_status import abort, status_of
 from server.metrics import UNKNOWN_MODEL, ApiMetrics, Metrics
 from server.pipeline import ScoringPipeline
-from server.registry import ModelRegistry
+from server.registry import LoadedVersion, ModelRegistry
 
 SERVER_NAME = "streamscore"
 SERVER_VERSION = "0.1.0"
@@ -191,6 +191,15 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self._registry = registry
         self._v2 = metrics.api("v2")
         self._is_ready = is_ready
+        self._codecs: dict[tuple[str, str], codec.InferCodec] = {}
+
+    def _codec(self, loaded: LoadedVersion) -> codec.InferCodec:
+        """The prebuilt v2 codec of ``loaded`` (rebuilt when the version is reloaded)."""
+        key = (loaded.name, loaded.version)
+        infer_codec = self._codecs.get(key)
+        if infer_codec is None or infer_codec.loaded is not loaded:
+            infer_codec = self._codecs[key] = codec.InferCodec(loaded)
+        return infer_codec
 
     async def ServerLive(
         self, request: v2.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -255,12 +264,13 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
                 request.model_name, request.model_version or None
             )
             version = loaded.version
-            rows = codec.decode_infer_rows(request, loaded)
-            names = codec.requested_outputs(request, loaded)
+            infer_codec = self._codec(loaded)
+            rows = infer_codec.decode(request)
+            names = infer_codec.requested_outputs(request)
             result = await self._pipeline.infer(
                 loaded, rows, deadline_of(context), decision=decision, request_id=request.id
             )
-            response = codec.encode_infer_response(request, loaded, result.outputs, names)
+            response = infer_codec.encode(request, result.outputs, names)
         except Exception as error:
             code, message = status_of(error, "ModelInfer")
             metrics.count(model, version, "-", code.name)
