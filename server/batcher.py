@@ -175,6 +175,30 @@ class MicroBatcher(Generic[J, R]):
         ``deadline`` is an absolute ``loop.time()``; past it the request is dropped
         with ``DeadlineExceeded`` instead of being computed.
         """
+        loop = asyncio.get_running_loop()
+        now = self._admit(rows, deadline, loop)
+        if (
+            self._run_now is not None
+            and not self._queue
+            and not self._busy
+            and self._recent_requests_per_batch < _LONE_CALLER
+        ):
+            if now < self._next_probe:
+                done = self._run_direct(job, rows, loop)
+                if done is not None:
+                    return done[0]
+            self._next_probe = now + self.policy.lone_probe_interval_s
+        return await self._push(job, rows, deadline, now, loop)
+
+    def enqueue(self, job: J, *, rows: int = 1, deadline: float | None = None) -> asyncio.Future[R]:
+        """Queue ``job`` like ``submit`` (same checks, always batched) and return the
+        future of its result at once; cancelling the future drops the job."""
+        loop = asyncio.get_running_loop()
+        now = self._admit(rows, deadline, loop)
+        return self._push(job, rows, deadline, now, loop)
+
+    def _admit(self, rows: int, deadline: float | None, loop: asyncio.AbstractEventLoop) -> float:
+        """Refuse a job that cannot be queued now; the current ``loop.time()`` otherwise."""
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down")
         if rows < 1:
@@ -188,30 +212,28 @@ class MicroBatcher(Generic[J, R]):
             raise QueueFull(
                 f"model {self.name}: queue full ({self.policy.max_queue_size} requests waiting)"
             )
-        loop = asyncio.get_running_loop()
         now = loop.time()
         if deadline is not None and now >= deadline:
             self._observer.dropped("deadline")
             raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
         if self._task is None:
             self.start()
-        if (
-            self._run_now is not None
-            and not self._queue
-            and not self._busy
-            and self._recent_requests_per_batch < _LONE_CALLER
-        ):
-            if now < self._next_probe:
-                done = self._run_direct(job, rows, loop)
-                if done is not None:
-                    return done[0]
-            self._next_probe = now + self.policy.lone_probe_interval_s
+        return now
+
+    def _push(
+        self,
+        job: J,
+        rows: int,
+        deadline: float | None,
+        now: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> asyncio.Future[R]:
         future: asyncio.Future[R] = loop.create_future()
         self._queue.append(_Pending(job, rows, future, deadline, now))
         self._rows_queued += rows
         self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
-        return await future
+        return future
 
     def _run_direct(self, job: J, rows: int, loop: asyncio.AbstractEventLoop) -> tuple[R] | None:
         """The idle fast path: run ``job`` now, synchronously, as a batch of one

@@ -91,7 +91,8 @@ def test_template_response_has_the_bytes_of_a_fresh_build(
 ) -> None:
     codec = InferCodec(fake_loaded())
     for call in range(2):  # the second call is answered from the cached template
-        rows = (np.arange(count * WIDTH, dtype=np.float32).reshape(count, WIDTH) + call) / 3
+        base = np.arange(count * WIDTH, dtype=np.float32).reshape(count, WIDTH) + call
+        rows = (base / 3).astype(np.float32)
         message = request(rows, raw=raw, outputs=asked)
         decoded = codec.decode(message)
         np.testing.assert_array_equal(decoded, rows)
