@@ -280,7 +280,7 @@ async def test_abandoned_stream_releases_its_items(linear_repository: Path) -> N
         stream = service.ScoreStream(requests(), Context())  # type: ignore[arg-type]
         first = await anext(stream)
         assert not first.HasField("error")
-        await stream.aclose()  # the client went away mid-stream
+        await stream.aclose()  # type: ignore[attr-defined]  # the client went away mid-stream
         in_flight = app.metrics.registry.get_sample_value(
             "streamscore_in_flight_requests", {"api": "stream"}
         )
