@@ -290,12 +290,13 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         metrics = self._v2
         metrics.in_flight += 1
-        model, version = request_labels(self._registry, request.model_name, request.model_version)
+        model, version = request.model_name, "-"
+        loaded: LoadedVersion | None = None
         try:
             loaded, decision = self._pipeline.choose(
                 request.model_name, request.model_version or None
             )
-            version = loaded.version
+            version = loaded.version  # chosen: a served model and a loaded version
             infer_codec = self._codec(loaded)
             rows = infer_codec.decode(request)
             names = infer_codec.requested_outputs(request)
@@ -305,6 +306,10 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             response = infer_codec.encode(request, result.outputs, names)
         except Exception as error:
             code, message = status_of(error, "ModelInfer")
+            if loaded is None:  # labels only from served names (see request_labels)
+                model, version = request_labels(
+                    self._registry, request.model_name, request.model_version
+                )
             metrics.count(model, version, "-", code.name)
             await context.abort(code, message)
         finally:
