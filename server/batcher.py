@@ -14,6 +14,13 @@ Policy (continuous batching, gathered without timers):
   queue up and the next batch takes them all, up to ``max_batch_size`` rows.
 * ``max_queue_delay_s`` > 0 adds a Triton-style fill window, but only while
   recent batches held more than one request, so a lone caller never waits for it.
+* Idle fast path: when the batcher is idle (nothing queued, no batch running),
+  recent batches held one request each (a lone caller), and ``run_now`` can compute
+  the job synchronously (inline model, no I/O), ``submit`` runs the job itself at
+  once: no future, no flush-task hand-off, no gathering turns. It cannot be
+  interrupted, so deadline and queue checks made on entry still hold. Every
+  ``lone_probe_interval_s`` one request takes the gathering path instead, so
+  arriving concurrency is noticed and batching resumes.
 * Over ``max_queue_size`` pending requests, ``submit`` raises ``QueueFull`` at once.
 * Before a batch runs, requests whose caller cancelled are skipped, and requests
   whose deadline has passed fail with ``DeadlineExceeded``; neither is computed.
@@ -52,6 +59,10 @@ J = TypeVar("J")
 R = TypeVar("R")
 #: Runs one batch of jobs; returns, per job and in order, its result or the error it gets.
 RunJobs = Callable[[list[J]], Awaitable[Sequence[R | ScoringError]]]
+#: Runs a batch synchronously when it can (``None`` when it would have to wait).
+RunNow = Callable[[list[J]], Sequence[R | ScoringError] | None]
+#: Average requests per batch under which traffic counts as a lone caller.
+_LONE_CALLER = 1.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +76,8 @@ class BatchPolicy:
     gather_patience: int = 6
     #: Most loop turns one gathering may take.
     max_gather_turns: int = 64
+    #: While the idle fast path is on, one request per interval gathers instead.
+    lone_probe_interval_s: float = 0.01
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -75,6 +88,8 @@ class BatchPolicy:
             raise ValueError("max_queue_delay_s must be >= 0")
         if self.gather_patience < 1 or self.max_gather_turns < 0:
             raise ValueError("gather_patience must be >= 1 and max_gather_turns >= 0")
+        if self.lone_probe_interval_s < 0:
+            raise ValueError("lone_probe_interval_s must be >= 0")
 
 
 class BatchObserver(Protocol):
@@ -123,10 +138,16 @@ class MicroBatcher(Generic[J, R]):
         run_batch: RunJobs[J, R],
         policy: BatchPolicy,
         observer: BatchObserver | None = None,
+        run_now: RunNow[J, R] | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
         self._run_batch = run_batch
+        self._run_now = run_now
+        #: True from the moment the flush task starts gathering until its batch ran.
+        self._busy = False
+        #: ``loop.time()`` from which the next fast-path candidate gathers instead.
+        self._next_probe = 0.0
         self._observer: BatchObserver = observer or _NullObserver()
         self._queue: deque[_Pending[J, R]] = deque()
         self._rows_queued = 0
@@ -154,6 +175,30 @@ class MicroBatcher(Generic[J, R]):
         ``deadline`` is an absolute ``loop.time()``; past it the request is dropped
         with ``DeadlineExceeded`` instead of being computed.
         """
+        loop = asyncio.get_running_loop()
+        now = self._admit(rows, deadline, loop)
+        if (
+            self._run_now is not None
+            and not self._queue
+            and not self._busy
+            and self._recent_requests_per_batch < _LONE_CALLER
+        ):
+            if now < self._next_probe:
+                done = self._run_direct(job, rows, loop)
+                if done is not None:
+                    return done[0]
+            self._next_probe = now + self.policy.lone_probe_interval_s
+        return await self._push(job, rows, deadline, now, loop)
+
+    def enqueue(self, job: J, *, rows: int = 1, deadline: float | None = None) -> asyncio.Future[R]:
+        """Queue ``job`` like ``submit`` (same checks, always batched) and return the
+        future of its result at once; cancelling the future drops the job."""
+        loop = asyncio.get_running_loop()
+        now = self._admit(rows, deadline, loop)
+        return self._push(job, rows, deadline, now, loop)
+
+    def _admit(self, rows: int, deadline: float | None, loop: asyncio.AbstractEventLoop) -> float:
+        """Refuse a job that cannot be queued now; the current ``loop.time()`` otherwise."""
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down")
         if rows < 1:
@@ -167,19 +212,53 @@ class MicroBatcher(Generic[J, R]):
             raise QueueFull(
                 f"model {self.name}: queue full ({self.policy.max_queue_size} requests waiting)"
             )
-        loop = asyncio.get_running_loop()
         now = loop.time()
         if deadline is not None and now >= deadline:
             self._observer.dropped("deadline")
             raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
         if self._task is None:
             self.start()
+        return now
+
+    def _push(
+        self,
+        job: J,
+        rows: int,
+        deadline: float | None,
+        now: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> asyncio.Future[R]:
         future: asyncio.Future[R] = loop.create_future()
         self._queue.append(_Pending(job, rows, future, deadline, now))
         self._rows_queued += rows
         self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
-        return await future
+        return future
+
+    def _run_direct(self, job: J, rows: int, loop: asyncio.AbstractEventLoop) -> tuple[R] | None:
+        """The idle fast path: run ``job`` now, synchronously, as a batch of one
+        (``None`` when ``run_now`` declines it: it goes through the queue)."""
+        assert self._run_now is not None
+        started = loop.time()
+        try:
+            results = self._run_now([job])
+        except ScoringError:
+            raise
+        except Exception as error:
+            logger.exception("batch failed", extra={"model": self.name, "requests": 1})
+            raise InferenceFailed(f"model {self.name}: inference failed: {error}") from error
+        if results is None:
+            return None
+        if len(results) != 1:
+            raise InferenceFailed(f"model {self.name}: {len(results)} results for 1 request")
+        observer = self._observer
+        observer.queue_waited(0.0)
+        observer.batch_ran(rows, 1, loop.time() - started)
+        self._recent_requests_per_batch = 0.8 * self._recent_requests_per_batch + 0.2
+        result = results[0]
+        if isinstance(result, ScoringError):
+            raise result
+        return (result,)
 
     async def close(self) -> None:
         """Refuse new work, let queued requests run, then stop the flush task."""
@@ -198,10 +277,14 @@ class MicroBatcher(Generic[J, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._gather()
-            batch = self._take_batch()
-            if batch:
-                await self._run(batch)
+            self._busy = True
+            try:
+                await self._gather()
+                batch = self._take_batch()
+                if batch:
+                    await self._run(batch)
+            finally:
+                self._busy = False
 
     async def _gather(self) -> None:
         """Let requests that are runnable now join, without any timer.

@@ -105,99 +105,132 @@ def encode_reason(reason: Reason) -> pb.Reason:
     )
 
 
-def decode_infer_rows(
-    request: v2.ModelInferRequest, loaded: LoadedVersion
-) -> npt.NDArray[np.float32]:
-    """The ``[N, F]`` input of a v2 request, validated against the manifest."""
-    manifest = loaded.model.manifest
-    width = loaded.layout.width
-    if len(request.inputs) != 1:
-        raise InvalidInput(
-            "inputs", f"expected exactly 1 input {manifest.input.name!r}, got {len(request.inputs)}"
-        )
-    tensor = request.inputs[0]
-    if tensor.name != manifest.input.name:
-        raise InvalidInput(
-            "inputs[0].name", f"unknown input {tensor.name!r}; expected {manifest.input.name!r}"
-        )
-    datatype = _DTYPES[manifest.input.dtype][0]
-    if tensor.datatype != datatype:
-        raise InvalidInput(
-            "inputs[0].datatype", f"expected {datatype}, got {tensor.datatype or 'nothing'}"
-        )
-    shape = list(tensor.shape)
-    if len(shape) != 2 or shape[1] != width or shape[0] < 1:
-        raise InvalidInput("inputs[0].shape", f"expected [N >= 1, {width}], got {shape}")
-    max_rows = loaded.batcher.policy.max_batch_size
-    if shape[0] > max_rows:
-        raise InvalidInput(
-            "inputs[0].shape", f"{shape[0]} rows exceed the model's max_batch_size {max_rows}"
-        )
-    count = shape[0] * width
-    if request.raw_input_contents:
-        if tensor.HasField("contents"):
-            raise InvalidInput("raw_input_contents", "given together with inputs[0].contents")
-        if len(request.raw_input_contents) != 1:
-            raise InvalidInput(
-                "raw_input_contents", f"expected 1 entry, got {len(request.raw_input_contents)}"
-            )
-        raw = request.raw_input_contents[0]
-        if len(raw) != count * 4:
-            raise InvalidInput(
-                "raw_input_contents[0]",
-                f"{len(raw)} bytes do not hold shape {shape} of {datatype} ({count * 4} bytes)",
-            )
-        rows = np.frombuffer(raw, dtype="<f4").reshape(shape[0], width)
-    else:
-        values = tensor.contents.fp32_contents
-        if len(values) != count:
-            raise InvalidInput(
-                "inputs[0].contents.fp32_contents",
-                f"{len(values)} values do not fill shape {shape} ({count} values)",
-            )
-        rows = np.array(values, dtype=np.float32).reshape(shape[0], width)
-    loaded.layout.check_rows(rows, "inputs[0]")
-    return rows
+#: Response templates one ``InferCodec`` keeps (output choice x batch shapes) at most.
+MAX_TEMPLATES = 256
 
 
-def requested_outputs(request: v2.ModelInferRequest, loaded: LoadedVersion) -> list[str]:
-    """Output names the caller asked for (all when none), validated."""
-    known = [o.name for o in loaded.model.manifest.outputs]
-    if not request.outputs:
-        return known
-    names = []
-    for i, output in enumerate(request.outputs):
-        if output.name not in known:
+class InferCodec:
+    """v2 ``ModelInfer`` decode/encode for one loaded version, constants prebuilt.
+
+    The checks of a request against the manifest compare against values computed
+    once here, and a response starts from a serialized template holding everything
+    but the call's id and the output values (model, version, output names, datatypes
+    and shapes), keyed by the outputs asked for and their shapes.
+    """
+
+    def __init__(self, loaded: LoadedVersion) -> None:
+        self.loaded = loaded
+        manifest = loaded.model.manifest
+        self._layout = loaded.layout
+        self._input_name = manifest.input.name
+        self._datatype = _DTYPES[manifest.input.dtype][0]
+        self._width = loaded.layout.width
+        self._max_rows = loaded.batcher.policy.max_batch_size
+        self._outputs = tuple(o.name for o in manifest.outputs)
+        self._templates: dict[tuple[object, ...], bytes] = {}
+
+    def decode(self, request: v2.ModelInferRequest) -> npt.NDArray[np.float32]:
+        """The ``[N, F]`` input of a v2 request, validated against the manifest."""
+        inputs = request.inputs
+        if len(inputs) != 1:
             raise InvalidInput(
-                f"outputs[{i}].name", f"unknown output {output.name!r}; model has {known}"
+                "inputs", f"expected exactly 1 input {self._input_name!r}, got {len(inputs)}"
             )
-        names.append(output.name)
-    return names
+        tensor = inputs[0]
+        if tensor.name != self._input_name:
+            raise InvalidInput(
+                "inputs[0].name", f"unknown input {tensor.name!r}; expected {self._input_name!r}"
+            )
+        datatype = self._datatype
+        if tensor.datatype != datatype:
+            raise InvalidInput(
+                "inputs[0].datatype", f"expected {datatype}, got {tensor.datatype or 'nothing'}"
+            )
+        shape = list(tensor.shape)
+        width = self._width
+        if len(shape) != 2 or shape[1] != width or shape[0] < 1:
+            raise InvalidInput("inputs[0].shape", f"expected [N >= 1, {width}], got {shape}")
+        if shape[0] > self._max_rows:
+            raise InvalidInput(
+                "inputs[0].shape",
+                f"{shape[0]} rows exceed the model's max_batch_size {self._max_rows}",
+            )
+        count = shape[0] * width
+        raw_contents = request.raw_input_contents
+        if raw_contents:
+            if tensor.HasField("contents"):
+                raise InvalidInput("raw_input_contents", "given together with inputs[0].contents")
+            if len(raw_contents) != 1:
+                raise InvalidInput(
+                    "raw_input_contents", f"expected 1 entry, got {len(raw_contents)}"
+                )
+            raw = raw_contents[0]
+            if len(raw) != count * 4:
+                raise InvalidInput(
+                    "raw_input_contents[0]",
+                    f"{len(raw)} bytes do not hold shape {shape} of {datatype} ({count * 4} bytes)",
+                )
+            rows = np.frombuffer(raw, dtype="<f4").reshape(shape[0], width)
+        else:
+            values = tensor.contents.fp32_contents
+            if len(values) != count:
+                raise InvalidInput(
+                    "inputs[0].contents.fp32_contents",
+                    f"{len(values)} values do not fill shape {shape} ({count} values)",
+                )
+            rows = np.array(values, dtype=np.float32).reshape(shape[0], width)
+        self._layout.check_rows(rows, "inputs[0]")
+        return rows
 
+    def requested_outputs(self, request: v2.ModelInferRequest) -> tuple[str, ...]:
+        """Output names the caller asked for (all when none), validated."""
+        if not request.outputs:
+            return self._outputs
+        names = []
+        for i, output in enumerate(request.outputs):
+            if output.name not in self._outputs:
+                raise InvalidInput(
+                    f"outputs[{i}].name",
+                    f"unknown output {output.name!r}; model has {list(self._outputs)}",
+                )
+            names.append(output.name)
+        return tuple(names)
 
-def encode_infer_response(
-    request: v2.ModelInferRequest,
-    loaded: LoadedVersion,
-    outputs: Mapping[str, npt.NDArray[Any]],
-    names: list[str],
-) -> v2.ModelInferResponse:
-    """Outputs in the caller's form: raw bytes if it sent raw, typed contents otherwise."""
-    response = v2.ModelInferResponse(
-        model_name=loaded.name, model_version=loaded.version, id=request.id
-    )
-    raw = bool(request.raw_input_contents)
-    for name in names:
-        value = outputs[name]
-        datatype, field = _NUMPY_TO_V2[value.dtype]
-        tensor = response.outputs.add(name=name, datatype=datatype, shape=value.shape)
-        if raw:
-            little_endian = value.dtype.newbyteorder("<")
-            response.raw_output_contents.append(
-                np.ascontiguousarray(value, dtype=little_endian).tobytes()
+    def encode(
+        self,
+        request: v2.ModelInferRequest,
+        outputs: Mapping[str, npt.NDArray[Any]],
+        names: tuple[str, ...],
+    ) -> v2.ModelInferResponse:
+        """Outputs in the caller's form: raw bytes if it sent raw, typed contents otherwise."""
+        values = [outputs[name] for name in names]
+        key = (names, *(v.shape for v in values), *(v.dtype for v in values))
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(names, values)
+            if len(self._templates) >= MAX_TEMPLATES:
+                self._templates.clear()
+            self._templates[key] = template
+        response = v2.ModelInferResponse.FromString(template)
+        response.id = request.id
+        if request.raw_input_contents:
+            response.raw_output_contents.extend(
+                np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")).tobytes() for v in values
             )
         else:
-            getattr(tensor.contents, field).extend(value.ravel().tolist())
-    return response
+            for tensor, value in zip(response.outputs, values, strict=True):
+                field = _NUMPY_TO_V2[value.dtype][1]
+                getattr(tensor.contents, field).extend(value.ravel().tolist())
+        return response
+
+    def _template(self, names: tuple[str, ...], values: list[npt.NDArray[Any]]) -> bytes:
+        response = v2.ModelInferResponse(
+            model_name=self.loaded.name, model_version=self.loaded.version
+        )
+        for name, value in zip(names, values, strict=True):
+            datatype = _NUMPY_TO_V2[value.dtype][0]
+            response.outputs.add(name=name, datatype=datatype, shape=value.shape)
+        return response.SerializeToString()
 
 
 def tensor_metadata(

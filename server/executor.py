@@ -73,15 +73,37 @@ class VersionBatchRunner:
             outputs = await self._model.run(matrix)
             sliced = split_rows(outputs, [block.shape[0] for block in blocks])
             parts = list(zip(blocks, sliced, strict=True))
-        ready = iter(parts)
-        results: list[JobResult | ScoringError] = []
-        for i, job in enumerate(jobs):
-            if i in failed:
-                results.append(failed[i])
-            else:
-                block, part = next(ready)
-                results.append(JobResult(part, block, job.prepared))
-        return results
+        return _results(jobs, failed, parts)
+
+    def run_now(self, jobs: list[Job]) -> list[JobResult | ScoringError] | None:
+        """``run`` without waiting, when nothing needs to: an inline model and no
+        store features to fetch; ``None`` otherwise (the batcher's idle fast path)."""
+        if not self._model.inline:
+            return None
+        needs_store = self._store is not None and self._layout.uses_store
+        if needs_store and any(job.prepared is not None for job in jobs):
+            return None
+        blocks = [_rows_of(job) for job in jobs]
+        matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
+        sliced = split_rows(self._model.run_sync(matrix), [block.shape[0] for block in blocks])
+        return _results(jobs, {}, list(zip(blocks, sliced, strict=True)))
+
+
+def _results(
+    jobs: list[Job],
+    failed: dict[int, ScoringError],
+    parts: list[tuple[npt.NDArray[np.float32], Outputs]],
+) -> list[JobResult | ScoringError]:
+    """Per job and in order: its failure, or its rows and outputs."""
+    ready = iter(parts)
+    results: list[JobResult | ScoringError] = []
+    for i, job in enumerate(jobs):
+        if i in failed:
+            results.append(failed[i])
+        else:
+            block, part = next(ready)
+            results.append(JobResult(part, block, job.prepared))
+    return results
 
 
 def _rows_of(job: Job) -> npt.NDArray[np.float32]:

@@ -75,6 +75,8 @@ class FeatureLayout:
     index: Mapping[str, int]
     nan_allowed: frozenset[str]
     nan_allowed_mask: npt.NDArray[np.bool_]
+    #: Read-only all-True ``Prepared.sent`` shared by request-only rows (no per-request array).
+    all_sent: npt.NDArray[np.bool_]
     defaults: npt.NDArray[np.float32]
     request_rules: Mapping[str, RequestFeature] = field(default_factory=dict)
     request_columns: tuple[int, ...] = ()
@@ -91,12 +93,15 @@ class FeatureLayout:
         names = tuple(manifest.features)
         index = {name: i for i, name in enumerate(names)}
         key = f"{manifest.name}/{manifest.version}"
+        all_sent = np.ones(len(names), bool)
+        all_sent.setflags(write=False)
         base = {
             "model_key": key,
             "names": names,
             "index": index,
             "nan_allowed": manifest.nan_allowed,
             "nan_allowed_mask": np.array([n in manifest.nan_allowed for n in names], bool),
+            "all_sent": all_sent,
         }
         if definitions is None:
             return cls(
@@ -161,7 +166,7 @@ class FeatureLayout:
         """Validate one request and start its row (defaults overlaid with sent values)."""
         if not self.uses_store and not self.request_rules:
             row = self.assemble_row(features)
-            return Prepared(row, np.ones(self.width, bool), entity_ids, t_ms, store_sent=True)
+            return Prepared(row, self.all_sent, entity_ids, t_ms, store_sent=True)
         for name, entity_id in entity_ids.items():
             entity = self.entity_defs.get(name)
             if entity is None:
@@ -212,6 +217,8 @@ class FeatureLayout:
 
     def check_rows(self, rows: npt.NDArray[np.float32], field: str) -> None:
         """Refuse NaN/inf in columns that do not allow it, naming row and feature."""
+        if not self.nan_allowed and math.isfinite(rows.sum()):
+            return  # one reduction: NaN or inf anywhere makes the sum non-finite
         finite = np.isfinite(rows)
         bad = ~(finite | self.nan_allowed_mask)
         if bad.any():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -22,11 +23,13 @@ from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server import codec
 from server.errors import ScoringError
+from server.executor import JobResult
 from server.grpc_status import abort, status_of
 from server.lineage import Lineage
 from server.metrics import UNKNOWN_MODEL, ApiMetrics, Metrics
 from server.pipeline import ScoringPipeline
-from server.registry import ModelRegistry
+from server.registry import LoadedVersion, ModelRegistry
+from server.scoring_types import ScoreResult
 
 SERVER_NAME = "streamscore"
 SERVER_VERSION = "0.1.0"
@@ -80,7 +83,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         """Score one transaction."""
         started = time.perf_counter()
         metrics = self._unary
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         try:
             response = await self._score_one(request, deadline_of(context), started, metrics)
         except Exception as error:
@@ -88,7 +91,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             self._count_failure(metrics, request, code)
             await context.abort(code, message)
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
         return response
 
@@ -97,41 +100,65 @@ class ScoringService(pb_grpc.ScoringServicer):
         request_iterator: AsyncIterator[pb.ScoreRequest],
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.ScoreResponse]:
-        """Score a stream; answers come back as they finish, failed items carry ``error``."""
+        """Score a stream; answers come back as they finish, failed items carry ``error``.
+
+        One reader task feeds the items straight into the batchers (no task per item)
+        and each answer is encoded in its job's completion callback, so items read
+        together are scored together and written by this one generator.
+        """
         answers: asyncio.Queue[pb.ScoreResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
-        running: set[asyncio.Task[None]] = set()
+        queued: set[asyncio.Future[JobResult]] = set()
         deadline = deadline_of(context)
         metrics = self._stream
+        counts = [0, 0]  # items read, items answered
 
-        async def score_item(request: pb.ScoreRequest) -> None:
-            started = time.perf_counter()
-            metrics.in_flight.inc()
-            try:
-                response = await self._score_one(request, deadline, started, metrics)
-            except Exception as error:
-                code, message = status_of(error, "a ScoreStream item")
+        def answer(
+            request: pb.ScoreRequest, started: float, outcome: ScoreResult | Exception
+        ) -> None:
+            counts[1] += 1
+            metrics.in_flight -= 1
+            if isinstance(outcome, ScoreResult):
+                response = self._encode(outcome, started, metrics)
+            else:
+                code, message = status_of(outcome, "a ScoreStream item")
                 self._count_failure(metrics, request, code)
                 response = _error_response(request, code, message)
-            finally:
-                metrics.in_flight.dec()
             metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
             answers.put_nowait(response)
 
         async def read_all() -> None:
-            async for request in request_iterator:
-                await slots.acquire()
-                task = asyncio.create_task(score_item(request))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            while running:
-                await asyncio.gather(*running, return_exceptions=True)
-            answers.put_nowait(None)
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    started = time.perf_counter()
+                    counts[0] += 1
+                    metrics.in_flight += 1
+                    try:
+                        item = codec.decode_score_request(request)
+                    except Exception as error:
+                        answer(request, started, error)
+                        continue
+                    future = self._pipeline.score_later(
+                        item, deadline, functools.partial(answer, request, started)
+                    )
+                    if future is not None:
+                        queued.add(future)
+                        future.add_done_callback(queued.discard)
+            finally:
+                answers.put_nowait(None)  # reading ended: the rest are answers in flight
 
         reader = asyncio.create_task(read_all())
         try:
-            while (answer := await answers.get()) is not None:
-                yield answer
+            reading = True
+            sent = 0
+            while reading or sent < counts[0]:
+                response = await answers.get()
+                if response is None:
+                    reading = False
+                    continue
+                yield response
+                sent += 1
                 # A slot frees once its answer is taken by the transport, so a client
                 # that stops reading stops the reads too (HTTP/2 flow control pushes back)
                 # instead of answers piling up here.
@@ -139,8 +166,10 @@ class ScoringService(pb_grpc.ScoringServicer):
             await reader
         finally:
             reader.cancel()
-            for task in list(running):
-                task.cancel()
+            for future in list(queued):
+                future.cancel()  # the batcher skips a cancelled job
+            metrics.in_flight -= counts[0] - counts[1]
+            counts[1] = counts[0]
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
@@ -152,6 +181,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics: ApiMetrics,
     ) -> pb.ScoreResponse:
         result = await self._pipeline.score(codec.decode_score_request(request), deadline)
+        return self._encode(result, started, metrics)
+
+    def _encode(self, result: ScoreResult, started: float, metrics: ApiMetrics) -> pb.ScoreResponse:
         if result.freshness or result.degraded_reasons:
             self._metrics.observe_features(result.freshness, result.degraded_reasons)
         metrics.count(result.model, result.version, result.route.value, "OK")
@@ -192,6 +224,15 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self._registry = registry
         self._v2 = metrics.api("v2")
         self._is_ready = is_ready
+        self._codecs: dict[tuple[str, str], codec.InferCodec] = {}
+
+    def _codec(self, loaded: LoadedVersion) -> codec.InferCodec:
+        """The prebuilt v2 codec of ``loaded`` (rebuilt when the version is reloaded)."""
+        key = (loaded.name, loaded.version)
+        infer_codec = self._codecs.get(key)
+        if infer_codec is None or infer_codec.loaded is not loaded:
+            infer_codec = self._codecs[key] = codec.InferCodec(loaded)
+        return infer_codec
 
     async def ServerLive(
         self, request: v2.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -252,25 +293,31 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.ModelInferResponse:
         started = time.perf_counter()
         metrics = self._v2
-        metrics.in_flight.inc()
-        model, version = request_labels(self._registry, request.model_name, request.model_version)
+        metrics.in_flight += 1
+        model, version = request.model_name, "-"
+        loaded: LoadedVersion | None = None
         try:
             loaded, decision = self._pipeline.choose(
                 request.model_name, request.model_version or None
             )
-            version = loaded.version
-            rows = codec.decode_infer_rows(request, loaded)
-            names = codec.requested_outputs(request, loaded)
+            version = loaded.version  # chosen: a served model and a loaded version
+            infer_codec = self._codec(loaded)
+            rows = infer_codec.decode(request)
+            names = infer_codec.requested_outputs(request)
             result = await self._pipeline.infer(
                 loaded, rows, deadline_of(context), decision=decision, request_id=request.id
             )
-            response = codec.encode_infer_response(request, loaded, result.outputs, names)
+            response = infer_codec.encode(request, result.outputs, names)
         except Exception as error:
             code, message = status_of(error, "ModelInfer")
+            if loaded is None:  # labels only from served names (see request_labels)
+                model, version = request_labels(
+                    self._registry, request.model_name, request.model_version
+                )
             metrics.count(model, version, "-", code.name)
             await context.abort(code, message)
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             metrics.observe_latency(model, time.perf_counter() - started)
         metrics.count(model, version, decision.route.value, "OK")
         return response

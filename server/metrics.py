@@ -1,7 +1,8 @@
 """Prometheus metrics of one server process, on a registry the app owns.
 
 Label children are bound once per model version (``observer_for``) so the
-request path does no label lookups for batch metrics.
+request path does no label lookups for batch metrics; what is updated per request
+or per batch uses the lock-free children of ``server.loop_metrics``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.circuit_breaker import STATES, BreakerState
 from server.features import Freshness
+from server.loop_metrics import LoopCounter, LoopCounterFamily, LoopHistogram, LoopHistogramFamily
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
@@ -27,41 +29,42 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        # Updated per request or per batch: lock-free children (server.loop_metrics).
+        self.requests = LoopCounterFamily(
             "streamscore_requests",
             "Scoring requests by API, model, version, route and gRPC status code.",
             ["api", "model", "version", "route", "code"],
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = LoopHistogramFamily(
             "streamscore_request_latency_seconds",
             "Server-side end-to-end latency of a request, decode to response.",
             ["api", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = LoopHistogramFamily(
             "streamscore_queue_wait_seconds",
             "Time a request waited in its micro-batch queue.",
             ["model", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = LoopHistogramFamily(
             "streamscore_batch_size_rows",
             "Rows per executed micro-batch.",
             ["model", "version"],
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
-        self.batch_requests = Histogram(
+        self.batch_requests = LoopHistogramFamily(
             "streamscore_batch_requests",
             "Requests per executed micro-batch.",
             ["model", "version"],
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
-        self.inference = Histogram(
+        self.inference = LoopHistogramFamily(
             "streamscore_inference_seconds",
             "Time to run one micro-batch through ONNX Runtime.",
             ["model", "version"],
@@ -172,9 +175,12 @@ class ApiMetrics:
     def __init__(self, api: str, metrics: Metrics) -> None:
         self._api = api
         self._metrics = metrics
-        self.in_flight = metrics.in_flight.labels(api)
-        self._latency: dict[str, Histogram] = {}
-        self._requests: dict[tuple[str, str, str, str], Counter] = {}
+        #: Requests of this API being handled now: a plain int on the request path,
+        #: read by the gauge only when scraped (no lock per request).
+        self.in_flight = 0
+        metrics.in_flight.labels(api).set_function(lambda: self.in_flight)
+        self._latency: dict[str, LoopHistogram] = {}
+        self._requests: dict[tuple[str, str, str, str], LoopCounter] = {}
 
     def observe_latency(self, model: str, seconds: float) -> None:
         """Record one request's server-side latency."""
@@ -199,10 +205,10 @@ UNKNOWN_MODEL = "_unknown"
 class BatchMetrics:
     """``server.batcher.BatchObserver`` backed by Prometheus children."""
 
-    batch_rows: Histogram
-    batch_requests: Histogram
-    inference: Histogram
-    wait: Histogram
+    batch_rows: LoopHistogram
+    batch_requests: LoopHistogram
+    inference: LoopHistogram
+    wait: LoopHistogram
     depth: Gauge
     dropped_queue_full: Counter
     dropped_deadline: Counter

@@ -6,6 +6,7 @@ Servicers decode protobuf into the inputs here and encode the results back.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -16,15 +17,29 @@ import numpy as np
 import numpy.typing as npt
 
 from server.errors import InvalidInput, NoExplainer, ScoringError
-from server.executor import Job
+from server.executor import Job, JobResult
+from server.features import Prepared
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout.stats import StatsRecorder
 from server.router import Decision, Route
 from server.scoring_types import ScoreInput, ScoreResult
 
 if TYPE_CHECKING:
+    from server.explain.service import Explained
     from server.records.shadow import ShadowRunner
     from server.records.traffic_log import TrafficLog
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One Score request between routing and its answer."""
+
+    request: ScoreInput
+    decision: Decision
+    loaded: LoadedVersion
+    prepared: Prepared
+    t_ms: int
+    started: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,42 +61,102 @@ class ScoringPipeline:
         #: Shadow scoring and the traffic log (set by the app); both only queue work.
         self.shadows: ShadowRunner | None = None
         self.traffic: TrafficLog | None = None
+        #: Stream items waiting for their reasons (strong references until done).
+        self._explaining: set[asyncio.Task[None]] = set()
 
     async def score(self, request: ScoreInput, deadline: float | None) -> ScoreResult:
         """Score one transaction; ``deadline`` is an absolute ``loop.time()``."""
-        if not request.model:
-            raise InvalidInput("model", "required")
-        decision = self._registry.routing.choose(
-            request.model, request.model_version, request.entity_ids
-        )
+        decision = self._route(request)
         started = time.perf_counter()
         try:
-            result = await self._score(request, decision, deadline)
+            call = self._begin(request, decision, started)
+            result = await call.loaded.batcher.submit(
+                Job(prepared=call.prepared), deadline=deadline
+            )
+            explained = None
+            if self._needs_reasons(call, result):
+                # a separate batcher: answers not needing reasons already left with their batch
+                explained = await call.loaded.reasons.explain(result.rows, deadline)  # type: ignore[union-attr]
+            return self._finish(call, result, explained)
         except ScoringError:
-            if self.stats is not None:
-                self.stats.record(
-                    request.model,
-                    decision.version,
-                    decision.route,
-                    ok=False,
-                    latency_s=time.perf_counter() - started,
-                )
+            self._record(request, decision, started, None)
             raise
-        if self.stats is not None:
+
+    def score_later(
+        self,
+        request: ScoreInput,
+        deadline: float | None,
+        done: Callable[[ScoreResult | Exception], None],
+    ) -> asyncio.Future[JobResult] | None:
+        """Score one transaction without a task of its own: always batched, and
+        ``done`` gets the answer or the error (at once when it fails before queueing).
+        Returns the queued job's future (cancel it to drop the job), or ``None`` when
+        ``done`` was already called."""
+        try:
+            decision = self._route(request)
+        except ScoringError as error:
+            done(error)
+            return None
+        started = time.perf_counter()
+        try:
+            call = self._begin(request, decision, started)
+            future = call.loaded.batcher.enqueue(Job(prepared=call.prepared), deadline=deadline)
+        except ScoringError as error:
+            self._record(request, decision, started, None)
+            done(error)
+            return None
+
+        def settle(finished: asyncio.Future[JobResult]) -> None:
+            if finished.cancelled():
+                return  # the stream went away
+            try:
+                result = finished.result()
+                if self._needs_reasons(call, result):
+                    explaining = asyncio.get_running_loop().create_task(
+                        self._finish_explained(call, result, deadline, done)
+                    )
+                    self._explaining.add(explaining)
+                    explaining.add_done_callback(self._explaining.discard)
+                    return
+                answer = self._finish(call, result)
+            except Exception as failure:  # the item's error, answered on its stream
+                self._record(request, decision, started, None)
+                done(failure)
+                return
+            done(answer)
+
+        future.add_done_callback(settle)
+        return future
+
+    def _route(self, request: ScoreInput) -> Decision:
+        if not request.model:
+            raise InvalidInput("model", "required")
+        return self._registry.routing.choose(
+            request.model, request.model_version, request.entity_ids
+        )
+
+    def _record(
+        self, request: ScoreInput, decision: Decision, started: float, answer: ScoreResult | None
+    ) -> None:
+        """Rollout statistics of one answered (or failed: ``answer`` None) request."""
+        if self.stats is None:
+            return
+        latency_s = time.perf_counter() - started
+        if answer is None:
+            self.stats.record(
+                request.model, decision.version, decision.route, ok=False, latency_s=latency_s
+            )
+        else:
             self.stats.record(
                 request.model,
                 decision.version,
                 decision.route,
                 ok=True,
-                latency_s=time.perf_counter() - started,
-                score=result.score,
+                latency_s=latency_s,
+                score=answer.score,
             )
-        return result
 
-    async def _score(
-        self, request: ScoreInput, decision: Decision, deadline: float | None
-    ) -> ScoreResult:
-        started = time.perf_counter()
+    def _begin(self, request: ScoreInput, decision: Decision, started: float) -> _Call:
         loaded = self._registry.get(request.model, decision.version)
         t_ms = request.event_time_ms
         if t_ms is None:
@@ -89,17 +164,53 @@ class ScoringPipeline:
         if request.explain and loaded.reasons is None:
             raise NoExplainer(request.model, decision.version)
         prepared = loaded.layout.prepare(request.features, request.entity_ids, t_ms)
-        result = await loaded.batcher.submit(Job(prepared=prepared), deadline=deadline)
+        return _Call(request, decision, loaded, prepared, t_ms, started)
+
+    @staticmethod
+    def _score_of(loaded: LoadedVersion, result: JobResult) -> float:
         manifest = loaded.model.manifest
         score_values = result.outputs[manifest.score_output]
-        score = float(
+        return float(
             score_values[0, manifest.score_index] if score_values.ndim == 2 else score_values[0]
         )
+
+    def _needs_reasons(self, call: _Call, result: JobResult) -> bool:
+        loaded = call.loaded
+        if loaded.reasons is None:
+            return False
+        flagged = self._score_of(loaded, result) >= loaded.model.manifest.threshold
+        return loaded.reason_policy.needed(call.request.explain, flagged)
+
+    async def _finish_explained(
+        self,
+        call: _Call,
+        result: JobResult,
+        deadline: float | None,
+        done: Callable[[ScoreResult | Exception], None],
+    ) -> None:
+        """A stream item that needs reasons: explained in the reasons batcher, then answered."""
+        try:
+            explained = await call.loaded.reasons.explain(result.rows, deadline)  # type: ignore[union-attr]
+            answer = self._finish(call, result, explained)
+        except Exception as failure:
+            self._record(call.request, call.decision, call.started, None)
+            done(failure)
+            return
+        done(answer)
+
+    def _finish(
+        self, call: _Call, result: JobResult, explained: Explained | None = None
+    ) -> ScoreResult:
+        """The answer of a scored call; shadows, traffic log and stats after it."""
+        request, decision, loaded, prepared = (
+            call.request,
+            call.decision,
+            call.loaded,
+            call.prepared,
+        )
+        manifest = loaded.model.manifest
+        score = self._score_of(loaded, result)
         flagged = score >= manifest.threshold
-        explained = None
-        if loaded.reasons is not None and loaded.reason_policy.needed(request.explain, flagged):
-            # a separate batcher: answers not needing reasons already left with their batch
-            explained = await loaded.reasons.explain(result.rows, deadline)
         echoed: tuple[tuple[str, float], ...] = ()
         if request.echo_features:
             row = result.rows[0]
@@ -120,8 +231,10 @@ class ScoringPipeline:
             reasons=None if explained is None else explained.reasons,
             reasons_base_value=0.0 if explained is None else explained.base_value,
         )
-        timings = {"pipeline_us": int((time.perf_counter() - started) * 1e6)}
-        self._after_answer(loaded, decision, answer, result.rows, t_ms, timings, request)
+        if decision.shadows or self.traffic is not None:
+            timings = {"pipeline_us": int((time.perf_counter() - call.started) * 1e6)}
+            self._after_answer(loaded, decision, answer, result.rows, call.t_ms, timings, request)
+        self._record(request, decision, call.started, answer)
         return answer
 
     def _after_answer(

@@ -160,7 +160,7 @@ class ModelRegistry:
         observer = self._observer_factory(name, version) if self._observer_factory else None
         runner = VersionBatchRunner(model, layout, self._store, options.failure_policy)
         batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
-            f"{name}/{version}", runner.run, options.policy, observer
+            f"{name}/{version}", runner.run, options.policy, observer, run_now=runner.run_now
         )
         batcher.start()
         if reasons is not None:

@@ -74,6 +74,11 @@ class OnnxModel:
         """``name/version``."""
         return f"{self.manifest.name}/{self.manifest.version}"
 
+    @property
+    def inline(self) -> bool:
+        """True when batches run on the event loop thread (``execution="inline"``)."""
+        return self._executor is None
+
     def run_sync(self, rows: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[Any]]:
         """Run the session on ``rows`` ([N, F] float32); outputs keyed by name."""
         values = self._session.run(self._output_names, {self._input_name: rows})

@@ -197,3 +197,27 @@ async def test_lineage_in_metadata_and_list_models(demo_repo: Path) -> None:
             assert entry.lineage.artifact_sha256 == manifest.sha256
             assert entry.lineage.data_snapshot == manifest.training.data_snapshot
             assert entry.lineage.explainer
+
+
+async def test_score_stream_explains_the_items_that_ask(demo_repo: Path, rows: F32) -> None:
+    """On a stream, items asking for reasons get them (explained off the batch) and the
+    others are answered without; every item answers exactly once."""
+    async with running_server(demo_repo, []) as srv:
+        requests = [
+            _request(row, request_id=f"r{i}", explain=(i % 2 == 0))
+            for i, row in enumerate(rows[:40])
+        ]
+        answers = [a async for a in srv.scoring.ScoreStream(iter(requests), timeout=60)]
+        unary = {r.request_id: await _score(srv, r) for r in requests[:4]}
+    by_id = {a.request_id: a for a in answers}
+    assert sorted(by_id) == sorted(r.request_id for r in requests)
+    for i, request in enumerate(requests):
+        answer = by_id[request.request_id]
+        assert not answer.HasField("error")
+        if i % 2 == 0:
+            assert 1 <= len(answer.reasons) <= 4 and answer.reasons_base_value != 0.0
+        else:
+            assert not answer.reasons
+    for request_id, reference in unary.items():
+        assert by_id[request_id].score == pytest.approx(reference.score)
+        assert [r.code for r in by_id[request_id].reasons] == [r.code for r in reference.reasons]

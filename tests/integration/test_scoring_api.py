@@ -260,3 +260,30 @@ async def test_caller_chosen_names_do_not_become_metric_labels(linear_repository
     models = {labels["model"] for labels in samples}
     assert versions == {"-"}, versions
     assert models == {"lin", UNKNOWN_MODEL}, models
+
+
+async def test_abandoned_stream_releases_its_items(linear_repository: Path) -> None:
+    """A stream closed with items still queued cancels them and leaves nothing in flight."""
+    from server import grpc_api
+
+    async def requests() -> AsyncIterator[pb.ScoreRequest]:
+        for i in range(200):
+            yield _request(np.zeros(len(TEST_FEATURES)), request_id=f"a-{i}")
+
+    class Context:
+        def time_remaining(self) -> None:
+            return None
+
+    async with running_server(linear_repository) as srv:
+        app = srv.app
+        service = grpc_api.ScoringService(app.pipeline, app.registry, app.metrics)
+        stream = service.ScoreStream(requests(), Context())  # type: ignore[arg-type]
+        first = await anext(stream)
+        assert not first.HasField("error")
+        await stream.aclose()  # type: ignore[attr-defined]  # the client went away mid-stream
+        in_flight = app.metrics.registry.get_sample_value(
+            "streamscore_in_flight_requests", {"api": "stream"}
+        )
+        assert in_flight == 0
+        answer = await srv.scoring.Score(_request(np.zeros(len(TEST_FEATURES))))
+        assert not answer.HasField("error")  # the batcher kept serving

@@ -472,3 +472,118 @@ async def test_fill_window_gathers_late_arrivals_and_ends_when_full() -> None:
     for (i, n), result in zip([(1, 1), (2, 2), (3, 1)], results, strict=True):
         assert_own_rows(result, make_rows(i, n))
     await batcher.close()
+
+
+@dataclass
+class FakeRunNow:
+    """A ``run_now`` computing like ``FakeRun`` synchronously; ``decline`` makes it refuse."""
+
+    decline: bool = False
+    batches: list[Rows] = field(default_factory=list)
+
+    def __call__(self, jobs: list[Rows]) -> list[Outputs | ScoringError] | None:
+        if self.decline:
+            return None
+        inputs = jobs[0] if len(jobs) == 1 else np.concatenate(jobs, axis=0)
+        self.batches.append(inputs.copy())
+        return list(split_rows(expected_outputs(inputs), [job.shape[0] for job in jobs]))
+
+
+def fast_batcher(
+    run: FakeRun, now: FakeRunNow, recorder: Recorder | None = None, **policy: Any
+) -> RowBatcher:
+    policy.setdefault("lone_probe_interval_s", 3600.0)
+    batcher: MicroBatcher[np.ndarray, Outputs] = MicroBatcher(
+        "m/1", rows_runner(run), BatchPolicy(**policy), recorder, run_now=now
+    )
+    batcher.start()
+    return RowBatcher(batcher)
+
+
+def answer_without_suspending(call: Any) -> Any:
+    """Drive a ``submit`` coroutine one step: it must finish without yielding to the loop."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return done.value
+    call.close()
+    raise AssertionError("submit suspended: the idle fast path was not taken")
+
+
+async def test_idle_fast_path_answers_a_lone_request_without_a_loop_turn() -> None:
+    run, now, recorder = FakeRun(), FakeRunNow(), Recorder()
+    batcher = fast_batcher(run, now, recorder)
+    first = make_rows(0, 1)  # the first request probes: it gathers through the queue
+    assert_own_rows(await batcher.submit(first), first)
+    assert len(run.batches) == 1 and now.batches == []
+    for i in range(1, 4):
+        rows = make_rows(i, 2)
+        assert_own_rows(answer_without_suspending(batcher.submit(rows)), rows)
+    assert [len(b) for b in now.batches] == [2, 2, 2]
+    assert len(run.batches) == 1
+    assert recorder.ran == [(1, 1), (2, 1), (2, 1), (2, 1)]
+    await batcher.close()
+
+
+async def test_idle_fast_path_still_refuses_a_passed_deadline() -> None:
+    run, now, recorder = FakeRun(), FakeRunNow(), Recorder()
+    batcher = fast_batcher(run, now, recorder)
+    await batcher.submit(make_rows(0, 1))  # the probe
+    deadline = asyncio.get_running_loop().time() - 0.001
+    with pytest.raises(DeadlineExceeded):
+        batcher.submit(make_rows(1, 1), deadline=deadline).send(None)
+    assert now.batches == [] and recorder.dropped_reasons == ["deadline"]
+    await batcher.close()
+
+
+async def test_fast_path_is_not_taken_while_a_batch_runs_and_the_queue_bound_holds() -> None:
+    run, now, recorder = FakeRun(gate=asyncio.Event()), FakeRunNow(), Recorder()
+    batcher = fast_batcher(run, now, recorder, max_batch_size=1, max_queue_size=1)
+    running = asyncio.create_task(batcher.submit(make_rows(0, 1)))  # probe, held
+    await run.started.wait()
+    queued = asyncio.create_task(batcher.submit(make_rows(1, 1)))  # busy: queues, no fast path
+    await turns_until(lambda: batcher.depth == 1)
+    with pytest.raises(QueueFull):
+        batcher.submit(make_rows(2, 1)).send(None)
+    assert now.batches == []
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(0, 1))
+    assert_own_rows(await queued, make_rows(1, 1))
+    assert recorder.dropped_reasons == ["queue_full"]
+    await batcher.close()
+
+
+async def test_concurrent_arrivals_leave_the_fast_path_and_batch_again() -> None:
+    run, now = FakeRun(), FakeRunNow()
+    batcher = fast_batcher(run, now, max_batch_size=16, lone_probe_interval_s=0.05)
+    await batcher.submit(make_rows(0, 1))  # the probe: the next one is due in 50 ms
+    answer_without_suspending(batcher.submit(make_rows(1, 1)))  # lone: fast path
+    await asyncio.sleep(0.06)  # (at least) the probe interval has passed
+    tasks = [asyncio.create_task(batcher.submit(make_rows(i, 1))) for i in range(2, 7)]
+    for i, task in zip(range(2, 7), tasks, strict=True):
+        assert_own_rows(await task, make_rows(i, 1))
+    assert run.sizes()[-1] == 5  # the probe gathered: the concurrent callers formed one batch
+    tasks = [asyncio.create_task(batcher.submit(make_rows(i, 1))) for i in range(7, 10)]
+    await asyncio.gather(*tasks)
+    assert run.sizes()[-1] == 3  # after a multi-request batch, no fast path: they gather
+    fast_before = len(now.batches)
+    for i in range(10, 30):  # lone again: once the average falls, the fast path resumes
+        call = batcher.submit(make_rows(i, 1))
+        try:
+            call.send(None)
+        except StopIteration:
+            break
+        call.close()  # it queued: the flush task runs it as a batch of one; try the next
+        await turns_until(lambda: batcher.depth == 0)
+        await turns_until(lambda: not batcher.inner._busy)
+    assert len(now.batches) == fast_before + 1
+    await batcher.close()
+
+
+async def test_declined_fast_path_goes_through_the_queue() -> None:
+    run, now = FakeRun(), FakeRunNow(decline=True)
+    batcher = fast_batcher(run, now)
+    for i in range(3):
+        assert_own_rows(await batcher.submit(make_rows(i, 1)), make_rows(i, 1))
+    assert run.sizes() == [1, 1, 1]
+    await batcher.close()
