@@ -146,7 +146,8 @@ def _primary_key_counts(seed_url: str) -> list[int]:
     """Keys held by each primary of the cluster seeded at ``seed_url``."""
     client = redis.RedisCluster.from_url(seed_url)
     try:
-        return [int(client.dbsize(target_nodes=node)) for node in client.get_primaries()]
+        primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+        return [int(client.dbsize(target_nodes=node)) for node in primaries]
     finally:
         client.close()
 
