@@ -12,8 +12,15 @@
 2. ``score``: Score throughput with features fetched from Redis vs the same
    features sent in the request (no fetch), same server settings, 64 callers;
    server pinned to core 0, load generator to core 1.
+3. ``--cluster-fetch`` (only this): ``FeatureStore.fill`` for the same 64-request
+   micro-batches on a local Redis Cluster (3 primaries + 3 replicas) vs one Redis,
+   both seeded with the same data and running at once; nothing pinned (seven
+   redis-servers on one core miss the cluster's 1 s node timeout and fail over).
+   After a warm-up, single and cluster alternate for
+   ``--rounds`` rounds; the ratio (cluster / single) is the median. Target >= 0.7x.
 
     python -m bench.feature_bench --json-out bench/results/features.json
+    python -m bench.feature_bench --cluster-fetch --json-out bench/results/cluster_fetch.json
 """
 
 from __future__ import annotations
@@ -36,20 +43,24 @@ from redis.asyncio import Redis
 
 from bench.pinning import CLIENT_CPUS, SERVER_CPUS
 from demo.synthetic import DEMO_FEATURES, REQUEST_FEATURES
-from devstack.services import redis_server
+from devstack.services import redis_cluster, redis_server
 from feature_streams.batch_store import activate, write_snapshot
 from feature_streams.definitions import FeatureDefinitions, load_definitions
 from feature_streams.fetcher import BatchSnapshotCache
 from feature_streams.hash_reader import HashWindowReader
 from feature_streams.keys import data_key, tile_key
+from feature_streams.redis_client import AnyRedis, RedisOptions, connect
 from feature_streams.tile_store import EventUpdates, KeyBatch, TileStore
 from feature_streams.windows import GroupPlan, read_hash, updates_for_event
-from server.feature_store import FeatureStore
+from server.feature_store import FeatureStore, StoreOptions
 from server.features import FeatureLayout, Prepared
 from server.manifest import ModelManifest, TensorSpec, TrainingInfo
 
 DEFINITIONS = Path("features.yaml")
 NOW_MS = int(time.time() * 1000)
+FETCH_TIMEOUT_S = 5.0
+"""The cluster comparison measures throughput, not the server's fetch timeout (50 ms
+by default), which a loaded 2-core machine can exceed on either side."""
 
 
 def _manifest() -> ModelManifest:
@@ -67,7 +78,9 @@ def _manifest() -> ModelManifest:
     )
 
 
-async def seed(client: Redis, defs: FeatureDefinitions, cards: int, events_per_card: int) -> None:
+async def seed(
+    client: AnyRedis, defs: FeatureDefinitions, cards: int, events_per_card: int
+) -> None:
     """Batch snapshots for every entity and a day of events per card (and merchant)."""
     rng = random.Random(1)
     for group, prefix in (("customer_profile", "customer_id"), ("card_profile", "card_id")):
@@ -159,15 +172,7 @@ async def bench_fetch(
         return done / (time.perf_counter() - started)
 
     async def ours(duration_s: float) -> float:
-        done = 0
-        started = time.perf_counter()
-        deadline = started + duration_s
-        while time.perf_counter() < deadline:
-            for batch in batches:
-                prepared = [_prepared(layout, card) for card in batch]
-                await store.fill(layout, prepared, "fail")
-                done += len(batch)
-        return done / (time.perf_counter() - started)
+        return await _fill_rate(store, layout, batches, duration_s)
 
     await bare(min(seconds, 1.0))  # warm up: connections, Redis pages, code paths
     await ours(min(seconds, 1.0))
@@ -218,6 +223,67 @@ async def bench_window_read(url: str, defs: FeatureDefinitions, cards: int) -> d
     }
 
 
+async def _fill_rate(
+    store: FeatureStore, layout: FeatureLayout, batches: list[list[int]], duration_s: float
+) -> float:
+    """Requests per second through ``store.fill``, 64-request batches, for ``duration_s``."""
+    done = 0
+    started = time.perf_counter()
+    deadline = started + duration_s
+    while time.perf_counter() < deadline:
+        for batch in batches:
+            prepared = [_prepared(layout, card) for card in batch]
+            await store.fill(layout, prepared, "fail")
+            done += len(batch)
+    return done / (time.perf_counter() - started)
+
+
+async def bench_cluster_fetch(
+    single_url: str,
+    cluster_url: str,
+    defs: FeatureDefinitions,
+    cards: int,
+    seconds: float,
+    rounds_n: int = 3,
+) -> dict[str, Any]:
+    """``FeatureStore.fill`` of the same 64-request micro-batches on the cluster vs on
+    one Redis (same data): after a warm-up, ``rounds_n`` alternating rounds of
+    ``seconds`` each; the ratio (cluster / single) is the median of the rounds'."""
+    layout = FeatureLayout.from_manifest(_manifest(), defs)
+    rng = random.Random(2)
+    batches = [[rng.randrange(cards) for _ in range(64)] for _ in range(200)]
+    stores: dict[str, FeatureStore] = {}
+    clients: list[AnyRedis] = []
+    for name, url, mode in (
+        ("single", single_url, "standalone"),
+        ("cluster", cluster_url, "cluster"),
+    ):
+        client = await connect(RedisOptions(url, mode))  # type: ignore[arg-type]
+        clients.append(client)
+        cache = BatchSnapshotCache(client, defs.batch_groups)
+        await cache.refresh()
+        stores[name] = FeatureStore(client, cache, StoreOptions(timeout_s=FETCH_TIMEOUT_S))
+    try:
+        for store in stores.values():  # warm up: connections, slot map, Redis pages
+            await _fill_rate(store, layout, batches, min(seconds, 1.0))
+        rounds = []
+        for _ in range(rounds_n):  # alternate, so drift on a shared machine hits both
+            single = await _fill_rate(stores["single"], layout, batches, seconds)
+            cluster = await _fill_rate(stores["cluster"], layout, batches, seconds)
+            rounds.append({"single_rps": single, "cluster_rps": cluster})
+    finally:
+        for client in clients:
+            await client.aclose()
+    ratios = sorted(r["cluster_rps"] / r["single_rps"] for r in rounds)
+    return {
+        "rounds": rounds,
+        "ratios_cluster_vs_single": ratios,
+        "ratio_cluster_vs_single": statistics.median(ratios),
+        "batch_size": 64,
+        "cluster": "3 primaries + 3 replicas, local",
+    }
+
+
 @contextlib.contextmanager
 def _pinned_apart(redis_pid: int) -> Iterator[None]:
     """Redis on the server core, this process (the Redis client) on the client core."""
@@ -230,6 +296,32 @@ def _pinned_apart(redis_pid: int) -> Iterator[None]:
     finally:
         os.sched_setaffinity(0, ours)
         os.sched_setaffinity(redis_pid, theirs)
+
+
+def run_cluster_fetch(args: argparse.Namespace, defs: FeatureDefinitions) -> dict[str, Any]:
+    """One Redis and a local 3 + 3 cluster, seeded alike, then :func:`bench_cluster_fetch`."""
+    with redis_server() as single, redis_cluster(3) as cluster:
+
+        async def run() -> dict[str, Any]:
+            for url, mode in ((single.url, "standalone"), (cluster.url, "cluster")):
+                client = await connect(RedisOptions(url, mode))  # type: ignore[arg-type]
+                try:
+                    await seed(client, defs, args.cards, args.events_per_card)
+                finally:
+                    await client.aclose()
+            return await bench_cluster_fetch(
+                single.url, cluster.url, defs, args.cards, args.seconds, args.rounds
+            )
+
+        # Not pinned: seven redis-server processes squeezed onto one core of a loaded
+        # machine miss the cluster's 1 s node timeout and fail over mid-run.
+        fetch = asyncio.run(run())
+    return {
+        "cluster_fetch": fetch,
+        "cards": args.cards,
+        "events_per_card": args.events_per_card,
+        "seconds_per_round": args.seconds,
+    }
 
 
 def bench_score(url: str, repository: Path, cards: int, duration_s: float) -> dict[str, Any]:
@@ -269,8 +361,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--duration", type=float, default=6.0, help="Score scenarios, seconds")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument(
+        "--cluster-fetch",
+        action="store_true",
+        help="only the fetch on a local 3-primary Redis Cluster vs one Redis",
+    )
     args = parser.parse_args(argv)
     defs = load_definitions(DEFINITIONS)
+    if args.cluster_fetch:
+        _write(run_cluster_fetch(args, defs), args.json_out)
+        return 0
     with redis_server() as redis:
 
         async def run() -> dict[str, Any]:
@@ -290,11 +390,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cards": args.cards,
             "events_per_card": args.events_per_card,
         }
-    print(json.dumps(result, indent=2))
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    _write(result, args.json_out)
     return 0
+
+
+def _write(result: dict[str, Any], json_out: Path | None) -> None:
+    print(json.dumps(result, indent=2))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

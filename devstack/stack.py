@@ -3,7 +3,10 @@
 :func:`run_dev_stack` starts, on loopback only:
 
 1. the demo models, trained into the repository unless already there;
-2. ``redis-server`` and a Tansu broker (free ports unless fixed ones are given);
+2. ``redis-server`` and a Tansu broker (free ports unless fixed ones are given); with
+   ``--redis-cluster``, a local Redis Cluster (3 primaries + 3 replicas, real
+   ``redis-server --cluster-enabled`` processes) instead of the one Redis, and the
+   worker, the batch loading and the server run with ``redis.mode=cluster``;
 3. the events topic (``partitions`` partitions) and its ``.dlq``;
 4. the stream worker (``python -m server.cli stream``), which joins its consumer
    group while the demo population's batch groups are written to files and loaded
@@ -22,7 +25,8 @@ child stopped cleanly. A child that dies on its own stops the stack with code 1 
 the tail of its log. Child logs go to ``<data_dir>/logs/``.
 
 Run it directly: ``python -m devstack.stack [--config F] [--set k=v ...] [--grpc-port P]
-[--metrics-port P] [--redis-port P] [--kafka-port P] [--customers N] [--rate R] ...``.
+[--metrics-port P] [--redis-port P | --redis-cluster] [--kafka-port P] [--customers N]
+[--rate R] ...``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,9 +57,11 @@ from demo.batch_files import (
 from devstack.producer import TransactionSource, demo_population
 from devstack.services import (
     KafkaBroker,
+    LocalRedisCluster,
     RedisServer,
     free_port,
     kafka_broker,
+    redis_cluster,
     redis_server,
     with_parent_death_signal,
 )
@@ -99,6 +105,8 @@ class DevOptions:
     """Batch files and child logs."""
     redis_port: int | None = None
     """``None`` = a free port."""
+    redis_cluster: bool = False
+    """A local Redis Cluster (3 primaries + 3 replicas, free ports) instead of one Redis."""
     kafka_port: int | None = None
     worker_metrics_port: int | None = None
     partitions: int = 4
@@ -123,6 +131,8 @@ class DevOptions:
             raise ValueError("rate, status_interval_s and startup_timeout_s must be > 0")
         if not 0 <= self.score_rate <= self.rate:
             raise ValueError("score_rate must be between 0 and rate")
+        if self.redis_cluster and self.redis_port is not None:
+            raise ValueError("--redis-port and --redis-cluster exclude each other")
 
 
 def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +140,11 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
     d = DevOptions()
     parser.add_argument("--data-dir", type=Path, default=d.data_dir, help="batch files and logs")
     parser.add_argument("--redis-port", type=int, default=None, help="default: a free port")
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a local Redis Cluster (3 primaries + 3 replicas) instead of one Redis",
+    )
     parser.add_argument("--kafka-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--worker-metrics-port", type=int, default=None)
     parser.add_argument("--partitions", type=int, default=d.partitions)
@@ -157,6 +172,7 @@ def options_from_args(args: argparse.Namespace, config_path: Path | None) -> Dev
         overrides=tuple(getattr(args, "overrides", ()) or ()),
         data_dir=args.data_dir,
         redis_port=args.redis_port,
+        redis_cluster=args.redis_cluster,
         kafka_port=args.kafka_port,
         worker_metrics_port=args.worker_metrics_port,
         partitions=args.partitions,
@@ -219,6 +235,31 @@ def _plan(settings: Settings, options: DevOptions) -> _Plan:
         batch_dir=options.data_dir / "batch",
         stop_timeout_s=server.grace_period_s + 10.0,
     )
+
+
+@dataclass(frozen=True)
+class _RedisTarget:
+    """The Redis the stack started: one server or a local cluster."""
+
+    url: str
+    """The URL every child gets (on a cluster: the seed node)."""
+    mode: Literal["standalone", "cluster"]
+    pids: tuple[tuple[str, int], ...]
+    """``(name, pid)`` of every redis-server process."""
+
+    @classmethod
+    def of_server(cls, server: RedisServer) -> _RedisTarget:
+        return cls(server.url, "standalone", (("redis", server.process.pid),))
+
+    @classmethod
+    def of_cluster(cls, cluster: LocalRedisCluster) -> _RedisTarget:
+        pids = tuple((f"redis{i}", node.process.pid) for i, node in enumerate(cluster.nodes))
+        return cls(cluster.url, "cluster", pids)
+
+    def describe(self) -> str:
+        if self.mode == "standalone":
+            return self.url
+        return f"{self.url}  (cluster seed: {len(self.pids)} nodes, redis.mode=cluster)"
 
 
 # --- children ----------------------------------------------------------------------
@@ -299,7 +340,7 @@ class _DevStack:
         self,
         options: DevOptions,
         plan: _Plan,
-        redis: RedisServer,
+        redis: _RedisTarget,
         broker: KafkaBroker,
         say: _Console,
     ) -> None:
@@ -386,7 +427,9 @@ class _DevStack:
             write_population_batch_files, population, self.plan.batch_dir
         )
         for group, path in files.paths.items():
-            report = await load_group_file(self.redis.url, definitions, group, path, progress=False)
+            report = await load_group_file(
+                self.redis.url, definitions, group, path, progress=False, mode=self.redis.mode
+            )
             say(f"  {group}: {report.rows:,} rows in {report.elapsed_s:.1f} s")
 
     def _server_argv(self) -> list[str]:
@@ -401,6 +444,7 @@ class _DevStack:
             "server.port": plan.grpc_port,
             "models.repository": plan.repository,
             "redis.url": self.redis.url,
+            "redis.mode": self.redis.mode,
             "kafka.bootstrap_servers": self.broker.bootstrap_servers,
             "features.definitions_path": plan.definitions,
         }
@@ -414,6 +458,7 @@ class _DevStack:
             sys.executable, "-m", "server.cli", "stream",
             "--set", f"kafka.bootstrap_servers={self.broker.bootstrap_servers}",
             "--set", f"redis.url={self.redis.url}",
+            "--set", f"redis.mode={self.redis.mode}",
             "--set", f"features.definitions_path={plan.definitions}",
             "--set", f"kafka.group_id={plan.group_id}",
             "--set", f"kafka.fetch_max_wait_ms={plan.fetch_max_wait_ms}",
@@ -496,7 +541,7 @@ class _DevStack:
         say(f"  gRPC             {plan.grpc_target}  (streamscore.v1.Scoring, KServe v2, health)")
         say(f"  server metrics   {metrics}")
         say(f"  worker metrics   {plan.worker_metrics_url}")
-        say(f"  redis            {self.redis.url}")
+        say(f"  redis            {self.redis.describe()}")
         say(
             f"  kafka            {self.broker.bootstrap_servers}  topic {plan.topic!r} "
             f"({options.partitions} partitions) + {dead_letter_topic(plan.topic)!r}"
@@ -508,7 +553,8 @@ class _DevStack:
         )
         say(f"  logs             {plan.logs}/")
         pids = " ".join(
-            [f"redis={self.redis.process.pid}", f"broker={self.broker.process.pid}"]
+            [f"{name}={pid}" for name, pid in self.redis.pids]
+            + [f"broker={self.broker.process.pid}"]
             + [f"{c.name}={c.pid}" for c in self.children]
         )
         say(f"  pids             {pids}")
@@ -555,6 +601,20 @@ class _DevStack:
                     code = 1
                     self.say(child.tail())
         return code
+
+
+@contextlib.contextmanager
+def _start_redis(options: DevOptions, say: _Console) -> Iterator[_RedisTarget]:
+    """One ``redis-server`` or, with ``options.redis_cluster``, a local 3 + 3 cluster;
+    in their own sessions (a terminal's Ctrl-C spares them: they stop last, after the
+    worker committed), dying with this process if it is killed."""
+    if options.redis_cluster:
+        say("starting a local Redis Cluster (3 primaries + 3 replicas) ...")
+        with redis_cluster(3, LOOPBACK, die_with_parent=True) as cluster:
+            yield _RedisTarget.of_cluster(cluster)
+        return
+    with redis_server(options.redis_port, LOOPBACK, die_with_parent=True) as server:
+        yield _RedisTarget.of_server(server)
 
 
 @contextlib.contextmanager
@@ -616,16 +676,14 @@ def run_dev_stack(
                 services.callback(_restore_signals, saved)  # runs last
                 # their own sessions keep a terminal's Ctrl-C from them (we stop them
                 # last, after the worker committed); they die with us if we are killed
-                redis = services.enter_context(
-                    redis_server(options.redis_port, LOOPBACK, die_with_parent=True)
-                )
+                redis = services.enter_context(_start_redis(options, say))
                 broker = services.enter_context(
                     kafka_broker(
                         options.kafka_port, LOOPBACK, log_file=broker_log, die_with_parent=True
                     )
                 )
                 services.callback(_ignore_signals, saved)  # runs first when tearing down
-                say(f"redis {redis.url} and kafka broker {broker.bootstrap_servers} started")
+                say(f"redis {redis.describe()} and kafka broker {broker.bootstrap_servers} started")
                 stack = _DevStack(options, plan, redis, broker, say)
                 code = asyncio.run(stack.run())
                 say("stopping the broker and redis ...")

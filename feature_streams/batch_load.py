@@ -70,7 +70,7 @@ from feature_streams.definitions import (
     EntityKeyError,
     FeatureDefinitions,
 )
-from feature_streams.redis_client import AnyRedis, RedisOptions, connect
+from feature_streams.redis_client import AnyRedis, RedisMode, RedisOptions, connect
 
 __all__ = [
     "BatchFileError",
@@ -537,11 +537,13 @@ async def load_group_file(
     grace_s: float = DEFAULT_GRACE_S,
     progress: bool = True,
     progress_stream: TextIO | None = None,
+    mode: RedisMode = "auto",
 ) -> LoadReport:
     """Validate ``path``, write it as a new snapshot of ``group``, make it active and
     delete due snapshots. Raises :class:`BatchFileError` (nothing written) for a bad
     file; a failure while writing deletes the partial snapshot (best effort) and
-    leaves the active one untouched."""
+    leaves the active one untouched. ``mode`` is ``redis.mode`` (checked against the
+    server: :class:`feature_streams.redis_client.RedisModeMismatchError`)."""
     started = time.monotonic()
     summary = validate_file(definitions, group, path, allow_missing_columns=allow_missing_columns)
     source = summary.path
@@ -551,7 +553,7 @@ async def load_group_file(
         if progress
         else None
     )
-    client = await connect(RedisOptions(redis_url))
+    client = await connect(RedisOptions(redis_url, mode))
     written = False
     try:
         try:

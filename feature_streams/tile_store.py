@@ -363,7 +363,9 @@ class TileStore:
         pipe = self._client.pipeline(transaction=False)
         sha = self._script.sha
         for key, args in zip(keys, arg_lists, strict=True):
-            pipe.evalsha(sha, 1, key, *args)
+            # execute_command, not pipe.evalsha: redis-py blocks the evalsha method in a
+            # cluster pipeline, while the command itself routes by its one key
+            pipe.execute_command("EVALSHA", sha, 1, key, *args)
         return list(await pipe.execute(raise_on_error=False))
 
     async def read(self, keys: Sequence[str]) -> list[dict[Any, Any]]:

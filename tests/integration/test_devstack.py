@@ -5,7 +5,8 @@ population, scores a card the producer has been sending with only entity ids and
 request fields, and checks that its batch features come from Redis and its stream
 features from the events the worker folded. Then sends SIGINT to the whole group, as
 a terminal's Ctrl-C does, and checks the exit code and that every process it started
-is gone.
+is gone. The same on ``--redis-cluster`` (3 primaries + 3 replicas, ``redis.mode=cluster``
+for the worker, the batch loading and the server).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from demo.synthetic import DEMO_FEATURES
@@ -140,10 +142,24 @@ def _wait_serving(target: str, timeout_s: float) -> None:
     pytest.fail(f"{target} not SERVING after {timeout_s} s")
 
 
-def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(tmp_path: Path) -> None:
+def _primary_key_counts(seed_url: str) -> list[int]:
+    """Keys held by each primary of the cluster seeded at ``seed_url``."""
+    client = redis.RedisCluster.from_url(seed_url)
+    try:
+        primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+        return [int(client.dbsize(target_nodes=node)) for node in primaries]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["one-redis", "redis-cluster"])
+def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(
+    tmp_path: Path, cluster: bool
+) -> None:
     repository = tmp_path / "models"
     write_linear_model(repository, "fraud", "1", list(DEMO_FEATURES), seed=3, weight_scale=1e-3)
     grpc_port, metrics_port, redis_port = free_port(), free_port(), free_port()
+    redis_args = ("--redis-cluster",) if cluster else ("--redis-port", str(redis_port))
     target = f"127.0.0.1:{grpc_port}"
     # The first transactions the producer sends (same population and seed).
     population = demo_population(SEED, CUSTOMERS, MERCHANTS)
@@ -153,7 +169,7 @@ def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(tmp_path: 
         tmp_path,
         "--grpc-port", str(grpc_port),
         "--metrics-port", str(metrics_port),
-        "--redis-port", str(redis_port),
+        *redis_args,
         "--customers", str(CUSTOMERS),
         "--merchants", str(MERCHANTS),
         "--seed", str(SEED),
@@ -165,8 +181,15 @@ def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(tmp_path: 
     ) as stack:  # fmt: skip
         pids_line = stack.wait_for_line(lambda line: "pids" in line, STARTUP_S)
         pids = {name: int(pid) for name, pid in re.findall(r"(\w+)=(\d+)", pids_line)}
-        assert set(pids) == {"redis", "broker", "worker", "server", "producer"}, pids_line
-        assert f"redis://127.0.0.1:{redis_port}/0" in "\n".join(stack.lines)
+        redis_names = {f"redis{i}" for i in range(6)} if cluster else {"redis"}
+        assert set(pids) == redis_names | {"broker", "worker", "server", "producer"}, pids_line
+        if cluster:
+            banner = "\n".join(stack.lines)
+            found = re.search(r"redis +(redis://\S+) +\(cluster seed: 6 nodes", banner)
+            assert found, stack.output()
+            seed_url = found.group(1)
+        else:
+            assert f"redis://127.0.0.1:{redis_port}/0" in "\n".join(stack.lines)
         _wait_serving(target, 10.0)
 
         request = pb.ScoreRequest(
@@ -203,6 +226,9 @@ def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(tmp_path: 
         for name, value in population.card_features(first.card_id).items():
             assert echoed[name] == pytest.approx(value), name
         assert echoed["amount"] == pytest.approx(first.request["amount"])
+        if cluster:  # the features really live on the cluster, spread over its primaries
+            counts = _primary_key_counts(seed_url)
+            assert len(counts) == 3 and all(n > 0 for n in counts), counts
 
         status = stack.wait_for_line(
             lambda line: (

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from feature_streams.definitions import load_definitions
 from feature_streams.keys import LAST_TS_FIELD, offset_field, tile_key
+from feature_streams.redis_client import AnyRedis, RedisOptions, connect
 from feature_streams.tile_store import (
     EventUpdates,
     KeyBatch,
@@ -44,9 +45,14 @@ def plan() -> GroupPlan:
     return GroupPlan.build(defs.stream_groups["card_activity"])
 
 
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[TileStore]:
-    client = Redis.from_url(redis_url)
+@pytest.fixture(params=["one-redis", "redis-cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[TileStore]:
+    """The store on one Redis and on the local 3-primary cluster (the worker's apply,
+    pipelined per node, must behave the same)."""
+    if request.param == "one-redis":
+        client: AnyRedis = Redis.from_url(request.getfixturevalue("redis_url"))
+    else:
+        client = await connect(RedisOptions(request.getfixturevalue("redis_cluster_url")))
     try:
         yield TileStore(client)
     finally:
