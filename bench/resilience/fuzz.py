@@ -190,18 +190,28 @@ def _metadata(admin: bool) -> st.SearchStrategy[tuple[tuple[str, str], ...]]:
     return st.one_of(st.just(good), st.just(good), st.just(good), bad)
 
 
-def case_strategy(rpcs: Sequence[Rpc]) -> st.SearchStrategy[Case]:
+ORIGINS = frozenset({"generated", "mutated", "random"})
+
+
+def case_strategy(
+    rpcs: Sequence[Rpc], origins: frozenset[str] = ORIGINS
+) -> st.SearchStrategy[Case]:
     """Cases over ``rpcs``: generated, mutated-valid and random-byte payloads."""
     seeds = seed_messages()
     per_rpc = []
     for rpc in rpcs:
         name = rpc.path.rsplit("/", 1)[1]
-        generated = message_strategy(rpc.request).map(lambda m: (m.SerializeToString(), "generated"))
+        generated = message_strategy(rpc.request).map(
+            lambda m: (m.SerializeToString(), "generated")
+        )
         base = seeds.get(name)
         base_bytes = base.SerializeToString() if base is not None else b""
         mutated = mutation_ops().map(lambda ops, b=base_bytes: (mutate(b, ops), "mutated"))
         raw = st.binary(max_size=512).map(lambda b: (b, "random"))
-        one = st.one_of(generated, generated, mutated, raw)
+        chosen = {"generated": generated, "mutated": mutated, "random": raw}
+        one = st.one_of(
+            *(chosen[o] for o in sorted(origins)), *([generated] * ("generated" in origins))
+        )
         count = st.integers(1, 4) if rpc.kind == "stream" else st.just(1)
         per_rpc.append(
             st.builds(
@@ -220,7 +230,9 @@ def call(channel: grpc.Channel, case: Case) -> tuple[grpc.StatusCode, str]:
     md = case.metadata or None
     try:
         if case.rpc.kind == "unary":
-            channel.unary_unary(case.rpc.path)(case.payloads[0], timeout=CALL_TIMEOUT_S, metadata=md)
+            channel.unary_unary(case.rpc.path)(
+                case.payloads[0], timeout=CALL_TIMEOUT_S, metadata=md
+            )
         elif case.rpc.kind == "stream":
             answers = channel.stream_stream(case.rpc.path)(
                 iter(case.payloads), timeout=CALL_TIMEOUT_S, metadata=md
@@ -327,7 +339,13 @@ def _warm_up(channel: grpc.Channel, rounds: int) -> None:
             call(channel, Case(rpc, (message.SerializeToString(),), md, "warmup"))
 
 
-def run_cases(target: str, cases: int, random_seed: int, rpcs: Sequence[Rpc] | None = None) -> FuzzReport:
+def run_cases(
+    target: str,
+    cases: int,
+    random_seed: int,
+    rpcs: Sequence[Rpc] | None = None,
+    origins: frozenset[str] = ORIGINS,
+) -> FuzzReport:
     """Send ``cases`` hypothesis-generated cases to ``target`` and count the answers."""
     report = FuzzReport()
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -347,7 +365,7 @@ def run_cases(target: str, cases: int, random_seed: int, rpcs: Sequence[Rpc] | N
             case = data.draw(strategy)
             report.record(case, *call(channel, case))
 
-        strategy = case_strategy(rpcs or all_rpcs())
+        strategy = case_strategy(rpcs or all_rpcs(), origins)
         one()
     report.seconds = time.monotonic() - started
     return report
@@ -417,7 +435,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for finding in report.findings[:20]:
         sys.stdout.write(json.dumps(asdict(finding)) + "\n")
     if args.json_out:
-        payload = asdict(report) | {"rss_growth": report.rss_growth}
+        payload = {
+            "cases": report.cases,
+            "seconds": report.seconds,
+            "by_status": dict(report.by_status),
+            "by_rpc": {path: dict(counts) for path, counts in report.by_rpc.items()},
+            "by_origin": dict(report.by_origin),
+            "findings": [asdict(f) for f in report.findings[:200]],
+            "findings_total": len(report.findings),
+            "rss_before_kb": report.rss_before_kb,
+            "rss_after_kb": report.rss_after_kb,
+            "rss_growth": report.rss_growth,
+            "valid_after": report.valid_after,
+        }
         args.json_out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     ok = not report.findings and report.valid_after and abs(report.rss_growth) <= 0.10
     return 0 if ok else 1

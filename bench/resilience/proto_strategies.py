@@ -63,7 +63,9 @@ def _text() -> st.SearchStrategy[str]:
 def _binary() -> st.SearchStrategy[bytes]:
     return st.one_of(
         st.binary(max_size=256),
-        st.builds(lambda n, b: b * n, st.sampled_from([1024, 65_536]), st.binary(min_size=1, max_size=8)),
+        st.builds(
+            lambda n, b: b * n, st.sampled_from([1024, 65_536]), st.binary(min_size=1, max_size=8)
+        ),
     )
 
 

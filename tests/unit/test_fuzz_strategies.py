@@ -60,6 +60,9 @@ def test_mutations_change_the_bytes() -> None:
     assert len(mutate(data, [(5, 0, 3)])) == len(data) + 5
 
 
-@given(st.binary(max_size=64), st.lists(st.tuples(st.integers(0, 5), st.integers(0, 99), st.integers(0, 999))))
+@given(
+    st.binary(max_size=64),
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 99), st.integers(0, 999))),
+)
 def test_mutate_never_raises(data: bytes, ops: list[tuple[int, int, int]]) -> None:
     assert isinstance(mutate(data, ops), bytes)
