@@ -63,6 +63,7 @@ from server.records.shadow import ShadowMetrics, ShadowOptions, ShadowRunner, li
 from server.records.shrink import shrink_json
 from server.records.traffic_log import TrafficLog
 from server.registry import ModelRegistry, ServingOptions
+from server.request_decoding import add_servicer
 from server.rollout.controller import RolloutController, RolloutMetrics
 from server.rollout.policy import RolloutState
 from server.rollout.routing import RoutingRolloutActions, rollout_states, sync_windows
@@ -378,11 +379,14 @@ class AppContext:
         admin_server = server
         if settings.server.admin_port is not None:
             admin_server = self._admin_server = self._grpc_server()
-        apb_grpc.add_AdminServicer_to_server(admin, admin_server)
-        pb_grpc.add_ScoringServicer_to_server(
-            ScoringService(self.pipeline, self.registry, self.metrics), server
+        add_servicer(apb_grpc.add_AdminServicer_to_server, admin, admin_server)
+        add_servicer(
+            pb_grpc.add_ScoringServicer_to_server,
+            ScoringService(self.pipeline, self.registry, self.metrics),
+            server,
         )
-        v2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        add_servicer(
+            v2_grpc.add_GRPCInferenceServiceServicer_to_server,
             InferenceService(
                 self.pipeline,
                 self.registry,
@@ -391,7 +395,7 @@ class AppContext:
             ),
             server,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         admin_names = (ADMIN_SERVICE_NAME,) if admin_server is server else ()
         reflection.enable_server_reflection(

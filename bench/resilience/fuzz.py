@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -25,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -201,13 +202,15 @@ def case_strategy(
     per_rpc = []
     for rpc in rpcs:
         name = rpc.path.rsplit("/", 1)[1]
-        generated = message_strategy(rpc.request).map(
-            lambda m: (m.SerializeToString(), "generated")
+        generated: st.SearchStrategy[tuple[bytes, str]] = message_strategy(rpc.request).map(
+            _serialized
         )
         base = seeds.get(name)
         base_bytes = base.SerializeToString() if base is not None else b""
-        mutated = mutation_ops().map(lambda ops, b=base_bytes: (mutate(b, ops), "mutated"))
-        raw = st.binary(max_size=512).map(lambda b: (b, "random"))
+        mutated: st.SearchStrategy[tuple[bytes, str]] = mutation_ops().map(
+            functools.partial(_mutated, base_bytes)
+        )
+        raw: st.SearchStrategy[tuple[bytes, str]] = st.binary(max_size=512).map(_random)
         chosen = {"generated": generated, "mutated": mutated, "random": raw}
         one = st.one_of(
             *(chosen[o] for o in sorted(origins)), *([generated] * ("generated" in origins))
@@ -215,14 +218,34 @@ def case_strategy(
         count = st.integers(1, 4) if rpc.kind == "stream" else st.just(1)
         per_rpc.append(
             st.builds(
-                lambda items, md, r=rpc: Case(
-                    r, tuple(p for p, _ in items), md, "+".join(sorted({o for _, o in items}))
-                ),
-                count.flatmap(lambda n, s=one: st.lists(s, min_size=n, max_size=n)),
+                functools.partial(_case, rpc),
+                count.flatmap(functools.partial(_lists_of, one)),
                 _metadata(rpc.admin),
             )
         )
     return st.one_of(per_rpc)
+
+
+def _mutated(base: bytes, ops: Any) -> tuple[bytes, str]:
+    return mutate(base, ops), "mutated"
+
+
+def _random(payload: bytes) -> tuple[bytes, str]:
+    return payload, "random"
+
+
+def _lists_of(
+    one: st.SearchStrategy[tuple[bytes, str]], n: int
+) -> st.SearchStrategy[list[tuple[bytes, str]]]:
+    return st.lists(one, min_size=n, max_size=n)
+
+
+def _serialized(message: Any) -> tuple[bytes, str]:
+    return message.SerializeToString(), "generated"
+
+
+def _case(rpc: Rpc, items: list[tuple[bytes, str]], metadata: Any) -> Case:
+    return Case(rpc, tuple(p for p, _ in items), metadata, "+".join(sorted({o for _, o in items})))
 
 
 def call(channel: grpc.Channel, case: Case) -> tuple[grpc.StatusCode, str]:
@@ -230,23 +253,23 @@ def call(channel: grpc.Channel, case: Case) -> tuple[grpc.StatusCode, str]:
     md = case.metadata or None
     try:
         if case.rpc.kind == "unary":
-            channel.unary_unary(case.rpc.path)(
+            channel.unary_unary(case.rpc.path, request_serializer=None, response_deserializer=None)(
                 case.payloads[0], timeout=CALL_TIMEOUT_S, metadata=md
             )
         elif case.rpc.kind == "stream":
-            answers = channel.stream_stream(case.rpc.path)(
-                iter(case.payloads), timeout=CALL_TIMEOUT_S, metadata=md
-            )
+            answers = channel.stream_stream(
+                case.rpc.path, request_serializer=None, response_deserializer=None
+            )(iter(case.payloads), timeout=CALL_TIMEOUT_S, metadata=md)
             for _ in answers:
                 pass
         else:  # Watch: the first answer is the status; the stream then stays open
-            watch = channel.unary_stream(case.rpc.path)(
-                case.payloads[0], timeout=CALL_TIMEOUT_S, metadata=md
-            )
-            next(watch)
-            watch.cancel()
+            watch = channel.unary_stream(
+                case.rpc.path, request_serializer=None, response_deserializer=None
+            )(case.payloads[0], timeout=CALL_TIMEOUT_S, metadata=md)
+            next(iter(watch))
+            watch.cancel()  # type: ignore[no-untyped-call]
     except grpc.RpcError as error:
-        return error.code(), error.details() or ""  # type: ignore[attr-defined]
+        return error.code(), error.details() or ""
     return grpc.StatusCode.OK, ""
 
 

@@ -56,7 +56,7 @@ def _long_text() -> st.SearchStrategy[str]:
 
 def _text() -> st.SearchStrategy[str]:
     # Lone surrogates cannot be encoded as UTF-8: invalid UTF-8 comes from ``mutated``.
-    plain = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+    plain = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
     return st.one_of(plain, st.sampled_from(["", " ", "lin", "1", "2", "*", "\x00"]), _long_text())
 
 
@@ -83,19 +83,29 @@ def scalar_strategy(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if kind == FieldDescriptor.TYPE_BYTES:
         return _binary()
     if kind == FieldDescriptor.TYPE_ENUM:
-        known = [value.number for value in field.enum_type.values]
+        enum = field.enum_type
+        assert enum is not None
+        known = [value.number for value in enum.values]
         return st.one_of(st.sampled_from(known), _ints(-(2**31), 2**31 - 1))
     raise TypeError(f"unsupported field type {kind} of {field.full_name}")
 
 
 def _value_strategy(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if field.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
-        return message_strategy(field.message_type, depth + 1)
+        return message_strategy(_message_type(field), depth + 1)
     return scalar_strategy(field)
 
 
+def _message_type(field: FieldDescriptor) -> Descriptor:
+    message_type = field.message_type
+    assert message_type is not None, field.full_name
+    return message_type
+
+
 def _is_map(field: FieldDescriptor) -> bool:
-    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+    return field.type == FieldDescriptor.TYPE_MESSAGE and bool(
+        _message_type(field).GetOptions().map_entry
+    )
 
 
 def _repeated(field: FieldDescriptor) -> bool:
@@ -104,7 +114,7 @@ def _repeated(field: FieldDescriptor) -> bool:
 
 def _field_strategy(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if _is_map(field):
-        entry = field.message_type
+        entry = _message_type(field)
         keys = scalar_strategy(entry.fields_by_name["key"])
         values = _value_strategy(entry.fields_by_name["value"], depth)
         small = st.dictionaries(keys, values, max_size=6)
@@ -116,9 +126,9 @@ def _field_strategy(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any
         return st.one_of(small, small, small, many)
     if _repeated(field):
         values = _value_strategy(field, depth)
-        small = st.lists(values, max_size=6)
-        many = st.builds(lambda n, v: [v] * n, st.sampled_from([100, 5_000]), values)
-        return st.one_of(small, small, small, many)
+        small_list = st.lists(values, max_size=6)
+        many_list = st.builds(lambda n, v: [v] * n, st.sampled_from([100, 5_000]), values)
+        return st.one_of(small_list, small_list, small_list, many_list)
     return _value_strategy(field, depth)
 
 
@@ -135,7 +145,7 @@ def _assign(message: Message, field: FieldDescriptor, value: Any) -> None:
     target = getattr(message, field.name)
     try:
         if _is_map(field):
-            value_field = field.message_type.fields_by_name["value"]
+            value_field = _message_type(field).fields_by_name["value"]
             for key, item in value.items():
                 if value_field.type == FieldDescriptor.TYPE_MESSAGE:
                     target[key].CopyFrom(item)
