@@ -7,8 +7,9 @@ loop, then watches it) and the routing changes over it, the gRPC server with its
 servicers (the admin API on it, or on its own server when ``server.admin_port`` is
 set), health and reflection, and the metrics HTTP endpoint (listeners plaintext or
 TLS with certificates re-read on change or SIGHUP, see ``server.tls``); health turns
-SERVING once models are loaded. Leaving tears down in reverse: health NOT_SERVING, ``server.stop``
-(new calls refused, in-flight calls get ``grace_period_s``), routing watch stopped,
+SERVING once models are loaded. Leaving tears down in reverse: health NOT_SERVING, the
+scoring and admin servers stopped together (new calls refused, in-flight calls on either
+get the one ``grace_period_s``), routing watch stopped,
 batchers drained, models released, Redis closed, metrics endpoint closed.
 """
 
@@ -443,12 +444,12 @@ class AppContext:
             with contextlib.suppress(asyncio.CancelledError):
                 await coverage
         await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(self.settings.server.grace_period_s)
-            self._server = None
-        if self._admin_server is not None:
-            await self._admin_server.stop(self.settings.server.grace_period_s)
-            self._admin_server = None
+        # Scoring and admin servers drain together: one grace period, not two in a row.
+        servers = [s for s in (self._server, self._admin_server) if s is not None]
+        self._server = self._admin_server = None
+        if servers:
+            grace = self.settings.server.grace_period_s
+            await asyncio.gather(*(server.stop(grace) for server in servers))
         if self.rollouts is not None:
             await self.rollouts.stop()
             self.rollouts = None
