@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.inference import grpc_service_pb2 as v2
 from protos.inference import grpc_service_pb2_grpc as v2_grpc
@@ -119,14 +120,16 @@ class ScoringService(pb_grpc.ScoringServicer):
             answers.put_nowait(response)
 
         async def read_all() -> None:
-            async for request in request_iterator:
-                await slots.acquire()
-                task = asyncio.create_task(score_item(request))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            while running:
-                await asyncio.gather(*running, return_exceptions=True)
-            answers.put_nowait(None)
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(score_item(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*running, return_exceptions=True)
+            finally:  # also when reading fails: the answer loop must not wait forever
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read_all())
         try:
@@ -136,7 +139,14 @@ class ScoringService(pb_grpc.ScoringServicer):
                 # that stops reading stops the reads too (HTTP/2 flow control pushes back)
                 # instead of answers piling up here.
                 slots.release()
-            await reader
+            try:
+                await reader
+            except DecodeError as error:  # the client sent bytes that are no ScoreRequest
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"ScoreStream: request not parsed: {error}"
+                )
+            except Exception as error:
+                await abort(context, error, "the ScoreStream request reader")
         finally:
             reader.cancel()
             for task in list(running):
