@@ -213,6 +213,7 @@ class AppContext:
             clock=self.clock,
         )
         self.pipeline.shadows = self.shadows
+        self.registry.on_retire(self.shadows.release)  # unloaded versions drop their lanes
         if s.traffic_log.sample_rate > 0:
             self.pipeline.traffic = TrafficLog(
                 self.record_sink,
