@@ -289,7 +289,9 @@ class AppContext:
             return RedisRoutingStore(
                 self._redis_client(), routing.redis_key, routing.audit_key, routing.audit_max_len
             )
-        return FileRoutingStore(routing.state_file(settings.models.repository))
+        return FileRoutingStore(
+            routing.state_file(settings.models.repository), audit_max_bytes=routing.audit_max_bytes
+        )
 
     def _grpc_server(self) -> grpc.aio.Server:
         return grpc.aio.server(options=server_options(self.settings.server))

@@ -617,6 +617,12 @@ class RoutingSettings(_Frozen):
         description="File store's state file; null = <models.repository>/.routing.json "
         "(audit log and lock beside it).",
     )
+    audit_max_bytes: int = Field(
+        default=64 * MiB,
+        ge=4096,
+        description="File store: the audit log is rotated past this size (one previous "
+        "generation kept, <stem>.audit.1.jsonl), so it holds at most about twice this.",
+    )
     poll_interval_s: float = Field(
         default=0.2,
         gt=0.0,
