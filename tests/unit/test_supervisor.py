@@ -70,6 +70,18 @@ def test_backoff_doubles_from_initial_up_to_the_cap() -> None:
         RestartPolicy(backoff_initial_s=2.0, backoff_max_s=1.0)
 
 
+def test_restart_settings_name_both_keys_when_the_cap_is_below_the_start() -> None:
+    from server.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="backoff_max_s") as error:
+        load_settings(
+            None,
+            {},
+            ["server.restarts.backoff_initial_s=5", "server.restarts.backoff_max_s=1"],
+        )
+    assert "backoff_initial_s" in str(error.value)
+
+
 def test_counters_written_by_the_parent_are_read_by_a_forked_child() -> None:
     counters = RestartCounters(3)
     read_end, write_end = os.pipe()
