@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 GRACE_S = 2.0
 
 
-async def _silent(stop: asyncio.Event) -> AsyncIterator[object]:
+async def _silent(stop: asyncio.Event) -> AsyncIterator[Any]:
     """A request stream that sends nothing until told: the call stays in flight."""
     await stop.wait()
     return
