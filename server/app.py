@@ -7,8 +7,9 @@ loop, then watches it) and the routing changes over it, the gRPC server with its
 servicers (the admin API on it, or on its own server when ``server.admin_port`` is
 set), health and reflection, and the metrics HTTP endpoint (listeners plaintext or
 TLS with certificates re-read on change or SIGHUP, see ``server.tls``); health turns
-SERVING once models are loaded. Leaving tears down in reverse: health NOT_SERVING, ``server.stop``
-(new calls refused, in-flight calls get ``grace_period_s``), routing watch stopped,
+SERVING once models are loaded. Leaving tears down in reverse: health NOT_SERVING, the
+scoring and admin servers stopped together (new calls refused, in-flight calls on either
+get the one ``grace_period_s``), routing watch stopped,
 batchers drained, models released, Redis closed, metrics endpoint closed.
 """
 
@@ -217,6 +218,7 @@ class AppContext:
             clock=self.clock,
         )
         self.pipeline.shadows = self.shadows
+        self.registry.on_retire(self.shadows.release)  # unloaded versions drop their lanes
         if s.traffic_log.sample_rate > 0:
             durable = s.records.durable
             if s.traffic_log.delivery == "durable" and durable.spill_dir is not None:
@@ -312,7 +314,9 @@ class AppContext:
             return RedisRoutingStore(
                 self._redis_client(), routing.redis_key, routing.audit_key, routing.audit_max_len
             )
-        return FileRoutingStore(routing.state_file(settings.models.repository))
+        return FileRoutingStore(
+            routing.state_file(settings.models.repository), audit_max_bytes=routing.audit_max_bytes
+        )
 
     def _grpc_server(self) -> grpc.aio.Server:
         return grpc.aio.server(options=server_options(self.settings.server))
@@ -471,12 +475,12 @@ class AppContext:
             with contextlib.suppress(asyncio.CancelledError):
                 await coverage
         await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(self.settings.server.grace_period_s)
-            self._server = None
-        if self._admin_server is not None:
-            await self._admin_server.stop(self.settings.server.grace_period_s)
-            self._admin_server = None
+        # Scoring and admin servers drain together: one grace period, not two in a row.
+        servers = [s for s in (self._server, self._admin_server) if s is not None]
+        self._server = self._admin_server = None
+        if servers:
+            grace = self.settings.server.grace_period_s
+            await asyncio.gather(*(server.stop(grace) for server in servers))
         if self.rollouts is not None:
             await self.rollouts.stop()
             self.rollouts = None

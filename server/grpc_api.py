@@ -163,7 +163,11 @@ class ScoringService(pb_grpc.ScoringServicer):
                 # that stops reading stops the reads too (HTTP/2 flow control pushes back)
                 # instead of answers piling up here.
                 slots.release()
-            await reader
+            try:
+                await reader
+            except Exception as error:  # the reader failed: end now, with its status
+                # (undecodable bytes arrive as server.request_decoding's InvalidInput)
+                await abort(context, error, "the ScoreStream request reader")
         finally:
             reader.cancel()
             for future in list(queued):

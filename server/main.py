@@ -7,14 +7,13 @@ ONNX sessions, batchers and metrics endpoint (``metrics_port + index``). With
 SO_REUSEPORT. SO_REUSEPORT spreads *connections*, not requests: a caller with a
 single channel lands on one process until ``server.connections.max_connection_age_s``
 makes it reconnect. SIGHUP re-reads the TLS certificate files (the parent forwards it).
+The parent restarts a crashed child with back-off (``server.supervisor``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 from collections.abc import Callable
 
@@ -24,11 +23,14 @@ from feature_streams.redis_client import RedisModeMismatchError
 from server.app import AppContext
 from server.logs import configure_logging
 from server.settings import Settings
+from server.supervisor import RestartCounters, RestartPolicy, Supervisor
 
 logger = logging.getLogger(__name__)
 
 
-async def serve_until_signalled(settings: Settings, process_index: int = 0) -> None:
+async def serve_until_signalled(
+    settings: Settings, process_index: int = 0, restarts: RestartCounters | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT, then drain (health NOT_SERVING, in-flight finish);
     SIGHUP re-reads the TLS certificates."""
     loop = asyncio.get_running_loop()
@@ -43,7 +45,10 @@ async def serve_until_signalled(settings: Settings, process_index: int = 0) -> N
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_tls)
     try:
-        async with AppContext(settings, process_index=process_index) as app:
+        context = AppContext(settings, process_index=process_index)
+        if restarts is not None:
+            context.metrics.registry.register(restarts)
+        async with context as app:
             started.append(app)
             await stop.wait()
             logger.info("signal received, draining", extra={"process_index": process_index})
@@ -52,8 +57,11 @@ async def serve_until_signalled(settings: Settings, process_index: int = 0) -> N
             loop.remove_signal_handler(signum)
 
 
-def run_process(settings: Settings, process_index: int = 0) -> int:
-    """Run one server process to completion; returns its exit code."""
+def run_process(
+    settings: Settings, process_index: int = 0, restarts: RestartCounters | None = None
+) -> int:
+    """Run one server process to completion; returns its exit code. ``restarts``: the
+    supervisor's counters, reported on this process's metrics endpoint."""
     runner: Callable[[], asyncio.Runner]
     if settings.server.uvloop:
         runner = lambda: asyncio.Runner(loop_factory=uvloop.new_event_loop)  # noqa: E731
@@ -61,7 +69,7 @@ def run_process(settings: Settings, process_index: int = 0) -> int:
         runner = asyncio.Runner
     with runner() as loop_runner:
         try:
-            loop_runner.run(serve_until_signalled(settings, process_index))
+            loop_runner.run(serve_until_signalled(settings, process_index, restarts))
         except RedisModeMismatchError as exc:
             logger.error("%s", exc)  # the one line naming the mismatch
             return exc.exit_code
@@ -69,40 +77,17 @@ def run_process(settings: Settings, process_index: int = 0) -> int:
 
 
 def serve(settings: Settings) -> int:
-    """Entry point of ``streamscore serve``: one process, or a parent and N forked children."""
+    """Entry point of ``streamscore serve``: one process, or a supervising parent and N
+    forked children (a crashed child is restarted, see ``server.supervisor``)."""
     configure_logging(settings.logging.level, settings.logging.json_format)
     count = settings.server.processes
     if count == 1:
         return run_process(settings)
-    children: list[int] = []
-    for index in range(count):
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                code = run_process(settings, index)
-            finally:
-                os._exit(code)
-        children.append(pid)
-    return _supervise(children)
-
-
-def _supervise(children: list[int]) -> int:
-    """Forward SIGTERM/SIGINT/SIGHUP to the children and wait for all of them."""
-
-    def forward(signum: int, _frame: object) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward)
-    worst = 0
-    for pid in children:
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            logger.error("server process exited", extra={"pid": pid, "code": code})
-        worst = max(worst, abs(code))
-    return worst
+    restarts = settings.server.restarts
+    counters = RestartCounters(count)
+    policy = RestartPolicy(
+        restarts.backoff_initial_s, restarts.backoff_max_s, restarts.stable_after_s
+    )
+    return Supervisor(
+        count, lambda index: run_process(settings, index, counters), policy, counters
+    ).run()

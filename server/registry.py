@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -91,6 +91,12 @@ class ModelRegistry:
         self._observer_factory = observer_factory
         self._definitions = definitions
         self._store = store
+        self._retire_hooks: list[Callable[[LoadedVersion], Awaitable[None]]] = []
+
+    def on_retire(self, hook: Callable[[LoadedVersion], Awaitable[None]]) -> None:
+        """Call ``hook(version)`` when a version is unloaded or replaced, before its
+        batcher is drained and its model closed (e.g. shadow lanes let go of it)."""
+        self._retire_hooks.append(hook)
 
     def use_features(self, definitions: FeatureDefinitions, store: FeatureStore) -> None:
         """Serve store features to the versions loaded from now on (call before any load)."""
@@ -256,6 +262,11 @@ class ModelRegistry:
             await self._retire(version)
 
     async def _retire(self, loaded: LoadedVersion) -> None:
+        for hook in self._retire_hooks:
+            try:
+                await hook(loaded)
+            except Exception:  # a hook must not keep the model loaded
+                logger.exception("retire hook failed", extra={"model": loaded.name})
         await loaded.batcher.close()
         if loaded.reasons is not None:
             await loaded.reasons.close()

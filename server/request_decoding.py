@@ -19,19 +19,28 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-__all__ = ["add_servicer"]
+from server.errors import InvalidInput
+
+__all__ = ["UndecodableRequest", "add_servicer"]
 
 S = TypeVar("S")
 Decode = Callable[[bytes], Any]
 Behavior = Callable[..., Any]
 
 
-class _Undecodable(Exception):
-    """A streamed request message that is not valid protobuf (aborts the call)."""
+class UndecodableRequest(InvalidInput):
+    """A streamed request message that is not valid protobuf: INVALID_ARGUMENT."""
+
+    def __init__(self, what: str, error: Exception) -> None:
+        super().__init__("request", _problem(what, error))
+
+
+def _problem(what: str, error: Exception) -> str:
+    return f"not a valid {what} message ({error})"
 
 
 def _message(what: str, error: Exception) -> str:
-    return f"request: not a valid {what} message ({error})"
+    return f"request: {_problem(what, error)}"
 
 
 def _unary_request(behavior: Behavior, decode: Decode, what: str, streaming: bool) -> Behavior:
@@ -70,7 +79,7 @@ def _stream_request(behavior: Behavior, decode: Decode, what: str, streaming: bo
             try:
                 yield decode(raw)
             except DecodeError as error:
-                raise _Undecodable(_message(what, error)) from None
+                raise UndecodableRequest(what, error) from None
 
     if not streaming:
 
@@ -79,7 +88,7 @@ def _stream_request(behavior: Behavior, decode: Decode, what: str, streaming: bo
         ) -> Any:
             try:
                 return await behavior(messages(raw_iterator), context)
-            except _Undecodable as error:
+            except UndecodableRequest as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
         return stream_unary
@@ -94,7 +103,7 @@ def _stream_request(behavior: Behavior, decode: Decode, what: str, streaming: bo
                     yield response
             else:
                 await result
-        except _Undecodable as error:
+        except UndecodableRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     return stream_stream
@@ -105,7 +114,8 @@ def _guarded(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[
     decode = handler.request_deserializer
     if decode is None:
         return handler
-    what = getattr(decode, "__qualname__", "request").removesuffix(".FromString")
+    descriptor = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
+    what = str(getattr(descriptor, "full_name", "request"))
     serialize = handler.response_serializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(

@@ -113,6 +113,39 @@ class AdminToken(_Frozen):
     )
 
 
+class RestartSettings(_Frozen):
+    """How the parent of ``processes > 1`` restarts a crashed server process."""
+
+    backoff_initial_s: float = Field(
+        default=0.5, gt=0.0, description="Delay before the first restart of a crashed process."
+    )
+    backoff_max_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Cap of the doubling delay: a crash loop restarts at most this often "
+        "(each crash logged).",
+    )
+    stable_after_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="A process that ran this long before crashing restarts after the "
+        "initial delay again.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RestartSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise KeyedError(
+                [
+                    (
+                        "backoff_max_s must be >= backoff_initial_s",
+                        (("backoff_max_s",), ("backoff_initial_s",)),
+                    )
+                ]
+            )
+        return self
+
+
 class ConnectionSettings(_Frozen):
     """Bounds on every gRPC connection of the scoring and admin listeners."""
 
@@ -213,6 +246,10 @@ class ServerSettings(_Frozen):
         default_factory=ConnectionSettings, description="Per-connection limits."
     )
     uvloop: bool = Field(default=True, description="Run each process's event loop on uvloop.")
+    restarts: RestartSettings = Field(
+        default_factory=RestartSettings,
+        description="Restart of crashed server processes (processes > 1).",
+    )
 
     @model_validator(mode="after")
     def _ephemeral_port_single_process(self) -> ServerSettings:
@@ -579,6 +616,12 @@ class RoutingSettings(_Frozen):
         default=None,
         description="File store's state file; null = <models.repository>/.routing.json "
         "(audit log and lock beside it).",
+    )
+    audit_max_bytes: int = Field(
+        default=64 * MiB,
+        ge=4096,
+        description="File store: the audit log is rotated past this size (one previous "
+        "generation kept, <stem>.audit.1.jsonl), so it holds at most about twice this.",
     )
     poll_interval_s: float = Field(
         default=0.2,

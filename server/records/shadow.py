@@ -305,7 +305,8 @@ class ShadowRunner:
         self._is_busy = is_busy
         self._clock = clock
         self._lanes: dict[tuple[str, str], _Lane] = {}
-        self._retired: set[asyncio.Task[None]] = set()
+        #: Lanes of replaced versions still draining, by task (removed when it ends).
+        self._retired: dict[asyncio.Task[None], _Lane] = {}
         self._pending_records: list[Callable[[], bytes]] = []
         self._records_scheduled = False
         self._maps: dict[tuple[int, int], _RowMap] = {}
@@ -388,8 +389,8 @@ class ShadowRunner:
             previous.closing = True
             previous.wakeup.set()
             if previous.task is not None:
-                self._retired.add(previous.task)
-                previous.task.add_done_callback(self._retired.discard)
+                self._retired[previous.task] = previous
+                previous.task.add_done_callback(self._forget)
             self._maps.clear()
         lane = _Lane(model, target, self._metrics)
         lane.task = asyncio.get_running_loop().create_task(
@@ -397,6 +398,47 @@ class ShadowRunner:
         )
         self._lanes[(model, lane.version)] = lane
         return lane
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._retired.pop(task, None)
+
+    def lanes(self) -> list[tuple[str, str]]:
+        """``(model, version)`` of every lane, draining ones included (for tests and ops)."""
+        draining = [(lane.model, lane.version) for lane in self._retired.values()]
+        return sorted({*self._lanes, *draining})
+
+    async def release(self, target: ScoringVersion, timeout_s: float = 2.0) -> None:
+        """Drop every lane of ``target``, a version being unloaded or replaced (call before
+        its model is closed): its queue is scored within ``timeout_s``, what is left is
+        shed as ``closed``, and the runner keeps no reference to the version, its model
+        session or its task. Later shadow requests for it count as ``not_loaded``."""
+        lanes = [lane for lane in self._lanes.values() if lane.target is target]
+        lanes += [lane for lane in self._retired.values() if lane.target is target]
+        if not lanes:
+            return
+        for lane in lanes:
+            if self._lanes.get((lane.model, lane.version)) is lane:
+                del self._lanes[(lane.model, lane.version)]
+            lane.closing = True
+            lane.wakeup.set()
+        self._maps.clear()  # keyed by layout ids: never reuse an entry of a released layout
+        tasks = {lane.task for lane in lanes if lane.task is not None}
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for lane in lanes:
+            if lane.queue:
+                lane.shed("closed", len(lane.queue))
+                lane.queue.clear()
+            lane.depth.set(0)
+            lane.task = None
+        logger.info(
+            "shadow lane released",
+            extra={"model": lanes[0].model, "version": lanes[0].version},
+        )
 
     def _row_map(self, live: ShadowLayout, shadow: ShadowLayout) -> _RowMap:
         key = (id(live), id(shadow))
@@ -432,7 +474,7 @@ class ShadowRunner:
         for lane in lanes:
             lane.closing = True
             lane.wakeup.set()
-        tasks = {lane.task for lane in lanes if lane.task is not None} | self._retired
+        tasks = {lane.task for lane in lanes if lane.task is not None} | set(self._retired)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for task in pending:

@@ -18,7 +18,9 @@ refused at construction (``ValueError`` naming both settings).
 File layout (``routing.file_path``): ``<path>`` holds ``{"revision": n, "endpoints":
 {...}, "records": {...}}`` (``records``: who loaded each version, its approval),
 replaced atomically (write + rename) under an ``flock`` on ``<stem>.lock``;
-the audit log is ``<stem>.audit.jsonl``. It serves the processes of one machine.
+the audit log is ``<stem>.audit.jsonl``, rotated to ``<stem>.audit.1.jsonl`` past
+``routing.audit_max_bytes`` and read backwards from its end. It serves the processes
+of one machine.
 
 Failures to reach the store raise ``DependencyUnavailable`` (gRPC UNAVAILABLE).
 """
@@ -183,13 +185,52 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class FileRoutingStore:
-    """State in a JSON file, audit log in a JSON-lines file beside it (one machine)."""
+#: Bytes read per step when the audit log is read backwards from its end.
+AUDIT_READ_BLOCK = 64 * 1024
+#: Default size past which the file store's audit log is rotated.
+AUDIT_MAX_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, path: Path) -> None:
+
+def tail_lines(path: Path, block_size: int = AUDIT_READ_BLOCK) -> Iterator[bytes]:
+    """The non-empty lines of ``path``, last first, read backwards in blocks: the newest
+    entries of a large log cost what they are, not the whole file. Missing file: none."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        position = handle.seek(0, os.SEEK_END)
+        rest = b""  # the start of a line whose beginning lies in an earlier block
+        while position > 0:
+            step = min(block_size, position)
+            position -= step
+            handle.seek(position)
+            block = handle.read(step) + rest
+            lines = block.split(b"\n")
+            rest = lines[0]
+            for line in reversed(lines[1:]):
+                if line:
+                    yield line
+        if rest:
+            yield rest
+
+
+class FileRoutingStore:
+    """State in a JSON file, audit log in a JSON-lines file beside it (one machine).
+
+    The audit log is appended under the lock; past ``audit_max_bytes`` it is renamed to
+    ``<stem>.audit.1.jsonl`` (replacing the previous one) and a new one starts. Listings
+    read the current file, then the previous one, backwards from their ends.
+    """
+
+    def __init__(self, path: Path, *, audit_max_bytes: int = AUDIT_MAX_BYTES) -> None:
+        if audit_max_bytes < 1:
+            raise ValueError("audit_max_bytes must be >= 1")
         self._path = path
         self._lock = path.with_name(f"{path.stem}.lock")
         self._audit = path.with_name(f"{path.stem}.audit.jsonl")
+        self._audit_previous = path.with_name(f"{path.stem}.audit.1.jsonl")
+        self._audit_max_bytes = audit_max_bytes
 
     async def revision(self) -> int:
         return (await self.read()).revision
@@ -211,15 +252,19 @@ class FileRoutingStore:
     async def audit(self, endpoint: str | None, limit: int) -> list[AuditEntry]:
         limit = max(1, min(limit, MAX_AUDIT_LIMIT))
         with _unavailable("file"):
-            lines = await asyncio.to_thread(self._audit_lines)
+            return await asyncio.to_thread(self._newest, endpoint, limit)
+
+    def _newest(self, endpoint: str | None, limit: int) -> list[AuditEntry]:
         found: list[AuditEntry] = []
-        for line in reversed(lines):
-            entry_id, _, text = line.partition(" ")
-            entry = AuditEntry.from_json(entry_id, text)
-            if endpoint is None or entry.endpoint == endpoint:
-                found.append(entry)
-                if len(found) == limit:
-                    break
+        with self._locked():  # not while an append rotates the files
+            for path in (self._audit, self._audit_previous):
+                for line in tail_lines(path):
+                    entry_id, _, text = line.decode().partition(" ")
+                    entry = AuditEntry.from_json(entry_id, text)
+                    if endpoint is None or entry.endpoint == endpoint:
+                        found.append(entry)
+                        if len(found) == limit:
+                            return found
         return found
 
     def _read(self) -> RoutingState:
@@ -268,15 +313,12 @@ class FileRoutingStore:
             self._append(entries)
 
     def _append(self, entries: Sequence[AuditEntry]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self._audit.stat().st_size >= self._audit_max_bytes:
+                os.replace(self._audit, self._audit_previous)
         stamp = time.time_ns()
         with self._audit.open("a") as out:
             for i, entry in enumerate(entries):
                 out.write(f"{stamp}-{i} {entry.to_json()}\n")
             out.flush()
             os.fsync(out.fileno())
-
-    def _audit_lines(self) -> list[str]:
-        try:
-            return [line for line in self._audit.read_text().splitlines() if line]
-        except FileNotFoundError:
-            return []
