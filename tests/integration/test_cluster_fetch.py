@@ -1,0 +1,175 @@
+"""Score with features from a real local Redis Cluster: values equal the standalone
+store's, a stopped primary degrades only the keys it holds, and a primary killed under
+Score traffic and a running stream worker is replaced by its replica with Score
+answering throughout and the aggregates exact."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis, RedisCluster
+
+from devstack.services import LocalRedisCluster, RedisServer
+from devstack.services import redis_cluster as start_redis_cluster
+from feature_streams.batch_store import activate, write_snapshot
+from feature_streams.definitions import load_definitions
+from feature_streams.keys import active_key, data_key, registry_key, tile_key
+from feature_streams.redis_client import RedisOptions, connect
+from feature_streams.windows import GroupPlan
+from protos.streamscore.v1 import scoring_pb2 as pb
+from tests.integration.test_feature_serving import (
+    DEFINITIONS,
+    _apply,
+    _echo,
+    _events,
+    _overrides,
+    _request,
+)
+from tests.support.model_factory import write_linear_model
+from tests.support.server import running_server
+
+pytestmark = pytest.mark.integration
+
+CARDS = [f"card-{i}" for i in range(12)]
+NODE_DOWN = "redis_node_unavailable"
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    from demo.synthetic import DEMO_FEATURES
+
+    version_dir, _, _ = write_linear_model(
+        tmp_path / "models", "fraud", "1", list(DEMO_FEATURES), seed=3, weight_scale=1e-3
+    )
+    return version_dir.parent.parent
+
+
+@pytest.fixture
+def private_cluster() -> Iterator[LocalRedisCluster]:
+    """A cluster of its own: these tests stop and kill primaries."""
+    with start_redis_cluster() as cluster:
+        yield cluster
+
+
+async def _seed(client: Redis | RedisCluster) -> dict[str, str]:
+    """The same stream tiles and batch snapshots for every card, on one store; returns
+    each batch group's active snapshot id."""
+    definitions = load_definitions(DEFINITIONS)
+    plans = {name: GroupPlan.build(g) for name, g in definitions.stream_groups.items()}
+    events = [e for i, card in enumerate(CARDS) for e in _events(card, f"merch-{i % 5}")]
+    await _apply(client, plans, events)  # type: ignore[arg-type]
+    customer_fields = definitions.batch_groups["customer_profile"].fields
+    rows = {
+        "customer_profile": [
+            (f"cust-{i}", {f: float(i * 100 + j) for j, f in enumerate(customer_fields)})
+            for i in range(len(CARDS))
+        ],
+        "card_profile": [
+            (card, {"card_age_days": 10.0 * i, "preapproved_limit": 100.0 + i})
+            for i, card in enumerate(CARDS)
+        ],
+    }
+    snapshots = {}
+    for group, group_rows in rows.items():
+        info = await write_snapshot(client, group, group_rows)
+        await activate(client, group, info.snapshot_id)
+        snapshots[group] = info.snapshot_id
+    return snapshots
+
+
+def _full_request(i: int) -> pb.ScoreRequest:
+    return _request(card_id=CARDS[i], customer_id=f"cust-{i}", merchant_id=f"merch-{i % 5}")
+
+
+async def _score_all(url: str, repository: Path) -> list[pb.ScoreResponse]:
+    async with running_server(repository, _overrides(url)) as srv:
+        return list(
+            await asyncio.gather(*(srv.scoring.Score(_full_request(i)) for i in range(len(CARDS))))
+        )
+
+
+async def test_cluster_serves_the_same_features_as_one_redis(
+    redis_url: str, redis_cluster_url: str, repository: Path
+) -> None:
+    single = Redis.from_url(redis_url)
+    cluster = await connect(RedisOptions(redis_cluster_url, "cluster"))
+    assert isinstance(cluster, RedisCluster)
+    try:
+        await _seed(single)
+        await _seed(cluster)
+        holders = {cluster.get_node_from_key(tile_key("card_activity", c)).name for c in CARDS}  # type: ignore[union-attr]
+        assert len(holders) == 3  # the cards really spread over the three primaries
+    finally:
+        await single.aclose()
+        await cluster.aclose()
+    on_single = await _score_all(redis_url, repository)
+    on_cluster = await _score_all(redis_cluster_url, repository)
+    for i, (one, many) in enumerate(zip(on_single, on_cluster, strict=True)):
+        assert not one.degraded and not many.degraded, i
+        assert list(many.defaulted_features) == list(one.defaulted_features) == [], i
+        assert _echo(many) == _echo(one), i
+        assert _echo(many)["card_txn_count_5m"] == 4
+        assert _echo(many)["card_age_days"] == 10.0 * i
+        assert many.score == one.score
+
+
+def _node_of(cluster: LocalRedisCluster, name: str) -> RedisServer:
+    port = int(name.rsplit(":", 1)[1])
+    return next(node for node in cluster.nodes if node.port == port)
+
+
+async def _holders(url: str, keys: Sequence[str]) -> Mapping[str, str]:
+    client = await connect(RedisOptions(url, "cluster"))
+    assert isinstance(client, RedisCluster)
+    try:
+        return {key: client.get_node_from_key(key).name for key in keys}  # type: ignore[union-attr]
+    finally:
+        await client.aclose()
+
+
+async def test_a_stopped_primary_degrades_only_the_keys_it_holds(
+    private_cluster: LocalRedisCluster, repository: Path
+) -> None:
+    url = private_cluster.url
+    client = await connect(RedisOptions(url, "cluster"))
+    try:
+        snapshot = (await _seed(client))["card_profile"]
+    finally:
+        await client.aclose()
+    # Requests by card only: each reads its tile hash and its card_profile row (plus
+    # the group's registry entry and pointer, kept off the stopped node).
+    reads = {
+        c: [tile_key("card_activity", c), data_key("card_profile", snapshot, c)] for c in CARDS
+    }
+    shared = [registry_key("card_profile"), active_key("card_profile")]
+    holders = await _holders(url, [k for keys in reads.values() for k in keys] + shared)
+    candidates = {holders[k] for keys in reads.values() for k in keys}
+    candidates -= {holders[k] for k in shared}
+    victim = sorted(candidates)[0]
+    on_victim = {c for c, keys in reads.items() if any(holders[k] == victim for k in keys)}
+    tile_on_victim = {c for c in CARDS if holders[tile_key("card_activity", c)] == victim}
+    assert on_victim and set(CARDS) - on_victim
+    async with running_server(repository, _overrides(url, "features.fetch_timeout_s=0.3")) as srv:
+        before = await asyncio.gather(*(srv.scoring.Score(_request(card_id=c)) for c in CARDS))
+        assert not any(r.degraded for r in before)
+        stopped = _node_of(private_cluster, victim)
+        stopped.process.send_signal(signal.SIGSTOP)
+        try:
+            during = await asyncio.gather(*(srv.scoring.Score(_request(card_id=c)) for c in CARDS))
+        finally:
+            stopped.process.send_signal(signal.SIGCONT)
+    for i, (card, response) in enumerate(zip(CARDS, during, strict=True)):
+        echoed = _echo(response)
+        if card in on_victim:
+            assert list(response.degraded_reasons) == [NODE_DOWN], card
+        else:
+            assert not response.degraded, card
+            assert echoed["card_age_days"] == 10.0 * i
+        if card in tile_on_victim:
+            assert "card_txn_count_5m" in response.defaulted_features, card
+        else:
+            assert echoed["card_txn_count_5m"] == 4, card
