@@ -181,7 +181,7 @@ class NodePipelines:
             async with asyncio.timeout(timeout_s):
                 await node.execute_pipeline(queued)
         except (RedisError, OSError, TimeoutError) as error:
-            cause = repr(error)
+            cause = _describe(error)
         except BaseException:
             if health is not None:
                 health.abandon(node.name)  # cancelled: no verdict on the node
@@ -190,7 +190,7 @@ class NodePipelines:
             for command in queued:
                 result = command.result
                 if isinstance(result, BaseException) and _is_node_error(result):
-                    cause = repr(result)  # MOVED, LOADING, CLUSTERDOWN, connection lost
+                    cause = _describe(result)  # MOVED, LOADING, CLUSTERDOWN, connection lost
                     break
         if cause is None:
             if health is not None:
@@ -237,3 +237,7 @@ def _is_node_error(reply: BaseException) -> bool:
     if isinstance(reply, MovedError | AskError | TryAgainError | ClusterDownError):
         return True
     return not isinstance(reply, ResponseError) or str(reply).startswith(_NODE_ERRORS)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:300]

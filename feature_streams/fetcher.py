@@ -373,7 +373,7 @@ class FeatureFetcher:
             read = plan.decode(results)
         except NodeUnavailableError:  # the registry entry's node: no deletion check
             for item in members:
-                item.degraded.append(NODE_UNAVAILABLE)
+                _flag_node_unavailable(item)
                 defaulted(item, columns.spec.fields, columns.columns)
             return True
         except SnapshotGoneError:
@@ -406,7 +406,7 @@ class FeatureFetcher:
             entity_id = item.entity_ids[columns.entity]
             values = read.values[entity_id]
             if entity_id in down:
-                item.degraded.append(NODE_UNAVAILABLE)
+                _flag_node_unavailable(item)
             elif entity_id in read.key_errors:
                 item.degraded.append(KEY_ERROR)
             elif entity_id in read.invalid_fields:
@@ -445,7 +445,7 @@ class FeatureFetcher:
                 names = [n for n, _ in stream.outputs]
                 columns = [c for _, c in stream.outputs]
                 for item in items:
-                    item.degraded.append(NODE_UNAVAILABLE)
+                    _flag_node_unavailable(item)
                     defaulted(item, names, columns)
                 continue
             try:
@@ -544,3 +544,9 @@ def default_all(plan: FetchPlan, item: FetchRow) -> None:
         defaulted(item, columns.spec.fields, columns.columns)
     for stream in plan.stream:
         defaulted(item, [n for n, _ in stream.outputs], [c for _, c in stream.outputs])
+
+
+def _flag_node_unavailable(item: FetchRow) -> None:
+    """Flag ``item`` :data:`NODE_UNAVAILABLE` once, however many of its keys failed."""
+    if NODE_UNAVAILABLE not in item.degraded:
+        item.degraded.append(NODE_UNAVAILABLE)

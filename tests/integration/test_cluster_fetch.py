@@ -10,15 +10,19 @@ import signal
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis, RedisCluster
 
-from devstack.services import LocalRedisCluster, RedisServer
+from devstack.services import KafkaBroker, LocalRedisCluster, RedisServer
 from devstack.services import redis_cluster as start_redis_cluster
 from feature_streams.batch_store import activate, write_snapshot
 from feature_streams.definitions import load_definitions
 from feature_streams.keys import active_key, data_key, registry_key, tile_key
 from feature_streams.redis_client import RedisOptions, connect
+from feature_streams.stream_job import StreamWorker
+from feature_streams.topics import ensure_topics
 from feature_streams.windows import GroupPlan
 from protos.streamscore.v1 import scoring_pb2 as pb
 from tests.integration.test_feature_serving import (
@@ -29,6 +33,20 @@ from tests.integration.test_feature_serving import (
     _overrides,
     _request,
 )
+from tests.integration.test_stream_worker import (
+    GROUPS,
+    MINUTE,
+    Produced,
+    assert_tiles_match,
+    definitions_for,
+    fast_config,
+    fully_applied,
+    make_events,
+    produce,
+    running,
+    unique,
+    wait_until,
+)
 from tests.support.model_factory import write_linear_model
 from tests.support.server import running_server
 
@@ -36,6 +54,9 @@ pytestmark = pytest.mark.integration
 
 CARDS = [f"card-{i}" for i in range(12)]
 NODE_DOWN = "redis_node_unavailable"
+# These tests check which keys degrade: a healthy node must not time out on a loaded
+# machine (the 0.2 s default socket timeout can), only the stopped or killed one.
+SOCKET_TIMEOUT = "redis.socket_timeout_s=2.0"
 
 
 @pytest.fixture
@@ -50,8 +71,16 @@ def repository(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def private_cluster() -> Iterator[LocalRedisCluster]:
-    """A cluster of its own: these tests stop and kill primaries."""
+    """A cluster of its own: these tests stop and kill primaries. With
+    ``cluster-require-full-coverage no`` (docs/redis-cluster.md) the other primaries
+    keep serving their slots while one primary's are down."""
     with start_redis_cluster() as cluster:
+        for node in cluster.nodes:
+            client = SyncRedis(host=node.host, port=node.port)
+            try:
+                client.config_set("cluster-require-full-coverage", "no")
+            finally:
+                client.close()
         yield cluster
 
 
@@ -153,7 +182,8 @@ async def test_a_stopped_primary_degrades_only_the_keys_it_holds(
     on_victim = {c for c, keys in reads.items() if any(holders[k] == victim for k in keys)}
     tile_on_victim = {c for c in CARDS if holders[tile_key("card_activity", c)] == victim}
     assert on_victim and set(CARDS) - on_victim
-    async with running_server(repository, _overrides(url, "features.fetch_timeout_s=0.3")) as srv:
+    overrides = _overrides(url, "features.fetch_timeout_s=1.0", SOCKET_TIMEOUT)
+    async with running_server(repository, overrides) as srv:
         before = await asyncio.gather(*(srv.scoring.Score(_request(card_id=c)) for c in CARDS))
         assert not any(r.degraded for r in before)
         stopped = _node_of(private_cluster, victim)
@@ -173,3 +203,99 @@ async def test_a_stopped_primary_degrades_only_the_keys_it_holds(
             assert "card_txn_count_5m" in response.defaulted_features, card
         else:
             assert echoed["card_txn_count_5m"] == 4, card
+
+
+async def _replicas_caught_up(cluster: LocalRedisCluster) -> bool:
+    """Every replica's replication offset equals its primary's (nothing in flight)."""
+    for node in cluster.nodes:
+        client = Redis(host=node.host, port=node.port)
+        try:
+            info = await client.info("replication")
+            if info.get("role") != "master":
+                continue
+            offset = int(info["master_repl_offset"])
+            replicas = [v for k, v in info.items() if k.startswith("slave") and k[5:].isdigit()]
+            if not replicas or any(int(r["offset"]) != offset for r in replicas):
+                return False
+        finally:
+            await client.aclose()
+    return True
+
+
+async def test_failover_under_score_traffic_and_a_running_worker(
+    private_cluster: LocalRedisCluster, kafka: KafkaBroker, repository: Path
+) -> None:
+    """SIGKILL the primary holding card c0's tile while Score callers and the stream
+    worker run: the replica takes over, Score answers every call (degraded only for
+    cards on the killed primary's slots, while it lasts), the worker applies what is
+    produced after the kill, and every tile equals the brute-force fold."""
+    url = private_cluster.url
+    topic = unique("failover")
+    defs, _ = definitions_for(topic)
+    plans = {g: GroupPlan.build(defs.stream_groups[g]) for g in GROUPS}
+    await ensure_topics(kafka.bootstrap_servers, {topic: 2})
+    n, cards = 3000, 30
+    events, parts = make_events(41, n, cards, 8, 2, 3_600_000, 12 * MINUTE)
+    half = n // 2
+    first = await produce(kafka, topic, 2, events[:half], parts[:half])
+    client = await connect(RedisOptions(url, "cluster"))
+    assert isinstance(client, RedisCluster)
+    card_ids = [f"c{i}" for i in range(cards)]
+    keys = {c: tile_key("card_activity", c) for c in card_ids}
+    victim = client.get_node_from_key(keys["c0"]).name  # type: ignore[union-attr]
+    on_victim = {c for c, k in keys.items() if client.get_node_from_key(k).name == victim}  # type: ignore[union-attr]
+    assert on_victim != set(card_ids)
+    config = fast_config(kafka, url, redis_retry_max_s=0.2, redis_timeout_s=1.0)
+    answers: list[tuple[str, list[str]]] = []
+    errors: list[BaseException] = []
+    overrides = _overrides(url, "features.retry_interval_s=0.2", SOCKET_TIMEOUT)
+    try:
+        async with (
+            running(StreamWorker(config, defs)),
+            running_server(repository, overrides) as srv,
+        ):
+            await wait_until(lambda: fully_applied(client, first), 60, "the first half")
+            stop = asyncio.Event()
+
+            async def caller(offset: int) -> None:
+                i = offset
+                while not stop.is_set():
+                    card = card_ids[i % cards]
+                    i += 1
+                    try:
+                        answer = await srv.scoring.Score(_request(None, card_id=card))
+                    except grpc.aio.AioRpcError as error:
+                        errors.append(error)
+                        continue
+                    answers.append((card, list(answer.degraded_reasons)))
+
+            callers = [asyncio.create_task(caller(k * 7)) for k in range(4)]
+            await wait_until(lambda: _replicas_caught_up(private_cluster), 30, "replication")
+            answered_before = len(answers)
+            _node_of(private_cluster, victim).process.send_signal(signal.SIGKILL)
+            rest = Produced(topic, 2, events[half:], parts[half:], [])
+            rest.offsets = (await produce(kafka, topic, 2, rest.events, rest.partition_of)).offsets
+            everything = Produced(
+                topic, 2, events, parts, first.offsets + rest.offsets
+            )  # the worker resumes: the second half lands on the promoted replica
+
+            async def recovered() -> bool:
+                if len(answers) < answered_before + 50:
+                    return False
+                recent = answers[-20:]
+                return any(c in on_victim for c, _ in recent) and not any(r for _, r in recent)
+
+            await wait_until(lambda: fully_applied(client, everything), 90, "the second half")
+            await wait_until(recovered, 60, "Score served from the promoted replica")
+            stop.set()
+            await asyncio.gather(*callers)
+        assert errors == []
+        degraded = [(c, r) for c, r in answers if r]
+        assert degraded, "no Score call ran while the primary was down"
+        assert all(r == [NODE_DOWN] for _, r in degraded)
+        assert {c for c, _ in degraded} <= on_victim
+        await assert_tiles_match(client, everything, plans)
+        owner = client.get_node_from_key(keys["c0"])
+        assert owner is not None and owner.name != victim
+    finally:
+        await client.aclose()
