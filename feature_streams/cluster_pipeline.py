@@ -132,9 +132,18 @@ class NodePipelines:
         return await self.execute_keyed([args[1] for args in commands], commands, timeout_s)
 
     async def execute_keyed(
-        self, keys: Sequence[Any], commands: Sequence[tuple[Any, ...]], timeout_s: float | None
+        self,
+        keys: Sequence[Any],
+        commands: Sequence[tuple[Any, ...]],
+        timeout_s: float | None,
+        *,
+        replica_wait_ms: int | None = None,
     ) -> list[object]:
-        """As :meth:`execute`, with each command's one key given in ``keys``."""
+        """As :meth:`execute`, with each command's one key given in ``keys``.
+
+        ``replica_wait_ms`` (writes): each node's pipeline ends with ``WAIT 1 <ms>``, so
+        it returns once a replica holds its writes (or after the wait, best effort: a
+        primary without a replica must not stop the writer)."""
         results: list[object] = [None] * len(commands)
         by_node: dict[str, tuple[ClusterNode, list[PipelineCommand]]] = {}
         get_node = self._client.get_node_from_key
@@ -152,6 +161,9 @@ class NodePipelines:
             if entry is None:
                 entry = by_node[node.name] = (node, [])
             entry[1].append(PipelineCommand(position, *args))
+        if replica_wait_ms is not None:
+            for _, queued in by_node.values():
+                queued.append(PipelineCommand(-1, "WAIT", 1, replica_wait_ms))
         health = self._health
         runs = []
         for name, (node, queued) in by_node.items():
@@ -167,7 +179,7 @@ class NodePipelines:
             await asyncio.gather(*runs)
         for _, queued in by_node.values():
             for command in queued:
-                if results[command.position] is None:
+                if command.position >= 0 and results[command.position] is None:
                     results[command.position] = command.result
         return results
 

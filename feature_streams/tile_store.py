@@ -305,10 +305,14 @@ class TileStore:
 
     ``client`` may use ``decode_responses`` either way; :meth:`read` returns what
     the client returns (``bytes`` by default), which :func:`windows.read_hash` takes.
+    On a cluster each node's apply pipeline ends with ``WAIT 1 replica_wait_ms`` (best
+    effort), so what the worker then commits to Kafka is, as a rule, on a replica too
+    and survives a failover.
     """
 
-    def __init__(self, client: AnyRedis) -> None:
+    def __init__(self, client: AnyRedis, *, replica_wait_ms: int = 100) -> None:
         self._client = client
+        self._replica_wait_ms = replica_wait_ms
         self._script: AsyncScript = client.register_script(APPLY_SCRIPT)
         # a cluster blocks EVALSHA in its pipeline: one pipeline per node instead, so a
         # failed node fails only its keys' calls (raised: the caller retries the batch)
@@ -370,7 +374,9 @@ class TileStore:
             commands = [
                 ("EVALSHA", sha, 1, key, *args) for key, args in zip(keys, arg_lists, strict=True)
             ]
-            return await self._nodes.execute_keyed(keys, commands, None)
+            return await self._nodes.execute_keyed(
+                keys, commands, None, replica_wait_ms=self._replica_wait_ms
+            )
         pipe = self._client.pipeline(transaction=False)
         for key, args in zip(keys, arg_lists, strict=True):
             pipe.evalsha(sha, 1, key, *args)
