@@ -257,6 +257,11 @@ class FeatureFetcher:
         """The active-snapshot cache reads follow."""
         return self._snapshots
 
+    async def aclose(self) -> None:
+        """Stop background work (a cluster slot map refresh in flight); idempotent."""
+        if self._cluster is not None:
+            await self._cluster.aclose()
+
     async def fetch(
         self, plan: FetchPlan, rows: Sequence[FetchRow], timeout_s: float | None = None
     ) -> FetchResult:

@@ -484,6 +484,8 @@ class AppContext:
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
+        if self.feature_store is not None:
+            await self.feature_store.aclose()
         if self._fetch_redis is not None:
             await self._fetch_redis.aclose()
             self._fetch_redis = None

@@ -123,6 +123,10 @@ class FeatureStore:
         """The online fetcher this store applies its policy to."""
         return self._fetcher
 
+    async def aclose(self) -> None:
+        """Stop the fetcher's background work (the client is the caller's)."""
+        await self._fetcher.aclose()
+
     def now_ms(self) -> int:
         """The store's clock, epoch milliseconds (injectable for tests)."""
         return int(self._clock() * 1000)

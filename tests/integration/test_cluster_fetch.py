@@ -57,7 +57,7 @@ CARDS = [f"card-{i}" for i in range(12)]
 NODE_DOWN = "redis_node_unavailable"
 # These tests check which keys degrade: a healthy node must not time out on a loaded
 # machine (the 0.2 s default socket timeout can), only the stopped or killed one.
-SOCKET_TIMEOUT = "redis.socket_timeout_s=2.0"
+SOCKET_TIMEOUT = "redis.socket_timeout_s=5.0"
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ async def test_a_stopped_primary_degrades_only_the_keys_it_holds(
     on_victim = {c for c, keys in reads.items() if any(holders[k] == victim for k in keys)}
     tile_on_victim = {c for c in CARDS if holders[tile_key("card_activity", c)] == victim}
     assert on_victim and set(CARDS) - on_victim
-    overrides = _overrides(url, "features.fetch_timeout_s=1.0", SOCKET_TIMEOUT)
+    overrides = _overrides(url, "features.fetch_timeout_s=2.0", SOCKET_TIMEOUT)
     async with running_server(repository, overrides) as srv:
         before = await asyncio.gather(*(srv.scoring.Score(_request(card_id=c)) for c in CARDS))
         assert not any(r.degraded for r in before)
@@ -252,7 +252,9 @@ async def test_failover_under_score_traffic_and_a_running_worker(
     config = fast_config(kafka, url, redis_retry_max_s=0.2, redis_timeout_s=1.0)
     answers: list[tuple[str, list[str]]] = []
     errors: list[BaseException] = []
-    overrides = _overrides(url, "features.retry_interval_s=0.2", SOCKET_TIMEOUT)
+    overrides = _overrides(
+        url, "features.fetch_timeout_s=5.0", "features.retry_interval_s=0.2", SOCKET_TIMEOUT
+    )
     try:
         async with (
             running(StreamWorker(config, defs)),
@@ -303,3 +305,29 @@ async def test_failover_under_score_traffic_and_a_running_worker(
         assert owner is not None and owner.name != victim
     finally:
         await client.aclose()
+
+
+async def test_a_key_error_on_the_cluster_degrades_only_its_row(
+    redis_cluster_url: str, repository: Path
+) -> None:
+    """WRONGTYPE is the key's problem, not its node's: that row is ``store_key_error``,
+    the other keys on the same node are served and the node's breaker stays closed."""
+    client = await connect(RedisOptions(redis_cluster_url, "cluster"))
+    assert isinstance(client, RedisCluster)
+    try:
+        await _seed(client)
+        await client.delete(tile_key("card_activity", "card-3"))
+        await client.set(tile_key("card_activity", "card-3"), "not a hash")
+    finally:
+        await client.aclose()
+    async with running_server(repository, _overrides(redis_cluster_url, SOCKET_TIMEOUT)) as srv:
+        answers = await asyncio.gather(*(srv.scoring.Score(_request(card_id=c)) for c in CARDS))
+        store = srv.app.feature_store
+        assert store is not None
+        assert set(store.node_breakers.states().values()) == {"closed"}
+    for card, answer in zip(CARDS, answers, strict=True):
+        if card == "card-3":
+            assert list(answer.degraded_reasons) == ["store_key_error"]
+        else:
+            assert not answer.degraded, card
+            assert _echo(answer)["card_txn_count_5m"] == 4, card
