@@ -20,6 +20,13 @@ names it): :data:`KEY_ERROR` when Redis answers that key with an error such as
 when a stored value is no finite number. Anything else (connection lost, the
 timeout, a server-wide error reply such as ``LOADING`` or ``OOM``) is raised to the
 caller, which owns the failure policy (the server: degrade or fail, its breaker).
+
+On a Redis Cluster the micro-batch's reads go out as one pipeline per node
+(:class:`~feature_streams.cluster_pipeline.NodePipelines`), concurrently, each under the
+timeout. A node that fails degrades only the rows reading a key it holds
+(:data:`NODE_UNAVAILABLE`, defaults served); the rest of the micro-batch is served and
+nothing is raised for it (the per-node :class:`~feature_streams.cluster_pipeline.NodeHealth`
+counts it). The standalone path is one pipeline as before.
 """
 
 from __future__ import annotations
@@ -32,8 +39,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
+from feature_streams.cluster_pipeline import (
+    NodeHealth,
+    NodePipelines,
+    NodeUnavailableError,
+    QueuedReads,
+)
 from feature_streams.keys import (
     LAST_TS_FIELD_BYTES,
     active_key,
@@ -58,6 +72,7 @@ from feature_streams.redis_client import AnyRedis
 
 __all__ = [
     "KEY_ERROR",
+    "NODE_UNAVAILABLE",
     "SNAPSHOT_GONE",
     "VALUE_INVALID",
     "BatchSnapshotCache",
@@ -79,6 +94,10 @@ KEY_ERROR = "store_key_error"
 VALUE_INVALID = "store_value_invalid"
 """``FetchRow.degraded`` reason: a stored value of this row's key is no finite number;
 the values it feeds are defaults for this row only."""
+
+NODE_UNAVAILABLE = "redis_node_unavailable"
+"""``FetchRow.degraded`` reason (cluster): the node holding one of this row's keys
+failed or was too slow; the values read there are defaults for this row only."""
 
 _KEY_ERRORS = ("WRONGTYPE", "NOPERM")
 """Error replies about one key (its type, an ACL on it); any other is store-wide."""
@@ -203,6 +222,8 @@ class FetchResult:
     """Batch group -> snapshot id read (one per group for the whole micro-batch)."""
     gone: tuple[str, ...] = ()
     """Batch groups whose snapshot was being deleted: their rows got defaults."""
+    unavailable_nodes: tuple[str, ...] = ()
+    """Cluster nodes that failed this micro-batch (their keys' rows degraded)."""
 
 
 _NOTHING_READ = FetchResult(None, MappingProxyType({}))
@@ -214,11 +235,20 @@ class FeatureFetcher:
     """Completes micro-batches of rows from Redis; one per process.
 
     Does not own ``client`` or ``snapshots`` (the caller starts, stops and closes them).
+    ``node_health`` gates each cluster node's pipeline (ignored on a standalone Redis).
     """
 
-    def __init__(self, client: AnyRedis, snapshots: BatchSnapshotCache) -> None:
+    def __init__(
+        self,
+        client: AnyRedis,
+        snapshots: BatchSnapshotCache,
+        node_health: NodeHealth | None = None,
+    ) -> None:
         self._client = client
         self._snapshots = snapshots
+        self._cluster = (
+            NodePipelines(client, node_health) if isinstance(client, RedisCluster) else None
+        )
         self._refreshing: asyncio.Task[object] | None = None
         self._next_log = 0.0
 
@@ -226,6 +256,11 @@ class FeatureFetcher:
     def snapshots(self) -> BatchSnapshotCache:
         """The active-snapshot cache reads follow."""
         return self._snapshots
+
+    async def aclose(self) -> None:
+        """Stop background work (a cluster slot map refresh in flight); idempotent."""
+        if self._cluster is not None:
+            await self._cluster.aclose()
 
     async def fetch(
         self, plan: FetchPlan, rows: Sequence[FetchRow], timeout_s: float | None = None
@@ -241,14 +276,27 @@ class FeatureFetcher:
             return _NOTHING_READ
         loop = asyncio.get_running_loop()
         started = loop.time()
-        async with self._client.pipeline(transaction=False) as pipe:
-            batch_plans, stream_reads = self._queue(plan, rows, pipe)
+        unavailable: tuple[str, ...] = ()
+        if self._cluster is not None:
+            queued = QueuedReads()
+            batch_plans, stream_reads = self._queue(plan, rows, queued)
             if not batch_plans and not stream_reads:
                 return _NOTHING_READ
-            results = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout_s)
+            results: Sequence[object] = await self._cluster.execute(queued.commands, timeout_s)
+            unavailable = _unavailable_nodes(results)
+        else:
+            async with self._client.pipeline(transaction=False) as pipe:
+                batch_plans, stream_reads = self._queue(plan, rows, pipe)
+                if not batch_plans and not stream_reads:
+                    return _NOTHING_READ
+                results = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout_s)
         round_trip_s = loop.time() - started
         for reply in results:
-            if isinstance(reply, BaseException) and not _is_key_error(reply):
+            if (
+                isinstance(reply, BaseException)
+                and not _is_key_error(reply)
+                and not isinstance(reply, NodeUnavailableError)
+            ):
                 raise reply
         snapshots: dict[str, str | None] = {}
         gone: list[str] = []
@@ -271,7 +319,13 @@ class FeatureFetcher:
         if snapshots:
             for item in rows:
                 item.snapshots = read
-        return FetchResult(round_trip_s, read, tuple(gone))
+        if unavailable and self._may_log():
+            logger.warning(
+                "redis cluster node(s) %s unavailable: their keys' rows degraded",
+                ", ".join(unavailable),
+                extra={"nodes": list(unavailable)},
+            )
+        return FetchResult(round_trip_s, read, tuple(gone), unavailable)
 
     def _queue(
         self, plan: FetchPlan, rows: Sequence[FetchRow], pipe: ReadPipeline
@@ -322,6 +376,11 @@ class FeatureFetcher:
         """Place one group's values; False when its snapshot was gone (defaults)."""
         try:
             read = plan.decode(results)
+        except NodeUnavailableError:  # the registry entry's node: no deletion check
+            for item in members:
+                _flag_node_unavailable(item)
+                defaulted(item, columns.spec.fields, columns.columns)
+            return True
         except SnapshotGoneError:
             self._refresh_snapshots()
             for item in members:
@@ -335,7 +394,14 @@ class FeatureFetcher:
                 defaulted(item, columns.spec.fields, columns.columns)
             return True
         fields, cols = columns.spec.fields, columns.columns
+        down = {
+            entity_id
+            for entity_id, reply in zip(plan.entity_ids, results, strict=False)
+            if isinstance(reply, NodeUnavailableError)
+        }
         for entity_id, reply in read.key_errors.items():
+            if entity_id in down:
+                continue
             self._log_key_error(
                 data_key(columns.spec.group, str(plan.snapshot_id), entity_id), reply
             )
@@ -344,7 +410,9 @@ class FeatureFetcher:
         for item in members:
             entity_id = item.entity_ids[columns.entity]
             values = read.values[entity_id]
-            if entity_id in read.key_errors:
+            if entity_id in down:
+                _flag_node_unavailable(item)
+            elif entity_id in read.key_errors:
                 item.degraded.append(KEY_ERROR)
             elif entity_id in read.invalid_fields:
                 item.degraded.append(VALUE_INVALID)
@@ -378,6 +446,13 @@ class FeatureFetcher:
         for key, items in by_key.items():
             hash_fields = fetched[key]
             reason = KEY_ERROR
+            if isinstance(hash_fields, NodeUnavailableError):
+                names = [n for n, _ in stream.outputs]
+                columns = [c for _, c in stream.outputs]
+                for item in items:
+                    _flag_node_unavailable(item)
+                    defaulted(item, names, columns)
+                continue
             try:
                 if isinstance(hash_fields, BaseException):
                     self._log_key_error(key, str(hash_fields))
@@ -450,6 +525,15 @@ def _is_key_error(reply: BaseException) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith(_KEY_ERRORS)
 
 
+def _unavailable_nodes(results: Sequence[object]) -> tuple[str, ...]:
+    """The nodes named by :class:`NodeUnavailableError` replies, in first-seen order."""
+    nodes: dict[str, None] = {}
+    for reply in results:
+        if isinstance(reply, NodeUnavailableError):
+            nodes[reply.node] = None
+    return tuple(nodes)
+
+
 def _col(columns: BatchColumns, name: str) -> int:
     return columns.columns[columns.spec.fields.index(name)]
 
@@ -465,3 +549,9 @@ def default_all(plan: FetchPlan, item: FetchRow) -> None:
         defaulted(item, columns.spec.fields, columns.columns)
     for stream in plan.stream:
         defaulted(item, [n for n, _ in stream.outputs], [c for _, c in stream.outputs])
+
+
+def _flag_node_unavailable(item: FetchRow) -> None:
+    """Flag ``item`` :data:`NODE_UNAVAILABLE` once, however many of its keys failed."""
+    if NODE_UNAVAILABLE not in item.degraded:
+        item.degraded.append(NODE_UNAVAILABLE)

@@ -73,9 +73,11 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any
 
+from redis.asyncio import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from feature_streams.cluster_pipeline import NodePipelines
 from feature_streams.keys import LAST_TS_FIELD, lua_string, offset_field
 from feature_streams.redis_client import AnyRedis
 from feature_streams.windows import GroupPlan, TileUpdate, UpdateOp, expired_fields
@@ -303,11 +305,18 @@ class TileStore:
 
     ``client`` may use ``decode_responses`` either way; :meth:`read` returns what
     the client returns (``bytes`` by default), which :func:`windows.read_hash` takes.
+    On a cluster each node's apply pipeline ends with ``WAIT 1 replica_wait_ms`` (best
+    effort), so what the worker then commits to Kafka is, as a rule, on a replica too
+    and survives a failover.
     """
 
-    def __init__(self, client: AnyRedis) -> None:
+    def __init__(self, client: AnyRedis, *, replica_wait_ms: int = 100) -> None:
         self._client = client
+        self._replica_wait_ms = replica_wait_ms
         self._script: AsyncScript = client.register_script(APPLY_SCRIPT)
+        # a cluster blocks EVALSHA in its pipeline: one pipeline per node instead, so a
+        # failed node fails only its keys' calls (raised: the caller retries the batch)
+        self._nodes = NodePipelines(client) if isinstance(client, RedisCluster) else None
 
     @property
     def client(self) -> AnyRedis:
@@ -360,8 +369,15 @@ class TileStore:
         return result
 
     async def _evalsha_many(self, keys: Sequence[str], arg_lists: Sequence[list[str]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
         sha = self._script.sha
+        if self._nodes is not None:
+            commands = [
+                ("EVALSHA", sha, 1, key, *args) for key, args in zip(keys, arg_lists, strict=True)
+            ]
+            return await self._nodes.execute_keyed(
+                keys, commands, None, replica_wait_ms=self._replica_wait_ms
+            )
+        pipe = self._client.pipeline(transaction=False)
         for key, args in zip(keys, arg_lists, strict=True):
             # execute_command, not pipe.evalsha: redis-py blocks the evalsha method in a
             # cluster pipeline, while the command itself routes by its one key

@@ -103,6 +103,8 @@ class AppContext:
         self.metrics = Metrics()
         self.definitions: FeatureDefinitions | None = None
         self.redis: AnyRedis | None = None
+        self._fetch_redis: AnyRedis | None = None
+        """Cluster mode: the feature fetch's own client (see :meth:`_fetch_client`)."""
         self.redis_uncovered: str | None = None
         """Why the Redis Cluster cannot serve every slot (health NOT_SERVING meanwhile)."""
         self._coverage_task: asyncio.Task[None] | None = None
@@ -183,7 +185,7 @@ class AppContext:
         )
         await self.snapshots.start()
         self.feature_store = FeatureStore(
-            self._redis_client(),
+            await self._fetch_client(),
             self.snapshots,
             store_options(settings.features),
             clock=self.clock,
@@ -281,6 +283,21 @@ class AppContext:
             self._coverage_task = asyncio.create_task(
                 self._watch_coverage(), name="redis-cluster-coverage"
             )
+
+    async def _fetch_client(self) -> AnyRedis:
+        """The client the per-micro-batch fetch reads with: the shared one on a standalone
+        Redis; on a cluster a client of its own, because redis-py's ``ClusterPipeline``
+        (routing, snapshot pointers) closes every connection of its client when one node
+        fails, which would cut the fetch's reads on the healthy nodes."""
+        shared = self._redis_client()
+        if not is_cluster(shared):
+            return shared
+        client = self._fetch_redis = client_for(self._redis_options(), "cluster")
+        try:
+            await client.initialize()
+        except (RedisError, OSError) as exc:  # the fetch re-reads the slot map when it fails
+            logger.warning("redis cluster slot map not read at start: %s", exc)
+        return client
 
     def _redis_client(self) -> AnyRedis:
         """The process's one Redis client (features and routing state share it)."""
@@ -501,6 +518,11 @@ class AppContext:
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
+        if self.feature_store is not None:
+            await self.feature_store.aclose()
+        if self._fetch_redis is not None:
+            await self._fetch_redis.aclose()
+            self._fetch_redis = None
         if self._metrics_http is not None:
             http_server, thread = self._metrics_http
             self._metrics_http = None

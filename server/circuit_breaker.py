@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["STATES", "BreakerOptions", "BreakerState", "CircuitBreaker"]
+__all__ = ["STATES", "BreakerOptions", "BreakerState", "CircuitBreaker", "NodeBreakers"]
 
 BreakerState = Literal["closed", "open", "half_open"]
 STATES: tuple[BreakerState, ...] = ("closed", "open", "half_open")
@@ -113,3 +113,52 @@ class CircuitBreaker:
         self._state = state
         if self._on_change is not None:
             self._on_change(state)
+
+
+class NodeBreakers:
+    """One :class:`CircuitBreaker` per node name (a Redis Cluster's nodes), created on
+    first use with the same options; ``on_change(node, state)`` reports transitions.
+
+    Serves as the fetcher's ``NodeHealth``: a failing node opens only its own breaker,
+    so its keys are degraded at once while the other nodes are read as usual.
+    """
+
+    def __init__(
+        self,
+        options: BreakerOptions,
+        clock: Callable[[], float],
+        on_change: Callable[[str, BreakerState], None] | None = None,
+    ) -> None:
+        self._options = options
+        self._clock = clock
+        self._on_change = on_change
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def breaker(self, node: str) -> CircuitBreaker:
+        """The breaker of ``node`` (created closed on first use)."""
+        found = self._breakers.get(node)
+        if found is None:
+            on_change = self._on_change
+            report = None if on_change is None else (lambda s: on_change(node, s))
+            found = self._breakers[node] = CircuitBreaker(self._options, self._clock, report)
+        return found
+
+    def states(self) -> dict[str, BreakerState]:
+        """Every known node's breaker state now."""
+        return {node: b.state for node, b in self._breakers.items()}
+
+    def allow(self, node: str) -> bool:
+        """Whether ``node`` may be read now."""
+        return self.breaker(node).allow()
+
+    def success(self, node: str) -> None:
+        """``node`` answered."""
+        self.breaker(node).success()
+
+    def failure(self, node: str) -> None:
+        """``node`` failed or was too slow."""
+        self.breaker(node).failure()
+
+    def abandon(self, node: str) -> None:
+        """``node``'s read ended with no verdict (cancelled)."""
+        self.breaker(node).abandon()

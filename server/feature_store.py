@@ -17,6 +17,15 @@ snapshots and stream windows, see there) and adds what the server decides:
 * A problem of one key (``WRONGTYPE``, a value that is no number) is no store failure:
   the fetcher degrades only the rows reading that key (``store_key_error``,
   ``store_value_invalid``) and the breaker counts a success.
+* On a Redis Cluster each node is read by its own pipeline and guarded by its own
+  breaker (:class:`~server.circuit_breaker.NodeBreakers`, same options): a failed or
+  slow node degrades only the rows reading a key it holds (``redis_node_unavailable``,
+  defaults served; with the ``fail`` policy the micro-batch answers UNAVAILABLE) and
+  counts a failure on that node's breaker only, so its keys are degraded at once while
+  it is open and the other nodes are served as usual. The store-wide breaker counts a
+  success when any node answered; it counts a failure only when the fetch as a whole
+  failed (no node reachable, a store-wide error). After a failover the slot map is
+  refreshed and the replica's (new) breaker starts closed.
 * The round trip is reported to ``on_fetch`` (the fetch latency metric) and breaker
   changes to ``on_breaker`` (its state gauge).
 """
@@ -30,19 +39,34 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from feature_streams.fetcher import BatchSnapshotCache, FeatureFetcher, default_all
+from feature_streams.fetcher import (
+    NODE_UNAVAILABLE,
+    BatchSnapshotCache,
+    FeatureFetcher,
+    default_all,
+)
 from feature_streams.redis_client import AnyRedis
-from server.circuit_breaker import BreakerOptions, BreakerState, CircuitBreaker
+from server.circuit_breaker import BreakerOptions, BreakerState, CircuitBreaker, NodeBreakers
 from server.errors import DependencyUnavailable
 from server.features import FailurePolicy, FeatureLayout, Prepared
 from server.settings import FeaturesSettings
 
-__all__ = ["REDIS_UNAVAILABLE", "FeatureStore", "StoreOptions", "store_options"]
+__all__ = [
+    "REDIS_NODE_UNAVAILABLE",
+    "REDIS_UNAVAILABLE",
+    "FeatureStore",
+    "StoreOptions",
+    "store_options",
+]
 
 logger = logging.getLogger(__name__)
 
 REDIS_UNAVAILABLE = "redis_unavailable"
 """Degraded reason: the store could not be read, store columns hold their defaults."""
+
+REDIS_NODE_UNAVAILABLE = NODE_UNAVAILABLE
+"""Degraded reason (cluster): a node holding this request's keys failed; those values
+are defaults, the rest was read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +101,12 @@ class FeatureStore:
         on_fetch: Callable[[float, int], None] | None = None,
         on_breaker: Callable[[BreakerState], None] | None = None,
     ) -> None:
-        self._fetcher = FeatureFetcher(client, snapshots)
         self._options = options
         self._clock = clock
         self._on_fetch = on_fetch
         self._breaker = CircuitBreaker(options.breaker, time.monotonic, on_breaker)
+        self._node_breakers = NodeBreakers(options.breaker, time.monotonic, _log_node_breaker)
+        self._fetcher = FeatureFetcher(client, snapshots, self._node_breakers)
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -89,9 +114,18 @@ class FeatureStore:
         return self._breaker
 
     @property
+    def node_breakers(self) -> NodeBreakers:
+        """Per-node breakers (Redis Cluster; unused on a standalone Redis)."""
+        return self._node_breakers
+
+    @property
     def fetcher(self) -> FeatureFetcher:
         """The online fetcher this store applies its policy to."""
         return self._fetcher
+
+    async def aclose(self) -> None:
+        """Stop the fetcher's background work (the client is the caller's)."""
+        await self._fetcher.aclose()
 
     def now_ms(self) -> int:
         """The store's clock, epoch milliseconds (injectable for tests)."""
@@ -129,6 +163,11 @@ class FeatureStore:
         breaker.success()
         if self._on_fetch is not None:
             self._on_fetch(result.round_trip_s, len(batch))
+        if result.unavailable_nodes and policy == "fail":
+            raise DependencyUnavailable(
+                f"feature store node(s) {', '.join(result.unavailable_nodes)} unavailable"
+                f" ({NODE_UNAVAILABLE})"
+            )
 
     @staticmethod
     def _unavailable(
@@ -139,3 +178,7 @@ class FeatureStore:
         for item in batch:
             item.degraded.append(REDIS_UNAVAILABLE)
             default_all(layout.fetch, item)
+
+
+def _log_node_breaker(node: str, state: BreakerState) -> None:
+    logger.warning("redis node %s breaker %s", node, state, extra={"node": node, "breaker": state})

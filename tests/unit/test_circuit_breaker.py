@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.circuit_breaker import BreakerOptions, BreakerState, CircuitBreaker
+from server.circuit_breaker import BreakerOptions, BreakerState, CircuitBreaker, NodeBreakers
 
 
 class Clock:
@@ -98,3 +98,25 @@ def test_a_late_failure_while_open_does_not_extend_it() -> None:
 def test_options_are_checked(options: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         BreakerOptions(**options)  # type: ignore[arg-type]
+
+
+def test_node_breakers_open_only_the_failing_node() -> None:
+    clock = Clock()
+    changes: list[tuple[str, BreakerState]] = []
+    nodes = NodeBreakers(
+        BreakerOptions(2, 1.0, 0.5), clock, lambda node, state: changes.append((node, state))
+    )
+    for _ in range(2):
+        assert nodes.allow("a:1") and nodes.allow("b:2")
+        nodes.failure("a:1")
+        nodes.success("b:2")
+    assert not nodes.allow("a:1")  # open: its keys degrade at once
+    assert nodes.allow("b:2")
+    assert nodes.states() == {"a:1": "open", "b:2": "closed"}
+    clock.now += 0.5
+    assert nodes.allow("a:1") and not nodes.allow("a:1")  # one probe
+    nodes.abandon("a:1")  # cancelled: another probe may go
+    assert nodes.allow("a:1")
+    nodes.success("a:1")
+    assert nodes.states()["a:1"] == "closed"
+    assert changes == [("a:1", "open"), ("a:1", "half_open"), ("a:1", "closed")]
