@@ -390,7 +390,11 @@ class AppContext:
                 tls.allowed_subjects, tls.subject_roles, tls.default_roles
             )
         )
-        admin = AdminService(self.routing_changes, authenticator)
+        admin = AdminService(
+            self.routing_changes,
+            authenticator,
+            drift=self.drift.view if self.drift is not None else None,
+        )
         admin_server = server
         if settings.server.admin_port is not None:
             admin_server = self._admin_server = self._grpc_server()

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from server.drift.views import WindowView
 from server.governance.profile import SCORE
-
-if TYPE_CHECKING:
-    from server.drift.monitor import WindowView
 
 
 class DriftMetrics:

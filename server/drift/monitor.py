@@ -40,7 +40,6 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +51,7 @@ from redis.typing import EncodableT, FieldT
 from feature_streams.redis_client import AnyRedis
 from server.drift.bins import BinLayout, ColumnDrift, Counts, compare
 from server.drift.metrics import DriftMetrics
+from server.drift.views import VersionView, WindowView
 from server.features import Prepared
 from server.governance.profile import PROFILE_FILE, SCORE, ReferenceProfile
 from server.manifest import ModelManifest
@@ -79,25 +79,6 @@ AuditWriter = Callable[[str, str, Mapping[str, Any]], Awaitable[None]]
 def version_key(model: str, version: str, digest: str) -> str:
     """Prefix of every key of one version's drift counts (one Redis Cluster slot)."""
     return f"{KEY_PREFIX}:{{{model}:{version}}}:{digest}"
-
-
-@dataclass(frozen=True, slots=True)
-class WindowView:
-    """One window's comparison: per column (score last) and the defaulted shares."""
-
-    buckets: int
-    rows: int
-    columns: tuple[ColumnDrift, ...]
-    defaulted_share: Mapping[str, float]
-
-
-@dataclass(frozen=True, slots=True)
-class VersionView:
-    """What ListModels and the CLI show for one version."""
-
-    short: WindowView
-    long: WindowView
-    open_breaches: tuple[str, ...]
 
 
 class VersionDrift:
@@ -358,7 +339,7 @@ class DriftMonitor:
                 if _text(k).endswith(":open") and _text(v) == "1"
             )
         )
-        drift.view = VersionView(short, long, open_now)
+        drift.view = VersionView(short, long, open_now, s.bucket_s)
 
     async def _judge(self, drift: VersionDrift, bucket: int) -> None:
         """Judge the short window ending at ``bucket``, once across every process."""

@@ -22,12 +22,16 @@ from prometheus_client import generate_latest
 
 from devstack.services import KafkaBroker
 from protos.inference import grpc_service_pb2 as v2
+from protos.streamscore.v1 import admin_pb2 as apb
+from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
+from server.admin.cli import format_drift
 from server.clients.replay import read_topic_values
 from server.governance.profile import SCORE, build_profile
 from server.manifest import ModelManifest
 from server.routing.store import RedisRoutingStore
 from server.settings import RoutingSettings
 from tests.conftest import TEST_FEATURES
+from tests.support.admin import CREDENTIALS, TOKEN
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import RunningServer, running_server
 
@@ -114,6 +118,7 @@ async def two_servers(
         "drift.defaults.consecutive=2",
         "drift.defaults.min_rows=200",
         f"drift.topic={TOPIC}",
+        f"server.admin_token={TOKEN}",
     ]
     async with (
         running_server(repository, overrides) as one,
@@ -197,6 +202,18 @@ async def test_reference_traffic_is_quiet_and_a_shift_gives_one_event_per_episod
                 "f0" in (m.view("lin", "1").open_breaches if m and m.view("lin", "1") else ())
                 for m in monitors
             )
+            listed = await apb_grpc.AdminStub(servers[0].channel).ListModels(
+                apb.ListModelsRequest(endpoint="lin"), metadata=CREDENTIALS, timeout=10
+            )
+            (version,) = listed.models[0].versions
+            drift = version.drift
+            assert drift.monitored and "f0" in drift.breaching
+            assert drift.short_window.window_s == 2 and drift.long_window.window_s == 4
+            features = {f.feature: f for f in drift.short_window.features}
+            assert features["f0"].psi > 0.2 and features["f1"].psi < 0.05
+            assert features["f7"].HasField("js") and not features["f0"].HasField("js")
+            text = format_drift(listed)
+            assert "lin/1  breaching " in text and "f0" in text
 
             # 3. back to the reference closes the episode; a new shift is a new episode
             traffic.shift = 0.0
