@@ -26,44 +26,25 @@ from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from server.admin.cli import format_drift
 from server.clients.replay import read_topic_values
-from server.governance.profile import SCORE, build_profile
-from server.manifest import ModelManifest
+from server.governance.profile import SCORE
 from server.routing.store import RedisRoutingStore
 from server.settings import RoutingSettings
 from tests.conftest import TEST_FEATURES
 from tests.support.admin import CREDENTIALS, TOKEN
-from tests.support.model_factory import linear_scores, write_linear_model
+from tests.support.drift import draw, write_reference_profile
+from tests.support.model_factory import write_linear_model
 from tests.support.server import RunningServer, running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TOPIC = "streamscore-drift-test"
-CATEGORIES = np.array([0.0, 1.0, 2.0])
-
-
-def draw(rng: np.random.Generator, n: int, shift: float = 0.0) -> npt.NDArray[np.float32]:
-    """Rows like the reference: f0..f6 normal, f7 categorical; ``shift`` moves f0."""
-    rows = rng.normal(size=(n, len(TEST_FEATURES)))
-    rows[:, 7] = rng.choice(CATEGORIES, size=n, p=[0.5, 0.3, 0.2])
-    rows[:, 0] += shift
-    return rows.astype(np.float32)
 
 
 def repository_with_profile(tmp_path: Path) -> Path:
     repository = tmp_path / "models"
     version_dir, weights, bias = write_linear_model(repository, "lin", "1", TEST_FEATURES, seed=3)
-    manifest = ModelManifest.read(version_dir)
-    rows = draw(np.random.default_rng(99), 20_000)
-    profile = build_profile(
-        model="lin",
-        version="1",
-        artifact_sha256=manifest.sha256,
-        source="test reference",
-        columns={name: rows[:, i].astype(np.float64) for i, name in enumerate(TEST_FEATURES)},
-        scores=linear_scores(rows, weights, bias),
-    )
+    profile = write_reference_profile(version_dir, weights, bias)
     assert profile.distributions["f7"].categories is not None
-    profile.write(version_dir)
     return repository
 
 
@@ -87,7 +68,7 @@ class Traffic:
         i = 0
         while True:
             server = self.servers[i % len(self.servers)]
-            await server.inference.ModelInfer(infer(draw(self._rng, 64, self.shift)))
+            await server.inference.ModelInfer(infer(draw(self._rng, 64, shift=self.shift)))
             self.sent += 64
             i += 1
             await asyncio.sleep(0.002)
