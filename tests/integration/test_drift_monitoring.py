@@ -179,10 +179,10 @@ async def test_reference_traffic_is_quiet_and_a_shift_gives_one_event_per_episod
             mark = judged(servers)
             await wait_for(lambda: judged(servers) >= mark + 4, 30, "four more judged windows")
             assert await f0_events() == 1
-            assert all(
-                "f0" in (m.view("lin", "1").open_breaches if m and m.view("lin", "1") else ())
-                for m in monitors
-            )
+            for monitor in monitors:
+                assert monitor is not None
+                seen = monitor.view("lin", "1")
+                assert seen is not None and "f0" in seen.open_breaches
             listed = await apb_grpc.AdminStub(servers[0].channel).ListModels(
                 apb.ListModelsRequest(endpoint="lin"), metadata=CREDENTIALS, timeout=10
             )
