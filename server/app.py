@@ -21,9 +21,9 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -52,6 +52,8 @@ from server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from server.admin.api import AdminService
 from server.admin.auth import Authenticator, CertificateAuthenticator, TokenAuthenticator
 from server.batcher import BatchPolicy
+from server.drift.metrics import DriftMetrics
+from server.drift.monitor import DriftMonitor
 from server.explain.service import ReasonPolicy
 from server.feature_store import FeatureStore, store_options
 from server.grpc_api import InferenceService, ScoringService
@@ -71,7 +73,7 @@ from server.rollout.routing import RoutingRolloutActions, rollout_states, sync_w
 from server.rollout.stats import StatsRecorder
 from server.routing.changes import RoutingChanges
 from server.routing.evidence import ApprovalGate
-from server.routing.state import RoutingState
+from server.routing.state import AuditEntry, RoutingState
 from server.routing.store import FileRoutingStore, RedisRoutingStore, RoutingStore
 from server.routing.sync import RoutingSync
 from server.runtime import RuntimeOptions
@@ -119,6 +121,7 @@ class AppContext:
         self.durable_sink: DurableSink | None = None
         self.shadows: ShadowRunner | None = None
         self.rollouts: RolloutController | None = None
+        self.drift: DriftMonitor | None = None
         self.health = HealthService()
         self.port = 0
         self.admin_port = 0
@@ -250,6 +253,40 @@ class AppContext:
                 sample_salt=salt.get_secret_value().encode() if salt is not None else None,
             )
 
+    def _start_drift(self, store: RoutingStore) -> None:
+        """Drift monitoring of every version loaded from now on (needs Redis to merge)."""
+        drift = self.settings.drift
+        if not drift.enabled:
+            logger.info("drift monitoring disabled (drift.enabled=false)")
+            return
+        if self.redis is None:
+            logger.info("drift monitoring off: no Redis to merge counts across processes")
+            return
+        clock = self.clock
+
+        async def audit(model: str, reason: str, detail: Mapping[str, Any]) -> None:
+            entry = AuditEntry(
+                time=clock(),
+                actor="drift-monitor",
+                peer="",
+                endpoint=model,
+                action="drift",
+                reason=reason,
+                outcome="applied",
+                detail=detail,
+            )
+            await store.append_audit(entry)
+
+        self.drift = DriftMonitor(
+            drift,
+            self.redis,
+            DriftMetrics(self.metrics.registry),
+            sink=self.record_sink,
+            audit=audit,
+            clock=clock,
+        )
+        self.registry.use_drift(self.drift)
+
     def _routing_applied(self, state: RoutingState) -> None:
         if self.rollout_stats is not None:
             sync_windows(self.rollout_stats, state)
@@ -354,6 +391,7 @@ class AppContext:
             self.rollout_stats = StatsRecorder(redis, on_flush_failure=rollout_metrics.flush_failed)
             self.pipeline.stats = self.rollout_stats
         store = self._routing_store()
+        self._start_drift(store)
         gate = ApprovalGate(settings.models.repository, settings.governance.required)
         self.routing = RoutingSync(
             self.registry,
@@ -368,6 +406,8 @@ class AppContext:
             gate=gate,
         )
         await self.routing.start()
+        if self.drift is not None:
+            await self.drift.start()
         self.routing_changes = RoutingChanges(
             self.routing, store, self.registry, settings.models.repository, self.clock, gate
         )
@@ -396,7 +436,11 @@ class AppContext:
                 tls.allowed_subjects, tls.subject_roles, tls.default_roles
             )
         )
-        admin = AdminService(self.routing_changes, authenticator)
+        admin = AdminService(
+            self.routing_changes,
+            authenticator,
+            drift=self.drift.view if self.drift is not None else None,
+        )
         admin_server = server
         if settings.server.admin_port is not None:
             admin_server = self._admin_server = self._grpc_server()
@@ -504,6 +548,8 @@ class AppContext:
         if self.rollout_stats is not None:
             await self.rollout_stats.stop()  # a last flush of this process's counts
             self.rollout_stats = None
+        if self.drift is not None:
+            await self.drift.stop()  # a last flush of this process's counts
         if self.routing is not None:
             await self.routing.close()
         if self.shadows is not None:  # before the registry: shadows run its models

@@ -7,8 +7,9 @@ One ``session.run`` serves them all; each job gets its own slice of the outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +42,10 @@ class JobResult(NamedTuple):
     prepared: Prepared | None
 
 
+#: Sees each answered batch: input matrix, outputs, the jobs it served (drift monitoring).
+BatchHook = Callable[[npt.NDArray[np.float32], Mapping[str, npt.NDArray[Any]], list[Job]], None]
+
+
 class VersionBatchRunner:
     """Runs the batches of one loaded version: the ``run_batch`` of its micro-batcher."""
 
@@ -50,11 +55,13 @@ class VersionBatchRunner:
         layout: FeatureLayout,
         store: FeatureStore | None,
         failure_policy: FailurePolicy,
+        on_batch: BatchHook | None = None,
     ) -> None:
         self._model = model
         self._layout = layout
         self._store = store
         self._policy = failure_policy
+        self._on_batch = on_batch
 
     async def run(self, jobs: list[Job]) -> list[JobResult | ScoringError]:
         """Fill store features for the Score jobs, run the model once, split per job."""
@@ -71,6 +78,8 @@ class VersionBatchRunner:
             blocks = [_rows_of(job) for job in live]
             matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
             outputs = await self._model.run(matrix)
+            if self._on_batch is not None:  # O(1): the hook only keeps references
+                self._on_batch(matrix, outputs, live)
             sliced = split_rows(outputs, [block.shape[0] for block in blocks])
             parts = list(zip(blocks, sliced, strict=True))
         return _results(jobs, failed, parts)

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from feature_streams.definitions import FeatureDefinitions
 from server.batcher import BatchObserver, BatchPolicy, MicroBatcher
@@ -27,6 +31,7 @@ from server.executor import Job, JobResult, VersionBatchRunner
 from server.explain.service import DEFAULT_REASONS, ReasonPolicy, VersionReasons, load_reasons
 from server.feature_store import FeatureStore
 from server.features import FailurePolicy, FeatureLayout
+from server.manifest import ModelManifest
 from server.router import CanaryRoute, EndpointRouting, RoutingTable, version_sort_key
 from server.runtime import OnnxModel, RuntimeOptions, load_version
 
@@ -68,6 +73,26 @@ class LoadedVersion:
 ObserverFactory = Callable[[str, str], BatchObserver]
 
 
+class DriftHooks(Protocol):
+    """What the registry tells drift monitoring (``server.drift.monitor.DriftMonitor``)."""
+
+    def attach(
+        self, version_dir: Path, manifest: ModelManifest, feature_names: Sequence[str]
+    ) -> BatchDrift | None: ...
+    def detach(self, model: str, version: str) -> None: ...
+
+
+class BatchDrift(Protocol):
+    """One version's drift counts; ``observe`` gets every answered batch."""
+
+    def observe(
+        self,
+        matrix: npt.NDArray[np.float32],
+        outputs: Mapping[str, npt.NDArray[Any]],
+        jobs: list[Job],
+    ) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
     """Wanted routing of one endpoint; versions need not be loaded (see ``publish``)."""
@@ -92,11 +117,18 @@ class ModelRegistry:
         self._definitions = definitions
         self._store = store
         self._retire_hooks: list[Callable[[LoadedVersion], Awaitable[None]]] = []
+        self._drift: DriftHooks | None = None
 
     def on_retire(self, hook: Callable[[LoadedVersion], Awaitable[None]]) -> None:
         """Call ``hook(version)`` when a version is unloaded or replaced, before its
         batcher is drained and its model closed (e.g. shadow lanes let go of it)."""
         self._retire_hooks.append(hook)
+
+    def use_drift(self, hooks: DriftHooks) -> None:
+        """Monitor drift of the versions loaded from now on (call before any load)."""
+        if self._versions:
+            raise RuntimeError("drift monitoring attached after versions were loaded")
+        self._drift = hooks
 
     def use_features(self, definitions: FeatureDefinitions, store: FeatureStore) -> None:
         """Serve store features to the versions loaded from now on (call before any load)."""
@@ -164,7 +196,16 @@ class ModelRegistry:
             model.close()
             raise
         observer = self._observer_factory(name, version) if self._observer_factory else None
-        runner = VersionBatchRunner(model, layout, self._store, options.failure_policy)
+        drift = (
+            self._drift.attach(version_dir, model.manifest, layout.names) if self._drift else None
+        )
+        runner = VersionBatchRunner(
+            model,
+            layout,
+            self._store,
+            options.failure_policy,
+            on_batch=drift.observe if drift is not None else None,
+        )
         batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
             f"{name}/{version}", runner.run, options.policy, observer, run_now=runner.run_now
         )
@@ -268,6 +309,8 @@ class ModelRegistry:
             except Exception:  # a hook must not keep the model loaded
                 logger.exception("retire hook failed", extra={"model": loaded.name})
         await loaded.batcher.close()
+        if self._drift is not None and not self.has(loaded.name, loaded.version):
+            self._drift.detach(loaded.name, loaded.version)
         if loaded.reasons is not None:
             await loaded.reasons.close()
         await asyncio.to_thread(loaded.model.close)

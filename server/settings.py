@@ -591,6 +591,94 @@ class GovernanceSettings(_Frozen):
         return self.require_approval.get(model)
 
 
+class DriftThresholds(_Frozen):
+    """When a monitored column of a model counts as drifted (per short window)."""
+
+    psi: float = Field(
+        default=0.2, gt=0.0, description="PSI above which a feature (or the score) drifted."
+    )
+    js: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Jensen-Shannon divergence (base 2) above which a categorical feature drifted.",
+    )
+    defaulted_share: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Share of answers with a feature served as its default above which it drifted.",
+    )
+    consecutive: int = Field(
+        default=3,
+        ge=1,
+        description="Closed windows in a row over a threshold before one drift event is sent.",
+    )
+    min_rows: int = Field(
+        default=100, ge=1, description="Rows a window needs before it is judged at all."
+    )
+
+
+class DriftSettings(_Frozen):
+    """Drift monitoring of every served version against its reference profile."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Fold served features and scores into the reference bins (needs Redis "
+        "and the version's reference_profile.json; without either, off for that version).",
+    )
+    bucket_s: int = Field(
+        default=60, ge=1, le=3600, description="Width of one count bucket (windows are buckets)."
+    )
+    short_window_buckets: int = Field(
+        default=5, ge=1, description="Buckets of the short window (gauges, breach checks)."
+    )
+    long_window_buckets: int = Field(
+        default=60, ge=1, description="Buckets of the long window (ListModels, CLI)."
+    )
+    flush_interval_s: float = Field(
+        default=1.0, gt=0.0, le=60.0, description="How often counts are folded and sent to Redis."
+    )
+    evaluate_interval_s: float = Field(
+        default=5.0, gt=0.0, description="How often windows are read back, compared and exported."
+    )
+    grace_s: float = Field(
+        default=3.0,
+        ge=0.0,
+        description="How long after a bucket closes it is judged (late flushes land first).",
+    )
+    topic: str = Field(
+        default="streamscore-drift", min_length=1, description="Kafka topic of drift events."
+    )
+    key_ttl_s: int = Field(
+        default=2 * 24 * 3600, ge=60, description="Lifetime of the count buckets in Redis."
+    )
+    defaults: DriftThresholds = Field(
+        default_factory=DriftThresholds, description="Thresholds of every model."
+    )
+    per_model: dict[ModelName, DriftThresholds] = Field(
+        default_factory=dict, description="Thresholds of one model (replaces the defaults)."
+    )
+
+    @model_validator(mode="after")
+    def _windows(self) -> DriftSettings:
+        if self.long_window_buckets < self.short_window_buckets:
+            raise KeyedError(
+                [
+                    (
+                        f"long_window_buckets ({self.long_window_buckets}) must be >= "
+                        f"short_window_buckets ({self.short_window_buckets})",
+                        (("long_window_buckets",), ("short_window_buckets",)),
+                    )
+                ]
+            )
+        return self
+
+    def thresholds(self, model: str) -> DriftThresholds:
+        """Thresholds of ``model``."""
+        return self.per_model.get(model, self.defaults)
+
+
 class RoutingSettings(_Frozen):
     """Where the routing state (champion, canary, shadows) and its audit log persist."""
 
@@ -744,6 +832,9 @@ class Settings(_Frozen):
     )
     records: RecordsSettings = Field(
         default_factory=RecordsSettings, description="Kafka sink of side records."
+    )
+    drift: DriftSettings = Field(
+        default_factory=DriftSettings, description="Drift monitoring against reference profiles."
     )
 
     @model_validator(mode="after")

@@ -19,10 +19,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from server.admin.auth import Authenticator, PermissionDenied, authorize
+from server.drift.views import VersionView as DriftView
+from server.drift.views import WindowView
+from server.governance.profile import SCORE
 from server.grpc_status import abort
 from server.lineage import Lineage
 from server.routing.changes import Actor, ApprovalView, ModelView, RoutingChanges
 from server.routing.state import AuditEntry, CanaryRequest, EndpointState
+
+#: The drift view of a served version (None: not monitored here).
+DriftLookup = Callable[[str, str], DriftView | None]
 
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 DEFAULT_AUDIT_LIMIT = 100
@@ -41,9 +47,15 @@ T = TypeVar("T")
 class AdminService(apb_grpc.AdminServicer):
     """The admin servicer over one process's ``RoutingChanges``."""
 
-    def __init__(self, changes: RoutingChanges, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        changes: RoutingChanges,
+        authenticator: Authenticator,
+        drift: DriftLookup | None = None,
+    ) -> None:
         self._changes = changes
         self._auth = authenticator
+        self._drift = drift
 
     async def _call(
         self,
@@ -76,8 +88,15 @@ class AdminService(apb_grpc.AdminServicer):
     ) -> apb.ListModelsResponse:
         async def work(actor: Actor) -> apb.ListModelsResponse:
             state, views = await self._changes.list_models(request.endpoint or None)
+            models = [encode_model(v) for v in views]
+            if self._drift is not None:
+                for model in models:
+                    for version in model.versions:
+                        drift = self._drift(model.endpoint, version.version)
+                        if drift is not None:
+                            version.drift.CopyFrom(encode_drift(drift))
             return apb.ListModelsResponse(
-                models=[encode_model(v) for v in views],
+                models=models,
                 revision=state.revision,
                 applied_revision=self._changes.sync.state.revision,
             )
@@ -279,3 +298,30 @@ def encode_audit(entry: AuditEntry) -> apb.AuditEntry:
     if entry.after is not None:
         message.after.CopyFrom(encode_state(entry.after))
     return message
+
+
+def encode_drift(view: DriftView) -> apb.VersionDrift:
+    """A version's drift windows and open breaches."""
+    return apb.VersionDrift(
+        monitored=True,
+        short_window=_window(view.short, view.bucket_s),
+        long_window=_window(view.long, view.bucket_s),
+        breaching=list(view.open_breaches),
+    )
+
+
+def _window(window: WindowView, bucket_s: int) -> apb.DriftWindow:
+    out = apb.DriftWindow(window_s=window.buckets * bucket_s, rows=window.rows)
+    for column in window.columns:
+        if column.name == SCORE:
+            out.score_psi = column.psi
+            continue
+        feature = out.features.add(
+            feature=column.name,
+            psi=column.psi,
+            defaulted_share=window.defaulted_share.get(column.name, 0.0),
+            nan_share=column.nan_share,
+        )
+        if column.js is not None:
+            feature.js = column.js
+    return out

@@ -1,5 +1,5 @@
-"""``streamscore models list|load|unload|route|promote|rollback|approve|revoke|audit``: the
-admin API client.
+"""``streamscore models list|load|unload|route|promote|rollback|approve|revoke|audit|drift``:
+the admin API client (``drift NAME``: ListModels' drift of each loaded version).
 
 The target is ``--target`` or the configured ``server.host`` and admin port (the
 gRPC port unless ``server.admin_port`` is set); the bearer token is the
@@ -47,6 +47,7 @@ ADMIN_COMMANDS = (
     "approve",
     "revoke",
     "audit",
+    "drift",
 )
 
 AddConfigArgs = Callable[[argparse.ArgumentParser], None]
@@ -97,6 +98,8 @@ def add_admin_commands(
         ("rollback", "make the previous champion the champion again"),
     ):
         command(name, help_text).add_argument("endpoint")
+    drift = command("drift", "drift of each served version vs its reference", reason=False)
+    drift.add_argument("endpoint")
     audit = command("audit", "show the audit log, newest first", reason=False)
     audit.add_argument("endpoint", nargs="?", default="")
     audit.add_argument("--limit", type=int, default=20)
@@ -123,6 +126,8 @@ def run_admin_command(args: argparse.Namespace, settings: Settings) -> int:
             return 1
     if args.json:
         sys.stdout.write(MessageToJson(answer, preserving_proto_field_name=True) + "\n")
+    elif isinstance(answer, apb.ListModelsResponse) and args.models_command == "drift":
+        sys.stdout.write(format_drift(answer))
     elif isinstance(answer, apb.ListModelsResponse):
         sys.stdout.write(format_models(answer))
     elif isinstance(answer, apb.ListAuditResponse):
@@ -161,7 +166,7 @@ def _dispatch(
     call: Callable[[Callable[..., Any], Message], Any],
 ) -> Any:
     command = args.models_command
-    if command == "list":
+    if command in ("list", "drift"):
         return call(stub.ListModels, apb.ListModelsRequest(endpoint=args.endpoint))
     if command == "audit":
         request = apb.ListAuditRequest(endpoint=args.endpoint, limit=args.limit)
@@ -299,3 +304,30 @@ def format_audit(response: apb.ListAuditResponse) -> str:
             f"[{entry.peer}]  champion {before} -> {after}  {outcome}  {entry.reason!r}"
         )
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def format_drift(response: apb.ListModelsResponse) -> str:
+    """Per served version: both windows' score PSI and every feature's PSI/JS/defaulted."""
+    lines = []
+    for model in response.models:
+        for version in model.versions:
+            drift = version.drift
+            if not drift.monitored:
+                lines.append(f"{model.endpoint}/{version.version}  not monitored here")
+                continue
+            breaching = ",".join(drift.breaching) or "-"
+            lines.append(f"{model.endpoint}/{version.version}  breaching {breaching}")
+            short, long = drift.short_window, drift.long_window
+            lines.append(
+                f"  score psi  {short.score_psi:8.4f} ({short.window_s}s, {short.rows} rows)"
+                f"  {long.score_psi:8.4f} ({long.window_s}s, {long.rows} rows)"
+            )
+            lines.append(f"  {'feature':<24} {'psi':>8} {'psi long':>9} {'js':>8} {'defaulted':>9}")
+            long_psi = {f.feature: f.psi for f in long.features}
+            for feature in short.features:
+                js = f"{feature.js:8.4f}" if feature.HasField("js") else f"{'-':>8}"
+                lines.append(
+                    f"  {feature.feature:<24} {feature.psi:8.4f} "
+                    f"{long_psi.get(feature.feature, 0.0):9.4f} {js} {feature.defaulted_share:9.2%}"
+                )
+    return "\n".join(lines) + "\n"

@@ -1,8 +1,6 @@
 """deploy/grafana/streamscore.json and deploy/prometheus/alerts.yaml: valid, and every
-metric they query is one a running server or stream worker really exports.
-
-Drift panels and alerts are left out of both files until drift monitoring exists
-(issue 12 part 3); they join the same check when it lands."""
+metric they query is one a running server or stream worker really exports (the
+server serves a version with a reference profile, so its drift gauges are set)."""
 
 from __future__ import annotations
 
@@ -26,6 +24,8 @@ from feature_streams.stream_job import StreamWorker, WorkerConfig
 from feature_streams.topics import ensure_topics
 from protos.streamscore.v1 import scoring_pb2 as pb
 from tests.conftest import TEST_FEATURES
+from tests.support.drift import write_reference_profile
+from tests.support.model_factory import write_linear_model
 from tests.support.server import running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -73,6 +73,9 @@ def test_alerts_cover_the_operator_signals() -> None:
         "streamscore_stream_consumer_lag",
         "streamscore_record_sink_dropped_total",
         "streamscore_degraded_answers_total",
+        "streamscore_drift_psi",
+        "streamscore_drift_score_psi",
+        "streamscore_drift_defaulted_share",
     ):
         assert needed in text, needed
     for alert in alerts.values():
@@ -87,7 +90,7 @@ def test_dashboard_is_well_formed() -> None:
     assert len(ids) == len(set(ids))
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("requests", "latency", "batch size", "queue depth", "freshness", "lag",
-                  "canary", "shadow", "degraded"):  # fmt: skip
+                  "canary", "shadow", "degraded", "drift"):  # fmt: skip
         assert topic in titles, topic
     for panel in panels:
         if panel["type"] == "row":
@@ -141,18 +144,32 @@ async def _worker_exposition(kafka: KafkaBroker, redis_url: str) -> str:
 
 
 async def test_every_queried_metric_is_exported(
-    linear_repository: Path, redis_url: str, kafka: KafkaBroker
+    tmp_path: Path, redis_url: str, kafka: KafkaBroker
 ) -> None:
     overrides = [
         f"server.metrics_port={free_port()}",
         "routing.store=redis",  # the rollout controller and its metrics run with Redis
         f"redis.url={redis_url}",
+        "drift.flush_interval_s=0.1",
+        "drift.evaluate_interval_s=0.1",
     ]
-    async with running_server(linear_repository, overrides) as srv:
+    version_dir, weights, bias = write_linear_model(
+        tmp_path / "models", "lin", "1", TEST_FEATURES, seed=1
+    )
+    write_reference_profile(version_dir, weights, bias, rows=2000)
+    async with running_server(tmp_path / "models", overrides) as srv:
         await srv.scoring.Score(
             pb.ScoreRequest(model="lin", features={f: 0.5 for f in TEST_FEATURES}), timeout=5
         )
+        drift = srv.app.drift
+        assert drift is not None
+        for _ in range(200):  # the first evaluation sets the drift gauges
+            view = drift.view("lin", "1")
+            if view is not None and view.short.rows:
+                break
+            await asyncio.sleep(0.05)
         server_text = await asyncio.to_thread(_scrape, srv.app.metrics_port)
+        assert 'streamscore_drift_psi{feature="f0",model="lin",version="1"}' in server_text
     exported = _sample_names(server_text) | _sample_names(
         await _worker_exposition(kafka, redis_url)
     )

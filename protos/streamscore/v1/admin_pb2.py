@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/streamscore/v1/admin.proto\x12\x0estreamscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x06\x43\x61nary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08share_bp\x18\x02 \x01(\x05\x12\x0c\n\x04salt\x18\x03 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x04 \x01(\t\"j\n\x07Routing\x12\x10\n\x08\x63hampion\x18\x01 \x01(\t\x12&\n\x06\x63\x61nary\x18\x02 \x01(\x0b\x32\x16.streamscore.v1.Canary\x12\x0f\n\x07shadows\x18\x03 \x03(\t\x12\x14\n\x0crollout_json\x18\x04 \x01(\t\"\xba\x01\n\rEndpointState\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12(\n\x07routing\x18\x02 \x01(\x0b\x32\x17.streamscore.v1.Routing\x12\x19\n\x11previous_champion\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x06 \x01(\t\"\xce\x01\n\x0fVersionApproval\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x0f\n\x07problem\x18\x02 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x03 \x01(\t\x12/\n\x0b\x61pproved_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x06 \x01(\t\x12\x15\n\rreport_sha256\x18\x07 \x01(\t\x12\x12\n\nsubmitters\x18\x08 \x03(\t\"\xa2\x01\n\x07Lineage\x12\x17\n\x0f\x61rtifact_sha256\x18\x01 \x01(\t\x12\x15\n\rdata_snapshot\x18\x02 \x01(\t\x12\x13\n\x0b\x63ode_commit\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x11\n\texplainer\x18\x06 \x01(\x08\x12\x18\n\x10\x65xplainer_sha256\x18\x07 \x01(\t\"\xc9\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.streamscore.v1.VersionStatus\x12\r\n\x05roles\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x31\n\x08\x61pproval\x18\x05 \x01(\x0b\x32\x1f.streamscore.v1.VersionApproval\x12(\n\x07lineage\x18\x06 \x01(\x0b\x32\x17.streamscore.v1.Lineage\"w\n\x05Model\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12.\n\x08versions\x18\x03 \x03(\x0b\x32\x1c.streamscore.v1.ModelVersion\"%\n\x11ListModelsRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"g\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.streamscore.v1.Model\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x03\"b\n\x12LoadVersionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"d\n\x14UnloadVersionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"z\n\x11SetRoutingRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12(\n\x07routing\x18\x02 \x01(\x0b\x32\x17.streamscore.v1.Routing\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"M\n\x0ePromoteRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"N\n\x0fRollbackRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"H\n\x0e\x43hangeResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.streamscore.v1.Model\x12\x10\n\x08revision\x18\x02 \x01(\x03\"C\n\x0e\x41pproveRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"B\n\rRevokeRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"3\n\x10ListAuditRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xb5\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12-\n\x06\x62\x65\x66ore\x18\n \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12,\n\x05\x61\x66ter\x18\x0b \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12\x10\n\x08revision\x18\x0c \x01(\x03\x12\x13\n\x0b\x64\x65tail_json\x18\r \x01(\t\"@\n\x11ListAuditResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.streamscore.v1.AuditEntry*\x9f\x01\n\rVersionStatus\x12\x1e\n\x1aVERSION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATUS_LOADED\x10\x01\x12\x1a\n\x16VERSION_STATUS_PENDING\x10\x02\x12\x19\n\x15VERSION_STATUS_FAILED\x10\x03\x12\x1c\n\x18VERSION_STATUS_AVAILABLE\x10\x04\x32\xd5\x05\n\x05\x41\x64min\x12S\n\nListModels\x12!.streamscore.v1.ListModelsRequest\x1a\".streamscore.v1.ListModelsResponse\x12Q\n\x0bLoadVersion\x12\".streamscore.v1.LoadVersionRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12U\n\rUnloadVersion\x12$.streamscore.v1.UnloadVersionRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12O\n\nSetRouting\x12!.streamscore.v1.SetRoutingRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12I\n\x07Promote\x12\x1e.streamscore.v1.PromoteRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12K\n\x08Rollback\x12\x1f.streamscore.v1.RollbackRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12P\n\tListAudit\x12 .streamscore.v1.ListAuditRequest\x1a!.streamscore.v1.ListAuditResponse\x12I\n\x07\x41pprove\x12\x1e.streamscore.v1.ApproveRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12G\n\x06Revoke\x12\x1d.streamscore.v1.RevokeRequest\x1a\x1e.streamscore.v1.ChangeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/streamscore/v1/admin.proto\x12\x0estreamscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"I\n\x06\x43\x61nary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08share_bp\x18\x02 \x01(\x05\x12\x0c\n\x04salt\x18\x03 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x04 \x01(\t\"j\n\x07Routing\x12\x10\n\x08\x63hampion\x18\x01 \x01(\t\x12&\n\x06\x63\x61nary\x18\x02 \x01(\x0b\x32\x16.streamscore.v1.Canary\x12\x0f\n\x07shadows\x18\x03 \x03(\t\x12\x14\n\x0crollout_json\x18\x04 \x01(\t\"\xba\x01\n\rEndpointState\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12(\n\x07routing\x18\x02 \x01(\x0b\x32\x17.streamscore.v1.Routing\x12\x19\n\x11previous_champion\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x06 \x01(\t\"\xce\x01\n\x0fVersionApproval\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x0f\n\x07problem\x18\x02 \x01(\t\x12\x13\n\x0b\x61pproved_by\x18\x03 \x01(\t\x12/\n\x0b\x61pproved_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x06 \x01(\t\x12\x15\n\rreport_sha256\x18\x07 \x01(\t\x12\x12\n\nsubmitters\x18\x08 \x03(\t\"\xa2\x01\n\x07Lineage\x12\x17\n\x0f\x61rtifact_sha256\x18\x01 \x01(\t\x12\x15\n\rdata_snapshot\x18\x02 \x01(\t\x12\x13\n\x0b\x63ode_commit\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x11\n\texplainer\x18\x06 \x01(\x08\x12\x18\n\x10\x65xplainer_sha256\x18\x07 \x01(\t\"\xf6\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.streamscore.v1.VersionStatus\x12\r\n\x05roles\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x31\n\x08\x61pproval\x18\x05 \x01(\x0b\x32\x1f.streamscore.v1.VersionApproval\x12(\n\x07lineage\x18\x06 \x01(\x0b\x32\x17.streamscore.v1.Lineage\x12+\n\x05\x64rift\x18\x07 \x01(\x0b\x32\x1c.streamscore.v1.VersionDrift\"p\n\x0c\x46\x65\x61tureDrift\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x0b\n\x03psi\x18\x02 \x01(\x01\x12\x0f\n\x02js\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0f\x64\x65\x66\x61ulted_share\x18\x04 \x01(\x01\x12\x11\n\tnan_share\x18\x05 \x01(\x01\x42\x05\n\x03_js\"p\n\x0b\x44riftWindow\x12\x10\n\x08window_s\x18\x01 \x01(\x03\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x11\n\tscore_psi\x18\x03 \x01(\x01\x12.\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\x1c.streamscore.v1.FeatureDrift\"\x99\x01\n\x0cVersionDrift\x12\x11\n\tmonitored\x18\x01 \x01(\x08\x12\x31\n\x0cshort_window\x18\x02 \x01(\x0b\x32\x1b.streamscore.v1.DriftWindow\x12\x30\n\x0blong_window\x18\x03 \x01(\x0b\x32\x1b.streamscore.v1.DriftWindow\x12\x11\n\tbreaching\x18\x04 \x03(\t\"w\n\x05Model\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12.\n\x08versions\x18\x03 \x03(\x0b\x32\x1c.streamscore.v1.ModelVersion\"%\n\x11ListModelsRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"g\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.streamscore.v1.Model\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x03\"b\n\x12LoadVersionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"d\n\x14UnloadVersionRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"z\n\x11SetRoutingRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12(\n\x07routing\x18\x02 \x01(\x0b\x32\x17.streamscore.v1.Routing\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"M\n\x0ePromoteRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"N\n\x0fRollbackRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x03 \x01(\x03\"H\n\x0e\x43hangeResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.streamscore.v1.Model\x12\x10\n\x08revision\x18\x02 \x01(\x03\"C\n\x0e\x41pproveRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"B\n\rRevokeRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"3\n\x10ListAuditRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xb5\x02\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12-\n\x06\x62\x65\x66ore\x18\n \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12,\n\x05\x61\x66ter\x18\x0b \x01(\x0b\x32\x1d.streamscore.v1.EndpointState\x12\x10\n\x08revision\x18\x0c \x01(\x03\x12\x13\n\x0b\x64\x65tail_json\x18\r \x01(\t\"@\n\x11ListAuditResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.streamscore.v1.AuditEntry*\x9f\x01\n\rVersionStatus\x12\x1e\n\x1aVERSION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATUS_LOADED\x10\x01\x12\x1a\n\x16VERSION_STATUS_PENDING\x10\x02\x12\x19\n\x15VERSION_STATUS_FAILED\x10\x03\x12\x1c\n\x18VERSION_STATUS_AVAILABLE\x10\x04\x32\xd5\x05\n\x05\x41\x64min\x12S\n\nListModels\x12!.streamscore.v1.ListModelsRequest\x1a\".streamscore.v1.ListModelsResponse\x12Q\n\x0bLoadVersion\x12\".streamscore.v1.LoadVersionRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12U\n\rUnloadVersion\x12$.streamscore.v1.UnloadVersionRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12O\n\nSetRouting\x12!.streamscore.v1.SetRoutingRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12I\n\x07Promote\x12\x1e.streamscore.v1.PromoteRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12K\n\x08Rollback\x12\x1f.streamscore.v1.RollbackRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12P\n\tListAudit\x12 .streamscore.v1.ListAuditRequest\x1a!.streamscore.v1.ListAuditResponse\x12I\n\x07\x41pprove\x12\x1e.streamscore.v1.ApproveRequest\x1a\x1e.streamscore.v1.ChangeResponse\x12G\n\x06Revoke\x12\x1d.streamscore.v1.RevokeRequest\x1a\x1e.streamscore.v1.ChangeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.streamscore.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERSIONSTATUS']._serialized_start=2429
-  _globals['_VERSIONSTATUS']._serialized_end=2588
+  _globals['_VERSIONSTATUS']._serialized_start=2858
+  _globals['_VERSIONSTATUS']._serialized_end=3017
   _globals['_CANARY']._serialized_start=86
   _globals['_CANARY']._serialized_end=159
   _globals['_ROUTING']._serialized_start=161
@@ -45,35 +45,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LINEAGE']._serialized_start=668
   _globals['_LINEAGE']._serialized_end=830
   _globals['_MODELVERSION']._serialized_start=833
-  _globals['_MODELVERSION']._serialized_end=1034
-  _globals['_MODEL']._serialized_start=1036
-  _globals['_MODEL']._serialized_end=1155
-  _globals['_LISTMODELSREQUEST']._serialized_start=1157
-  _globals['_LISTMODELSREQUEST']._serialized_end=1194
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1196
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1299
-  _globals['_LOADVERSIONREQUEST']._serialized_start=1301
-  _globals['_LOADVERSIONREQUEST']._serialized_end=1399
-  _globals['_UNLOADVERSIONREQUEST']._serialized_start=1401
-  _globals['_UNLOADVERSIONREQUEST']._serialized_end=1501
-  _globals['_SETROUTINGREQUEST']._serialized_start=1503
-  _globals['_SETROUTINGREQUEST']._serialized_end=1625
-  _globals['_PROMOTEREQUEST']._serialized_start=1627
-  _globals['_PROMOTEREQUEST']._serialized_end=1704
-  _globals['_ROLLBACKREQUEST']._serialized_start=1706
-  _globals['_ROLLBACKREQUEST']._serialized_end=1784
-  _globals['_CHANGERESPONSE']._serialized_start=1786
-  _globals['_CHANGERESPONSE']._serialized_end=1858
-  _globals['_APPROVEREQUEST']._serialized_start=1860
-  _globals['_APPROVEREQUEST']._serialized_end=1927
-  _globals['_REVOKEREQUEST']._serialized_start=1929
-  _globals['_REVOKEREQUEST']._serialized_end=1995
-  _globals['_LISTAUDITREQUEST']._serialized_start=1997
-  _globals['_LISTAUDITREQUEST']._serialized_end=2048
-  _globals['_AUDITENTRY']._serialized_start=2051
-  _globals['_AUDITENTRY']._serialized_end=2360
-  _globals['_LISTAUDITRESPONSE']._serialized_start=2362
-  _globals['_LISTAUDITRESPONSE']._serialized_end=2426
-  _globals['_ADMIN']._serialized_start=2591
-  _globals['_ADMIN']._serialized_end=3316
+  _globals['_MODELVERSION']._serialized_end=1079
+  _globals['_FEATUREDRIFT']._serialized_start=1081
+  _globals['_FEATUREDRIFT']._serialized_end=1193
+  _globals['_DRIFTWINDOW']._serialized_start=1195
+  _globals['_DRIFTWINDOW']._serialized_end=1307
+  _globals['_VERSIONDRIFT']._serialized_start=1310
+  _globals['_VERSIONDRIFT']._serialized_end=1463
+  _globals['_MODEL']._serialized_start=1465
+  _globals['_MODEL']._serialized_end=1584
+  _globals['_LISTMODELSREQUEST']._serialized_start=1586
+  _globals['_LISTMODELSREQUEST']._serialized_end=1623
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1625
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1728
+  _globals['_LOADVERSIONREQUEST']._serialized_start=1730
+  _globals['_LOADVERSIONREQUEST']._serialized_end=1828
+  _globals['_UNLOADVERSIONREQUEST']._serialized_start=1830
+  _globals['_UNLOADVERSIONREQUEST']._serialized_end=1930
+  _globals['_SETROUTINGREQUEST']._serialized_start=1932
+  _globals['_SETROUTINGREQUEST']._serialized_end=2054
+  _globals['_PROMOTEREQUEST']._serialized_start=2056
+  _globals['_PROMOTEREQUEST']._serialized_end=2133
+  _globals['_ROLLBACKREQUEST']._serialized_start=2135
+  _globals['_ROLLBACKREQUEST']._serialized_end=2213
+  _globals['_CHANGERESPONSE']._serialized_start=2215
+  _globals['_CHANGERESPONSE']._serialized_end=2287
+  _globals['_APPROVEREQUEST']._serialized_start=2289
+  _globals['_APPROVEREQUEST']._serialized_end=2356
+  _globals['_REVOKEREQUEST']._serialized_start=2358
+  _globals['_REVOKEREQUEST']._serialized_end=2424
+  _globals['_LISTAUDITREQUEST']._serialized_start=2426
+  _globals['_LISTAUDITREQUEST']._serialized_end=2477
+  _globals['_AUDITENTRY']._serialized_start=2480
+  _globals['_AUDITENTRY']._serialized_end=2789
+  _globals['_LISTAUDITRESPONSE']._serialized_start=2791
+  _globals['_LISTAUDITRESPONSE']._serialized_end=2855
+  _globals['_ADMIN']._serialized_start=3020
+  _globals['_ADMIN']._serialized_end=3745
 # @@protoc_insertion_point(module_scope)

@@ -266,6 +266,7 @@ class ModelVersion(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     APPROVAL_FIELD_NUMBER: _builtins.int
     LINEAGE_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     status: Global___VersionStatus.ValueType
     error: _builtins.str
@@ -281,6 +282,10 @@ class ModelVersion(_message.Message):
         the manifest cannot be read.
         """
 
+    @_builtins.property
+    def drift(self) -> Global___VersionDrift:
+        """Drift against the version's reference profile, as the answering process last read it."""
+
     def __init__(
         self,
         *,
@@ -290,14 +295,118 @@ class ModelVersion(_message.Message):
         error: _builtins.str = ...,
         approval: Global___VersionApproval | None = ...,
         lineage: Global___Lineage | None = ...,
+        drift: Global___VersionDrift | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "lineage", b"lineage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "drift", b"drift", "lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "error", b"error", "lineage", b"lineage", "roles", b"roles", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "drift", b"drift", "error", b"error", "lineage", b"lineage", "roles", b"roles", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class FeatureDrift(_message.Message):
+    """One feature's drift over a window (all server processes merged)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    JS_FIELD_NUMBER: _builtins.int
+    DEFAULTED_SHARE_FIELD_NUMBER: _builtins.int
+    NAN_SHARE_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    psi: _builtins.float
+    """Population stability index against the reference bins."""
+    js: _builtins.float
+    """Jensen-Shannon divergence (base 2) of a categorical feature; unset otherwise."""
+    defaulted_share: _builtins.float
+    """Share of answers with this feature served as its default."""
+    nan_share: _builtins.float
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        psi: _builtins.float = ...,
+        js: _builtins.float | None = ...,
+        defaulted_share: _builtins.float = ...,
+        nan_share: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_js", b"_js", "js", b"js"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_js", b"_js", "defaulted_share", b"defaulted_share", "feature", b"feature", "js", b"js", "nan_share", b"nan_share", "psi", b"psi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__js: _TypeAlias = _typing.Literal["js"]  # noqa: Y015
+    _WhichOneofArgType__js: _TypeAlias = _typing.Literal["_js", b"_js"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__js) -> _WhichOneofReturnType__js | None: ...
+
+Global___FeatureDrift: _TypeAlias = FeatureDrift  # noqa: Y015
+
+@_typing.final
+class DriftWindow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    SCORE_PSI_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    window_s: _builtins.int
+    rows: _builtins.int
+    score_psi: _builtins.float
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureDrift]: ...
+    def __init__(
+        self,
+        *,
+        window_s: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        score_psi: _builtins.float = ...,
+        features: _abc.Iterable[Global___FeatureDrift] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "rows", b"rows", "score_psi", b"score_psi", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftWindow: _TypeAlias = DriftWindow  # noqa: Y015
+
+@_typing.final
+class VersionDrift(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONITORED_FIELD_NUMBER: _builtins.int
+    SHORT_WINDOW_FIELD_NUMBER: _builtins.int
+    LONG_WINDOW_FIELD_NUMBER: _builtins.int
+    BREACHING_FIELD_NUMBER: _builtins.int
+    monitored: _builtins.bool
+    """False: not loaded here, no reference profile, or drift monitoring off."""
+    @_builtins.property
+    def short_window(self) -> Global___DriftWindow:
+        """The short window (gauges and breach checks) and the long one."""
+
+    @_builtins.property
+    def long_window(self) -> Global___DriftWindow: ...
+    @_builtins.property
+    def breaching(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Columns in an open breach episode ("__score__" is the score)."""
+
+    def __init__(
+        self,
+        *,
+        monitored: _builtins.bool = ...,
+        short_window: Global___DriftWindow | None = ...,
+        long_window: Global___DriftWindow | None = ...,
+        breaching: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["long_window", b"long_window", "short_window", b"short_window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaching", b"breaching", "long_window", b"long_window", "monitored", b"monitored", "short_window", b"short_window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionDrift: _TypeAlias = VersionDrift  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):

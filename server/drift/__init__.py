@@ -1,0 +1,1 @@
+"""Drift monitoring: live features and scores against each version's reference profile."""

@@ -1,0 +1,227 @@
+"""Drift monitoring end to end: two server processes (AppContexts) share one Redis.
+
+Traffic drawn from the reference gives PSI < 0.02 on every feature and the score;
+a stream with one feature shifted crosses the threshold and yields exactly ONE
+drift event per breach episode (Kafka ``drift.topic`` and the audit log), even
+though both processes judge windows; the gauges are exported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from prometheus_client import generate_latest
+
+from devstack.services import KafkaBroker
+from protos.inference import grpc_service_pb2 as v2
+from protos.streamscore.v1 import admin_pb2 as apb
+from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
+from server.admin.cli import format_drift
+from server.clients.replay import read_topic_values
+from server.governance.profile import SCORE
+from server.routing.store import RedisRoutingStore
+from server.settings import RoutingSettings
+from tests.conftest import TEST_FEATURES
+from tests.support.admin import CREDENTIALS, TOKEN
+from tests.support.drift import draw, write_reference_profile
+from tests.support.model_factory import write_linear_model
+from tests.support.server import RunningServer, running_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+TOPIC = "streamscore-drift-test"
+
+
+def repository_with_profile(tmp_path: Path) -> Path:
+    repository = tmp_path / "models"
+    version_dir, weights, bias = write_linear_model(repository, "lin", "1", TEST_FEATURES, seed=3)
+    profile = write_reference_profile(version_dir, weights, bias)
+    assert profile.distributions["f7"].categories is not None
+    return repository
+
+
+def infer(rows: npt.NDArray[np.float32]) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name="lin")
+    request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+    request.raw_input_contents.append(rows.astype("<f4").tobytes())
+    return request
+
+
+class Traffic:
+    """Sends 64-row v2 batches to both servers, alternately, with a settable shift."""
+
+    def __init__(self, servers: list[RunningServer]) -> None:
+        self.servers = servers
+        self.shift = 0.0
+        self.sent = 0
+        self._rng = np.random.default_rng(7)
+
+    async def run(self) -> None:
+        i = 0
+        while True:
+            server = self.servers[i % len(self.servers)]
+            await server.inference.ModelInfer(infer(draw(self._rng, 64, shift=self.shift)))
+            self.sent += 64
+            i += 1
+            await asyncio.sleep(0.002)
+
+
+async def wait_for(check: Callable[[], object], timeout_s: float, what: str) -> None:
+    until = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > until:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def two_servers(
+    repository: Path, redis_url: str, kafka: KafkaBroker
+) -> AsyncIterator[list[RunningServer]]:
+    overrides = [
+        "routing.store=redis",
+        f"redis.url={redis_url}",
+        f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
+        "drift.bucket_s=1",
+        "drift.short_window_buckets=2",
+        "drift.long_window_buckets=4",
+        "drift.flush_interval_s=0.1",
+        "drift.evaluate_interval_s=0.1",
+        "drift.grace_s=0.3",
+        "drift.defaults.consecutive=2",
+        "drift.defaults.min_rows=200",
+        f"drift.topic={TOPIC}",
+        f"server.admin_token={TOKEN}",
+    ]
+    async with (
+        running_server(repository, overrides) as one,
+        running_server(repository, overrides) as two,
+    ):
+        yield [one, two]
+
+
+def judged(servers: list[RunningServer]) -> int:
+    """The newest bucket every process has looked at."""
+    marks = []
+    for server in servers:
+        assert server.app.drift is not None
+        version = server.app.drift._versions[("lin", "1")]
+        marks.append(version.last_judged if version.last_judged is not None else -1)
+    return min(marks)
+
+
+async def drift_audit(redis_url: str) -> list[dict[str, object]]:
+    from redis.asyncio import Redis
+
+    settings = RoutingSettings()
+    client = Redis.from_url(redis_url)
+    try:
+        store = RedisRoutingStore(client, settings.redis_key, settings.audit_key)
+        entries = await store.audit("lin", 1000)
+    finally:
+        await client.aclose()
+    return [dict(e.detail or {}) for e in entries if e.action == "drift"]
+
+
+async def test_reference_traffic_is_quiet_and_a_shift_gives_one_event_per_episode(
+    tmp_path: Path, redis_url: str, kafka: KafkaBroker
+) -> None:
+    repository = repository_with_profile(tmp_path)
+    async with two_servers(repository, redis_url, kafka) as servers:
+        traffic = Traffic(servers)
+        sender = asyncio.create_task(traffic.run())
+        try:
+            monitors = [s.app.drift for s in servers]
+            assert all(m is not None for m in monitors)
+
+            def view_rows() -> int:
+                view = monitors[0].view("lin", "1") if monitors[0] else None
+                return view.short.rows if view else 0
+
+            # 1. reference traffic: every column quiet, counts merged from both processes
+            await wait_for(lambda: view_rows() >= 4000, 30, "4000 rows in the short window")
+            view = monitors[0].view("lin", "1") if monitors[0] else None
+            assert view is not None
+            psi = {c.name: c.psi for c in view.short.columns}
+            assert set(psi) == {*TEST_FEATURES, SCORE}
+            assert max(psi.values()) < 0.02, psi
+            f7 = next(c for c in view.short.columns if c.name == "f7")
+            assert f7.js is not None and f7.js < 0.01
+            assert view.open_breaches == ()
+            scraped = generate_latest(servers[1].app.metrics.registry).decode()
+            for name in (
+                'streamscore_drift_psi{feature="f0",model="lin",version="1"}',
+                'streamscore_drift_score_psi{model="lin",version="1"}',
+                'streamscore_drift_js{feature="f7",model="lin",version="1"}',
+                'streamscore_drift_defaulted_share{feature="f0",model="lin",version="1"}',
+            ):
+                assert name in scraped, name
+            assert await drift_audit(redis_url) == []
+
+            # 2. shifted f0: one event, and still one after more windows over the threshold
+            traffic.shift = 3.0
+
+            async def f0_events() -> int:
+                return sum(1 for d in await drift_audit(redis_url) if d["feature"] == "f0")
+
+            until = time.monotonic() + 30
+            while await f0_events() < 1:
+                assert time.monotonic() < until, "no drift event for the shifted feature"
+                await asyncio.sleep(0.1)
+            mark = judged(servers)
+            await wait_for(lambda: judged(servers) >= mark + 4, 30, "four more judged windows")
+            assert await f0_events() == 1
+            for monitor in monitors:
+                assert monitor is not None
+                seen = monitor.view("lin", "1")
+                assert seen is not None and "f0" in seen.open_breaches
+            listed = await apb_grpc.AdminStub(servers[0].channel).ListModels(
+                apb.ListModelsRequest(endpoint="lin"), metadata=CREDENTIALS, timeout=10
+            )
+            (version,) = listed.models[0].versions
+            drift = version.drift
+            assert drift.monitored and "f0" in drift.breaching
+            assert drift.short_window.window_s == 2 and drift.long_window.window_s == 4
+            features = {f.feature: f for f in drift.short_window.features}
+            assert features["f0"].psi > 0.2 and features["f1"].psi < 0.05
+            assert features["f7"].HasField("js") and not features["f0"].HasField("js")
+            text = format_drift(listed)
+            assert "lin/1  breaching " in text and "f0" in text
+
+            # 3. back to the reference closes the episode; a new shift is a new episode
+            traffic.shift = 0.0
+
+            def closed() -> bool:
+                views = [m.view("lin", "1") if m else None for m in monitors]
+                return all(v is not None and "f0" not in v.open_breaches for v in views)
+
+            await wait_for(closed, 30, "the breach episode to close")
+            assert await f0_events() == 1
+            traffic.shift = -3.0
+            until = time.monotonic() + 30
+            while await f0_events() < 2:
+                assert time.monotonic() < until, "no event for the second episode"
+                await asyncio.sleep(0.1)
+            mark = judged(servers)
+            await wait_for(lambda: judged(servers) >= mark + 3, 30, "three more judged windows")
+            assert await f0_events() == 2
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        for server in servers:
+            assert server.app.record_sink is not None
+            await server.app.record_sink.flush(5.0)
+
+    events = [json.loads(v) for v in await read_topic_values(kafka.bootstrap_servers, TOPIC)]
+    f0 = [e for e in events if e["feature"] == "f0"]
+    assert len(f0) == 2, events
+    assert f0[0]["psi"] > 0.2 and f0[0]["model"] == "lin" and f0[0]["version"] == "1"
