@@ -126,8 +126,9 @@ async def _search_partition(
     """Read ``tp`` from its offset at ``since_ms`` to its end (seen now) for ``key``."""
     consumer.assign([tp])
     start = (await consumer.offsets_for_times({tp: since_ms})).get(tp)
-    if start is None:
-        return None  # nothing written there since then
+    if start is None or start.timestamp < 0:
+        # nothing written there since then (Tansu answers offset 0 with timestamp -1)
+        return None
     end = (await consumer.end_offsets([tp]))[tp]
     consumer.seek(tp, start.offset)
     while True:
