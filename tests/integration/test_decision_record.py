@@ -7,16 +7,23 @@ The demo models (with explainers) are trained once for the module."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import numpy as np
 import numpy.typing as npt
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
 from demo.synthetic import DEMO_FEATURES, generate_dataset
@@ -26,14 +33,17 @@ from feature_streams.batch_store import activate, write_snapshot
 from feature_streams.definitions import load_definitions
 from protos.inference import grpc_service_pb2 as v2
 from protos.streamscore.v1 import scoring_pb2 as pb
+from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.clients.decisions import main_decisions
 from server.clients.replay import ReplayConfig, read_topic_values, run_replay
 from server.manifest import ModelManifest
+from tests.conftest import TEST_FEATURES, free_port
 from tests.support.server import running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-FEATURES_YAML = Path(__file__).resolve().parents[2] / "features.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FEATURES_YAML = REPO_ROOT / "features.yaml"
 F32 = npt.NDArray[np.float32]
 REQUEST_FEATURES = frozenset(
     {
@@ -124,8 +134,6 @@ def _records(values: list[bytes]) -> dict[str, dict[str, Any]]:
 
 async def _cli(*argv: str) -> tuple[int, str]:
     """``main_decisions`` in a thread (it runs its own event loop), stdout captured."""
-    import contextlib
-    import io
 
     buffer = io.StringIO()
 
@@ -228,3 +236,87 @@ async def test_every_decision_recorded_found_and_reproduced(
     assert report.reproduced == report.ok and report.mismatched == ()
     assert report.reasons_compared >= flagged and report.reasons_agreed == report.reasons_compared
     assert report.agreement_rate == 1.0
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def _serving(port: int, process: asyncio.subprocess.Process, log: Path) -> None:
+    """Wait until the subprocess server answers health SERVING."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        for _ in range(600):
+            assert process.returncode is None, _tail(log)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"never SERVING:\n{_tail(log)}")
+    finally:
+        await channel.close(None)
+
+
+async def test_sigterm_with_records_buffered_spills_and_the_next_start_sends_them(
+    linear_repository: Path, kafka: KafkaBroker, tmp_path: Path
+) -> None:
+    """A real ``streamscore serve`` whose Kafka is away: answered decisions are held; on
+    SIGTERM they reach the spill file, and the next start sends every one of them."""
+    topic = f"decisions-{uuid.uuid4().hex[:8]}"
+    spill = tmp_path / "spill"
+    durable = [
+        "traffic_log.delivery=durable",
+        f"records.durable.spill_dir={spill}",
+        f"traffic_log.topic={topic}",
+    ]
+    port = free_port()
+    log = tmp_path / "server.log"
+    sets = [
+        f"server.port={port}",
+        "server.metrics_port=0",
+        f"models.repository={linear_repository}",
+        "features.definitions_path=null",
+        f"routing.file_path={tmp_path / 'routing.json'}",
+        f"kafka.bootstrap_servers=127.0.0.1:{free_port()}",  # nobody listens there
+        *durable,
+    ]
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "serve",
+            *(item for s in sets for item in ("--set", s)),
+            cwd=tmp_path, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+        await _serving(port, process, log)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.ScoringStub(channel)
+        ids = [f"term-{i}" for i in range(40)]
+        for i, request_id in enumerate(ids):
+            features = {f: float(i) / 10 for f in TEST_FEATURES}
+            await stub.Score(
+                pb.ScoreRequest(model="lin", request_id=request_id, features=features), timeout=10
+            )
+        await channel.close(None)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0, _tail(log)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert any(p.is_file() and p.stat().st_size for p in spill.rglob("*"))
+    # the next start (the broker back) sends what the last one spilled
+    async with running_server(
+        linear_repository, [f"kafka.bootstrap_servers={kafka.bootstrap_servers}", *durable]
+    ) as srv:
+        sink = srv.app.durable_sink
+        assert sink is not None
+        for _ in range(600):
+            if sink.spill.pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert sink.spill.pending == 0
+    records = _records(await read_topic_values(kafka.bootstrap_servers, topic))
+    assert set(ids) <= set(records)
+    assert all(records[i]["schema"] == "streamscore.decision/1" for i in ids)
