@@ -89,7 +89,7 @@ def overhead(args: argparse.Namespace, kafka: str) -> dict[str, Any]:
         return float(np.median([pick(r) for r in runs if r["scenario"] == name]))
 
     p99 = {n: median(n, lambda r: r["latency_us"]["p99"]) for n in SCENARIOS}
-    cpu = {n: median(n, lambda r: r["server_cpu_us_per_request"]) for n in SCENARIOS}
+    cpu_us = {n: median(n, lambda r: r["server_cpu_us_per_request"]) for n in SCENARIOS}
     recorded = sum(
         v
         for r in runs
@@ -98,13 +98,13 @@ def overhead(args: argparse.Namespace, kafka: str) -> dict[str, Any]:
         if k.startswith("streamscore_record_sink_sent_total")
     )
     p99_ratio = p99["every decision"] / p99["off"]
-    cpu_ratio = cpu["every decision"] / cpu["off"]
+    cpu_ratio = cpu_us["every decision"] / cpu_us["off"]
     return {
         "rate": args.rate,
         "duration_s": args.duration,
         "runs": runs,
         "p99_us": p99,
-        "cpu_us_per_request": cpu,
+        "cpu_us_per_request": cpu_us,
         "p99_ratio": p99_ratio,
         "cpu_ratio": cpu_ratio,
         "records_sent": recorded,
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # All broker threads off the server's core (in production it is remote).
         pin = ["taskset", "-a", "-p", "-c", cpu_list(CLIENT_CPUS), str(broker.process.pid)]
         subprocess.run(pin, check=True, capture_output=True)
-        document = {"schema": "streamscore.bench.decision_record/1"}
+        document: dict[str, Any] = {"schema": "streamscore.bench.decision_record/1"}
         document |= overhead(args, broker.bootstrap_servers)
     print(
         f"decision record: p99 off={document['p99_us']['off']:.0f}us every decision="
