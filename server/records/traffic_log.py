@@ -172,14 +172,12 @@ def feature_sources(
     (sent) or ``default``; every column ``request`` when there was no fetch row."""
     if fetched is None:
         return dict.fromkeys(names, "request")
-    store = plan.sources(fetched) if plan is not None else {}
-    out: dict[str, str] = {}
-    for column, name in enumerate(names):
-        source = store.get(name)
-        if source is None:
-            source = "request" if fetched.sent[column] else "default"
-        out[name] = source
-    return out
+    store = plan.sources(fetched) if plan is not None and plan.uses_store else {}
+    sent = fetched.sent.tolist()  # python bools: numpy scalar access per column is slow
+    return {
+        name: store.get(name) or ("request" if was_sent else "default")
+        for name, was_sent in zip(names, sent, strict=True)
+    }
 
 
 class TrafficLog:
