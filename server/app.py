@@ -251,6 +251,7 @@ class AppContext:
                 registry=self.metrics.registry,
                 clock=self.clock,
                 sample_salt=salt.get_secret_value().encode() if salt is not None else None,
+                process_index=self.process_index,
             )
 
     def _start_drift(self, store: RoutingStore) -> None:

@@ -5,7 +5,8 @@ streamscore dev   [--config FILE] [--set ...]   demo models + server (embedded s
 streamscore models demo [--repository DIR] [--force]                              *
 streamscore models validate NAME VERSION --holdout FILE [--segments COL,...]
 streamscore models list|load|unload|route|promote|rollback|audit ...   admin API client
-streamscore replay (--file F | --topic T) [--target H:P] [--version V] [--pace P] ...
+streamscore replay (--file F | --topic T) [--target H:P] [--version V] [--pace P] [--reproduce]
+streamscore decisions show|reproduce REQUEST_ID [--since 2h] [--topic T] [--target H:P]
 streamscore stream [--config FILE] [--set ...] [--metrics-port P] ...   (server/stream_cli.py)
 streamscore features load|rollback|backfill ...
 streamscore score-batch --model M --input SPINE --output OUT ...   (server/batch_scoring/)
@@ -64,6 +65,9 @@ def build_parser(plugins: Sequence[Plugin] | None = None) -> argparse.ArgumentPa
     _add_config_args(serve)
 
     commands.add_parser("replay", help="replay recorded traffic against a server (see --help)")
+    commands.add_parser(
+        "decisions", help="show or reproduce one past decision (see --help)", add_help=False
+    )
     commands.add_parser("score-batch", help="score a spine offline with a model (see --help)")
 
     stream = commands.add_parser("stream", help="run the stream-feature worker (Kafka -> Redis)")
@@ -139,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         bootstrap = os.environ.get("STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
         return main_replay(argv[1:], default_bootstrap=bootstrap)
+    if argv[:1] == ["decisions"]:  # its own parser: server.clients.decisions
+        from server.clients.decisions import main_decisions
+
+        bootstrap = os.environ.get("STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+        return main_decisions(argv[1:], default_bootstrap=bootstrap)
     plugins = discover()
     plugin = match(plugins, argv)
     if plugin is not None:  # its own parser (dev: stack options + --config/--set)

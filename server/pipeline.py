@@ -7,6 +7,7 @@ Servicers decode protobuf into the inputs here and encode the results back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ import numpy.typing as npt
 from server.errors import InvalidInput, NoExplainer, ScoringError
 from server.executor import Job, JobResult
 from server.features import Prepared
+from server.lineage import Lineage
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout.stats import StatsRecorder
 from server.router import Decision, Route
@@ -233,7 +235,9 @@ class ScoringPipeline:
         )
         if decision.shadows or self.traffic is not None:
             timings = {"pipeline_us": int((time.perf_counter() - call.started) * 1e6)}
-            self._after_answer(loaded, decision, answer, result.rows, call.t_ms, timings, request)
+            self._after_answer(
+                loaded, decision, answer, result.rows, call.t_ms, timings, request, prepared
+            )
         self._record(request, decision, call.started, answer)
         return answer
 
@@ -246,10 +250,11 @@ class ScoringPipeline:
         t_ms: int,
         timings: Mapping[str, int],
         request: ScoreInput | None,
+        prepared: Prepared | None = None,
     ) -> None:
-        """Shadows and the traffic log of one answered row ([1, F]); both only queue
+        """Shadows and the decision record of one answered row ([1, F]); both only queue
         work (never block, never raise). ``request`` is ``None`` when the traffic log
-        is known not to sample it."""
+        is known not to sample it; ``prepared`` is the assembled row (None: all sent)."""
         if decision.shadows and self.shadows is not None:
             self.shadows.submit(
                 request_id=answer.request_id,
@@ -269,6 +274,9 @@ class ScoringPipeline:
                 t_ms=t_ms,
                 threshold=loaded.model.manifest.threshold,
                 timings=timings,
+                fetched=prepared,
+                plan=loaded.layout.fetch,
+                lineage=functools.partial(Lineage.of, loaded.model.manifest),
             )
 
     def choose(self, model: str, version: str | None) -> tuple[LoadedVersion, Decision]:
@@ -331,5 +339,14 @@ class ScoringPipeline:
                     model_version=pinned,
                     event_time_ms=t_ms,
                 )
-            answer = ScoreResult(item_id, score, loaded.name, decision.version, decision.route)
+            answer = ScoreResult(
+                item_id,
+                score,
+                loaded.name,
+                decision.version,
+                decision.route,
+                artifact_sha256=manifest.sha256,
+                threshold=manifest.threshold,
+                decision=score >= manifest.threshold,
+            )
             self._after_answer(loaded, decision, answer, row, t_ms, timings, request)

@@ -749,12 +749,18 @@ class ShadowSettings(_Frozen):
 
 
 class TrafficLogSettings(_Frozen):
-    """Sampled log of scored requests (request, assembled features, answer) to Kafka."""
+    """The decision record: one record per scored request (features with their sources,
+    version and lineage, score, decision, reasons) to Kafka, keyed by request id."""
 
     sample_rate: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="Share of requests logged: 0 = off, 1 = all."
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of requests recorded: 1 = every decision (default), 0 = off.",
     )
-    topic: str = Field(default="streamscore-traffic", min_length=1, description="Kafka topic.")
+    topic: str = Field(
+        default="streamscore.decisions", min_length=1, description="Kafka topic of the records."
+    )
     delivery: Literal["best_effort", "durable"] = Field(
         default="best_effort",
         description="best_effort: the shared sink (drops when Kafka is away); durable: acks=all, "

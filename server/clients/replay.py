@@ -51,7 +51,7 @@ from server.clients.channels import (
     tls_from_args,
 )
 from server.clients.histogram import LatencyHistogram, LatencySummary
-from server.records.traffic_log import TRAFFIC_SCHEMA, traffic_record
+from server.records.traffic_log import DECISION_SCHEMA, RECORD_SCHEMAS, traffic_record
 
 __all__ = [
     "FeatureMode",
@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 FeatureMode = Literal["frozen", "live"]
 REPORT_SCHEMA = "streamscore.replay/1"
 _LATE_NS = 2_000_000
+_MISMATCHES_KEPT = 20
 _ROUTE_NAMES = {
     pb.ROUTE_CHAMPION: "champion",
     pb.ROUTE_CANARY: "canary",
@@ -100,6 +101,8 @@ class ReplayRecord(NamedTuple):
     version: str
     route: str
     threshold: float
+    #: Reason codes of the recorded answer, in order (``None``: none were computed).
+    reason_codes: tuple[str, ...] | None = None
 
 
 def parse_record(data: bytes | str) -> ReplayRecord:
@@ -108,8 +111,8 @@ def parse_record(data: bytes | str) -> ReplayRecord:
         doc = json.loads(data)
     except json.JSONDecodeError as error:
         raise ValueError(f"not JSON: {error}") from error
-    if not isinstance(doc, dict) or doc.get("schema") != TRAFFIC_SCHEMA:
-        raise ValueError(f"not a {TRAFFIC_SCHEMA} record")
+    if not isinstance(doc, dict) or doc.get("schema") not in RECORD_SCHEMAS:
+        raise ValueError(f"not a {DECISION_SCHEMA} record")
     try:
         request = doc["request"]
         event_time = request.get("event_time_ms")
@@ -126,9 +129,18 @@ def parse_record(data: bytes | str) -> ReplayRecord:
             version=str(doc["version"]),
             route=str(doc["route"]),
             threshold=float(doc.get("threshold", 0.5)),
+            reason_codes=_reason_codes(doc.get("reasons")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise ValueError(f"bad {TRAFFIC_SCHEMA} record: {error!r}") from error
+        raise ValueError(f"bad {DECISION_SCHEMA} record: {error!r}") from error
+
+
+def _reason_codes(reasons: object) -> tuple[str, ...] | None:
+    if reasons is None:
+        return None
+    if not isinstance(reasons, list):
+        raise ValueError("reasons must be a list")
+    return tuple(str(reason["code"]) for reason in reasons)
 
 
 def _parse_all(lines: Iterable[bytes | str]) -> tuple[list[ReplayRecord], int]:
@@ -288,6 +300,9 @@ class ReplayConfig:
     connect_timeout_s: float = 10.0
     #: TLS to the server (``--tls-ca`` ...); None = plaintext.
     tls: ClientTLS | None = None
+    #: Reproduce each decision: its recorded version pinned, its recorded features sent,
+    #: reasons asked for where they were recorded and their codes compared.
+    reproduce: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -299,6 +314,11 @@ class ReplayConfig:
             (self.deadline_ms is None or self.deadline_ms > 0, "deadline_ms must be > 0"),
             (self.threshold is None or 0 <= self.threshold <= 1, "threshold must be in [0, 1]"),
             (self.score_tolerance >= 0, "score_tolerance must be >= 0"),
+            (
+                not self.reproduce or (self.features == "frozen" and self.version is None),
+                "reproduce sends the recorded features to the recorded version "
+                "(features frozen, no version)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -338,6 +358,13 @@ class ReplayReport:
     duration_s: float
     latency_hdr: str = ""
     environment: Mapping[str, Any] = field(default_factory=dict)
+    #: Answers whose recorded reasons were compared, and how many had the same codes.
+    reasons_compared: int = 0
+    reasons_agreed: int = 0
+    #: Answers with an identical score and (where recorded) the same reason codes.
+    reproduced: int = 0
+    #: Request ids of the first answers that were not reproduced.
+    mismatched: tuple[str, ...] = ()
 
     @property
     def agreement_rate(self) -> float | None:
@@ -370,6 +397,10 @@ class ReplayReport:
             "throughput_rps": round(self.throughput_rps, 2),
             "latency_hdr": self.latency_hdr,
             "environment": dict(self.environment),
+            "reasons_compared": self.reasons_compared,
+            "reasons_agreed": self.reasons_agreed,
+            "reproduced": self.reproduced,
+            "mismatched": list(self.mismatched),
         }
 
     def format_text(self) -> str:
@@ -396,6 +427,20 @@ class ReplayReport:
                 f"p99.9={lat.p999_us} max={lat.max_us} (n={lat.count})",
                 f"throughput       {self.throughput_rps:.1f} ok/s over {self.duration_s:.2f}s"
                 f" (late sends: {self.late})",
+                *(
+                    [
+                        f"reproduced       {self.reproduced}/{self.ok} (score within "
+                        f"{cfg.score_tolerance:g} and same reason codes); reason codes equal "
+                        f"{self.reasons_agreed}/{self.reasons_compared}"
+                        + (
+                            f"; first mismatches: {', '.join(self.mismatched)}"
+                            if self.mismatched
+                            else ""
+                        )
+                    ]
+                    if cfg.reproduce
+                    else []
+                ),
             ]
         )
 
@@ -408,9 +453,10 @@ def build_request(record: ReplayRecord, config: ReplayConfig) -> pb.ScoreRequest
     """The ``ScoreRequest`` replaying ``record`` under ``config``."""
     request = pb.ScoreRequest(
         model=record.model,
-        model_version=config.version or "",
+        model_version=record.version if config.reproduce else config.version or "",
         request_id=record.request_id,
         entity_ids=dict(record.entity_ids),
+        explain=config.reproduce and record.reason_codes is not None,
     )
     if config.features == "frozen":
         request.features.update(record.features)
@@ -433,6 +479,10 @@ class _Tally:
         self.answered_by: Counter[str] = Counter()
         self.latency = LatencyHistogram()
         self.late = 0
+        self.reasons_compared = 0
+        self.reasons_agreed = 0
+        self.reproduced = 0
+        self.mismatched: list[str] = []
 
     def answered(self, record: ReplayRecord, response: pb.ScoreResponse, latency_ns: int) -> None:
         self.ok += 1
@@ -442,9 +492,20 @@ class _Tally:
         if (response.score >= threshold) == (record.score >= threshold):
             self.agreed += 1
         diff = response.score - record.score
-        if abs(diff) <= self.config.score_tolerance:
+        same_score = abs(diff) <= self.config.score_tolerance
+        if same_score:
             self.identical += 1
         self.diffs.append(diff)
+        if self.config.reproduce:
+            same_reasons = True
+            if record.reason_codes is not None:
+                self.reasons_compared += 1
+                same_reasons = tuple(r.code for r in response.reasons) == record.reason_codes
+                self.reasons_agreed += same_reasons
+            if same_score and same_reasons:
+                self.reproduced += 1
+            elif len(self.mismatched) < _MISMATCHES_KEPT:
+                self.mismatched.append(record.request_id)
 
     def score_diff(self) -> dict[str, float]:
         if not self.diffs:
@@ -587,6 +648,10 @@ async def run_replay(
         duration_s=duration,
         latency_hdr=tally.latency.encode(),
         environment={"event_loop": type(asyncio.get_running_loop()).__module__},
+        reasons_compared=tally.reasons_compared,
+        reasons_agreed=tally.reasons_agreed,
+        reproduced=tally.reproduced,
+        mismatched=tuple(tally.mismatched),
     )
 
 
@@ -622,7 +687,11 @@ def build_parser(default_bootstrap: str = "127.0.0.1:9092") -> argparse.Argument
     p.add_argument("--limit", type=int, default=None, help="replay at most N (oldest) records")
     p.add_argument("--version", default=None, help="pin this version (default: its routing)")
     p.add_argument(
-        "--pace", type=_pace, default=1.0, help="recorded (default), max, or <N>x (e.g. 2x)"
+        "--pace",
+        dest="pace_given",
+        type=_pace,
+        default=argparse.SUPPRESS,
+        help="recorded (default; max with --reproduce), max, or <N>x (e.g. 2x)",
     )
     p.add_argument("--features", choices=("frozen", "live"), default="frozen")
     p.add_argument("--concurrency", type=int, default=64, help="most calls in flight")
@@ -632,6 +701,12 @@ def build_parser(default_bootstrap: str = "127.0.0.1:9092") -> argparse.Argument
     p.add_argument("--score-tolerance", type=float, default=1e-6)
     p.add_argument("--json-out", type=Path, default=None, help="write JSON here, not stdout")
     p.add_argument("--save", type=Path, default=None, help="also write the records read (JSONL)")
+    p.add_argument(
+        "--reproduce",
+        action="store_true",
+        help="reproduce each decision: recorded version pinned, recorded features, reason "
+        "codes compared (implies --pace max unless given)",
+    )
     add_tls_arguments(p)
     p.add_argument(
         "--fail-under",
@@ -643,6 +718,13 @@ def build_parser(default_bootstrap: str = "127.0.0.1:9092") -> argparse.Argument
     return p
 
 
+def _chosen_pace(args: argparse.Namespace) -> float | None:
+    if hasattr(args, "pace_given"):
+        given: float | None = args.pace_given
+        return given
+    return None if args.reproduce else 1.0
+
+
 def _config(args: argparse.Namespace) -> ReplayConfig:
     return ReplayConfig(
         target=args.target,
@@ -651,7 +733,7 @@ def _config(args: argparse.Namespace) -> ReplayConfig:
         bootstrap_servers=args.bootstrap_servers,
         limit=args.limit,
         version=args.version,
-        pace=args.pace,
+        pace=_chosen_pace(args),
         features=args.features,
         concurrency=args.concurrency,
         connections=args.connections,
@@ -659,6 +741,7 @@ def _config(args: argparse.Namespace) -> ReplayConfig:
         threshold=args.threshold,
         score_tolerance=args.score_tolerance,
         tls=tls_from_args(args),
+        reproduce=args.reproduce,
     )
 
 

@@ -1,30 +1,44 @@
-"""Traffic log: a sampled record of scored requests, written to Kafka off the hot path.
+"""The decision record: one record per scored request, written to Kafka off the hot path.
 
-For each sampled request the pipeline calls ``TrafficLog.offer`` with the request,
-the answer and the exact assembled row. On the request path that costs a hash of
-the request id (sampling) and a non-blocking append to the bounded record sink;
-building and encoding the JSON happen later on the sink's sender task. A full
-buffer or an unreachable Kafka drops records (counted by the sink); serving never
-waits for the log.
+(The traffic log grown into the decision record: one path, one topic.) For each
+sampled request (default: every one) the pipeline calls ``TrafficLog.offer`` with the
+request, the answer, the exact assembled row and where its store values came from.
+On the request path that costs a hash of the request id (sampling, skipped at 100%)
+and a non-blocking append to the record sink; building and encoding the JSON
+(feature sources, lineage, reasons) happen later on the sink's sender task. The
+best-effort sink drops records when its buffer is full or Kafka is away (counted); the
+durable sink (``traffic_log.delivery: durable``) spills them instead.
 
 Sampling hashes the request id keyed by a server-side secret salt (``sample_salt``),
 so a caller cannot choose ids that are always (or never) logged. With the same salt
 every process, and a replay of the same ids, makes the same choice; without one,
 each ``TrafficLog`` draws a random salt.
 
-Record (``TRAFFIC_SCHEMA``, one JSON object per Kafka message, key = request id)::
+Record (``DECISION_SCHEMA``, one JSON object per Kafka message, key = request id)::
 
-    {"schema": "streamscore.traffic/1", "ts": <epoch s, float, when answered>,
+    {"schema": "streamscore.decision/1", "ts": <epoch s, float, when answered>,
+     "request_id": "...",
      "request": {"model", "model_version", "request_id", "entity_ids", "features",
                  "event_time_ms"},                       # as the caller sent it
      "t_ms": <time the features were evaluated at>,
      "features": {"<name>": value, ...},                  # assembled row, model order
-     "score", "model", "version", "route", "threshold",
+     "feature_sources": {"<name>": "request" | "default" | "snapshot:<group>/<id>"
+                                   | "stream:<group>", ...},
+     "freshness": [{"group", "entity", "age_ms"}, ...],   # stream groups read
+     "score", "model", "version", "route", "threshold", "decision": <score >= threshold>,
+     "artifact_sha256", "lineage": {"data_snapshot", "code_commit", "created_at",
+                                    "algorithm", "explainer_sha256"},
+     "reasons": null | [{"code", "text", "contribution",
+                         "features": [{"name", "value", "contribution"}]}],
+     "reasons_base_value",
      "defaulted_features": [...], "degraded_reasons": [...],
+     "process": {"pid", "index"}, "latency_us": <pipeline time>,
      "timings": {"pipeline_us": ...}}
 
-Non-finite feature values (features whose manifest allows NaN) are written as the
-JSON extension ``NaN``, which Python's ``json`` reads back.
+Records of the former ``streamscore.traffic/1`` schema (the same without the decision
+fields) are still read by ``streamscore replay``. Non-finite feature values (features
+whose manifest allows NaN) are written as the JSON extension ``NaN``, which Python's
+``json`` reads back.
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -44,11 +58,24 @@ from prometheus_client import CollectorRegistry, Counter
 from server.records.kafka_sink import RecordSink
 
 if TYPE_CHECKING:
+    from feature_streams.read_plan import FetchPlan, FetchRow
+    from server.explain.reasons import Reason
+    from server.lineage import Lineage
     from server.scoring_types import ScoreInput, ScoreResult
 
-__all__ = ["TRAFFIC_SCHEMA", "TrafficLog", "traffic_record"]
+__all__ = [
+    "DECISION_SCHEMA",
+    "RECORD_SCHEMAS",
+    "TRAFFIC_SCHEMA",
+    "TrafficLog",
+    "reasons_json",
+    "traffic_record",
+]
 
+DECISION_SCHEMA = "streamscore.decision/1"
 TRAFFIC_SCHEMA = "streamscore.traffic/1"
+"""The former schema (no decision fields), still readable by replay."""
+RECORD_SCHEMAS = frozenset({DECISION_SCHEMA, TRAFFIC_SCHEMA})
 _HASH_SPACE = 1 << 64
 
 
@@ -70,11 +97,20 @@ def traffic_record(
     defaulted_features: Sequence[str] = (),
     degraded_reasons: Sequence[str] = (),
     timings: Mapping[str, int] | None = None,
+    feature_sources: Mapping[str, str] | None = None,
+    freshness: Sequence[Mapping[str, Any]] = (),
+    artifact_sha256: str = "",
+    lineage: Lineage | None = None,
+    reasons: Sequence[Reason] | None = None,
+    reasons_base_value: float = 0.0,
+    process: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """One traffic record as a JSON-ready dict (the documented schema)."""
+    """One decision record as a JSON-ready dict (the documented schema)."""
+    timings = dict(timings or {})
     return {
-        "schema": TRAFFIC_SCHEMA,
+        "schema": DECISION_SCHEMA,
         "ts": ts,
+        "request_id": request_id,
         "request": {
             "model": model,
             "model_version": model_version or None,
@@ -85,19 +121,67 @@ def traffic_record(
         },
         "t_ms": t_ms,
         "features": dict(features),
+        "feature_sources": dict(feature_sources or {}),
+        "freshness": [dict(f) for f in freshness],
         "score": score,
         "model": model,
         "version": version,
         "route": route,
         "threshold": threshold,
+        "decision": score >= threshold,
+        "artifact_sha256": artifact_sha256,
+        "lineage": None
+        if lineage is None
+        else {
+            "data_snapshot": lineage.data_snapshot,
+            "code_commit": lineage.code_commit,
+            "created_at": lineage.created_at,
+            "algorithm": lineage.algorithm,
+            "explainer_sha256": lineage.explainer_sha256,
+        },
+        "reasons": None if reasons is None else reasons_json(reasons),
+        "reasons_base_value": reasons_base_value,
         "defaulted_features": list(defaulted_features),
         "degraded_reasons": list(degraded_reasons),
-        "timings": dict(timings or {}),
+        "process": dict(process or {}),
+        "latency_us": timings.get("pipeline_us"),
+        "timings": timings,
+    }
+
+
+def reasons_json(reasons: Sequence[Reason]) -> list[dict[str, Any]]:
+    """Reasons as JSON values (code, text, contribution, features behind it)."""
+    return [
+        {
+            "code": reason.code,
+            "text": reason.text,
+            "contribution": reason.contribution,
+            "features": [
+                {"name": f.name, "value": f.value, "contribution": f.contribution}
+                for f in reason.features
+            ],
+        }
+        for reason in reasons
+    ]
+
+
+def feature_sources(
+    names: Sequence[str], fetched: FetchRow | None, plan: FetchPlan | None
+) -> dict[str, str]:
+    """Where each column's value came from: the plan's store sources, else ``request``
+    (sent) or ``default``; every column ``request`` when there was no fetch row."""
+    if fetched is None:
+        return dict.fromkeys(names, "request")
+    store = plan.sources(fetched) if plan is not None and plan.uses_store else {}
+    sent = fetched.sent.tolist()  # python bools: numpy scalar access per column is slow
+    return {
+        name: store.get(name) or ("request" if was_sent else "default")
+        for name, was_sent in zip(names, sent, strict=True)
     }
 
 
 class TrafficLog:
-    """Samples scored requests and hands their records to a ``RecordSink``."""
+    """Samples scored requests and hands their decision records to a ``RecordSink``."""
 
     def __init__(
         self,
@@ -108,9 +192,11 @@ class TrafficLog:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
         sample_salt: bytes | None = None,
+        process_index: int = 0,
     ) -> None:
         """``sample_rate`` in [0, 1] (0 = off, 1 = every request); ``sample_salt`` keys the
-        id hash (a secret; random when None; blake2b takes up to 64 bytes)."""
+        id hash (a secret; random when None; blake2b takes up to 64 bytes);
+        ``process_index`` is this server process's index (recorded with its pid)."""
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
         self._sink = sink
@@ -119,15 +205,21 @@ class TrafficLog:
         self._cutoff = int(sample_rate * _HASH_SPACE)
         self._clock = clock
         self._salt = sample_salt[:64] if sample_salt else os.urandom(32)
+        self._process = {"pid": os.getpid(), "index": process_index}
         self._sampled: Counter | None = (
             Counter(
                 "streamscore_traffic_log_sampled",
-                "Scored requests sampled into the traffic log (drops: record_sink_dropped).",
+                "Scored requests sampled into the decision record (drops: record_sink_dropped).",
                 registry=registry,
             )
             if registry is not None
             else None
         )
+
+    @property
+    def topic(self) -> str:
+        """The records topic."""
+        return self._topic
 
     def sampled(self, request_id: str) -> bool:
         """True when ``request_id`` falls in the sampled share of the salted id hash space."""
@@ -148,48 +240,83 @@ class TrafficLog:
         t_ms: int,
         threshold: float,
         timings: Mapping[str, int],
+        fetched: FetchRow | None = None,
+        plan: FetchPlan | None = None,
+        lineage: Callable[[], Lineage] | None = None,
     ) -> bool:
-        """Log one answered request if sampled; ``True`` when a record was queued.
+        """Record one answered request if sampled; ``True`` when a record was queued.
 
         ``names``/``row`` are the answering version's feature names and the exact
-        ``[1, F]`` row its model saw. Never blocks; never raises for a full buffer.
+        ``[1, F]`` row its model saw; ``fetched``/``plan`` say where its values came
+        from (None: every value was sent); ``lineage`` gives the version's lineage
+        (called off the request path). Never blocks; never raises for a full buffer.
         """
         if not self.sampled(request.request_id):
             return False
         if self._sampled is not None:
             self._sampled.inc()
         encode = functools.partial(
-            _encode, request, result, names, row, t_ms, threshold, timings, self._clock()
+            _encode,
+            _Pending(
+                request,
+                result,
+                names,
+                row,
+                t_ms,
+                threshold,
+                timings,
+                self._clock(),
+                fetched,
+                plan,
+                lineage,
+                self._process,
+            ),
         )
         return self._sink.offer(self._topic, encode, request.request_id.encode())
 
 
-def _encode(
-    request: ScoreInput,
-    result: ScoreResult,
-    names: Sequence[str],
-    row: npt.NDArray[np.float32],
-    t_ms: int,
-    threshold: float,
-    timings: Mapping[str, int],
-    ts: float,
-) -> bytes:
+class _Pending(NamedTuple):
+    """What the sender task needs to build one record (no work done on the request path)."""
+
+    request: ScoreInput
+    result: ScoreResult
+    names: Sequence[str]
+    row: npt.NDArray[np.float32]
+    t_ms: int
+    threshold: float
+    timings: Mapping[str, int]
+    ts: float
+    fetched: FetchRow | None
+    plan: FetchPlan | None
+    lineage: Callable[[], Lineage] | None
+    process: Mapping[str, int]
+
+
+def _encode(pending: _Pending) -> bytes:
+    request, result = pending.request, pending.result
     record = traffic_record(
-        ts=ts,
+        ts=pending.ts,
         model=request.model,
         model_version=request.model_version,
         request_id=request.request_id,
         entity_ids=request.entity_ids,
         request_features=request.features,
         event_time_ms=request.event_time_ms,
-        t_ms=t_ms,
-        features=dict(zip(names, row.reshape(-1).tolist(), strict=True)),
+        t_ms=pending.t_ms,
+        features=dict(zip(pending.names, pending.row.reshape(-1).tolist(), strict=True)),
         score=result.score,
         version=result.version,
         route=str(result.route.value),
-        threshold=threshold,
+        threshold=pending.threshold,
         defaulted_features=result.defaulted_features,
         degraded_reasons=result.degraded_reasons,
-        timings=timings,
+        timings=pending.timings,
+        feature_sources=feature_sources(pending.names, pending.fetched, pending.plan),
+        freshness=[f._asdict() for f in result.freshness],
+        artifact_sha256=result.artifact_sha256,
+        lineage=None if pending.lineage is None else pending.lineage(),
+        reasons=result.reasons,
+        reasons_base_value=result.reasons_base_value,
+        process=pending.process,
     )
     return json.dumps(record, separators=(",", ":")).encode()

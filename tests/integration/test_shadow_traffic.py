@@ -31,7 +31,7 @@ from server.records.shadow import (
     ShadowRunner,
     live_backlog,
 )
-from server.records.traffic_log import TRAFFIC_SCHEMA, TrafficLog
+from server.records.traffic_log import DECISION_SCHEMA, TrafficLog
 from server.router import Route
 from server.scoring_types import ScoreInput, ScoreResult
 from tests.conftest import TEST_FEATURES
@@ -251,7 +251,7 @@ async def test_traffic_log_records_reach_kafka_with_assembled_features(
     assert skipped == 0
     assert sorted(r.request_id for r in records) == sorted(sampled)
     raw = json.loads((await read_topic_values(kafka.bootstrap_servers, topic))[0])
-    assert raw["schema"] == TRAFFIC_SCHEMA
+    assert raw["schema"] == DECISION_SCHEMA
     assert set(raw) >= {"request", "features", "score", "version", "route", "timings", "ts"}
     for record in records:
         request, result = results[record.request_id]
