@@ -137,6 +137,7 @@ class AppContext:
             policy=BatchPolicy(
                 max_batch_size=serving.max_batch_size,
                 max_queue_size=serving.max_queue_size,
+                max_queue_rows=serving.max_queue_rows,
                 max_queue_delay_s=serving.max_queue_delay_ms / 1000.0,
             ),
             runtime=RuntimeOptions(
