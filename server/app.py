@@ -51,6 +51,7 @@ from server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from server.admin.api import AdminService
 from server.admin.auth import Authenticator, CertificateAuthenticator, TokenAuthenticator
 from server.batcher import BatchPolicy
+from server.overrides import OverridePermission
 from server.explain.service import ReasonPolicy
 from server.feature_store import FeatureStore, store_options
 from server.grpc_api import InferenceService, ScoringService
@@ -107,7 +108,9 @@ class AppContext:
         self.snapshots: BatchSnapshotCache | None = None
         self.feature_store: FeatureStore | None = None
         self.registry = ModelRegistry(self.metrics.observer_for)
-        self.pipeline = ScoringPipeline(self.registry, clock)
+        self.pipeline = ScoringPipeline(
+            self.registry, clock, settings.server.limits.event_time_skew_s
+        )
         self.routing: RoutingSync | None = None
         self.routing_changes: RoutingChanges | None = None
         self.rollout_stats: StatsRecorder | None = None
@@ -381,7 +384,17 @@ class AppContext:
             admin_server = self._admin_server = self._grpc_server()
         apb_grpc.add_AdminServicer_to_server(admin, admin_server)
         pb_grpc.add_ScoringServicer_to_server(
-            ScoringService(self.pipeline, self.registry, self.metrics), server
+            ScoringService(
+                self.pipeline,
+                self.registry,
+                self.metrics,
+                settings.server.limits,
+                OverridePermission(
+                    {n: t.get_secret_value() for n, t in settings.server.overrides.tokens.items()},
+                    settings.server.overrides.subjects,
+                ),
+            ),
+            server,
         )
         v2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(
@@ -389,6 +402,7 @@ class AppContext:
                 self.registry,
                 self.metrics,
                 is_ready=lambda: self._ready,
+                limits=settings.server.limits,
             ),
             server,
         )

@@ -8,9 +8,11 @@ On the request path, ``FeatureLayout.prepare`` validates one request (unknown fe
 or entity, an entity id that is not its entity's canonical key
 (``feature_streams.entity_keys``: ``" c-1"``, an int entity's ``"042"``), out-of-range
 or NaN request value: ``InvalidInput`` naming it) and starts its row from defaults
-overlaid with every value the request carries. A request may carry any model feature:
-a value sent wins over the store (replays with frozen features, callers that compute
-features themselves), and a group whose every column was sent is not fetched at all.
+overlaid with every value the request carries. A request may carry its model's request
+features; a store feature only with the ``features.allow_overrides`` permission
+(replays with frozen features, tests): then the value sent wins over the store, and a
+group whose every column was sent is not fetched at all. Without it the store feature
+is ``InvalidInput`` naming it (a caller must not set, e.g., its card's 1-hour count).
 The row is then completed, a micro-batch at a time, by
 :class:`server.feature_store.FeatureStore` (which adds the failure policy to
 :class:`feature_streams.fetcher.FeatureFetcher`, the one Redis round trip).
@@ -42,7 +44,14 @@ from feature_streams.read_plan import FetchPlan, FetchRow, Freshness
 from server.errors import InvalidInput, ModelLoadError
 from server.manifest import ModelManifest
 
-__all__ = ["F32_MAX", "FailurePolicy", "FeatureLayout", "Freshness", "Prepared"]
+__all__ = [
+    "F32_MAX",
+    "OVERRIDE_PERMISSION",
+    "FailurePolicy",
+    "FeatureLayout",
+    "Freshness",
+    "Prepared",
+]
 
 FailurePolicy = Literal["degrade", "fail"]
 """What a micro-batch gets when the feature store is unreachable: defaults, flagged
@@ -51,6 +60,11 @@ F32_MAX = float(np.finfo(np.float32).max)
 """Largest magnitude a feature value may have: rows are float32, so a finite double
 beyond it would reach the model as infinity."""
 _NOT_FLOAT32 = "{} not allowed (must be finite and within float32 range)"
+OVERRIDE_PERMISSION = "features.allow_overrides"
+STORE_FEATURE_REFUSED = (
+    f"store feature; overrides need permission {OVERRIDE_PERMISSION} "
+    "(metadata x-streamscore-override-token, server.overrides)"
+)
 
 
 _NO_FETCH = FetchPlan(())
@@ -161,9 +175,14 @@ class FeatureLayout:
         return np.array(values, dtype=np.float32).reshape(1, -1)
 
     def prepare(
-        self, features: Mapping[str, float], entity_ids: Mapping[str, str], t_ms: int
+        self,
+        features: Mapping[str, float],
+        entity_ids: Mapping[str, str],
+        t_ms: int,
+        overrides_allowed: bool = False,
     ) -> Prepared:
-        """Validate one request and start its row (defaults overlaid with sent values)."""
+        """Validate one request and start its row (defaults overlaid with sent values);
+        a store feature is refused unless ``overrides_allowed``."""
         if not self.uses_store and not self.request_rules:
             row = self.assemble_row(features)
             return Prepared(row, self.all_sent, entity_ids, t_ms, store_sent=True)
@@ -191,6 +210,8 @@ class FeatureLayout:
                 if problem is not None:
                     raise InvalidInput(f"features.{name}", problem)
             else:
+                if not overrides_allowed:
+                    raise InvalidInput(f"features.{name}", STORE_FEATURE_REFUSED)
                 store_sent = True
             if not _fits_float32(value) and name not in self.nan_allowed:
                 raise InvalidInput(f"features.{name}", _NOT_FLOAT32.format(value))
