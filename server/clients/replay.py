@@ -51,6 +51,11 @@ from server.clients.channels import (
     tls_from_args,
 )
 from server.clients.histogram import LatencyHistogram, LatencySummary
+from server.clients.override_token import (
+    add_override_arguments,
+    override_metadata,
+    token_from_args,
+)
 from server.records.traffic_log import TRAFFIC_SCHEMA, traffic_record
 
 __all__ = [
@@ -288,6 +293,8 @@ class ReplayConfig:
     connect_timeout_s: float = 10.0
     #: TLS to the server (``--tls-ca`` ...); None = plaintext.
     tls: ClientTLS | None = None
+    #: Token of ``features.allow_overrides`` (frozen features and recorded times).
+    override_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -316,6 +323,7 @@ class ReplayConfig:
         data = asdict(self)
         data["file"] = None if self.file is None else str(self.file)
         data["tls"] = None if self.tls is None else {"mutual": self.tls.cert_file is not None}
+        data["override_token"] = self.override_token is not None  # never the secret
         return data
 
 
@@ -433,6 +441,7 @@ class _Tally:
         self.answered_by: Counter[str] = Counter()
         self.latency = LatencyHistogram()
         self.late = 0
+        self.metadata = override_metadata(config.override_token)
 
     def answered(self, record: ReplayRecord, response: pb.ScoreResponse, latency_ns: int) -> None:
         self.ok += 1
@@ -473,7 +482,9 @@ async def _call(
 ) -> None:
     started = time.perf_counter_ns()
     try:
-        response: pb.ScoreResponse = await stub.Score(request, timeout=deadline_s)
+        response: pb.ScoreResponse = await stub.Score(
+            request, timeout=deadline_s, metadata=tally.metadata
+        )
     except grpc.aio.AioRpcError as error:
         tally.errors[error.code().name] += 1
         return
@@ -633,6 +644,7 @@ def build_parser(default_bootstrap: str = "127.0.0.1:9092") -> argparse.Argument
     p.add_argument("--json-out", type=Path, default=None, help="write JSON here, not stdout")
     p.add_argument("--save", type=Path, default=None, help="also write the records read (JSONL)")
     add_tls_arguments(p)
+    add_override_arguments(p)
     p.add_argument(
         "--fail-under",
         type=float,
@@ -659,6 +671,7 @@ def _config(args: argparse.Namespace) -> ReplayConfig:
         threshold=args.threshold,
         score_tolerance=args.score_tolerance,
         tls=tls_from_args(args),
+        override_token=token_from_args(args),
     )
 
 
