@@ -51,12 +51,12 @@ from server.admin.api import SERVICE_NAME as ADMIN_SERVICE_NAME
 from server.admin.api import AdminService
 from server.admin.auth import Authenticator, CertificateAuthenticator, TokenAuthenticator
 from server.batcher import BatchPolicy
-from server.overrides import OverridePermission
 from server.explain.service import ReasonPolicy
 from server.feature_store import FeatureStore, store_options
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
+from server.overrides import OverridePermission
 from server.pipeline import ScoringPipeline
 from server.records.durable_sink import DurableSink, DurableSinkConfig
 from server.records.kafka_sink import KafkaSink, SinkConfig, SinkMetrics
@@ -383,16 +383,15 @@ class AppContext:
         if settings.server.admin_port is not None:
             admin_server = self._admin_server = self._grpc_server()
         apb_grpc.add_AdminServicer_to_server(admin, admin_server)
+        granted = settings.server.overrides
+        overrides = OverridePermission(
+            {name: token.get_secret_value() for name, token in granted.tokens.items()},
+            granted.subjects,
+            allow_all=granted.allow_all,
+        )
         pb_grpc.add_ScoringServicer_to_server(
             ScoringService(
-                self.pipeline,
-                self.registry,
-                self.metrics,
-                settings.server.limits,
-                OverridePermission(
-                    {n: t.get_secret_value() for n, t in settings.server.overrides.tokens.items()},
-                    settings.server.overrides.subjects,
-                ),
+                self.pipeline, self.registry, self.metrics, settings.server.limits, overrides
             ),
             server,
         )
@@ -403,6 +402,7 @@ class AppContext:
                 self.metrics,
                 is_ready=lambda: self._ready,
                 limits=settings.server.limits,
+                overrides=overrides,
             ),
             server,
         )

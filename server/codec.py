@@ -18,6 +18,7 @@ from protos.inference import model_config_pb2 as v2config
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.errors import InvalidInput
 from server.explain.reasons import Reason
+from server.features import OVERRIDE_PERMISSION
 from server.registry import LoadedVersion
 from server.router import Route
 from server.scoring_types import ScoreInput, ScoreResult
@@ -73,8 +74,9 @@ def _check_keys(field: str, keys: Iterable[str], limit: int) -> None:
 def check_score_request(request: pb.ScoreRequest, limits: LimitsSettings = DEFAULT_LIMITS) -> None:
     """Every string and map of a ``ScoreRequest`` within ``limits`` (length checks and
     one pass over the map keys: nothing is copied)."""
-    if len(request.request_id) > limits.max_id_length:
-        raise _too_long("request_id", len(request.request_id), limits.max_id_length, "max_id_length")
+    longest_id = limits.max_id_length
+    if len(request.request_id) > longest_id:
+        raise _too_long("request_id", len(request.request_id), longest_id, "max_id_length")
     names = limits.max_name_length
     if len(request.model) > names:
         raise _too_long("model", len(request.model), names, "max_name_length")
@@ -236,6 +238,25 @@ class InferCodec:
         self._max_rows = loaded.batcher.policy.max_batch_size
         self._outputs = tuple(o.name for o in manifest.outputs)
         self._templates: dict[tuple[object, ...], bytes] = {}
+        layout = loaded.layout
+        #: Input columns the feature store fills on the Score path: a v2 row carries
+        #: them too, so v2 inference needs the overrides permission when there are any.
+        self.store_features = (
+            tuple(n for n in layout.names if n not in layout.request_rules)
+            if layout.uses_store
+            else ()
+        )
+
+    def check_overrides(self, allowed: bool) -> None:
+        """Refuse v2 rows of a store-fed model from a caller without the permission."""
+        if self.store_features and not allowed:
+            shown = ", ".join(self.store_features[:5])
+            more = ", ..." if len(self.store_features) > 5 else ""
+            raise InvalidInput(
+                "inputs[0]",
+                f"rows carry store features ({shown}{more}) of a store-fed model; "
+                f"v2 inference on it needs permission {OVERRIDE_PERMISSION}",
+            )
 
     def decode(self, request: v2.ModelInferRequest) -> npt.NDArray[np.float32]:
         """The ``[N, F]`` input of a v2 request, validated against the manifest."""

@@ -27,8 +27,8 @@ from server.errors import ScoringError
 from server.executor import JobResult
 from server.grpc_status import abort, status_of
 from server.lineage import Lineage
-from server.overrides import OverridePermission
 from server.metrics import UNKNOWN_MODEL, ApiMetrics, Metrics
+from server.overrides import OverridePermission
 from server.pipeline import ScoringPipeline
 from server.registry import LoadedVersion, ModelRegistry
 from server.scoring_types import ScoreInput, ScoreResult
@@ -231,10 +231,12 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         metrics: Metrics,
         is_ready: Callable[[], bool],
         limits: LimitsSettings = codec.DEFAULT_LIMITS,
+        overrides: OverridePermission | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._registry = registry
         self._limits = limits
+        self._overrides = overrides or OverridePermission()
         self._v2 = metrics.api("v2")
         self._is_ready = is_ready
         self._codecs: dict[tuple[str, str], codec.InferCodec] = {}
@@ -322,6 +324,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             )
             version = loaded.version  # chosen: a served model and a loaded version
             infer_codec = self._codec(loaded)
+            if infer_codec.store_features:
+                infer_codec.check_overrides(self._overrides.granted(context))
             rows = infer_codec.decode(request)
             names = infer_codec.requested_outputs(request)
             result = await self._pipeline.infer(

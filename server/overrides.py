@@ -5,7 +5,8 @@ store, and an ``event_time`` beyond ``server.limits.event_time_skew_s``: what a 
 of recorded traffic or a test needs, and what a fraudster's client must not do (send
 ``card_txn_count_1h: 0``). It is granted by one of ``server.overrides.tokens`` sent as
 metadata ``x-streamscore-override-token`` (the replay tool's ``--override-token``), or by
-an mTLS client certificate whose common name is in ``server.overrides.subjects``.
+an mTLS client certificate whose common name is in ``server.overrides.subjects``
+(``server.overrides.allow_all``: every caller, for trusted networks and benches).
 Without any configured, nobody holds it and nothing of the call is read.
 """
 
@@ -32,17 +33,25 @@ class OverridePermission:
     """Decides, per call, whether the caller holds ``features.allow_overrides``."""
 
     def __init__(
-        self, tokens: Mapping[str, str] | None = None, subjects: Iterable[str] = ()
+        self,
+        tokens: Mapping[str, str] | None = None,
+        subjects: Iterable[str] = (),
+        *,
+        allow_all: bool = False,
     ) -> None:
         self._digests = tuple(_digest(secret) for secret in (tokens or {}).values() if secret)
         self._subjects = frozenset(subjects)
-        self.configured = bool(self._digests or self._subjects)
+        self._allow_all = allow_all
+        self.configured = bool(self._digests or self._subjects or allow_all)
         """False: nobody holds the permission (no call is inspected)."""
 
     def granted(self, call: CallCredentials) -> bool:
-        """True when the call presents an override token or an allowed certificate."""
+        """True when the call presents an override token or an allowed certificate (or
+        ``allow_all``)."""
         if not self.configured:
             return False
+        if self._allow_all:
+            return True
         if self._digests:
             for key, value in call.invocation_metadata() or ():
                 if key == OVERRIDE_TOKEN_METADATA and len(value) <= MAX_TOKEN_LENGTH:

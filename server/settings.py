@@ -166,8 +166,7 @@ class LimitsSettings(_Frozen):
     max_name_length: int = Field(
         default=128,
         ge=1,
-        description="Characters of a model, version, feature, entity, v2 tensor or "
-        "parameter name.",
+        description="Characters of a model, version, feature, entity, v2 tensor or parameter name.",
     )
     max_entity_id_length: int = Field(
         default=256, ge=1, description="Characters of one entity id (a Redis key part)."
@@ -175,9 +174,7 @@ class LimitsSettings(_Frozen):
     max_string_parameter_length: int = Field(
         default=1024, ge=1, description="Characters of a v2 string parameter value."
     )
-    max_features: int = Field(
-        default=1024, ge=1, description="Entries of ScoreRequest.features."
-    )
+    max_features: int = Field(default=1024, ge=1, description="Entries of ScoreRequest.features.")
     max_entity_ids: int = Field(default=32, ge=1, description="Entries of ScoreRequest.entity_ids.")
     max_v2_inputs: int = Field(default=16, ge=1, description="Entries of a v2 request's inputs.")
     max_v2_outputs: int = Field(
@@ -217,6 +214,11 @@ class OverrideSettings(_Frozen):
         default=(),
         description="mTLS client certificate common names (server.tls.client_ca_file) "
         "holding the permission.",
+    )
+    allow_all: bool = Field(
+        default=False,
+        description="Every caller holds the permission (a trusted network, benches): "
+        "store features and event times are taken from anyone.",
     )
 
 

@@ -57,7 +57,9 @@ SCORE_CASES: list[tuple[str, Callable[[pb.ScoreRequest], object], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("mutate", "needle"), [c[1:] for c in SCORE_CASES], ids=[c[0] for c in SCORE_CASES])
+@pytest.mark.parametrize(
+    ("mutate", "needle"), [c[1:] for c in SCORE_CASES], ids=[c[0] for c in SCORE_CASES]
+)
 async def test_score_strings_and_maps_are_bounded(
     linear_repository: Path, mutate: Callable[[pb.ScoreRequest], object], needle: str
 ) -> None:
@@ -109,7 +111,9 @@ V2_CASES: list[tuple[str, Callable[[v2.ModelInferRequest], object], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("mutate", "needle"), [c[1:] for c in V2_CASES], ids=[c[0] for c in V2_CASES])
+@pytest.mark.parametrize(
+    ("mutate", "needle"), [c[1:] for c in V2_CASES], ids=[c[0] for c in V2_CASES]
+)
 async def test_v2_strings_and_repeated_fields_are_bounded(
     linear_repository: Path, mutate: Callable[[v2.ModelInferRequest], object], needle: str
 ) -> None:

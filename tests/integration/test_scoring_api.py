@@ -200,6 +200,7 @@ async def test_score_stream_stops_reading_when_answers_are_not_taken(
     """Answers nobody takes hold their slot: the call stops pulling requests at the
     in-flight bound instead of scoring and buffering everything the client sends."""
     from server import grpc_api
+
     pulled: list[int] = []
 
     async def requests() -> AsyncIterator[pb.ScoreRequest]:

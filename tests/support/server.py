@@ -15,7 +15,6 @@ from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.app import AppContext
 from server.settings import Settings, load_settings
 
-
 #: The ``server.overrides`` token every test server accepts (``RunningServer.overrides``).
 TEST_OVERRIDE_TOKEN = "test-override-token"
 

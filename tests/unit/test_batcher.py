@@ -278,15 +278,13 @@ async def test_queue_full_raises_at_once() -> None:
 async def test_queue_is_bounded_in_rows_as_well_as_requests() -> None:
     run = FakeRun(gate=asyncio.Event())
     recorder = Recorder()
-    batcher = batcher_with(
-        run, recorder, max_batch_size=4, max_queue_size=100, max_queue_rows=6
-    )
+    batcher = batcher_with(run, recorder, max_batch_size=4, max_queue_size=100, max_queue_rows=6)
     running = asyncio.create_task(batcher.submit(make_rows(0, 1)))
     await run.started.wait()
     queued = [asyncio.create_task(batcher.submit(make_rows(i, 3))) for i in (1, 2)]
     await turns_until(lambda: batcher.depth == 2)  # 2 requests, 6 rows: rows are the bound
     refused = batcher.submit(make_rows(3, 1))
-    with pytest.raises(QueueFull, match="6 rows waiting.*max_queue_rows 6"):
+    with pytest.raises(QueueFull, match=r"6 rows waiting.*max_queue_rows 6"):
         refused.send(None)
     assert recorder.dropped_reasons == ["queue_full"]
     run.gate.set()  # type: ignore[union-attr]
