@@ -108,8 +108,9 @@ class AppContext:
         self.snapshots: BatchSnapshotCache | None = None
         self.feature_store: FeatureStore | None = None
         self.registry = ModelRegistry(self.metrics.observer_for)
+        limits = settings.server.limits
         self.pipeline = ScoringPipeline(
-            self.registry, clock, settings.server.limits.event_time_skew_s
+            self.registry, clock, limits.event_time_skew_s, limits.max_name_length
         )
         self.routing: RoutingSync | None = None
         self.routing_changes: RoutingChanges | None = None

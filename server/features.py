@@ -70,6 +70,19 @@ STORE_FEATURE_REFUSED = (
 _NO_FETCH = FetchPlan(())
 
 
+MAX_NAME_LENGTH = 128
+"""Default of ``server.limits.max_name_length``."""
+
+
+def _check_name_length(name: str, limit: int) -> None:
+    """An unknown feature name over ``limit``: refused without echoing it whole."""
+    if len(name) > limit:
+        raise InvalidInput(
+            f"features[{name[:32]!r}...]",
+            f"{len(name)} characters exceed the limit of {limit} (server.limits.max_name_length)",
+        )
+
+
 def _fits_float32(value: float) -> bool:
     """Finite and representable as a finite float32 (False for NaN)."""
     return -F32_MAX <= value <= F32_MAX
@@ -159,11 +172,13 @@ class FeatureLayout:
         """True when some column may come from Redis."""
         return self.fetch.uses_store
 
-    def assemble_row(self, features: Mapping[str, float]) -> npt.NDArray[np.float32]:
+    def assemble_row(
+        self, features: Mapping[str, float], max_name_length: int = MAX_NAME_LENGTH
+    ) -> npt.NDArray[np.float32]:
         """Request-only mode: one [1, F] row; every column must be present and valid."""
         found = [features.get(name) for name in self.names]
         if len(features) != len(self.names) or None in found:
-            raise self._shape_error(features)
+            raise self._shape_error(features, max_name_length)
         values = cast(list[float], found)
         # all finite first: min/max are only meaningful without NaN
         if not all(map(math.isfinite, values)) or not (
@@ -180,11 +195,13 @@ class FeatureLayout:
         entity_ids: Mapping[str, str],
         t_ms: int,
         overrides_allowed: bool = False,
+        max_name_length: int = MAX_NAME_LENGTH,
     ) -> Prepared:
         """Validate one request and start its row (defaults overlaid with sent values);
-        a store feature is refused unless ``overrides_allowed``."""
+        a store feature is refused unless ``overrides_allowed``, an unknown name longer
+        than ``max_name_length`` with that limit's error (never echoed whole)."""
         if not self.uses_store and not self.request_rules:
-            row = self.assemble_row(features)
+            row = self.assemble_row(features, max_name_length)
             return Prepared(row, self.all_sent, entity_ids, t_ms, store_sent=True)
         for name, entity_id in entity_ids.items():
             entity = self.entity_defs.get(name)
@@ -203,6 +220,7 @@ class FeatureLayout:
             if column is None:
                 if name in self.defined_features:
                     continue  # defined, just not an input of this version
+                _check_name_length(name, max_name_length)
                 raise InvalidInput(f"features.{name}", "unknown feature")
             rule = self.request_rules.get(name)
             if rule is not None:
@@ -223,9 +241,10 @@ class FeatureLayout:
                 prepared.defaulted.append(self.names[column])
         return prepared
 
-    def _shape_error(self, features: Mapping[str, float]) -> InvalidInput:
+    def _shape_error(self, features: Mapping[str, float], max_name_length: int) -> InvalidInput:
         for name in features:
             if name not in self.index:
+                _check_name_length(name, max_name_length)
                 return InvalidInput(
                     f"features.{name}", f"unknown feature for model {self.model_key}"
                 )

@@ -15,14 +15,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
-
-from server.admin.auth import CallCredentials
+from typing import Protocol
 
 __all__ = ["OVERRIDE_TOKEN_METADATA", "OverridePermission"]
 
 OVERRIDE_TOKEN_METADATA = "x-streamscore-override-token"
 #: A presented token longer than this is refused without hashing it.
 MAX_TOKEN_LENGTH = 512
+
+
+class CallCredentials(Protocol):
+    """What is read of a call (``grpc.aio.ServicerContext`` has both)."""
+
+    def invocation_metadata(self) -> Iterable[tuple[str, str | bytes]] | None: ...
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
 
 
 def _digest(token: str | bytes) -> bytes:

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from server.errors import InvalidInput, NoExplainer, ScoringError
 from server.executor import Job, JobResult
-from server.features import OVERRIDE_PERMISSION, Prepared
+from server.features import MAX_NAME_LENGTH, OVERRIDE_PERMISSION, Prepared
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout.stats import StatsRecorder
 from server.router import Decision, Route
@@ -58,9 +58,12 @@ class ScoringPipeline:
         registry: ModelRegistry,
         clock: Callable[[], float] = time.time,
         event_time_skew_s: float = 300.0,
+        max_name_length: int = MAX_NAME_LENGTH,
     ) -> None:
         self._registry = registry
         self._clock = clock
+        #: ``server.limits.max_name_length``: an unknown feature name over it is named so.
+        self.max_name_length = max_name_length
         #: How far a caller's ``event_time`` may lie from the clock without the permission.
         self.event_time_skew_ms = event_time_skew_s * 1000
         #: Rollout statistics (per answered request), when guarded rollouts are on.
@@ -180,7 +183,11 @@ class ScoringPipeline:
         if request.explain and loaded.reasons is None:
             raise NoExplainer(request.model, decision.version)
         prepared = loaded.layout.prepare(
-            request.features, request.entity_ids, t_ms, request.overrides_allowed
+            request.features,
+            request.entity_ids,
+            t_ms,
+            request.overrides_allowed,
+            self.max_name_length,
         )
         return _Call(request, decision, loaded, prepared, t_ms, started)
 

@@ -41,6 +41,12 @@ def _many_features(r: pb.ScoreRequest) -> None:
     r.features.update({f"x{i}": 1.0 for i in range(1025)})
 
 
+def _long_name_instead(r: pb.ScoreRequest) -> None:
+    """Every column sent, but one under a long name (the request-only shape check)."""
+    value = r.features.pop(TEST_FEATURES[0])
+    r.features["f" * 200] = value
+
+
 def _many_entities(r: pb.ScoreRequest) -> None:
     r.entity_ids.update({f"e{i}": "1" for i in range(33)})
 
@@ -50,6 +56,7 @@ SCORE_CASES: list[tuple[str, Callable[[pb.ScoreRequest], object], str]] = [
     ("model", lambda r: setattr(r, "model", "m" * 129), "model: 129 characters"),
     ("version", lambda r: setattr(r, "model_version", "v" * 129), "model_version: 129"),
     ("feature-name", lambda r: r.features.__setitem__("f" * 200, 1.0), "features['fff"),
+    ("feature-name-only", _long_name_instead, "features['fff"),
     ("features", _many_features, "features: 1033 entries exceed the limit of 1024"),
     ("entity-id", lambda r: r.entity_ids.__setitem__("card", "c" * 300), "entity_ids.card: 300"),
     ("entity-name", lambda r: r.entity_ids.__setitem__("e" * 129, "1"), "entity_ids['eee"),
