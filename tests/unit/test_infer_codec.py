@@ -139,7 +139,7 @@ def test_outputs_asked_twice_are_answered_once() -> None:
 def test_rows_of_a_store_fed_model_need_the_overrides_permission() -> None:
     codec = InferCodec(fake_loaded(store_fed=True))
     assert codec.store_features == tuple(f"c{i}" for i in range(1, WIDTH))
-    with pytest.raises(InvalidInput, match="features.allow_overrides"):
+    with pytest.raises(InvalidInput, match=r"features\.allow_overrides"):
         codec.check_overrides(False)
     codec.check_overrides(True)
     InferCodec(fake_loaded()).check_overrides(False)  # request-only: every column is sendable
