@@ -333,7 +333,8 @@ def bench_score(url: str, repository: Path, cards: int, duration_s: float) -> di
     cardinality = ("--entity-cardinality", str(cards))
     request_only = ("--request-features", ",".join(REQUEST_FEATURES))
     scenarios = [
-        Scenario("score features sent c64", "streamscore", features,
+        Scenario("score features sent c64", "streamscore",
+                 (*features, "server.overrides.allow_all=true"),  # store features sent
                  loadgen_args=(*entities, *cardinality)),
         Scenario("score features fetched c64", "streamscore", features,
                  loadgen_args=(*entities, *cardinality, *request_only)),

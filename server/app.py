@@ -59,6 +59,7 @@ from server.feature_store import FeatureStore, store_options
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
+from server.overrides import OverridePermission
 from server.pipeline import ScoringPipeline
 from server.records.durable_sink import DurableSink, DurableSinkConfig
 from server.records.kafka_sink import KafkaSink, SinkConfig, SinkMetrics
@@ -113,7 +114,10 @@ class AppContext:
         self.snapshots: BatchSnapshotCache | None = None
         self.feature_store: FeatureStore | None = None
         self.registry = ModelRegistry(self.metrics.observer_for)
-        self.pipeline = ScoringPipeline(self.registry, clock)
+        limits = settings.server.limits
+        self.pipeline = ScoringPipeline(
+            self.registry, clock, limits.event_time_skew_s, limits.max_name_length
+        )
         self.routing: RoutingSync | None = None
         self.routing_changes: RoutingChanges | None = None
         self.rollout_stats: StatsRecorder | None = None
@@ -144,6 +148,7 @@ class AppContext:
             policy=BatchPolicy(
                 max_batch_size=serving.max_batch_size,
                 max_queue_size=serving.max_queue_size,
+                max_queue_rows=serving.max_queue_rows,
                 max_queue_delay_s=serving.max_queue_delay_ms / 1000.0,
             ),
             runtime=RuntimeOptions(
@@ -446,9 +451,17 @@ class AppContext:
         if settings.server.admin_port is not None:
             admin_server = self._admin_server = self._grpc_server()
         add_servicer(apb_grpc.add_AdminServicer_to_server, admin, admin_server)
+        granted = settings.server.overrides
+        overrides = OverridePermission(
+            {name: token.get_secret_value() for name, token in granted.tokens.items()},
+            granted.subjects,
+            allow_all=granted.allow_all,
+        )
         add_servicer(
             pb_grpc.add_ScoringServicer_to_server,
-            ScoringService(self.pipeline, self.registry, self.metrics),
+            ScoringService(
+                self.pipeline, self.registry, self.metrics, settings.server.limits, overrides
+            ),
             server,
         )
         add_servicer(
@@ -458,6 +471,8 @@ class AppContext:
                 self.registry,
                 self.metrics,
                 is_ready=lambda: self._ready,
+                limits=settings.server.limits,
+                overrides=overrides,
             ),
             server,
         )

@@ -21,7 +21,8 @@ Policy (continuous batching, gathered without timers):
   interrupted, so deadline and queue checks made on entry still hold. Every
   ``lone_probe_interval_s`` one request takes the gathering path instead, so
   arriving concurrency is noticed and batching resumes.
-* Over ``max_queue_size`` pending requests, ``submit`` raises ``QueueFull`` at once.
+* Over ``max_queue_size`` pending requests or ``max_queue_rows`` pending rows,
+  ``submit`` raises ``QueueFull`` at once.
 * Before a batch runs, requests whose caller cancelled are skipped, and requests
   whose deadline has passed fail with ``DeadlineExceeded``; neither is computed.
 * Each caller gets exactly the rows of its own request back: outputs are split by
@@ -71,6 +72,8 @@ class BatchPolicy:
 
     max_batch_size: int = 64
     max_queue_size: int = 1024
+    #: Rows waiting (a job of N rows counts N); ``None``: only requests are counted.
+    max_queue_rows: int | None = None
     max_queue_delay_s: float = 0.0
     #: Loop turns without a new arrival after which gathering stops.
     gather_patience: int = 6
@@ -84,6 +87,8 @@ class BatchPolicy:
             raise ValueError("max_batch_size must be >= 1")
         if self.max_queue_size < 1:
             raise ValueError("max_queue_size must be >= 1")
+        if self.max_queue_rows is not None and self.max_queue_rows < self.max_batch_size:
+            raise ValueError("max_queue_rows must be >= max_batch_size")
         if self.max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")
         if self.gather_patience < 1 or self.max_gather_turns < 0:
@@ -211,6 +216,13 @@ class MicroBatcher(Generic[J, R]):
             self._observer.dropped("queue_full")
             raise QueueFull(
                 f"model {self.name}: queue full ({self.policy.max_queue_size} requests waiting)"
+            )
+        max_rows = self.policy.max_queue_rows
+        if max_rows is not None and self._rows_queued + rows > max_rows:
+            self._observer.dropped("queue_full")
+            raise QueueFull(
+                f"model {self.name}: queue full ({self._rows_queued} rows waiting, "
+                f"{rows} more would exceed max_queue_rows {max_rows})"
             )
         now = loop.time()
         if deadline is not None and now >= deadline:

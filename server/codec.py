@@ -7,7 +7,7 @@ caller used: typed ``contents`` or ``raw_input_contents``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,9 +18,11 @@ from protos.inference import model_config_pb2 as v2config
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.errors import InvalidInput
 from server.explain.reasons import Reason
+from server.features import OVERRIDE_PERMISSION
 from server.registry import LoadedVersion
 from server.router import Route
 from server.scoring_types import ScoreInput, ScoreResult
+from server.settings import LimitsSettings
 
 ROUTES = {
     Route.CHAMPION: pb.ROUTE_CHAMPION,
@@ -41,8 +43,117 @@ MAX_EVENT_TIME_S = 253_402_300_799
 """9999-12-31T23:59:59Z, the end of ``google.protobuf.Timestamp``'s valid range."""
 
 
-def decode_score_request(request: pb.ScoreRequest) -> ScoreInput:
-    """A ``ScoreRequest`` as pipeline input (feature validation happens at assembly)."""
+DEFAULT_LIMITS = LimitsSettings()
+_LIMIT_KEY = "server.limits."
+
+
+def _too_long(field: str, length: int, limit: int, key: str) -> InvalidInput:
+    return InvalidInput(
+        field, f"{length} characters exceed the limit of {limit} ({_LIMIT_KEY}{key})"
+    )
+
+
+def _too_many(field: str, count: int, limit: int, key: str) -> InvalidInput:
+    return InvalidInput(field, f"{count} entries exceed the limit of {limit} ({_LIMIT_KEY}{key})")
+
+
+def check_name(field: str, value: str, limits: LimitsSettings = DEFAULT_LIMITS) -> None:
+    """A model/version/tensor name within ``max_name_length`` (else ``InvalidInput``)."""
+    if len(value) > limits.max_name_length:
+        raise _too_long(field, len(value), limits.max_name_length, "max_name_length")
+
+
+def _check_keys(field: str, keys: Iterable[str], limit: int) -> None:
+    """Every key of a map within ``limit`` characters; the message names the field and
+    the start of the offending key (never the whole of it)."""
+    for key in keys:
+        if len(key) > limit:
+            raise _too_long(f"{field}[{key[:32]!r}...]", len(key), limit, "max_name_length")
+
+
+def check_score_request(request: pb.ScoreRequest, limits: LimitsSettings = DEFAULT_LIMITS) -> None:
+    """Every string and map of a ``ScoreRequest`` within ``limits``: length checks, and
+    one pass over the (few) entity ids. Feature names are not iterated here: a sent name
+    is either one of the model's features (bounded by the definitions) or refused at
+    assembly, where an unknown name over ``max_name_length`` gets this limit's error."""
+    longest_id = limits.max_id_length
+    if len(request.request_id) > longest_id:
+        raise _too_long("request_id", len(request.request_id), longest_id, "max_id_length")
+    names = limits.max_name_length
+    if len(request.model) > names:
+        raise _too_long("model", len(request.model), names, "max_name_length")
+    if len(request.model_version) > names:
+        raise _too_long("model_version", len(request.model_version), names, "max_name_length")
+    features = request.features
+    if len(features) > limits.max_features:
+        raise _too_many("features", len(features), limits.max_features, "max_features")
+    entity_ids = request.entity_ids
+    if entity_ids:
+        if len(entity_ids) > limits.max_entity_ids:
+            raise _too_many("entity_ids", len(entity_ids), limits.max_entity_ids, "max_entity_ids")
+        longest = limits.max_entity_id_length
+        for name, entity_id in entity_ids.items():
+            if len(name) > names:
+                _check_keys("entity_ids", (name,), names)
+            if len(entity_id) > longest:
+                raise _too_long(
+                    f"entity_ids.{name}", len(entity_id), longest, "max_entity_id_length"
+                )
+
+
+def _check_parameters(
+    field: str, parameters: Mapping[str, v2.InferParameter], limits: LimitsSettings
+) -> None:
+    if not parameters:
+        return
+    if len(parameters) > limits.max_v2_parameters:
+        raise _too_many(field, len(parameters), limits.max_v2_parameters, "max_v2_parameters")
+    _check_keys(field, parameters, limits.max_name_length)
+    longest = limits.max_string_parameter_length
+    for key, parameter in parameters.items():
+        if len(parameter.string_param) > longest:
+            raise _too_long(
+                f"{field}.{key}.string_param",
+                len(parameter.string_param),
+                longest,
+                "max_string_parameter_length",
+            )
+
+
+def check_infer_request(
+    request: v2.ModelInferRequest, limits: LimitsSettings = DEFAULT_LIMITS
+) -> None:
+    """Every string, map and repeated field of a v2 ``ModelInferRequest`` within
+    ``limits`` (before the model is even looked up)."""
+    if len(request.id) > limits.max_id_length:
+        raise _too_long("id", len(request.id), limits.max_id_length, "max_id_length")
+    check_name("model_name", request.model_name, limits)
+    check_name("model_version", request.model_version, limits)
+    _check_parameters("parameters", request.parameters, limits)
+    inputs = request.inputs
+    if len(inputs) > limits.max_v2_inputs:
+        raise _too_many("inputs", len(inputs), limits.max_v2_inputs, "max_v2_inputs")
+    for i, tensor in enumerate(inputs):
+        check_name(f"inputs[{i}].name", tensor.name, limits)
+        check_name(f"inputs[{i}].datatype", tensor.datatype, limits)
+        _check_parameters(f"inputs[{i}].parameters", tensor.parameters, limits)
+    outputs = request.outputs
+    if len(outputs) > limits.max_v2_outputs:
+        raise _too_many("outputs", len(outputs), limits.max_v2_outputs, "max_v2_outputs")
+    for i, output in enumerate(outputs):
+        check_name(f"outputs[{i}].name", output.name, limits)
+        _check_parameters(f"outputs[{i}].parameters", output.parameters, limits)
+
+
+def decode_score_request(
+    request: pb.ScoreRequest,
+    limits: LimitsSettings = DEFAULT_LIMITS,
+    *,
+    overrides_allowed: bool = False,
+) -> ScoreInput:
+    """A ``ScoreRequest`` as pipeline input, within ``limits`` (feature validation and
+    the overrides permission are applied at assembly)."""
+    check_score_request(request, limits)
     event_time_ms = None
     if request.HasField("event_time"):
         stamp = request.event_time
@@ -60,6 +171,7 @@ def decode_score_request(request: pb.ScoreRequest) -> ScoreInput:
         event_time_ms=event_time_ms,
         echo_features=request.echo_features,
         explain=request.explain,
+        overrides_allowed=overrides_allowed,
     )
 
 
@@ -128,6 +240,25 @@ class InferCodec:
         self._max_rows = loaded.batcher.policy.max_batch_size
         self._outputs = tuple(o.name for o in manifest.outputs)
         self._templates: dict[tuple[object, ...], bytes] = {}
+        layout = loaded.layout
+        #: Input columns the feature store fills on the Score path: a v2 row carries
+        #: them too, so v2 inference needs the overrides permission when there are any.
+        self.store_features = (
+            tuple(n for n in layout.names if n not in layout.request_rules)
+            if layout.uses_store
+            else ()
+        )
+
+    def check_overrides(self, allowed: bool) -> None:
+        """Refuse v2 rows of a store-fed model from a caller without the permission."""
+        if self.store_features and not allowed:
+            shown = ", ".join(self.store_features[:5])
+            more = ", ..." if len(self.store_features) > 5 else ""
+            raise InvalidInput(
+                "inputs[0]",
+                f"rows carry store features ({shown}{more}) of a store-fed model; "
+                f"v2 inference on it needs permission {OVERRIDE_PERMISSION}",
+            )
 
     def decode(self, request: v2.ModelInferRequest) -> npt.NDArray[np.float32]:
         """The ``[N, F]`` input of a v2 request, validated against the manifest."""
@@ -183,17 +314,18 @@ class InferCodec:
         return rows
 
     def requested_outputs(self, request: v2.ModelInferRequest) -> tuple[str, ...]:
-        """Output names the caller asked for (all when none), validated."""
+        """Output names the caller asked for (all when none), validated; a name asked
+        for more than once is answered once."""
         if not request.outputs:
             return self._outputs
-        names = []
+        names: dict[str, None] = {}  # asked-for order, each name once
         for i, output in enumerate(request.outputs):
             if output.name not in self._outputs:
                 raise InvalidInput(
                     f"outputs[{i}].name",
                     f"unknown output {output.name!r}; model has {list(self._outputs)}",
                 )
-            names.append(output.name)
+            names[output.name] = None
         return tuple(names)
 
     def encode(

@@ -8,9 +8,11 @@ On the request path, ``FeatureLayout.prepare`` validates one request (unknown fe
 or entity, an entity id that is not its entity's canonical key
 (``feature_streams.entity_keys``: ``" c-1"``, an int entity's ``"042"``), out-of-range
 or NaN request value: ``InvalidInput`` naming it) and starts its row from defaults
-overlaid with every value the request carries. A request may carry any model feature:
-a value sent wins over the store (replays with frozen features, callers that compute
-features themselves), and a group whose every column was sent is not fetched at all.
+overlaid with every value the request carries. A request may carry its model's request
+features; a store feature only with the ``features.allow_overrides`` permission
+(replays with frozen features, tests): then the value sent wins over the store, and a
+group whose every column was sent is not fetched at all. Without it the store feature
+is ``InvalidInput`` naming it (a caller must not set, e.g., its card's 1-hour count).
 The row is then completed, a micro-batch at a time, by
 :class:`server.feature_store.FeatureStore` (which adds the failure policy to
 :class:`feature_streams.fetcher.FeatureFetcher`, the one Redis round trip).
@@ -42,7 +44,14 @@ from feature_streams.read_plan import FetchPlan, FetchRow, Freshness
 from server.errors import InvalidInput, ModelLoadError
 from server.manifest import ModelManifest
 
-__all__ = ["F32_MAX", "FailurePolicy", "FeatureLayout", "Freshness", "Prepared"]
+__all__ = [
+    "F32_MAX",
+    "OVERRIDE_PERMISSION",
+    "FailurePolicy",
+    "FeatureLayout",
+    "Freshness",
+    "Prepared",
+]
 
 FailurePolicy = Literal["degrade", "fail"]
 """What a micro-batch gets when the feature store is unreachable: defaults, flagged
@@ -51,9 +60,27 @@ F32_MAX = float(np.finfo(np.float32).max)
 """Largest magnitude a feature value may have: rows are float32, so a finite double
 beyond it would reach the model as infinity."""
 _NOT_FLOAT32 = "{} not allowed (must be finite and within float32 range)"
+OVERRIDE_PERMISSION = "features.allow_overrides"
+STORE_FEATURE_REFUSED = (
+    f"store feature; overrides need permission {OVERRIDE_PERMISSION} "
+    "(metadata x-streamscore-override-token, server.overrides)"
+)
 
 
 _NO_FETCH = FetchPlan(())
+
+
+MAX_NAME_LENGTH = 128
+"""Default of ``server.limits.max_name_length``."""
+
+
+def _check_name_length(name: str, limit: int) -> None:
+    """An unknown feature name over ``limit``: refused without echoing it whole."""
+    if len(name) > limit:
+        raise InvalidInput(
+            f"features[{name[:32]!r}...]",
+            f"{len(name)} characters exceed the limit of {limit} (server.limits.max_name_length)",
+        )
 
 
 def _fits_float32(value: float) -> bool:
@@ -145,11 +172,13 @@ class FeatureLayout:
         """True when some column may come from Redis."""
         return self.fetch.uses_store
 
-    def assemble_row(self, features: Mapping[str, float]) -> npt.NDArray[np.float32]:
+    def assemble_row(
+        self, features: Mapping[str, float], max_name_length: int = MAX_NAME_LENGTH
+    ) -> npt.NDArray[np.float32]:
         """Request-only mode: one [1, F] row; every column must be present and valid."""
         found = [features.get(name) for name in self.names]
         if len(features) != len(self.names) or None in found:
-            raise self._shape_error(features)
+            raise self._shape_error(features, max_name_length)
         values = cast(list[float], found)
         # all finite first: min/max are only meaningful without NaN
         if not all(map(math.isfinite, values)) or not (
@@ -161,11 +190,18 @@ class FeatureLayout:
         return np.array(values, dtype=np.float32).reshape(1, -1)
 
     def prepare(
-        self, features: Mapping[str, float], entity_ids: Mapping[str, str], t_ms: int
+        self,
+        features: Mapping[str, float],
+        entity_ids: Mapping[str, str],
+        t_ms: int,
+        overrides_allowed: bool = False,
+        max_name_length: int = MAX_NAME_LENGTH,
     ) -> Prepared:
-        """Validate one request and start its row (defaults overlaid with sent values)."""
+        """Validate one request and start its row (defaults overlaid with sent values);
+        a store feature is refused unless ``overrides_allowed``, an unknown name longer
+        than ``max_name_length`` with that limit's error (never echoed whole)."""
         if not self.uses_store and not self.request_rules:
-            row = self.assemble_row(features)
+            row = self.assemble_row(features, max_name_length)
             return Prepared(row, self.all_sent, entity_ids, t_ms, store_sent=True)
         for name, entity_id in entity_ids.items():
             entity = self.entity_defs.get(name)
@@ -184,6 +220,7 @@ class FeatureLayout:
             if column is None:
                 if name in self.defined_features:
                     continue  # defined, just not an input of this version
+                _check_name_length(name, max_name_length)
                 raise InvalidInput(f"features.{name}", "unknown feature")
             rule = self.request_rules.get(name)
             if rule is not None:
@@ -191,6 +228,8 @@ class FeatureLayout:
                 if problem is not None:
                     raise InvalidInput(f"features.{name}", problem)
             else:
+                if not overrides_allowed:
+                    raise InvalidInput(f"features.{name}", STORE_FEATURE_REFUSED)
                 store_sent = True
             if not _fits_float32(value) and name not in self.nan_allowed:
                 raise InvalidInput(f"features.{name}", _NOT_FLOAT32.format(value))
@@ -202,9 +241,10 @@ class FeatureLayout:
                 prepared.defaulted.append(self.names[column])
         return prepared
 
-    def _shape_error(self, features: Mapping[str, float]) -> InvalidInput:
+    def _shape_error(self, features: Mapping[str, float], max_name_length: int) -> InvalidInput:
         for name in features:
             if name not in self.index:
+                _check_name_length(name, max_name_length)
                 return InvalidInput(
                     f"features.{name}", f"unknown feature for model {self.model_key}"
                 )

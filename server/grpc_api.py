@@ -22,19 +22,20 @@ from protos.inference import grpc_service_pb2_grpc as v2_grpc
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server import codec
+from server.answer_buffer import AnswerBuffer
 from server.errors import ScoringError
 from server.executor import JobResult
 from server.grpc_status import abort, status_of
 from server.lineage import Lineage
 from server.metrics import UNKNOWN_MODEL, ApiMetrics, Metrics
+from server.overrides import OverridePermission
 from server.pipeline import ScoringPipeline
 from server.registry import LoadedVersion, ModelRegistry
-from server.scoring_types import ScoreResult
+from server.scoring_types import ScoreInput, ScoreResult
+from server.settings import LimitsSettings
 
 SERVER_NAME = "streamscore"
 SERVER_VERSION = "0.1.0"
-#: Items of one ScoreStream call being scored, or answered but not yet sent, at once.
-STREAM_MAX_IN_FLIGHT = 256
 
 T = TypeVar("T")
 
@@ -69,11 +70,18 @@ class ScoringService(pb_grpc.ScoringServicer):
     """``streamscore.v1.Scoring``."""
 
     def __init__(
-        self, pipeline: ScoringPipeline, registry: ModelRegistry, metrics: Metrics
+        self,
+        pipeline: ScoringPipeline,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        limits: LimitsSettings = codec.DEFAULT_LIMITS,
+        overrides: OverridePermission | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._registry = registry
         self._metrics = metrics
+        self._limits = limits
+        self._overrides = overrides or OverridePermission()
         self._unary = metrics.api("score")
         self._stream = metrics.api("stream")
 
@@ -85,7 +93,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics = self._unary
         metrics.in_flight += 1
         try:
-            response = await self._score_one(request, deadline_of(context), started, metrics)
+            item = codec.decode_score_request(
+                request, self._limits, overrides_allowed=self._overrides.granted(context)
+            )
+            response = await self._score_one(item, deadline_of(context), started, metrics)
         except Exception as error:
             code, message = status_of(error, "Score")
             self._count_failure(metrics, request, code)
@@ -106,8 +117,11 @@ class ScoringService(pb_grpc.ScoringServicer):
         and each answer is encoded in its job's completion callback, so items read
         together are scored together and written by this one generator.
         """
-        answers: asyncio.Queue[pb.ScoreResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        limits = self._limits
+        buffer: AnswerBuffer[pb.ScoreResponse] = AnswerBuffer(
+            limits.stream_max_in_flight, limits.stream_buffer_bytes
+        )
+        overrides_allowed = self._overrides.granted(context)
         queued: set[asyncio.Future[JobResult]] = set()
         deadline = deadline_of(context)
         metrics = self._stream
@@ -123,19 +137,21 @@ class ScoringService(pb_grpc.ScoringServicer):
             else:
                 code, message = status_of(outcome, "a ScoreStream item")
                 self._count_failure(metrics, request, code)
-                response = _error_response(request, code, message)
+                response = _error_response(request, code, message, limits)
             metrics.observe_latency(self._model_label(request.model), time.perf_counter() - started)
-            answers.put_nowait(response)
+            buffer.put(response, response.ByteSize())
 
         async def read_all() -> None:
             try:
                 async for request in request_iterator:
-                    await slots.acquire()
+                    await buffer.admit()
                     started = time.perf_counter()
                     counts[0] += 1
                     metrics.in_flight += 1
                     try:
-                        item = codec.decode_score_request(request)
+                        item = codec.decode_score_request(
+                            request, limits, overrides_allowed=overrides_allowed
+                        )
                     except Exception as error:
                         answer(request, started, error)
                         continue
@@ -146,23 +162,17 @@ class ScoringService(pb_grpc.ScoringServicer):
                         queued.add(future)
                         future.add_done_callback(queued.discard)
             finally:
-                answers.put_nowait(None)  # reading ended: the rest are answers in flight
+                buffer.close()  # reading ended: the rest are answers in flight
 
         reader = asyncio.create_task(read_all())
         try:
-            reading = True
-            sent = 0
-            while reading or sent < counts[0]:
-                response = await answers.get()
-                if response is None:
-                    reading = False
-                    continue
+            while (taken := await buffer.take()) is not None:
+                response, size = taken
                 yield response
-                sent += 1
-                # A slot frees once its answer is taken by the transport, so a client
+                # Room frees once its answer is taken by the transport, so a client
                 # that stops reading stops the reads too (HTTP/2 flow control pushes back)
-                # instead of answers piling up here.
-                slots.release()
+                # instead of answers piling up here (bounded in items and bytes).
+                buffer.sent(size)
             try:
                 await reader
             except Exception as error:  # the reader failed: end now, with its status
@@ -179,12 +189,12 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     async def _score_one(
         self,
-        request: pb.ScoreRequest,
+        item: ScoreInput,
         deadline: float | None,
         started: float,
         metrics: ApiMetrics,
     ) -> pb.ScoreResponse:
-        result = await self._pipeline.score(codec.decode_score_request(request), deadline)
+        result = await self._pipeline.score(item, deadline)
         return self._encode(result, started, metrics)
 
     def _encode(self, result: ScoreResult, started: float, metrics: ApiMetrics) -> pb.ScoreResponse:
@@ -205,11 +215,12 @@ class ScoringService(pb_grpc.ScoringServicer):
 
 
 def _error_response(
-    request: pb.ScoreRequest, code: grpc.StatusCode, message: str
+    request: pb.ScoreRequest, code: grpc.StatusCode, message: str, limits: LimitsSettings
 ) -> pb.ScoreResponse:
+    """A failed stream item's answer; its ids echoed only up to their limits."""
     return pb.ScoreResponse(
-        request_id=request.request_id,
-        model=request.model,
+        request_id=request.request_id[: limits.max_id_length],
+        model=request.model[: limits.max_name_length],
         error=pb.ScoreError(code=code.value[0], message=message),
     )
 
@@ -223,9 +234,13 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         registry: ModelRegistry,
         metrics: Metrics,
         is_ready: Callable[[], bool],
+        limits: LimitsSettings = codec.DEFAULT_LIMITS,
+        overrides: OverridePermission | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._registry = registry
+        self._limits = limits
+        self._overrides = overrides or OverridePermission()
         self._v2 = metrics.api("v2")
         self._is_ready = is_ready
         self._codecs: dict[tuple[str, str], codec.InferCodec] = {}
@@ -252,6 +267,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelReadyRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelReadyResponse:
         try:
+            codec.check_name("name", request.name, self._limits)
+            codec.check_name("version", request.version, self._limits)
             self._pipeline.choose(request.name, request.version or None)
         except ScoringError:
             return v2.ModelReadyResponse(ready=False)
@@ -268,6 +285,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelMetadataRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelMetadataResponse:
         async def work() -> v2.ModelMetadataResponse:
+            codec.check_name("name", request.name, self._limits)
+            codec.check_name("version", request.version, self._limits)
             loaded, _ = self._pipeline.choose(request.name, request.version or None)
             inputs, outputs = codec.tensor_metadata(loaded)
             return v2.ModelMetadataResponse(
@@ -287,6 +306,8 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelConfigRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> v2.ModelConfigResponse:
         async def work() -> v2.ModelConfigResponse:
+            codec.check_name("name", request.name, self._limits)
+            codec.check_name("version", request.version, self._limits)
             loaded, _ = self._pipeline.choose(request.name, request.version or None)
             return v2.ModelConfigResponse(config=codec.model_config(loaded))
 
@@ -301,11 +322,14 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
         model, version = request.model_name, "-"
         loaded: LoadedVersion | None = None
         try:
+            codec.check_infer_request(request, self._limits)
             loaded, decision = self._pipeline.choose(
                 request.model_name, request.model_version or None
             )
             version = loaded.version  # chosen: a served model and a loaded version
             infer_codec = self._codec(loaded)
+            if infer_codec.store_features:
+                infer_codec.check_overrides(self._overrides.granted(context))
             rows = infer_codec.decode(request)
             names = infer_codec.requested_outputs(request)
             result = await self._pipeline.infer(

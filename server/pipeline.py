@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from server.errors import InvalidInput, NoExplainer, ScoringError
 from server.executor import Job, JobResult
-from server.features import Prepared
+from server.features import MAX_NAME_LENGTH, OVERRIDE_PERMISSION, Prepared
 from server.lineage import Lineage
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout.stats import StatsRecorder
@@ -55,9 +55,19 @@ class InferResult:
 class ScoringPipeline:
     """Routes, assembles features, batches and runs; one instance per process."""
 
-    def __init__(self, registry: ModelRegistry, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        clock: Callable[[], float] = time.time,
+        event_time_skew_s: float = 300.0,
+        max_name_length: int = MAX_NAME_LENGTH,
+    ) -> None:
         self._registry = registry
         self._clock = clock
+        #: ``server.limits.max_name_length``: an unknown feature name over it is named so.
+        self.max_name_length = max_name_length
+        #: How far a caller's ``event_time`` may lie from the clock without the permission.
+        self.event_time_skew_ms = event_time_skew_s * 1000
         #: Rollout statistics (per answered request), when guarded rollouts are on.
         self.stats: StatsRecorder | None = None
         #: Shadow scoring and the traffic log (set by the app); both only queue work.
@@ -163,9 +173,24 @@ class ScoringPipeline:
         t_ms = request.event_time_ms
         if t_ms is None:
             t_ms = int(self._clock() * 1000)
+        elif not request.overrides_allowed:
+            skew_ms = abs(t_ms - self._clock() * 1000)
+            if skew_ms > self.event_time_skew_ms:
+                raise InvalidInput(
+                    "event_time",
+                    f"{skew_ms / 1000:.0f} s from the server clock, beyond the bound of "
+                    f"{self.event_time_skew_ms / 1000:g} s (server.limits.event_time_skew_s); "
+                    f"recorded times need permission {OVERRIDE_PERMISSION}",
+                )
         if request.explain and loaded.reasons is None:
             raise NoExplainer(request.model, decision.version)
-        prepared = loaded.layout.prepare(request.features, request.entity_ids, t_ms)
+        prepared = loaded.layout.prepare(
+            request.features,
+            request.entity_ids,
+            t_ms,
+            request.overrides_allowed,
+            self.max_name_length,
+        )
         return _Call(request, decision, loaded, prepared, t_ms, started)
 
     @staticmethod

@@ -33,6 +33,9 @@ class ScoreInput(NamedTuple):
     event_time_ms: int | None = None
     echo_features: bool = False
     explain: bool = False
+    #: The caller holds ``features.allow_overrides``: it may send store features and
+    #: an ``event_time`` beyond the configured skew.
+    overrides_allowed: bool = False
 
 
 class ScoreResult(NamedTuple):

@@ -189,6 +189,72 @@ class ConnectionSettings(_Frozen):
     )
 
 
+class LimitsSettings(_Frozen):
+    """Bounds on every request field (checked once at decode: INVALID_ARGUMENT naming the
+    field and the limit), on stream answers held unsent, and on caller-set event times."""
+
+    max_id_length: int = Field(
+        default=256, ge=1, description="Characters of request_id and a v2 request id."
+    )
+    max_name_length: int = Field(
+        default=128,
+        ge=1,
+        description="Characters of a model, version, feature, entity, v2 tensor or parameter name.",
+    )
+    max_entity_id_length: int = Field(
+        default=256, ge=1, description="Characters of one entity id (a Redis key part)."
+    )
+    max_string_parameter_length: int = Field(
+        default=1024, ge=1, description="Characters of a v2 string parameter value."
+    )
+    max_features: int = Field(default=1024, ge=1, description="Entries of ScoreRequest.features.")
+    max_entity_ids: int = Field(default=32, ge=1, description="Entries of ScoreRequest.entity_ids.")
+    max_v2_inputs: int = Field(default=16, ge=1, description="Entries of a v2 request's inputs.")
+    max_v2_outputs: int = Field(
+        default=64, ge=1, description="Entries of a v2 request's outputs (duplicates count)."
+    )
+    max_v2_parameters: int = Field(
+        default=64, ge=1, description="Entries of one v2 parameters map (request or tensor)."
+    )
+    stream_max_in_flight: int = Field(
+        default=256, ge=1, description="Items of one ScoreStream scored or unsent at once."
+    )
+    stream_buffer_bytes: int = Field(
+        default=1 * MiB,
+        ge=1,
+        description="Serialized answers one ScoreStream holds unsent; past it the stream "
+        "stops reading until the client takes answers (one answer always fits).",
+    )
+    event_time_skew_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="How far ScoreRequest.event_time may lie from the server clock (past or "
+        "future); recorded times beyond it need the overrides permission.",
+    )
+
+
+class OverrideSettings(_Frozen):
+    """Who holds ``features.allow_overrides`` on the scoring port: may send store (batch
+    or stream) features, which then win over the store, and an ``event_time`` beyond
+    ``limits.event_time_skew_s`` (replays of recorded traffic, tests)."""
+
+    tokens: dict[ModelName, SecretStr] = Field(
+        default_factory=dict,
+        description="Override tokens by name; a call sends one as metadata "
+        "'x-streamscore-override-token' (prefer env vars; TLS off loopback).",
+    )
+    subjects: tuple[str, ...] = Field(
+        default=(),
+        description="mTLS client certificate common names (server.tls.client_ca_file) "
+        "holding the permission.",
+    )
+    allow_all: bool = Field(
+        default=False,
+        description="Every caller holds the permission (a trusted network, benches): "
+        "store features and event times are taken from anyone.",
+    )
+
+
 class ServerSettings(_Frozen):
     """The gRPC listener and process layout."""
 
@@ -244,6 +310,13 @@ class ServerSettings(_Frozen):
     )
     connections: ConnectionSettings = Field(
         default_factory=ConnectionSettings, description="Per-connection limits."
+    )
+    limits: LimitsSettings = Field(
+        default_factory=LimitsSettings, description="Bounds on request fields and streams."
+    )
+    overrides: OverrideSettings = Field(
+        default_factory=OverrideSettings,
+        description="Who may send store features and recorded event times.",
     )
     uvloop: bool = Field(default=True, description="Run each process's event loop on uvloop.")
     restarts: RestartSettings = Field(
@@ -349,6 +422,12 @@ class ModelServing(_Frozen):
     max_queue_size: int = Field(
         default=1024, ge=1, description="Requests waiting per version; past it RESOURCE_EXHAUSTED."
     )
+    max_queue_rows: int = Field(
+        default=16384,
+        ge=1,
+        description="Rows waiting per version (a v2 request of N rows counts N); past it "
+        "RESOURCE_EXHAUSTED.",
+    )
     max_queue_delay_ms: float = Field(
         default=0.0,
         ge=0.0,
@@ -401,6 +480,14 @@ class ModelServing(_Frozen):
                     (("max_batch_size",), ("max_queue_size",)),
                 )
             )
+        if self.max_batch_size > self.max_queue_rows:
+            issues.append(
+                (
+                    f"max_batch_size ({self.max_batch_size}) must not exceed "
+                    f"max_queue_rows ({self.max_queue_rows})",
+                    (("max_batch_size",), ("max_queue_rows",)),
+                )
+            )
         if self.versions is not None and not self.versions:
             issues.append(("must list at least one version, or be null for all", (("versions",),)))
         if (
@@ -428,6 +515,7 @@ class ModelServingOverrides(_Frozen):
 
     max_batch_size: int | None = Field(default=None, description=_doc("max_batch_size"))
     max_queue_size: int | None = Field(default=None, description=_doc("max_queue_size"))
+    max_queue_rows: int | None = Field(default=None, description=_doc("max_queue_rows"))
     max_queue_delay_ms: float | None = Field(default=None, description=_doc("max_queue_delay_ms"))
     execution: Execution | None = Field(default=None, description=_doc("execution"))
     intra_op_threads: int | None = Field(default=None, description=_doc("intra_op_threads"))

@@ -36,6 +36,11 @@ from aiokafka.partitioner import murmur2
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.clients.channels import ClientTLS, add_tls_arguments, aio_channel, tls_from_args
+from server.clients.override_token import (
+    add_override_arguments,
+    override_metadata,
+    token_from_args,
+)
 from server.clients.replay import ReplayConfig, ReplayError, build_request, parse_record
 
 __all__ = [
@@ -252,9 +257,12 @@ async def reproduce(
     tls: ClientTLS | None = None,
     tolerance: float = 1e-6,
     timeout_s: float = 10.0,
+    override_token: str | None = None,
 ) -> Reproduction:
     """Re-score ``record`` on ``target`` (recorded features, recorded version pinned,
-    reasons asked for when recorded). ``ReplayError`` when the call fails."""
+    reasons asked for when recorded). Recorded store features and times need the
+    server's overrides permission: ``override_token`` is sent as call metadata.
+    ``ReplayError`` when the call fails."""
     parsed = parse_record(json.dumps(record))
     request = build_request(
         parsed, ReplayConfig(target=target, topic="-", reproduce=True, pace=None)
@@ -262,7 +270,9 @@ async def reproduce(
     channel = aio_channel(target, tls)
     try:
         stub = pb_grpc.ScoringStub(channel)
-        response: pb.ScoreResponse = await stub.Score(request, timeout=timeout_s)
+        response: pb.ScoreResponse = await stub.Score(
+            request, timeout=timeout_s, metadata=override_metadata(override_token)
+        )
     except grpc.aio.AioRpcError as error:
         raise ReplayError(f"{target} answered {error.code().name}: {error.details()}") from None
     finally:
@@ -300,6 +310,7 @@ def build_parser(default_bootstrap: str = "127.0.0.1:9092") -> argparse.Argument
             sub.add_argument("--target", required=True, help="host:port of the server")
             sub.add_argument("--score-tolerance", type=float, default=1e-6)
             add_tls_arguments(sub)
+            add_override_arguments(sub)
     return p
 
 
@@ -343,6 +354,7 @@ def main_decisions(
                 args.target,
                 tls=tls_from_args(args),
                 tolerance=args.score_tolerance,
+                override_token=token_from_args(args),
             )
         )
     except (ReplayError, ValueError) as error:

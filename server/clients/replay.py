@@ -51,6 +51,11 @@ from server.clients.channels import (
     tls_from_args,
 )
 from server.clients.histogram import LatencyHistogram, LatencySummary
+from server.clients.override_token import (
+    add_override_arguments,
+    override_metadata,
+    token_from_args,
+)
 from server.records.traffic_log import DECISION_SCHEMA, RECORD_SCHEMAS, traffic_record
 
 __all__ = [
@@ -303,6 +308,8 @@ class ReplayConfig:
     #: Reproduce each decision: its recorded version pinned, its recorded features sent,
     #: reasons asked for where they were recorded and their codes compared.
     reproduce: bool = False
+    #: Token of ``features.allow_overrides`` (frozen features and recorded times).
+    override_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -336,6 +343,7 @@ class ReplayConfig:
         data = asdict(self)
         data["file"] = None if self.file is None else str(self.file)
         data["tls"] = None if self.tls is None else {"mutual": self.tls.cert_file is not None}
+        data["override_token"] = self.override_token is not None  # never the secret
         return data
 
 
@@ -483,6 +491,7 @@ class _Tally:
         self.reasons_agreed = 0
         self.reproduced = 0
         self.mismatched: list[str] = []
+        self.metadata = override_metadata(config.override_token)
 
     def answered(self, record: ReplayRecord, response: pb.ScoreResponse, latency_ns: int) -> None:
         self.ok += 1
@@ -534,7 +543,9 @@ async def _call(
 ) -> None:
     started = time.perf_counter_ns()
     try:
-        response: pb.ScoreResponse = await stub.Score(request, timeout=deadline_s)
+        response: pb.ScoreResponse = await stub.Score(
+            request, timeout=deadline_s, metadata=tally.metadata
+        )
     except grpc.aio.AioRpcError as error:
         tally.errors[error.code().name] += 1
         return
@@ -708,6 +719,7 @@ def build_parser(default_bootstrap: str = "127.0.0.1:9092") -> argparse.Argument
         "codes compared (implies --pace max unless given)",
     )
     add_tls_arguments(p)
+    add_override_arguments(p)
     p.add_argument(
         "--fail-under",
         type=float,
@@ -742,6 +754,7 @@ def _config(args: argparse.Namespace) -> ReplayConfig:
         score_tolerance=args.score_tolerance,
         tls=tls_from_args(args),
         reproduce=args.reproduce,
+        override_token=token_from_args(args),
     )
 
 

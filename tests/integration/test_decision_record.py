@@ -38,7 +38,7 @@ from server.clients.decisions import main_decisions
 from server.clients.replay import ReplayConfig, read_topic_values, run_replay
 from server.manifest import ModelManifest
 from tests.conftest import TEST_FEATURES, free_port
-from tests.support.server import running_server
+from tests.support.server import TEST_OVERRIDE_TOKEN, running_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -120,7 +120,7 @@ async def _run(stack: Any, rows: F32) -> tuple[dict[str, pb.ScoreResponse], list
     tensor = v2_request.inputs.add(name=manifest.input.name, datatype="FP32", shape=[3, 20])
     tensor.shape[:] = [3, len(DEMO_FEATURES)]
     tensor.contents.fp32_contents.extend(rows[200:203].ravel().tolist())
-    await srv.inference.ModelInfer(v2_request, timeout=20)
+    await srv.inference.ModelInfer(v2_request, timeout=20, metadata=srv.overrides)
     return answers, [f"v2call#{i}" for i in range(3)]
 
 
@@ -133,12 +133,13 @@ def _records(values: list[bytes]) -> dict[str, dict[str, Any]]:
 
 
 async def _cli(*argv: str) -> tuple[int, str]:
-    """``main_decisions`` in a thread (it runs its own event loop), stdout captured."""
+    """``main_decisions`` in a thread (it runs its own event loop), stdout and stderr
+    captured together."""
 
     buffer = io.StringIO()
 
     def run() -> int:
-        with contextlib.redirect_stdout(buffer):
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
             return main_decisions(list(argv))
 
     code = await asyncio.to_thread(run)
@@ -146,7 +147,12 @@ async def _cli(*argv: str) -> tuple[int, str]:
 
 
 async def test_every_decision_recorded_found_and_reproduced(
-    demo_repo: Path, rows: F32, redis_url: str, snapshot_id: str, kafka: KafkaBroker
+    demo_repo: Path,
+    rows: F32,
+    redis_url: str,
+    snapshot_id: str,
+    kafka: KafkaBroker,
+    tmp_path: Path,
 ) -> None:
     topic = f"decisions-{uuid.uuid4().hex[:8]}"
     common = [
@@ -215,11 +221,20 @@ async def test_every_decision_recorded_found_and_reproduced(
     )  # fmt: skip
     assert code == 1 and "not found" in out
 
-    # reproduce: a fresh server without the store (recorded features are sent)
+    # reproduce: a fresh server without the store (recorded features are sent, which
+    # needs the overrides permission: without its token the server refuses them)
+    token_file = tmp_path / "override-token"
+    token_file.write_text(TEST_OVERRIDE_TOKEN + "\n")
     async with running_server(demo_repo, [f"features.definitions_path={FEATURES_YAML}"]) as srv:
         code, out = await _cli(
             "reproduce", some_flagged, "--target", srv.target, "--topic", topic,
             "--bootstrap-servers", kafka.bootstrap_servers,
+        )  # fmt: skip
+        assert code == 1 and "INVALID_ARGUMENT" in out, out
+        code, out = await _cli(
+            "reproduce", some_flagged, "--target", srv.target, "--topic", topic,
+            "--bootstrap-servers", kafka.bootstrap_servers,
+            "--override-token-file", str(token_file),
         )  # fmt: skip
         assert code == 0, out
         assert "reproduced" in out and "NOT" not in out
@@ -230,6 +245,7 @@ async def test_every_decision_recorded_found_and_reproduced(
                 bootstrap_servers=kafka.bootstrap_servers,
                 pace=None,
                 reproduce=True,
+                override_token=TEST_OVERRIDE_TOKEN,
             )
         )
     assert report.errors == {} and report.ok == report.records >= len(answers) + 3

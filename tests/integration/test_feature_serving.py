@@ -126,7 +126,9 @@ def _overrides(url: str, *extra: str) -> list[str]:
     # A generous fetch timeout: these tests check values, and the 50 ms default trips on a
     # loaded machine (answers then come degraded); tests of the outage path set their own.
     timeout = "features.fetch_timeout_s=2.0"
-    return [f"features.definitions_path={DEFINITIONS}", f"redis.url={url}", timeout, *extra]
+    # Requests sit at the fixed T0, years from the wall clock: no skew bound here.
+    skew = "server.limits.event_time_skew_s=1e12"
+    return [f"features.definitions_path={DEFINITIONS}", f"redis.url={url}", timeout, skew, *extra]
 
 
 def _request(t_ms: int | None = T0, **entity_ids: str) -> pb.ScoreRequest:
@@ -267,12 +269,55 @@ async def test_features_sent_in_the_request_win_and_skip_the_store(
     async with running_server(repository[0], _overrides(store.url)) as srv:
         request = _request(card_id="card-1", customer_id="cust-1")
         request.features.update(everything)
-        response = await srv.scoring.Score(request)
+        response = await srv.scoring.Score(request, metadata=srv.overrides)
         fetches = srv.app.metrics.registry.get_sample_value(
             "streamscore_feature_fetch_seconds_count"
         )
     assert _echo(response) == pytest.approx(everything)
     assert fetches == 0
+
+
+async def test_store_features_need_the_overrides_permission(
+    store: Store, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    """A caller may send its model's request features; a store feature (a fraudster's
+    ``card_txn_count_1h: 0``) only with ``features.allow_overrides``."""
+    stream_feature = next(n for n in DEMO_FEATURES if n not in REQUEST and "txn_count" in n)
+    async with running_server(repository[0], _overrides(store.url)) as srv:
+        request = _request(card_id="card-1", customer_id="cust-1")
+        request.features[stream_feature] = 0.0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await srv.scoring.Score(request)
+        streamed = [a async for a in srv.scoring.ScoreStream(iter([request]))]
+        allowed = await srv.scoring.Score(request, metadata=srv.overrides)
+        plain = await srv.scoring.Score(_request(card_id="card-1", customer_id="cust-1"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert f"features.{stream_feature}: store feature" in details
+    assert "features.allow_overrides" in details
+    assert streamed[0].error.message == details
+    assert _echo(allowed)[stream_feature] == 0.0
+    assert not plain.HasField("error")
+
+
+async def test_v2_rows_of_a_store_fed_model_need_the_overrides_permission(
+    store: Store, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    """A v2 row carries every column, store features included: the same permission."""
+    from protos.inference import grpc_service_pb2 as v2
+
+    request = v2.ModelInferRequest(model_name="fraud")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=[1, len(DEMO_FEATURES)])
+    tensor.contents.fp32_contents.extend([0.0] * len(DEMO_FEATURES))
+    async with running_server(repository[0], _overrides(store.url)) as srv:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await srv.inference.ModelInfer(request)
+        allowed = await srv.inference.ModelInfer(request, metadata=srv.overrides)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert "inputs[0]: rows carry store features" in details
+    assert "features.allow_overrides" in details
+    assert allowed.model_name == "fraud" and allowed.outputs
 
 
 async def test_one_redis_round_trip_per_micro_batch(

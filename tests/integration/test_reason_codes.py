@@ -63,7 +63,11 @@ async def _score(srv: RunningServer, request: pb.ScoreRequest) -> pb.ScoreRespon
 async def test_on_request_gives_exact_reasons_only_when_asked(
     demo_repo: Path, rows: F32, redis_url: str
 ) -> None:
-    overrides = [f"features.definitions_path={FEATURES_YAML}", f"redis.url={redis_url}"]
+    overrides = [
+        f"features.definitions_path={FEATURES_YAML}",
+        f"redis.url={redis_url}",
+        "server.overrides.allow_all=true",  # every column sent: the rows explained are known
+    ]
     definitions = load_definitions(FEATURES_YAML)
     manifest = ModelManifest.read(demo_repo / "fraud" / "2")
     explainer = load_explainer(demo_repo / "fraud" / "2", manifest)

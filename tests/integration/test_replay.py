@@ -24,7 +24,7 @@ from server.clients.replay import (
 )
 from server.records.kafka_sink import KafkaSink, SinkConfig
 from tests.conftest import TEST_FEATURES
-from tests.support.server import RunningServer, running_server
+from tests.support.server import TEST_OVERRIDE_TOKEN, RunningServer, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +45,8 @@ async def record_traffic(srv: RunningServer, path: Path) -> list[str]:
             features=dict(zip(TEST_FEATURES, rng.normal(size=8).tolist(), strict=True)),
             echo_features=True,
         )
-        request.event_time.FromMilliseconds(1_700_000_000_000 + i)
-        response = await srv.scoring.Score(request)
+        request.event_time.FromMilliseconds(1_700_000_000_000 + i)  # a recorded time
+        response = await srv.scoring.Score(request, metadata=srv.overrides)
         record = record_from_exchange(request, response, threshold=0.5, ts=base + i * SPACING_S)
         lines.append(json.dumps(record))
     await asyncio.to_thread(path.write_text, "\n".join(lines) + "\n")
@@ -54,6 +54,8 @@ async def record_traffic(srv: RunningServer, path: Path) -> list[str]:
 
 
 def config(srv: RunningServer, **fields: object) -> ReplayConfig:
+    """A replay holding the overrides permission (recorded features and times)."""
+    fields.setdefault("override_token", TEST_OVERRIDE_TOKEN)
     return ReplayConfig(target=srv.target, **fields)  # type: ignore[arg-type]
 
 
@@ -66,6 +68,7 @@ async def test_replay_same_version_frozen_agrees_fully_and_other_version_does_no
         assert parse_record(path.read_text().splitlines()[0]).version == "2"
         same = await run_replay(config(srv, file=path, version="2", pace=None, concurrency=16))
         other = await run_replay(config(srv, file=path, version="1", pace=None, concurrency=16))
+        refused = await run_replay(config(srv, file=path, pace=None, override_token=None))
     assert same.records == same.ok == N and same.errors == {}
     assert same.agreement_rate == 1.0 and same.identical == N
     assert same.score_diff["max_abs"] == 0.0
@@ -80,6 +83,10 @@ async def test_replay_same_version_frozen_agrees_fully_and_other_version_does_no
     assert "agreement" in text and "version 1 pinned" in text
     document = other.to_json()
     assert document["agreement_rate"] == other.agreement_rate
+    assert document["config"]["override_token"] is True  # that one was sent, never its value
+    assert TEST_OVERRIDE_TOKEN not in json.dumps(document)
+    # without the permission, recorded times (and store features) are refused
+    assert refused.ok == 0 and refused.errors == {"INVALID_ARGUMENT": N}
     assert document["latency_us"]["count"] == N
 
 
@@ -114,9 +121,12 @@ async def test_replay_from_kafka_at_recorded_pace_with_live_features(
 async def test_replay_command_line(linear_repository: Path, tmp_path: Path) -> None:
     path = tmp_path / "traffic.jsonl"
     out = tmp_path / "report.json"
+    token_file = tmp_path / "override-token"
+    token_file.write_text(TEST_OVERRIDE_TOKEN + "\n")
     async with running_server(linear_repository) as srv:
         await record_traffic(srv, path)
         args = ["--file", str(path), "--target", srv.target, "--pace", "max"]
+        args += ["--override-token-file", str(token_file)]
         same = await asyncio.to_thread(
             main_replay, [*args, "--version", "2", "--json-out", str(out), "--fail-under", "1"]
         )

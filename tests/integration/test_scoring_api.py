@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.metrics import UNKNOWN_MODEL
+from server.settings import LimitsSettings
 from tests.conftest import TEST_FEATURES
 from tests.support.model_factory import linear_scores, write_linear_model
 from tests.support.server import running_server
@@ -194,13 +195,12 @@ async def test_scatter_correctness_under_random_concurrency(linear_repository: P
 
 
 async def test_score_stream_stops_reading_when_answers_are_not_taken(
-    linear_repository: Path, monkeypatch: pytest.MonkeyPatch
+    linear_repository: Path,
 ) -> None:
     """Answers nobody takes hold their slot: the call stops pulling requests at the
     in-flight bound instead of scoring and buffering everything the client sends."""
     from server import grpc_api
 
-    monkeypatch.setattr(grpc_api, "STREAM_MAX_IN_FLIGHT", 8)
     pulled: list[int] = []
 
     async def requests() -> AsyncIterator[pb.ScoreRequest]:
@@ -214,7 +214,9 @@ async def test_score_stream_stops_reading_when_answers_are_not_taken(
 
     async with running_server(linear_repository) as srv:
         app = srv.app
-        service = grpc_api.ScoringService(app.pipeline, app.registry, app.metrics)
+        service = grpc_api.ScoringService(
+            app.pipeline, app.registry, app.metrics, LimitsSettings(stream_max_in_flight=8)
+        )
         stream = service.ScoreStream(requests(), Context())  # type: ignore[arg-type]
         answers = [await anext(stream)]  # the transport took one answer, then stalls
 

@@ -60,6 +60,7 @@ def score_input(i: int, version: str | None) -> ScoreInput:
         model_version=version,
         event_time_ms=T0_MS + i,
         echo_features=True,
+        overrides_allowed=True,  # a recorded time, as a replay sends it
     )
 
 

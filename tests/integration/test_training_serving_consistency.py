@@ -317,7 +317,10 @@ async def test_backfill_matches_served_features_row_by_row(
     ]
     async with running_server(tmp_path / "models", overrides) as srv:
         responses = await asyncio.gather(
-            *(srv.scoring.Score(score_request(r, request_features)) for r in rows)
+            *(  # recorded times: the overrides permission (a replay's)
+                srv.scoring.Score(score_request(r, request_features), metadata=srv.overrides)
+                for r in rows
+            )
         )
         now_responses = await asyncio.gather(
             *(

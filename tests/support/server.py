@@ -15,9 +15,13 @@ from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.app import AppContext
 from server.settings import Settings, load_settings
 
+#: The ``server.overrides`` token every test server accepts (``RunningServer.overrides``).
+TEST_OVERRIDE_TOKEN = "test-override-token"
+
 
 def settings_for_test(repository: Path, *overrides: str) -> Settings:
-    """Settings for a test server: free ports, the given repository, plain logs."""
+    """Settings for a test server: free ports, the given repository, plain logs, and
+    ``TEST_OVERRIDE_TOKEN`` holding ``features.allow_overrides``."""
     return load_settings(
         None,
         {},
@@ -26,6 +30,7 @@ def settings_for_test(repository: Path, *overrides: str) -> Settings:
             "server.metrics_port=0",
             "server.grace_period_s=5",
             f"models.repository={repository}",
+            f"server.overrides.tokens.tests={TEST_OVERRIDE_TOKEN}",
             *overrides,
         ],
     )
@@ -39,6 +44,11 @@ class RunningServer:
     channel: grpc.aio.Channel
     scoring: pb_grpc.ScoringAsyncStub
     inference: v2_grpc.GRPCInferenceServiceAsyncStub
+
+    #: Call metadata holding the overrides permission (store features, recorded times).
+    overrides: tuple[tuple[str, str], ...] = (
+        ("x-streamscore-override-token", TEST_OVERRIDE_TOKEN),
+    )
 
     @property
     def target(self) -> str:

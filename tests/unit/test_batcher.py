@@ -275,6 +275,30 @@ async def test_queue_full_raises_at_once() -> None:
     await batcher.close()
 
 
+async def test_queue_is_bounded_in_rows_as_well_as_requests() -> None:
+    run = FakeRun(gate=asyncio.Event())
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder, max_batch_size=4, max_queue_size=100, max_queue_rows=6)
+    running = asyncio.create_task(batcher.submit(make_rows(0, 1)))
+    await run.started.wait()
+    queued = [asyncio.create_task(batcher.submit(make_rows(i, 3))) for i in (1, 2)]
+    await turns_until(lambda: batcher.depth == 2)  # 2 requests, 6 rows: rows are the bound
+    refused = batcher.submit(make_rows(3, 1))
+    with pytest.raises(QueueFull, match=r"6 rows waiting.*max_queue_rows 6"):
+        refused.send(None)
+    assert recorder.dropped_reasons == ["queue_full"]
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(0, 1))
+    for i, task in zip((1, 2), queued, strict=True):
+        assert_own_rows(await task, make_rows(i, 3))
+    await batcher.close()
+
+
+def test_queue_rows_below_a_batch_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_queue_rows"):
+        BatchPolicy(max_batch_size=8, max_queue_rows=4)
+
+
 async def test_bad_shapes_are_refused() -> None:
     batcher = batcher_with(FakeRun(), max_batch_size=4)
     for rows in (np.zeros((0, WIDTH), np.float32), np.zeros(WIDTH, np.float32)):

@@ -18,8 +18,9 @@ from server.registry import LoadedVersion
 WIDTH = 3
 
 
-def fake_loaded() -> LoadedVersion:
-    """Just the attributes InferCodec reads (no ONNX session needed)."""
+def fake_loaded(store_fed: bool = False) -> LoadedVersion:
+    """Just the attributes InferCodec reads (no ONNX session needed); ``store_fed``:
+    columns 1.. come from the feature store, column 0 is a request feature."""
 
     def check_rows(rows: npt.NDArray[np.float32], field: str) -> None:
         if not np.isfinite(rows).all():
@@ -35,7 +36,13 @@ def fake_loaded() -> LoadedVersion:
             name="fraud",
             version="2",
             model=SimpleNamespace(manifest=manifest),
-            layout=SimpleNamespace(width=WIDTH, check_rows=check_rows),
+            layout=SimpleNamespace(
+                width=WIDTH,
+                check_rows=check_rows,
+                names=tuple(f"c{i}" for i in range(WIDTH)),
+                request_rules={"c0": None},
+                uses_store=store_fed,
+            ),
             batcher=SimpleNamespace(policy=BatchPolicy(max_batch_size=8)),
         ),
     )
@@ -121,3 +128,18 @@ def test_decode_names_the_bad_field() -> None:
     with pytest.raises(InvalidInput) as nan_error:
         codec.decode(request(nan, raw=False))
     assert nan_error.value.field == "inputs[0]"
+
+
+def test_outputs_asked_twice_are_answered_once() -> None:
+    codec = InferCodec(fake_loaded())
+    asked = request(np.zeros((1, WIDTH), np.float32), raw=False, outputs=("label",) * 3)
+    assert codec.requested_outputs(asked) == ("label",)
+
+
+def test_rows_of_a_store_fed_model_need_the_overrides_permission() -> None:
+    codec = InferCodec(fake_loaded(store_fed=True))
+    assert codec.store_features == tuple(f"c{i}" for i in range(1, WIDTH))
+    with pytest.raises(InvalidInput, match=r"features\.allow_overrides"):
+        codec.check_overrides(False)
+    codec.check_overrides(True)
+    InferCodec(fake_loaded()).check_overrides(False)  # request-only: every column is sendable
