@@ -62,9 +62,12 @@ class _Partition:
     def __call__(self, spine: pa.Table) -> pa.Table:
         names = self.features or tuple(feature_sources(self.definitions))
         wanted = wanted_keys(self.definitions, names, spine)
-        events: EventSource | dict[str, EventSource]
+        events: EventSource | Mapping[str, EventSource]
         if isinstance(self.events, Mapping):
-            events = {t: events_for(p, wanted) for t, p in self.events.items()}
+            by_topic: dict[str, EventSource] = {}
+            for topic, path in self.events.items():
+                by_topic[topic] = events_for(path, wanted)
+            events = by_topic
         else:
             events = events_for(self.events, wanted)
         table, _ = backfill_table(

@@ -50,8 +50,9 @@ def spark_session(master: str, app: str = "streamscore") -> Any:
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.ui.enabled", "false")
     )
-    if master.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
-        builder = builder.config("spark.pyspark.python", sys.executable)  # this venv's
+    if master.startswith("local"):
+        # local Python workers run this interpreter (this venv), not whatever python3 is
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return builder.getOrCreate()
 
 

@@ -67,7 +67,8 @@ def test_backfill_spark_equals_local(case: dict[str, Any], spark: Any) -> None: 
         )
 
     assert backfill(tmp / "bf-local.parquet") == 0
-    assert backfill(tmp / "bf-spark.parquet", "--engine", "spark", "--spark-master", "local[2]") == 0
+    spark_args = ("--engine", "spark", "--spark-master", "local[2]")
+    assert backfill(tmp / "bf-spark.parquet", *spark_args) == 0
     a, b = pq.read_table(tmp / "bf-local.parquet"), pq.read_table(tmp / "bf-spark.parquet")
     assert a.num_rows == case["spine"].num_rows
     assert a.equals(b)
