@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck protos protos-check check bench models k8s-config clean
+.PHONY: run test test-spark lint typecheck protos protos-check check bench models k8s-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ run: $(STAMP)
 ## The whole suite: generated code fresh, lint, types, Dockerfile lint, tests.
 test: $(STAMP) protos-check lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
+
+## The Spark engine (`--engine spark`): installs the optional extra `spark` (pyspark,
+## ~490 MB) and runs the tests `make test` skips without it. Needs Java 17.
+test-spark: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[spark]'
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration/test_spark_engine.py \
+		tests/integration/test_training_serving_consistency.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from feature_streams.backfill import _parse_batch, _parse_events
 from feature_streams.definitions import DefinitionError, FeatureDefinitions, load_definitions
 from feature_streams.point_in_time import BackfillError
+from feature_streams.spark_engine import SparkUnavailable, partition_entity
 from server.batch_scoring.chunk import ChunkJob
 from server.batch_scoring.compare import Comparison
 from server.batch_scoring.features import PointInTimeFeatures, key_entities
@@ -36,7 +37,6 @@ from server.batch_scoring.scoring import (
     UnknownModelError,
     resolve_version,
 )
-from server.batch_scoring.spark import SparkUnavailable
 from server.batch_scoring.spine import SpineError, SpineReader, parse_time, spine_path
 from server.manifest import ModelManifest
 from server.runtime import RuntimeOptions
@@ -208,7 +208,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.engine == "spark":
             from server.batch_scoring.spark import run_spark
 
-            rows = run_spark(job, reader, sink, args.spark_master, progress)
+            key = partition_entity(definitions, wanted)
+            rows = run_spark(job, reader, sink, args.spark_master, key, progress)
         else:
             rows = run_local(job, reader.chunks(), sink, max(1, args.workers), progress)
         extra = {COMPARISON_KEY: comparison.summary()} if comparison is not None else None

@@ -19,31 +19,19 @@ by entity keep each chunk's key set, and so its share of the log, small.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
-import pyarrow.compute as pc  # type: ignore[import-untyped, unused-ignore]
-import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 
 from feature_streams.backfill import EventSource, backfill_table, read_event_records
-from feature_streams.definitions import (
-    Entity,
-    EntityKeyError,
-    FeatureDefinitions,
-    FeatureSource,
-)
+from feature_streams.definitions import FeatureDefinitions, FeatureSource
 from feature_streams.definitions import resolve_features as _resolve
-from feature_streams.point_in_time import BackfillError, EventRecord
+from feature_streams.event_filter import events_for, wanted_keys
 
 __all__ = ["PointInTimeFeatures", "feature_matrix", "key_entities"]
-
-_PARQUET: Final = frozenset({".parquet", ".pq"})
-_SCAN_ROWS: Final = 262_144
 
 
 def key_entities(definitions: FeatureDefinitions, features: Sequence[str]) -> list[str]:
@@ -104,80 +92,4 @@ class PointInTimeFeatures:
         return {r.name for r in refs if r.source is not FeatureSource.REQUEST}
 
     def _events_for(self, source: str | os.PathLike[str], spine: pa.Table) -> EventSource:
-        path = Path(source)
-        if path.suffix.lower() not in _PARQUET:
-            return source  # JSON lines: the whole log, read by the backfill
-        return _FilteredParquetEvents(path, self._wanted(spine))
-
-    def _wanted(self, spine: pa.Table) -> tuple[_Wanted, ...]:
-        """Per stream group read: its event key field, entity and the chunk's keys."""
-        defs = self.definitions
-        out: list[_Wanted] = []
-        for group_name in _resolve(defs, self.features).stream_groups:
-            group = defs.stream_groups[group_name]
-            entity = defs.entities[group.entity]
-            keys: set[str] = set()
-            if group.entity in spine.column_names:
-                for value in pc.unique(spine.column(group.entity)).to_pylist():
-                    key = _key(entity, value)
-                    if key is not None:
-                        keys.add(key)
-            out.append(_Wanted(group.key, entity, frozenset(keys)))
-        return tuple(out)
-
-
-def _key(entity: Entity, value: object) -> str | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    try:
-        return entity.key(value)
-    except EntityKeyError:
-        return None  # no key (the spine check refused spine ids; events: malformed)
-
-
-@dataclass(frozen=True)
-class _Wanted:
-    field: str
-    entity: Entity
-    keys: frozenset[str]
-
-
-@dataclass(frozen=True)
-class _FilteredParquetEvents:
-    """A Parquet event log's records (in file order) that carry a wanted key.
-
-    A record whose key fields hold none of the wanted keys cannot change a wanted
-    key's values: lateness is tracked per (group, key) and a malformed record feeds
-    no group at all, so dropping it is exact for the rows of this chunk.
-    """
-
-    path: Path
-    wanted: tuple[_Wanted, ...]
-
-    def __iter__(self) -> Iterator[EventRecord]:
-        try:
-            reader = pq.ParquetFile(self.path)
-            for batch in reader.iter_batches(batch_size=_SCAN_ROWS):
-                mask = self._mask(batch)
-                if mask is None:
-                    continue
-                for row in batch.filter(mask).to_pylist():
-                    yield {k: v for k, v in row.items() if v is not None}
-        except (OSError, pa.ArrowException) as exc:
-            raise BackfillError(f"{self.path}: cannot read events: {exc}") from None
-
-    def _mask(self, batch: pa.RecordBatch) -> pa.Array | None:
-        mask: pa.Array | None = None
-        for wanted in self.wanted:
-            if wanted.field not in batch.schema.names or not wanted.keys:
-                continue
-            column = batch.column(wanted.field)
-            raw = pc.unique(column).to_pylist()
-            hits = [v for v in raw if _key(wanted.entity, v) in wanted.keys]
-            if not hits:
-                continue
-            these = pc.is_in(column, value_set=pa.array(hits, column.type))
-            mask = these if mask is None else pc.or_(mask, these)
-        if mask is None or not pc.any(mask).as_py():
-            return None
-        return mask
+        return events_for(source, wanted_keys(self.definitions, self.features, spine))

@@ -11,7 +11,8 @@ backfilled one (float32 tolerance: the model row is float32) for every row. Then
 files and model artifact: every score equals the recorded Score answer exactly in
 float32, row by row. The same spine is also scored by the server without an event
 time (the store's clock, now) and by ``score-batch --features online`` on the same
-Redis: those scores must be equal too.
+Redis: those scores must be equal too. With the optional extra ``spark`` installed
+(``make test-spark``), ``score-batch --engine spark`` must give the recorded answers too.
 
 Which query times are valid online: the store holds only the *current* tiles, and a
 window read at ``t`` also counts applied events with event time ``>= t`` in its head
@@ -36,6 +37,7 @@ events, the batch files and the spine: worker, loader and backfill must all key 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import math
 import uuid
@@ -389,6 +391,13 @@ async def test_backfill_matches_served_features_row_by_row(
         "batch-online", "--features", "online", "--set", f"redis.url={redis_url}"
     )
     assert_same_answers("online", rows, now_responses, online)
+    if importlib.util.find_spec("pyspark") is not None:  # the 'spark' extra: make test-spark
+        on_spark = await score_batch(
+            "batch-spark",
+            *("--engine", "spark", "--spark-master", "local[2]", "--events", str(events_path)),
+            *(w for spec in batch_args for w in ("--batch", spec)),
+        )
+        assert_same_answers("spark", rows, responses, on_spark)
 
 
 def assert_same_answers(
