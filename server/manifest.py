@@ -21,7 +21,10 @@ MODEL_FILE = "model.onnx"
 
 TensorDType = Literal["float32", "float64", "int64", "int32"]
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+MAX_MODEL_NAME_LENGTH = 128
+"""Longest model name, version, endpoint or rollout id (a directory name: well under the
+file systems' 255-byte limit, and the scoring API's ``server.limits.max_name_length``)."""
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 """Model names, versions, endpoints and rollout ids: directory names in the model
 repository (routing also refuses ``.`` and ``..``), so versions like ``1.2`` or
 ``2024-06-01`` are fine. Feature, group and entity names follow a stricter pattern,

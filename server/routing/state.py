@@ -28,7 +28,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from server.errors import InvalidInput, ModelNotFound, ScoringError, Status
-from server.manifest import MODEL_NAME_PATTERN
+from server.manifest import MAX_MODEL_NAME_LENGTH, MODEL_NAME_PATTERN
 from server.router import BASIS_POINTS, version_sort_key
 from server.routing.approval import Records, records_from_dict, records_to_dict
 
@@ -53,6 +53,10 @@ def check_name(field_name: str, value: str) -> str:
     """``value`` if it is a valid endpoint/version name (a path segment), else InvalidInput."""
     if not value:
         raise InvalidInput(field_name, "required")
+    if len(value) > MAX_MODEL_NAME_LENGTH:
+        raise InvalidInput(
+            field_name, f"{len(value)} characters exceed the limit of {MAX_MODEL_NAME_LENGTH}"
+        )
     if not _NAME.match(value) or value in {".", ".."}:
         raise InvalidInput(field_name, f"{value!r} is not a valid name ([A-Za-z0-9_.-]+)")
     return value

@@ -205,3 +205,14 @@ def test_names_and_rollout_parsing() -> None:
     with pytest.raises(InvalidInput, match="rollout_json: not valid JSON"):
         parse_rollout("{")
     assert RoutingConflict("x").status == Status.FAILED_PRECONDITION
+
+
+def test_names_longer_than_a_directory_name_are_refused_naming_the_limit() -> None:
+    from server.errors import InvalidInput
+    from server.manifest import MAX_MODEL_NAME_LENGTH
+    from server.routing.state import check_name
+
+    assert check_name("endpoint", "x" * MAX_MODEL_NAME_LENGTH) == "x" * MAX_MODEL_NAME_LENGTH
+    with pytest.raises(InvalidInput) as refused:
+        check_name("endpoint", "x" * 256)  # one path component past 255 bytes: ENAMETOOLONG
+    assert str(refused.value) == "endpoint: 256 characters exceed the limit of 128"
