@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from bench.resilience.fuzz import Case, all_rpcs, case_strategy
@@ -46,11 +46,23 @@ def test_cases_cover_every_origin_and_parse_or_not() -> None:
     assert set(seen) == {"generated", "mutated", "random"}
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+# Generate only: shrinking and explaining examples this large (5,000-element repeated
+# fields, 64 KiB strings) made hypothesis pretty-print them, using gigabytes.
+@seed(20261202)  # the same few draws every run: their size (and memory) is repeatable
+@settings(
+    max_examples=8,
+    database=None,
+    phases=[Phase.generate],
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(message_strategy(v2.ModelInferRequest.DESCRIPTOR))
 def test_generated_infer_requests_serialize_and_round_trip(message: v2.ModelInferRequest) -> None:
     data = message.SerializeToString()
-    assert v2.ModelInferRequest.FromString(data) == message or data  # NaN != NaN
+    parsed = v2.ModelInferRequest.FromString(data)
+    # every byte was parsed back into fields (== on messages fails on NaN != NaN)
+    assert parsed.ByteSize() == len(data)
+    assert parsed.model_name == message.model_name and len(parsed.inputs) == len(message.inputs)
 
 
 def test_mutations_change_the_bytes() -> None:
