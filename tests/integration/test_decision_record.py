@@ -160,7 +160,8 @@ async def test_every_decision_recorded_found_and_reproduced(
         f"redis.url={redis_url}",
         "features.fetch_timeout_s=2.0",
         f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
-        f"traffic_log.topic={topic}",  # sample_rate left at its default: every decision
+        f"traffic_log.topic={topic}",
+        "traffic_log.sample_rate=1.0",  # the product default; test servers turn it off
         "models.per_model.fraud.reasons.when=above_threshold",
     ]
     async with running_server(demo_repo, common) as srv:
@@ -283,6 +284,7 @@ async def test_sigterm_with_records_buffered_spills_and_the_next_start_sends_the
     topic = f"decisions-{uuid.uuid4().hex[:8]}"
     spill = tmp_path / "spill"
     durable = [
+        "traffic_log.sample_rate=1.0",
         "traffic_log.delivery=durable",
         f"records.durable.spill_dir={spill}",
         f"traffic_log.topic={topic}",

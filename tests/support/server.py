@@ -20,8 +20,10 @@ TEST_OVERRIDE_TOKEN = "test-override-token"
 
 
 def settings_for_test(repository: Path, *overrides: str) -> Settings:
-    """Settings for a test server: free ports, the given repository, plain logs, and
-    ``TEST_OVERRIDE_TOKEN`` holding ``features.allow_overrides``."""
+    """Settings for a test server: free ports, the given repository, plain logs,
+    ``TEST_OVERRIDE_TOKEN`` holding ``features.allow_overrides``, and no decision
+    records (the product default records every decision to Kafka, which most tests do
+    not run: tests of the records set ``traffic_log.sample_rate`` themselves)."""
     return load_settings(
         None,
         {},
@@ -31,6 +33,7 @@ def settings_for_test(repository: Path, *overrides: str) -> Settings:
             "server.grace_period_s=5",
             f"models.repository={repository}",
             f"server.overrides.tokens.tests={TEST_OVERRIDE_TOKEN}",
+            "traffic_log.sample_rate=0",
             *overrides,
         ],
     )

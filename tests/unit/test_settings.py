@@ -288,3 +288,9 @@ def test_durable_traffic_log_needs_a_spill_dir() -> None:
         None, {}, ["traffic_log.delivery=durable", "records.durable.spill_dir=/tmp/spill"]
     )
     assert settings.traffic_log.delivery == "durable"
+
+
+def test_every_decision_is_recorded_by_default() -> None:
+    settings = load_settings(None, {}, [])
+    assert settings.traffic_log.sample_rate == 1.0
+    assert settings.traffic_log.topic == "streamscore.decisions"
