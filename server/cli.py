@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["features", "backfill"]:  # its own parser: feature_streams.backfill
-        from feature_streams.backfill import main_backfill
+        from feature_streams.backfill_cli import main_backfill
 
         return main_backfill(argv[2:])
     if argv[:2] == ["models", "validate"]:  # its own parser: server.governance.cli

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from feature_streams.backfill import _parse_batch, _parse_events
+from feature_streams.backfill_cli import parse_batch_specs, parse_event_specs
 from feature_streams.definitions import DefinitionError, FeatureDefinitions, load_definitions
 from feature_streams.point_in_time import BackfillError
 from feature_streams.spark_engine import SparkUnavailable, partition_entity
@@ -163,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
             definitions,
             tuple(wanted),
             _event_paths(args.events, definitions),
-            _parse_batch(args.batch),
+            parse_batch_specs(args.batch),
             args.allow_missing_columns,
         )
         pit.check()
@@ -232,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
 def _event_paths(specs: Sequence[str], definitions: FeatureDefinitions) -> str | dict[str, str]:
     if not specs:
         return {}
-    parsed = _parse_events(specs, definitions)
+    parsed = parse_event_specs(specs, definitions)
     if isinstance(parsed, Mapping):
         return {topic: str(path) for topic, path in parsed.items()}
     return str(parsed)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from demo.synthetic import DEMO_FEATURES
-from feature_streams.backfill import main_backfill
+from feature_streams.backfill_cli import main_backfill
 from tests.integration.test_score_batch import case, run  # noqa: F401  (module fixture)
 
 pytest.importorskip(

@@ -25,9 +25,9 @@ from feature_streams.backfill import (
     BackfillError,
     backfill,
     backfill_table,
-    main_backfill,
     read_manifest_features,
 )
+from feature_streams.backfill_cli import main_backfill
 from feature_streams.definitions import (
     AggKind,
     FeatureDefinitions,
