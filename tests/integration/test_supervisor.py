@@ -17,6 +17,8 @@ import pytest
 
 from server.supervisor import RestartCounters, RestartPolicy
 
+pytestmark = pytest.mark.integration  # starts real supervisor and child processes
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = """
