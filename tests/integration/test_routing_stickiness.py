@@ -63,12 +63,15 @@ async def test_canary_share_is_sticky_per_card(linear_repository: Path) -> None:
     async with admin_server(linear_repository, ["models.per_model.lin.champion=1"]) as admin:
         await admin.route(canary="2", share_bp=1000)
         first = await _answers(admin, CARDS)
-        assert 0.09 <= _canary_share(first) <= 0.11
+        # the salt is random per canary: over 10,000 cards the share's standard deviation
+        # is 0.3 points at 10% and 0.4 at 20%, so the bounds are 4 of them (1 point was 2.5
+        # and failed about once in a hundred runs)
+        assert 0.088 <= _canary_share(first) <= 0.112
         assert set(first.values()) == {("1", pb.ROUTE_CHAMPION), ("2", pb.ROUTE_CANARY)}
         assert await _pass(admin) == first  # the same cards get the same versions
 
         await admin.route(canary="2", share_bp=2000)
         raised = await _pass(admin)
-    assert 0.19 <= _canary_share(raised) <= 0.21
+    assert 0.184 <= _canary_share(raised) <= 0.216
     moved_back = [c for c, (version, _) in first.items() if version == "2" and raised[c][0] != "2"]
     assert moved_back == []
