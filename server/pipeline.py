@@ -27,7 +27,7 @@ from server.router import Decision, Route
 from server.scoring_types import ScoreInput, ScoreResult
 
 if TYPE_CHECKING:
-    from server.explain.service import Explained
+    from server.explain.service import Explained, VersionReasons
     from server.records.shadow import ShadowRunner
     from server.records.traffic_log import TrafficLog
 
@@ -86,9 +86,10 @@ class ScoringPipeline:
                 Job(prepared=call.prepared), deadline=deadline
             )
             explained = None
-            if self._needs_reasons(call, result):
+            reasons = self._reasons_needed(call, result)
+            if reasons is not None:
                 # a separate batcher: answers not needing reasons already left with their batch
-                explained = await call.loaded.reasons.explain(result.rows, deadline)  # type: ignore[union-attr]
+                explained = await reasons.explain(result.rows, deadline)
             return self._finish(call, result, explained)
         except ScoringError:
             self._record(request, decision, started, None)
@@ -123,9 +124,10 @@ class ScoringPipeline:
                 return  # the stream went away
             try:
                 result = finished.result()
-                if self._needs_reasons(call, result):
+                reasons = self._reasons_needed(call, result)
+                if reasons is not None:
                     explaining = asyncio.get_running_loop().create_task(
-                        self._finish_explained(call, result, deadline, done)
+                        self._finish_explained(call, result, reasons, deadline, done)
                     )
                     self._explaining.add(explaining)
                     explaining.add_done_callback(self._explaining.discard)
@@ -201,23 +203,27 @@ class ScoringPipeline:
             score_values[0, manifest.score_index] if score_values.ndim == 2 else score_values[0]
         )
 
-    def _needs_reasons(self, call: _Call, result: JobResult) -> bool:
+    def _reasons_needed(self, call: _Call, result: JobResult) -> VersionReasons | None:
+        """The version's explainer when this answer needs reasons, else None."""
         loaded = call.loaded
         if loaded.reasons is None:
-            return False
+            return None
         flagged = self._score_of(loaded, result) >= loaded.model.manifest.threshold
-        return loaded.reason_policy.needed(call.request.explain, flagged)
+        return (
+            loaded.reasons if loaded.reason_policy.needed(call.request.explain, flagged) else None
+        )
 
     async def _finish_explained(
         self,
         call: _Call,
         result: JobResult,
+        reasons: VersionReasons,
         deadline: float | None,
         done: Callable[[ScoreResult | Exception], None],
     ) -> None:
         """A stream item that needs reasons: explained in the reasons batcher, then answered."""
         try:
-            explained = await call.loaded.reasons.explain(result.rows, deadline)  # type: ignore[union-attr]
+            explained = await reasons.explain(result.rows, deadline)
             answer = self._finish(call, result, explained)
         except Exception as failure:
             self._record(call.request, call.decision, call.started, None)
