@@ -551,13 +551,18 @@ class AppContext:
             coverage.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await coverage
-        await self.health.enter_graceful_shutdown()
         # Scoring and admin servers drain together: one grace period, not two in a row.
+        # They stop accepting calls before health says NOT_SERVING, so a client that
+        # saw NOT_SERVING is never served a new call by this process.
         servers = [s for s in (self._server, self._admin_server) if s is not None]
         self._server = self._admin_server = None
-        if servers:
-            grace = self.settings.server.grace_period_s
-            await asyncio.gather(*(server.stop(grace) for server in servers))
+        grace = self.settings.server.grace_period_s
+        stopping = [asyncio.ensure_future(server.stop(grace)) for server in servers]
+        if stopping:
+            await asyncio.sleep(0)  # each stop() refuses new calls on its first step
+        await self.health.enter_graceful_shutdown()
+        if stopping:
+            await asyncio.gather(*stopping)
         if self.rollouts is not None:
             await self.rollouts.stop()
             self.rollouts = None
