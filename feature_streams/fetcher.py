@@ -129,6 +129,8 @@ class BatchSnapshotCache:
         self._ids: Mapping[str, str | None] = MappingProxyType(dict.fromkeys(self._groups))
         self._refreshed_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Set by ``stop``: the loop ends even if the task's cancellation was swallowed.
+        self._stopping = False
         self._failing = False
 
     @property
@@ -175,12 +177,18 @@ class BatchSnapshotCache:
         if self._task is not None:
             return
         await self._refresh_logged()
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="batch-snapshot-cache")
 
     async def stop(self) -> None:
-        """Stop the background refresh (idempotent)."""
+        """Stop the background refresh (idempotent).
+
+        The loop also checks a flag: a cancellation that arrives while a read is timing
+        out can come back from redis-py as its ``TimeoutError`` (a ``RedisError`` the
+        loop logs and survives), and ``stop`` would then wait for the task forever."""
         task, self._task = self._task, None
         if task is not None:
+            self._stopping = True
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -207,8 +215,10 @@ class BatchSnapshotCache:
             self._failing = False
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._interval)
+            if self._stopping:
+                return
             await self._refresh_logged()
 
 
