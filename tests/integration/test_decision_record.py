@@ -159,6 +159,7 @@ async def test_every_decision_recorded_found_and_reproduced(
         f"features.definitions_path={FEATURES_YAML}",
         f"redis.url={redis_url}",
         "features.fetch_timeout_s=2.0",
+        "redis.socket_timeout_s=5.0",  # each read's own bound (0.2 s) trips on a loaded machine
         f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
         f"traffic_log.topic={topic}",
         "traffic_log.sample_rate=1.0",  # the product default; test servers turn it off

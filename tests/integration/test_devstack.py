@@ -178,6 +178,10 @@ def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(
         "--no-train",
         "--data-dir", str(tmp_path / "devstack"),
         "--set", f"models.repository={repository}",
+        # the answer's values are checked: a loaded machine must not degrade it (the
+        # 50 ms fetch and 0.2 s socket defaults trip there, answering with defaults)
+        "--set", "features.fetch_timeout_s=5",
+        "--set", "redis.socket_timeout_s=5",
     ) as stack:  # fmt: skip
         pids_line = stack.wait_for_line(lambda line: "pids" in line, STARTUP_S)
         pids = {name: int(pid) for name, pid in re.findall(r"(\w+)=(\d+)", pids_line)}

@@ -123,12 +123,22 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
 
 
 def _overrides(url: str, *extra: str) -> list[str]:
-    # A generous fetch timeout: these tests check values, and the 50 ms default trips on a
+    # Generous timeouts: these tests check values, and the 50 ms fetch default trips on a
     # loaded machine (answers then come degraded); tests of the outage path set their own.
+    # The socket timeout too: each Redis read is also bounded by redis.socket_timeout_s
+    # (0.2 s), which a loaded 2-core machine exceeds, degrading a batch despite the 2 s.
     timeout = "features.fetch_timeout_s=2.0"
+    socket_timeout = "redis.socket_timeout_s=5.0"
     # Requests sit at the fixed T0, years from the wall clock: no skew bound here.
     skew = "server.limits.event_time_skew_s=1e12"
-    return [f"features.definitions_path={DEFINITIONS}", f"redis.url={url}", timeout, skew, *extra]
+    return [
+        f"features.definitions_path={DEFINITIONS}",
+        f"redis.url={url}",
+        timeout,
+        socket_timeout,
+        skew,
+        *extra,
+    ]
 
 
 def _request(t_ms: int | None = T0, **entity_ids: str) -> pb.ScoreRequest:

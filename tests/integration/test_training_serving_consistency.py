@@ -316,6 +316,7 @@ async def test_backfill_matches_served_features_row_by_row(
         f"features.definitions_path={definitions_path}",
         f"redis.url={redis_url}",
         "features.fetch_timeout_s=10",  # a noisy machine must not degrade answers
+        "redis.socket_timeout_s=10",  # nor each read's own bound (0.2 s by default)
     ]
     async with running_server(tmp_path / "models", overrides) as srv:
         responses = await asyncio.gather(
@@ -371,6 +372,7 @@ async def test_backfill_matches_served_features_row_by_row(
                 *("--output", str(out), "--definitions", str(definitions_path)),
                 *("--set", f"models.repository={tmp_path / 'models'}"),
                 *("--set", "features.fetch_timeout_s=10"),
+                *("--set", "redis.socket_timeout_s=10"),
                 *("--workers", "1", "--no-progress", "--with-features", *args),
             ],
         )
