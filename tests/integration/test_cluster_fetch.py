@@ -152,6 +152,17 @@ def _node_of(cluster: LocalRedisCluster, name: str) -> RedisServer:
     return next(node for node in cluster.nodes if node.port == port)
 
 
+def _forbid_failover(cluster: LocalRedisCluster) -> None:
+    """No replica of ``cluster`` takes over a failed primary (``cluster-replica-no-failover``)."""
+    for node in cluster.nodes:
+        client = SyncRedis(host=node.host, port=node.port)
+        try:
+            if client.info("replication").get("role") == "slave":
+                client.config_set("cluster-replica-no-failover", "yes")
+        finally:
+            client.close()
+
+
 async def _holders(url: str, keys: Sequence[str]) -> Mapping[str, str]:
     client = await connect(RedisOptions(url, "cluster"))
     assert isinstance(client, RedisCluster)
@@ -184,6 +195,10 @@ async def test_a_stopped_primary_degrades_only_the_keys_it_holds(
     tile_on_victim = {c for c in CARDS if holders[tile_key("card_activity", c)] == victim}
     assert on_victim and set(CARDS) - on_victim
     overrides = _overrides(url, "features.fetch_timeout_s=2.0", SOCKET_TIMEOUT)
+    # The stopped primary must stay the slots' holder while the calls run: with the 1 s
+    # cluster-node-timeout its replica would take over on a loaded machine (where the
+    # calls outlast a second), and later batches would read the promoted replica.
+    _forbid_failover(private_cluster)
     async with running_server(repository, overrides) as srv:
         before = await asyncio.gather(*(srv.scoring.Score(_request(card_id=c)) for c in CARDS))
         assert not any(r.degraded for r in before)
