@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import selectors
 import signal
@@ -99,13 +100,23 @@ def _assert_ordered(summary: LatencySummary) -> None:
 
 
 def _assert_clean(result: LoadResult) -> None:
+    """Every call answered OK, and the counts agree. No throughput is asserted (that is a
+    bench's job): how many calls fit in the window depends on the machine's load."""
+    config = result.config
     assert result.errors == {}
     assert result.unfinished == 0
-    assert result.sent > 20
+    if config.mode == "closed":
+        # at most this many calls are in flight at once, so at most this many cross
+        # either edge of the window (sent before it and answered in it, or the reverse)
+        in_flight = config.concurrency * config.stream_window
+        assert result.sent > in_flight  # the callers looped: each answer led to a new call
+    else:
+        # an open loop's calls in flight at an edge are those scheduled within the
+        # slowest answer's latency before it (+1 each side for the partial interval)
+        assert config.rate is not None
+        in_flight = math.ceil(config.rate * result.latency.max_us / 1e6) + 2
     assert result.ok == result.sent
-    assert result.throughput_rps == pytest.approx(result.window_ok / result.config.duration_s)
-    config = result.config
-    in_flight = config.concurrency * config.stream_window if config.mode == "closed" else 3
+    assert result.throughput_rps == pytest.approx(result.window_ok / config.duration_s)
     assert abs(result.window_ok - result.ok) <= in_flight
     _assert_ordered(result.latency)
 
