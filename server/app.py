@@ -199,6 +199,7 @@ class AppContext:
             clock=self.clock,
             on_fetch=self.metrics.observe_feature_fetch,
             on_breaker=self.metrics.feature_store_breaker,
+            on_node_breaker=self.metrics.redis_node_breaker,
         )
         self.registry.use_features(self.definitions, self.feature_store)
 

@@ -26,8 +26,9 @@ snapshots and stream windows, see there) and adds what the server decides:
   success when any node answered; it counts a failure only when the fetch as a whole
   failed (no node reachable, a store-wide error). After a failover the slot map is
   refreshed and the replica's (new) breaker starts closed.
-* The round trip is reported to ``on_fetch`` (the fetch latency metric) and breaker
-  changes to ``on_breaker`` (its state gauge).
+* The round trip is reported to ``on_fetch`` (the fetch latency metric), breaker
+  changes to ``on_breaker`` (its state gauge) and a node breaker's changes to
+  ``on_node_breaker`` (the per-node state gauge).
 """
 
 from __future__ import annotations
@@ -100,13 +101,20 @@ class FeatureStore:
         clock: Callable[[], float] = time.time,
         on_fetch: Callable[[float, int], None] | None = None,
         on_breaker: Callable[[BreakerState], None] | None = None,
+        on_node_breaker: Callable[[str, BreakerState], None] | None = None,
     ) -> None:
         self._options = options
         self._clock = clock
         self._on_fetch = on_fetch
+        self._on_node_breaker = on_node_breaker
         self._breaker = CircuitBreaker(options.breaker, time.monotonic, on_breaker)
-        self._node_breakers = NodeBreakers(options.breaker, time.monotonic, _log_node_breaker)
+        self._node_breakers = NodeBreakers(options.breaker, time.monotonic, self._node_changed)
         self._fetcher = FeatureFetcher(client, snapshots, self._node_breakers)
+
+    def _node_changed(self, node: str, state: BreakerState) -> None:
+        _log_node_breaker(node, state)
+        if self._on_node_breaker is not None:
+            self._on_node_breaker(node, state)
 
     @property
     def breaker(self) -> CircuitBreaker:

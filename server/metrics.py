@@ -120,6 +120,13 @@ class Metrics:
         )
         for state in STATES:
             self.breaker_state.labels(state).set(1.0 if state == "closed" else 0.0)
+        self.node_breaker_state = Gauge(
+            "streamscore_redis_node_breaker_state",
+            "1 for the state a Redis Cluster node's circuit breaker is in, else 0 "
+            "(a node appears once its breaker first changes).",
+            ["node", "state"],
+            registry=r,
+        )
         self.models_loaded = Gauge(
             "streamscore_model_versions_loaded", "Loaded model versions.", registry=r
         )
@@ -136,6 +143,11 @@ class Metrics:
         for name in STATES:
             self.breaker_state.labels(name).set(1.0 if name == state else 0.0)
         self.breaker_transitions.labels(state).inc()
+
+    def redis_node_breaker(self, node: str, state: BreakerState) -> None:
+        """The breaker of Redis Cluster node ``node`` (``host:port``) entered ``state``."""
+        for name in STATES:
+            self.node_breaker_state.labels(node, name).set(1.0 if name == state else 0.0)
 
     def observe_features(self, freshness: Sequence[Freshness], degraded: Sequence[str]) -> None:
         """Freshness and degradation of one answered request."""

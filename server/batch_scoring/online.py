@@ -16,10 +16,10 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
-from redis.asyncio import Redis
 
 from feature_streams.definitions import FeatureDefinitions, FeatureSource, resolve_features
 from feature_streams.fetcher import BatchSnapshotCache
+from feature_streams.redis_client import RedisOptions, connect
 from server.errors import InvalidInput
 from server.feature_store import FeatureStore, StoreOptions
 from server.features import FailurePolicy, FeatureLayout
@@ -57,7 +57,7 @@ class OnlineFeatures:
         refs = resolve_features(self.definitions, self.manifest.features).refs
         request = [r.name for r in refs if r.source is FeatureSource.REQUEST]
         entities = [e for e in self.definitions.entities if e in chunk.column_names]
-        client = Redis.from_url(self.redis_url)
+        client = await connect(RedisOptions(self.redis_url))  # one Redis or a cluster
         try:
             snapshots = BatchSnapshotCache(client, self.definitions.batch_groups)
             await snapshots.refresh()

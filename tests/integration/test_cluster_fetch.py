@@ -194,7 +194,10 @@ async def test_a_stopped_primary_degrades_only_the_keys_it_holds(
     on_victim = {c for c, keys in reads.items() if any(holders[k] == victim for k in keys)}
     tile_on_victim = {c for c in CARDS if holders[tile_key("card_activity", c)] == victim}
     assert on_victim and set(CARDS) - on_victim
-    overrides = _overrides(url, "features.fetch_timeout_s=2.0", SOCKET_TIMEOUT)
+    # one failure opens a node's breaker: its state shows in the per-node gauge
+    overrides = _overrides(
+        url, "features.fetch_timeout_s=2.0", SOCKET_TIMEOUT, "features.breaker_failures=1"
+    )
     # The stopped primary must stay the slots' holder while the calls run: with the 1 s
     # cluster-node-timeout its replica would take over on a loaded machine (where the
     # calls outlast a second), and later batches would read the promoted replica.
@@ -208,6 +211,14 @@ async def test_a_stopped_primary_degrades_only_the_keys_it_holds(
             during = await asyncio.gather(*(srv.scoring.Score(_request(card_id=c)) for c in CARDS))
         finally:
             stopped.process.send_signal(signal.SIGCONT)
+        registry = srv.app.metrics.registry
+        gauge = "streamscore_redis_node_breaker_state"
+        assert registry.get_sample_value(gauge, {"node": victim, "state": "open"}) == 1.0
+        others = candidates - {victim}
+        assert all(
+            registry.get_sample_value(gauge, {"node": n, "state": "open"}) in (None, 0.0)
+            for n in others
+        )
     for i, (card, response) in enumerate(zip(CARDS, during, strict=True)):
         echoed = _echo(response)
         if card in on_victim:

@@ -1,6 +1,11 @@
 """The feature store's Redis on a real local Redis Cluster (3 primaries, 3 replicas):
 the client factory, mode mismatch, slot coverage, and routing compare-and-set.
-(The batch snapshot suite runs on the cluster too: tests/integration/test_batch_store.py.)"""
+
+The single-node feature suites run on the cluster too, parametrised over it:
+tests/integration/test_batch_store.py (snapshot flip under 1,000 readers, load, rollback,
+GC), test_stream_worker.py (exactly-once after SIGKILL, random SIGKILLs) and
+test_training_serving_consistency.py (online == backfill, score-batch online); failover
+and per-node degradation: test_cluster_fetch.py."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -34,6 +34,7 @@ from devstack.services import KafkaBroker, free_port, redis_server
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
 from feature_streams.events import DeadLetter, dead_letter_topic
 from feature_streams.keys import LAST_TS_FIELD, offset_field, tile_key
+from feature_streams.redis_client import AnyRedis, RedisOptions, connect, detect_mode
 from feature_streams.stream_job import BatchReport, StreamWorker, WorkerConfig
 from feature_streams.tile_store import read_hashes
 from feature_streams.topics import ensure_topics
@@ -177,7 +178,7 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float, wha
         await asyncio.sleep(0.02)
 
 
-async def fully_applied(client: Redis, produced: Produced) -> bool:
+async def fully_applied(client: AnyRedis, produced: Produced) -> bool:
     """Every key's hash holds the offset of its last event."""
     for group in GROUPS:
         finals = final_offsets(produced, group)
@@ -191,7 +192,7 @@ async def fully_applied(client: Redis, produced: Produced) -> bool:
     return True
 
 
-async def applied_records(client: Redis, produced: Produced) -> int:
+async def applied_records(client: AnyRedis, produced: Produced) -> int:
     """Records applied so far, from the card hashes' offset fields."""
     finals = final_offsets(produced, "card_activity")
     keys = sorted(finals)
@@ -216,7 +217,7 @@ def assert_close_maps(
 
 
 async def assert_tiles_match(
-    client: Redis, produced: Produced, plans: Mapping[str, GroupPlan]
+    client: AnyRedis, produced: Produced, plans: Mapping[str, GroupPlan]
 ) -> None:
     """Every hash equals the direct fold; reads equal point_in_time_values."""
     for group, plan in plans.items():
@@ -382,6 +383,24 @@ async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
+@pytest.fixture(params=["standalone", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """One Redis, then the local Redis Cluster (3 primaries + 3 replicas): the worker
+    detects the mode (``redis.mode: auto``); the same assertions hold on both."""
+    name = "redis_url" if request.param == "standalone" else "redis_cluster_url"
+    return cast(str, request.getfixturevalue(name))
+
+
+@pytest.fixture
+async def store_client(store_url: str) -> AsyncIterator[AnyRedis]:
+    """A client of the mode ``store_url`` has (``RedisCluster`` on the cluster)."""
+    client = await connect(RedisOptions(store_url))
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
 def metric(
     m: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, group: str
 ) -> float:
@@ -390,8 +409,8 @@ def metric(
 
 async def test_sigkill_between_apply_and_commit_replays_harmlessly(
     kafka: KafkaBroker,
-    redis_url: str,
-    redis_client: Redis,
+    store_url: str,
+    store_client: AnyRedis,
     tmp_path: Path,
     processes: list[WorkerProcess],
 ) -> None:
@@ -404,16 +423,16 @@ async def test_sigkill_between_apply_and_commit_replays_harmlessly(
     plans = {g: GroupPlan.build(defs.stream_groups[g]) for g in GROUPS}
     port = free_port()
     args = worker_args(
-        kafka, redis_url, definitions, group_id, commit_interval_s=3600, metrics_port=port
+        kafka, store_url, definitions, group_id, commit_interval_s=3600, metrics_port=port
     )
     log = tmp_path / "worker.log"
 
     processes.append(first := WorkerProcess(args, log))
-    await wait_until(lambda: fully_applied(redis_client, produced), 60, "the first worker")
+    await wait_until(lambda: fully_applied(store_client, produced), 60, "the first worker")
     first.kill()  # every tile written, no offset committed yet
     assert await committed(kafka.bootstrap_servers, group_id, topic, 4) == [None] * 4
     keys = [tile_key(g, k) for g in GROUPS for k in sorted(final_offsets(produced, g))]
-    before = await read_hashes(redis_client, keys)
+    before = await read_hashes(store_client, keys)
 
     processes.append(second := WorkerProcess(args, log))
 
@@ -429,22 +448,25 @@ async def test_sigkill_between_apply_and_commit_replays_harmlessly(
         max(o for o, p in zip(produced.offsets, parts, strict=True) if p == q) for q in range(4)
     ]
     assert await committed(kafka.bootstrap_servers, group_id, topic, 4) == [e + 1 for e in ends]
-    assert await read_hashes(redis_client, keys) == before  # byte for byte
-    await assert_tiles_match(redis_client, produced, plans)
+    assert await read_hashes(store_client, keys) == before  # byte for byte
+    await assert_tiles_match(store_client, produced, plans)
 
 
-async def test_50k_events_with_random_sigkills_apply_exactly_once(
+async def test_random_sigkills_apply_exactly_once(
     kafka: KafkaBroker,
-    redis_url: str,
-    redis_client: Redis,
+    store_url: str,
+    store_client: AnyRedis,
     tmp_path: Path,
     processes: list[WorkerProcess],
 ) -> None:
+    """50,000 events on one Redis (12,000 on the cluster, whose per-node pipelines end
+    with ``WAIT``: same kills and checks, a third of the time), 3-5 SIGKILLs at random
+    points and commit intervals: every tile equals the direct fold."""
     topic, group_id = unique("kill"), unique("g")
     defs, text = definitions_for(topic)
     (definitions := tmp_path / "features.yaml").write_text(text)
     await ensure_topics(kafka.bootstrap_servers, {topic: 4})
-    n = 50_000
+    n = 12_000 if await detect_mode(store_url) == "cluster" else 50_000
     events, parts = make_events(23, n, 400, 40, 4, 6 * 3_600_000, 12 * MINUTE)
     produced = await produce(kafka, topic, 4, events, parts)
     plans = {g: GroupPlan.build(defs.stream_groups[g]) for g in GROUPS}
@@ -455,22 +477,22 @@ async def test_50k_events_with_random_sigkills_apply_exactly_once(
     progress: list[int] = []
     for mark in marks:
         interval = rng.choice((0, 0.2, 1.0, 3600))
-        args = worker_args(kafka, redis_url, definitions, group_id, commit_interval_s=interval)
+        args = worker_args(kafka, store_url, definitions, group_id, commit_interval_s=interval)
         processes.append(proc := WorkerProcess(args, log))
 
         async def past_mark(mark: float = mark) -> bool:
-            return await applied_records(redis_client, produced) >= mark
+            return await applied_records(store_client, produced) >= mark
 
         await wait_until(past_mark, 60, f"progress past {mark:.0f} records")
         proc.kill()
-        progress.append(await applied_records(redis_client, produced))
+        progress.append(await applied_records(store_client, produced))
     assert progress[-1] < n, "the worker finished before the last kill; kill earlier"
 
-    args = worker_args(kafka, redis_url, definitions, group_id, commit_interval_s=0.5)
+    args = worker_args(kafka, store_url, definitions, group_id, commit_interval_s=0.5)
     processes.append(last := WorkerProcess(args, log))
-    await wait_until(lambda: fully_applied(redis_client, produced), 90, "the final worker")
+    await wait_until(lambda: fully_applied(store_client, produced), 90, "the final worker")
     assert await last.terminate() == 0
-    await assert_tiles_match(redis_client, produced, plans)
+    await assert_tiles_match(store_client, produced, plans)
     late = sum(
         len(events) - sum(len(v) for v in kept_events(plans[g], events).values()) for g in GROUPS
     )

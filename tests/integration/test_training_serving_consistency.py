@@ -43,7 +43,7 @@ import math
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
@@ -51,7 +51,6 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pytest
 from aiokafka import AIOKafkaProducer
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.asyncio import Redis
 
 from demo.synthetic import (
     CARD_BATCH_FEATURES,
@@ -65,6 +64,7 @@ from devstack.services import KafkaBroker
 from feature_streams.backfill import BackfillReport, backfill, read_manifest_features
 from feature_streams.batch_load import load_group_file
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
+from feature_streams.redis_client import RedisOptions, connect, scan_keys
 from feature_streams.stream_job import BatchReport, StreamWorker, WorkerConfig
 from feature_streams.topics import ensure_topics
 from protos.streamscore.v1 import scoring_pb2 as pb
@@ -279,8 +279,16 @@ def score_request(
     )
 
 
+@pytest.fixture(params=["standalone", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """One Redis, then the local Redis Cluster (3 primaries + 3 replicas): worker,
+    loader, server and ``score-batch --features online`` detect the mode themselves."""
+    name = "redis_url" if request.param == "standalone" else "redis_cluster_url"
+    return cast(str, request.getfixturevalue(name))
+
+
 async def test_backfill_matches_served_features_row_by_row(
-    kafka: KafkaBroker, redis_url: str, tmp_path: Path
+    kafka: KafkaBroker, store_url: str, tmp_path: Path
 ) -> None:
     topic = unique("tx")
     text = (REPO / "features.yaml").read_text().replace("topic: transactions", f"topic: {topic}")
@@ -296,15 +304,15 @@ async def test_backfill_matches_served_features_row_by_row(
 
     await ensure_topics(kafka.bootstrap_servers, {topic: 1})
     await produce(kafka.bootstrap_servers, topic, records)
-    worker = await apply_stream(kafka, redis_url, definitions, records)
-    await assert_keys_canonical(redis_url)
+    worker = await apply_stream(kafka, store_url, definitions, records)
+    await assert_keys_canonical(store_url)
 
     current = profile_tables(population, np.random.default_rng(9))
     schedule: dict[str, list[tuple[int, Path]]] = {}
     for valid_from, tables in ((T0 - DAY, older_tables(current)), (switch, current)):
         for group, table in tables.items():
             pq.write_table(table, path := tmp_path / f"{group}-{valid_from}.parquet")
-            await load_group_file(redis_url, definitions, group, path, progress=False)
+            await load_group_file(store_url, definitions, group, path, progress=False)
             schedule.setdefault(group, []).append((valid_from, path))
 
     version_dir, weights, bias = write_linear_model(
@@ -314,7 +322,7 @@ async def test_backfill_matches_served_features_row_by_row(
     rows = spine.to_pylist()
     overrides = [
         f"features.definitions_path={definitions_path}",
-        f"redis.url={redis_url}",
+        f"redis.url={store_url}",
         "features.fetch_timeout_s=10",  # a noisy machine must not degrade answers
         "redis.socket_timeout_s=10",  # nor each read's own bound (0.2 s by default)
     ]
@@ -390,7 +398,7 @@ async def test_backfill_matches_served_features_row_by_row(
     assert_same_answers("point-in-time", rows, responses, point_in_time)
     assert len(set(point_in_time.column("score").to_pylist())) > len(rows) // 2
     online = await score_batch(
-        "batch-online", "--features", "online", "--set", f"redis.url={redis_url}"
+        "batch-online", "--features", "online", "--set", f"redis.url={store_url}"
     )
     assert_same_answers("online", rows, now_responses, online)
     if importlib.util.find_spec("pyspark") is not None:  # the 'spark' extra: make test-spark
@@ -439,9 +447,9 @@ def assert_same_answers(
 
 async def assert_keys_canonical(redis_url: str) -> None:
     """Every spelling of an id reached one key: no key holds whitespace."""
-    client = Redis.from_url(redis_url)
+    client = await connect(RedisOptions(redis_url))
     try:
-        keys = [k async for k in client.scan_iter(count=1000)]
+        keys = [k if isinstance(k, bytes) else k.encode() async for k in scan_keys(client, "*")]
     finally:
         await client.aclose()
     assert keys
