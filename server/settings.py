@@ -320,6 +320,13 @@ class ServerSettings(_Frozen):
         description="Who may send store features and recorded event times.",
     )
     uvloop: bool = Field(default=True, description="Run each process's event loop on uvloop.")
+    memory_trim_interval_s: float | None = Field(
+        default=10.0,
+        gt=0.0,
+        description="Hand free C-heap pages back to the kernel this often (glibc "
+        "malloc_trim, off the event loop): RSS follows the working set after large or "
+        "hostile requests; null = never.",
+    )
     restarts: RestartSettings = Field(
         default_factory=RestartSettings,
         description="Restart of crashed server processes (processes > 1).",
