@@ -307,8 +307,11 @@ def answers_valid_call(channel: grpc.Channel) -> bool:
 
 
 @contextlib.contextmanager
-def serve(repository: Path, log_path: Path, extra: Sequence[str] = ()) -> Iterator[tuple[int, str]]:
-    """``python -m server.cli serve`` on a free port; yields (pid, target); stopped on exit."""
+def serve(
+    repository: Path, log_path: Path, extra: Sequence[str] = (), argv_prefix: Sequence[str] = ()
+) -> Iterator[tuple[int, str]]:
+    """``python -m server.cli serve`` on a free port; yields (pid, target); stopped on exit.
+    ``argv_prefix``: e.g. ``taskset -c 0`` (``exec``-style: the pid is the server's)."""
     port = free_port()
     sets = [
         f"server.port={port}",
@@ -319,7 +322,7 @@ def serve(repository: Path, log_path: Path, extra: Sequence[str] = ()) -> Iterat
         "logging.json=false",
         *extra,
     ]
-    argv = [sys.executable, "-m", "server.cli", "serve"]
+    argv = [*argv_prefix, sys.executable, "-m", "server.cli", "serve"]
     argv += [item for value in sets for item in ("--set", value)]
     with log_path.open("wb") as out:
         process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=out, stderr=out)
