@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from server import allocator
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc allocator")
 
@@ -62,3 +66,19 @@ def test_a_fixed_mmap_threshold_returns_freed_large_buffers() -> None:
 
 def test_trimming_releases_free_heap_pinned_by_small_objects() -> None:
     assert _kept_mib("trim") < 8  # without malloc_trim: ~50 MiB
+
+
+async def test_the_server_trims_periodically(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+
+    def release() -> bool:
+        calls.append(1.0)
+        return True
+
+    monkeypatch.setattr(allocator, "release_free_memory", release)
+    task = asyncio.create_task(allocator.trim_periodically(0.01))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert len(calls) >= 3
