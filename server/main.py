@@ -20,6 +20,7 @@ from collections.abc import Callable
 import uvloop
 
 from feature_streams.redis_client import RedisModeMismatchError
+from server.allocator import fix_mmap_threshold, trim_periodically
 from server.app import AppContext
 from server.logs import configure_logging
 from server.settings import Settings
@@ -50,7 +51,11 @@ async def serve_until_signalled(
             context.metrics.registry.register(restarts)
         async with context as app:
             started.append(app)
+            interval = settings.server.memory_trim_interval_s
+            trimmer = asyncio.create_task(trim_periodically(interval)) if interval else None
             await stop.wait()
+            if trimmer is not None:
+                trimmer.cancel()
             logger.info("signal received, draining", extra={"process_index": process_index})
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -62,6 +67,7 @@ def run_process(
 ) -> int:
     """Run one server process to completion; returns its exit code. ``restarts``: the
     supervisor's counters, reported on this process's metrics endpoint."""
+    fix_mmap_threshold()  # large buffers unmapped on free (server.allocator)
     runner: Callable[[], asyncio.Runner]
     if settings.server.uvloop:
         runner = lambda: asyncio.Runner(loop_factory=uvloop.new_event_loop)  # noqa: E731

@@ -241,7 +241,8 @@ class OverrideSettings(_Frozen):
     tokens: dict[ModelName, SecretStr] = Field(
         default_factory=dict,
         description="Override tokens by name; a call sends one as metadata "
-        "'x-streamscore-override-token' (prefer env vars; TLS off loopback).",
+        "'x-streamscore-override-token' (prefer env vars); refused at start on a plaintext "
+        "non-loopback port.",
     )
     subjects: tuple[str, ...] = Field(
         default=(),
@@ -319,6 +320,13 @@ class ServerSettings(_Frozen):
         description="Who may send store features and recorded event times.",
     )
     uvloop: bool = Field(default=True, description="Run each process's event loop on uvloop.")
+    memory_trim_interval_s: float | None = Field(
+        default=10.0,
+        gt=0.0,
+        description="Hand free C-heap pages back to the kernel this often (glibc "
+        "malloc_trim, off the event loop): RSS follows the working set after large or "
+        "hostile requests; null = never.",
+    )
     restarts: RestartSettings = Field(
         default_factory=RestartSettings,
         description="Restart of crashed server processes (processes > 1).",
@@ -366,9 +374,23 @@ class ServerSettings(_Frozen):
                     (listener, ("host",), ("allow_plaintext_admin_tokens",)),
                 )
             )
+        if self.override_tokens_in_plaintext():
+            issues.append(
+                (
+                    f"override tokens would cross the network in plaintext on {self.host}: "
+                    "set server.tls (mutual TLS can grant the permission by subjects "
+                    "instead) or bind a loopback host",
+                    (("overrides", "tokens"), ("tls",), ("host",)),
+                )
+            )
         if issues:
             raise KeyedError(issues)
         return self
+
+    def override_tokens_in_plaintext(self) -> bool:
+        """True when override tokens are configured and the scoring port is plaintext on a
+        non-loopback host (a bearer secret readable on the network)."""
+        return bool(self.overrides.tokens) and self.tls is None and not is_loopback_host(self.host)
 
     def admin_tokens_in_plaintext(self) -> bool:
         """True when bearer tokens are configured, the admin API's listener is plaintext and

@@ -37,6 +37,25 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     add("--heartbeat-interval-ms", type=int, default=defaults.heartbeat_interval_ms)
     add("--trim-interval-s", type=float, default=defaults.trim_interval_s)
     add(
+        "--redis-timeout-s",
+        type=float,
+        default=defaults.redis_timeout_s,
+        help="socket connect and read timeout of every Redis call (> 0)",
+    )
+    add(
+        "--max-events-per-call",
+        type=int,
+        default=defaults.max_events_per_call,
+        help="events of one key per apply-script call; a hot key's backlog is chunked (>= 1)",
+    )
+    add(
+        "--script-retries",
+        type=int,
+        default=defaults.script_retries,
+        help="attempts of a key batch whose script call failed before its records go to "
+        "the dead-letter topic with the error (>= 1)",
+    )
+    add(
         "--max-event-ahead-ms",
         type=int,
         default=defaults.max_event_ahead_ms,
@@ -62,6 +81,9 @@ def worker_config(settings: Settings, args: argparse.Namespace) -> WorkerConfig:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         max_event_ahead_ms=args.max_event_ahead_ms if args.max_event_ahead_ms >= 0 else None,
+        redis_timeout_s=args.redis_timeout_s,
+        max_events_per_call=args.max_events_per_call,
+        script_retries=args.script_retries,
     )
 
 

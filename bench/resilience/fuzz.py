@@ -5,7 +5,9 @@ subprocess: a message generated from the request type's descriptor
 (``proto_strategies``), a valid message with its bytes damaged, or random bytes.
 Admin calls carry the configured token (or a missing / wrong / huge one).
 Expected: no INTERNAL or UNKNOWN status, every failure a status with a message, the
-server answering a valid call afterwards, and its RSS within 10% of before.
+server answering a valid call afterwards, and its RSS within 10% of before (both
+readings taken ``SETTLE_S`` after the traffic, past one ``server.memory_trim_interval_s``;
+the reading right after the run is reported too).
 
     python -m bench.resilience.fuzz --cases 100000 --json-out bench/results/fuzz.json
 """
@@ -23,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +102,7 @@ class FuzzReport:
     findings: list[Finding] = field(default_factory=list)
     rss_before_kb: int = 0
     rss_after_kb: int = 0
+    rss_after_immediate_kb: int = 0
     valid_after: bool = False
 
     @property
@@ -304,8 +307,11 @@ def answers_valid_call(channel: grpc.Channel) -> bool:
 
 
 @contextlib.contextmanager
-def serve(repository: Path, log_path: Path, extra: Sequence[str] = ()) -> Iterator[tuple[int, str]]:
-    """``python -m server.cli serve`` on a free port; yields (pid, target); stopped on exit."""
+def serve(
+    repository: Path, log_path: Path, extra: Sequence[str] = (), argv_prefix: Sequence[str] = ()
+) -> Iterator[tuple[int, str]]:
+    """``python -m server.cli serve`` on a free port; yields (pid, target); stopped on exit.
+    ``argv_prefix``: e.g. ``taskset -c 0`` (``exec``-style: the pid is the server's)."""
     port = free_port()
     sets = [
         f"server.port={port}",
@@ -316,7 +322,7 @@ def serve(repository: Path, log_path: Path, extra: Sequence[str] = ()) -> Iterat
         "logging.json=false",
         *extra,
     ]
-    argv = [sys.executable, "-m", "server.cli", "serve"]
+    argv = [*argv_prefix, sys.executable, "-m", "server.cli", "serve"]
     argv += [item for value in sets for item in ("--set", value)]
     with log_path.open("wb") as out:
         process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=out, stderr=out)
@@ -368,8 +374,11 @@ def run_cases(
     random_seed: int,
     rpcs: Sequence[Rpc] | None = None,
     origins: frozenset[str] = ORIGINS,
+    progress: Callable[[FuzzReport], None] | None = None,
+    progress_every: int = 1000,
 ) -> FuzzReport:
-    """Send ``cases`` hypothesis-generated cases to ``target`` and count the answers."""
+    """Send ``cases`` hypothesis-generated cases to ``target`` and count the answers;
+    ``progress`` is called every ``progress_every`` cases."""
     report = FuzzReport()
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     started = time.monotonic()
@@ -387,6 +396,9 @@ def run_cases(
         def one(data: st.DataObject) -> None:
             case = data.draw(strategy)
             report.record(case, *call(channel, case))
+            if progress is not None and report.cases % progress_every == 0:
+                report.seconds = time.monotonic() - started
+                progress(report)
 
         strategy = case_strategy(rpcs or all_rpcs(), origins)
         one()
@@ -394,17 +406,39 @@ def run_cases(
     return report
 
 
-def fuzz_server(repository: Path, cases: int, random_seed: int, work: Path) -> FuzzReport:
-    """Start a server on ``repository``, fuzz it, and measure RSS and a valid call after."""
+#: Seconds to wait before each steady RSS reading: longer than the server's
+#: ``server.memory_trim_interval_s`` (10 s), so both readings follow a trim.
+SETTLE_S = 12.0
+
+
+def fuzz_server(
+    repository: Path, cases: int, random_seed: int, work: Path, settle_s: float = SETTLE_S
+) -> FuzzReport:
+    """Start a server on ``repository``, fuzz it, and measure RSS and a valid call after:
+    RSS before (warmed up, settled), right after the run, and after settling."""
     with serve(repository, work / "server.log") as (pid, target):
         with grpc.insecure_channel(target) as channel:
             _warm_up(channel, 50)
-            before = rss_kb(pid)
-        report = run_cases(target, cases, random_seed)
+        time.sleep(settle_s)
+        before = rss_kb(pid)
+
+        def progress(report: FuzzReport) -> None:
+            log.info(
+                "%d cases in %.0f s, RSS %.1f MiB, findings %d, %s",
+                report.cases,
+                report.seconds,
+                rss_kb(pid) / 1024,
+                len(report.findings),
+                dict(report.by_status.most_common()),
+            )
+
+        report = run_cases(target, cases, random_seed, progress=progress)
         with grpc.insecure_channel(target) as channel:
             report.valid_after = answers_valid_call(channel)
             _warm_up(channel, 5)
         report.rss_before_kb = before
+        report.rss_after_immediate_kb = rss_kb(pid)
+        time.sleep(settle_s)
         report.rss_after_kb = rss_kb(pid)
     return report
 
@@ -433,7 +467,9 @@ def markdown(report: FuzzReport, command: str) -> str:
         f"INTERNAL/UNKNOWN or message-less answers: {len(report.findings)}; "
         f"valid call after the run: {'answered' if report.valid_after else 'FAILED'}; "
         f"RSS {report.rss_before_kb / 1024:.1f} MiB before, "
-        f"{report.rss_after_kb / 1024:.1f} MiB after ({report.rss_growth:+.1%}).",
+        f"{report.rss_after_immediate_kb / 1024:.1f} MiB right after the run, "
+        f"{report.rss_after_kb / 1024:.1f} MiB {SETTLE_S:.0f} s later "
+        f"({report.rss_growth:+.1%}).",
     ]
     return "\n".join(lines)
 
@@ -468,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "findings_total": len(report.findings),
             "rss_before_kb": report.rss_before_kb,
             "rss_after_kb": report.rss_after_kb,
+            "rss_after_immediate_kb": report.rss_after_immediate_kb,
             "rss_growth": report.rss_growth,
             "valid_after": report.valid_after,
         }

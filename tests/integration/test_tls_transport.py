@@ -193,7 +193,8 @@ async def test_admin_token_over_tls_through_the_cli(
 def test_plaintext_admin_tokens_off_loopback_are_refused_at_load(
     linear_repository: Path, pki: Pki
 ) -> None:
-    exposed = ["server.host=0.0.0.0", f"server.admin_token={TOKEN}"]
+    no_override_tokens = "server.overrides.tokens={}"  # refused on their own (test_overrides)
+    exposed = ["server.host=0.0.0.0", f"server.admin_token={TOKEN}", no_override_tokens]
     with pytest.raises(SettingsError, match=r"server\.tls: admin bearer tokens would cross"):
         settings_for_test(linear_repository, *exposed)
     settings_for_test(linear_repository, *exposed, "server.allow_plaintext_admin_tokens=true")
@@ -203,4 +204,5 @@ def test_plaintext_admin_tokens_off_loopback_are_refused_at_load(
         f"server.tls.cert_file={pki.server.cert}",
         f"server.tls.key_file={pki.server.key}",
     )
-    settings_for_test(linear_repository, "server.host=0.0.0.0")  # no token: nothing to leak
+    # no token: nothing to leak
+    settings_for_test(linear_repository, "server.host=0.0.0.0", no_override_tokens)

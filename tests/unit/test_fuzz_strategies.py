@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from bench.resilience.fuzz import Case, all_rpcs, case_strategy
-from bench.resilience.proto_strategies import message_strategy, mutate
+from bench.resilience.proto_strategies import FIELD_BUDGET_BYTES, _assign, message_strategy, mutate
 from protos.inference import grpc_service_pb2 as v2
 
 
@@ -78,3 +78,16 @@ def test_mutations_change_the_bytes() -> None:
 )
 def test_mutate_never_raises(data: bytes, ops: list[tuple[int, int, int]]) -> None:
     assert isinstance(mutate(data, ops), bytes)
+
+
+def test_a_field_holds_at_most_its_budget() -> None:
+    inner = v2.ModelInferRequest.InferInputTensor(name="x")
+    inner.contents.bytes_contents.extend([b"b" * 65_536] * 50)  # ~3.3 MB each
+    request = v2.ModelInferRequest()
+    _assign(request, v2.ModelInferRequest.DESCRIPTOR.fields_by_name["inputs"], [inner] * 5_000)
+    assert 0 < len(request.inputs) < 5_000
+    assert request.ByteSize() <= FIELD_BUDGET_BYTES
+    params = v2.ModelInferRequest.DESCRIPTOR.fields_by_name["parameters"]
+    value = v2.InferParameter(string_param="s" * 65_536)
+    _assign(request, params, {f"k{i}": value for i in range(2_000)})
+    assert 0 < len(request.parameters) < 2_000

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import pytest
+
 from server.clients.override_token import (
     OVERRIDE_TOKEN_ENV,
     add_override_arguments,
@@ -13,6 +15,7 @@ from server.clients.override_token import (
     token_from_args,
 )
 from server.overrides import OVERRIDE_TOKEN_METADATA, OverridePermission
+from server.settings import SettingsError, load_settings
 
 
 class Call:
@@ -53,3 +56,26 @@ def test_tools_read_the_token_from_a_file_or_the_environment(tmp_path: Path) -> 
     assert token_from_args(parser.parse_args([]), {}) is None
     assert override_metadata("t") == ((OVERRIDE_TOKEN_METADATA, "t"),)
     assert override_metadata(None) == ()
+
+
+def test_override_tokens_on_a_plaintext_non_loopback_port_are_refused_at_load(
+    tmp_path: Path,
+) -> None:
+    exposed = ["server.host=0.0.0.0", "server.overrides.tokens.replay=s3cret"]
+    with pytest.raises(SettingsError) as refused:
+        load_settings(None, {}, exposed)
+    message = str(refused.value)
+    assert "server.overrides.tokens: override tokens would cross the network in plaintext" in (
+        message
+    )
+    assert "s3cret" not in message  # the secret itself is never echoed
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_text("pem")
+    key.write_text("pem")
+    tls = [f"server.tls.cert_file={cert}", f"server.tls.key_file={key}"]
+    assert load_settings(None, {}, [*exposed, *tls]).server.overrides.tokens
+    for loopback in ("127.0.0.1", "localhost", "[::1]"):
+        load_settings(None, {}, [f"server.host={loopback}", "server.overrides.tokens.replay=s"])
+    # Subjects and allow_all carry no secret: plaintext is allowed (subjects need mTLS).
+    load_settings(None, {}, ["server.host=0.0.0.0", "server.overrides.allow_all=true"])
+    load_settings(None, {}, ["server.host=0.0.0.0"])
