@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -54,6 +54,7 @@ from demo.batch_files import (
     DEFAULT_DEMO_SEED,
     write_population_batch_files,
 )
+from devstack.governance import GatedDemo, next_commands, plan_gated_demo, set_up_gated_demo
 from devstack.producer import TransactionSource, demo_population
 from devstack.services import (
     KafkaBroker,
@@ -121,6 +122,9 @@ class DevOptions:
     status_interval_s: float = 5.0
     train_models: bool = True
     """Train the demo models into the repository (versions already there are kept)."""
+    gate: bool = True
+    """Serve ``score_model`` behind the approval gate: its newest version waits for a
+    second person's approval (:mod:`devstack.governance`)."""
     startup_timeout_s: float = 120.0
     """How long the children get to become ready."""
 
@@ -162,6 +166,11 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-train", action="store_true", help="do not train the demo models (use the repository)"
     )
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="serve every demo version at once (default: the newest awaits approval)",
+    )
 
 
 def options_from_args(args: argparse.Namespace, config_path: Path | None) -> DevOptions:
@@ -183,6 +192,7 @@ def options_from_args(args: argparse.Namespace, config_path: Path | None) -> Dev
         score_rate=args.score_rate,
         status_interval_s=args.status_interval,
         train_models=not args.no_train,
+        gate=not args.no_gate,
     )
 
 
@@ -300,11 +310,13 @@ class _Child:
         return await self.exited
 
 
-async def _spawn(name: str, argv: Sequence[str], logs: Path) -> _Child:
+async def _spawn(
+    name: str, argv: Sequence[str], logs: Path, extra_env: Mapping[str, str] | None = None
+) -> _Child:
     """Start ``argv`` in its own session, output to ``<logs>/<name>.log``; it gets SIGTERM
     if this process dies without stopping it (Linux)."""
     log = logs / f"{name}.log"
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"PYTHONUNBUFFERED": "1"} | dict(extra_env or {})
     with log.open("wb") as handle:
         process = await asyncio.create_subprocess_exec(
             *with_parent_death_signal(argv),
@@ -354,6 +366,9 @@ class _DevStack:
         self.example_card = ""
         self.example_customer = ""
         self.example_merchant = ""
+        self.gated: GatedDemo | None = None
+        self._tokens: dict[str, str] = {}
+        self.candidate_error = ""
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -392,9 +407,13 @@ class _DevStack:
         if not await self._until_stopped(asyncio.ensure_future(self._prepare())):
             return 0
         await self._start_children()
-        ready = asyncio.ensure_future(self._wait_ready())
+        ready = asyncio.ensure_future(self._wait_ready(answering=self.gated is not None))
         if not await self._until_stopped(ready):
             return 0
+        if self.gated is not None:  # not served until the champion is approved and loaded
+            setup = asyncio.ensure_future(self._set_up_gate(self.gated))
+            if not await self._until_stopped(setup):
+                return 0
         dead = self._dead_child()
         if dead is not None:
             return self._report_death(dead)
@@ -450,6 +469,9 @@ class _DevStack:
         }
         for key, value in stack_overrides.items():
             argv += ["--set", f"{key}={value}"]
+        if self.gated is not None:
+            for item in self.gated.server_overrides():
+                argv += ["--set", item]
         return argv
 
     def _worker_argv(self) -> list[str]:
@@ -486,14 +508,27 @@ class _DevStack:
             ]  # fmt: skip
         return argv
 
-    async def _start(self, name: str, argv: Sequence[str]) -> None:
-        self.children.append(await _spawn(name, argv, self.plan.logs))
+    async def _start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> None:
+        self.children.append(await _spawn(name, argv, self.plan.logs, env))
         logger.debug("started %s: %s", name, argv)
 
     async def _start_children(self) -> None:
         """Server and producer (the worker started before the batch load): all forks
         happen before this process touches gRPC."""
-        await self._start("server", self._server_argv())
+        env: dict[str, str] = {}
+        if self.options.gate:
+            gated = plan_gated_demo(
+                self.plan.repository, self.options.score_model, self.options.data_dir / "admin"
+            )
+            if isinstance(gated, str):
+                self.say(f"approval gate not shown: {gated}")
+            else:
+                self.gated = gated
+                self._tokens = gated.write_tokens()
+                env = gated.server_env(self._tokens)
+        await self._start("server", self._server_argv(), env)
         await self._start("producer", self._producer_argv())
 
     def _dead_child(self) -> _Child | None:
@@ -505,11 +540,15 @@ class _DevStack:
         self.say(child.tail())
         return 1
 
-    async def _wait_ready(self) -> None:
-        """Until the server's health is SERVING and the worker serves metrics, or a child
-        died (the caller checks), or ``startup_timeout_s`` passed (raises)."""
+    async def _wait_ready(self, *, answering: bool = False) -> None:
+        """Until the server's health is SERVING (``answering``: says anything) and the
+        worker serves metrics, or a child died (the caller checks), or
+        ``startup_timeout_s`` passed (raises)."""
         deadline = time.monotonic() + self.options.startup_timeout_s
         server_ready = worker_ready = False
+        wanted = {health_pb2.HealthCheckResponse.SERVING}
+        if answering:
+            wanted.add(health_pb2.HealthCheckResponse.NOT_SERVING)
         async with grpc.aio.insecure_channel(self.plan.grpc_target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while not (server_ready and worker_ready):
@@ -523,12 +562,24 @@ class _DevStack:
                 if not server_ready:
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                        server_ready = reply.status == health_pb2.HealthCheckResponse.SERVING
+                        server_ready = reply.status in wanted
                 if not worker_ready:
                     scrape = await asyncio.to_thread(Scrape.take, [], self.plan.worker_metrics_url)
                     worker_ready = scrape.worker is not None
                 if not (server_ready and worker_ready):
                     await asyncio.sleep(0.2)
+
+    async def _set_up_gate(self, gated: GatedDemo) -> None:
+        """Champion approved (by ``risk``) and loaded, candidate loaded (by ``release``)."""
+        if self._dead_child() is not None:
+            return
+        self.say(
+            f"approval gate: {gated.model} requires approval; {gated.champion} approved by "
+            f"risk and loaded by release (champion), {gated.candidate} loaded by release ..."
+        )
+        setup = await set_up_gated_demo(self.plan.grpc_target, gated, self._tokens)
+        self.candidate_error = setup.candidate_error
+        await self._wait_ready()
 
     def _banner(self) -> None:
         plan, options, say = self.plan, self.options, self.say
@@ -564,6 +615,18 @@ class _DevStack:
             f'"features": {{"amount": 950, "hour_of_day": 3}}, "echo_features": true}}\' '
             f"{plan.grpc_target} streamscore.v1.Scoring/Score"
         )
+        if self.gated is not None:
+            gated = self.gated
+            say(
+                f"  approval gate    {gated.model}/{gated.candidate} awaits approval "
+                f"({self.candidate_error or 'approved'}); admin tokens in {gated.token_dir}/"
+            )
+            say(
+                "  approve it as a second person (risk; release loaded it, so it may not), "
+                "then start its canary (release):"
+            )
+            for command in next_commands(gated, plan.grpc_target):
+                say(f"    {command}")
         say("Ctrl-C stops everything.")
 
     async def _status_loop(self) -> int:

@@ -135,6 +135,9 @@ class AppContext:
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._certificates: list[ReloadingCertificates] = []
         self._ready = False
+        #: Started with no version loaded: health turns SERVING once routing loads one.
+        self._awaiting_models = False
+        self._health_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -297,6 +300,15 @@ class AppContext:
     def _routing_applied(self, state: RoutingState) -> None:
         if self.rollout_stats is not None:
             sync_windows(self.rollout_stats, state)
+        if self._awaiting_models and self.registry.all_versions():
+            # e.g. a model requiring approval, served once a version is approved and loaded
+            self._awaiting_models = False
+            self._ready = True
+            logger.info("a model version is loaded: health SERVING")
+            if self.redis_uncovered is None:
+                self._health_task = asyncio.get_running_loop().create_task(
+                    self._set_health(SERVING), name="health-serving"
+                )
 
     def _redis_options(self) -> RedisOptions:
         redis = self.settings.redis
@@ -524,7 +536,8 @@ class AppContext:
             if self.redis_uncovered is None:
                 await self._set_health(SERVING)
         else:
-            logger.error("no model version loaded; health stays NOT_SERVING")
+            logger.error("no model version loaded; health stays NOT_SERVING until one is loaded")
+            self._awaiting_models = True
             await self._set_health(NOT_SERVING)
         logger.info(
             "serving",
@@ -547,6 +560,10 @@ class AppContext:
     async def close(self) -> None:
         """Drain and release everything, in reverse order of creation. Idempotent."""
         self._ready = False
+        self._awaiting_models = False
+        health, self._health_task = self._health_task, None
+        if health is not None:
+            await health  # a SERVING set in flight lands before NOT_SERVING
         coverage, self._coverage_task = self._coverage_task, None
         if coverage is not None:
             coverage.cancel()

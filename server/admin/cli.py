@@ -35,6 +35,7 @@ from server.clients.channels import (
     tls_from_args,
 )
 from server.router import BASIS_POINTS
+from server.routing.approval import NOT_APPROVED
 from server.settings import Settings, SettingsError
 
 ADMIN_COMMANDS = (
@@ -271,22 +272,22 @@ def format_models(response: apb.ListModelsResponse) -> str:
                 f"previous {state.previous_champion or '-'}  revision {state.revision} "
                 f"({_when(state.updated_at)} by {state.updated_by})"
             )
+        elif model.versions and all(v.error.startswith(NOT_APPROVED) for v in model.versions):
+            lines.append(f"{model.endpoint}  (not served: no approved version)")
         else:
             lines.append(f"{model.endpoint}  (not served)")
         for version in model.versions:
             status = apb.VersionStatus.Name(version.status).removeprefix("VERSION_STATUS_")
             roles = ",".join(version.roles)
             error = f"  {version.error}" if version.error else ""
-            lines.append(
-                f"  {version.version:<12} {status.lower():<10} {roles}{error}"
-                f"{_approval_text(version.approval)}"
-            )
+            approval = "" if version.error else _approval_text(version.approval)
+            lines.append(f"  {version.version:<12} {status.lower():<10} {roles}{error}{approval}")
     return "\n".join(lines) + "\n"
 
 
 def _approval_text(approval: apb.VersionApproval) -> str:
-    if approval.problem and approval.required:
-        return f"  unapproved: {approval.problem}"
+    if approval.problem and approval.required:  # routed before it lost its approval
+        return f"  answering without a valid approval (no more share): {approval.problem}"
     if approval.approved_by and not approval.problem:
         return f"  approved by {approval.approved_by} ({_when(approval.approved_at)})"
     return ""

@@ -27,6 +27,8 @@ from server.router import BASIS_POINTS
 #: The submitter of a version that was in the repository when it was first served
 #: and whose manifest names no ``submitted_by``.
 REPOSITORY_SUBMITTER = "repository"
+#: How ListModels starts the error of a version not served for want of approval.
+NOT_APPROVED = "not approved: "
 
 
 class ApprovalRequired(ScoringError):

@@ -16,7 +16,10 @@
   the validation report, refused (PERMISSION_DENIED) for whoever submitted or
   loaded the version; persisted with the state, audit-logged.
 * **reads**: ``list_models`` (persisted state, versions on disk, their status in
-  this process and their approval) and ``audit``.
+  this process and their approval) and ``audit``. A version of a model requiring
+  approval that is not approved and answers no traffic carries the error
+  ``not approved: <what is missing>`` (:data:`NOT_APPROVED`), so whoever routed or
+  configured it sees why it is not served.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from server.registry import ModelRegistry, scan_repository
 from server.rollout.policy import rollout_for_change
 from server.router import version_sort_key
 from server.routing.approval import (
+    NOT_APPROVED,
     REPORT_FILE,
     Approval,
     ApprovalRequired,
@@ -192,10 +196,14 @@ class RoutingChanges:
             versions = sorted(on_disk.get(name, set()) | wanted, key=version_sort_key)
             required = await self.gate.required_async(name)
             version_views = []
+            answering = _answering(desired)
             for v in versions:
                 view = self._version_view(name, v, desired, v in wanted, manifests.get((name, v)))
                 approval = await self._approval_view(name, v, required, state.records)
-                version_views.append(replace(view, approval=approval))
+                view = replace(view, approval=approval)
+                if required and approval.problem and not view.error and v not in answering:
+                    view = replace(view, error=NOT_APPROVED + approval.problem)
+                version_views.append(view)
             views.append(ModelView(name, desired, tuple(version_views)))
         return state, views
 
@@ -552,13 +560,7 @@ class RoutingChanges:
     ) -> None:
         """Refuse ``after`` if it raises the share of a version that is not approved."""
 
-        def shares(state: EndpointState | None) -> dict[str, int]:
-            if state is None:
-                return {}
-            canary = (state.canary.version, state.canary.share_bp) if state.canary else None
-            return exposure(state.champion, canary)
-
-        versions = newly_exposed(shares(before), shares(after))
+        versions = newly_exposed(_answering(before), _answering(after))
         if not versions or not await self.gate.required_async(endpoint):
             return
         for version in versions:
@@ -588,6 +590,14 @@ class RoutingChanges:
             await self._store.append_audit(entry)
         except DependencyUnavailable as down:
             logger.error("refusal not audit-logged", extra={"error": str(down)})
+
+
+def _answering(state: EndpointState | None) -> dict[str, int]:
+    """The versions of ``state`` answering traffic (champion, canary with a share)."""
+    if state is None:
+        return {}
+    canary = (state.canary.version, state.canary.share_bp) if state.canary else None
+    return exposure(state.champion, canary)
 
 
 def _present(state: EndpointState | None) -> EndpointState:

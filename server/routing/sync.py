@@ -8,7 +8,10 @@ Every server process runs one ``RoutingSync``:
   that requires approval (``server.routing.evidence``) is bootstrapped only with an
   approved champion (configured, else the highest approved): with none it is not
   served (Score: NOT_FOUND; logged, and ListModels shows why each version is
-  unapproved) until a version is approved and then loaded with LoadVersion. If the
+  unapproved) until a version is approved and then loaded with LoadVersion. A
+  version left out for want of approval, and a configured champion the persisted
+  routing does not serve because it is not approved, are logged once per process
+  and problem (``<model>/<version> is not served: not approved: <problem>``). If the
   store cannot be reached the process serves the bootstrap state and keeps trying.
 * **watch**: poll the store's revision every ``poll_interval_s``; on a new revision,
   apply it: load the versions that should be loaded (off the event loop; a version
@@ -82,6 +85,8 @@ class RoutingSync:
         self._synced = False
         self._store_down = False
         self._failures: dict[tuple[str, str], str] = {}
+        #: (model, version, problem) already logged as not served for want of approval.
+        self._gated_logged: set[tuple[str, str, str]] = set()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -122,14 +127,21 @@ class RoutingSync:
                 self._store_down = True
                 state = await self._bootstrap(None)
             await self.apply(state)
-            self._warn_overridden_settings(state)
+            await self._warn_overridden_settings(state)
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="routing-watch")
 
-    def _warn_overridden_settings(self, state: RoutingState) -> None:
-        """Configured champions only seed an endpoint's first start: say when they lost."""
+    async def _warn_overridden_settings(self, state: RoutingState) -> None:
+        """Configured champions only seed an endpoint's first start: say when they lost
+        (and, when the configured one is not approved, that this is why)."""
         for name, endpoint in state.endpoints.items():
             configured = self._options_for(name).champion
             if configured is not None and configured != endpoint.champion:
+                problem = None
+                if self._gate is not None:
+                    problem = await self._gate.problem(name, configured, state.records)
+                if problem is not None:
+                    self._log_gated(name, configured, problem, "configured champion")
+                    continue
                 logger.warning(
                     "persisted routing overrides the configured champion",
                     extra={
@@ -348,16 +360,15 @@ class RoutingSync:
         if not loaded or self._gate is None or not await self._gate.required_async(name):
             return loaded
         records = state.records if state is not None else {}
+        configured = self._options_for(name).champion
         approved = []
         for version in loaded:
             problem = await self._gate.problem(name, version, records)
             if problem is None:
                 approved.append(version)
             else:
-                logger.warning(
-                    "version not approved: it cannot be the first champion",
-                    extra={"model": name, "version": version, "problem": problem},
-                )
+                named = "configured champion" if version == configured else "repository"
+                self._log_gated(name, version, problem, named)
         if not approved:
             logger.error(
                 "model requires approval and has no approved version: not served until one "
@@ -365,6 +376,20 @@ class RoutingSync:
                 extra={"model": name},
             )
         return approved
+
+    def _log_gated(self, name: str, version: str, problem: str, named_by: str) -> None:
+        """Say once (per problem) that ``name/version`` is not served for want of approval."""
+        key = (name, version, problem)
+        if key in self._gated_logged:
+            return
+        self._gated_logged.add(key)
+        logger.warning(
+            "%s/%s is not served: not approved: %s",
+            name,
+            version,
+            problem,
+            extra={"model": name, "version": version, "problem": problem, "named_by": named_by},
+        )
 
 
 def _origin() -> str:

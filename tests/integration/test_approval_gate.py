@@ -6,20 +6,24 @@ The store is the file store and real Redis (parametrized) for the lifecycle test
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from server.admin.auth import RPC_ROLES as ROLE_TABLE
+from server.admin.cli import format_models
 from server.manifest import MODEL_FILE
 from server.routing.approval import REPORT_FILE
 from tests.conftest import TEST_FEATURES
-from tests.support.admin import CREDENTIALS, admin_server, score_request
+from tests.support.admin import CREDENTIALS, AdminServer, admin_server, score_request
 from tests.support.model_factory import write_linear_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -277,3 +281,78 @@ async def test_guarded_controller_rolls_back_a_canary_that_lost_its_approval(
     assert outcomes == [("rollout_rollback", "applied"), ("rollout_promote", "refused")]
     assert "canary not approved" in audit[0].reason
     assert "no approval" in audit[1].error
+
+
+def _gated_logs(caplog: pytest.LogCaptureFixture, version: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.getMessage().startswith(f"lin/{version} is not served: not approved: ")
+    ]
+
+
+async def _health(admin: AdminServer) -> int:
+    reply = await health_pb2_grpc.HealthStub(admin.srv.channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=10
+    )
+    return int(reply.status)
+
+
+async def test_a_gated_version_says_why_it_is_not_served(
+    repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A configured champion (or any version) held back by the gate: ListModels and
+    ``models list`` say "not approved: <what is missing>", the log says it once per
+    process, and health turns SERVING once an approved version is loaded."""
+    caplog.set_level(logging.INFO, logger="server")
+    for version in ("1", "2"):
+        _report(repository, version)
+    overrides = _overrides("models.per_model.lin.champion=2")
+    async with admin_server(repository, overrides) as admin:
+        model = await admin.model()
+        errors = {v.version: v.error for v in model.versions}
+        assert all(e.startswith("not approved: no approval") for e in errors.values()), errors
+        listing = format_models(apb.ListModelsResponse(models=[model]))
+        assert "lin  (not served: no approved version)" in listing, listing
+        assert re.search(r"^  2 +available +not approved: no approval", listing, re.M), listing
+        assert await _health(admin) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await admin.stub.Approve(
+            apb.ApproveRequest(endpoint="lin", version="1", reason="ok"), metadata=_as("bob")
+        )
+        await admin.stub.LoadVersion(
+            apb.LoadVersionRequest(endpoint="lin", version="1", reason="r"), metadata=_as("dora")
+        )
+        await admin.stub.LoadVersion(
+            apb.LoadVersionRequest(endpoint="lin", version="2", reason="r"), metadata=_as("dora")
+        )
+        await admin.route(champion="1", canary="2", share_bp=0)  # a canary at 0: allowed
+        model = await admin.model()
+        errors = {v.version: v.error for v in model.versions}
+        assert errors["1"] == "", errors
+        assert errors["2"].startswith("not approved: no approval"), errors
+        listing = format_models(apb.ListModelsResponse(models=[model]))
+        assert "approved by bob" in listing and "not approved: no approval" in listing, listing
+        assert await _health(admin) == health_pb2.HealthCheckResponse.SERVING
+        for _ in range(3):  # listing again (and the routing polls) log nothing more
+            await admin.model()
+    assert len(_gated_logs(caplog, "2")) == 1, caplog.text
+    assert len(_gated_logs(caplog, "1")) == 1, caplog.text
+    (first,) = _gated_logs(caplog, "2")
+    assert first.named_by == "configured champion"  # type: ignore[attr-defined]
+
+    # Restarted with the routing persisted (champion 1): the configured champion 2 is
+    # still unapproved, which is why it does not answer; said once, and why.
+    caplog.clear()
+    async with admin_server(repository, overrides) as admin:
+        assert (await admin.srv.scoring.Score(score_request("c"), timeout=10)).model_version == "1"
+        (v2,) = [v for v in (await admin.model()).versions if v.version == "2"]
+        assert v2.error.startswith("not approved: no approval"), v2
+        await admin.stub.Approve(
+            apb.ApproveRequest(endpoint="lin", version="2", reason="ok"), metadata=_as("bob")
+        )
+        (v2,) = [v for v in (await admin.model()).versions if v.version == "2"]
+        assert v2.error == "" and v2.approval.approved_by == "bob"
+    (again,) = _gated_logs(caplog, "2")
+    assert again.named_by == "configured champion"  # type: ignore[attr-defined]
+    assert "persisted routing overrides" not in caplog.text

@@ -12,6 +12,7 @@ for the worker, the batch loading and the server).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -31,8 +32,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from demo.synthetic import DEMO_FEATURES
 from devstack.producer import TransactionSource, demo_population
+from protos.streamscore.v1 import admin_pb2 as apb
+from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
+from server.routing.approval import REPORT_FILE
 from tests.conftest import free_port
 from tests.support.model_factory import write_linear_model
 
@@ -289,3 +293,110 @@ def test_services_of_a_killed_stack_do_not_outlive_it() -> None:
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids), pids
+
+
+def _run_printed(
+    command: str, *, as_token_of: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A command the banner printed, pasted into a shell (``as_token_of``: with that
+    token file swapped in, i.e. run by someone else)."""
+    if as_token_of is not None:
+        command = re.sub(r"\$\(cat [^)]*\)", f"$(cat {as_token_of})", command, count=1)
+    return subprocess.run(
+        ["bash", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def _fraud(target: str, token: str) -> apb.Model:
+    with grpc.insecure_channel(target) as channel:
+        listed = apb_grpc.AdminStub(channel).ListModels(
+            apb.ListModelsRequest(endpoint="fraud"),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
+    (model,) = listed.models
+    return model
+
+
+@pytest.mark.timeout(180)
+def test_dev_stack_gates_the_newest_version_until_a_second_person_approves(
+    tmp_path: Path,
+) -> None:
+    """``streamscore dev`` serves the older demo version as the approved champion and
+    holds the newest back; its banner's two commands (approve as ``risk``, canary as
+    ``release``) start the canary, and neither works out of turn."""
+    repository = tmp_path / "models"
+    for version in ("1", "2"):
+        write_linear_model(
+            repository, "fraud", version, list(DEMO_FEATURES), seed=3 + int(version),
+            weight_scale=1e-3,
+        )  # fmt: skip
+        report = {"auc": 0.9, "version": version}  # the evidence the approval is bound to
+        (repository / "fraud" / version / REPORT_FILE).write_text(json.dumps(report))
+    grpc_port, metrics_port = free_port(), free_port()
+    target = f"127.0.0.1:{grpc_port}"
+    data_dir = tmp_path / "devstack"
+    population = demo_population(SEED, CUSTOMERS, MERCHANTS)
+
+    with _stack(
+        tmp_path,
+        "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+        "--redis-port", str(free_port()),
+        "--customers", str(CUSTOMERS),
+        "--merchants", str(MERCHANTS),
+        "--seed", str(SEED),
+        "--status-interval", "1",
+        "--no-train",
+        "--data-dir", str(data_dir),
+        "--set", f"models.repository={repository}",
+    ) as stack:  # fmt: skip
+        stack.wait_for_line(lambda line: "pids" in line, STARTUP_S)
+        approve = stack.wait_for_line(lambda line: " models approve fraud 2 " in line, 5.0)
+        route = stack.wait_for_line(lambda line: " models route fraud --canary 2 " in line, 5.0)
+        banner = "\n".join(stack.lines)
+        assert "fraud/2 awaits approval (not approved: no approval" in banner, banner
+        release = data_dir / "admin" / "release.token"
+        risk = data_dir / "admin" / "risk.token"
+        assert release.stat().st_mode & 0o077 == 0  # tokens readable by their owner only
+
+        model = _fraud(target, risk.read_text())
+        assert model.state.routing.champion == "1", model
+        assert not model.state.routing.HasField("canary")
+        (v2,) = [v for v in model.versions if v.version == "2"]
+        assert v2.status == apb.VERSION_STATUS_LOADED
+        assert v2.error.startswith("not approved: no approval"), v2
+
+        refused = _run_printed(route.strip())  # the canary before the approval
+        assert refused.returncode == 1, refused
+        assert "FAILED_PRECONDITION" in refused.stderr and "not approved" in refused.stderr
+        own = _run_printed(approve.strip(), as_token_of=release)  # release loaded it
+        assert own.returncode == 1, own
+        assert "PERMISSION_DENIED" in own.stderr
+        assert "approver must differ from submitter" in own.stderr
+
+        approved = _run_printed(approve.strip())
+        assert approved.returncode == 0, approved
+        started = _run_printed(route.strip())
+        assert started.returncode == 0, started
+        model = _fraud(target, release.read_text())
+        assert (model.state.routing.canary.version, model.state.routing.canary.share_bp) == (
+            "2",
+            1000,
+        ), model
+
+        source = TransactionSource(population, SEED)
+        routes = set()
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            for _ in range(200):
+                event = source.next_event()
+                reply = stub.Score(event.score_request("fraud"), timeout=5.0)
+                routes.add((reply.model_version, pb.Route.Name(reply.route)))
+                if len(routes) == 2:
+                    break
+        assert routes == {("1", "ROUTE_CHAMPION"), ("2", "ROUTE_CANARY")}, routes
+
+        os.killpg(stack.process.pid, signal.SIGINT)
+        code = stack.process.wait(timeout=40)
+        assert code == 0, stack.output()
