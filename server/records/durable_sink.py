@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from server.records.kafka_outage import KafkaOutage
 from server.records.kafka_sink import Payload, SinkMetrics, _stop_producer
 from server.records.spill import SpillFile, SpillRecord
 
@@ -175,6 +176,13 @@ class DurableSink:
         self.spilled: Counter[str] = Counter()
         #: Records cut down by ``shrink``, by topic.
         self.truncated: Counter[str] = Counter()
+        #: Kafka outages: one log line each, aiokafka's connection errors held back.
+        self.outage = KafkaOutage(
+            f"durable sink {config.name}",
+            logger,
+            failures=None if metrics is None else metrics.kafka_failures,
+            suppressed=None if metrics is None else metrics.kafka_log_suppressed,
+        )
         self._update_idle()
 
     # ------------------------------------------------------------------ public
@@ -205,6 +213,7 @@ class DurableSink:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"durable-sink:{self.config.name}"
             )
+            self.outage.install()
 
     def offer(self, topic: str, value: Payload, key: bytes | None = None) -> bool:
         """Queue one record without waiting for Kafka; ``False`` when dropped (and counted)."""
@@ -270,6 +279,7 @@ class DurableSink:
         producer, self._producer = self._producer, None
         if producer is not None:
             await _stop_producer(producer, max(0.5, until - loop.time()))
+        self.outage.uninstall()
 
     # ---------------------------------------------------------------- counting
     def _drop(self, topic: str, reason: str, count: int) -> None:
@@ -435,12 +445,11 @@ class DurableSink:
 
     async def _pause(self) -> bool:
         """Kafka failed: spill memory, wait ``retry_interval_s``; ``True`` if closing."""
-        if self._state != "down":
-            logger.warning(
-                "durable sink: Kafka unavailable; spilling to %s and retrying every %.1fs",
-                self.config.spill_dir,
-                self.config.retry_interval_s,
-            )
+        self.outage.failed(
+            "cannot connect or send",
+            f"spilling to {self.config.spill_dir}, retrying every "
+            f"{self.config.retry_interval_s:g} s",
+        )
         self._state = "down"
         producer, self._producer = self._producer, None
         if producer is not None:  # a fresh producer next time: no stale retries of old batches
@@ -484,7 +493,12 @@ class DurableSink:
             await _stop_producer(producer, 1.0)
             return None
         self._state = "up"
-        logger.info("durable sink connected", extra={"bootstrap_servers": cfg.bootstrap_servers})
+        if self.outage.down:
+            self.outage.connected()
+        else:
+            logger.info(
+                "durable sink connected", extra={"bootstrap_servers": cfg.bootstrap_servers}
+            )
         return producer
 
     async def _known_partitions(self, producer: AIOKafkaProducer, topics: set[str]) -> None:
