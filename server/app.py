@@ -594,6 +594,7 @@ class AppContext:
         if self.shadows is not None:  # before the registry: shadows run its models
             await self.shadows.close(timeout_s=2.0)
         await self.registry.close()
+        await self.pipeline.settle()  # records of v2 rows waiting on their reasons
         if self.record_sink is not None:
             await self.record_sink.close(timeout_s=2.0)
         if self.durable_sink is not None:  # what Kafka does not take in time is spilled

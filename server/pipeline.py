@@ -349,7 +349,11 @@ class ScoringPipeline:
         request_id: str,
         started: float,
     ) -> None:
-        """Shadows and traffic-log records of a v2 call's rows (only queues work)."""
+        """Shadows and traffic-log records of a v2 call's rows (only queues work).
+
+        A recorded row whose decision needs reasons under its model's ``reasons.when``
+        (v2 has no request flag: ``always``, or ``above_threshold`` and flagged) is
+        recorded with them once explained, after the answer left."""
         manifest = loaded.model.manifest
         scores = outputs[manifest.score_output]
         column = scores[:, manifest.score_index] if scores.ndim == 2 else scores
@@ -358,6 +362,7 @@ class ScoringPipeline:
         t_ms = int(self._clock() * 1000)
         pinned = decision.version if decision.route is Route.PINNED else None
         timings = {"pipeline_us": int((time.perf_counter() - started) * 1e6)}
+        explain: list[tuple[ScoreResult, npt.NDArray[np.float32], ScoreInput]] = []
         for i, score in enumerate(column.tolist()):
             item_id = f"{call_id}#{i}"
             row = rows[i : i + 1]
@@ -370,6 +375,7 @@ class ScoringPipeline:
                     model_version=pinned,
                     event_time_ms=t_ms,
                 )
+            flagged = score >= manifest.threshold
             answer = ScoreResult(
                 item_id,
                 score,
@@ -378,6 +384,50 @@ class ScoringPipeline:
                 decision.route,
                 artifact_sha256=manifest.sha256,
                 threshold=manifest.threshold,
-                decision=score >= manifest.threshold,
+                decision=flagged,
             )
+            if (
+                request is not None
+                and loaded.reasons is not None
+                and loaded.reason_policy.needed(False, flagged)
+            ):
+                explain.append((answer, row, request))
+                request = None  # recorded once explained
             self._after_answer(loaded, decision, answer, row, t_ms, timings, request)
+        if explain:
+            task = asyncio.get_running_loop().create_task(
+                self._record_explained(loaded, decision, explain, t_ms, timings)
+            )
+            self._explaining.add(task)
+            task.add_done_callback(self._explaining.discard)
+
+    async def _record_explained(
+        self,
+        loaded: LoadedVersion,
+        decision: Decision,
+        rows: list[tuple[ScoreResult, npt.NDArray[np.float32], ScoreInput]],
+        t_ms: int,
+        timings: Mapping[str, int],
+    ) -> None:
+        """Records of v2 rows with their reasons (explained in the version's reasons
+        batcher); a row that could not be explained is recorded without, flagged
+        ``explain_failed`` in its degraded reasons."""
+        reasons = loaded.reasons
+        assert reasons is not None
+        results = await asyncio.gather(
+            *(reasons.explain(row, None) for _, row, _ in rows), return_exceptions=True
+        )
+        recorded = Decision(decision.version, decision.route)  # shadows already ran
+        for (answer, row, request), explained in zip(rows, results, strict=True):
+            if isinstance(explained, BaseException):
+                answer = answer._replace(degraded_reasons=("explain_failed",))
+            else:
+                answer = answer._replace(
+                    reasons=explained.reasons, reasons_base_value=explained.base_value
+                )
+            self._after_answer(loaded, recorded, answer, row, t_ms, timings, request)
+
+    async def settle(self) -> None:
+        """Wait for answers and records still waiting on their explanations (drain)."""
+        while self._explaining:
+            await asyncio.gather(*self._explaining, return_exceptions=True)

@@ -108,6 +108,10 @@ class ReplayRecord(NamedTuple):
     threshold: float
     #: Reason codes of the recorded answer, in order (``None``: none were computed).
     reason_codes: tuple[str, ...] | None = None
+    #: The recorded reasons as read (code, text, contribution, features) and their
+    #: base value: what ``--save`` writes back.
+    reasons: tuple[Mapping[str, Any], ...] | None = None
+    reasons_base_value: float = 0.0
 
 
 def parse_record(data: bytes | str) -> ReplayRecord:
@@ -135,6 +139,8 @@ def parse_record(data: bytes | str) -> ReplayRecord:
             route=str(doc["route"]),
             threshold=float(doc.get("threshold", 0.5)),
             reason_codes=_reason_codes(doc.get("reasons")),
+            reasons=None if doc.get("reasons") is None else tuple(doc["reasons"]),
+            reasons_base_value=float(doc.get("reasons_base_value", 0.0)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(f"bad {DECISION_SCHEMA} record: {error!r}") from error
@@ -777,17 +783,23 @@ async def read_source(config: ReplayConfig) -> tuple[list[ReplayRecord], int]:
 
 async def _read_and_save(config: ReplayConfig, save: Path) -> tuple[list[ReplayRecord], int]:
     records, skipped = await read_source(config)
-    try:
-        with save.open("w") as handle:
-            for record in records:
-                handle.write(json.dumps(_as_traffic(record), separators=(",", ":")) + "\n")
-    except OSError as error:
-        raise ReplayError(f"cannot write {save}: {error}") from error
+    save_records(records, save)
     return records, skipped
 
 
+def save_records(records: Iterable[ReplayRecord], path: Path) -> None:
+    """``records`` as JSON lines (``--save``): the record schema with the recorded
+    reasons; ``ReplayError`` when the file cannot be written."""
+    try:
+        with path.open("w") as handle:
+            for record in records:
+                handle.write(json.dumps(_as_traffic(record), separators=(",", ":")) + "\n")
+    except OSError as error:
+        raise ReplayError(f"cannot write {path}: {error}") from error
+
+
 def _as_traffic(record: ReplayRecord) -> dict[str, Any]:
-    return traffic_record(
+    document = traffic_record(
         ts=record.ts,
         model=record.model,
         model_version=None,
@@ -801,7 +813,11 @@ def _as_traffic(record: ReplayRecord) -> dict[str, Any]:
         version=record.version,
         route=record.route,
         threshold=record.threshold,
+        reasons_base_value=record.reasons_base_value,
     )
+    if record.reasons is not None:
+        document["reasons"] = [dict(reason) for reason in record.reasons]
+    return document
 
 
 def main_replay(

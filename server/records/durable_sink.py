@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from server.records.kafka_outage import KafkaOutage
 from server.records.kafka_sink import Payload, SinkMetrics, _stop_producer
 from server.records.spill import SpillFile, SpillRecord
 
@@ -73,7 +74,11 @@ class DurableSinkConfig:
     #: Records per round, and bytes per partition batch.
     max_batch: int = 500
     max_batch_bytes: int = 512 << 10
-    max_wait_ms: int = 20
+    #: How long a round waits to fill (up to ``max_batch``): each round costs the sender
+    #: ~2-5 ms of CPU on the serving loop (record batches per partition, acks=all), so
+    #: fewer, larger rounds (records are not latency-bound). 20 ms cost ~150 us of CPU
+    #: per record at 500 records/s, 100 ms ~95 us (bench/RESULTS.md).
+    max_wait_ms: int = 100
     linger_ms: int = 5
     #: A round not acknowledged within this is a failure (Kafka slow counts as down).
     request_timeout_ms: int = 5_000
@@ -175,6 +180,13 @@ class DurableSink:
         self.spilled: Counter[str] = Counter()
         #: Records cut down by ``shrink``, by topic.
         self.truncated: Counter[str] = Counter()
+        #: Kafka outages: one log line each, aiokafka's connection errors held back.
+        self.outage = KafkaOutage(
+            f"durable sink {config.name}",
+            logger,
+            failures=None if metrics is None else metrics.kafka_failures,
+            suppressed=None if metrics is None else metrics.kafka_log_suppressed,
+        )
         self._update_idle()
 
     # ------------------------------------------------------------------ public
@@ -205,6 +217,7 @@ class DurableSink:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"durable-sink:{self.config.name}"
             )
+            self.outage.install()
 
     def offer(self, topic: str, value: Payload, key: bytes | None = None) -> bool:
         """Queue one record without waiting for Kafka; ``False`` when dropped (and counted)."""
@@ -270,6 +283,7 @@ class DurableSink:
         producer, self._producer = self._producer, None
         if producer is not None:
             await _stop_producer(producer, max(0.5, until - loop.time()))
+        self.outage.uninstall()
 
     # ---------------------------------------------------------------- counting
     def _drop(self, topic: str, reason: str, count: int) -> None:
@@ -435,12 +449,11 @@ class DurableSink:
 
     async def _pause(self) -> bool:
         """Kafka failed: spill memory, wait ``retry_interval_s``; ``True`` if closing."""
-        if self._state != "down":
-            logger.warning(
-                "durable sink: Kafka unavailable; spilling to %s and retrying every %.1fs",
-                self.config.spill_dir,
-                self.config.retry_interval_s,
-            )
+        self.outage.failed(
+            "cannot connect or send",
+            f"spilling to {self.config.spill_dir}, retrying every "
+            f"{self.config.retry_interval_s:g} s",
+        )
         self._state = "down"
         producer, self._producer = self._producer, None
         if producer is not None:  # a fresh producer next time: no stale retries of old batches
@@ -484,7 +497,12 @@ class DurableSink:
             await _stop_producer(producer, 1.0)
             return None
         self._state = "up"
-        logger.info("durable sink connected", extra={"bootstrap_servers": cfg.bootstrap_servers})
+        if self.outage.down:
+            self.outage.connected()
+        else:
+            logger.info(
+                "durable sink connected", extra={"bootstrap_servers": cfg.bootstrap_servers}
+            )
         return producer
 
     async def _known_partitions(self, producer: AIOKafkaProducer, topics: set[str]) -> None:

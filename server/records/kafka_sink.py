@@ -33,6 +33,8 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
 
+from server.records.kafka_outage import KafkaOutage
+
 __all__ = [
     "DROP_REASONS",
     "KafkaSink",
@@ -137,6 +139,20 @@ class SinkMetrics:
             ["sink"],
             registry=registry,
         )
+        #: Failed attempts to reach Kafka, by sink (one log line per outage).
+        self.kafka_failures = PromCounter(
+            "streamscore_record_sink_kafka_failures",
+            "Attempts of a record sink to connect to or send to Kafka that failed, by sink.",
+            ["sink"],
+            registry=registry,
+        )
+        #: aiokafka connection-error lines not logged during an outage, by sink.
+        self.kafka_log_suppressed = PromCounter(
+            "streamscore_record_sink_kafka_log_suppressed",
+            "aiokafka connection-error log lines suppressed during a Kafka outage, by sink.",
+            ["sink"],
+            registry=registry,
+        )
         self._sent_children: dict[str, PromCounter] = {}
         self._dropped_children: dict[tuple[str, str], PromCounter] = {}
 
@@ -189,6 +205,13 @@ class KafkaSink:
         self.sent: Counter[str] = Counter()
         #: Records dropped, by reason.
         self.dropped: Counter[str] = Counter()
+        #: Kafka outages: one log line each, aiokafka's connection errors held back.
+        self.outage = KafkaOutage(
+            "kafka record sink",
+            logger,
+            failures=None if metrics is None else metrics.kafka_failures,
+            suppressed=None if metrics is None else metrics.kafka_log_suppressed,
+        )
 
     @property
     def state(self) -> SinkState:
@@ -206,6 +229,7 @@ class KafkaSink:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="kafka-sink:sender"
             )
+            self.outage.install()
 
     def _start_lazily(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: start() will be called
@@ -265,6 +289,7 @@ class KafkaSink:
         producer, self._producer = self._producer, None
         if producer is not None:
             await _stop_producer(producer, max(0.5, until - loop.time()))
+        self.outage.uninstall()
 
     def _drop(self, topic: str, reason: str, count: int) -> None:
         self.dropped[reason] += count
@@ -310,10 +335,9 @@ class KafkaSink:
             ok = await self._send(self._producer, batch)
             self._set_idle()
             if not ok:
-                logger.warning(
-                    "kafka record sink: send failed; dropping records for %.1fs",
-                    self.config.retry_interval_s,
-                    extra={"elapsed_s": round(loop.time() - started, 3)},
+                self.outage.failed(
+                    f"send failed after {loop.time() - started:.3f} s",
+                    f"dropping records, retrying every {self.config.retry_interval_s:g} s",
                 )
                 if await self._pause():
                     return
@@ -361,17 +385,19 @@ class KafkaSink:
             await _stop_producer(producer, 1.0)
             raise
         except Exception as error:  # aiokafka, OSError, timeout: all mean "not now"
-            logger.warning(
-                "kafka record sink: cannot connect; dropping records for %.1fs",
-                cfg.retry_interval_s,
-                extra={"bootstrap_servers": cfg.bootstrap_servers, "error": repr(error)},
+            self.outage.failed(
+                f"cannot connect to {cfg.bootstrap_servers}: {error!r}",
+                f"dropping records, retrying every {cfg.retry_interval_s:g} s",
             )
             await _stop_producer(producer, 1.0)
             return None
         self._state = "up"
-        logger.info(
-            "kafka record sink connected", extra={"bootstrap_servers": cfg.bootstrap_servers}
-        )
+        if self.outage.down:
+            self.outage.connected()
+        else:
+            logger.info(
+                "kafka record sink connected", extra={"bootstrap_servers": cfg.bootstrap_servers}
+            )
         return producer
 
     async def _send(self, producer: AIOKafkaProducer, batch: list[_Record]) -> bool:

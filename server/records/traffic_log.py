@@ -38,14 +38,14 @@ Record (``DECISION_SCHEMA``, one JSON object per Kafka message, key = request id
 Records of the former ``streamscore.traffic/1`` schema (the same without the decision
 fields) are still read by ``streamscore replay``. Non-finite feature values (features
 whose manifest allows NaN) are written as the JSON extension ``NaN``, which Python's
-``json`` reads back.
+``json`` reads back. The bytes come from :mod:`server.records.decision_json`; what a
+version's records share (lineage, all-``request`` sources) is encoded once per version.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -53,8 +53,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 from prometheus_client import CollectorRegistry, Counter
 
+from server.records.decision_json import VersionParts, encode_record, lineage_json, reasons_json
 from server.records.kafka_sink import RecordSink
 
 if TYPE_CHECKING:
@@ -130,15 +132,7 @@ def traffic_record(
         "threshold": threshold,
         "decision": score >= threshold,
         "artifact_sha256": artifact_sha256,
-        "lineage": None
-        if lineage is None
-        else {
-            "data_snapshot": lineage.data_snapshot,
-            "code_commit": lineage.code_commit,
-            "created_at": lineage.created_at,
-            "algorithm": lineage.algorithm,
-            "explainer_sha256": lineage.explainer_sha256,
-        },
+        "lineage": lineage_json(lineage),
         "reasons": None if reasons is None else reasons_json(reasons),
         "reasons_base_value": reasons_base_value,
         "defaulted_features": list(defaulted_features),
@@ -147,22 +141,6 @@ def traffic_record(
         "latency_us": timings.get("pipeline_us"),
         "timings": timings,
     }
-
-
-def reasons_json(reasons: Sequence[Reason]) -> list[dict[str, Any]]:
-    """Reasons as JSON values (code, text, contribution, features behind it)."""
-    return [
-        {
-            "code": reason.code,
-            "text": reason.text,
-            "contribution": reason.contribution,
-            "features": [
-                {"name": f.name, "value": f.value, "contribution": f.contribution}
-                for f in reason.features
-            ],
-        }
-        for reason in reasons
-    ]
 
 
 def feature_sources(
@@ -178,6 +156,22 @@ def feature_sources(
         name: store.get(name) or ("request" if was_sent else "default")
         for name, was_sent in zip(names, sent, strict=True)
     }
+
+
+def _sources_value(
+    parts: VersionParts, fetched: FetchRow | None, plan: FetchPlan | None
+) -> dict[str, str] | orjson.Fragment:
+    """The record's ``feature_sources`` (the version's shared encoded one when every
+    value was sent)."""
+    if fetched is None:
+        return parts.all_request_sources
+    if not (plan is not None and plan.uses_store) and fetched.sent.all():
+        return parts.all_request_sources
+    return feature_sources(parts.names, fetched, plan)
+
+
+#: Versions whose shared record parts a ``TrafficLog`` keeps (a few are loaded at once).
+_MAX_VERSIONS = 64
 
 
 class TrafficLog:
@@ -206,6 +200,8 @@ class TrafficLog:
         self._clock = clock
         self._salt = sample_salt[:64] if sample_salt else os.urandom(32)
         self._process = {"pid": os.getpid(), "index": process_index}
+        #: Shared record parts per (model, version, sha256); built on the sender task.
+        self._parts: dict[tuple[str, str, str], VersionParts] = {}
         self._sampled: Counter | None = (
             Counter(
                 "streamscore_traffic_log_sampled",
@@ -256,7 +252,7 @@ class TrafficLog:
         if self._sampled is not None:
             self._sampled.inc()
         encode = functools.partial(
-            _encode,
+            self._encode,
             _Pending(
                 request,
                 result,
@@ -269,10 +265,52 @@ class TrafficLog:
                 fetched,
                 plan,
                 lineage,
-                self._process,
             ),
         )
         return self._sink.offer(self._topic, encode, request.request_id.encode())
+
+    def _version_parts(self, pending: _Pending) -> VersionParts:
+        """The answering version's shared parts (built once per version and manifest)."""
+        result = pending.result
+        key = (pending.request.model, result.version, result.artifact_sha256)
+        parts = self._parts.get(key)
+        if parts is None or parts.names is not pending.names:  # new, or the version reloaded
+            if len(self._parts) >= _MAX_VERSIONS:
+                self._parts.clear()
+            lineage = None if pending.lineage is None else pending.lineage()
+            parts = self._parts[key] = VersionParts.build(pending.names, lineage)
+        return parts
+
+    def _encode(self, pending: _Pending) -> bytes:
+        """The record's JSON (on the sink's sender task)."""
+        request, result = pending.request, pending.result
+        parts = self._version_parts(pending)
+        record = traffic_record(
+            ts=pending.ts,
+            model=request.model,
+            model_version=request.model_version,
+            request_id=request.request_id,
+            entity_ids=request.entity_ids,
+            request_features=request.features,
+            event_time_ms=request.event_time_ms,
+            t_ms=pending.t_ms,
+            features=dict(zip(parts.names, pending.row.reshape(-1).tolist(), strict=True)),
+            score=result.score,
+            version=result.version,
+            route=str(result.route.value),
+            threshold=pending.threshold,
+            defaulted_features=result.defaulted_features,
+            degraded_reasons=result.degraded_reasons,
+            timings=pending.timings,
+            freshness=[f._asdict() for f in result.freshness],
+            artifact_sha256=result.artifact_sha256,
+            reasons=result.reasons,
+            reasons_base_value=result.reasons_base_value,
+            process=self._process,
+        )
+        record["lineage"] = parts.lineage
+        record["feature_sources"] = _sources_value(parts, pending.fetched, pending.plan)
+        return encode_record(record, parts)
 
 
 class _Pending(NamedTuple):
@@ -289,34 +327,3 @@ class _Pending(NamedTuple):
     fetched: FetchRow | None
     plan: FetchPlan | None
     lineage: Callable[[], Lineage] | None
-    process: Mapping[str, int]
-
-
-def _encode(pending: _Pending) -> bytes:
-    request, result = pending.request, pending.result
-    record = traffic_record(
-        ts=pending.ts,
-        model=request.model,
-        model_version=request.model_version,
-        request_id=request.request_id,
-        entity_ids=request.entity_ids,
-        request_features=request.features,
-        event_time_ms=request.event_time_ms,
-        t_ms=pending.t_ms,
-        features=dict(zip(pending.names, pending.row.reshape(-1).tolist(), strict=True)),
-        score=result.score,
-        version=result.version,
-        route=str(result.route.value),
-        threshold=pending.threshold,
-        defaulted_features=result.defaulted_features,
-        degraded_reasons=result.degraded_reasons,
-        timings=pending.timings,
-        feature_sources=feature_sources(pending.names, pending.fetched, pending.plan),
-        freshness=[f._asdict() for f in result.freshness],
-        artifact_sha256=result.artifact_sha256,
-        lineage=None if pending.lineage is None else pending.lineage(),
-        reasons=result.reasons,
-        reasons_base_value=result.reasons_base_value,
-        process=pending.process,
-    )
-    return json.dumps(record, separators=(",", ":")).encode()

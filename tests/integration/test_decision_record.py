@@ -339,3 +339,53 @@ async def test_sigterm_with_records_buffered_spills_and_the_next_start_sends_the
     records = _records(await read_topic_values(kafka.bootstrap_servers, topic))
     assert set(ids) <= set(records)
     assert all(records[i]["schema"] == "streamscore.decision/1" for i in ids)
+
+
+async def test_v2_rows_are_recorded_with_the_reasons_their_policy_computes(
+    demo_repo: Path, rows: F32, kafka: KafkaBroker
+) -> None:
+    """Every row of a ModelInfer call gets a record; under ``above_threshold`` the
+    flagged rows carry the reasons a Score of the same row (asking for them) gets, the
+    others none; under ``always`` every row carries them."""
+    matrix = rows[:40].copy()
+    amount = DEMO_FEATURES.index("amount")
+    matrix[:, amount] = 40.0 + 90.0 * (np.arange(40) % 30)  # some flagged, some not
+    for when in ("above_threshold", "always"):
+        topic = f"decisions-v2-{uuid.uuid4().hex[:8]}"
+        settings = [
+            f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
+            f"traffic_log.topic={topic}",
+            "traffic_log.sample_rate=1.0",
+            f"models.per_model.fraud.reasons.when={when}",
+        ]
+        async with running_server(demo_repo, settings) as srv:
+            manifest = srv.app.registry.get("fraud", "2").model.manifest
+            request = v2.ModelInferRequest(model_name="fraud", model_version="2", id="v2r")
+            tensor = request.inputs.add(name=manifest.input.name, datatype="FP32")
+            tensor.shape[:] = [len(matrix), len(DEMO_FEATURES)]
+            tensor.contents.fp32_contents.extend(matrix.ravel().tolist())
+            await srv.inference.ModelInfer(request, timeout=20, metadata=srv.overrides)
+            expected: dict[str, list[str]] = {}
+            for i, row in enumerate(matrix):
+                features = dict(zip(DEMO_FEATURES, row.tolist(), strict=True))
+                answer = await srv.scoring.Score(
+                    pb.ScoreRequest(
+                        model="fraud", model_version="2", features=features, explain=True
+                    ),
+                    timeout=20,
+                    metadata=srv.overrides,
+                )
+                expected[f"v2r#{i}"] = [r.code for r in answer.reasons]
+        records = _records(await read_topic_values(kafka.bootstrap_servers, topic))
+        flagged = 0
+        for item_id, codes in expected.items():
+            record = records[item_id]  # every row recorded
+            needs = when == "always" or record["decision"]
+            flagged += record["decision"]
+            if needs:
+                assert record["reasons"] is not None, (when, item_id)
+                assert [r["code"] for r in record["reasons"]] == codes
+                assert record["reasons_base_value"] != 0.0
+            else:
+                assert record["reasons"] is None
+        assert 0 < flagged < len(expected)

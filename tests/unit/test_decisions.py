@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from feature_streams.read_plan import FetchRow
 from server.clients.decisions import Found, format_record, keyed_partition, parse_since
-from server.clients.replay import parse_record
+from server.clients.replay import parse_record, save_records
 from server.explain.reasons import FeatureValue, Reason
 from server.lineage import Lineage
 from server.records.traffic_log import (
@@ -99,6 +100,21 @@ def test_record_carries_sources_lineage_decision_reasons_and_process() -> None:
     assert record["process"]["index"] == 3 and record["latency_us"] == 321  # type: ignore[index]
     parsed = parse_record(json.dumps(record))
     assert parsed.reason_codes == ("AMT",) and parsed.version == "2"
+
+
+def test_replay_save_keeps_the_recorded_reasons(tmp_path: Path) -> None:
+    record = _record()
+    saved = tmp_path / "saved.jsonl"
+    save_records([parse_record(json.dumps(record))], saved)
+    (line,) = saved.read_text().splitlines()
+    again = json.loads(line)
+    assert again["reasons"] == record["reasons"]
+    assert again["reasons_base_value"] == record["reasons_base_value"] == -2.0
+    assert parse_record(line).reason_codes == ("AMT",)
+    # a record without reasons is saved without
+    record["reasons"] = None
+    save_records([parse_record(json.dumps(record))], saved)
+    assert json.loads(saved.read_text())["reasons"] is None
 
 
 def test_sources_without_a_fetch_row_are_all_request() -> None:
