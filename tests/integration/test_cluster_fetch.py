@@ -183,7 +183,11 @@ async def test_a_stopped_primary_degrades_only_the_keys_it_holds(
     on_victim = {c for c, keys in reads.items() if any(holders[k] == victim for k in keys)}
     tile_on_victim = {c for c in CARDS if holders[tile_key("card_activity", c)] == victim}
     assert on_victim and set(CARDS) - on_victim
-    overrides = _overrides(url, "features.fetch_timeout_s=2.0", SOCKET_TIMEOUT)
+    # No batch-row cache: the rows read by `before` would be served from memory during
+    # the stop, and this test is about what a stopped node does to the reads.
+    overrides = _overrides(
+        url, "features.fetch_timeout_s=2.0", SOCKET_TIMEOUT, "features.batch_cache_entries=0"
+    )
     async with running_server(repository, overrides) as srv:
         before = await asyncio.gather(*(srv.scoring.Score(_request(card_id=c)) for c in CARDS))
         assert not any(r.degraded for r in before)
