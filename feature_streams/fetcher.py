@@ -42,6 +42,7 @@ from types import MappingProxyType
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
+from feature_streams.batch_cache import BatchRow, BatchValueCache
 from feature_streams.cluster_pipeline import (
     NodeHealth,
     NodePipelines,
@@ -60,6 +61,7 @@ from feature_streams.keys import (
 from feature_streams.read_plan import (
     BatchColumns,
     BatchReadPlan,
+    BatchReadResult,
     FetchPlan,
     FetchRow,
     Freshness,
@@ -237,7 +239,24 @@ class FetchResult:
 
 
 _NOTHING_READ = FetchResult(None, MappingProxyType({}))
-_Batches = list[tuple[BatchColumns, BatchReadPlan, list[FetchRow]]]
+
+
+@dataclass(slots=True)
+class _BatchRead:
+    """One batch group of a micro-batch: rows held in the cache and the reads queued."""
+
+    columns: BatchColumns
+    snapshot_id: str | None
+    members: list[FetchRow]
+    cached: dict[str, BatchRow]
+    plan: BatchReadPlan | None  # None: every entity was cached, nothing queued
+
+    @property
+    def n_commands(self) -> int:
+        return 0 if self.plan is None else self.plan.n_commands
+
+
+_Batches = list[_BatchRead]
 _Streams = list[tuple[StreamColumns, list[FetchRow], list[str], list[str]]]
 
 
@@ -246,6 +265,8 @@ class FeatureFetcher:
 
     Does not own ``client`` or ``snapshots`` (the caller starts, stops and closes them).
     ``node_health`` gates each cluster node's pipeline (ignored on a standalone Redis).
+    ``batch_cache`` keeps decoded batch-snapshot rows by snapshot id, so only entities
+    it does not hold are read (:mod:`feature_streams.batch_cache`); ``None``: read all.
     """
 
     def __init__(
@@ -253,9 +274,11 @@ class FeatureFetcher:
         client: AnyRedis,
         snapshots: BatchSnapshotCache,
         node_health: NodeHealth | None = None,
+        batch_cache: BatchValueCache | None = None,
     ) -> None:
         self._client = client
         self._snapshots = snapshots
+        self._batch_cache = batch_cache if batch_cache is not None and batch_cache.enabled else None
         self._cluster = (
             NodePipelines(client, node_health) if isinstance(client, RedisCluster) else None
         )
@@ -266,6 +289,11 @@ class FeatureFetcher:
     def snapshots(self) -> BatchSnapshotCache:
         """The active-snapshot cache reads follow."""
         return self._snapshots
+
+    @property
+    def batch_cache(self) -> BatchValueCache | None:
+        """The decoded batch rows kept between micro-batches (``None``: none kept)."""
+        return self._batch_cache
 
     async def aclose(self) -> None:
         """Stop background work (a cluster slot map refresh in flight); idempotent."""
@@ -287,20 +315,25 @@ class FeatureFetcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         unavailable: tuple[str, ...] = ()
+        round_trip_s: float | None = None
+        results: Sequence[object] = ()
         if self._cluster is not None:
             queued = QueuedReads()
-            batch_plans, stream_reads = self._queue(plan, rows, queued)
-            if not batch_plans and not stream_reads:
+            batch_reads, stream_reads = self._queue(plan, rows, queued)
+            if not batch_reads and not stream_reads:
                 return _NOTHING_READ
-            results: Sequence[object] = await self._cluster.execute(queued.commands, timeout_s)
+            if queued.commands:
+                results = await self._cluster.execute(queued.commands, timeout_s)
+                round_trip_s = loop.time() - started
             unavailable = _unavailable_nodes(results)
         else:
             async with self._client.pipeline(transaction=False) as pipe:
-                batch_plans, stream_reads = self._queue(plan, rows, pipe)
-                if not batch_plans and not stream_reads:
+                batch_reads, stream_reads = self._queue(plan, rows, pipe)
+                if not batch_reads and not stream_reads:
                     return _NOTHING_READ
-                results = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout_s)
-        round_trip_s = loop.time() - started
+                if len(pipe):
+                    results = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout_s)
+                    round_trip_s = loop.time() - started
         for reply in results:
             if (
                 isinstance(reply, BaseException)
@@ -311,12 +344,12 @@ class FeatureFetcher:
         snapshots: dict[str, str | None] = {}
         gone: list[str] = []
         offset = 0
-        for columns, read_plan, members in batch_plans:
-            chunk = results[offset : offset + read_plan.n_commands]
-            offset += read_plan.n_commands
-            snapshots[columns.spec.group] = read_plan.snapshot_id
-            if not self._apply_batch_group(columns, read_plan, members, chunk):
-                gone.append(columns.spec.group)
+        for batch_read in batch_reads:
+            chunk = results[offset : offset + batch_read.n_commands]
+            offset += batch_read.n_commands
+            snapshots[batch_read.columns.spec.group] = batch_read.snapshot_id
+            if not self._apply_batch_group(batch_read, chunk):
+                gone.append(batch_read.columns.spec.group)
         for stream, stream_members, keys, unique in stream_reads:
             chunk = results[offset : offset + len(unique)]
             offset += len(unique)
@@ -340,7 +373,8 @@ class FeatureFetcher:
     def _queue(
         self, plan: FetchPlan, rows: Sequence[FetchRow], pipe: ReadPipeline
     ) -> tuple[_Batches, _Streams]:
-        batch_plans: _Batches = []
+        batch_reads: _Batches = []
+        cache = self._batch_cache
         for columns in plan.batch:
             members = []
             for item in rows:
@@ -351,10 +385,14 @@ class FeatureFetcher:
                     continue
                 members.append(item)
             if members:
+                spec = columns.spec
                 ids = [m.entity_ids[columns.entity] for m in members]
-                snapshot = self._snapshots.snapshot_id(columns.spec.group)
-                read_plan = queue_reads(pipe, columns.spec, snapshot, ids)
-                batch_plans.append((columns, read_plan, members))
+                snapshot = self._snapshots.snapshot_id(spec.group)
+                cached: dict[str, BatchRow] = {}
+                if cache is not None and snapshot is not None:
+                    cached, ids = cache.lookup(spec.group, snapshot, spec.fields, ids)
+                read_plan = queue_reads(pipe, spec, snapshot, ids) if ids else None
+                batch_reads.append(_BatchRead(columns, snapshot, members, cached, read_plan))
         stream_reads: _Streams = []
         for stream in plan.stream:
             members, keys = [], []
@@ -374,57 +412,48 @@ class FeatureFetcher:
                 keys.append(key)
             if members:
                 stream_reads.append((stream, members, keys, list(queued)))
-        return batch_plans, stream_reads
+        return batch_reads, stream_reads
 
-    def _apply_batch_group(
-        self,
-        columns: BatchColumns,
-        plan: BatchReadPlan,
-        members: list[FetchRow],
-        results: Sequence[object],
-    ) -> bool:
+    def _apply_batch_group(self, batch: _BatchRead, results: Sequence[object]) -> bool:
         """Place one group's values; False when its snapshot was gone (defaults)."""
-        try:
-            read = plan.decode(results)
-        except NodeUnavailableError:  # the registry entry's node: no deletion check
-            for item in members:
-                _flag_node_unavailable(item)
-                defaulted(item, columns.spec.fields, columns.columns)
-            return True
-        except SnapshotGoneError:
-            self._refresh_snapshots()
-            for item in members:
-                item.degraded.append(SNAPSHOT_GONE)
-                defaulted(item, columns.spec.fields, columns.columns)
-            return False
-        except ResponseError as error:  # the registry key itself (checked: a key error)
-            self._log_key_error(registry_key(columns.spec.group), str(error))
-            for item in members:
-                item.degraded.append(KEY_ERROR)
-                defaulted(item, columns.spec.fields, columns.columns)
-            return True
+        columns, members = batch.columns, batch.members
+        rows: dict[str, BatchRow] = batch.cached
+        key_errors: Mapping[str, str] = {}
+        down: set[str] = set()
+        plan = batch.plan
+        if plan is not None:
+            try:
+                read = plan.decode(results)
+            except NodeUnavailableError:  # the registry entry's node: no deletion check
+                for item in members:
+                    _flag_node_unavailable(item)
+                    defaulted(item, columns.spec.fields, columns.columns)
+                return True
+            except SnapshotGoneError:
+                self._refresh_snapshots()
+                if self._batch_cache is not None:
+                    self._batch_cache.invalidate(columns.spec.group)
+                for item in members:
+                    item.degraded.append(SNAPSHOT_GONE)
+                    defaulted(item, columns.spec.fields, columns.columns)
+                return False
+            except ResponseError as error:  # the registry key itself (checked: a key error)
+                self._log_key_error(registry_key(columns.spec.group), str(error))
+                for item in members:
+                    item.degraded.append(KEY_ERROR)
+                    defaulted(item, columns.spec.fields, columns.columns)
+                return True
+            rows, key_errors, down = self._decoded_rows(batch, plan, read, results)
         fields, cols = columns.spec.fields, columns.columns
-        down = {
-            entity_id
-            for entity_id, reply in zip(plan.entity_ids, results, strict=False)
-            if isinstance(reply, NodeUnavailableError)
-        }
-        for entity_id, reply in read.key_errors.items():
-            if entity_id in down:
-                continue
-            self._log_key_error(
-                data_key(columns.spec.group, str(plan.snapshot_id), entity_id), reply
-            )
-        for entity_id, names in read.invalid_fields.items():
-            self._log_invalid(columns.spec.group, entity_id, names)
         for item in members:
             entity_id = item.entity_ids[columns.entity]
-            values = read.values[entity_id]
+            batch_row = rows[entity_id]
+            values = batch_row.values
             if entity_id in down:
                 _flag_node_unavailable(item)
-            elif entity_id in read.key_errors:
+            elif entity_id in key_errors:
                 item.degraded.append(KEY_ERROR)
-            elif entity_id in read.invalid_fields:
+            elif batch_row.invalid:
                 item.degraded.append(VALUE_INVALID)
             row = item.row[0]
             if item.store_sent:
@@ -434,11 +463,51 @@ class FeatureFetcher:
             else:
                 for name, column in zip(fields, cols, strict=True):
                     row[column] = values[name]
-            if entity_id in read.missing_entities:
+            if batch_row.missing:
                 defaulted(item, fields, cols)
-            elif absent := read.missing_fields.get(entity_id):
+            elif absent := batch_row.absent:
                 item.defaulted.extend(n for n in absent if not item.sent[_col(columns, n)])
         return True
+
+    def _decoded_rows(
+        self,
+        batch: _BatchRead,
+        plan: BatchReadPlan,
+        read: BatchReadResult,
+        results: Sequence[object],
+    ) -> tuple[dict[str, BatchRow], Mapping[str, str], set[str]]:
+        """The rows of a group (cached and just read), logging and caching what was read;
+        also the entities whose key answered an error and those on an unavailable node."""
+        spec = batch.columns.spec
+        down = {
+            entity_id
+            for entity_id, reply in zip(plan.entity_ids, results, strict=False)
+            if isinstance(reply, NodeUnavailableError)
+        }
+        for entity_id, reply in read.key_errors.items():
+            if entity_id in down:
+                continue
+            self._log_key_error(data_key(spec.group, str(plan.snapshot_id), entity_id), reply)
+        for entity_id, names in read.invalid_fields.items():
+            self._log_invalid(spec.group, entity_id, names)
+        fresh = {
+            entity_id: BatchRow(
+                read.values[entity_id],
+                entity_id in read.missing_entities,
+                read.missing_fields.get(entity_id, ()),
+                read.invalid_fields.get(entity_id, ()),
+            )
+            for entity_id in plan.entity_ids
+        }
+        cache = self._batch_cache
+        if cache is not None and plan.snapshot_id is not None:
+            complete = {
+                e: row for e, row in fresh.items() if e not in down and e not in read.key_errors
+            }
+            cache.store(spec.group, plan.snapshot_id, spec.fields, complete)
+        rows = batch.cached
+        rows.update(fresh)
+        return rows, read.key_errors, down
 
     def _apply_stream_group(
         self,

@@ -26,6 +26,12 @@ snapshots and stream windows, see there) and adds what the server decides:
   success when any node answered; it counts a failure only when the fetch as a whole
   failed (no node reachable, a store-wide error). After a failover the slot map is
   refreshed and the replica's (new) breaker starts closed.
+* Batch-snapshot rows read once are kept in process by snapshot id
+  (:class:`~feature_streams.batch_cache.BatchValueCache`, bounded by
+  ``StoreOptions.batch_cache_entries`` / ``batch_cache_bytes``): a snapshot never
+  changes, and the pointer flip moves reads to the new id. A micro-batch whose every
+  value is cached makes no round trip (and gives the breaker no verdict). While the
+  breaker is open nothing is served from the cache: the policy decides, as before.
 * The round trip is reported to ``on_fetch`` (the fetch latency metric), breaker
   changes to ``on_breaker`` (its state gauge) and a node breaker's changes to
   ``on_node_breaker`` (the per-node state gauge).
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from feature_streams.batch_cache import BatchValueCache
 from feature_streams.fetcher import (
     NODE_UNAVAILABLE,
     BatchSnapshotCache,
@@ -76,6 +83,10 @@ class StoreOptions:
 
     timeout_s: float = 0.05
     breaker: BreakerOptions = field(default_factory=BreakerOptions)
+    batch_cache_entries: int = 100_000
+    """Batch-snapshot rows kept in process (0: none, every micro-batch reads them)."""
+    batch_cache_bytes: int = 64 * 1024 * 1024
+    """Estimated bytes those rows may take."""
 
 
 def store_options(features: FeaturesSettings) -> StoreOptions:
@@ -87,6 +98,8 @@ def store_options(features: FeaturesSettings) -> StoreOptions:
             failure_window_s=features.breaker_window_s,
             open_s=features.retry_interval_s,
         ),
+        batch_cache_entries=features.batch_cache_entries,
+        batch_cache_bytes=features.batch_cache_bytes,
     )
 
 
@@ -109,7 +122,12 @@ class FeatureStore:
         self._on_node_breaker = on_node_breaker
         self._breaker = CircuitBreaker(options.breaker, time.monotonic, on_breaker)
         self._node_breakers = NodeBreakers(options.breaker, time.monotonic, self._node_changed)
-        self._fetcher = FeatureFetcher(client, snapshots, self._node_breakers)
+        self._fetcher = FeatureFetcher(
+            client,
+            snapshots,
+            self._node_breakers,
+            BatchValueCache(options.batch_cache_entries, options.batch_cache_bytes),
+        )
 
     def _node_changed(self, node: str, state: BreakerState) -> None:
         _log_node_breaker(node, state)

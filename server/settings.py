@@ -685,6 +685,19 @@ class FeaturesSettings(_Frozen):
     snapshot_refresh_s: float = Field(
         default=0.5, gt=0.0, description="How often the active batch snapshots are re-read."
     )
+    batch_cache_entries: int = Field(
+        default=100_000,
+        ge=0,
+        description="Batch-snapshot rows (one entity of one group) kept in process by "
+        "snapshot id, so repeated entities are not read again until the pointer flips; "
+        "0 = none kept (every micro-batch reads its rows).",
+    )
+    batch_cache_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Estimated bytes the kept batch-snapshot rows may take (least recently "
+        "used dropped first).",
+    )
 
 
 class GovernanceSettings(_Frozen):

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from feature_streams.batch_cache import BatchValueCache
 from feature_streams.batch_store import activate, collect_garbage, write_snapshot
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
 from feature_streams.fetcher import (
@@ -113,11 +114,17 @@ def _values(row: FetchRow) -> dict[str, float]:
     return dict(zip(NAMES, row.row[0].tolist(), strict=True))
 
 
-async def _fetcher(client: CountingRedis) -> FeatureFetcher:
+async def _fetcher(
+    client: CountingRedis, batch_cache: BatchValueCache | None = None
+) -> FeatureFetcher:
     cache = BatchSnapshotCache(client, ["profile"])
     await cache.refresh()
     client.executed = 0
-    return FeatureFetcher(client, cache)
+    return FeatureFetcher(client, cache, batch_cache=batch_cache)
+
+
+def _outcome(row: FetchRow) -> tuple[dict[str, float], list[str], list[str], dict[str, Any]]:
+    return _values(row), row.defaulted, row.degraded, dict(row.snapshots)
 
 
 async def test_one_round_trip_fills_values_defaults_freshness_and_snapshot_ids(
@@ -268,3 +275,76 @@ async def test_a_value_that_is_no_number_degrades_only_the_rows_reading_it(
     assert rows[1].degraded == [VALUE_INVALID] and "limit" in rows[1].defaulted
     assert _values(rows[1])["limit"] == 100.0  # the defined default
     assert rows[2].degraded == []
+
+
+BATCH_ONLY = FetchPlan.build(DEFS, NAMES, ["profile"], [])
+
+
+def _batch_rows() -> list[FetchRow]:
+    return [
+        _row(customer_id="c1"),
+        _row(customer_id="c2"),  # a field absent: its default, listed
+        _row(customer_id="c-none"),  # no row in the snapshot: all defaults
+        _row(sent={"limit": 5.0}, customer_id="c1"),  # a sent store column is kept
+        _row(customer_id="c1"),
+    ]
+
+
+async def test_cached_batch_rows_are_not_read_again_and_equal_a_read(
+    client: CountingRedis,
+) -> None:
+    uncached = await _fetcher(client)
+    expected = [_outcome(r) for r in await _filled(uncached)]
+    fetcher = await _fetcher(client, BatchValueCache())
+
+    first = await _filled(fetcher)
+    assert client.executed == 1
+    second = _batch_rows()
+    result = await fetcher.fetch(BATCH_ONLY, second)
+    assert client.executed == 1  # every row was cached: no round trip
+    assert result.round_trip_s is None and result.snapshots == expected[0][3]
+    assert [_outcome(r) for r in first] == expected
+    assert [_outcome(r) for r in second] == expected
+    assert fetcher.batch_cache is not None
+    assert fetcher.batch_cache.stats().entries == 3  # c1, c2 and the absent c-none
+
+    # with stream groups the round trip reads only the tiles and the uncached entity
+    rows = [_row(card_id="k1", customer_id="c1"), _row(card_id="k1", customer_id="c9")]
+    await fetcher.fetch(PLAN, rows)
+    assert client.executed == 2 and fetcher.batch_cache.stats().entries == 4
+    assert _values(rows[0])["limit"] == 900.0 and rows[1].defaulted == ["limit", "score"]
+
+
+async def _filled(fetcher: FeatureFetcher) -> list[FetchRow]:
+    rows = _batch_rows()
+    await fetcher.fetch(BATCH_ONLY, rows)
+    return rows
+
+
+async def test_after_a_snapshot_flip_the_next_read_sees_only_the_new_snapshot(
+    client: CountingRedis,
+) -> None:
+    fetcher = await _fetcher(client, BatchValueCache())
+    old = fetcher.snapshots.snapshot_id("profile")
+    warm = [_row(customer_id="c1"), _row(customer_id="c2")]
+    await fetcher.fetch(BATCH_ONLY, warm)
+    assert [_values(r)["limit"] for r in warm] == [900.0, 700.0]
+
+    new_rows = [("c1", {"limit": 1.0, "score": 0.1}), ("c3", {"limit": 3.0, "score": 0.3})]
+    info = await write_snapshot(client, "profile", new_rows)
+    await activate(client, "profile", info.snapshot_id)
+    await fetcher.snapshots.refresh()  # what the background refresh does within 0.5 s
+
+    rows = [_row(customer_id="c1"), _row(customer_id="c2"), _row(customer_id="c3")]
+    result = await fetcher.fetch(BATCH_ONLY, rows)
+    assert result.snapshots == {"profile": info.snapshot_id} != {"profile": old}
+    got = [(_values(r)["limit"], _values(r)["score"]) for r in rows]
+    assert got == [(1.0, pytest.approx(0.1)), (100.0, 0.5), (3.0, pytest.approx(0.3))]
+    assert rows[1].defaulted == ["limit", "score"]  # c2 is not in the new snapshot
+    assert all(r.snapshots == {"profile": info.snapshot_id} for r in rows)
+
+    again = [_row(customer_id="c1"), _row(customer_id="c2")]
+    executed = client.executed
+    await fetcher.fetch(BATCH_ONLY, again)  # the new snapshot's rows, now cached
+    assert client.executed == executed
+    assert [_values(r)["limit"] for r in again] == [1.0, 100.0]
