@@ -44,6 +44,7 @@ from feature_streams.point_in_time import (
     BackfillError,
     BackfillReport,
     EventRecord,
+    PointInTimeIndex,
     SnapshotRows,
     point_in_time_table,
 )
@@ -53,9 +54,12 @@ __all__ = [
     "BackfillError",
     "BackfillReport",
     "EventSource",
+    "ParquetEvents",
     "SnapshotSchedule",
     "backfill",
+    "backfill_index",
     "backfill_table",
+    "event_file",
     "read_event_records",
     "read_manifest_features",
     "read_spine",
@@ -156,6 +160,25 @@ class _EventFile:
         return read_event_records(self._path)
 
 
+class ParquetEvents(_EventFile):
+    """A Parquet events file, read column-wise by the point-in-time code
+    (:class:`feature_streams.point_in_time.ColumnarEvents`); iterating gives its records."""
+
+    def record_batches(self) -> Iterator[pa.RecordBatch]:
+        """The file's record batches in order."""
+        try:
+            yield from pq.ParquetFile(self._path).iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise BackfillError(f"{self._path}: cannot read events: {exc}") from None
+
+
+def event_file(path: str | os.PathLike[str]) -> _EventFile:
+    """An events file as a log source: Parquet read column-wise, JSON lines by record."""
+    if _suffix(Path(path)) in _PARQUET_SUFFIXES:
+        return ParquetEvents(path)
+    return _EventFile(path)
+
+
 class _BatchFile:
     """A batch file's rows, validated when first iterated (only selected groups are)."""
 
@@ -181,7 +204,7 @@ def _events(
     events: EventSource | Mapping[str, EventSource],
 ) -> Iterable[EventRecord] | Mapping[str, Iterable[EventRecord]]:
     def records(source: EventSource) -> Iterable[EventRecord]:
-        return _EventFile(source) if isinstance(source, str | os.PathLike) else source
+        return event_file(source) if isinstance(source, str | os.PathLike) else source
 
     if isinstance(events, Mapping):
         return {topic: records(source) for topic, source in events.items()}
@@ -199,6 +222,21 @@ def backfill_table(
     allow_missing_columns: bool = False,
 ) -> tuple[pa.Table, BackfillReport]:
     """:func:`backfill` without file output: the output table and its report."""
+    return point_in_time_table(
+        definitions,
+        _events(events),
+        spine,
+        batch_snapshots=_snapshot_files(definitions, batch_snapshots, allow_missing_columns),
+        features=features,
+        timestamp_column=timestamp_column,
+    )
+
+
+def _snapshot_files(
+    definitions: FeatureDefinitions,
+    batch_snapshots: SnapshotSchedule | None,
+    allow_missing_columns: bool,
+) -> dict[str, list[tuple[int, SnapshotRows]]]:
     snapshots: dict[str, list[tuple[int, SnapshotRows]]] = {}
     for group, entries in (batch_snapshots or {}).items():
         if group in definitions.batch_groups:
@@ -207,14 +245,25 @@ def backfill_table(
                 for valid_from, path in entries
             ]
         else:
-            snapshots[group] = []  # refused by name below
-    return point_in_time_table(
+            snapshots[group] = []  # refused by name
+    return snapshots
+
+
+def backfill_index(
+    definitions: FeatureDefinitions,
+    events: EventSource | Mapping[str, EventSource],
+    *,
+    batch_snapshots: SnapshotSchedule | None = None,
+    features: Sequence[str] | None = None,
+    allow_missing_columns: bool = False,
+) -> PointInTimeIndex:
+    """The whole event log and every snapshot row read once, for many spines or chunks
+    (:meth:`PointInTimeIndex.table` gives what :func:`backfill_table` gives)."""
+    return PointInTimeIndex.build(
         definitions,
         _events(events),
-        spine,
-        batch_snapshots=snapshots,
+        batch_snapshots=_snapshot_files(definitions, batch_snapshots, allow_missing_columns),
         features=features,
-        timestamp_column=timestamp_column,
     )
 
 

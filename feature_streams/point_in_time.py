@@ -44,7 +44,7 @@ ambiguous.
 
 from __future__ import annotations
 
-import bisect
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -62,24 +62,33 @@ from feature_streams.definitions import (
     FeatureDefinitions,
     FeatureRef,
     FeatureSource,
+    RequestFeature,
     UndefinedFeaturesError,
     feature_sources,
     resolve_features,
 )
-from feature_streams.events import MalformedEventError, decode_event, validate_event
-from feature_streams.windows import GroupPlan, is_too_late, point_in_time_values
+from feature_streams.point_in_time_events import ColumnarEvents, GroupEvents, LogReader
+from feature_streams.point_in_time_windows import GroupWindows
+from feature_streams.windows import GroupPlan
 
 __all__ = [
     "DEFAULT_TIMESTAMP_COLUMN",
     "BackfillError",
     "BackfillReport",
     "BatchSnapshots",
+    "ColumnarEvents",
     "EventRecord",
+    "EventSource",
+    "PointInTimeIndex",
     "SnapshotRows",
     "point_in_time_table",
 ]
 
 logger = logging.getLogger(__name__)
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+Mask = npt.NDArray[np.bool_]
 
 DEFAULT_TIMESTAMP_COLUMN: Final = "ts_ms"
 
@@ -87,6 +96,8 @@ EventRecord = Mapping[str, object] | bytes
 """An event as a dict, or a raw record value (JSON bytes) as the worker reads it."""
 SnapshotRows = Iterable[tuple[object, Mapping[str, float]]]
 """One batch snapshot: ``(entity id, {field: value})`` pairs (absent field: default)."""
+EventSource = Iterable[EventRecord] | ColumnarEvents
+"""One topic's log: records in log order, or a columnar (Parquet) log."""
 BatchSnapshots = Mapping[str, Sequence[tuple[int, SnapshotRows]]]
 """Batch group -> ``(valid_from_ms, rows)``: which snapshot was active from when."""
 
@@ -123,14 +134,7 @@ class BackfillReport:
 # --- the spine ------------------------------------------------------------------------
 
 
-def _entity_key(entity: Entity, value: object) -> str | None:
-    """A spine cell as the entity's key (``None``: null or blank, no id)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return entity.key(value)
-
-
-def _times(table: pa.Table, column: str) -> list[int]:
+def _times(table: pa.Table, column: str) -> I64:
     if column not in table.column_names:
         raise BackfillError(
             f"the spine has no timestamp column {column!r} "
@@ -139,9 +143,10 @@ def _times(table: pa.Table, column: str) -> list[int]:
     col = table.column(column)
     if pa.types.is_timestamp(col.type):
         col = pc.cast(col, pa.timestamp("ms", tz=col.type.tz)).cast(pa.int64())
-    values = col.to_pylist()
+    if pa.types.is_integer(col.type) and col.null_count == 0:
+        return np.asarray(col.to_numpy(), dtype=np.int64)
     out: list[int] = []
-    for row, value in enumerate(values, start=1):
+    for row, value in enumerate(col.to_pylist(), start=1):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
@@ -149,31 +154,39 @@ def _times(table: pa.Table, column: str) -> list[int]:
                 f"spine column {column!r}, row {row}: {value!r} is not epoch milliseconds"
             )
         out.append(value)
-    return out
+    return np.array(out, np.int64)
 
 
 def _request_values(
     table: pa.Table, ref: FeatureRef, definitions: FeatureDefinitions, invalid: dict[str, int]
-) -> npt.NDArray[np.float64]:
+) -> F64:
     rows = table.num_rows
     if ref.name not in table.column_names:
         return np.full(rows, ref.default, np.float64)
     rule = definitions.request_features[ref.name]
-    out = np.empty(rows, np.float64)
-    bad = 0
-    for i, value in enumerate(table.column(ref.name).to_pylist()):
-        if value is None:
-            out[i] = ref.default
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise BackfillError(
-                f"spine column {ref.name!r}, row {i + 1}: {value!r} is not a number"
-            ) from None
-        out[i] = number
-        if rule.violation(number) is not None:
-            bad += 1
+    column = table.column(ref.name)
+    kind = column.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        present = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), np.bool_)
+        cast = pc.cast(column, pa.float64(), safe=False)
+        out = np.asarray(cast.fill_null(ref.default).to_numpy(zero_copy_only=False), np.float64)
+    elif pa.types.is_null(kind):
+        present = np.zeros(rows, np.bool_)
+        out = np.full(rows, ref.default, np.float64)
+    else:
+        present = np.ones(rows, np.bool_)
+        out = np.empty(rows, np.float64)
+        for i, value in enumerate(column.to_pylist()):
+            if value is None:
+                out[i], present[i] = ref.default, False
+                continue
+            try:
+                out[i] = float(value)
+            except (TypeError, ValueError):
+                raise BackfillError(
+                    f"spine column {ref.name!r}, row {i + 1}: {value!r} is not a number"
+                ) from None
+    bad = int(np.count_nonzero(present & _violations(rule, out)))
     if bad:
         invalid[ref.name] = bad
         logger.warning(
@@ -182,54 +195,77 @@ def _request_values(
     return out
 
 
+def _violations(rule: RequestFeature, x: F64) -> Mask:
+    """Per value: :meth:`RequestFeature.violation` is not ``None``."""
+    nan = np.isnan(x)
+    inf = np.isinf(x)
+    bad = inf.copy()
+    if not rule.allow_nan:
+        bad |= nan
+    finite = ~nan & ~inf
+    with np.errstate(invalid="ignore"):
+        wrong = np.zeros(len(x), np.bool_)
+        if rule.dtype != "float":
+            wrong |= np.floor(x) != x
+        if rule.ge is not None:
+            wrong |= ~(x >= rule.ge)
+        if rule.gt is not None:
+            wrong |= ~(x > rule.gt)
+        if rule.le is not None:
+            wrong |= ~(x <= rule.le)
+        if rule.lt is not None:
+            wrong |= ~(x < rule.lt)
+    return bad | (finite & wrong)
+
+
+@dataclass(frozen=True)
+class _SpineKeys:
+    """One entity column of a spine as keys: distinct keys and each row's index."""
+
+    keys: list[str | None]
+    row_index: npt.NDArray[np.intp]
+
+    def per_row(self, lookup: Mapping[str, int]) -> I64:
+        """``lookup[key]`` per row (``-1``: no id, or not in ``lookup``)."""
+        codes = np.array([lookup.get(k, -1) if k is not None else -1 for k in self.keys], np.int64)
+        return codes[self.row_index] if len(codes) else np.full(len(self.row_index), -1)
+
+    def missing(self) -> Mask:
+        """Rows without an id (null or blank)."""
+        none = np.array([k is None for k in self.keys], np.bool_)
+        return none[self.row_index] if len(none) else np.ones(len(self.row_index), np.bool_)
+
+
+def _spine_keys(table: pa.Table, definitions: FeatureDefinitions, entity: str) -> _SpineKeys | None:
+    if entity not in table.column_names:
+        return None
+    spec = definitions.entities[entity]
+    column = table.column(entity).combine_chunks()
+    encoded = pc.dictionary_encode(column, null_encoding="encode")
+    index = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.intp)
+    keys: list[str | None] = []
+    for u, value in enumerate(encoded.dictionary.to_pylist()):
+        try:
+            keys.append(_entity_key(spec, value))
+        except EntityKeyError as exc:
+            row = int(np.flatnonzero(index == u)[0]) + 1
+            raise BackfillError(f"spine column {entity!r}, row {row}: {exc}") from None
+    return _SpineKeys(keys, index)
+
+
+def _entity_key(entity: Entity, value: object) -> str | None:
+    """A spine cell as the entity's key (``None``: null or blank, no id)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return entity.key(value)
+
+
 # --- events -----------------------------------------------------------------------------
 
 
-@dataclass
-class _GroupLog:
-    """One stream group's kept events per key, with the worker's lateness state."""
-
-    plan: GroupPlan
-    keys: frozenset[str]
-    kept: dict[str, list[Mapping[str, object]]] = field(default_factory=dict)
-    newest: dict[str, int] = field(default_factory=dict)
-    applied: int = 0
-    late: int = 0
-
-    def offer(self, key: str, ts: int, event: Mapping[str, object]) -> None:
-        newest = self.newest.get(key)
-        if is_too_late(ts, newest, self.plan.group.allowed_lateness_ms):
-            self.late += 1
-            return
-        self.newest[key] = ts if newest is None else max(newest, ts)
-        self.applied += 1
-        if key in self.keys:  # only events of keys some spine row reads are kept
-            self.kept.setdefault(key, []).append(event)
-
-
-def _replay_topic(
-    records: Iterable[EventRecord], plans: Sequence[GroupPlan], logs: Mapping[str, _GroupLog]
-) -> tuple[int, int]:
-    """Feed one topic's log to the groups reading it; returns ``(read, malformed)``."""
-    read = malformed = 0
-    for record in records:
-        read += 1
-        try:
-            event = decode_event(record) if isinstance(record, bytes) else record
-            checked = [validate_event(plan, event) for plan in plans]
-        except MalformedEventError:
-            malformed += 1
-            continue
-        for plan, group_event in zip(plans, checked, strict=True):
-            log = logs.get(plan.group.name)
-            if log is not None:
-                log.offer(group_event.key, group_event.ts_ms, event)
-    return read, malformed
-
-
 def _events_by_topic(
-    events: Iterable[EventRecord] | Mapping[str, Iterable[EventRecord]], topics: Sequence[str]
-) -> dict[str, Iterable[EventRecord]]:
+    events: EventSource | Mapping[str, EventSource], topics: Sequence[str]
+) -> dict[str, EventSource]:
     if isinstance(events, Mapping):
         unknown = [t for t in events if t not in topics]
         if unknown:
@@ -249,37 +285,73 @@ def _events_by_topic(
 
 
 @dataclass(frozen=True)
-class _Snapshots:
-    valid_from: tuple[int, ...]
-    rows: tuple[Mapping[str, Mapping[str, float]], ...]
+class _Snapshot:
+    """One snapshot's rows: key -> row, and per field its values and presence."""
+
+    rows: Mapping[str, int]
+    values: Mapping[str, F64]
+    present: Mapping[str, Mask]
 
 
-def _snapshots(
-    definitions: FeatureDefinitions,
-    group: str,
-    entries: Sequence[tuple[int, SnapshotRows]],
-    wanted: frozenset[str],
-) -> _Snapshots:
-    """A group's snapshots by start time, holding only the rows of ``wanted`` keys."""
-    ordered = sorted(entries, key=lambda e: int(e[0]))
-    starts = [int(e[0]) for e in ordered]
-    if len(set(starts)) != len(starts):
-        raise BackfillError(f"batch group {group!r}: two snapshots share a valid_from time")
-    entity = definitions.entities[definitions.batch_groups[group].entity]
-    rows: list[Mapping[str, Mapping[str, float]]] = []
-    for valid_from, snapshot in ordered:
-        kept: dict[str, Mapping[str, float]] = {}
-        for raw, fields in snapshot:
-            try:
-                key = entity.key(raw)
-            except EntityKeyError as exc:
-                raise BackfillError(
-                    f"batch group {group!r}, snapshot from {valid_from}: {exc}"
-                ) from None
-            if key in wanted:
-                kept[key] = fields
-        rows.append(kept)
-    return _Snapshots(tuple(starts), tuple(rows))
+@dataclass(frozen=True)
+class _BatchIndex:
+    """A batch group's snapshots by start time."""
+
+    valid_from: I64
+    snapshots: tuple[_Snapshot, ...]
+
+    @classmethod
+    def build(
+        cls,
+        definitions: FeatureDefinitions,
+        group: str,
+        entries: Sequence[tuple[int, SnapshotRows]],
+        fields: Sequence[str],
+        wanted: frozenset[str] | None,
+    ) -> _BatchIndex:
+        ordered = sorted(entries, key=lambda e: int(e[0]))
+        starts = [int(e[0]) for e in ordered]
+        if len(set(starts)) != len(starts):
+            raise BackfillError(f"batch group {group!r}: two snapshots share a valid_from time")
+        entity = definitions.entities[definitions.batch_groups[group].entity]
+        snapshots: list[_Snapshot] = []
+        for valid_from, snapshot in ordered:
+            kept: dict[str, Mapping[str, float]] = {}
+            for raw, row in snapshot:
+                try:
+                    key = entity.key(raw)
+                except EntityKeyError as exc:
+                    raise BackfillError(
+                        f"batch group {group!r}, snapshot from {valid_from}: {exc}"
+                    ) from None
+                if wanted is None or key in wanted:
+                    kept[key] = row
+            rows = {key: i for i, key in enumerate(kept)}
+            values: dict[str, F64] = {}
+            present: dict[str, Mask] = {}
+            for name in fields:
+                cells = [row.get(name) for row in kept.values()]
+                present[name] = np.array([c is not None for c in cells], np.bool_)
+                values[name] = np.array([0.0 if c is None else c for c in cells], np.float64)
+            snapshots.append(_Snapshot(rows, values, present))
+        return cls(np.array(starts, np.int64), tuple(snapshots))
+
+    def fill(self, keys: _SpineKeys, times: I64, columns: Mapping[str, F64]) -> int:
+        """Write the active snapshot's values into ``columns``; returns rows defaulted."""
+        which = np.searchsorted(self.valid_from, times, side="right") - 1
+        found = np.zeros(len(times), np.bool_)
+        for s, snapshot in enumerate(self.snapshots):
+            rows = np.flatnonzero(which == s)
+            if not len(rows):
+                continue
+            at = keys.per_row(snapshot.rows)[rows]
+            hit = at >= 0
+            rows, at = rows[hit], at[hit]
+            found[rows] = True
+            for name, column in columns.items():
+                have = snapshot.present[name][at]
+                column[rows[have]] = snapshot.values[name][at[have]]
+        return int(len(times) - found.sum())
 
 
 # --- the computation ----------------------------------------------------------------------
@@ -297,41 +369,142 @@ def _selected(definitions: FeatureDefinitions, features: Sequence[str] | None) -
         raise BackfillError(str(exc)) from None
 
 
-def _entity_ids(
-    table: pa.Table, definitions: FeatureDefinitions, entity: str
-) -> list[str | None] | None:
-    if entity not in table.column_names:
-        return None
-    spec = definitions.entities[entity]
-    out: list[str | None] = []
-    for row, value in enumerate(table.column(entity).to_pylist(), start=1):
-        try:
-            out.append(_entity_key(spec, value))
-        except EntityKeyError as exc:
-            raise BackfillError(f"spine column {entity!r}, row {row}: {exc}") from None
-    return out
+@dataclass(frozen=True)
+class PointInTimeIndex:
+    """An event log and batch snapshots prepared once for many spines (or chunks).
+
+    :meth:`build` replays the log by the worker's rules and indexes each selected
+    stream group's kept events and each batch group's snapshots; :meth:`table` adds the
+    point-in-time values to a spine. ``keys`` (entity -> keys) keeps only the snapshot
+    rows of those keys (the event index always holds every key)."""
+
+    definitions: FeatureDefinitions
+    refs: tuple[FeatureRef, ...]
+    windows: Mapping[str, GroupWindows]
+    batches: Mapping[str, _BatchIndex]
+    events_read: int
+    events_malformed: int
+
+    @classmethod
+    def build(
+        cls,
+        definitions: FeatureDefinitions,
+        events: EventSource | Mapping[str, EventSource],
+        *,
+        batch_snapshots: BatchSnapshots | None = None,
+        features: Sequence[str] | None = None,
+        keys: Mapping[str, frozenset[str]] | None = None,
+    ) -> PointInTimeIndex:
+        """Read ``events`` and ``batch_snapshots`` for ``features`` (default: all)."""
+        refs = tuple(_selected(definitions, features))
+        batch_snapshots = batch_snapshots or {}
+        unknown = [g for g in batch_snapshots if g not in definitions.batch_groups]
+        if unknown:
+            raise BackfillError(f"unknown batch groups in the schedule: {', '.join(unknown)}")
+        batch_groups = list(dict.fromkeys(r.group for r in refs if r.source is FeatureSource.BATCH))
+        stream_groups = list(
+            dict.fromkeys(r.group for r in refs if r.source is FeatureSource.STREAM)
+        )
+        batches: dict[str, _BatchIndex] = {}
+        for group in map(str, batch_groups):
+            fields = [r.name for r in refs if r.group == group and r.source is FeatureSource.BATCH]
+            entity = definitions.batch_groups[group].entity
+            batches[group] = _BatchIndex.build(
+                definitions,
+                group,
+                batch_snapshots.get(group, ()),
+                fields,
+                None if keys is None else keys.get(entity, frozenset()),
+            )
+        windows: dict[str, GroupWindows] = {}
+        read = malformed = 0
+        if stream_groups:
+            selected = {
+                g: GroupEvents(GroupPlan.of(definitions, g)) for g in map(str, stream_groups)
+            }
+            topic_plans: dict[str, list[GroupPlan]] = {}
+            for name, sg in definitions.stream_groups.items():
+                plan = selected[name].plan if name in selected else GroupPlan.of(definitions, name)
+                topic_plans.setdefault(sg.topic, []).append(plan)
+            reader = LogReader(topic_plans, selected)
+            needed = list(dict.fromkeys(g.plan.group.topic for g in selected.values()))
+            for topic, source in _events_by_topic(events, needed).items():
+                reader.read_topic(topic, source)
+            read, malformed = reader.read, reader.malformed
+            windows = {g: GroupWindows.build(e) for g, e in selected.items()}
+        return cls(definitions, refs, windows, batches, read, malformed)
+
+    def table(
+        self, spine: pa.Table, timestamp_column: str = DEFAULT_TIMESTAMP_COLUMN
+    ) -> tuple[pa.Table, BackfillReport]:
+        """The spine plus each row's point-in-time feature values, and the report."""
+        started = time.monotonic()
+        definitions, refs = self.definitions, self.refs
+        names, times = _check_spine(refs, spine, timestamp_column)
+        n_rows = len(times)
+        entities: dict[str, _SpineKeys | None] = {}
+        for group in self.batches:
+            entities.setdefault(definitions.batch_groups[group].entity, None)
+        for group in self.windows:
+            entities.setdefault(definitions.stream_groups[group].entity, None)
+        for entity in entities:
+            entities[entity] = _spine_keys(spine, definitions, entity)
+            if entities[entity] is None:
+                logger.warning("the spine has no %r column: its groups get defaults", entity)
+
+        values: dict[str, F64] = {}
+        defaulted: dict[str, int] = {}
+        invalid: dict[str, int] = {}
+        for ref in refs:
+            if ref.source is FeatureSource.REQUEST:
+                values[ref.name] = _request_values(spine, ref, definitions, invalid)
+        for group, index in self.batches.items():
+            columns = {
+                r.name: np.full(n_rows, r.default, np.float64)
+                for r in refs
+                if r.group == group and r.source is FeatureSource.BATCH
+            }
+            values.update(columns)
+            keys = entities[definitions.batch_groups[group].entity]
+            defaulted[group] = n_rows if keys is None else index.fill(keys, times, columns)
+        for group, windows in self.windows.items():
+            keys = entities[definitions.stream_groups[group].entity]
+            wanted = [r.name for r in refs if r.group == group and r.source is FeatureSource.STREAM]
+            if keys is None:
+                got = windows.values(np.full(n_rows, -1, np.int64), times)
+                defaulted[group] = n_rows
+            else:
+                got = windows.values(keys.per_row(windows.codes), times)
+                defaulted[group] = int(keys.missing().sum())
+            for name in wanted:
+                values[name] = got[name]
+
+        arrays = [spine.column(c) for c in spine.column_names if c not in values]
+        columns_out = [c for c in spine.column_names if c not in values]
+        for name in names:
+            arrays.append(pa.array(values[name], type=pa.float64()))
+            columns_out.append(name)
+        table = pa.Table.from_arrays(arrays, names=columns_out)
+        report = BackfillReport(
+            out=None,
+            rows=n_rows,
+            columns=tuple(columns_out),
+            features=tuple(names),
+            events_read=self.events_read,
+            events_malformed=self.events_malformed,
+            events_applied={g: w.applied for g, w in self.windows.items()},
+            events_late={g: w.late for g, w in self.windows.items()},
+            defaulted_rows=defaulted,
+            invalid_request_values=invalid,
+            elapsed_s=time.monotonic() - started,
+        )
+        return table, report
 
 
-def point_in_time_table(
-    definitions: FeatureDefinitions,
-    events: Iterable[EventRecord] | Mapping[str, Iterable[EventRecord]],
-    spine: pa.Table,
-    *,
-    batch_snapshots: BatchSnapshots | None = None,
-    features: Sequence[str] | None = None,
-    timestamp_column: str = DEFAULT_TIMESTAMP_COLUMN,
-) -> tuple[pa.Table, BackfillReport]:
-    """The spine plus each row's point-in-time feature values, and the report.
-
-    ``events``: the records in log order, or ``topic -> records`` when the definitions
-    read several topics (one iterable is replayed as the log of every topic).
-    ``batch_snapshots``: ``group -> [(valid_from_ms, rows)]``, rows being
-    ``(entity id, {field: value})`` pairs (ids become keys by the entity's rule).
-    ``features`` selects and orders the feature columns (default: every defined
-    feature). Raises :class:`BackfillError` for unusable input.
-    """
-    started = time.monotonic()
-    refs = _selected(definitions, features)
+def _check_spine(
+    refs: Sequence[FeatureRef], spine: pa.Table, timestamp_column: str
+) -> tuple[list[str], I64]:
+    """Feature names and the spine's times; refuses ambiguous or missing columns."""
     names = [r.name for r in refs]
     computed = {r.name for r in refs if r.source is not FeatureSource.REQUEST}
     clashes = [c for c in spine.column_names if c in computed]
@@ -341,142 +514,50 @@ def point_in_time_table(
         )
     if timestamp_column in names:
         raise BackfillError(f"the timestamp column {timestamp_column!r} is also a feature name")
-    times = _times(spine, timestamp_column)
-    n_rows = len(times)
-    batch_snapshots = batch_snapshots or {}
-    unknown = [g for g in batch_snapshots if g not in definitions.batch_groups]
-    if unknown:
-        raise BackfillError(f"unknown batch groups in the schedule: {', '.join(unknown)}")
+    return names, _times(spine, timestamp_column)
 
-    batch_groups = list(dict.fromkeys(r.group for r in refs if r.source is FeatureSource.BATCH))
-    stream_groups = list(dict.fromkeys(r.group for r in refs if r.source is FeatureSource.STREAM))
-    ids: dict[str, list[str | None] | None] = {}
-    for group in batch_groups:
-        ids.setdefault(definitions.batch_groups[str(group)].entity, None)
-    for group in stream_groups:
-        ids.setdefault(definitions.stream_groups[str(group)].entity, None)
-    for entity in ids:
-        ids[entity] = _entity_ids(spine, definitions, entity)
-        if ids[entity] is None:
-            logger.warning("the spine has no %r column: its groups get defaults", entity)
 
-    values: dict[str, npt.NDArray[np.float64]] = {}
-    defaulted: dict[str, int] = {}
-    invalid: dict[str, int] = {}
+def _spine_key_sets(
+    definitions: FeatureDefinitions, refs: Sequence[FeatureRef], spine: pa.Table
+) -> dict[str, frozenset[str]]:
+    out: dict[str, frozenset[str]] = {}
     for ref in refs:
-        if ref.source is FeatureSource.REQUEST:
-            values[ref.name] = _request_values(spine, ref, definitions, invalid)
-
-    for group in map(str, batch_groups):
-        _fill_batch(
-            definitions,
-            group,
-            [r for r in refs if r.group == group and r.source is FeatureSource.BATCH],
-            ids[definitions.batch_groups[group].entity],
-            times,
-            batch_snapshots.get(group, ()),
-            values,
-            defaulted,
-        )
-
-    read = malformed = 0
-    applied: dict[str, int] = {}
-    late: dict[str, int] = {}
-    if stream_groups:
-        logs: dict[str, _GroupLog] = {}
-        for group in map(str, stream_groups):
-            keys = ids[definitions.stream_groups[group].entity] or []
-            plan = GroupPlan.of(definitions, group)
-            logs[group] = _GroupLog(plan, frozenset(k for k in keys if k is not None))
-        # Every group of a topic validates a record (all or nothing, as the worker does).
-        topic_plans: dict[str, list[GroupPlan]] = {}
-        for name, sg in definitions.stream_groups.items():
-            plan = logs[name].plan if name in logs else GroupPlan.of(definitions, name)
-            topic_plans.setdefault(sg.topic, []).append(plan)
-        needed_topics = list(dict.fromkeys(logs[g].plan.group.topic for g in logs))
-        for topic, records in _events_by_topic(events, needed_topics).items():
-            r, m = _replay_topic(records, topic_plans[topic], logs)
-            read += r
-            malformed += m
-        for group, log in logs.items():
-            applied[group], late[group] = log.applied, log.late
-            group_refs = [r for r in refs if r.group == group and r.source is FeatureSource.STREAM]
-            entity_ids = ids[log.plan.group.entity]
-            defaulted[group] = _fill_stream(log, group_refs, entity_ids, times, values)
-
-    arrays = [spine.column(c) for c in spine.column_names if c not in values]
-    columns = [c for c in spine.column_names if c not in values]
-    for name in names:
-        arrays.append(pa.array(values[name], type=pa.float64()))
-        columns.append(name)
-    table = pa.Table.from_arrays(arrays, names=columns)
-    report = BackfillReport(
-        out=None,
-        rows=n_rows,
-        columns=tuple(columns),
-        features=tuple(names),
-        events_read=read,
-        events_malformed=malformed,
-        events_applied=applied,
-        events_late=late,
-        defaulted_rows=defaulted,
-        invalid_request_values=invalid,
-        elapsed_s=time.monotonic() - started,
-    )
-    return table, report
+        if ref.source is FeatureSource.BATCH:
+            entity = definitions.batch_groups[str(ref.group)].entity
+            if entity not in out:
+                keys = _spine_keys(spine, definitions, entity)
+                out[entity] = frozenset(k for k in (keys.keys if keys else []) if k is not None)
+    return out
 
 
-def _fill_batch(
+def point_in_time_table(
     definitions: FeatureDefinitions,
-    group: str,
-    refs: Sequence[FeatureRef],
-    entity_ids: Sequence[str | None] | None,
-    times: Sequence[int],
-    schedule: Sequence[tuple[int, SnapshotRows]],
-    values: dict[str, npt.NDArray[np.float64]],
-    defaulted: dict[str, int],
-) -> None:
-    n_rows = len(times)
-    columns = {r.name: np.full(n_rows, r.default, np.float64) for r in refs}
-    values.update(columns)
-    if entity_ids is None:
-        defaulted[group] = n_rows
-        return
-    wanted = frozenset(e for e in entity_ids if e is not None)
-    snaps = _snapshots(definitions, group, schedule, wanted)
-    missing = 0
-    for i, (entity, t) in enumerate(zip(entity_ids, times, strict=True)):
-        which = bisect.bisect_right(snaps.valid_from, t) - 1
-        row = snaps.rows[which].get(entity) if which >= 0 and entity is not None else None
-        if row is None:
-            missing += 1
-            continue
-        for name, column in columns.items():
-            value = row.get(name)
-            if value is not None:
-                column[i] = value
-    defaulted[group] = missing
+    events: EventSource | Mapping[str, EventSource],
+    spine: pa.Table,
+    *,
+    batch_snapshots: BatchSnapshots | None = None,
+    features: Sequence[str] | None = None,
+    timestamp_column: str = DEFAULT_TIMESTAMP_COLUMN,
+) -> tuple[pa.Table, BackfillReport]:
+    """The spine plus each row's point-in-time feature values, and the report.
 
-
-def _fill_stream(
-    log: _GroupLog,
-    refs: Sequence[FeatureRef],
-    entity_ids: Sequence[str | None] | None,
-    times: Sequence[int],
-    values: dict[str, npt.NDArray[np.float64]],
-) -> int:
-    n_rows = len(times)
-    columns = {r.name: np.full(n_rows, r.default, np.float64) for r in refs}
-    values.update(columns)
-    if entity_ids is None:
-        return n_rows
-    rows_of: dict[str, list[int]] = {}
-    for i, entity in enumerate(entity_ids):
-        if entity is not None:
-            rows_of.setdefault(entity, []).append(i)
-    for entity, rows in rows_of.items():
-        results = point_in_time_values(log.plan, log.kept.get(entity, ()), [times[i] for i in rows])
-        for i, result in zip(rows, results, strict=True):
-            for name, column in columns.items():
-                column[i] = result[name]
-    return n_rows - sum(len(r) for r in rows_of.values())
+    ``events``: the records in log order (or a :class:`ColumnarEvents` log), or
+    ``topic -> records`` when the definitions read several topics (one source is
+    replayed as the log of every topic). ``batch_snapshots``: ``group ->
+    [(valid_from_ms, rows)]``, rows being ``(entity id, {field: value})`` pairs (ids
+    become keys by the entity's rule). ``features`` selects and orders the feature
+    columns (default: every defined feature). Raises :class:`BackfillError` for
+    unusable input.
+    """
+    started = time.monotonic()
+    refs = _selected(definitions, features)
+    _check_spine(refs, spine, timestamp_column)
+    index = PointInTimeIndex.build(
+        definitions,
+        events,
+        batch_snapshots=batch_snapshots,
+        features=features,
+        keys=_spine_key_sets(definitions, refs, spine),
+    )
+    table, report = index.table(spine, timestamp_column)
+    return table, dataclasses.replace(report, elapsed_s=time.monotonic() - started)

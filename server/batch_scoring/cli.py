@@ -165,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
             _event_paths(args.events, definitions),
             parse_batch_specs(args.batch),
             args.allow_missing_columns,
+            whole_log=args.engine == "local",
         )
         pit.check()
         features = pit

@@ -1,35 +1,44 @@
 """Feature values for one spine chunk, as the model's ``[N, F]`` float32 matrix.
 
 :class:`PointInTimeFeatures` computes them with the backfill's own code
-(:func:`feature_streams.backfill.backfill_table`, i.e.
-:func:`feature_streams.point_in_time.point_in_time_table`) from the event log and
+(:func:`feature_streams.backfill.backfill_index`, i.e.
+:class:`feature_streams.point_in_time.PointInTimeIndex`) from the event log and
 batch snapshot files, the inputs ``streamscore features backfill`` takes.
 
 Chunks are independent, so any chunking (and any number of workers or Spark
 partitions) gives the same values: a row's point-in-time value depends only on the
 complete log of its own keys (the lateness rule is per (group, key), the
 dead-letter rule per record), and every chunk reads the complete log of the keys it
-holds. A Parquet event log is scanned column-wise and only the records carrying one
-of the chunk's keys (normalised by the entity's key rule) reach the Python fold, so
-memory per chunk is the chunk plus its keys' history; a JSON-lines log is replayed
-whole per chunk (convert it to Parquet for large runs). Spines sorted or partitioned
-by entity keep each chunk's key set, and so its share of the log, small.
+holds. The local engine (``whole_log``) reads the log and the snapshots once per
+worker process and keeps them indexed (numpy arrays per group and slot: a few tens of
+bytes per event) for every chunk it scores. The Spark engine reads, per partition, the
+records carrying one of its keys (a Parquet log scanned column-wise and filtered; a
+JSON-lines log is replayed whole), so an executor holds only its keys' history.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
 
-from feature_streams.backfill import EventSource, backfill_table, read_event_records
+from feature_streams.backfill import (
+    EventSource,
+    backfill_index,
+    backfill_table,
+    read_event_records,
+)
 from feature_streams.definitions import FeatureDefinitions, FeatureSource
 from feature_streams.definitions import resolve_features as _resolve
 from feature_streams.event_filter import events_for, wanted_keys
+from feature_streams.point_in_time import PointInTimeIndex
 
 __all__ = ["PointInTimeFeatures", "feature_matrix", "key_entities"]
 
@@ -58,6 +67,9 @@ class PointInTimeFeatures:
     """One log, or ``topic -> log`` when the definitions read several topics."""
     batch_snapshots: Mapping[str, Sequence[tuple[int, str]]] = field(default_factory=dict)
     allow_missing_columns: bool = False
+    whole_log: bool = True
+    """Index the whole log once per process (local engine); else read each chunk's
+    keys' records per chunk (Spark: an executor holds only its keys' history)."""
 
     def check(self) -> None:
         """Refuse unreadable event files before any work (``BackfillError``)."""
@@ -72,6 +84,9 @@ class PointInTimeFeatures:
     def table(self, chunk: pa.Table) -> pa.Table:
         """The chunk plus the features' point-in-time values (``ts_ms`` is its time)."""
         spine = chunk.drop_columns([c for c in chunk.column_names if c in self._computed()])
+        if self.whole_log:
+            table, _ = _index(_Keyed(self)).table(spine)
+            return table
         events: EventSource | dict[str, EventSource]
         if isinstance(self.events, Mapping):
             events = {t: self._events_for(s, spine) for t, s in self.events.items()}
@@ -93,3 +108,59 @@ class PointInTimeFeatures:
 
     def _events_for(self, source: str | os.PathLike[str], spine: pa.Table) -> EventSource:
         return events_for(source, wanted_keys(self.definitions, self.features, spine))
+
+    def build_index(self) -> PointInTimeIndex:
+        """The log and snapshots read and indexed (what :meth:`table` uses per process)."""
+        events: str | os.PathLike[str] | dict[str, str | os.PathLike[str]]
+        events = dict(self.events) if isinstance(self.events, Mapping) else self.events
+        return backfill_index(
+            self.definitions,
+            events,
+            batch_snapshots=self.batch_snapshots,
+            features=self.features,
+            allow_missing_columns=self.allow_missing_columns,
+        )
+
+    def cache_key(self) -> str:
+        """Identifies the inputs, files by path, size and modification time."""
+
+        def stamp(path: str | os.PathLike[str]) -> list[object]:
+            stat = Path(path).stat()
+            return [str(path), stat.st_size, stat.st_mtime_ns]
+
+        return json.dumps(
+            [
+                self.definitions.model_dump_json(),
+                list(self.features),
+                {t: stamp(p) for t, p in self._sources().items()},
+                {
+                    g: [[v, stamp(p)] for v, p in entries]
+                    for g, entries in self.batch_snapshots.items()
+                },
+                self.allow_missing_columns,
+            ],
+            sort_keys=True,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _Keyed:
+    """A :class:`PointInTimeFeatures` hashed by its inputs (the per-process cache key)."""
+
+    features: PointInTimeFeatures
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.features.cache_key())
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Keyed) and other.key == self.key
+
+
+@functools.lru_cache(maxsize=1)
+def _index(keyed: _Keyed) -> PointInTimeIndex:
+    """One index per process and inputs: every chunk a worker scores reuses it."""
+    return keyed.features.build_index()

@@ -1,0 +1,252 @@
+"""Stream window values at many (key, time) points at once: numpy over sorted events.
+
+:class:`GroupWindows` holds one stream group's kept events (after the worker's
+lateness rule) sorted per slot by (key, time); :meth:`GroupWindows.values` answers
+every aggregation for arrays of (key code, time) rows with binary searches, giving
+what :func:`feature_streams.windows.point_in_time_values` (the reference fold: tiles
+built from the events with time ``< t``, read by
+:func:`feature_streams.windows.read_window`) gives, value for value:
+
+* the events of a window at ``t`` are those with ``floor(t - W, T) <= ts < t``: an
+  index range ``[a, b)`` of the slot's sorted events (the window start is a tile
+  boundary, so whole tiles and the head tile's events before ``t``);
+* ``count`` is ``b - a``; ``last`` and ``time_since_last`` are read at ``b - 1`` (events
+  sorted by time, then value: the greatest ``(ts, value)``);
+* ``sum`` (and ``mean``'s sum), ``min``, ``max``: within a tile the intermediate is
+  accumulated in the fold's order (time, then log order), element by element, so a
+  tile's value is the fold's bit for bit; the window then combines its tiles' values
+  (the head tile's up to ``b - 1``). Sums over tiles are added with an error-free
+  transformation (TwoSum) and a compensation term, which is the correctly rounded sum
+  :func:`math.fsum` gives except when the exact sum lies within about ``2**-100`` of
+  a rounding boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from feature_streams.definitions import AggKind
+from feature_streams.point_in_time_events import GroupEvents, exclusive_running_max
+from feature_streams.windows import GroupPlan, OutputPlan, Slot, SlotKind
+
+__all__ = ["GroupWindows"]
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+Mask = npt.NDArray[np.bool_]
+
+_LIMIT: Final = 1 << 62
+
+
+@dataclass(frozen=True)
+class _SlotEvents:
+    """One slot's events sorted by (key code, time, log order or value)."""
+
+    slot: Slot
+    code: I64
+    ts: I64
+    value: F64
+    tile_of: I64
+    """Event -> index of its tile (a run of one key's events with one tile start)."""
+    prefix: F64
+    """Per event: its tile's intermediate over the tile's events up to it (fold order)."""
+    tile_total: F64
+    """Per tile: the intermediate over all its events."""
+
+    @classmethod
+    def build(cls, slot: Slot, code: I64, ts: I64, value: F64, logpos: I64) -> _SlotEvents:
+        if slot.kind is SlotKind.LAST:
+            order = np.lexsort((value, ts, code))
+        else:
+            order = np.lexsort((logpos, ts, code))
+        code, ts, value = code[order], ts[order], value[order]
+        start = ts - ts % slot.tile_ms
+        n = len(ts)
+        new_tile = np.ones(n, np.bool_)
+        if n:
+            new_tile[1:] = (code[1:] != code[:-1]) | (start[1:] != start[:-1])
+        tile_of = np.cumsum(new_tile) - 1
+        firsts = np.flatnonzero(new_tile)
+        lengths = np.diff(np.append(firsts, n))
+        prefix = value.copy()
+        if slot.kind in (SlotKind.SUM, SlotKind.MIN, SlotKind.MAX):
+            prefix = _tile_prefix(firsts, lengths, value, slot.kind)
+        lasts = firsts + lengths - 1
+        tile_total = prefix[lasts] if n else np.empty(0, np.float64)
+        return cls(slot, code, ts, value, tile_of.astype(np.int64), prefix, tile_total)
+
+
+def _tile_prefix(firsts: I64, lengths: I64, value: F64, kind: SlotKind) -> F64:
+    """Running sum/min/max within each tile, element by element in order."""
+    prefix = value.copy()
+    if not len(firsts):
+        return prefix
+    order = np.argsort(-lengths, kind="stable")
+    starts, lens = firsts[order], lengths[order]
+    acc = value[starts].copy()
+    negative_lens = -lens  # ascending
+    for j in range(1, int(lens[0])):
+        active = int(np.searchsorted(negative_lens, -j, side="left"))  # tiles longer than j
+        idx = starts[:active] + j
+        head = acc[:active]
+        if kind is SlotKind.SUM:
+            head = head + value[idx]
+        elif kind is SlotKind.MIN:
+            head = np.minimum(head, value[idx])
+        else:
+            head = np.maximum(head, value[idx])
+        acc[:active] = head
+        prefix[idx] = head
+    return prefix
+
+
+@dataclass(frozen=True)
+class GroupWindows:
+    """One stream group's kept events, indexed for window reads at any (key, time)."""
+
+    plan: GroupPlan
+    codes: Mapping[str, int]
+    """Key -> key code (keys with no kept event may be absent)."""
+    slots: Mapping[str, _SlotEvents]
+    applied: int
+    late: int
+
+    @classmethod
+    def build(cls, events: GroupEvents) -> GroupWindows:
+        """Apply the lateness rule to ``events`` and index what is kept."""
+        plan = events.plan
+        code, ts, feeds, values = events.columns()
+        has_prev, newest = exclusive_running_max(code, ts)
+        late = has_prev & (ts < newest - plan.group.allowed_lateness_ms)
+        kept = ~late
+        logpos = np.arange(len(ts), dtype=np.int64)
+        slots: dict[str, _SlotEvents] = {}
+        for slot in plan.slots:
+            take = kept & feeds[slot.name]
+            slots[slot.name] = _SlotEvents.build(
+                slot, code[take], ts[take], values[slot.name][take], logpos[take]
+            )
+        return cls(plan, dict(events.codes), slots, int(kept.sum()), int(late.sum()))
+
+    def codes_of(self, keys: list[str | None]) -> I64:
+        """Key codes of ``keys`` (``-1``: no key, or no event of it)."""
+        return np.array([self.codes.get(k, -1) if k is not None else -1 for k in keys], np.int64)
+
+    def values(self, code: I64, times: I64) -> dict[str, F64]:
+        """Every aggregation at each row ``(code[i], times[i])`` (``code -1``: defaults)."""
+        times = np.asarray(times, np.int64)
+        ends: dict[str, I64] = {}
+        starts: dict[tuple[str, int], I64] = {}
+
+        def bounds(slot: Slot, lo: I64, window: int) -> tuple[I64, I64]:
+            events = self.slots[slot.name]
+            if slot.name not in ends:
+                ends[slot.name] = _positions(events, code, times)
+            key = (slot.name, window)
+            if key not in starts:
+                starts[key] = _positions(events, code, lo)
+            return starts[key], ends[slot.name]
+
+        out: dict[str, F64] = {}
+        for output in self.plan.outputs:
+            shifted = times - output.window_ms
+            lo = shifted - shifted % output.tile_ms
+            ranges = [bounds(s, lo, output.window_ms) for s in output.slots]
+            out[output.name] = _finalize(
+                output, [self.slots[s.name] for s in output.slots], ranges, times
+            )
+        return out
+
+
+def _positions(events: _SlotEvents, code: I64, at: I64) -> I64:
+    """Per row: the first event index with (key, time) >= (code, at)."""
+    n = len(events.ts)
+    if n == 0:
+        return np.zeros(len(at), np.int64)
+    base = int(events.ts.min()) - 1
+    top = int(events.ts.max()) + 1
+    span = top - base + 1
+    ncodes = max(int(events.code.max()), int(code.max()) if len(code) else 0) + 2
+    if ncodes * span < _LIMIT:
+        keys = events.code * span + (events.ts - base)
+        probe = code * span + (np.clip(at, base, top) - base)
+        return np.searchsorted(keys, probe, side="left").astype(np.int64)
+    # Times spread too far to pack with the key: rank them first (same order).
+    every = np.unique(np.concatenate([events.ts, at]))
+    span = len(every) + 1
+    keys = events.code * span + np.searchsorted(every, events.ts)
+    probe = code * span + np.searchsorted(every, at)
+    return np.searchsorted(keys, probe, side="left").astype(np.int64)
+
+
+def _finalize(
+    output: OutputPlan,
+    slots: list[_SlotEvents],
+    ranges: list[tuple[I64, I64]],
+    times: I64,
+) -> F64:
+    a, b = ranges[0]
+    events = slots[0]
+    out = np.full(len(times), output.default, np.float64)
+    rows = np.flatnonzero(b > a)
+    if not len(rows):
+        return out
+    lo, hi = a[rows], b[rows]
+    kind = events.slot.kind
+    if output.agg is AggKind.COUNT:
+        out[rows] = (hi - lo).astype(np.float64)
+    elif kind is SlotKind.LAST:
+        out[rows] = events.value[hi - 1]
+    elif output.agg is AggKind.TIME_SINCE_LAST:
+        newest = events.ts[hi - 1].astype(np.float64)
+        waited = np.minimum(np.maximum(times[rows] - newest, 0.0), float(output.window_ms))
+        out[rows] = waited / 1000.0
+    else:
+        merged = _combine(events, lo, hi)
+        if output.agg is AggKind.MEAN:
+            ca, cb = ranges[1]
+            count = (cb[rows] - ca[rows]).astype(np.float64)
+            good = count > 0
+            out[rows[good]] = merged[good] / count[good]
+        else:
+            out[rows] = merged
+    return out
+
+
+def _combine(events: _SlotEvents, lo: I64, hi: I64) -> F64:
+    """The window's intermediate: its whole tiles' values and the head tile's prefix."""
+    kind = events.slot.kind
+    first_tile = events.tile_of[lo]
+    head = hi - 1
+    head_tile = events.tile_of[head]
+    whole = head_tile - first_tile
+    steps = int(whole.max()) if len(whole) else 0
+    totals = events.tile_total
+    if kind is SlotKind.SUM:
+        total = np.zeros(len(lo), np.float64)
+        error = np.zeros(len(lo), np.float64)
+        for j in range(steps):
+            x = np.where(j < whole, totals[np.minimum(first_tile + j, head_tile)], 0.0)
+            total, error = _two_sum(total, error, x)
+        total, error = _two_sum(total, error, events.prefix[head])
+        return total + error
+    pick = np.minimum if kind is SlotKind.MIN else np.maximum
+    merged = events.prefix[head].copy()
+    for j in range(steps):
+        inside = j < whole
+        x = totals[np.minimum(first_tile + j, head_tile)]
+        merged = np.where(inside, pick(merged, x), merged)
+    return merged
+
+
+def _two_sum(total: F64, error: F64, x: F64) -> tuple[F64, F64]:
+    """``total + x`` rounded, its exact rounding error added to ``error``."""
+    s = total + x
+    bp = s - total
+    err = (total - (s - bp)) + (x - bp)
+    return s, error + err
