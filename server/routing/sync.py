@@ -89,6 +89,9 @@ class RoutingSync:
         self._gated_logged: set[tuple[str, str, str]] = set()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: Set by ``close``: the watch ends after its current step even when the cancel
+        #: was swallowed (redis-py can turn a cancelled read into its own TimeoutError).
+        self._stopping = False
 
     @property
     def state(self) -> RoutingState:
@@ -154,6 +157,7 @@ class RoutingSync:
 
     async def close(self) -> None:
         """Stop watching (loaded versions are released by the registry's ``close``)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -168,8 +172,10 @@ class RoutingSync:
     # ------------------------------------------------------------------ applying
 
     async def _watch(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._poll_interval_s)
+            if self._stopping:
+                return
             try:
                 revision = await self._store.revision()
                 if revision != self._state.revision or not self._synced:
