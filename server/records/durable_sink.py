@@ -74,11 +74,11 @@ class DurableSinkConfig:
     #: Records per round, and bytes per partition batch.
     max_batch: int = 500
     max_batch_bytes: int = 512 << 10
-    #: How long a round waits to fill (up to ``max_batch``): each round costs the sender
-    #: ~2-5 ms of CPU on the serving loop (record batches per partition, acks=all), so
-    #: fewer, larger rounds (records are not latency-bound). 20 ms cost ~150 us of CPU
-    #: per record at 500 records/s, 100 ms ~95 us (bench/RESULTS.md).
-    max_wait_ms: int = 100
+    #: How long a round waits to fill (up to ``max_batch``). The sink alone spends less
+    #: CPU per record with longer waits, but in the server a 100 ms round's burst of
+    #: work on the serving loop cost more than it saved (bench/RESULTS.md, decision
+    #: record: 100 ms gave CPU 1.38x / p99 3.6x of off, 20 ms 1.13x / 1.31x).
+    max_wait_ms: int = 20
     linger_ms: int = 5
     #: A round not acknowledged within this is a failure (Kafka slow counts as down).
     request_timeout_ms: int = 5_000
