@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,21 @@ pytest_plugins = ["pytester"]
 
 #: Feature names of the small test model (the demo models use 30 real names).
 TEST_FEATURES = [f"f{i}" for i in range(8)]
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """Undo what a test's in-process ``streamscore`` command did to the root logger
+    (``configure_logging`` sets its level and handler process-wide), so one test's INFO
+    level cannot put log lines into a later test's captured output."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
 
 
 def free_port() -> int:
