@@ -44,9 +44,19 @@ def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now: all are held open
+    while choosing, so the kernel cannot hand the same port out twice."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
@@ -293,9 +303,10 @@ def redis_cluster(
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rc-")))
         nodes: list[RedisServer] = []
         stack.callback(_stop_all, nodes)
-        for _ in range(primaries * 2):
-            port = free_port(host)
-            bus_port = free_port(host)
+        # every client and bus port chosen at once: a node that has not bound its bus
+        # port yet must not see it handed to the next node (it then exits with 1)
+        ports = free_ports(primaries * 4, host)
+        for port, bus_port in zip(ports[::2], ports[1::2], strict=True):
             process = _spawn_cluster_node(host, port, bus_port, workdir, die_with_parent)
             nodes.append(RedisServer(port, process, host, die_with_parent))
         for node in nodes:
