@@ -55,7 +55,7 @@ from server.batcher import BatchPolicy
 from server.drift.metrics import DriftMetrics
 from server.drift.monitor import DriftMonitor
 from server.explain.service import ReasonPolicy
-from server.feature_store import FeatureStore, store_options
+from server.feature_store import FeatureStore, redis_options, store_options
 from server.grpc_api import InferenceService, ScoringService
 from server.health import NOT_SERVING, SERVING, HealthService, Status
 from server.metrics import Metrics
@@ -311,13 +311,7 @@ class AppContext:
                 )
 
     def _redis_options(self) -> RedisOptions:
-        redis = self.settings.redis
-        return RedisOptions(
-            redis.url,
-            redis.mode,
-            max_connections=redis.pool_max_connections,
-            socket_timeout_s=redis.socket_timeout_s,
-        )
+        return redis_options(self.settings.redis, self.settings.features)
 
     async def _connect_redis(self) -> None:
         """Build the process's one Redis client (standalone or cluster, checked against

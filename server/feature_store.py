@@ -53,11 +53,11 @@ from feature_streams.fetcher import (
     FeatureFetcher,
     default_all,
 )
-from feature_streams.redis_client import AnyRedis
+from feature_streams.redis_client import AnyRedis, RedisOptions
 from server.circuit_breaker import BreakerOptions, BreakerState, CircuitBreaker, NodeBreakers
 from server.errors import DependencyUnavailable
 from server.features import FailurePolicy, FeatureLayout, Prepared
-from server.settings import FeaturesSettings
+from server.settings import FeaturesSettings, RedisSettings
 
 __all__ = [
     "REDIS_NODE_UNAVAILABLE",
@@ -100,6 +100,18 @@ def store_options(features: FeaturesSettings) -> StoreOptions:
         ),
         batch_cache_entries=features.batch_cache_entries,
         batch_cache_bytes=features.batch_cache_bytes,
+    )
+
+
+def redis_options(redis: RedisSettings, features: FeaturesSettings) -> RedisOptions:
+    """The server's Redis client options. Its per-read socket timeout is at least
+    ``features.fetch_timeout_s`` when a feature store is configured: a shorter socket
+    timeout would cut every read short of the fetch budget the operator set."""
+    timeout = redis.socket_timeout_s
+    if features.definitions_path is not None:
+        timeout = max(timeout, features.fetch_timeout_s)
+    return RedisOptions(
+        redis.url, redis.mode, max_connections=redis.pool_max_connections, socket_timeout_s=timeout
     )
 
 

@@ -631,7 +631,12 @@ class RedisSettings(_Frozen):
     pool_max_connections: int = Field(
         default=64, ge=1, description="Connections in this process's pool."
     )
-    socket_timeout_s: float = Field(default=0.2, gt=0.0, description="Per-command socket timeout.")
+    socket_timeout_s: float = Field(
+        default=0.2,
+        gt=0.0,
+        description="Per-command socket timeout (the server raises it to "
+        "features.fetch_timeout_s when that is longer).",
+    )
     failure_policy: Literal["degrade", "fail"] = Field(
         default="degrade",
         description="Redis down: 'degrade' scores with default features and flags the "

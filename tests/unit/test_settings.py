@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from server.feature_store import redis_options
 from server.settings import ModelServing, Settings, SettingsError, load_settings
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "streamscore.yaml"
@@ -294,3 +295,15 @@ def test_every_decision_is_recorded_by_default() -> None:
     settings = load_settings(None, {}, [])
     assert settings.traffic_log.sample_rate == 1.0
     assert settings.traffic_log.topic == "streamscore.decisions"
+
+
+def test_redis_socket_timeout_never_cuts_the_fetch_budget_short() -> None:
+    """A 2 s fetch budget with the 0.2 s default socket timeout: every read used to time
+    out at 0.2 s, degrading answers the operator had allowed 2 s for."""
+    features = {"definitions_path": "features.yaml", "fetch_timeout_s": 2.0}
+    settings = Settings.model_validate({"features": features})
+    assert redis_options(settings.redis, settings.features).socket_timeout_s == 2.0
+    shorter = Settings.model_validate({"features": {**features, "fetch_timeout_s": 0.05}})
+    assert redis_options(shorter.redis, shorter.features).socket_timeout_s == 0.2
+    no_store = Settings.model_validate({"features": {"fetch_timeout_s": 2.0}})
+    assert redis_options(no_store.redis, no_store.features).socket_timeout_s == 0.2
