@@ -60,6 +60,9 @@ MAX_LOOKUPS = 4096
 """A group whose windows read more tile fields than this in all (e.g. one of 30 days
 of 1-minute tiles) is always read by parsing the hash; its names are never built."""
 
+_MEMO_LAYOUTS = 4
+"""Merged layouts a caller's ``memo`` keeps (one per time step read, a minute each)."""
+
 _MAX_CACHED_TIMES = 16
 """Read layouts kept before the cache is cleared (they advance with time, one per
 step, so old ones are never read again)."""
@@ -88,6 +91,7 @@ class _ReadLayout:
 
     ranges: tuple[_RangeNames, ...]
     lookups: int
+    key: tuple[int, bool]  # (t // step, t on a step boundary): equal keys, equal names
 
 
 class HashWindowReader:
@@ -128,17 +132,17 @@ class HashWindowReader:
         if layout is None:
             if len(self._layouts) >= _MAX_CACHED_TIMES:
                 self._layouts.clear()
-            layout = self._layouts[key] = self._build(t_ms)
+            layout = self._layouts[key] = self._build(t_ms, key)
         return layout
 
-    def _build(self, t_ms: int) -> _ReadLayout:
+    def _build(self, t_ms: int, key: tuple[int, bool]) -> _ReadLayout:
         spans = [
             (slot, range(window_start(t_ms, window_ms, slot.tile_ms), t_ms, slot.tile_ms))
             for slot, window_ms in self._ranges
         ]
         lookups = sum(len(starts) * (2 if s.kind is SlotKind.LAST else 1) for s, starts in spans)
         if lookups > MAX_LOOKUPS:
-            return _ReadLayout((), lookups)  # empty ranges: always parse
+            return _ReadLayout((), lookups, key)  # empty ranges: always parse
         built = []
         for slot, starts in spans:
             values = tuple(f"{s}:{slot.name}".encode() for s in starts)
@@ -146,17 +150,24 @@ class HashWindowReader:
             if slot.kind is SlotKind.LAST:
                 stamps = tuple(f"{s}:{slot.name}{TS_SUFFIX}".encode() for s in starts)
             built.append(_RangeNames(slot.kind, values, stamps))
-        return _ReadLayout(tuple(built), lookups)
+        return _ReadLayout(tuple(built), lookups, key)
 
     def read(self, fields: Mapping[bytes, bytes] | Mapping[str, str], t_ms: int) -> list[float]:
         """Feature values at ``t_ms``, in ``plan.outputs`` order."""
         return self.read_many(fields, (t_ms,))[0]
 
     def read_many(
-        self, fields: Mapping[bytes, bytes] | Mapping[str, str], times: Sequence[int]
+        self,
+        fields: Mapping[bytes, bytes] | Mapping[str, str],
+        times: Sequence[int],
+        memo: dict[object, object] | None = None,
     ) -> list[list[float]]:
         """Feature values at each of ``times`` from one hash (e.g. every request of a
-        micro-batch on one entity); tiles are merged once per distinct tile range."""
+        micro-batch on one entity); tiles are merged once per distinct tile range.
+
+        ``memo`` (optional, owned by the caller) keeps merged tile ranges between calls
+        on the SAME unchanged ``fields`` (:class:`~feature_streams.tile_cache.TileCache`
+        gives a fresh one with every new view)."""
         if not fields:
             return [[output.default for output in self.plan.outputs] for _ in times]
         parse_only = not isinstance(next(iter(fields)), bytes)  # a decoding client
@@ -171,7 +182,14 @@ class HashWindowReader:
             # keyed by id: the entry holds the layout, so the id is not reused meanwhile
             entry = merged_by_layout.get(id(layout))
             if entry is None:
-                merged = _merge(layout, cast(Mapping[bytes, bytes], fields))
+                kept = None if memo is None else memo.get(layout.key)
+                if kept is None:
+                    kept = _merge(layout, cast(Mapping[bytes, bytes], fields))
+                    if memo is not None:
+                        if len(memo) >= _MEMO_LAYOUTS:
+                            memo.clear()
+                        memo[layout.key] = kept
+                merged = cast(list[SlotValue | None], kept)
                 entry = merged_by_layout[id(layout)] = (layout, merged)
             results.append(self._finish(entry[1], t_ms))
         return results
