@@ -698,6 +698,14 @@ class FeaturesSettings(_Frozen):
         description="Estimated bytes the kept batch-snapshot rows may take (least recently "
         "used dropped first).",
     )
+    tile_cache_entries: int = Field(
+        default=100_000,
+        ge=0,
+        description="Stream tile hashes (one entity of one group) whose sealed tiles (older "
+        "than the allowed lateness behind the entity's last event) are kept in process, so "
+        "later reads fetch only the open tiles; 0 = none kept (every read is a whole "
+        "HGETALL). Standalone Redis only.",
+    )
 
 
 class GovernanceSettings(_Frozen):
