@@ -72,7 +72,7 @@ from feature_streams.read_plan import (
     queue_reads,
 )
 from feature_streams.redis_client import AnyRedis
-from feature_streams.tile_cache import TileCache
+from feature_streams.tile_cache import TileCache, TileEntry
 from feature_streams.windows import GroupPlan
 
 __all__ = [
@@ -260,7 +260,7 @@ class _BatchRead:
 
 
 _Batches = list[_BatchRead]
-_Streams = list[tuple[StreamColumns, list[FetchRow], list[str], list[str]]]
+_Streams = list[tuple[StreamColumns, list[FetchRow], list[str], list[str], dict[str, TileEntry]]]
 _Hash = Mapping[bytes, bytes] | BaseException
 _Memo = dict[object, object] | None
 
@@ -383,11 +383,11 @@ class FeatureFetcher:
             snapshots[batch_read.columns.spec.group] = batch_read.snapshot_id
             if not self._apply_batch_group(batch_read, chunk):
                 gone.append(batch_read.columns.spec.group)
-        for stream, stream_members, keys, unique in stream_reads:
+        for stream, stream_members, keys, unique, bases in stream_reads:
             chunk = results[offset : offset + len(unique)]
             offset += len(unique)
             fetched = {
-                key: self._view(stream.plan, key, raw)
+                key: self._view(stream.plan, key, raw, bases)
                 for key, raw in zip(unique, chunk, strict=True)
             }
             self._apply_stream_group(stream, stream_members, keys, fetched)
@@ -403,16 +403,18 @@ class FeatureFetcher:
             )
         return FetchResult(round_trip_s, read, tuple(gone), unavailable)
 
-    def _view(self, plan: GroupPlan, key: str, raw: object) -> tuple[_Hash, _Memo]:
-        """One stream hash as read (``HGETALL`` or the tile cache's script), with the
-        merge memo of the tile cache's view (``None``: not cached)."""
+    def _view(
+        self, plan: GroupPlan, key: str, raw: object, bases: Mapping[str, TileEntry]
+    ) -> tuple[_Hash, _Memo]:
+        """One stream hash as read (``HGETALL``, or the tile cache's script on the entry
+        in ``bases``), with the merge memo of the tile cache's view (``None``: none)."""
         tiles = self._tiles
         if isinstance(raw, BaseException):
             if tiles is not None:
                 tiles.drop(key)
             return raw, None
-        if isinstance(raw, list) and tiles is not None:
-            return tiles.reply(plan, key, raw)
+        if isinstance(raw, list) and tiles is not None and key in bases:
+            return tiles.reply(plan, key, raw, bases[key])
         if not isinstance(raw, dict):
             return {}, None
         if tiles is not None:
@@ -434,7 +436,7 @@ class FeatureFetcher:
         out = list(results)
         position = sum(read.n_commands for read in batch_reads)
         redo: list[tuple[int, str]] = []
-        for _, _, _, unique in stream_reads:
+        for _, _, _, unique, _ in stream_reads:
             for key in unique:
                 if isinstance(out[position], NoScriptError):
                     redo.append((position, key))
@@ -481,6 +483,7 @@ class FeatureFetcher:
         for stream in plan.stream:
             members, keys = [], []
             queued: dict[str, None] = {}
+            bases: dict[str, TileEntry] = {}
             sha = None if tiles is None else tiles.script(stream.plan).sha
             for item in rows:
                 if item.store_sent and item.sent[stream.column_index].all():
@@ -492,15 +495,16 @@ class FeatureFetcher:
                 key = tile_key(stream.plan.group.name, entity_id)
                 if key not in queued:  # one read per entity, however many requests
                     queued[key] = None
-                    last_ms = None if tiles is None else tiles.last_ms(key)
-                    if last_ms is None or scripts is None or sha is None:
+                    base = None if tiles is None else tiles.lookup(key)
+                    if base is None or scripts is None or sha is None:
                         pipe.hgetall(key)
                     else:  # only the tiles open at the last read
-                        scripts.evalsha(sha, 1, key, last_ms)
+                        bases[key] = base
+                        scripts.evalsha(sha, 1, key, base.last_ms)
                 members.append(item)
                 keys.append(key)
             if members:
-                stream_reads.append((stream, members, keys, list(queued)))
+                stream_reads.append((stream, members, keys, list(queued), bases))
         return batch_reads, stream_reads
 
     def _apply_batch_group(self, batch: _BatchRead, results: Sequence[object]) -> bool:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from feature_streams.keys import LAST_TS_FIELD, LAST_TS_FIELD_BYTES
 from feature_streams.windows import GroupPlan, expiry_cutoff, tile_start
 
-__all__ = ["OpenTilesScript", "TileCache", "TileCacheStats", "open_tiles_script"]
+__all__ = ["OpenTilesScript", "TileCache", "TileCacheStats", "TileEntry", "open_tiles_script"]
 
 _FULL = 1
 
@@ -131,7 +131,10 @@ class TileCacheStats:
 
 
 @dataclass(slots=True)
-class _Entry:
+class TileEntry:
+    """One hash's cached state at its ``last_ms``: the base a script read is made on.
+    ``sealed``, ``open`` and ``view`` are never mutated once built."""
+
     last_ms: int
     read_at: float
     sealed: dict[bytes, bytes]
@@ -154,7 +157,7 @@ class TileCache:
         self._max_entries = max_entries
         self.max_age_s = max_age_s
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, TileEntry] = OrderedDict()
         self._scripts: dict[str, OpenTilesScript] = {}
         self._unloaded: list[OpenTilesScript] = []
         self._hits = 0
@@ -192,16 +195,18 @@ class TileCache:
         unloaded, self._unloaded = self._unloaded, []
         return unloaded
 
-    def last_ms(self, key: str) -> int | None:
-        """The cached ``_last_ts`` of ``key`` to pass to its script, or ``None``: read
-        the whole hash (nothing cached, or the entry is older than ``max_age_s``)."""
+    def lookup(self, key: str) -> TileEntry | None:
+        """The cached state of ``key``: pass its ``last_ms`` to the script and the entry
+        to :meth:`reply` with the answer (it stays the base even if the cache drops it
+        meanwhile). ``None``: read the whole hash (nothing cached, or the entry is
+        older than ``max_age_s``)."""
         entry = self._entries.get(key)
         if entry is None:
             return None
         if self._clock() - entry.read_at > self.max_age_s:
             del self._entries[key]
             return None
-        return entry.last_ms
+        return entry
 
     def drop(self, key: str) -> None:
         """Forget ``key`` (its read failed)."""
@@ -230,14 +235,14 @@ class TileCache:
         return self._keep(key, last_ms, raw_last, sealed, open_)
 
     def reply(
-        self, plan: GroupPlan, key: str, reply: Sequence[object]
+        self, plan: GroupPlan, key: str, reply: Sequence[object], entry: TileEntry
     ) -> tuple[Mapping[bytes, bytes], dict[object, object] | None]:
-        """Take the script's reply for ``key``; returns the view and its memo."""
+        """Take the script's reply for ``key``, read with ``entry.last_ms`` (``entry``:
+        what :meth:`lookup` gave); returns the view and its memo."""
         raw_last, full = reply[0], reply[1]
         it = iter(reply[2:])
         returned: dict[bytes, bytes] = dict(zip(it, it, strict=True))  # type: ignore[arg-type]
-        entry = self._entries.get(key)
-        if full or entry is None or not isinstance(raw_last, bytes):
+        if full or not isinstance(raw_last, bytes):
             return self.full(plan, key, returned)
         try:
             last_ms = int(float(raw_last))
@@ -245,14 +250,14 @@ class TileCache:
             self._entries.pop(key, None)
             return {LAST_TS_FIELD_BYTES: raw_last}, None
         self._hits += 1
-        self._entries.move_to_end(key)
         if last_ms == entry.last_ms and returned == entry.open:
             self._unchanged += 1
-            entry.read_at = self._clock()
+            if self._entries.get(key) is entry:
+                self._entries.move_to_end(key)
+                entry.read_at = self._clock()
             return entry.view, entry.memo
-        sealed = entry.sealed
         newly_sealed, open_ = _split(plan, returned.items(), last_ms)
-        sealed.update(newly_sealed)
+        sealed = entry.sealed | newly_sealed
         if last_ms != entry.last_ms:
             sealed = _unexpired(plan, sealed, last_ms)
         return self._keep(key, last_ms, raw_last, sealed, open_)
@@ -267,7 +272,7 @@ class TileCache:
     ) -> tuple[Mapping[bytes, bytes], dict[object, object]]:
         view = sealed | open_
         view[LAST_TS_FIELD_BYTES] = raw_last
-        entry = _Entry(last_ms, self._clock(), sealed, open_, view)
+        entry = TileEntry(last_ms, self._clock(), sealed, open_, view)
         entries = self._entries
         entries[key] = entry
         entries.move_to_end(key)

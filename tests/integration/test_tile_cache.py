@@ -233,3 +233,22 @@ async def test_cached_reads_equal_uncached_on_random_events(client: Redis) -> No
             await writer.trim()
         await _same(plain, cached, [now + rng.randrange(0, 5 * MIN) for _ in range(3)])
     assert tiles.stats().hits > 40
+
+
+async def test_a_read_whose_entry_was_evicted_meanwhile_still_uses_its_base(
+    client: Redis,
+) -> None:
+    """With room for one hash, k1's whole read evicts k2 before k2's script reply is
+    taken: the reply is still merged with the sealed tiles it was asked against."""
+    snapshots = BatchSnapshotCache(client, [])
+    tiles = TileCache(max_entries=1)
+    plain, cached = (
+        FeatureFetcher(client, snapshots),
+        FeatureFetcher(client, snapshots, tile_cache=tiles),
+    )
+    writer = Writer(client)
+    await writer.apply("k1", (T0 - 3 * 3_600_000, 5.0, 0), (T0, 9.0, 1))
+    await writer.apply("k2", (T0 - 3 * 3_600_000, 6.0, 1), (T0, 2.0, 0))
+    for step in range(3):
+        await _same(plain, cached, [T0 + step])
+    assert tiles.stats().hits >= 2 and tiles.stats().evictions >= 2
