@@ -38,10 +38,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Protocol
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from feature_streams.batch_cache import BatchRow, BatchValueCache
 from feature_streams.cluster_pipeline import (
@@ -72,8 +71,7 @@ from feature_streams.read_plan import (
     queue_reads,
 )
 from feature_streams.redis_client import AnyRedis
-from feature_streams.tile_cache import TileCache, TileEntry
-from feature_streams.windows import GroupPlan
+from feature_streams.tile_cache import TileCache
 
 __all__ = [
     "KEY_ERROR",
@@ -260,15 +258,7 @@ class _BatchRead:
 
 
 _Batches = list[_BatchRead]
-_Streams = list[tuple[StreamColumns, list[FetchRow], list[str], list[str], dict[str, TileEntry]]]
-_Hash = Mapping[bytes, bytes] | BaseException
-_Memo = dict[object, object] | None
-
-
-class _ScriptPipeline(Protocol):
-    """The part of a redis-py pipeline the tile cache's reads use."""
-
-    def evalsha(self, sha: str, numkeys: int, /, *keys_and_args: str | int) -> object: ...
+_Streams = list[tuple[StreamColumns, list[FetchRow], list[str], list[str]]]
 
 
 class FeatureFetcher:
@@ -278,9 +268,8 @@ class FeatureFetcher:
     ``node_health`` gates each cluster node's pipeline (ignored on a standalone Redis).
     ``batch_cache`` keeps decoded batch-snapshot rows by snapshot id, so only entities
     it does not hold are read (:mod:`feature_streams.batch_cache`); ``None``: read all.
-    ``tile_cache`` keeps sealed tiles of stream hashes, so a hash read before is read
-    with a script returning only its open tiles (:mod:`feature_streams.tile_cache`;
-    standalone Redis only: on a cluster every hash is read whole); ``None``: read whole.
+    ``tile_cache`` keeps each tile hash's last reply with the window merges made on it,
+    reused while the hash is unchanged (:mod:`feature_streams.tile_cache`).
     """
 
     def __init__(
@@ -297,11 +286,7 @@ class FeatureFetcher:
         self._cluster = (
             NodePipelines(client, node_health) if isinstance(client, RedisCluster) else None
         )
-        self._tiles = (
-            tile_cache
-            if tile_cache is not None and tile_cache.enabled and self._cluster is None
-            else None
-        )
+        self._tiles = tile_cache if tile_cache is not None and tile_cache.enabled else None
         self._refreshing: asyncio.Task[object] | None = None
         self._next_log = 0.0
 
@@ -317,7 +302,7 @@ class FeatureFetcher:
 
     @property
     def tile_cache(self) -> TileCache | None:
-        """The sealed stream tiles kept between micro-batches (``None``: none kept)."""
+        """The tile hash replies and merges kept between reads (``None``: none kept)."""
         return self._tiles
 
     async def aclose(self) -> None:
@@ -344,7 +329,7 @@ class FeatureFetcher:
         results: Sequence[object] = ()
         if self._cluster is not None:
             queued = QueuedReads()
-            batch_reads, stream_reads = self._queue(plan, rows, queued, None)
+            batch_reads, stream_reads = self._queue(plan, rows, queued)
             if not batch_reads and not stream_reads:
                 return _NOTHING_READ
             if queued.commands:
@@ -352,21 +337,13 @@ class FeatureFetcher:
                 round_trip_s = loop.time() - started
             unavailable = _unavailable_nodes(results)
         else:
-            if self._tiles is not None and (unloaded := self._tiles.take_unloaded()):
-                async with self._client.pipeline(transaction=False) as load:
-                    for script in unloaded:
-                        load.script_load(script.source)
-                    await asyncio.wait_for(load.execute(), timeout_s)
             async with self._client.pipeline(transaction=False) as pipe:
-                batch_reads, stream_reads = self._queue(plan, rows, pipe, pipe)
+                batch_reads, stream_reads = self._queue(plan, rows, pipe)
                 if not batch_reads and not stream_reads:
                     return _NOTHING_READ
                 if len(pipe):
                     results = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout_s)
-            if any(isinstance(reply, NoScriptError) for reply in results):
-                results = await self._reread_whole(batch_reads, stream_reads, results, timeout_s)
-            if results:
-                round_trip_s = loop.time() - started
+                    round_trip_s = loop.time() - started
         for reply in results:
             if (
                 isinstance(reply, BaseException)
@@ -383,11 +360,11 @@ class FeatureFetcher:
             snapshots[batch_read.columns.spec.group] = batch_read.snapshot_id
             if not self._apply_batch_group(batch_read, chunk):
                 gone.append(batch_read.columns.spec.group)
-        for stream, stream_members, keys, unique, bases in stream_reads:
+        for stream, stream_members, keys, unique in stream_reads:
             chunk = results[offset : offset + len(unique)]
             offset += len(unique)
-            fetched = {
-                key: self._view(stream.plan, key, raw, bases)
+            fetched: dict[str, Mapping[bytes, bytes] | BaseException] = {
+                key: raw if isinstance(raw, dict | BaseException) else {}
                 for key, raw in zip(unique, chunk, strict=True)
             }
             self._apply_stream_group(stream, stream_members, keys, fetched)
@@ -403,60 +380,8 @@ class FeatureFetcher:
             )
         return FetchResult(round_trip_s, read, tuple(gone), unavailable)
 
-    def _view(
-        self, plan: GroupPlan, key: str, raw: object, bases: Mapping[str, TileEntry]
-    ) -> tuple[_Hash, _Memo]:
-        """One stream hash as read (``HGETALL``, or the tile cache's script on the entry
-        in ``bases``), with the merge memo of the tile cache's view (``None``: none)."""
-        tiles = self._tiles
-        if isinstance(raw, BaseException):
-            if tiles is not None:
-                tiles.drop(key)
-            return raw, None
-        if isinstance(raw, list) and tiles is not None and key in bases:
-            return tiles.reply(plan, key, raw, bases[key])
-        if not isinstance(raw, dict):
-            return {}, None
-        if tiles is not None:
-            return tiles.full(plan, key, raw)
-        return raw, None
-
-    async def _reread_whole(
-        self,
-        batch_reads: _Batches,
-        stream_reads: _Streams,
-        results: Sequence[object],
-        timeout_s: float | None,
-    ) -> list[object]:
-        """Redis answered ``NOSCRIPT`` (restarted, or ``SCRIPT FLUSH``): load the tile
-        scripts again and read those hashes whole (a second round trip, this once)."""
-        tiles = self._tiles
-        assert tiles is not None  # only the tile cache's reads use scripts
-        tiles.clear()
-        out = list(results)
-        position = sum(read.n_commands for read in batch_reads)
-        redo: list[tuple[int, str]] = []
-        for _, _, _, unique, _ in stream_reads:
-            for key in unique:
-                if isinstance(out[position], NoScriptError):
-                    redo.append((position, key))
-                position += 1
-        async with self._client.pipeline(transaction=False) as pipe:
-            for script in tiles.scripts():
-                pipe.script_load(script.source)
-            for _, key in redo:
-                pipe.hgetall(key)
-            replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout_s)
-        for (at, _), reply in zip(redo, replies[len(tiles.scripts()) :], strict=True):
-            out[at] = reply
-        return out
-
     def _queue(
-        self,
-        plan: FetchPlan,
-        rows: Sequence[FetchRow],
-        pipe: ReadPipeline,
-        scripts: _ScriptPipeline | None,
+        self, plan: FetchPlan, rows: Sequence[FetchRow], pipe: ReadPipeline
     ) -> tuple[_Batches, _Streams]:
         batch_reads: _Batches = []
         cache = self._batch_cache
@@ -479,12 +404,9 @@ class FeatureFetcher:
                 read_plan = queue_reads(pipe, spec, snapshot, ids) if ids else None
                 batch_reads.append(_BatchRead(columns, snapshot, members, cached, read_plan))
         stream_reads: _Streams = []
-        tiles = self._tiles if scripts is not None else None
         for stream in plan.stream:
             members, keys = [], []
             queued: dict[str, None] = {}
-            bases: dict[str, TileEntry] = {}
-            sha = None if tiles is None else tiles.script(stream.plan).sha
             for item in rows:
                 if item.store_sent and item.sent[stream.column_index].all():
                     continue
@@ -493,18 +415,13 @@ class FeatureFetcher:
                     self._missing_entity(plan, item, [c for _, c in stream.outputs])
                     continue
                 key = tile_key(stream.plan.group.name, entity_id)
-                if key not in queued:  # one read per entity, however many requests
+                if key not in queued:  # one HGETALL per entity, however many requests
                     queued[key] = None
-                    base = None if tiles is None else tiles.lookup(key)
-                    if base is None or scripts is None or sha is None:
-                        pipe.hgetall(key)
-                    else:  # only the tiles open at the last read
-                        bases[key] = base
-                        scripts.evalsha(sha, 1, key, base.last_ms)
+                    pipe.hgetall(key)
                 members.append(item)
                 keys.append(key)
             if members:
-                stream_reads.append((stream, members, keys, list(queued), bases))
+                stream_reads.append((stream, members, keys, list(queued)))
         return batch_reads, stream_reads
 
     def _apply_batch_group(self, batch: _BatchRead, results: Sequence[object]) -> bool:
@@ -607,17 +524,20 @@ class FeatureFetcher:
         stream: StreamColumns,
         members: list[FetchRow],
         keys: list[str],
-        fetched: Mapping[str, tuple[_Hash, _Memo]],
+        fetched: Mapping[str, Mapping[bytes, bytes] | BaseException],
     ) -> None:
         group = stream.plan.group.name
         read_many = stream.reader.read_many
         placement = stream.placement
+        tiles = self._tiles
         by_key: dict[str, list[FetchRow]] = {}
         for item, key in zip(members, keys, strict=True):
             by_key.setdefault(key, []).append(item)
         for key, items in by_key.items():
-            hash_fields, memo = fetched[key]
+            hash_fields = fetched[key]
             reason = KEY_ERROR
+            if isinstance(hash_fields, BaseException) and tiles is not None:
+                tiles.drop(key)
             if isinstance(hash_fields, NodeUnavailableError):
                 names = [n for n, _ in stream.outputs]
                 columns = [c for _, c in stream.outputs]
@@ -632,6 +552,7 @@ class FeatureFetcher:
                 reason = VALUE_INVALID
                 last = hash_fields.get(LAST_TS_FIELD_BYTES)
                 last_ms = None if last is None else int(float(last))
+                memo = None if tiles is None else tiles.memo(key, hash_fields)
                 all_values = read_many(hash_fields, [item.t_ms for item in items], memo)
             except (ResponseError, ValueError, TypeError, OverflowError) as error:
                 if reason == VALUE_INVALID:

@@ -32,10 +32,10 @@ snapshots and stream windows, see there) and adds what the server decides:
   changes, and the pointer flip moves reads to the new id. A micro-batch whose every
   value is cached makes no round trip (and gives the breaker no verdict). While the
   breaker is open nothing is served from the cache: the policy decides, as before.
-* Sealed stream tiles (older than the allowed lateness behind an entity's last event)
-  are kept per tile hash (:class:`~feature_streams.tile_cache.TileCache`, bounded by
-  ``StoreOptions.tile_cache_entries``): a hash read before is read again with a script
-  returning only its open tiles, and the windows are evaluated on the cached view.
+* Each stream tile hash's last reply is kept with the window merges made on it
+  (:class:`~feature_streams.tile_cache.TileCache`, bounded by
+  ``StoreOptions.tile_cache_entries`` / ``tile_cache_bytes``): a read returning the same
+  hash reuses them (exact: any change of the hash makes the reply differ).
 * The round trip is reported to ``on_fetch`` (the fetch latency metric), breaker
   changes to ``on_breaker`` (its state gauge) and a node breaker's changes to
   ``on_node_breaker`` (the per-node state gauge).
@@ -93,7 +93,9 @@ class StoreOptions:
     batch_cache_bytes: int = 64 * 1024 * 1024
     """Estimated bytes those rows may take."""
     tile_cache_entries: int = 100_000
-    """Stream tile hashes whose sealed tiles are kept in process (0: none)."""
+    """Tile hash replies kept with their window merges (0: none)."""
+    tile_cache_bytes: int = 64 * 1024 * 1024
+    """Estimated bytes those replies may take."""
 
 
 def store_options(features: FeaturesSettings) -> StoreOptions:
@@ -108,6 +110,7 @@ def store_options(features: FeaturesSettings) -> StoreOptions:
         batch_cache_entries=features.batch_cache_entries,
         batch_cache_bytes=features.batch_cache_bytes,
         tile_cache_entries=features.tile_cache_entries,
+        tile_cache_bytes=features.tile_cache_bytes,
     )
 
 
@@ -135,7 +138,7 @@ class FeatureStore:
             snapshots,
             self._node_breakers,
             BatchValueCache(options.batch_cache_entries, options.batch_cache_bytes),
-            TileCache(options.tile_cache_entries),
+            TileCache(options.tile_cache_entries, options.tile_cache_bytes),
         )
 
     def _node_changed(self, node: str, state: BreakerState) -> None:

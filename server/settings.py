@@ -701,10 +701,15 @@ class FeaturesSettings(_Frozen):
     tile_cache_entries: int = Field(
         default=100_000,
         ge=0,
-        description="Stream tile hashes (one entity of one group) whose sealed tiles (older "
-        "than the allowed lateness behind the entity's last event) are kept in process, so "
-        "later reads fetch only the open tiles; 0 = none kept (every read is a whole "
-        "HGETALL). Standalone Redis only.",
+        description="Stream tile hashes (one entity of one group) whose last reply is kept "
+        "with the window merges made on it, reused while a read returns the same hash; "
+        "0 = none kept (every read merges its tiles).",
+    )
+    tile_cache_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Estimated bytes the kept tile hash replies may take (least recently "
+        "used dropped first).",
     )
 
 

@@ -1,18 +1,19 @@
-"""The fetcher's tile cache against a real Redis: a cached read (sealed tiles kept,
-only open tiles read by the script) equals an uncached ``HGETALL`` read as tiles seal,
-late events land within the lateness, too-late ones are dropped, the worker trims,
-the hash is deleted and re-created, and Redis forgets its scripts."""
+"""The fetcher's tile cache against a real Redis: reads with merges reused while a
+hash is unchanged equal reads without the cache as tiles seal, late events land within
+the lateness, too-late ones are dropped, the worker trims, and the hash is deleted and
+re-created; an unchanged hash is not merged again."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
 from redis.asyncio import Redis
 
+from feature_streams import hash_reader
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
 from feature_streams.fetcher import BatchSnapshotCache, FeatureFetcher
 from feature_streams.keys import tile_key
@@ -132,24 +133,20 @@ async def test_cached_reads_equal_uncached_as_tiles_seal_and_late_events_land(
     await writer.apply("k1", (T0 - 30 * MIN, 5.0, 0), (T0 - 3 * MIN, 7.0, 1), (T0, 9.0, 0))
     await writer.apply("k2", (T0 - 2 * 3_600_000, 11.0, 1))
     times = [T0 + 1, T0 + 5 * MIN + 3, T0 + 61 * MIN]
-    await _same(plain, cached, times)  # first read: whole hashes
-    assert tiles.stats().full_reads == 2 and tiles.stats().hits == 0
-    await _same(plain, cached, times)  # nothing new: the views and merges are reused
-    assert tiles.stats().hits == 2 and tiles.stats().unchanged == 2
+    await _same(plain, cached, times)  # first read: kept with its merges
+    assert tiles.stats().entries == 2 and tiles.stats().hits == 0
+    await _same(plain, cached, times)  # nothing new: the merges are reused
+    assert tiles.stats().hits == 2
 
     await writer.apply("k1", (T0 - 9 * MIN, 100.0, 1))  # late, within the lateness
     await writer.apply("k1", (T0 - 11 * MIN, 1000.0, 1))  # too late: dropped
     await _same(plain, cached, times)
     await writer.apply("k1", (T0 + 20 * MIN, 3.0, 0))  # seals the tiles before T0 + 10m
     await writer.apply("k1", (T0 + 11 * MIN, 4.0, 1))  # within lateness of the new last
-    # (reads at or after the newest event minus the lateness: before that an uncached
-    # read still sees tiles the worker's trim deletes and the cache already dropped)
-    await _same(plain, cached, [T0 + 10 * MIN, T0 + 21 * MIN, T0 + 25 * MIN, T0 + 61 * MIN])
+    await _same(plain, cached, [*times, T0 + 21 * MIN, T0 + 25 * MIN])
     await writer.apply("k2", (T0 + 3 * 3_600_000, 2.0, 0))  # k2's old tiles all seal
-    await _same(plain, cached, [T0 + 3 * 3_600_000 - 10 * MIN, T0 + 3 * 3_600_000 + 1])
-    stats = tiles.stats()
-    assert stats.full_reads == 2  # every later read was of the open tiles only
-    assert stats.hits == 8 and stats.unchanged == 5  # an unchanged hash beside a changed one
+    await _same(plain, cached, [*times, T0 + 3 * 3_600_000 + 1])
+    assert tiles.stats().hits == 5  # the unchanged hash beside each changed one
 
 
 async def test_cached_reads_equal_uncached_after_trim_deletion_and_recreation(
@@ -167,52 +164,11 @@ async def test_cached_reads_equal_uncached_after_trim_deletion_and_recreation(
     await _same(plain, cached, later)
     await writer.trim()
     await _same(plain, cached, [*later, T0 + 1])  # at T0 only what trim kept is read
-    full_before = tiles.stats().full_reads
     await client.delete(tile_key("activity", "k1"))  # expired whole
     await _same(plain, cached, later)
     assert tiles.stats().entries == 1  # k1's entry dropped, k2's kept
     await writer.apply("k1", (T0 + 47 * 3_600_000, 8.0, 1))  # re-created, lower last
-    await _same(plain, cached, later)
-    assert tiles.stats().full_reads == full_before + 1  # re-created: read whole again
-
-
-async def test_redis_forgetting_the_script_costs_one_whole_read(client: Redis) -> None:
-    plain, cached, tiles = await _fetchers(client)
-    writer = Writer(client)
-    await writer.apply("k1", (T0 - 30 * MIN, 5.0, 0), (T0, 9.0, 1))
-    await writer.apply("k2", (T0, 9.0, 1))
-    await _same(plain, cached, [T0 + 1])
-    await _same(plain, cached, [T0 + 2])
-    assert tiles.stats().hits == 2
-    await client.script_flush()
-    await _same(plain, cached, [T0 + 3])  # NOSCRIPT: loaded again, read whole
-    assert tiles.stats().hits == 2 and tiles.stats().entries == 2
-    await _same(plain, cached, [T0 + 4])
-    assert tiles.stats().hits == 4
-
-
-async def test_script_returns_only_tiles_open_at_the_cached_last_event(client: Redis) -> None:
-    writer = Writer(client)
-    await writer.apply("k1", (T0 - 30 * MIN, 5.0, 0), (T0 - 5 * 3_600_000, 6.0, 0), (T0, 9.0, 1))
-    script = TileCache().script(GROUP)
-    await client.script_load(script.source)
-    key = tile_key("activity", "k1")
-    reply = await client.evalsha(script.sha, 1, key, str(T0))
-    assert reply[0] == str(T0).encode() and reply[1] == 0
-    everything = cast(dict[bytes, bytes], await client.hgetall(key))
-    lateness = GROUP.group.allowed_lateness_ms
-    expected: dict[bytes, bytes] = {}
-    for name, value in everything.items():
-        start, _, suffix = name.partition(b":")
-        if suffix in GROUP.field_suffixes:
-            tile_ms = GROUP.field_suffixes[suffix][0].tile_ms
-            if int(start) >= (T0 - lateness) - (T0 - lateness) % tile_ms:
-                expected[name] = value
-    it = iter(reply[2:])
-    assert dict(zip(it, it, strict=True)) == expected
-    assert 0 < len(expected) < len(everything) - 2  # not the 1m tile of T0 - 30m, nor T0 - 5h's
-    stale = await client.evalsha(script.sha, 1, key, str(T0 + 1))  # the hash's last is lower
-    assert stale[1] == 1 and len(stale) - 2 == 2 * len(everything)
+    await _same(plain, cached, [*later, T0 + 1])
 
 
 async def test_cached_reads_equal_uncached_on_random_events(client: Redis) -> None:
@@ -231,24 +187,40 @@ async def test_cached_reads_equal_uncached_on_random_events(client: Redis) -> No
                 await writer.apply(card, *events)
         if rng.random() < 0.2:
             await writer.trim()
-        await _same(plain, cached, [now + rng.randrange(0, 5 * MIN) for _ in range(3)])
-    assert tiles.stats().hits > 40
+        await _same(plain, cached, [now + rng.randrange(-90 * MIN, 5 * MIN) for _ in range(3)])
+    assert tiles.stats().hits > 10 and tiles.stats().misses > 40
 
 
-async def test_a_read_whose_entry_was_evicted_meanwhile_still_uses_its_base(
-    client: Redis,
+async def test_an_unchanged_hash_is_not_merged_again(
+    client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With room for one hash, k1's whole read evicts k2 before k2's script reply is
-    taken: the reply is still merged with the sealed tiles it was asked against."""
-    snapshots = BatchSnapshotCache(client, [])
-    tiles = TileCache(max_entries=1)
-    plain, cached = (
-        FeatureFetcher(client, snapshots),
-        FeatureFetcher(client, snapshots, tile_cache=tiles),
-    )
+    plain, cached, _ = await _fetchers(client)
     writer = Writer(client)
-    await writer.apply("k1", (T0 - 3 * 3_600_000, 5.0, 0), (T0, 9.0, 1))
-    await writer.apply("k2", (T0 - 3 * 3_600_000, 6.0, 1), (T0, 2.0, 0))
-    for step in range(3):
-        await _same(plain, cached, [T0 + step])
-    assert tiles.stats().hits >= 2 and tiles.stats().evictions >= 2
+    for card in KEYS:  # dense enough for the reader's lookup path (the merge memo's)
+        await writer.apply(card, *((T0 - m * 5 * MIN, float(m), m % 2) for m in range(287, -1, -1)))
+    merges: list[object] = []
+    real = hash_reader._merge
+
+    def counted(*args: Any) -> Any:
+        merges.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(hash_reader, "_merge", counted)
+    await cached.fetch(PLAN, _rows([T0 + 1, T0 + 2 * MIN]))
+    assert len(merges) == 4  # two hashes, two layouts each
+    await cached.fetch(PLAN, _rows([T0 + 3, T0 + 2 * MIN + 1]))
+    assert len(merges) == 4  # same hashes, same layouts: nothing merged
+    await writer.apply("k2", (T0 - 1, 1.0, 0))
+    await cached.fetch(PLAN, _rows([T0 + 3, T0 + 2 * MIN + 1]))
+    assert len(merges) == 6  # k2 changed: merged again
+    await _same(plain, cached, [T0 + 3, T0 + 2 * MIN + 1])
+
+
+async def test_bounded_in_bytes() -> None:
+    tiles = TileCache(max_entries=10, max_bytes=2_000)
+    fields = {f"{n}:count@1m".encode(): b"1" for n in range(5)}
+    for key in ("a", "b", "c"):
+        assert tiles.memo(key, fields) is not None
+    stats = tiles.stats()
+    assert stats.bytes <= 2_000 and stats.entries < 3 and stats.evictions >= 1
+    assert tiles.memo("x", {}) is None and TileCache(0).memo("a", fields) is None
