@@ -170,13 +170,13 @@ class ScoringService(pb_grpc.ScoringServicer):
 
         reader = asyncio.create_task(read_all())
         try:
-            while (taken := await buffer.take()) is not None:
-                response, size = taken
-                yield response
-                # Room frees once its answer is taken by the transport, so a client
-                # that stops reading stops the reads too (HTTP/2 flow control pushes back)
-                # instead of answers piling up here (bounded in items and bytes).
-                buffer.sent(size)
+            while taken := await buffer.take_all():
+                for response, size in taken:
+                    yield response
+                    # Room frees once its answer is taken by the transport, so a client
+                    # that stops reading stops the reads too (HTTP/2 flow control pushes
+                    # back) instead of answers piling up here (bounded in items and bytes).
+                    buffer.sent(size)
             try:
                 await reader
             except Exception as error:  # the reader failed: end now, with its status
