@@ -71,7 +71,6 @@ from feature_streams.read_plan import (
     queue_reads,
 )
 from feature_streams.redis_client import AnyRedis
-from feature_streams.tile_cache import TileCache
 
 __all__ = [
     "KEY_ERROR",
@@ -268,8 +267,6 @@ class FeatureFetcher:
     ``node_health`` gates each cluster node's pipeline (ignored on a standalone Redis).
     ``batch_cache`` keeps decoded batch-snapshot rows by snapshot id, so only entities
     it does not hold are read (:mod:`feature_streams.batch_cache`); ``None``: read all.
-    ``tile_cache`` keeps each tile hash's last reply with the window merges made on it,
-    reused while the hash is unchanged (:mod:`feature_streams.tile_cache`).
     """
 
     def __init__(
@@ -278,7 +275,6 @@ class FeatureFetcher:
         snapshots: BatchSnapshotCache,
         node_health: NodeHealth | None = None,
         batch_cache: BatchValueCache | None = None,
-        tile_cache: TileCache | None = None,
     ) -> None:
         self._client = client
         self._snapshots = snapshots
@@ -286,7 +282,6 @@ class FeatureFetcher:
         self._cluster = (
             NodePipelines(client, node_health) if isinstance(client, RedisCluster) else None
         )
-        self._tiles = tile_cache if tile_cache is not None and tile_cache.enabled else None
         self._refreshing: asyncio.Task[object] | None = None
         self._next_log = 0.0
 
@@ -299,11 +294,6 @@ class FeatureFetcher:
     def batch_cache(self) -> BatchValueCache | None:
         """The decoded batch rows kept between micro-batches (``None``: none kept)."""
         return self._batch_cache
-
-    @property
-    def tile_cache(self) -> TileCache | None:
-        """The tile hash replies and merges kept between reads (``None``: none kept)."""
-        return self._tiles
 
     async def aclose(self) -> None:
         """Stop background work (a cluster slot map refresh in flight); idempotent."""
@@ -529,15 +519,12 @@ class FeatureFetcher:
         group = stream.plan.group.name
         read_many = stream.reader.read_many
         placement = stream.placement
-        tiles = self._tiles
         by_key: dict[str, list[FetchRow]] = {}
         for item, key in zip(members, keys, strict=True):
             by_key.setdefault(key, []).append(item)
         for key, items in by_key.items():
             hash_fields = fetched[key]
             reason = KEY_ERROR
-            if isinstance(hash_fields, BaseException) and tiles is not None:
-                tiles.drop(key)
             if isinstance(hash_fields, NodeUnavailableError):
                 names = [n for n, _ in stream.outputs]
                 columns = [c for _, c in stream.outputs]
@@ -552,8 +539,7 @@ class FeatureFetcher:
                 reason = VALUE_INVALID
                 last = hash_fields.get(LAST_TS_FIELD_BYTES)
                 last_ms = None if last is None else int(float(last))
-                memo = None if tiles is None else tiles.memo(key, hash_fields)
-                all_values = read_many(hash_fields, [item.t_ms for item in items], memo)
+                all_values = read_many(hash_fields, [item.t_ms for item in items])
             except (ResponseError, ValueError, TypeError, OverflowError) as error:
                 if reason == VALUE_INVALID:
                     self._log_invalid(group, key, (repr(error)[:200],))

@@ -60,9 +60,6 @@ MAX_LOOKUPS = 4096
 """A group whose windows read more tile fields than this in all (e.g. one of 30 days
 of 1-minute tiles) is always read by parsing the hash; its names are never built."""
 
-_MEMO_LAYOUTS = 4
-"""Merged layouts a caller's ``memo`` keeps (one per time step read, a minute each)."""
-
 _MAX_CACHED_TIMES = 16
 """Read layouts kept before the cache is cleared (they advance with time, one per
 step, so old ones are never read again)."""
@@ -91,7 +88,6 @@ class _ReadLayout:
 
     ranges: tuple[_RangeNames, ...]
     lookups: int
-    key: tuple[int, bool]  # (t // step, t on a step boundary): equal keys, equal names
 
 
 class HashWindowReader:
@@ -132,17 +128,17 @@ class HashWindowReader:
         if layout is None:
             if len(self._layouts) >= _MAX_CACHED_TIMES:
                 self._layouts.clear()
-            layout = self._layouts[key] = self._build(t_ms, key)
+            layout = self._layouts[key] = self._build(t_ms)
         return layout
 
-    def _build(self, t_ms: int, key: tuple[int, bool]) -> _ReadLayout:
+    def _build(self, t_ms: int) -> _ReadLayout:
         spans = [
             (slot, range(window_start(t_ms, window_ms, slot.tile_ms), t_ms, slot.tile_ms))
             for slot, window_ms in self._ranges
         ]
         lookups = sum(len(starts) * (2 if s.kind is SlotKind.LAST else 1) for s, starts in spans)
         if lookups > MAX_LOOKUPS:
-            return _ReadLayout((), lookups, key)  # empty ranges: always parse
+            return _ReadLayout((), lookups)  # empty ranges: always parse
         built = []
         for slot, starts in spans:
             values = tuple(f"{s}:{slot.name}".encode() for s in starts)
@@ -150,24 +146,17 @@ class HashWindowReader:
             if slot.kind is SlotKind.LAST:
                 stamps = tuple(f"{s}:{slot.name}{TS_SUFFIX}".encode() for s in starts)
             built.append(_RangeNames(slot.kind, values, stamps))
-        return _ReadLayout(tuple(built), lookups, key)
+        return _ReadLayout(tuple(built), lookups)
 
     def read(self, fields: Mapping[bytes, bytes] | Mapping[str, str], t_ms: int) -> list[float]:
         """Feature values at ``t_ms``, in ``plan.outputs`` order."""
         return self.read_many(fields, (t_ms,))[0]
 
     def read_many(
-        self,
-        fields: Mapping[bytes, bytes] | Mapping[str, str],
-        times: Sequence[int],
-        memo: dict[object, object] | None = None,
+        self, fields: Mapping[bytes, bytes] | Mapping[str, str], times: Sequence[int]
     ) -> list[list[float]]:
         """Feature values at each of ``times`` from one hash (e.g. every request of a
-        micro-batch on one entity); tiles are merged once per distinct tile range.
-
-        ``memo`` (optional, owned by the caller) keeps merged tile ranges between calls
-        on the SAME unchanged ``fields`` (:class:`~feature_streams.tile_cache.TileCache`
-        gives a fresh one with every new view)."""
+        micro-batch on one entity); tiles are merged once per distinct tile range."""
         if not fields:
             return [[output.default for output in self.plan.outputs] for _ in times]
         parse_only = not isinstance(next(iter(fields)), bytes)  # a decoding client
@@ -182,14 +171,7 @@ class HashWindowReader:
             # keyed by id: the entry holds the layout, so the id is not reused meanwhile
             entry = merged_by_layout.get(id(layout))
             if entry is None:
-                kept = None if memo is None else memo.get(layout.key)
-                if kept is None:
-                    kept = _merge(layout, cast(Mapping[bytes, bytes], fields))
-                    if memo is not None:
-                        if len(memo) >= _MEMO_LAYOUTS:
-                            memo.clear()
-                        memo[layout.key] = kept
-                merged = cast(list[SlotValue | None], kept)
+                merged = _merge(layout, cast(Mapping[bytes, bytes], fields))
                 entry = merged_by_layout[id(layout)] = (layout, merged)
             results.append(self._finish(entry[1], t_ms))
         return results

@@ -32,10 +32,6 @@ snapshots and stream windows, see there) and adds what the server decides:
   changes, and the pointer flip moves reads to the new id. A micro-batch whose every
   value is cached makes no round trip (and gives the breaker no verdict). While the
   breaker is open nothing is served from the cache: the policy decides, as before.
-* Each stream tile hash's last reply is kept with the window merges made on it
-  (:class:`~feature_streams.tile_cache.TileCache`, bounded by
-  ``StoreOptions.tile_cache_entries`` / ``tile_cache_bytes``): a read returning the same
-  hash reuses them (exact: any change of the hash makes the reply differ).
 * The round trip is reported to ``on_fetch`` (the fetch latency metric), breaker
   changes to ``on_breaker`` (its state gauge) and a node breaker's changes to
   ``on_node_breaker`` (the per-node state gauge).
@@ -58,7 +54,6 @@ from feature_streams.fetcher import (
     default_all,
 )
 from feature_streams.redis_client import AnyRedis
-from feature_streams.tile_cache import TileCache
 from server.circuit_breaker import BreakerOptions, BreakerState, CircuitBreaker, NodeBreakers
 from server.errors import DependencyUnavailable
 from server.features import FailurePolicy, FeatureLayout, Prepared
@@ -92,10 +87,6 @@ class StoreOptions:
     """Batch-snapshot rows kept in process (0: none, every micro-batch reads them)."""
     batch_cache_bytes: int = 64 * 1024 * 1024
     """Estimated bytes those rows may take."""
-    tile_cache_entries: int = 100_000
-    """Tile hash replies kept with their window merges (0: none)."""
-    tile_cache_bytes: int = 64 * 1024 * 1024
-    """Estimated bytes those replies may take."""
 
 
 def store_options(features: FeaturesSettings) -> StoreOptions:
@@ -109,8 +100,6 @@ def store_options(features: FeaturesSettings) -> StoreOptions:
         ),
         batch_cache_entries=features.batch_cache_entries,
         batch_cache_bytes=features.batch_cache_bytes,
-        tile_cache_entries=features.tile_cache_entries,
-        tile_cache_bytes=features.tile_cache_bytes,
     )
 
 
@@ -138,7 +127,6 @@ class FeatureStore:
             snapshots,
             self._node_breakers,
             BatchValueCache(options.batch_cache_entries, options.batch_cache_bytes),
-            TileCache(options.tile_cache_entries, options.tile_cache_bytes),
         )
 
     def _node_changed(self, node: str, state: BreakerState) -> None:

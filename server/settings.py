@@ -698,19 +698,6 @@ class FeaturesSettings(_Frozen):
         description="Estimated bytes the kept batch-snapshot rows may take (least recently "
         "used dropped first).",
     )
-    tile_cache_entries: int = Field(
-        default=100_000,
-        ge=0,
-        description="Stream tile hashes (one entity of one group) whose last reply is kept "
-        "with the window merges made on it, reused while a read returns the same hash; "
-        "0 = none kept (every read merges its tiles).",
-    )
-    tile_cache_bytes: int = Field(
-        default=64 * 1024 * 1024,
-        ge=0,
-        description="Estimated bytes the kept tile hash replies may take (least recently "
-        "used dropped first).",
-    )
 
 
 class GovernanceSettings(_Frozen):
