@@ -67,14 +67,17 @@ class AnswerBuffer(Generic[T]):
         self._closed = True
         self._answered.set()
 
-    async def take(self) -> tuple[T, int] | None:
-        """The next answer and its size; ``None`` once closed and every item was sent."""
+    async def take_all(self) -> list[tuple[T, int]]:
+        """Every answer waiting (at least one), with its size, in order; ``[]`` once
+        closed and every item was sent. One wait for a burst of answers, not one each."""
         while not self._queue:
             if self._closed and self._items == 0:
-                return None
+                return []
             self._answered.clear()
             await self._answered.wait()
-        return self._queue.popleft()
+        taken = list(self._queue)
+        self._queue.clear()
+        return taken
 
     def sent(self, size: int) -> None:
         """A taken answer of ``size`` bytes left with the transport: its room is free."""

@@ -123,6 +123,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         )
         overrides_allowed = self._overrides.granted(context)
         queued: set[asyncio.Future[JobResult]] = set()
+        prune_at = 2 * limits.stream_max_in_flight
         deadline = deadline_of(context)
         metrics = self._stream
         counts = [0, 0]  # items read, items answered
@@ -159,20 +160,23 @@ class ScoringService(pb_grpc.ScoringServicer):
                         item, deadline, functools.partial(answer, request, started)
                     )
                     if future is not None:
+                        # no done callback per item to discard it: the finished ones
+                        # are pruned when the set doubles past the in-flight bound
                         queued.add(future)
-                        future.add_done_callback(queued.discard)
+                        if len(queued) > prune_at:
+                            queued.difference_update([f for f in queued if f.done()])
             finally:
                 buffer.close()  # reading ended: the rest are answers in flight
 
         reader = asyncio.create_task(read_all())
         try:
-            while (taken := await buffer.take()) is not None:
-                response, size = taken
-                yield response
-                # Room frees once its answer is taken by the transport, so a client
-                # that stops reading stops the reads too (HTTP/2 flow control pushes back)
-                # instead of answers piling up here (bounded in items and bytes).
-                buffer.sent(size)
+            while taken := await buffer.take_all():
+                for response, size in taken:
+                    yield response
+                    # Room frees once its answer is taken by the transport, so a client
+                    # that stops reading stops the reads too (HTTP/2 flow control pushes
+                    # back) instead of answers piling up here (bounded in items and bytes).
+                    buffer.sent(size)
             try:
                 await reader
             except Exception as error:  # the reader failed: end now, with its status

@@ -19,9 +19,10 @@ async def test_reads_stop_once_unsent_answers_hold_the_byte_bound() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
     assert not waiting.done()  # the reader is held: nothing more is read
-    taken = await buffer.take()
-    assert taken == ("a0", 400)
-    buffer.sent(400)  # the transport took it: 800 bytes, room again
+    taken = await buffer.take_all()
+    assert taken == [("a0", 400), ("a1", 400), ("a2", 400)]  # one wait for the burst
+    assert buffer.buffered_bytes == 1200  # taken is not sent: still counted
+    buffer.sent(400)  # the transport took one: 800 bytes, room again
     await asyncio.wait_for(waiting, 5)
     assert buffer.items == 3
 
@@ -31,9 +32,9 @@ async def test_one_answer_larger_than_the_bound_still_passes() -> None:
     await buffer.admit()
     buffer.put("big", 10_000)
     buffer.close()
-    assert await buffer.take() == ("big", 10_000)
+    assert await buffer.take_all() == [("big", 10_000)]
     buffer.sent(10_000)
-    assert await buffer.take() is None  # closed and every item sent
+    assert await buffer.take_all() == []  # closed and every item sent
 
 
 async def test_items_bound_holds_while_answers_are_pending() -> None:
@@ -43,15 +44,15 @@ async def test_items_bound_holds_while_answers_are_pending() -> None:
     assert not buffer.has_room()
     buffer.put("x", 1)
     buffer.close()
-    assert await buffer.take() == ("x", 1)
+    assert await buffer.take_all() == [("x", 1)]
     buffer.sent(1)
     assert buffer.has_room()
-    taking = asyncio.create_task(buffer.take())  # the second item is still being scored
+    taking = asyncio.create_task(buffer.take_all())  # the second item is still being scored
     for _ in range(5):
         await asyncio.sleep(0)
     assert not taking.done()
     buffer.put("y", 1)
-    assert await asyncio.wait_for(taking, 5) == ("y", 1)
+    assert await asyncio.wait_for(taking, 5) == [("y", 1)]
 
 
 def test_bounds_must_be_positive() -> None:
