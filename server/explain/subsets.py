@@ -47,9 +47,6 @@ MAX_DEPTH: Final = 8 * PACKED.itemsize
 """Longest path (players) given a table: ``2^16`` values, 0.5 MiB."""
 BUILD_ELEMENTS: Final = 1 << 22
 """Largest working array (float64 values) while tables are built."""
-WORK_ROWS: Final = 1
-"""Rows per pass through the reused work arrays (34 bytes per row and cell): batches
-gain little per row from more (the passes are memory-bound), the arrays stay small."""
 _UP: Final = np.float32(np.inf)
 _DOWN: Final = np.float32(-np.inf)
 
@@ -110,7 +107,7 @@ class _Work:
     threshold, see :mod:`server.allocator`), which costs as much as the work."""
 
     def __init__(self, cells: int, paths: int) -> None:
-        shape = (WORK_ROWS, cells)
+        shape = (cells,)  # one row at a time: batches gain little per row (memory-bound)
         self.lock = threading.Lock()
         self.values = np.empty(shape, dtype=np.float32)
         self.one = np.empty(shape, dtype=bool)
@@ -119,7 +116,7 @@ class _Work:
         self.index = np.empty(shape, dtype=np.int64)
         self.phi = np.empty(shape, dtype=np.float64)
         self.factor = np.empty(shape, dtype=np.float64)
-        self.packed = np.zeros((WORK_ROWS, paths * MAX_DEPTH), dtype=bool)
+        self.packed = np.zeros(paths * MAX_DEPTH, dtype=bool)
         """Only the cells' slots are ever written; the rest stay False."""
 
 
@@ -213,14 +210,13 @@ class SubsetPaths:
         """Add the attributions of ``x``'s rows into ``out`` (``[R, n_features + 1]``)."""
         x = np.asarray(x, dtype=np.float32)
         with self._work.lock:
-            for start in range(0, x.shape[0], WORK_ROWS):
-                self._add_rows(x[start : start + WORK_ROWS], out[start : start + WORK_ROWS])
+            for row in range(x.shape[0]):
+                self._add_row(x[row], out[row])
 
-    def _add_rows(self, x: F32, out: F64) -> None:
-        rows = x.shape[0]
+    def _add_row(self, x: F32, out: F64) -> None:
         work = self._work
-        values, one, flag = work.values[:rows], work.one[:rows], work.flag[:rows]
-        np.take(x, self.feature, axis=1, out=values, mode="clip")
+        values, one, flag = work.values, work.one, work.flag
+        np.take(x, self.feature, out=values, mode="clip")
         np.greater_equal(values, self.lo, out=one)
         one &= np.less_equal(values, self.hi, out=flag)
         if np.isnan(x).any():
@@ -228,16 +224,15 @@ class SubsetPaths:
             flag &= self.nan_ok
             one |= flag
         # each path's satisfied mask A: its players' bits packed into MAX_DEPTH bits
-        packed = work.packed[:rows]
-        packed[:, self.slot] = one
-        satisfied = np.packbits(packed, axis=1, bitorder="little").view(PACKED)
+        work.packed[self.slot] = one
+        satisfied = np.packbits(work.packed, bitorder="little").view(PACKED)
         # K(A) for a failed player, K(A \ {i}) for a satisfied one
-        index, on = work.index[:rows], work.on[:rows]
-        np.take(satisfied + self.path_offset, self.cell_path, axis=1, out=index, mode="clip")
+        index, on = work.index, work.on
+        np.take(satisfied + self.path_offset, self.cell_path, out=index, mode="clip")
         index -= np.multiply(one, self.bit, out=on)
-        phi, factor = work.phi[:rows], work.factor[:rows]
+        phi, factor = work.phi, work.factor
         np.take(self.table, index, out=phi, mode="clip")
         np.multiply(one, self.scale, out=factor)
         factor -= 1.0  # (1 - z) / z when satisfied, else -1
         phi *= factor
-        out[:, self.features] += np.add.reduceat(phi, self.starts, axis=1)
+        out[self.features] += np.add.reduceat(phi, self.starts)
