@@ -3,12 +3,16 @@
 Trains a LightGBM classifier shaped like demo version 2 (200 trees, 31 leaves), exports
 it the demo way, writes ``explainer.json`` and times, for batches of 1 and 64 rows:
 
-* ``server.explain`` (numpy TreeSHAP over the ONNX trees + covers from the artifact),
+* ``server.explain`` (numpy TreeSHAP over the ONNX trees + covers from the artifact:
+  subset tables per path, as served), and its polynomial engine alone (the engine
+  before the subset tables),
 * LightGBM ``Booster.predict(pred_contrib=True)`` (needs the LightGBM model, not ONNX),
 * ``shap.TreeExplainer`` on the same trees given as arrays (if ``shap`` is installed).
 
 Exactness is the largest |difference| to LightGBM's attributions and of
-``sum + base`` to the ONNX margin. Run pinned to one core::
+``sum + base`` to the ONNX margin. The process fixes glibc's mmap threshold as the
+server does (:mod:`server.allocator`), so fresh large arrays cost what they cost
+there. Run pinned to one core::
 
     taskset -c 0 .venv/bin/python -m bench.explain_bench --rows 20000 --trees 200
 """
@@ -28,6 +32,7 @@ import numpy.typing as npt
 
 from demo import train
 from demo.synthetic import generate_dataset
+from server.allocator import fix_mmap_threshold
 from server.explain.artifact import write_explainer
 from server.explain.trees import LEAF, TreeEnsemble
 from server.explain.treeshap import PathTable
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="min time per measurement")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    fix_mmap_threshold()
 
     spec = train.DemoVersionSpec(version="b", seed=202, n_rows=args.rows, n_estimators=args.trees)
     trained = train.train_version(spec)
@@ -106,16 +112,21 @@ def main() -> None:
     start = time.perf_counter()
     table = PathTable.build(ensemble, covers)
     build_ms = 1e3 * (time.perf_counter() - start)
+    polynomial = PathTable.build(ensemble, covers, subset_budget=0)
     x, _ = generate_dataset(2_000, seed=4242)
     margin = ensemble.margin(x)
     reference = booster.predict(x, pred_contrib=True)[:, :-1]
-    ours = table.shap_values(ensemble, x)
+    ours = table.shap_values(x)
     engines: dict[str, Callable[[F64], Any]] = {
-        "server.explain (numpy)": lambda b: table.shap_values(ensemble, b),
+        "server.explain (numpy)": lambda b: table.shap_values(b),
+        "server.explain polynomial only (before)": lambda b: polynomial.shap_values(b),
         "lightgbm pred_contrib": lambda b: booster.predict(b, pred_contrib=True),
     }
     exact: dict[str, float] = {
         "server.explain (numpy)": float(np.abs(ours - reference).max()),
+        "server.explain polynomial only (before)": float(
+            np.abs(polynomial.shap_values(x) - reference).max()
+        ),
         "lightgbm pred_contrib": 0.0,
     }
     try:
@@ -131,6 +142,10 @@ def main() -> None:
         "path_depth": table.depth,
         "explainer_json_bytes": size,
         "path_table_build_ms": round(build_ms, 1),
+        "subset_paths": table.subset_paths,
+        "subset_table_mib": round(
+            sum(getattr(e, "table", np.zeros(0)).nbytes for e in table.engines) / 2**20, 1
+        ),
         "sum_plus_base_vs_margin": float(np.abs(ours.sum(1) + table.base_value - margin).max()),
         "engines": {},
     }

@@ -6,6 +6,7 @@ caller used: typed ``contents`` or ``raw_input_contents``.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,7 +19,9 @@ from protos.inference import model_config_pb2 as v2config
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.errors import InvalidInput
 from server.explain.reasons import Reason
+from server.explain.service import Explained
 from server.features import OVERRIDE_PERMISSION
+from server.records.decision_json import reasons_json
 from server.registry import LoadedVersion
 from server.router import Route
 from server.scoring_types import ScoreInput, ScoreResult
@@ -214,6 +217,38 @@ def encode_reason(reason: Reason) -> pb.Reason:
             pb.ReasonFeature(name=f.name, value=f.value, contribution=f.contribution)
             for f in reason.features
         ],
+    )
+
+
+REASONS_PARAMETER = "reasons"
+"""v2 request parameter asking for every row's reasons (``bool_param``), and the
+response parameter carrying them (``string_param``, JSON)."""
+
+
+def reasons_asked(request: v2.ModelInferRequest) -> bool:
+    """Whether a v2 request asks for reasons (``parameters["reasons"].bool_param``)."""
+    parameter = request.parameters.get(REASONS_PARAMETER)
+    if parameter is None:
+        return False
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind != "bool_param":
+        raise InvalidInput(
+            f"parameters.{REASONS_PARAMETER}", f"expected bool_param, got {kind or 'nothing'}"
+        )
+    return parameter.bool_param
+
+
+def reasons_parameter(explained: Iterable[Explained]) -> str:
+    """The response's ``reasons`` parameter: a JSON array, one object per row, in row
+    order, with the Score response's fields: ``reasons`` (code, text, contribution,
+    features behind it with value and contribution) and ``reasons_base_value``. A
+    missing feature value is ``NaN`` (Python's JSON extension, as in decision records)."""
+    return json.dumps(
+        [
+            {"reasons": reasons_json(row.reasons), "reasons_base_value": row.base_value}
+            for row in explained
+        ],
+        separators=(",", ":"),
     )
 
 

@@ -337,9 +337,18 @@ class InferenceService(v2_grpc.GRPCInferenceServiceServicer):
             rows = infer_codec.decode(request)
             names = infer_codec.requested_outputs(request)
             result = await self._pipeline.infer(
-                loaded, rows, deadline_of(context), decision=decision, request_id=request.id
+                loaded,
+                rows,
+                deadline_of(context),
+                decision=decision,
+                request_id=request.id,
+                explain=codec.reasons_asked(request),
             )
             response = infer_codec.encode(request, result.outputs, names)
+            if result.explained is not None:
+                response.parameters[codec.REASONS_PARAMETER].string_param = codec.reasons_parameter(
+                    result.explained
+                )
         except Exception as error:
             code, message = status_of(error, "ModelInfer")
             if loaded is None:  # labels only from served names (see request_labels)

@@ -50,6 +50,8 @@ class InferResult:
 
     loaded: LoadedVersion
     outputs: Mapping[str, npt.NDArray[Any]]
+    explained: tuple[Explained, ...] | None = None
+    """Each row's reasons when the call asked for them."""
 
 
 class ScoringPipeline:
@@ -326,19 +328,33 @@ class ScoringPipeline:
         *,
         decision: Decision | None = None,
         request_id: str = "",
+        explain: bool = False,
     ) -> InferResult:
         """Run caller-supplied rows ([N, F]) through ``loaded``'s batcher; with the
         ``decision`` that chose it, each row is shadowed and offered to the traffic log
-        like one Score call (ids ``<request_id>#<row>``)."""
+        like one Score call (ids ``<request_id>#<row>``). ``explain``: every row's
+        reasons too (in the version's reasons batcher, after scoring), recorded with it."""
         started = time.perf_counter()
+        reasons = loaded.reasons
+        if explain and reasons is None:
+            raise NoExplainer(loaded.name, loaded.version)
         result = await loaded.batcher.submit(
             Job(rows=rows), rows=int(rows.shape[0]), deadline=deadline
         )
+        explained = None
+        if explain and reasons is not None:
+            explained = tuple(
+                await asyncio.gather(
+                    *(reasons.explain(rows[i : i + 1], deadline) for i in range(rows.shape[0]))
+                )
+            )
         if decision is not None and (
             (decision.shadows and self.shadows is not None) or self.traffic is not None
         ):
-            self._record_rows(loaded, decision, rows, result.outputs, request_id, started)
-        return InferResult(loaded, result.outputs)
+            self._record_rows(
+                loaded, decision, rows, result.outputs, request_id, started, explained
+            )
+        return InferResult(loaded, result.outputs, explained)
 
     def _record_rows(
         self,
@@ -348,12 +364,14 @@ class ScoringPipeline:
         outputs: Mapping[str, npt.NDArray[Any]],
         request_id: str,
         started: float,
+        explained: tuple[Explained, ...] | None = None,
     ) -> None:
         """Shadows and traffic-log records of a v2 call's rows (only queues work).
 
-        A recorded row whose decision needs reasons under its model's ``reasons.when``
-        (v2 has no request flag: ``always``, or ``above_threshold`` and flagged) is
-        recorded with them once explained, after the answer left."""
+        Rows the call had explained (``explained``) are recorded with their reasons.
+        Otherwise a recorded row whose decision needs reasons under its model's
+        ``reasons.when`` (``always``, or ``above_threshold`` and flagged) is recorded
+        with them once explained, after the answer left."""
         manifest = loaded.model.manifest
         scores = outputs[manifest.score_output]
         column = scores[:, manifest.score_index] if scores.ndim == 2 else scores
@@ -386,7 +404,11 @@ class ScoringPipeline:
                 threshold=manifest.threshold,
                 decision=flagged,
             )
-            if (
+            if explained is not None:
+                answer = answer._replace(
+                    reasons=explained[i].reasons, reasons_base_value=explained[i].base_value
+                )
+            elif (
                 request is not None
                 and loaded.reasons is not None
                 and loaded.reason_policy.needed(False, flagged)

@@ -18,8 +18,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from server.explain.paths import check_covers
 from server.explain.trees import LEAF, TreeEnsemble, read_tree_ensemble
-from server.explain.treeshap import check_covers
 from server.manifest import ExplainerSpec, sha256_of
 
 F64 = npt.NDArray[np.float64]

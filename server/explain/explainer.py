@@ -21,8 +21,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from server.explain.artifact import FORMAT, KIND
+from server.explain.paths import CoverError
 from server.explain.trees import LEAF, TreeEnsemble, UnsupportedModelError, margin_model
-from server.explain.treeshap import CoverError, PathTable
+from server.explain.treeshap import PathTable
 from server.manifest import MODEL_FILE, ModelManifest, sha256_of
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class TreeExplainer:
     def explain(self, x: npt.NDArray[np.floating[Any]]) -> Explanation:
         """Attributions of ``x`` (``[R, F]``, the model's input columns); CPU-bound,
         call it off the event loop."""
-        return Explanation(self.table.shap_values(self.ensemble, x), self.table.base_value)
+        return Explanation(self.table.shap_values(x), self.table.base_value)
 
     def transform(self, margin: F64) -> F64:
         """The served score of a margin (``sigmoid`` for LOGISTIC, else itself)."""

@@ -11,6 +11,7 @@ the node's ``missing_value_tracks_true``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,6 +36,15 @@ LEAF: Final = 0
 TREE_OPS: Final = ("TreeEnsembleClassifier", "TreeEnsembleRegressor")
 POST_TRANSFORMS: Final = ("NONE", "LOGISTIC")
 """Output transforms whose margin is explained (monotone, per column)."""
+_COMPARE: Final[dict[int, Callable[[F64, F64], B]]] = {
+    1: np.less_equal,
+    2: np.less,
+    3: np.greater_equal,
+    4: np.greater,
+    5: np.equal,
+    6: np.not_equal,
+}
+"""Branch test of each internal mode (NaN is decided by ``missing_value_tracks_true``)."""
 
 
 class UnsupportedModelError(ValueError):
@@ -89,14 +99,25 @@ class TreeEnsemble:
 
     def branch_true(self, x: npt.NDArray[np.floating[Any]], nodes: I64) -> B:
         """``[R, len(nodes)]``: does each row take the true branch at each internal node."""
-        values = np.asarray(x, dtype=np.float64)[:, self.feature[nodes]]
-        return self._compare(values, nodes)
+        return self.splits(nodes).taken(x)
+
+    def splits(self, nodes: I64) -> Splits:
+        """The internal ``nodes`` prepared for repeated :meth:`Splits.taken` calls."""
+        mode = self.mode[nodes]
+        if np.any(mode == LEAF):
+            raise ValueError("splits: a leaf has no branch")
+        return Splits(
+            feature=self.feature[nodes],
+            threshold=self.threshold[nodes],
+            missing_true=self.missing_true[nodes],
+            groups=tuple((int(m), np.flatnonzero(mode == m)) for m in np.unique(mode).tolist()),
+        )
 
     def leaves_of(self, x: npt.NDArray[np.floating[Any]]) -> I64:
         """``[R, T]``: the leaf each row reaches in each tree."""
         at = np.broadcast_to(self.roots, (x.shape[0], self.n_trees)).copy()
         rows = np.arange(x.shape[0])[:, None]
-        xf = np.asarray(x, dtype=np.float64)
+        xf = np.asarray(x, dtype=np.float32).astype(np.float64)  # as ONNX Runtime reads it
         while True:
             internal = self.mode[at] != LEAF
             if not internal.any():
@@ -191,6 +212,32 @@ class TreeEnsemble:
         if self.post_transform not in POST_TRANSFORMS:
             raise ValueError(f"tree arrays: post_transform {self.post_transform!r} unsupported")
         self.roots  # noqa: B018 - raises if a tree has no single root
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """A fixed set of internal nodes, each row's branch at all of them in a few numpy calls."""
+
+    feature: I64
+    threshold: F64
+    missing_true: B
+    groups: tuple[tuple[int, I64], ...]
+    """``(mode, positions)`` of each mode present."""
+
+    def taken(self, x: npt.NDArray[np.floating[Any]]) -> B:
+        """``[R, nodes]``: does each row of ``x`` take each node's true branch (``x`` as
+        float32, as ONNX Runtime compares)."""
+        x32 = np.asarray(x, dtype=np.float32)
+        values: F64 = x32[:, self.feature].astype(np.float64)
+        if len(self.groups) == 1:
+            result = _COMPARE[self.groups[0][0]](values, self.threshold)
+        else:
+            result = np.empty(values.shape, dtype=bool)
+            for mode, at in self.groups:
+                result[:, at] = _COMPARE[mode](values[:, at], self.threshold[at])
+        if np.isnan(x32).any():
+            result = np.where(np.isnan(values), self.missing_true, result)
+        return result
 
 
 def _attr(node: Any, name: str) -> Any:

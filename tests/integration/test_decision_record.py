@@ -346,11 +346,12 @@ async def test_v2_rows_are_recorded_with_the_reasons_their_policy_computes(
 ) -> None:
     """Every row of a ModelInfer call gets a record; under ``above_threshold`` the
     flagged rows carry the reasons a Score of the same row (asking for them) gets, the
-    others none; under ``always`` every row carries them."""
+    others none; under ``always``, or ``on_request`` with the call asking
+    (``parameters["reasons"]``), every row carries them."""
     matrix = rows[:40].copy()
     amount = DEMO_FEATURES.index("amount")
     matrix[:, amount] = 40.0 + 90.0 * (np.arange(40) % 30)  # some flagged, some not
-    for when in ("above_threshold", "always"):
+    for when in ("above_threshold", "always", "on_request"):
         topic = f"decisions-v2-{uuid.uuid4().hex[:8]}"
         settings = [
             f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
@@ -364,6 +365,8 @@ async def test_v2_rows_are_recorded_with_the_reasons_their_policy_computes(
             tensor = request.inputs.add(name=manifest.input.name, datatype="FP32")
             tensor.shape[:] = [len(matrix), len(DEMO_FEATURES)]
             tensor.contents.fp32_contents.extend(matrix.ravel().tolist())
+            if when == "on_request":
+                request.parameters["reasons"].bool_param = True
             await srv.inference.ModelInfer(request, timeout=20, metadata=srv.overrides)
             expected: dict[str, list[str]] = {}
             for i, row in enumerate(matrix):
@@ -380,7 +383,7 @@ async def test_v2_rows_are_recorded_with_the_reasons_their_policy_computes(
         flagged = 0
         for item_id, codes in expected.items():
             record = records[item_id]  # every row recorded
-            needs = when == "always" or record["decision"]
+            needs = when != "above_threshold" or record["decision"]
             flagged += record["decision"]
             if needs:
                 assert record["reasons"] is not None, (when, item_id)

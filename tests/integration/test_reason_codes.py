@@ -146,6 +146,45 @@ async def test_always_and_above_threshold_modes(demo_repo: Path, rows: F32) -> N
         assert asked.reasons_base_value != 0.0
 
 
+def _infer(rows: F32, version: str = "2", **parameters: v2.InferParameter) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name="fraud", model_version=version, id="v2-call")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=list(rows.shape))
+    tensor.contents.fp32_contents.extend(rows.ravel().tolist())
+    for key, parameter in parameters.items():
+        request.parameters[key].CopyFrom(parameter)
+    return request
+
+
+async def test_v2_infer_gives_each_rows_reasons_when_asked(demo_repo: Path, rows: F32) -> None:
+    """``parameters["reasons"]`` on ModelInfer: every row's reasons in the response's
+    ``reasons`` parameter, the same as a Score asking for them on that row; none when
+    not asked; a non-bool parameter is INVALID_ARGUMENT naming it."""
+    batch = rows[:3]
+    async with running_server(demo_repo, ["server.overrides.allow_all=true"]) as srv:
+        plain = await srv.inference.ModelInfer(_infer(batch), timeout=20)
+        asked = await srv.inference.ModelInfer(
+            _infer(batch, reasons=v2.InferParameter(bool_param=True)), timeout=20
+        )
+        scored = [await _score(srv, _request(row, explain=True)) for row in batch]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await srv.inference.ModelInfer(
+                _infer(batch, reasons=v2.InferParameter(string_param="yes")), timeout=20
+            )
+    assert "reasons" not in plain.parameters
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameters.reasons" in (info.value.details() or "")
+    explained = json.loads(asked.parameters["reasons"].string_param)
+    assert len(explained) == len(batch)
+    probabilities = np.array(asked.outputs[1].contents.fp32_contents).reshape(len(batch), 2)
+    for row, answer, score in zip(explained, scored, probabilities[:, 1], strict=True):
+        assert score == pytest.approx(answer.score, abs=1e-6)
+        assert row["reasons_base_value"] == pytest.approx(answer.reasons_base_value)
+        assert [r["code"] for r in row["reasons"]] == [r.code for r in answer.reasons]
+        for mine, theirs in zip(row["reasons"], answer.reasons, strict=True):
+            assert mine["contribution"] == pytest.approx(theirs.contribution)
+            assert [f["name"] for f in mine["features"]] == [f.name for f in theirs.features]
+
+
 async def test_no_explainer_is_failed_precondition_and_tampered_is_refused(
     demo_repo: Path, rows: F32, tmp_path: Path
 ) -> None:
@@ -168,6 +207,12 @@ async def test_no_explainer_is_failed_precondition_and_tampered_is_refused(
         request.explain = True
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await _score(srv, request)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'fraud'" in (info.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await srv.inference.ModelInfer(
+                _infer(rows[:2], "1", reasons=v2.InferParameter(bool_param=True)), timeout=20
+            )
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "'fraud'" in (info.value.details() or "")
         listed = await admin.stub.ListModels(
