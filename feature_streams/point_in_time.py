@@ -49,7 +49,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -77,9 +77,11 @@ __all__ = [
     "BackfillReport",
     "BatchSnapshots",
     "ColumnarEvents",
+    "ColumnarSnapshot",
     "EventRecord",
     "EventSource",
     "PointInTimeIndex",
+    "SnapshotColumns",
     "SnapshotRows",
     "point_in_time_table",
 ]
@@ -100,6 +102,16 @@ EventSource = Iterable[EventRecord] | ColumnarEvents
 """One topic's log: records in log order, or a columnar (Parquet) log."""
 BatchSnapshots = Mapping[str, Sequence[tuple[int, SnapshotRows]]]
 """Batch group -> ``(valid_from_ms, rows)``: which snapshot was active from when."""
+SnapshotColumns = tuple[Sequence[str], Mapping[str, F64], Mapping[str, Mask]]
+"""A snapshot column-wise: canonical unique keys, per field values and presence."""
+
+
+@runtime_checkable
+class ColumnarSnapshot(Protocol):
+    """Snapshot rows that can also be read column-wise (a Parquet batch file)."""
+
+    def columns(self) -> SnapshotColumns | None:
+        """The rows column-wise, or ``None`` when they must be read row by row."""
 
 
 class BackfillError(ValueError):
@@ -292,6 +304,30 @@ class _Snapshot:
     values: Mapping[str, F64]
     present: Mapping[str, Mask]
 
+    @classmethod
+    def of_columns(
+        cls,
+        keys: Sequence[str],
+        values: Mapping[str, F64],
+        present: Mapping[str, Mask],
+        fields: Sequence[str],
+        wanted: frozenset[str] | None,
+    ) -> _Snapshot:
+        """From column-wise rows (canonical unique keys), keeping the ``wanted`` keys."""
+        if wanted is None:
+            return cls(
+                {key: i for i, key in enumerate(keys)},
+                {f: values[f] for f in fields},
+                {f: present[f] for f in fields},
+            )
+        at = [i for i, key in enumerate(keys) if key in wanted]
+        take = np.array(at, np.int64)
+        return cls(
+            {keys[i]: j for j, i in enumerate(at)},
+            {f: values[f][take] for f in fields},
+            {f: present[f][take] for f in fields},
+        )
+
 
 @dataclass(frozen=True)
 class _BatchIndex:
@@ -316,6 +352,10 @@ class _BatchIndex:
         entity = definitions.entities[definitions.batch_groups[group].entity]
         snapshots: list[_Snapshot] = []
         for valid_from, snapshot in ordered:
+            columns = snapshot.columns() if isinstance(snapshot, ColumnarSnapshot) else None
+            if columns is not None:
+                snapshots.append(_Snapshot.of_columns(*columns, fields, wanted))
+                continue
             kept: dict[str, Mapping[str, float]] = {}
             for raw, row in snapshot:
                 try:
