@@ -74,6 +74,7 @@ from feature_streams.definitions import (
     EntityKeyError,
     FeatureDefinitions,
 )
+from feature_streams.key_columns import already_keys
 from feature_streams.redis_client import AnyRedis, RedisMode, RedisOptions, connect
 
 __all__ = [
@@ -496,9 +497,10 @@ def read_file_columns(
     allow_missing_columns: bool = False,
 ) -> FileColumns | None:
     """The file read column-wise (numpy, no Python object per cell), or ``None`` when
-    this path cannot prove it valid: not Parquet, ids not already keys (str entities:
-    trimmed non-empty text; int entities: an integer column) or repeated, a text,
-    decimal or (for a number) bool column, or any cell the row rules refuse. Then
+    this path cannot prove it valid: not Parquet, ids not already keys
+    (:func:`~feature_streams.key_columns.already_keys`, or an integer column for int
+    entities) or repeated, a text, decimal or (for a number) bool column, or any cell
+    the row rules refuse. Then
     :func:`validate_file` + :func:`iter_file_rows` read it and name the problem; for
     a valid file both give the same values. A bad header raises ``BatchFileError``."""
     layout = _layout(definitions, group, Path(path), allow_missing_columns)
@@ -513,12 +515,11 @@ def read_file_columns(
     ids = table.column(layout.entity_index)
     kind = ids.type
     if ids.null_count:
-        return None
-    if layout.entity.key_type == "str" and (pat.is_string(kind) or pat.is_large_string(kind)):
-        trimmed = pc.utf8_trim_whitespace(ids)
-        if not pc.all(pc.equal(trimmed, ids)).as_py() or pc.min(pc.utf8_length(ids)).as_py() < 1:
-            return None
-    elif not (layout.entity.key_type == "int" and pat.is_integer(kind)):
+        return None  # no key: the row path names the row
+    if not (
+        already_keys(ids, layout.entity.key_type)
+        or (layout.entity.key_type == "int" and pat.is_integer(kind))
+    ):
         return None
     if pc.count_distinct(ids).as_py() != len(ids):
         return None

@@ -67,6 +67,7 @@ from feature_streams.definitions import (
     feature_sources,
     resolve_features,
 )
+from feature_streams.key_columns import already_keys
 from feature_streams.point_in_time_events import ColumnarEvents, GroupEvents, LogReader
 from feature_streams.point_in_time_windows import GroupWindows
 from feature_streams.windows import GroupPlan
@@ -255,6 +256,8 @@ def _spine_keys(table: pa.Table, definitions: FeatureDefinitions, entity: str) -
     column = table.column(entity).combine_chunks()
     encoded = pc.dictionary_encode(column, null_encoding="encode")
     index = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.intp)
+    if already_keys(encoded.dictionary, spec.key_type):
+        return _SpineKeys(encoded.dictionary.to_pylist(), index)
     keys: list[str | None] = []
     for u, value in enumerate(encoded.dictionary.to_pylist()):
         try:
