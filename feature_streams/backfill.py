@@ -37,7 +37,12 @@ import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.csv as pacsv  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 
-from feature_streams.batch_load import BatchFileError, iter_file_rows, validate_file
+from feature_streams.batch_load import (
+    BatchFileError,
+    iter_file_rows,
+    read_file_columns,
+    validate_file,
+)
 from feature_streams.definitions import FeatureDefinitions
 from feature_streams.point_in_time import (
     DEFAULT_TIMESTAMP_COLUMN,
@@ -45,6 +50,7 @@ from feature_streams.point_in_time import (
     BackfillReport,
     EventRecord,
     PointInTimeIndex,
+    SnapshotColumns,
     SnapshotRows,
     point_in_time_table,
 )
@@ -198,6 +204,15 @@ class _BatchFile:
             yield from iter_file_rows(*self._args, allow_missing_columns=self._allow)
         except BatchFileError as exc:
             raise BackfillError(str(exc)) from None
+
+    def columns(self) -> SnapshotColumns | None:
+        """The rows column-wise when the file allows it (Parquet, valid: see
+        :func:`read_file_columns`), else ``None`` (iterate it: the row rules)."""
+        try:
+            read = read_file_columns(*self._args, allow_missing_columns=self._allow)
+        except BatchFileError as exc:
+            raise BackfillError(str(exc)) from None
+        return None if read is None else (read.keys, read.values, read.present)
 
 
 def _events(

@@ -49,6 +49,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Final, Literal, TextIO
 
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
+import pyarrow.compute as pc  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.types as pat  # type: ignore[import-untyped, unused-ignore]
 
@@ -70,15 +74,18 @@ from feature_streams.definitions import (
     EntityKeyError,
     FeatureDefinitions,
 )
+from feature_streams.key_columns import already_keys
 from feature_streams.redis_client import AnyRedis, RedisMode, RedisOptions, connect
 
 __all__ = [
     "BatchFileError",
+    "FileColumns",
     "FileSummary",
     "LoadReport",
     "ProgressReporter",
     "iter_file_rows",
     "load_group_file",
+    "read_file_columns",
     "rollback_group",
     "validate_file",
 ]
@@ -470,6 +477,90 @@ def iter_file_rows(
             yield row.entity_id, row.values
     except _RowShapeError as exc:
         raise BatchFileError(str(layout.path), [str(exc)]) from None
+
+
+@dataclass(frozen=True)
+class FileColumns:
+    """A batch file's rows column-wise: keys in file order, per field values and
+    presence (``False``: an empty cell or an absent column, served the default)."""
+
+    keys: list[str]
+    values: dict[str, npt.NDArray[np.float64]]
+    present: dict[str, npt.NDArray[np.bool_]]
+
+
+def read_file_columns(
+    definitions: FeatureDefinitions,
+    group: str,
+    path: str | os.PathLike[str],
+    *,
+    allow_missing_columns: bool = False,
+) -> FileColumns | None:
+    """The file read column-wise (numpy, no Python object per cell), or ``None`` when
+    this path cannot prove it valid: not Parquet, ids not already keys
+    (:func:`~feature_streams.key_columns.already_keys`, or an integer column for int
+    entities) or repeated, a text, decimal or (for a number) bool column, or any cell
+    the row rules refuse. Then
+    :func:`validate_file` + :func:`iter_file_rows` read it and name the problem; for
+    a valid file both give the same values. A bad header raises ``BatchFileError``."""
+    layout = _layout(definitions, group, Path(path), allow_missing_columns)
+    if layout.file_format != "parquet":
+        return None
+    try:
+        table = pq.read_table(layout.path)
+    except (OSError, ValueError) as exc:
+        raise BatchFileError(str(layout.path), [f"cannot read: {exc}"]) from None
+    if table.num_rows == 0:
+        return None  # refused by the row path, by name
+    ids = table.column(layout.entity_index)
+    kind = ids.type
+    if ids.null_count:
+        return None  # no key: the row path names the row
+    if not (
+        already_keys(ids, layout.entity.key_type)
+        or (layout.entity.key_type == "int" and pat.is_integer(kind))
+    ):
+        return None
+    if pc.count_distinct(ids).as_py() != len(ids):
+        return None
+    n = table.num_rows
+    values = {name: np.zeros(n, np.float64) for name in layout.group.fields}
+    present = {name: np.zeros(n, np.bool_) for name in layout.group.fields}
+    for index, spec, _ in layout.field_indexes:
+        column = _numeric_column(table.column(index), spec.dtype)
+        if column is None:
+            return None
+        values[spec.name], present[spec.name] = column
+    return FileColumns(pc.cast(ids, pa.string()).to_pylist(), values, present)
+
+
+def _numeric_column(
+    column: pa.ChunkedArray, dtype: str
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]] | None:
+    """Values and presence of a field column, or ``None`` where the row rules must speak."""
+    kind = column.type
+    present = np.asarray(pc.is_valid(column).to_numpy(zero_copy_only=False), np.bool_)
+    if pat.is_null(kind):
+        return np.zeros(len(column), np.float64), present
+    if pat.is_boolean(kind):
+        if dtype != "bool":
+            return None  # bools are not numbers: the row path refuses them by name
+        numbers = np.asarray(pc.fill_null(column, False).to_numpy(zero_copy_only=False), np.float64)
+        return numbers, present
+    if not (pat.is_integer(kind) or pat.is_floating(kind)):
+        return None
+    numbers = np.asarray(pc.fill_null(column, 0).to_numpy(zero_copy_only=False), np.float64)
+    if pat.is_integer(kind):
+        raw = pc.fill_null(column, 0).to_numpy(zero_copy_only=False)
+        if len(raw) and int(np.abs(raw.astype(np.float64)).max()) > _MAX_EXACT_INT:
+            return None
+    if not np.isfinite(numbers).all():
+        return None
+    if dtype == "int" and not (numbers == np.floor(numbers)).all():
+        return None
+    if dtype == "bool" and not np.isin(numbers, (0.0, 1.0)).all():
+        return None
+    return numbers, present
 
 
 # --- progress ---------------------------------------------------------------------

@@ -49,7 +49,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +67,7 @@ from feature_streams.definitions import (
     feature_sources,
     resolve_features,
 )
+from feature_streams.key_columns import already_keys
 from feature_streams.point_in_time_events import ColumnarEvents, GroupEvents, LogReader
 from feature_streams.point_in_time_windows import GroupWindows
 from feature_streams.windows import GroupPlan
@@ -77,9 +78,11 @@ __all__ = [
     "BackfillReport",
     "BatchSnapshots",
     "ColumnarEvents",
+    "ColumnarSnapshot",
     "EventRecord",
     "EventSource",
     "PointInTimeIndex",
+    "SnapshotColumns",
     "SnapshotRows",
     "point_in_time_table",
 ]
@@ -100,6 +103,16 @@ EventSource = Iterable[EventRecord] | ColumnarEvents
 """One topic's log: records in log order, or a columnar (Parquet) log."""
 BatchSnapshots = Mapping[str, Sequence[tuple[int, SnapshotRows]]]
 """Batch group -> ``(valid_from_ms, rows)``: which snapshot was active from when."""
+SnapshotColumns = tuple[Sequence[str], Mapping[str, F64], Mapping[str, Mask]]
+"""A snapshot column-wise: canonical unique keys, per field values and presence."""
+
+
+@runtime_checkable
+class ColumnarSnapshot(Protocol):
+    """Snapshot rows that can also be read column-wise (a Parquet batch file)."""
+
+    def columns(self) -> SnapshotColumns | None:
+        """The rows column-wise, or ``None`` when they must be read row by row."""
 
 
 class BackfillError(ValueError):
@@ -243,6 +256,8 @@ def _spine_keys(table: pa.Table, definitions: FeatureDefinitions, entity: str) -
     column = table.column(entity).combine_chunks()
     encoded = pc.dictionary_encode(column, null_encoding="encode")
     index = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.intp)
+    if already_keys(encoded.dictionary, spec.key_type):
+        return _SpineKeys(encoded.dictionary.to_pylist(), index)
     keys: list[str | None] = []
     for u, value in enumerate(encoded.dictionary.to_pylist()):
         try:
@@ -292,6 +307,30 @@ class _Snapshot:
     values: Mapping[str, F64]
     present: Mapping[str, Mask]
 
+    @classmethod
+    def of_columns(
+        cls,
+        keys: Sequence[str],
+        values: Mapping[str, F64],
+        present: Mapping[str, Mask],
+        fields: Sequence[str],
+        wanted: frozenset[str] | None,
+    ) -> _Snapshot:
+        """From column-wise rows (canonical unique keys), keeping the ``wanted`` keys."""
+        if wanted is None:
+            return cls(
+                {key: i for i, key in enumerate(keys)},
+                {f: values[f] for f in fields},
+                {f: present[f] for f in fields},
+            )
+        at = [i for i, key in enumerate(keys) if key in wanted]
+        take = np.array(at, np.int64)
+        return cls(
+            {keys[i]: j for j, i in enumerate(at)},
+            {f: values[f][take] for f in fields},
+            {f: present[f][take] for f in fields},
+        )
+
 
 @dataclass(frozen=True)
 class _BatchIndex:
@@ -316,6 +355,10 @@ class _BatchIndex:
         entity = definitions.entities[definitions.batch_groups[group].entity]
         snapshots: list[_Snapshot] = []
         for valid_from, snapshot in ordered:
+            columns = snapshot.columns() if isinstance(snapshot, ColumnarSnapshot) else None
+            if columns is not None:
+                snapshots.append(_Snapshot.of_columns(*columns, fields, wanted))
+                continue
             kept: dict[str, Mapping[str, float]] = {}
             for raw, row in snapshot:
                 try:

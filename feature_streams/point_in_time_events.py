@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,7 @@ import pyarrow.compute as pc  # type: ignore[import-untyped, unused-ignore]
 
 from feature_streams.entity_keys import EntityKeyError, entity_key
 from feature_streams.events import MalformedEventError, decode_event, validate_event
+from feature_streams.key_columns import already_keys
 from feature_streams.windows import (
     MAX_EVENT_MS,
     GroupPlan,
@@ -351,7 +352,10 @@ def _check_batch(
         raw_keys, key_index = (
             found if found is not None else (_python_values(key_col), np.arange(n, dtype=np.intp))
         )
-        keys = [_key_or_none(plan, v) for v in raw_keys]
+        if found is not None and already_keys(key_col, plan.key_type):
+            keys = cast(list[str | None], raw_keys)  # every id its own key, nulls none
+        else:
+            keys = [_key_or_none(plan, v) for v in raw_keys]
     key_ok = np.array([k is not None for k in keys], np.bool_)[key_index]
     ts_ok, ts = _time_column(plan, col(group.event_time_field), n)
     valid = key_ok & ts_ok

@@ -12,21 +12,16 @@ compute different things.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
 
-import numpy as np
-import numpy.typing as npt
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
 
 from server.batch_scoring.features import PointInTimeFeatures, feature_matrix
 from server.batch_scoring.online import OnlineFeatures
+from server.batch_scoring.reasons import BatchReasons
 from server.batch_scoring.scoring import ModelRef, ScoringModel
 
-__all__ = ["REASONS_TOP_N", "ChunkJob", "score_chunk"]
-
-REASONS_TOP_N: Final = 3
+__all__ = ["ChunkJob", "score_chunk"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +33,8 @@ class ChunkJob:
     key_columns: tuple[str, ...]
     compare: ModelRef | None = None
     with_features: bool = False
-    reasons: bool = False
+    reasons: BatchReasons | None = None
+    """The catalogue and top N when ``--reasons`` (the model has an explainer)."""
 
 
 @functools.cache
@@ -49,7 +45,7 @@ def _loaded(ref: ModelRef, explain: bool) -> ScoringModel:
 
 def score_chunk(job: ChunkJob, chunk: pa.Table, first_row: int = 1) -> pa.Table:
     """The output rows of one chunk (same order as the chunk)."""
-    model = _loaded(job.model, job.reasons)
+    model = _loaded(job.model, job.reasons is not None)
     if isinstance(job.features, OnlineFeatures):
         table = job.features.table(chunk, first_row)
     else:
@@ -74,30 +70,6 @@ def score_chunk(job: ChunkJob, chunk: pa.Table, first_row: int = 1) -> pa.Table:
     if job.with_features:
         for j, name in enumerate(names):
             columns[f"feature.{name}"] = pa.array(rows[:, j], pa.float32())
-    if job.reasons and model.explainer is not None:
-        columns["reasons"] = _reasons(model, rows)
+    if job.reasons is not None and model.explainer is not None:
+        columns["reasons"] = job.reasons.column(model.explainer, rows)
     return pa.table(columns)
-
-
-def _reasons(model: ScoringModel, rows: npt.NDArray[np.float32]) -> pa.Array:
-    """Per row, the top features pushing the margin toward the adverse outcome."""
-    assert model.explainer is not None
-    values = model.explainer.explain(rows).values
-    names: Sequence[str] = model.manifest.features
-    order = np.argsort(-values, axis=1, kind="stable")[:, :REASONS_TOP_N]
-    top = np.take_along_axis(values, order, axis=1)
-    out: list[list[dict[str, object]]] = []
-    for index, contribution, row in zip(order, top, rows, strict=True):
-        out.append(
-            [
-                {"feature": names[j], "value": float(row[j]), "contribution": float(c)}
-                for j, c in zip(index.tolist(), contribution.tolist(), strict=True)
-                if c > 0.0
-            ]
-        )
-    kind = pa.list_(
-        pa.struct(
-            [("feature", pa.string()), ("value", pa.float64()), ("contribution", pa.float64())]
-        )
-    )
-    return pa.array(out, kind)

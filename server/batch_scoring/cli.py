@@ -29,6 +29,7 @@ from server.batch_scoring.features import PointInTimeFeatures, key_entities
 from server.batch_scoring.local import Progress, run_local
 from server.batch_scoring.online import OnlineFeatures, OnlineFeaturesError
 from server.batch_scoring.output import COMPARISON_KEY, OutputFile
+from server.batch_scoring.reasons import BatchReasons
 from server.batch_scoring.scoring import (
     ExplainerError,
     ModelLoadError,
@@ -38,6 +39,7 @@ from server.batch_scoring.scoring import (
     resolve_version,
 )
 from server.batch_scoring.spine import SpineError, SpineReader, parse_time, spine_path
+from server.explain.service import catalogue_for
 from server.manifest import ModelManifest
 from server.runtime import RuntimeOptions
 from server.settings import Settings, SettingsError, load_settings
@@ -72,7 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", default=None, metavar="T", help="epoch ms or ISO-8601, every row")
     p.add_argument("--keep", default="", metavar="A,B", help="more spine columns to copy out")
     p.add_argument("--with-features", action="store_true")
-    p.add_argument("--reasons", action="store_true")
+    p.add_argument(
+        "--reasons",
+        action="store_true",
+        help="reason codes per row (the catalogue's, as the Score answer): needs an explainer",
+    )
     p.add_argument("--compare-version", default=None, metavar="V2")
     p.add_argument("--segment-by", default=None, metavar="COLUMN")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -134,18 +140,22 @@ def _run(args: argparse.Namespace) -> int:
         other = resolve_version(repository, args.model, args.compare_version)
         compare = ModelRef(repository, args.model, other, runtime)
         compare_manifest = ScoringModel.load(compare).manifest
-    reasons = args.reasons
-    if reasons and manifest.explainer is None:
-        logger.warning(
-            "model %s/%s has no explainer: no reasons column written", args.model, version
-        )
-        reasons = False
-    elif reasons:
-        ScoringModel.load(ref, explain=True)  # refuse a bad explainer up front
     definitions_path = args.definitions or settings.features.definitions_path
     if definitions_path is None:
         definitions_path = Path("features.yaml")
     definitions = load_definitions(definitions_path)
+    reasons: BatchReasons | None = None
+    if args.reasons and manifest.explainer is None:
+        logger.warning(
+            "model %s/%s has no explainer: no reasons column written", args.model, version
+        )
+    elif args.reasons:
+        ScoringModel.load(ref, explain=True)  # refuse a bad explainer up front
+        try:
+            catalogue = catalogue_for(manifest, definitions)
+        except ValueError as error:
+            raise ModelLoadError(f"{args.model}/{version}: reason catalogue: {error}") from error
+        reasons = BatchReasons(catalogue, serving.reasons.top_n)
     wanted = list(manifest.features)
     if compare_manifest is not None:
         wanted += [f for f in compare_manifest.features if f not in wanted]

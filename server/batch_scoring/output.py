@@ -1,9 +1,10 @@
 """The output Parquet file: written under a temporary name, renamed when complete.
 
 A failed or interrupted run leaves no file at the output path (the temporary one is
-removed on failure). The lineage (model, version, sha256, training metadata, feature
-source and inputs, the command) is stored as JSON under the file metadata key
-``streamscore.lineage``; a comparison's summary under ``streamscore.comparison``.
+removed on failure); only text columns are dictionary encoded. The lineage (model,
+version, sha256, training metadata, feature source and inputs, the command) is stored
+as JSON under the file metadata key ``streamscore.lineage``; a comparison's summary
+under ``streamscore.comparison``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class OutputFile:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             schema = table.schema.with_metadata({LINEAGE_KEY: json.dumps(self._lineage)})
-            self._writer = pq.ParquetWriter(self.tmp, schema)
+            self._writer = pq.ParquetWriter(self.tmp, schema, use_dictionary=_texts(schema))
         self._writer.write_table(table.replace_schema_metadata(self._writer.schema.metadata))
         self.rows += table.num_rows
 
@@ -70,6 +71,14 @@ class OutputFile:
     ) -> None:
         if kind is not None:
             self.abort()
+
+
+def _texts(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary encoding: text (ids, versions). Scores and feature values
+    are nearly all distinct: trying a dictionary on them was ~3/4 of the write time."""
+    return [
+        f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+    ]
 
 
 def read_metadata(path: Path, key: str) -> Any:

@@ -5,7 +5,7 @@ write the local engine's file (same scores in float32, same features, same order
 ``features backfill --engine spark`` runs the backfill's point-in-time code per
 partition and must write the local backfill's table. (Online == batch for the Spark
 engine: tests/integration/test_training_serving_consistency.py, when PySpark is
-installed.) Skipped without the optional extra ``spark``: ``make test-spark``.
+installed.) Skipped without the optional extra ``spark``, which ``make test`` installs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from feature_streams.backfill_cli import main_backfill
 from tests.integration.test_score_batch import case, run  # noqa: F401  (module fixture)
 
 pytest.importorskip(
-    "pyspark", reason="the optional 'spark' extra is not installed (make test-spark runs these)"
+    "pyspark", reason="the optional 'spark' extra is not installed (make test installs it)"
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]

@@ -12,7 +12,7 @@ files and model artifact: every score equals the recorded Score answer exactly i
 float32, row by row. The same spine is also scored by the server without an event
 time (the store's clock, now) and by ``score-batch --features online`` on the same
 Redis: those scores must be equal too. With the optional extra ``spark`` installed
-(``make test-spark``), ``score-batch --engine spark`` must give the recorded answers too.
+(``make test`` installs it), ``score-batch --engine spark`` must give the recorded answers too.
 
 Which query times are valid online: the store holds only the *current* tiles, and a
 window read at ``t`` also counts applied events with event time ``>= t`` in its head
@@ -401,7 +401,7 @@ async def test_backfill_matches_served_features_row_by_row(
         "batch-online", "--features", "online", "--set", f"redis.url={store_url}"
     )
     assert_same_answers("online", rows, now_responses, online)
-    if importlib.util.find_spec("pyspark") is not None:  # the 'spark' extra: make test-spark
+    if importlib.util.find_spec("pyspark") is not None:  # the 'spark' extra: make test installs it
         on_spark = await score_batch(
             "batch-spark",
             *("--engine", "spark", "--spark-master", "local[2]", "--events", str(events_path)),

@@ -24,10 +24,12 @@ import pytest
 from feature_streams.backfill import (
     BackfillError,
     backfill,
+    backfill_index,
     backfill_table,
     read_manifest_features,
 )
 from feature_streams.backfill_cli import main_backfill
+from feature_streams.batch_load import read_file_columns
 from feature_streams.definitions import (
     AggKind,
     FeatureDefinitions,
@@ -335,6 +337,35 @@ def test_batch_snapshot_switches_at_valid_from_and_missing_entities_get_defaults
     # No schedule at all: defaults everywhere.
     table, report = backfill_table(defs, [], spine, features=["limit"])
     assert set(column(table, "limit")) == {100.0} and report.defaulted_rows["profile"] == 8
+
+
+def test_parquet_snapshots_read_column_wise_equal_their_rows(
+    defs: FeatureDefinitions, tmp_path: Path
+) -> None:
+    rows: SnapshotRows = [
+        (f"u{i}", {"limit": float(i), **({"risk": i / 100} if i % 3 else {})}) for i in range(50)
+    ]
+    pq.write_table(
+        pa.table(
+            {
+                "customer_id": [key for key, _ in rows],
+                "limit": [float(i) for i in range(50)],
+                "risk": [i / 100 if i % 3 else None for i in range(50)],
+            }
+        ),
+        path := tmp_path / "profile.parquet",
+    )
+    assert read_file_columns(defs, "profile", path) is not None  # the column-wise path
+    spine = pa.table({"customer_id": [f"u{i}" for i in range(0, 60, 3)], "ts_ms": [T0 + 1] * 20})
+    features = ["limit", "risk"]
+    memory: BatchSnapshots = {"profile": [(T0, rows)]}
+    from_rows, _ = point_in_time_table(defs, [], spine, batch_snapshots=memory, features=features)
+    files = {"profile": [(T0, path)]}
+    # backfill_table keeps the spine's keys only; backfill_index keeps every row
+    from_file, _ = backfill_table(defs, [], spine, batch_snapshots=files, features=features)
+    indexed, _ = backfill_index(defs, [], batch_snapshots=files, features=features).table(spine)
+    assert from_file.equals(from_rows) and indexed.equals(from_rows)
+    assert column(from_rows, "limit")[:3] == [0.0, 3.0, 6.0] and column(from_rows, "risk")[1] == 0.5
 
 
 def test_missing_entity_ids_and_columns_get_defaults(defs: FeatureDefinitions) -> None:

@@ -17,6 +17,7 @@ from feature_streams.batch_load import (
     BatchFileError,
     ProgressReporter,
     iter_file_rows,
+    read_file_columns,
     validate_file,
 )
 from feature_streams.definitions import FeatureDefinitions, load_definitions, parse_definitions
@@ -272,3 +273,83 @@ def test_progress_draws_a_bar_on_a_tty_and_logs_otherwise(
     assert quiet.getvalue() == ""
     messages = [r.getMessage() for r in caplog.records]
     assert [m.split(" (")[0] for m in messages] == ["load: 100/200 rows", "load: 200/200 rows"]
+
+
+def _by_rows(
+    defs: FeatureDefinitions, group: str, path: Path, **kwargs: bool
+) -> dict[str, dict[str, float]]:
+    return dict(iter_file_rows(defs, group, path, **kwargs))
+
+
+def _by_columns(
+    defs: FeatureDefinitions, group: str, path: Path, **kwargs: bool
+) -> dict[str, dict[str, float]] | None:
+    read = read_file_columns(defs, group, path, **kwargs)
+    if read is None:
+        return None
+    return {
+        key: {f: float(read.values[f][i]) for f in read.values if read.present[f][i]}
+        for i, key in enumerate(read.keys)
+    }
+
+
+def test_column_wise_read_equals_the_row_rules(defs: FeatureDefinitions, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    n = 500
+    limit = rng.random(n) * 1e4
+    profile = pa.table(
+        {
+            "customer_id": [f"c-{i}" for i in range(n)],
+            "limit": pa.array([None if i % 7 == 0 else v for i, v in enumerate(limit)]),
+            "count": pa.array([None if i % 5 == 0 else i for i in range(n)], pa.int64()),
+            "vip": pa.array([None if i % 3 == 0 else i % 2 == 0 for i in range(n)]),
+        }
+    )
+    pq.write_table(profile, path := tmp_path / "profile.parquet")
+    by_columns = _by_columns(defs, "profile", path)
+    assert by_columns is not None and by_columns == _by_rows(defs, "profile", path)
+    assert list(by_columns) == [f"c-{i}" for i in range(n)]  # file order
+    pq.write_table(profile.drop_columns(["vip"]), path)
+    assert _by_columns(defs, "profile", path, allow_missing_columns=True) == _by_rows(
+        defs, "profile", path, allow_missing_columns=True
+    )
+    account = pa.table({"account_id": pa.array([7, -3, 0], pa.int64()), "balance": [1.5, 0, 2]})
+    pq.write_table(account, path := tmp_path / "account.parquet")
+    assert _by_columns(defs, "account", path) == _by_rows(defs, "account", path)
+    assert _by_columns(defs, "account", path) == {
+        "7": {"balance": 1.5},
+        "-3": {"balance": 0.0},
+        "0": {"balance": 2.0},
+    }
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"customer_id": [" c-1", "c-2"], "limit": [1.0, 2.0]},  # not a key yet
+        {"customer_id": ["c-1", "c-1"], "limit": [1.0, 2.0]},  # repeated id
+        {"customer_id": ["c-1", None], "limit": [1.0, 2.0]},  # empty id
+        {"customer_id": ["c-1", "c-2"], "limit": [1.0, float("nan")]},  # not finite
+        {"customer_id": ["c-1", "c-2"], "limit": ["1.0", "2"]},  # text cells
+        {"customer_id": ["c-1", "c-2"], "limit": [True, False]},  # bools are not numbers
+        {"customer_id": ["c-1", "c-2"], "count": [1.0, 2.5]},  # not an integer
+        {"customer_id": ["c-1", "c-2"], "vip": [1, 2]},  # not a bool
+        {"customer_id": ["c-1", "c-2"], "count": [1, 2**60]},  # not exact as a float
+        {"customer_id": [1, 2], "limit": [1.0, 2.0]},  # int ids of a str entity
+    ],
+)
+def test_column_wise_read_leaves_what_it_cannot_prove_to_the_row_rules(
+    defs: FeatureDefinitions, tmp_path: Path, columns: dict[str, list[object]]
+) -> None:
+    pq.write_table(pa.table(columns), path := tmp_path / "profile.parquet")
+    assert read_file_columns(defs, "profile", path, allow_missing_columns=True) is None
+
+
+def test_column_wise_read_is_parquet_only_and_refuses_bad_headers(
+    defs: FeatureDefinitions, tmp_path: Path
+) -> None:
+    path = _csv(tmp_path, "customer_id,limit,count,vip\nc-1,1,2,true\n")
+    assert read_file_columns(defs, "profile", path) is None
+    pq.write_table(pa.table({"customer_id": ["c-1"], "bogus": [1.0]}), p := tmp_path / "x.parquet")
+    with pytest.raises(BatchFileError, match="bogus"):
+        read_file_columns(defs, "profile", p)
