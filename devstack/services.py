@@ -244,6 +244,11 @@ def _spawn_cluster_node(
             "--loglevel", "warning",
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
+            # Own RDB file per node: a replica's full sync renames the received RDB to
+            # <dir>/<dbfilename>, then loads that path. With the shared default dump.rdb,
+            # replicas syncing at once (all do, 5 s after `--cluster create`) could load
+            # another shard's data and still report their primary's offset.
+            "--dbfilename", f"dump-{port}.rdb",
             "--cluster-port", str(bus_port),  # ports > 55535 have no +10000 bus port
             "--cluster-node-timeout", "1000",
             # a dead primary degrades only its slots (docs/redis-cluster.md), not every key

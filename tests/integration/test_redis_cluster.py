@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 
 from devstack.services import LocalRedisCluster
 from feature_streams.redis_client import (
@@ -110,6 +110,22 @@ async def test_uncovered_slot_is_reported_until_covered_again(
                 await asyncio.sleep(0.1)
     finally:
         await client.aclose()
+
+
+async def test_every_cluster_node_has_its_own_rdb_file(redis_cluster: LocalRedisCluster) -> None:
+    """A replica's full sync renames the RDB it received to <dir>/<dbfilename> and loads
+    that path: nodes sharing one (the default dump.rdb in one workdir) let replicas
+    syncing at once load each other's shard, which a failover then promoted."""
+    paths = []
+    for node in redis_cluster.nodes:
+        client = Redis(host=node.host, port=node.port, decode_responses=True)
+        try:
+            config = await client.config_get("dir")
+            config.update(await client.config_get("dbfilename"))
+        finally:
+            await client.aclose()
+        paths.append(Path(str(config["dir"])) / str(config["dbfilename"]))
+    assert len(set(paths)) == len(redis_cluster.nodes), paths
 
 
 async def test_routing_compare_and_set_by_two_admins_on_the_cluster(
