@@ -1,10 +1,14 @@
 """Drift monitor of one server process: fold, flush, merge, compare, alert.
 
 The executor hands every micro-batch's input matrix, outputs and jobs to
-:meth:`VersionDrift.observe` (an O(1) append, no numpy on the answer's path). Every
-``flush_interval_s`` the monitor folds what accumulated into the reference bins
-(:meth:`server.drift.bins.BinLayout.fold`: vectorised, one pass for all batches) and
-writes this process's cumulative count vector of each time bucket to Redis.
+:meth:`VersionDrift.observe`, which copies the monitored columns and the score into a
+preallocated block and counts defaulted features; it keeps no reference to the batch,
+so the request objects die young (holding them let them survive into older collector
+generations: full collections on the serving loop). A full block (``PENDING_ROWS``)
+is folded at once; every ``flush_interval_s`` the monitor folds what accumulated into
+the reference bins (:meth:`server.drift.bins.BinLayout.fold_values`: one vectorised
+pass for all columns) and writes this process's cumulative count vector of each time
+bucket to Redis. PSI is computed only when windows are read back (``evaluate``).
 
 Redis layout (``<digest>`` = first 12 hex digits of the profile's sha256, so a
 changed profile never mixes with old counts)::
@@ -61,8 +65,8 @@ from server.settings import DriftSettings, DriftThresholds
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "streamscore:drift:v1"
-#: Rows kept before a fold happens at once (keeps each fold, an event-loop stall, ~1 ms).
-MAX_PENDING_ROWS = 1024
+#: Rows kept before a fold happens at once (keeps each fold, an event-loop stall, ~0.2 ms).
+PENDING_ROWS = 256
 
 
 class HasPrepared(Protocol):
@@ -104,8 +108,14 @@ class VersionDrift:
         self._score_index = manifest.score_index
         self._feature_slot = {b.name: i for i, b in enumerate(layout.features)}
         self.vector_size = layout.size + len(layout.features) + 1
-        self._batches: list[tuple[npt.NDArray[Any], npt.NDArray[Any], Sequence[HasPrepared]]] = []
-        self._pending_rows = 0
+        self._pending = np.empty((PENDING_ROWS, len(layout.features) + 1), np.float32)
+        """Monitored values (features, then the score) of the rows not folded yet."""
+        self._filled = 0
+        self._defaulted = [0] * len(layout.features)
+        """Defaulted answers per monitored feature since the last fold."""
+        self._all_features = bool(
+            np.array_equal(layout.sources, np.arange(layout.width, dtype=np.intp))
+        )
         self._buckets: dict[int, Counts] = {}
         """Cumulative vector of this process per bucket, kept until flushed after it closed."""
         self._dirty: set[int] = set()
@@ -118,36 +128,53 @@ class VersionDrift:
         outputs: Mapping[str, npt.NDArray[Any]],
         jobs: Sequence[HasPrepared],
     ) -> None:
-        """Keep one answered batch for the next fold (O(1) unless the backlog is full)."""
-        self._batches.append((matrix, outputs[self._score_output], jobs))
-        self._pending_rows += int(matrix.shape[0])
-        if self._pending_rows >= MAX_PENDING_ROWS:
+        """Copy one answered batch's monitored values into the pending block.
+
+        Keeps no reference to the batch (the jobs die young, as without drift); folds
+        first when the block is full, and folds an oversized batch at once.
+        """
+        rows = int(matrix.shape[0])
+        if self._filled + rows > self._pending.shape[0]:
             self.fold()
+        raw = outputs[self._score_output]
+        scores = raw[:, self._score_index] if raw.ndim == 2 else raw.reshape(-1)
+        if rows > self._pending.shape[0]:
+            block = np.empty((rows, self._pending.shape[1]), np.float32)
+            self._copy(block, matrix, scores)
+            self._add(self.layout.fold_values(block), rows)
+        else:
+            start, self._filled = self._filled, self._filled + rows
+            self._copy(self._pending[start : self._filled], matrix, scores)
+        for job in jobs:
+            prepared = job.prepared
+            if prepared is not None and prepared.defaulted:
+                for name in prepared.defaulted:
+                    slot = self._feature_slot.get(name)
+                    if slot is not None:
+                        self._defaulted[slot] += 1
+
+    def _copy(
+        self, block: npt.NDArray[np.float32], matrix: npt.NDArray[Any], scores: npt.NDArray[Any]
+    ) -> None:
+        if self._all_features:
+            block[:, :-1] = matrix
+        else:
+            block[:, :-1] = matrix[:, self.layout.sources]
+        block[:, -1] = scores
 
     def fold(self) -> None:
-        """Fold every kept batch into the current bucket's vector."""
-        if not self._batches:
-            return
-        batches, self._batches = self._batches, []
-        self._pending_rows = 0
-        matrices = [b[0] for b in batches]
-        raw = [b[1] for b in batches]
-        matrix = matrices[0] if len(matrices) == 1 else np.concatenate(matrices, axis=0)
-        values = raw[0] if len(raw) == 1 else np.concatenate(raw, axis=0)
-        scores = values[:, self._score_index] if values.ndim == 2 else values.reshape(-1)
+        """Fold the pending block and defaulted counts into the current bucket's vector."""
+        rows, self._filled = self._filled, 0
+        if rows:
+            self._add(self.layout.fold_values(self._pending[:rows]), rows)
+
+    def _add(self, counts: Counts, rows: int) -> None:
         layout = self.layout
         vector = np.zeros(self.vector_size, np.int64)
-        vector[: layout.size] = layout.fold(matrix, scores)
-        slots = self._feature_slot
-        for _, _, jobs in batches:
-            for job in jobs:
-                prepared = job.prepared
-                if prepared is not None and prepared.defaulted:
-                    for name in prepared.defaulted:
-                        slot = slots.get(name)
-                        if slot is not None:
-                            vector[layout.size + slot] += 1
-        vector[-1] = matrix.shape[0]
+        vector[: layout.size] = counts
+        vector[layout.size : -1] = self._defaulted
+        self._defaulted = [0] * len(layout.features)
+        vector[-1] = rows
         bucket = int(self._clock() // self._settings.bucket_s)
         current = self._buckets.get(bucket)
         self._buckets[bucket] = vector if current is None else current + vector
