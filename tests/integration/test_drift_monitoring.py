@@ -225,3 +225,25 @@ async def test_reference_traffic_is_quiet_and_a_shift_gives_one_event_per_episod
     f0 = [e for e in events if e["feature"] == "f0"]
     assert len(f0) == 2, events
     assert f0[0]["psi"] > 0.2 and f0[0]["model"] == "lin" and f0[0]["version"] == "1"
+
+
+async def test_a_lone_callers_answers_are_all_counted(tmp_path: Path, redis_url: str) -> None:
+    """One caller at a time takes the batcher's idle fast path: its rows count too."""
+    from redis.asyncio import Redis
+
+    repository = repository_with_profile(tmp_path)
+    overrides = ["routing.store=redis", f"redis.url={redis_url}", "drift.flush_interval_s=60"]
+    rng = np.random.default_rng(11)
+    async with running_server(repository, overrides) as server:
+        for _ in range(40):
+            await server.inference.ModelInfer(infer(draw(rng, 1)))
+        monitor = server.app.drift
+        assert monitor is not None
+        assert await monitor.flush()
+        version = monitor._versions[("lin", "1")]
+        client = Redis.from_url(redis_url)
+        try:
+            counts = await version.read_window(client, int(time.time() // 60), 2)
+        finally:
+            await client.aclose()
+    assert int(counts[-1]) == 40
