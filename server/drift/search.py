@@ -30,7 +30,7 @@ _LOW = np.uint32(0x7FFFFFFF)
 def float_keys(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
     """Order-preserving uint32 image of float32 ``values`` (-0.0 keyed as +0.0)."""
     bits = (values + np.float32(0.0)).view(np.uint32)  # -0.0 + 0.0 is +0.0
-    return bits ^ ((bits >> 31) * _LOW | _SIGN)
+    return bits ^ ((bits >> np.uint32(31)) * _LOW | _SIGN)
 
 
 def _above(edges: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:

@@ -120,14 +120,14 @@ def test_vectorised_fold_equals_the_column_by_column_fold() -> None:
     matrix[rng.random(matrix.shape) < 0.05] = np.nan
     matrix[:50, 2] = 0.0  # exactly on an edge
     matrix[50:60, 2] = -0.0
-    matrix[60:63, 4] = [-0.0, 0.1, np.float32(0.1)]  # 0.1 is no float32: never that category
+    matrix[60:63, 4] = np.array([-0.0, 0.1, np.float32(0.1)])  # 0.1: no float32 (no category)
     near = np.float32(edges["wide"].edges[3])  # float32 values around a float64 edge
-    matrix[63:66, 0] = [np.nextafter(near, np.float32(-9)), near, np.nextafter(near, np.float32(9))]
+    matrix[63:66, 0] = np.array(
+        [np.nextafter(near, np.float32(-9)), near, np.nextafter(near, np.float32(9))]
+    )
     matrix[70:80, :] = np.inf
     matrix[80:90, :] = -np.inf
     scores = rng.random(3000).astype(np.float32)
     scores[:10] = np.nan
     matrix32 = matrix.astype(np.float32)
-    assert np.array_equal(
-        layout.fold(matrix32, scores), reference_fold(layout, matrix32, scores)
-    )
+    assert np.array_equal(layout.fold(matrix32, scores), reference_fold(layout, matrix32, scores))
