@@ -27,7 +27,8 @@ one never double counts. The vector holds the slots of :class:`BinLayout`, then 
 defaulted count per monitored feature, then the row count.
 
 Every ``evaluate_interval_s`` the monitor reads the short and long windows ending
-now (gauges, ``snapshot``) and judges each bucket closed at least ``grace_s`` ago:
+now (gauges, ``snapshot``; a bucket closed ``grace_s`` ago is read once and kept
+summed, so a round reads only the recent buckets) and judges each such bucket:
 the process that wins the bucket's claim compares the short window ending there
 with the thresholds and updates the breach streaks; a column whose streak reaches
 ``consecutive`` opens an episode and sends ONE event (Kafka ``drift.topic`` and the
@@ -119,6 +120,8 @@ class VersionDrift:
         self._buckets: dict[int, Counts] = {}
         """Cumulative vector of this process per bucket, kept until flushed after it closed."""
         self._dirty: set[int] = set()
+        self._merged: dict[int, Counts] = {}
+        """Sum over every process of each bucket already final (see ``read_window``)."""
         self.last_judged: int | None = None
         self.view: VersionView | None = None
 
@@ -197,18 +200,41 @@ class VersionDrift:
         for bucket in [b for b in self._buckets if b < current - 1 and b not in self._dirty]:
             del self._buckets[bucket]
 
-    async def read_window(self, redis: AnyRedis, last_bucket: int, buckets: int) -> Counts:
-        """Sum over every process of the buckets ``last_bucket - buckets + 1 .. last_bucket``."""
-        async with redis.pipeline(transaction=False) as pipe:
-            for bucket in range(last_bucket - buckets + 1, last_bucket + 1):
-                pipe.hvals(f"{self.key}:b:{bucket}")
-            replies = await pipe.execute()
+    async def read_window(
+        self, redis: AnyRedis, last_bucket: int, buckets: int, final: int | None = None
+    ) -> Counts:
+        """Sum over every process of the buckets ``last_bucket - buckets + 1 .. last_bucket``.
+
+        Buckets up to ``final`` (closed ``grace_s`` ago, as judged) are read once and
+        kept summed, so an evaluation reads only the few recent buckets, not the whole
+        long window; older ones are dropped from that cache.
+        """
         total = np.zeros(self.vector_size, np.int64)
-        width = self.vector_size * 8
-        for values in replies:
-            for raw in values:
-                if len(raw) == width:
-                    total += np.frombuffer(raw, np.int64)
+        missing: list[int] = []
+        for bucket in range(last_bucket - buckets + 1, last_bucket + 1):
+            cached = self._merged.get(bucket)
+            if cached is None:
+                missing.append(bucket)
+            else:
+                total += cached
+        if missing:
+            async with redis.pipeline(transaction=False) as pipe:
+                for bucket in missing:
+                    pipe.hvals(f"{self.key}:b:{bucket}")
+                replies = await pipe.execute()
+            width = self.vector_size * 8
+            for bucket, values in zip(missing, replies, strict=True):
+                summed = np.zeros(self.vector_size, np.int64)
+                for raw in values:
+                    if len(raw) == width:
+                        summed += np.frombuffer(raw, np.int64)
+                total += summed
+                if final is not None and bucket <= final:
+                    self._merged[bucket] = summed
+        if final is not None:
+            oldest = final - self._settings.long_window_buckets
+            for bucket in [b for b in self._merged if b < oldest]:
+                del self._merged[bucket]
         return total
 
     def window_view(self, counts: Counts, buckets: int) -> WindowView:
@@ -343,16 +369,16 @@ class DriftMonitor:
         s = self._settings
         now = self._clock()
         current = int(now // s.bucket_s)
+        closed = int((now - s.grace_s) // s.bucket_s) - 1
         short = drift.window_view(
-            await drift.read_window(self._redis, current, s.short_window_buckets),
+            await drift.read_window(self._redis, current, s.short_window_buckets, closed),
             s.short_window_buckets,
         )
         long = drift.window_view(
-            await drift.read_window(self._redis, current, s.long_window_buckets),
+            await drift.read_window(self._redis, current, s.long_window_buckets, closed),
             s.long_window_buckets,
         )
         self._metrics.export(drift.model, drift.version, short)
-        closed = int((now - s.grace_s) // s.bucket_s) - 1
         start = closed if drift.last_judged is None else drift.last_judged + 1
         for bucket in range(max(start, closed - s.short_window_buckets + 1), closed + 1):
             await self._judge(drift, bucket)
@@ -378,7 +404,7 @@ class DriftMonitor:
             return
         thresholds = s.thresholds(drift.model)
         view = drift.window_view(
-            await drift.read_window(self._redis, bucket, s.short_window_buckets),
+            await drift.read_window(self._redis, bucket, s.short_window_buckets, bucket),
             s.short_window_buckets,
         )
         if view.rows < thresholds.min_rows:
