@@ -1,11 +1,11 @@
 """Drift monitor of one server process: fold, flush, merge, compare, alert.
 
 The executor hands every micro-batch's input matrix, outputs and jobs to
-:meth:`VersionDrift.observe`, which copies the monitored columns and the score into a
-preallocated block and counts defaulted features; it keeps no reference to the batch,
-so the request objects die young (holding them let them survive into older collector
-generations: full collections on the serving loop). A full block (``PENDING_ROWS``)
-is folded at once; every ``flush_interval_s`` the monitor folds what accumulated into
+:meth:`VersionDrift.observe`, which keeps the input and score arrays (O(1), no numpy
+call) and counts defaulted features; it keeps no job, so the request objects die
+young (holding them let them survive into older collector generations; arrays are not
+tracked by the collector). ``PENDING_ROWS`` kept rows fold at once; every
+``flush_interval_s`` the monitor folds what accumulated into
 the reference bins (:meth:`server.drift.bins.BinLayout.fold_values`: one vectorised
 pass for all columns) and writes this process's cumulative count vector of each time
 bucket to Redis. PSI is computed only when windows are read back (``evaluate``).
@@ -109,8 +109,8 @@ class VersionDrift:
         self._score_index = manifest.score_index
         self._feature_slot = {b.name: i for i, b in enumerate(layout.features)}
         self.vector_size = layout.size + len(layout.features) + 1
-        self._pending = np.empty((PENDING_ROWS, len(layout.features) + 1), np.float32)
-        """Monitored values (features, then the score) of the rows not folded yet."""
+        self._batches: list[tuple[npt.NDArray[Any], npt.NDArray[Any]]] = []
+        """Input matrix and score output of each batch not folded yet."""
         self._filled = 0
         self._defaulted = [0] * len(layout.features)
         """Defaulted answers per monitored feature since the last fold."""
@@ -131,23 +131,16 @@ class VersionDrift:
         outputs: Mapping[str, npt.NDArray[Any]],
         jobs: Sequence[HasPrepared],
     ) -> None:
-        """Copy one answered batch's monitored values into the pending block.
+        """Keep one answered batch's input and score arrays for the next fold.
 
-        Keeps no reference to the batch (the jobs die young, as without drift); folds
-        first when the block is full, and folds an oversized batch at once.
+        O(1) and no numpy call per batch (a lone caller's batches are one row: numpy's
+        per-call overhead was the cost there). Only the arrays are kept, never the jobs:
+        arrays are not tracked by the cyclic collector, so holding them adds no
+        collection work (holding the jobs did). Defaulted features are counted now;
+        ``PENDING_ROWS`` kept rows fold at once.
         """
-        rows = int(matrix.shape[0])
-        if self._filled + rows > self._pending.shape[0]:
-            self.fold()
-        raw = outputs[self._score_output]
-        scores = raw[:, self._score_index] if raw.ndim == 2 else raw.reshape(-1)
-        if rows > self._pending.shape[0]:
-            block = np.empty((rows, self._pending.shape[1]), np.float32)
-            self._copy(block, matrix, scores)
-            self._add(self.layout.fold_values(block), rows)
-        else:
-            start, self._filled = self._filled, self._filled + rows
-            self._copy(self._pending[start : self._filled], matrix, scores)
+        self._batches.append((matrix, outputs[self._score_output]))
+        self._filled += int(matrix.shape[0])
         for job in jobs:
             prepared = job.prepared
             if prepared is not None and prepared.defaulted:
@@ -155,21 +148,21 @@ class VersionDrift:
                     slot = self._feature_slot.get(name)
                     if slot is not None:
                         self._defaulted[slot] += 1
-
-    def _copy(
-        self, block: npt.NDArray[np.float32], matrix: npt.NDArray[Any], scores: npt.NDArray[Any]
-    ) -> None:
-        if self._all_features:
-            block[:, :-1] = matrix
-        else:
-            block[:, :-1] = matrix[:, self.layout.sources]
-        block[:, -1] = scores
+        if self._filled >= PENDING_ROWS:
+            self.fold()
 
     def fold(self) -> None:
-        """Fold the pending block and defaulted counts into the current bucket's vector."""
+        """Fold the kept batches and defaulted counts into the current bucket's vector."""
+        if not self._batches:
+            return
+        batches, self._batches = self._batches, []
         rows, self._filled = self._filled, 0
-        if rows:
-            self._add(self.layout.fold_values(self._pending[:rows]), rows)
+        matrix = batches[0][0] if len(batches) == 1 else np.concatenate([b[0] for b in batches])
+        raw = batches[0][1] if len(batches) == 1 else np.concatenate([b[1] for b in batches])
+        block = np.empty((rows, len(self.layout.features) + 1), np.float32)
+        block[:, :-1] = matrix if self._all_features else matrix[:, self.layout.sources]
+        block[:, -1] = raw[:, self._score_index] if raw.ndim == 2 else raw.reshape(-1)
+        self._add(self.layout.fold_values(block), rows)
 
     def _add(self, counts: Counts, rows: int) -> None:
         layout = self.layout
