@@ -2,7 +2,8 @@
 
 Feeds 4,096 rows of the demo model's width through ``VersionDrift.observe`` (the
 executor's hook) in batches of 1 and of 64, then one ``fold``; reports CPU
-microseconds per row (best of 5). Pin it like the server::
+microseconds per row (best of 5). Then the wall time of one fold of a full pending
+block and of 1,024 rows (the event-loop stall a fold is). Pin it like the server::
 
     taskset -c 0 .venv/bin/python -m bench.drift_fold_cost --version-dir /tmp/models/fraud/2
 """
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from server.drift.metrics import DriftMetrics
-from server.drift.monitor import DriftMonitor
+from server.drift.monitor import PENDING_ROWS, DriftMonitor
 from server.features import Prepared
 from server.manifest import ModelManifest
 from server.settings import DriftSettings
@@ -69,6 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"batch {batch:>2}, {width} features: observe {observe_us:.2f} us/row, "
             f"observe + fold {total_us:.2f} us/row (CPU)"
         )
+    for rows in (PENDING_ROWS, 1024):
+        block = rng.normal(size=(rows, len(drift.layout.features) + 1)).astype(np.float32)
+        best = float("inf")
+        for _ in range(200):
+            started = time.perf_counter()
+            drift.layout.fold_values(block)
+            best = min(best, time.perf_counter() - started)
+        print(f"fold of {rows} rows: {best * 1e6:.0f} us (best of 200)")
     return 0
 
 

@@ -91,6 +91,9 @@ DEFAULT_DEFINITIONS = Path("features.yaml")
 DEFAULT_DATA_DIR = Path("var/devstack")
 DEFAULT_CUSTOMERS = 100_000
 """~130,000 cards; writing and loading both groups takes ~6-12 s."""
+DEFAULT_SCORE_RATE = 20.0
+"""Built-in Score calls/s: enough for the drift windows (PSI over ~6,000 rows per 5 min),
+latency and canary panels, small next to the producer's 200 events/s."""
 _LOG_TAIL_LINES = 20
 
 
@@ -116,8 +119,9 @@ class DevOptions:
     seed: int = DEFAULT_DEMO_SEED
     rate: float = 200.0
     """Events per second sent by the producer."""
-    score_rate: float = 0.0
-    """Built-in Score calls per second (made by the producer); 0 = only external callers."""
+    score_rate: float = DEFAULT_SCORE_RATE
+    """Built-in Score calls per second of the producer's transactions, through the server's
+    gRPC port (so latency, canary and drift panels fill); 0 = only external callers."""
     score_model: str = "fraud"
     status_interval_s: float = 5.0
     train_models: bool = True
@@ -160,7 +164,8 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
         "--score-rate",
         type=float,
         default=d.score_rate,
-        help="built-in Score calls/s (default 0: only what callers send)",
+        help=f"built-in Score calls/s of the producer's transactions (default "
+        f"{d.score_rate:g}; 0: only what callers send)",
     )
     parser.add_argument("--status-interval", type=float, default=d.status_interval_s)
     parser.add_argument(
@@ -597,11 +602,18 @@ class _DevStack:
             f"  kafka            {self.broker.bootstrap_servers}  topic {plan.topic!r} "
             f"({options.partitions} partitions) + {dead_letter_topic(plan.topic)!r}"
         )
-        score = f", scoring {options.score_rate:g}/s" if options.score_rate else ""
         say(
             f"  producer         {options.rate:g} events/s from {options.customers:,} demo "
-            f"customers (seed {options.seed}){score}"
+            f"customers (seed {options.seed})"
         )
+        if options.score_rate:
+            say(
+                f"  built-in load    {options.score_rate:g} Score calls/s of those transactions "
+                f"to {options.score_model!r} via {plan.grpc_target} (counted in the status "
+                "line; --score-rate 0 turns it off)"
+            )
+        else:
+            say("  built-in load    none (--score-rate 0): only your calls are scored")
         say(f"  logs             {plan.logs}/")
         pids = " ".join(
             [f"{name}={pid}" for name, pid in self.redis.pids]
@@ -644,7 +656,8 @@ class _DevStack:
                 if dead is not None:
                     return self._report_death(dead)
                 current = await asyncio.to_thread(take)
-                line = format_status(compute_status(previous, current))
+                status = compute_status(previous, current)
+                line = format_status(status, self.options.score_rate)
                 self.say(f"{time.strftime('%H:%M:%S')} {line}")
                 previous = current
         finally:

@@ -3,8 +3,9 @@
 Each round scrapes the server processes' and the stream worker's ``/metrics``; the
 line compares it with the previous round: server requests per second and p99
 latency (counter and histogram deltas, so it describes the last interval, not the
-whole run), failed requests, stream events read per second, consumer lag, and
-freshness (now minus the newest event time the worker applied).
+whole run), failed requests, stream events read per second, consumer lag,
+freshness (now minus the newest event time the worker applied), and the score's
+drift (PSI over the short window) of every monitored version.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +28,7 @@ __all__ = [
     "histogram_quantile",
     "merge_samples",
     "parse_metrics",
+    "score_drift",
     "scrape_metrics",
 ]
 
@@ -39,6 +41,7 @@ LATENCY_BUCKETS = "streamscore_request_latency_seconds_bucket"
 STREAM_EVENTS = "streamscore_stream_events_total"
 STREAM_LAG = "streamscore_stream_consumer_lag"
 STREAM_NEWEST = "streamscore_stream_newest_event_time_seconds"
+SCORE_DRIFT = "streamscore_drift_score_psi"
 
 
 def parse_metrics(text: str) -> dict[tuple[str, Labels], float]:
@@ -66,6 +69,18 @@ def merge_samples(parts: Iterable[Samples]) -> dict[tuple[str, Labels], float]:
         for key, value in part.items():
             merged[key] = merged.get(key, 0.0) + value
     return merged
+
+
+def score_drift(parts: Iterable[Samples]) -> dict[str, float]:
+    """Score PSI per ``model/version``: every process exports the same merged window,
+    so the largest value is taken (summing, as for counters, would be wrong)."""
+    drift: dict[str, float] = {}
+    for part in parts:
+        for labels, value in _matching(part, SCORE_DRIFT):
+            named = dict(labels)
+            key = f"{named.get('model', '?')}/{named.get('version', '?')}"
+            drift[key] = max(drift.get(key, value), value)
+    return drift
 
 
 def _total(samples: Samples, name: str) -> float:
@@ -118,6 +133,8 @@ class Scrape:
     wall: float
     server: Samples | None
     worker: Samples | None
+    drift: Mapping[str, float] = field(default_factory=dict)
+    """Score PSI per ``model/version`` (:func:`score_drift`)."""
 
     @classmethod
     def take(
@@ -128,7 +145,7 @@ class Scrape:
         reached = [p for p in parts if p is not None]
         server = merge_samples(reached) if reached else None
         worker = scrape_metrics(worker_url, timeout_s) if worker_url else None
-        return cls(time.monotonic(), time.time(), server, worker)
+        return cls(time.monotonic(), time.time(), server, worker, score_drift(reached))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +159,8 @@ class Status:
     events_per_s: float | None
     lag: float | None
     freshness_s: float | None
+    drift: Mapping[str, float] = field(default_factory=dict)
+    """Score PSI per ``model/version`` at the second scrape."""
 
 
 def _rate(now: float, before: float, seconds: float) -> float:
@@ -176,20 +195,26 @@ def compute_status(previous: Scrape, current: Scrape) -> Status:
                 _total(previous.worker, STREAM_EVENTS),
                 seconds,
             )
-    return Status(seconds, rps, failed, p99, events, lag, freshness)
+    return Status(seconds, rps, failed, p99, events, lag, freshness, current.drift)
 
 
 def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def format_status(status: Status) -> str:
-    """One line, e.g. ``status | score 120.0 req/s p99 1.84 ms failed 0.0/s | stream
-    200.0 ev/s lag 0 | freshness 0.08 s``."""
+def format_status(status: Status, built_in_per_s: float = 0.0) -> str:
+    """One line, e.g. ``status | score 120.0 req/s (built-in 20/s) p99 1.84 ms failed
+    0.0/s | stream 200.0 ev/s lag 0 | freshness 0.08 s | drift psi fraud/1 0.012``.
+
+    ``built_in_per_s``: the stack's own Score load, said beside the rate it is part of.
+    """
     p99_ms = None if status.p99_s is None else status.p99_s * 1000.0
+    built_in = f" (built-in {built_in_per_s:g}/s)" if built_in_per_s > 0 else ""
+    drift = " ".join(f"{name} {psi:.3f}" for name, psi in sorted(status.drift.items())) or "-"
     return (
-        f"status | score {_fmt(status.requests_per_s, '{:.1f}')} req/s"
+        f"status | score {_fmt(status.requests_per_s, '{:.1f}')} req/s{built_in}"
         f" p99 {_fmt(p99_ms, '{:.2f}')} ms failed {_fmt(status.failed_per_s, '{:.1f}')}/s"
         f" | stream {_fmt(status.events_per_s, '{:.1f}')} ev/s lag {_fmt(status.lag, '{:.0f}')}"
         f" | freshness {_fmt(status.freshness_s, '{:.2f}')} s"
+        f" | drift psi {drift}"
     )

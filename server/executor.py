@@ -78,7 +78,7 @@ class VersionBatchRunner:
             blocks = [_rows_of(job) for job in live]
             matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
             outputs = await self._model.run(matrix)
-            if self._on_batch is not None:  # O(1): the hook only keeps references
+            if self._on_batch is not None:  # copies what it needs, keeps no reference
                 self._on_batch(matrix, outputs, live)
             sliced = split_rows(outputs, [block.shape[0] for block in blocks])
             parts = list(zip(blocks, sliced, strict=True))
@@ -94,7 +94,10 @@ class VersionBatchRunner:
             return None
         blocks = [_rows_of(job) for job in jobs]
         matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
-        sliced = split_rows(self._model.run_sync(matrix), [block.shape[0] for block in blocks])
+        outputs = self._model.run_sync(matrix)
+        if self._on_batch is not None:  # the idle fast path's answers are served too
+            self._on_batch(matrix, outputs, jobs)
+        sliced = split_rows(outputs, [block.shape[0] for block in blocks])
         return _results(jobs, {}, list(zip(blocks, sliced, strict=True)))
 
 

@@ -4,9 +4,10 @@ A :class:`BinLayout` is compiled once per version from its reference profile: ev
 monitored column (the features with a distribution, then the score) owns a slice of
 one flat count vector — its quantile bins (``len(edges) + 1``), one slot for NaN and,
 for a categorical column, one slot per reference category plus one for any other
-value. :meth:`BinLayout.fold` turns a batch (``[rows, F]`` matrix and ``[rows]``
-scores) into that vector with one ``np.searchsorted`` per column and a single
-``np.bincount`` over all columns: no per-row Python.
+value. :meth:`BinLayout.fold_values` turns a block of monitored values (``[rows, C]``
+float32: the monitored feature columns, then the score) into that vector with one
+search for all columns (:mod:`server.drift.search`) and one ``np.bincount``: no
+per-row and no per-column Python.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.governance.profile import SCORE, Distribution, ReferenceProfile, bin_index
+from server.drift.search import ColumnSearch
+from server.governance.profile import SCORE, Distribution, ReferenceProfile
 
 Counts = npt.NDArray[np.int64]
 
@@ -59,6 +61,9 @@ class BinLayout:
     size: int
     width: int
     """Input columns of the version (the matrix width it folds)."""
+    sources: npt.NDArray[np.intp]
+    """Matrix column of each monitored feature, in order."""
+    search: ColumnSearch
 
     @classmethod
     def compile(cls, profile: ReferenceProfile, feature_names: Sequence[str]) -> BinLayout:
@@ -77,7 +82,17 @@ class BinLayout:
             bins, offset = _column(name, column, dist, offset)
             features.append(bins)
         score, offset = _column(SCORE, -1, profile.distributions[SCORE], offset)
-        return cls(tuple(features), score, offset, len(feature_names))
+        sources = np.array([b.column for b in features], np.intp)
+        search = ColumnSearch.compile(
+            [c.edges for c in (*features, score)],
+            [c.start for c in (*features, score)],
+            [c.nan_slot for c in (*features, score)],
+            [
+                None if c.categories is None else (c.categories, c.category_start)
+                for c in (*features, score)
+            ],
+        )
+        return cls(tuple(features), score, offset, len(feature_names), sources, search)
 
     @property
     def columns(self) -> tuple[ColumnBins, ...]:
@@ -96,21 +111,16 @@ class BinLayout:
             raise ValueError(f"matrix shape {matrix.shape} does not have {self.width} columns")
         if scores.shape[0] != matrix.shape[0]:
             raise ValueError(f"{scores.shape[0]} scores for {matrix.shape[0]} rows")
-        indices: list[npt.NDArray[np.intp]] = []
-        for bins in self.columns:
-            values = scores if bins.column < 0 else matrix[:, bins.column]
-            values = values.astype(np.float64, copy=False)
-            nan = np.isnan(values)
-            slot = bin_index(values, bins.edges) + bins.start
-            indices.append(np.where(nan, bins.nan_slot, slot))
-            if bins.categories is not None:
-                found = np.searchsorted(bins.categories, values)
-                clipped = np.minimum(found, bins.categories.size - 1)
-                exact = bins.categories[clipped] == values
-                category = np.where(exact, clipped, bins.categories.size) + bins.category_start
-                indices.append(category[~nan])
-        flat = np.concatenate(indices)
-        return np.bincount(flat, minlength=self.size).astype(np.int64, copy=False)
+        values = np.empty((matrix.shape[0], len(self.features) + 1), np.float32)
+        values[:, :-1] = matrix[:, self.sources]
+        values[:, -1] = scores
+        return self.fold_values(values)
+
+    def fold_values(self, values: npt.NDArray[np.float32]) -> Counts:
+        """Counts of monitored ``values`` ([rows, C] float32: the features' columns, then
+        the score) in every slot: one search for all columns, one ``np.bincount``."""
+        slots = self.search.slots(values)
+        return np.bincount(slots, minlength=self.size).astype(np.int64, copy=False)
 
 
 def _column(name: str, column: int, dist: Distribution, offset: int) -> tuple[ColumnBins, int]:

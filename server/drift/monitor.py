@@ -1,10 +1,14 @@
 """Drift monitor of one server process: fold, flush, merge, compare, alert.
 
 The executor hands every micro-batch's input matrix, outputs and jobs to
-:meth:`VersionDrift.observe` (an O(1) append, no numpy on the answer's path). Every
-``flush_interval_s`` the monitor folds what accumulated into the reference bins
-(:meth:`server.drift.bins.BinLayout.fold`: vectorised, one pass for all batches) and
-writes this process's cumulative count vector of each time bucket to Redis.
+:meth:`VersionDrift.observe`, which keeps the input and score arrays (O(1), no numpy
+call) and counts defaulted features; it keeps no job, so the request objects die
+young (holding them let them survive into older collector generations; arrays are not
+tracked by the collector). ``PENDING_ROWS`` kept rows fold at once; every
+``flush_interval_s`` the monitor folds what accumulated into
+the reference bins (:meth:`server.drift.bins.BinLayout.fold_values`: one vectorised
+pass for all columns) and writes this process's cumulative count vector of each time
+bucket to Redis. PSI is computed only when windows are read back (``evaluate``).
 
 Redis layout (``<digest>`` = first 12 hex digits of the profile's sha256, so a
 changed profile never mixes with old counts)::
@@ -23,7 +27,8 @@ one never double counts. The vector holds the slots of :class:`BinLayout`, then 
 defaulted count per monitored feature, then the row count.
 
 Every ``evaluate_interval_s`` the monitor reads the short and long windows ending
-now (gauges, ``snapshot``) and judges each bucket closed at least ``grace_s`` ago:
+now (gauges, ``snapshot``; a bucket closed ``grace_s`` ago is read once and kept
+summed, so a round reads only the recent buckets) and judges each such bucket:
 the process that wins the bucket's claim compares the short window ending there
 with the thresholds and updates the breach streaks; a column whose streak reaches
 ``consecutive`` opens an episode and sends ONE event (Kafka ``drift.topic`` and the
@@ -61,8 +66,8 @@ from server.settings import DriftSettings, DriftThresholds
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "streamscore:drift:v1"
-#: Rows kept before a fold happens at once (keeps each fold, an event-loop stall, ~1 ms).
-MAX_PENDING_ROWS = 1024
+#: Rows kept before a fold happens at once (keeps each fold, an event-loop stall, ~0.2 ms).
+PENDING_ROWS = 256
 
 
 class HasPrepared(Protocol):
@@ -104,11 +109,19 @@ class VersionDrift:
         self._score_index = manifest.score_index
         self._feature_slot = {b.name: i for i, b in enumerate(layout.features)}
         self.vector_size = layout.size + len(layout.features) + 1
-        self._batches: list[tuple[npt.NDArray[Any], npt.NDArray[Any], Sequence[HasPrepared]]] = []
-        self._pending_rows = 0
+        self._batches: list[tuple[npt.NDArray[Any], npt.NDArray[Any]]] = []
+        """Input matrix and score output of each batch not folded yet."""
+        self._filled = 0
+        self._defaulted = [0] * len(layout.features)
+        """Defaulted answers per monitored feature since the last fold."""
+        self._all_features = bool(
+            np.array_equal(layout.sources, np.arange(layout.width, dtype=np.intp))
+        )
         self._buckets: dict[int, Counts] = {}
         """Cumulative vector of this process per bucket, kept until flushed after it closed."""
         self._dirty: set[int] = set()
+        self._merged: dict[int, Counts] = {}
+        """Sum over every process of each bucket already final (see ``read_window``)."""
         self.last_judged: int | None = None
         self.view: VersionView | None = None
 
@@ -118,36 +131,46 @@ class VersionDrift:
         outputs: Mapping[str, npt.NDArray[Any]],
         jobs: Sequence[HasPrepared],
     ) -> None:
-        """Keep one answered batch for the next fold (O(1) unless the backlog is full)."""
-        self._batches.append((matrix, outputs[self._score_output], jobs))
-        self._pending_rows += int(matrix.shape[0])
-        if self._pending_rows >= MAX_PENDING_ROWS:
+        """Keep one answered batch's input and score arrays for the next fold.
+
+        O(1) and no numpy call per batch (a lone caller's batches are one row: numpy's
+        per-call overhead was the cost there). Only the arrays are kept, never the jobs:
+        arrays are not tracked by the cyclic collector, so holding them adds no
+        collection work (holding the jobs did). Defaulted features are counted now;
+        ``PENDING_ROWS`` kept rows fold at once.
+        """
+        self._batches.append((matrix, outputs[self._score_output]))
+        self._filled += int(matrix.shape[0])
+        for job in jobs:
+            prepared = job.prepared
+            if prepared is not None and prepared.defaulted:
+                for name in prepared.defaulted:
+                    slot = self._feature_slot.get(name)
+                    if slot is not None:
+                        self._defaulted[slot] += 1
+        if self._filled >= PENDING_ROWS:
             self.fold()
 
     def fold(self) -> None:
-        """Fold every kept batch into the current bucket's vector."""
+        """Fold the kept batches and defaulted counts into the current bucket's vector."""
         if not self._batches:
             return
         batches, self._batches = self._batches, []
-        self._pending_rows = 0
-        matrices = [b[0] for b in batches]
-        raw = [b[1] for b in batches]
-        matrix = matrices[0] if len(matrices) == 1 else np.concatenate(matrices, axis=0)
-        values = raw[0] if len(raw) == 1 else np.concatenate(raw, axis=0)
-        scores = values[:, self._score_index] if values.ndim == 2 else values.reshape(-1)
+        rows, self._filled = self._filled, 0
+        matrix = batches[0][0] if len(batches) == 1 else np.concatenate([b[0] for b in batches])
+        raw = batches[0][1] if len(batches) == 1 else np.concatenate([b[1] for b in batches])
+        block = np.empty((rows, len(self.layout.features) + 1), np.float32)
+        block[:, :-1] = matrix if self._all_features else matrix[:, self.layout.sources]
+        block[:, -1] = raw[:, self._score_index] if raw.ndim == 2 else raw.reshape(-1)
+        self._add(self.layout.fold_values(block), rows)
+
+    def _add(self, counts: Counts, rows: int) -> None:
         layout = self.layout
         vector = np.zeros(self.vector_size, np.int64)
-        vector[: layout.size] = layout.fold(matrix, scores)
-        slots = self._feature_slot
-        for _, _, jobs in batches:
-            for job in jobs:
-                prepared = job.prepared
-                if prepared is not None and prepared.defaulted:
-                    for name in prepared.defaulted:
-                        slot = slots.get(name)
-                        if slot is not None:
-                            vector[layout.size + slot] += 1
-        vector[-1] = matrix.shape[0]
+        vector[: layout.size] = counts
+        vector[layout.size : -1] = self._defaulted
+        self._defaulted = [0] * len(layout.features)
+        vector[-1] = rows
         bucket = int(self._clock() // self._settings.bucket_s)
         current = self._buckets.get(bucket)
         self._buckets[bucket] = vector if current is None else current + vector
@@ -170,18 +193,41 @@ class VersionDrift:
         for bucket in [b for b in self._buckets if b < current - 1 and b not in self._dirty]:
             del self._buckets[bucket]
 
-    async def read_window(self, redis: AnyRedis, last_bucket: int, buckets: int) -> Counts:
-        """Sum over every process of the buckets ``last_bucket - buckets + 1 .. last_bucket``."""
-        async with redis.pipeline(transaction=False) as pipe:
-            for bucket in range(last_bucket - buckets + 1, last_bucket + 1):
-                pipe.hvals(f"{self.key}:b:{bucket}")
-            replies = await pipe.execute()
+    async def read_window(
+        self, redis: AnyRedis, last_bucket: int, buckets: int, final: int | None = None
+    ) -> Counts:
+        """Sum over every process of the buckets ``last_bucket - buckets + 1 .. last_bucket``.
+
+        Buckets up to ``final`` (closed ``grace_s`` ago, as judged) are read once and
+        kept summed, so an evaluation reads only the few recent buckets, not the whole
+        long window; older ones are dropped from that cache.
+        """
         total = np.zeros(self.vector_size, np.int64)
-        width = self.vector_size * 8
-        for values in replies:
-            for raw in values:
-                if len(raw) == width:
-                    total += np.frombuffer(raw, np.int64)
+        missing: list[int] = []
+        for bucket in range(last_bucket - buckets + 1, last_bucket + 1):
+            cached = self._merged.get(bucket)
+            if cached is None:
+                missing.append(bucket)
+            else:
+                total += cached
+        if missing:
+            async with redis.pipeline(transaction=False) as pipe:
+                for bucket in missing:
+                    pipe.hvals(f"{self.key}:b:{bucket}")
+                replies = await pipe.execute()
+            width = self.vector_size * 8
+            for bucket, values in zip(missing, replies, strict=True):
+                summed = np.zeros(self.vector_size, np.int64)
+                for raw in values:
+                    if len(raw) == width:
+                        summed += np.frombuffer(raw, np.int64)
+                total += summed
+                if final is not None and bucket <= final:
+                    self._merged[bucket] = summed
+        if final is not None:
+            oldest = final - self._settings.long_window_buckets
+            for bucket in [b for b in self._merged if b < oldest]:
+                del self._merged[bucket]
         return total
 
     def window_view(self, counts: Counts, buckets: int) -> WindowView:
@@ -316,16 +362,16 @@ class DriftMonitor:
         s = self._settings
         now = self._clock()
         current = int(now // s.bucket_s)
+        closed = int((now - s.grace_s) // s.bucket_s) - 1
         short = drift.window_view(
-            await drift.read_window(self._redis, current, s.short_window_buckets),
+            await drift.read_window(self._redis, current, s.short_window_buckets, closed),
             s.short_window_buckets,
         )
         long = drift.window_view(
-            await drift.read_window(self._redis, current, s.long_window_buckets),
+            await drift.read_window(self._redis, current, s.long_window_buckets, closed),
             s.long_window_buckets,
         )
         self._metrics.export(drift.model, drift.version, short)
-        closed = int((now - s.grace_s) // s.bucket_s) - 1
         start = closed if drift.last_judged is None else drift.last_judged + 1
         for bucket in range(max(start, closed - s.short_window_buckets + 1), closed + 1):
             await self._judge(drift, bucket)
@@ -351,7 +397,7 @@ class DriftMonitor:
             return
         thresholds = s.thresholds(drift.model)
         view = drift.window_view(
-            await drift.read_window(self._redis, bucket, s.short_window_buckets),
+            await drift.read_window(self._redis, bucket, s.short_window_buckets, bucket),
             s.short_window_buckets,
         )
         if view.rows < thresholds.min_rows:

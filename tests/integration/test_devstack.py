@@ -32,12 +32,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from demo.synthetic import DEMO_FEATURES
 from devstack.producer import TransactionSource, demo_population
+from devstack.status import scrape_metrics
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.routing.approval import REPORT_FILE
 from tests.conftest import free_port
+from tests.support.drift import write_reference_profile
 from tests.support.model_factory import write_linear_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -261,6 +263,56 @@ def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(
         assert all(line in stack.lines for line in stopped), stack.output()
         order = [stack.lines.index(line) for line in stopped]
         assert order == sorted(order), "children stop in reverse start order"
+
+
+@pytest.mark.timeout(150)
+def test_dev_stack_scores_on_its_own_so_drift_shows_without_callers(tmp_path: Path) -> None:
+    """By default the stack sends its own Score load (the producer's transactions through
+    the gRPC port): with no caller at all, the drift gauges of the served version fill
+    and the status line says how much of its traffic is built in."""
+    repository = tmp_path / "models"
+    version_dir, weights, bias = write_linear_model(
+        repository, "fraud", "1", list(DEMO_FEATURES), seed=3, weight_scale=1e-3
+    )
+    write_reference_profile(version_dir, weights, bias, rows=2000)
+    metrics_port = free_port()
+    with _stack(
+        tmp_path,
+        "--grpc-port", str(free_port()),
+        "--metrics-port", str(metrics_port),
+        "--redis-port", str(free_port()),
+        "--customers", str(CUSTOMERS),
+        "--merchants", str(MERCHANTS),
+        "--seed", str(SEED),
+        "--status-interval", "1",
+        "--no-train",
+        "--data-dir", str(tmp_path / "devstack"),
+        "--set", f"models.repository={repository}",
+        "--set", "drift.flush_interval_s=0.2",
+        "--set", "drift.evaluate_interval_s=0.5",
+    ) as stack:  # fmt: skip
+        stack.wait_for_line(lambda line: "pids" in line, 2 * STARTUP_S)  # seen > 45 s at load 9
+        banner = "\n".join(stack.lines)
+        assert "built-in load    20 Score calls/s" in banner, banner
+        status = stack.wait_for_line(
+            lambda line: "status |" in line and re.search(r"fraud/1 [0-9.]+$", line) is not None,
+            30.0,
+        )
+        assert "req/s (built-in 20/s)" in status, status
+        deadline = time.monotonic() + 20.0
+        while True:
+            scraped = scrape_metrics(f"http://127.0.0.1:{metrics_port}/metrics") or {}
+            rows = scraped.get(
+                ("streamscore_drift_window_rows", (("model", "fraud"), ("version", "1"))), 0.0
+            )
+            if rows > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert rows > 0, stack.output()
+        psi = scraped[("streamscore_drift_score_psi", (("model", "fraud"), ("version", "1")))]
+        assert psi > 0, scraped  # the demo traffic is not the normal draws of the profile
+        os.killpg(stack.process.pid, signal.SIGINT)
+        assert stack.process.wait(timeout=40) == 0, stack.output()
 
 
 _HOLD_SERVICES = """\

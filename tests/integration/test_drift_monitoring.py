@@ -225,3 +225,74 @@ async def test_reference_traffic_is_quiet_and_a_shift_gives_one_event_per_episod
     f0 = [e for e in events if e["feature"] == "f0"]
     assert len(f0) == 2, events
     assert f0[0]["psi"] > 0.2 and f0[0]["model"] == "lin" and f0[0]["version"] == "1"
+
+
+async def test_a_lone_callers_answers_are_all_counted(tmp_path: Path, redis_url: str) -> None:
+    """One caller at a time takes the batcher's idle fast path: its rows count too."""
+    from redis.asyncio import Redis
+
+    repository = repository_with_profile(tmp_path)
+    overrides = ["routing.store=redis", f"redis.url={redis_url}", "drift.flush_interval_s=60"]
+    rng = np.random.default_rng(11)
+    async with running_server(repository, overrides) as server:
+        for _ in range(40):
+            await server.inference.ModelInfer(infer(draw(rng, 1)))
+        monitor = server.app.drift
+        assert monitor is not None
+        assert await monitor.flush()
+        version = monitor._versions[("lin", "1")]
+        client = Redis.from_url(redis_url)
+        try:
+            counts = await version.read_window(client, int(time.time() // 60), 2)
+        finally:
+            await client.aclose()
+    assert int(counts[-1]) == 40
+
+
+async def test_a_final_bucket_is_read_once_then_kept_summed(tmp_path: Path, redis_url: str) -> None:
+    """An evaluation reads from Redis only the buckets not yet final: one closed
+    ``grace_s`` ago is kept summed (gone from Redis, it still counts); a recent one is
+    read again every round (its flushes keep changing it)."""
+    from prometheus_client import CollectorRegistry
+    from redis.asyncio import Redis
+
+    from server.drift.metrics import DriftMetrics
+    from server.drift.monitor import DriftMonitor
+    from server.manifest import ModelManifest
+    from server.settings import DriftSettings
+
+    version_dir, weights, bias = write_linear_model(tmp_path, "cached", "1", TEST_FEATURES)
+    write_reference_profile(version_dir, weights, bias, rows=2000)
+    settings = DriftSettings(bucket_s=1, short_window_buckets=2, long_window_buckets=4, grace_s=0)
+    now = [100.5]
+    client = Redis.from_url(redis_url)
+    try:
+        registry = DriftMetrics(CollectorRegistry())
+        monitor = DriftMonitor(settings, client, registry, clock=lambda: now[0])
+        drift = monitor.attach(version_dir, ModelManifest.read(version_dir), TEST_FEATURES)
+        assert drift is not None
+        rng = np.random.default_rng(3)
+
+        async def send(rows: int) -> None:
+            probabilities = rng.random((rows, 2)).astype(np.float32)
+            drift.observe(draw(rng, rows), {"probabilities": probabilities}, [])
+            assert await monitor.flush()
+
+        def long_rows() -> int:
+            view = monitor.view("cached", "1")
+            assert view is not None
+            return view.long.rows
+
+        await send(10)  # bucket 100
+        now[0] = 102.5  # bucket 100 is final, 102 is the current one
+        await monitor.evaluate()
+        assert long_rows() == 10
+        await client.delete(f"{drift.key}:b:100")
+        await send(5)  # bucket 102
+        await monitor.evaluate()
+        assert long_rows() == 15  # 100 from the cache, 102 read
+        await send(5)  # bucket 102 again: this process's field grows to 10
+        await monitor.evaluate()
+        assert long_rows() == 20
+    finally:
+        await client.aclose()

@@ -75,3 +75,59 @@ def test_profile_without_score_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="score"):
         BinLayout.compile(bad, ["a"])
+
+
+def reference_fold(layout: BinLayout, matrix: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Column by column, the plain way: searchsorted per column, categories by lookup."""
+    counts = np.zeros(layout.size, np.int64)
+    for bins in layout.columns:
+        values = (scores if bins.column < 0 else matrix[:, bins.column]).astype(np.float64)
+        for value in values:
+            if np.isnan(value):
+                counts[bins.nan_slot] += 1
+                continue
+            counts[bins.start + int(np.searchsorted(bins.edges, value, side="left"))] += 1
+            if bins.categories is not None:
+                hits = np.flatnonzero(bins.categories == value)
+                offset = int(hits[0]) if hits.size else bins.categories.size
+                counts[bins.category_start + offset] += 1
+    return counts
+
+
+def test_vectorised_fold_equals_the_column_by_column_fold() -> None:
+    rng = np.random.default_rng(5)
+    edges = {
+        "wide": Distribution(
+            edges=tuple(np.sort(rng.normal(size=9))), frequencies=(0.1,) * 10, nan_share=0.0
+        ),
+        "one": Distribution(edges=(0.0,), frequencies=(0.5, 0.5), nan_share=0.0),
+        "none": Distribution(edges=(), frequencies=(1.0,), nan_share=0.0),
+        "coded": Distribution(
+            edges=(1.0, 2.0),
+            frequencies=(0.3, 0.3, 0.4),
+            nan_share=0.0,
+            categories={"0": 0.3, "1": 0.3, "2": 0.2, "5": 0.1, "0.1": 0.1},
+        ),
+        "pair": Distribution(
+            edges=(0.0,), frequencies=(0.5, 0.5), nan_share=0.0, categories={"0": 0.5, "1": 0.5}
+        ),
+    }
+    names = ["wide", "skip", "one", "none", "coded", "pair"]
+    layout = BinLayout.compile(profile(**edges), names)
+    matrix = rng.normal(size=(3000, len(names)))
+    matrix[:, 4] = rng.choice([0.0, 1.0, 2.0, 3.0, 5.0], size=3000)
+    matrix[:, 5] = rng.choice([0.0, 1.0, 7.0], size=3000)
+    matrix[rng.random(matrix.shape) < 0.05] = np.nan
+    matrix[:50, 2] = 0.0  # exactly on an edge
+    matrix[50:60, 2] = -0.0
+    matrix[60:63, 4] = np.array([-0.0, 0.1, np.float32(0.1)])  # 0.1: no float32 (no category)
+    near = np.float32(edges["wide"].edges[3])  # float32 values around a float64 edge
+    matrix[63:66, 0] = np.array(
+        [np.nextafter(near, np.float32(-9)), near, np.nextafter(near, np.float32(9))]
+    )
+    matrix[70:80, :] = np.inf
+    matrix[80:90, :] = -np.inf
+    scores = rng.random(3000).astype(np.float32)
+    scores[:10] = np.nan
+    matrix32 = matrix.astype(np.float32)
+    assert np.array_equal(layout.fold(matrix32, scores), reference_fold(layout, matrix32, scores))
