@@ -27,9 +27,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,16 +64,14 @@ class Phase:
     rss_kb: list[int] = field(default_factory=list)
     #: Open loop: how late each call started against its intended send time (s).
     send_lag: list[float] = field(default_factory=list)
-    #: A few status messages of each code other than OK and RESOURCE_EXHAUSTED.
-    details: dict[str, list[str]] = field(default_factory=dict)
+    #: Failed calls by code and message (digits as N): who refused, and why.
+    details: Counter[str] = field(default_factory=Counter)
 
     def add(self, code: str, latency: float) -> None:
         self.latencies.setdefault(code, []).append(latency)
 
     def note(self, code: str, detail: str) -> None:
-        seen = self.details.setdefault(code, [])
-        if len(seen) < 3 and detail not in seen:
-            seen.append(detail)
+        self.details[f"{code}: {re.sub(r'[0-9.]+', 'N', detail)}"] += 1
 
     def count(self, code: str) -> int:
         return len(self.latencies.get(code, ()))
@@ -92,7 +92,7 @@ class Phase:
             "p99_ms": {code: self.p(code, 99) for code in self.latencies},
             "rss_kb": self.rss_kb,
             "send_lag_ms": _lag_summary(self.send_lag),
-            "details": self.details,
+            "details": dict(self.details.most_common()),
         }
 
 
@@ -144,8 +144,7 @@ class Client:
             code = "OK"
         except grpc.aio.AioRpcError as error:
             code = error.code().name
-            if code not in ("OK", EXHAUSTED):
-                phase.note(code, error.details() or "")
+            phase.note(code, error.details() or "")
         phase.add(code, time.perf_counter() - started)
 
     def channel(self, i: int) -> grpc.aio.Channel:
@@ -342,9 +341,9 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         f"(target <= 3); RSS during 2x: {min(rss) / _MIB:.1f} .. {max(rss) / _MIB:.1f} MiB "
         f"({len(rss)} samples).",
     ]
-    details = {c: d for p in (light, heavy) for c, d in p["details"].items()}
-    if details:
-        lines += ["", f"other codes' messages: {details}"]
+    for name, p in (("0.8x", light), ("2x", heavy)):
+        if p["details"]:
+            lines += ["", f"{name} failures by message: {p['details']}"]
     if figures["streams"]:
         lines += ["", _streams_line(figures["streams"])]
     return "\n".join(lines)
