@@ -457,6 +457,13 @@ class ModelServing(_Frozen):
         description="How long the first queued request may wait for a fuller batch; "
         "0 = run whatever is queued as soon as the runtime is free.",
     )
+    max_queue_wait_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Wait a new request may expect in the queue (batches ahead x the "
+        "moving average of batch time); past it RESOURCE_EXHAUSTED at once, so accepted "
+        "latency stays bounded under overload; null = only the size bounds apply.",
+    )
     execution: Execution = Field(
         default="inline",
         description="'inline': session.run on the event-loop thread (no thread hop; the loop "
@@ -539,6 +546,7 @@ class ModelServingOverrides(_Frozen):
     max_queue_size: int | None = Field(default=None, description=_doc("max_queue_size"))
     max_queue_rows: int | None = Field(default=None, description=_doc("max_queue_rows"))
     max_queue_delay_ms: float | None = Field(default=None, description=_doc("max_queue_delay_ms"))
+    max_queue_wait_ms: float | None = Field(default=None, description=_doc("max_queue_wait_ms"))
     execution: Execution | None = Field(default=None, description=_doc("execution"))
     intra_op_threads: int | None = Field(default=None, description=_doc("intra_op_threads"))
     inter_op_threads: int | None = Field(default=None, description=_doc("inter_op_threads"))
