@@ -161,6 +161,7 @@ class AppContext:
                 execution=serving.execution,
                 intra_op_threads=serving.intra_op_threads,
                 inter_op_threads=serving.inter_op_threads,
+                worker_nice=serving.worker_nice,
             ),
             versions=serving.versions,
             champion=serving.champion,

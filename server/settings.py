@@ -475,6 +475,14 @@ class ModelServing(_Frozen):
     intra_op_threads: int = Field(
         default=1, ge=0, description="ORT threads inside one operator; 0 = ORT default (all cores)."
     )
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="With execution 'thread' (Linux): the worker thread's nice value, above "
+        "the process's, so on a shared core the event loop that accepts and refuses calls "
+        "is not starved by session.run (ORT's own intra-op threads keep the process's).",
+    )
     inter_op_threads: int = Field(
         default=1, ge=0, description="ORT threads across operators; 0 = ORT default."
     )
@@ -549,6 +557,7 @@ class ModelServingOverrides(_Frozen):
     max_queue_wait_ms: float | None = Field(default=None, description=_doc("max_queue_wait_ms"))
     execution: Execution | None = Field(default=None, description=_doc("execution"))
     intra_op_threads: int | None = Field(default=None, description=_doc("intra_op_threads"))
+    worker_nice: int | None = Field(default=None, description=_doc("worker_nice"))
     inter_op_threads: int | None = Field(default=None, description=_doc("inter_op_threads"))
     versions: tuple[ModelName, ...] | None = Field(default=None, description=_doc("versions"))
     champion: ModelName | None = Field(default=None, description=_doc("champion"))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -130,6 +133,20 @@ async def test_a_flood_past_the_queue_wait_budget_is_refused(tmp_path: Path) -> 
         assert all("max_queue_wait_ms 1" in d for d in refused), refused[:1]
         assert _dropped(srv, "queue_full") == len(refused)
         assert (await _timed(srv, 99))[0] == OK  # idle again: admitted
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+async def test_worker_thread_runs_below_the_event_loop(slow_server: RunningServer) -> None:
+    """With ``execution=thread`` the ORT worker thread gets ``worker_nice`` (default 10)
+    above the process, so on a shared core the loop that admits and refuses calls
+    is scheduled first; the loop's own thread keeps the process's nice value."""
+    await _batch_seconds(slow_server)  # the worker thread exists once a batch ran
+    workers = [t for t in threading.enumerate() if t.name.startswith("ort-slow")]
+    assert len(workers) == 1, [t.name for t in threading.enumerate()]
+    worker_id = workers[0].native_id
+    assert worker_id is not None
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert os.getpriority(os.PRIO_PROCESS, worker_id) == min(19, loop_nice + 10)
 
 
 async def test_flood_is_rejected_at_once_and_the_rest_succeed(slow_server: RunningServer) -> None:
