@@ -26,8 +26,10 @@ Policy (continuous batching, gathered without timers):
   and the wait the queue already implies (batches ahead, counting the one running, x
   a moving average of measured batch time) exceeds it. That bounds accepted latency
   by time, whatever a batch costs, and refuses the excess before it waits at all.
-* Before a batch runs, requests whose caller cancelled are skipped, and requests
-  whose deadline has passed fail with ``DeadlineExceeded``; neither is computed.
+* A request whose deadline comes before the queue ahead of it is expected to clear
+  fails with ``DeadlineExceeded`` at once instead of waiting to miss it. Before a
+  batch runs, requests whose caller cancelled are skipped, and requests whose
+  deadline has passed fail with ``DeadlineExceeded``; neither is computed.
 * Each caller gets exactly the rows of its own request back: outputs are split by
   row offsets of the concatenated batch. A result is set only on a future that is
   still pending, so a caller that went away never strands the rest of the batch.
@@ -251,9 +253,16 @@ class MicroBatcher(Generic[J, R]):
                 f"max_queue_wait_ms {max_wait * 1000:g})"
             )
         now = loop.time()
-        if deadline is not None and now >= deadline:
-            self._observer.dropped("deadline")
-            raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
+        if deadline is not None:
+            if now >= deadline:
+                self._observer.dropped("deadline")
+                raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
+            if (wait := self.expected_wait_s) > deadline - now:
+                self._observer.dropped("deadline")
+                raise DeadlineExceeded(
+                    f"model {self.name}: deadline in {(deadline - now) * 1000:.0f} ms, "
+                    f"the queue ahead is expected to take {wait * 1000:.0f} ms"
+                )
         if self._task is None:
             self.start()
         return now

@@ -334,6 +334,31 @@ async def test_queue_is_bounded_by_expected_wait() -> None:
     await batcher.close()
 
 
+async def test_deadline_sooner_than_the_expected_wait_is_refused_at_once() -> None:
+    run = FakeRun(sleep_s=0.05)
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder, max_batch_size=1, max_queue_size=100)
+    await batcher.submit(make_rows(0, 1))  # the batch time is measured: ~50 ms
+    run.sleep_s, run.gate = 0.0, asyncio.Event()
+    run.started.clear()
+    running = asyncio.create_task(batcher.submit(make_rows(1, 1)))
+    await run.started.wait()
+    queued = asyncio.create_task(batcher.submit(make_rows(2, 1)))
+    await turns_until(lambda: batcher.depth == 1)
+    wait = batcher.expected_wait_s  # two batches ahead of the next caller
+    loop = asyncio.get_running_loop()
+    late = batcher.submit(make_rows(3, 1), deadline=loop.time() + wait / 2)
+    with pytest.raises(DeadlineExceeded, match=r"deadline in \d+ ms, the queue ahead"):
+        late.send(None)  # raises before ever suspending: it never waits to miss it
+    assert recorder.dropped_reasons == ["deadline"]
+    in_time = asyncio.create_task(batcher.submit(make_rows(4, 1), deadline=loop.time() + 60))
+    await turns_until(lambda: batcher.depth == 2)  # a far deadline is queued as before
+    run.gate.set()
+    for i, task in ((1, running), (2, queued), (4, in_time)):
+        assert_own_rows(await task, make_rows(i, 1))
+    await batcher.close()
+
+
 def test_queue_wait_budget_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_queue_wait_s"):
         BatchPolicy(max_queue_wait_s=0.0)
