@@ -476,12 +476,14 @@ class ModelServing(_Frozen):
         default=1, ge=0, description="ORT threads inside one operator; 0 = ORT default (all cores)."
     )
     worker_nice: int = Field(
-        default=10,
+        default=0,
         ge=0,
         le=19,
-        description="With execution 'thread' (Linux): the worker thread's nice value, above "
+        description="With execution 'thread' (Linux): the worker thread's nice value above "
         "the process's, so on a shared core the event loop that accepts and refuses calls "
-        "is not starved by session.run (ORT's own intra-op threads keep the process's).",
+        "is scheduled before session.run (ORT's own intra-op threads keep the process's). "
+        "Off by default: when accepting calls alone saturates the core, a niced worker "
+        "starves and throughput collapses (bench/RESULTS.md, Overload).",
     )
     inter_op_threads: int = Field(
         default=1, ge=0, description="ORT threads across operators; 0 = ORT default."

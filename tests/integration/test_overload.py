@@ -136,17 +136,21 @@ async def test_a_flood_past_the_queue_wait_budget_is_refused(tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-async def test_worker_thread_runs_below_the_event_loop(slow_server: RunningServer) -> None:
-    """With ``execution=thread`` the ORT worker thread gets ``worker_nice`` (default 10)
-    above the process, so on a shared core the loop that admits and refuses calls
-    is scheduled first; the loop's own thread keeps the process's nice value."""
-    await _batch_seconds(slow_server)  # the worker thread exists once a batch ran
-    workers = [t for t in threading.enumerate() if t.name.startswith("ort-slow")]
-    assert len(workers) == 1, [t.name for t in threading.enumerate()]
-    worker_id = workers[0].native_id
-    assert worker_id is not None
-    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert os.getpriority(os.PRIO_PROCESS, worker_id) == min(19, loop_nice + 10)
+async def test_worker_thread_runs_below_the_event_loop(tmp_path: Path) -> None:
+    """With ``execution=thread`` and ``worker_nice`` the ORT worker thread runs that much
+    above the process, so on a shared core the loop that admits and refuses calls is
+    scheduled first; the loop's own thread keeps the process's nice value."""
+    repository = tmp_path / "models"
+    write_linear_model(repository, "slow", "1", TEST_FEATURES, slow_layers=300, slow_width=1024)
+    overrides = ["models.per_model.slow.execution=thread", "models.per_model.slow.worker_nice=7"]
+    async with running_server(repository, overrides) as srv:
+        await _batch_seconds(srv)  # the worker thread exists once a batch ran
+        workers = [t for t in threading.enumerate() if t.name.startswith("ort-slow")]
+        assert len(workers) == 1, [t.name for t in threading.enumerate()]
+        worker_id = workers[0].native_id
+        assert worker_id is not None
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, worker_id) == min(19, loop_nice + 7)
 
 
 async def test_flood_is_rejected_at_once_and_the_rest_succeed(slow_server: RunningServer) -> None:
