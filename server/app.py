@@ -153,11 +153,15 @@ class AppContext:
                 max_queue_size=serving.max_queue_size,
                 max_queue_rows=serving.max_queue_rows,
                 max_queue_delay_s=serving.max_queue_delay_ms / 1000.0,
+                max_queue_wait_s=(
+                    None if serving.max_queue_wait_ms is None else serving.max_queue_wait_ms / 1e3
+                ),
             ),
             runtime=RuntimeOptions(
                 execution=serving.execution,
                 intra_op_threads=serving.intra_op_threads,
                 inter_op_threads=serving.inter_op_threads,
+                worker_nice=serving.worker_nice,
             ),
             versions=serving.versions,
             champion=serving.champion,

@@ -22,9 +22,14 @@ Policy (continuous batching, gathered without timers):
   ``lone_probe_interval_s`` one request takes the gathering path instead, so
   arriving concurrency is noticed and batching resumes.
 * Over ``max_queue_size`` pending requests or ``max_queue_rows`` pending rows,
-  ``submit`` raises ``QueueFull`` at once.
-* Before a batch runs, requests whose caller cancelled are skipped, and requests
-  whose deadline has passed fail with ``DeadlineExceeded``; neither is computed.
+  ``submit`` raises ``QueueFull`` at once; so it does when ``max_queue_wait_s`` is set
+  and the wait the queue already implies (batches ahead, counting the one running, x
+  a moving average of measured batch time) exceeds it. That bounds accepted latency
+  by time, whatever a batch costs, and refuses the excess before it waits at all.
+* A request whose deadline comes before the queue ahead of it is expected to clear
+  fails with ``DeadlineExceeded`` at once instead of waiting to miss it. Before a
+  batch runs, requests whose caller cancelled are skipped, and requests whose
+  deadline has passed fail with ``DeadlineExceeded``; neither is computed.
 * Each caller gets exactly the rows of its own request back: outputs are split by
   row offsets of the concatenated batch. A result is set only on a future that is
   still pending, so a caller that went away never strands the rest of the batch.
@@ -64,6 +69,8 @@ RunJobs = Callable[[list[J]], Awaitable[Sequence[R | ScoringError]]]
 RunNow = Callable[[list[J]], Sequence[R | ScoringError] | None]
 #: Average requests per batch under which traffic counts as a lone caller.
 _LONE_CALLER = 1.1
+#: Weight of the newest batch in the moving average of batch time.
+_BATCH_TIME_WEIGHT = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,8 @@ class BatchPolicy:
     #: Rows waiting (a job of N rows counts N); ``None``: only requests are counted.
     max_queue_rows: int | None = None
     max_queue_delay_s: float = 0.0
+    #: Estimated queue wait past which a new job is refused; ``None``: not checked.
+    max_queue_wait_s: float | None = None
     #: Loop turns without a new arrival after which gathering stops.
     gather_patience: int = 6
     #: Most loop turns one gathering may take.
@@ -91,6 +100,8 @@ class BatchPolicy:
             raise ValueError("max_queue_rows must be >= max_batch_size")
         if self.max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")
+        if self.max_queue_wait_s is not None and self.max_queue_wait_s <= 0:
+            raise ValueError("max_queue_wait_s must be > 0")
         if self.gather_patience < 1 or self.max_gather_turns < 0:
             raise ValueError("gather_patience must be >= 1 and max_gather_turns >= 0")
         if self.lone_probe_interval_s < 0:
@@ -161,11 +172,21 @@ class MicroBatcher(Generic[J, R]):
         self._closing = False
         #: Moving average of requests per batch: the fill window opens only above 1.5.
         self._recent_requests_per_batch = 1.0
+        #: Moving average of a batch's run time (s); 0 until one ran.
+        self._batch_seconds = 0.0
 
     @property
     def depth(self) -> int:
         """Requests waiting (not counting the batch running now)."""
         return len(self._queue)
+
+    @property
+    def expected_wait_s(self) -> float:
+        """Wait a job queued now can expect: the batches ahead of it (the running one
+        counted whole) x the moving average of batch time."""
+        batch = self.policy.max_batch_size
+        ahead = -(-self._rows_queued // batch) + (1 if self._busy else 0)
+        return ahead * self._batch_seconds
 
     def start(self) -> None:
         """Start the flush task on the running loop."""
@@ -224,10 +245,24 @@ class MicroBatcher(Generic[J, R]):
                 f"model {self.name}: queue full ({self._rows_queued} rows waiting, "
                 f"{rows} more would exceed max_queue_rows {max_rows})"
             )
+        max_wait = self.policy.max_queue_wait_s
+        if max_wait is not None and (wait := self.expected_wait_s) > max_wait:
+            self._observer.dropped("queue_full")
+            raise QueueFull(
+                f"model {self.name}: queue full (expected wait {wait * 1000:.0f} ms exceeds "
+                f"max_queue_wait_ms {max_wait * 1000:g})"
+            )
         now = loop.time()
-        if deadline is not None and now >= deadline:
-            self._observer.dropped("deadline")
-            raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
+        if deadline is not None:
+            if now >= deadline:
+                self._observer.dropped("deadline")
+                raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
+            if (wait := self.expected_wait_s) > deadline - now:
+                self._observer.dropped("deadline")
+                raise DeadlineExceeded(
+                    f"model {self.name}: deadline in {(deadline - now) * 1000:.0f} ms, "
+                    f"the queue ahead is expected to take {wait * 1000:.0f} ms"
+                )
         if self._task is None:
             self.start()
         return now
@@ -265,7 +300,9 @@ class MicroBatcher(Generic[J, R]):
             raise InferenceFailed(f"model {self.name}: {len(results)} results for 1 request")
         observer = self._observer
         observer.queue_waited(0.0)
-        observer.batch_ran(rows, 1, loop.time() - started)
+        seconds = loop.time() - started
+        observer.batch_ran(rows, 1, seconds)
+        self._note_batch_time(seconds)
         self._recent_requests_per_batch = 0.8 * self._recent_requests_per_batch + 0.2
         result = results[0]
         if isinstance(result, ScoringError):
@@ -387,7 +424,9 @@ class MicroBatcher(Generic[J, R]):
             self._fail(batch, InferenceFailed(f"model {self.name}: inference failed: {error}"))
             return
         rows = sum(p.rows for p in batch)
-        self._observer.batch_ran(rows, len(batch), loop.time() - started)
+        seconds = loop.time() - started
+        self._observer.batch_ran(rows, len(batch), seconds)
+        self._note_batch_time(seconds)
         self._recent_requests_per_batch = 0.8 * self._recent_requests_per_batch + 0.2 * len(batch)
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
@@ -396,6 +435,11 @@ class MicroBatcher(Generic[J, R]):
                 pending.future.set_exception(result)
             else:
                 pending.future.set_result(result)
+
+    def _note_batch_time(self, seconds: float) -> None:
+        previous = self._batch_seconds
+        weight = _BATCH_TIME_WEIGHT if previous else 1.0
+        self._batch_seconds = previous + weight * (seconds - previous)
 
     def _fail(self, batch: list[_Pending[J, R]], error: ScoringError) -> None:
         for pending in batch:

@@ -8,13 +8,19 @@ output names). ``OnnxModel.run`` executes ``session.run``:
   tree models a batch costs microseconds while a thread hand-off costs more
   than the model, so inline is the default (see bench/RESULTS.md).
 * ``execution="thread"`` runs on the model's own single worker thread; ORT
-  releases the GIL, so the loop keeps serving while a larger model computes.
+  releases the GIL, so the loop keeps serving while a larger model computes. On
+  Linux that thread runs ``worker_nice`` above the process's nice value, so when
+  both share a core the scheduler favours the loop (accepting, refusing, answering)
+  over ``session.run``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +53,8 @@ class RuntimeOptions:
     execution: Execution = "inline"
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    #: Added to the worker thread's nice value (``execution="thread"``, Linux only).
+    worker_nice: int = 0
 
 
 class OnnxModel:
@@ -64,7 +72,12 @@ class OnnxModel:
             o.name: list(o.shape) for o in session.get_outputs()
         }
         self._executor: ThreadPoolExecutor | None = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{manifest.name}")
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"ort-{manifest.name}",
+                initializer=lower_thread_priority,
+                initargs=(options.worker_nice,),
+            )
             if options.execution == "thread"
             else None
         )
@@ -95,6 +108,19 @@ class OnnxModel:
         """Release the worker thread (the session is freed with the object)."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux: nice is per
+    thread, set through its native id; elsewhere that call would renice the whole
+    process, so nothing is done)."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except OSError as error:  # e.g. a seccomp profile without setpriority: keep serving
+        logger.warning("could not lower the worker thread's priority: %s", error)
 
 
 def load_version(version_dir: Path, options: RuntimeOptions) -> OnnxModel:

@@ -457,6 +457,13 @@ class ModelServing(_Frozen):
         description="How long the first queued request may wait for a fuller batch; "
         "0 = run whatever is queued as soon as the runtime is free.",
     )
+    max_queue_wait_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Wait a new request may expect in the queue (batches ahead x the "
+        "moving average of batch time); past it RESOURCE_EXHAUSTED at once, so accepted "
+        "latency stays bounded under overload; null = only the size bounds apply.",
+    )
     execution: Execution = Field(
         default="inline",
         description="'inline': session.run on the event-loop thread (no thread hop; the loop "
@@ -467,6 +474,16 @@ class ModelServing(_Frozen):
     )
     intra_op_threads: int = Field(
         default=1, ge=0, description="ORT threads inside one operator; 0 = ORT default (all cores)."
+    )
+    worker_nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="With execution 'thread' (Linux): the worker thread's nice value above "
+        "the process's, so on a shared core the event loop that accepts and refuses calls "
+        "is scheduled before session.run (ORT's own intra-op threads keep the process's). "
+        "Off by default: when accepting calls alone saturates the core, a niced worker "
+        "starves and throughput collapses (bench/RESULTS.md, Overload).",
     )
     inter_op_threads: int = Field(
         default=1, ge=0, description="ORT threads across operators; 0 = ORT default."
@@ -539,8 +556,10 @@ class ModelServingOverrides(_Frozen):
     max_queue_size: int | None = Field(default=None, description=_doc("max_queue_size"))
     max_queue_rows: int | None = Field(default=None, description=_doc("max_queue_rows"))
     max_queue_delay_ms: float | None = Field(default=None, description=_doc("max_queue_delay_ms"))
+    max_queue_wait_ms: float | None = Field(default=None, description=_doc("max_queue_wait_ms"))
     execution: Execution | None = Field(default=None, description=_doc("execution"))
     intra_op_threads: int | None = Field(default=None, description=_doc("intra_op_threads"))
+    worker_nice: int | None = Field(default=None, description=_doc("worker_nice"))
     inter_op_threads: int | None = Field(default=None, description=_doc("inter_op_threads"))
     versions: tuple[ModelName, ...] | None = Field(default=None, description=_doc("versions"))
     champion: ModelName | None = Field(default=None, description=_doc("champion"))

@@ -27,9 +27,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +62,16 @@ class Phase:
     seconds: float
     latencies: dict[str, list[float]] = field(default_factory=dict)
     rss_kb: list[int] = field(default_factory=list)
+    #: Open loop: how late each call started against its intended send time (s).
+    send_lag: list[float] = field(default_factory=list)
+    #: Failed calls by code and message (digits as N): who refused, and why.
+    details: Counter[str] = field(default_factory=Counter)
 
     def add(self, code: str, latency: float) -> None:
         self.latencies.setdefault(code, []).append(latency)
+
+    def note(self, code: str, detail: str) -> None:
+        self.details[f"{code}: {re.sub(r'[0-9.]+', 'N', detail)}"] += 1
 
     def count(self, code: str) -> int:
         return len(self.latencies.get(code, ()))
@@ -82,7 +91,18 @@ class Phase:
             "p50_ms": {code: self.p(code, 50) for code in self.latencies},
             "p99_ms": {code: self.p(code, 99) for code in self.latencies},
             "rss_kb": self.rss_kb,
+            "send_lag_ms": _lag_summary(self.send_lag),
+            "details": dict(self.details.most_common()),
         }
+
+
+def _lag_summary(lags: list[float]) -> dict[str, float]:
+    if not lags:
+        return {}
+    values = np.asarray(lags) * 1e3
+    return {q: float(np.percentile(values, n)) for q, n in (("p50", 50), ("p99", 99))} | {
+        "max": float(values.max())
+    }
 
 
 def request_bytes(i: int) -> bytes:
@@ -110,8 +130,13 @@ class Client:
         self._payloads = [request_bytes(i) for i in range(256)]
         self._next = 0
 
-    async def score(self, phase: Phase, started: float, deadline_s: float) -> None:
-        """One call; its latency from ``started`` (the intended send time)."""
+    async def score(
+        self, phase: Phase, started: float, deadline_s: float, open_loop: bool = False
+    ) -> None:
+        """One call; its latency from ``started`` (the intended send time). In an open
+        loop the call's send lag (its start minus ``started``) is recorded too."""
+        if open_loop:
+            phase.send_lag.append(time.perf_counter() - started)
         self._next += 1
         method = self._score[self._next % len(self._score)]
         try:
@@ -119,6 +144,7 @@ class Client:
             code = "OK"
         except grpc.aio.AioRpcError as error:
             code = error.code().name
+            phase.note(code, error.details() or "")
         phase.add(code, time.perf_counter() - started)
 
     def channel(self, i: int) -> grpc.aio.Channel:
@@ -163,7 +189,7 @@ async def open_loop(
         now = time.perf_counter()
         due = min(total, int((now - start) * rate) + 1)
         while sent < due:
-            task = asyncio.create_task(client.score(phase, start + sent / rate, deadline_s))
+            task = asyncio.create_task(client.score(phase, start + sent / rate, deadline_s, True))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             sent += 1
@@ -204,6 +230,43 @@ async def stalled_streams(
     return calls, written
 
 
+async def _streams_phase(
+    client: Client, target: str, pid: int, rate: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Stalled ScoreStreams: the server's RSS with them held, and other callers."""
+    await asyncio.sleep(2.0)
+    # Other callers have their own connections (a client that stalls streams on
+    # its connection exhausts that connection's HTTP/2 window: its own loss).
+    others = Client(target, channels=2)
+    others_before = await closed_loop(others, "others before", 8, args.others_s)
+    rss_before_streams = rss_kb(pid)
+    calls, taken = await stalled_streams(client, args.streams, args.per_stream)
+    # The server scores up to stream_in_flight items per stream, then holds the
+    # answers: wait until that work is done before measuring the other callers.
+    await asyncio.sleep(1.5 * args.streams * args.stream_in_flight / rate + 2.0)
+    rss_streams = rss_kb(pid)
+    others_during = await closed_loop(others, "others during", 8, args.others_s)
+    rss_streams = max(rss_streams, rss_kb(pid))
+    for call in calls:
+        call.cancel()
+    await others.close()
+    await asyncio.sleep(2.0)
+    rss_released = rss_kb(pid)
+    return {
+        "streams": args.streams,
+        "stream_requests_taken": taken,
+        "rss_before_streams_kb": rss_before_streams,
+        "rss_with_streams_kb": rss_streams,
+        "rss_after_streams_kb": rss_released,
+        "stream_bound_bytes": args.streams * args.stream_buffer_bytes,
+        "others_before": others_before.summary(),
+        "others_during": others_during.summary(),
+        "others_p99_ratio": others_during.p("OK", 99) / others_before.p("OK", 99),
+        "others_errors": {c: n for c, n in others_during.summary()["counts"].items() if c != "OK"},
+        "others_rps_ratio": others_during.rate() / others_before.rate(),
+    }
+
+
 def pct(phase: Phase, code: str = "OK") -> str:
     return f"{phase.p(code, 99):.1f}"
 
@@ -218,6 +281,7 @@ async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[st
         "server.connections.max_connection_age_s=null",
         f"server.limits.stream_max_in_flight={args.stream_in_flight}",
         f"server.limits.stream_buffer_bytes={args.stream_buffer_bytes}",
+        *args.set,
     ]
     prefix = taskset_prefix(SERVER_CPUS) if taskset_available() else []
     with serve(repository, work / "server.log", extra, prefix) as (pid, target):
@@ -225,34 +289,18 @@ async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[st
         try:
             await closed_loop(client, "warmup", args.callers, 3.0)
             capacity = await closed_loop(client, "capacity", args.callers, args.capacity_s)
-            rate = capacity.rate()
+            # A budget that refuses part of a closed loop understates capacity: take it
+            # from a run without the budget when given.
+            rate = args.capacity_rps or capacity.rate()
             log.info("capacity %.0f/s (p99 %s ms)", rate, pct(capacity))
             light = await open_loop(client, "0.8x", 0.8 * rate, args.light_s, pid)
             log.info("0.8x: %s", light.summary()["counts"])
             await asyncio.sleep(2.0)
             heavy = await open_loop(client, "2x", 2.0 * rate, args.overload_s, pid)
             log.info("2x: %s", heavy.summary()["counts"])
-            await asyncio.sleep(2.0)
-            # Other callers have their own connections (a client that stalls streams on
-            # its connection exhausts that connection's HTTP/2 window: its own loss).
-            others = Client(target, channels=2)
-            others_before = await closed_loop(others, "others before", 8, args.others_s)
-            rss_before_streams = rss_kb(pid)
-            calls, taken = await stalled_streams(client, args.streams, args.per_stream)
-            # The server scores up to stream_in_flight items per stream, then holds the
-            # answers: wait until that work is done before measuring the other callers.
-            await asyncio.sleep(1.5 * args.streams * args.stream_in_flight / rate + 2.0)
-            rss_streams = rss_kb(pid)
-            others_during = await closed_loop(others, "others during", 8, args.others_s)
-            rss_streams = max(rss_streams, rss_kb(pid))
-            for call in calls:
-                call.cancel()
-            await others.close()
-            await asyncio.sleep(2.0)
-            rss_released = rss_kb(pid)
+            streams = await _streams_phase(client, target, pid, rate, args) if args.streams else {}
         finally:
             await client.close()
-    bound = args.streams * args.stream_buffer_bytes
     return {
         "capacity_rps": rate,
         "capacity": capacity.summary(),
@@ -262,21 +310,13 @@ async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[st
         "overload_ok_rps": heavy.rate(),
         "overload_rejected_share": heavy.count(EXHAUSTED)
         / max(1, sum(len(v) for v in heavy.latencies.values())),
-        "streams": args.streams,
-        "stream_requests_taken": taken,
-        "rss_before_streams_kb": rss_before_streams,
-        "rss_with_streams_kb": rss_streams,
-        "rss_after_streams_kb": rss_released,
-        "stream_bound_bytes": bound,
-        "others_before": others_before.summary(),
-        "others_during": others_during.summary(),
-        "others_p99_ratio": others_during.p("OK", 99) / others_before.p("OK", 99),
-        "others_errors": {c: n for c, n in others_during.summary()["counts"].items() if c != "OK"},
-        "others_rps_ratio": others_during.rate() / others_before.rate(),
+        "streams": streams,
         "settings": {
             "max_batch_size": args.max_batch_size,
             "max_queue_size": args.max_queue_size,
             "slow_layers": args.slow_layers,
+            "set": args.set,
+            "capacity_given": args.capacity_rps is not None,
         },
     }
 
@@ -284,49 +324,61 @@ async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[st
 def markdown(figures: dict[str, Any], command: str) -> str:
     """The RESULTS.md lines of one run."""
     light, heavy = figures["light"], figures["overload"]
-    mib = 1024
     rss = heavy["rss_kb"]
-    return "\n".join(
-        [
-            "```sh",
-            command,
-            "```",
-            "",
-            f"capacity {figures['capacity_rps']:.0f} req/s (closed loop); "
-            f"max_queue_size {figures['settings']['max_queue_size']}, "
-            f"max_batch_size {figures['settings']['max_batch_size']}",
-            "",
-            "| phase | OK/s | OK p99 ms | RESOURCE_EXHAUSTED | its p99 ms | other codes |",
-            "| --- | ---: | ---: | ---: | ---: | --- |",
-            *(
-                f"| {name} | {p['counts'].get('OK', 0) / p['seconds']:.0f} | "
-                f"{p['p99_ms'].get('OK', float('nan')):.1f} | "
-                f"{p['counts'].get(EXHAUSTED, 0):,} | "
-                f"{p['p99_ms'].get(EXHAUSTED, float('nan')):.1f} | "
-                + (
-                    ", ".join(
-                        f"{c} {n}" for c, n in p["counts"].items() if c not in ("OK", EXHAUSTED)
-                    )
-                    or "-"
-                )
-                + " |"
-                for name, p in (("0.8x", light), ("2x", heavy))
-            ),
-            "",
-            f"accepted p99 at 2x / p99 at 0.8x: **{figures['accepted_p99_ratio']:.2f}** "
-            f"(target <= 3); RSS during 2x: {min(rss) / mib:.1f} .. {max(rss) / mib:.1f} MiB "
-            f"({len(rss)} samples).",
-            "",
-            f"{figures['streams']:,} stalled ScoreStreams ({figures['stream_requests_taken']:,} "
-            f"requests sent, none read): RSS {figures['rss_before_streams_kb'] / mib:.1f} -> "
-            f"{figures['rss_with_streams_kb'] / mib:.1f} MiB "
-            f"(+{(figures['rss_with_streams_kb'] - figures['rss_before_streams_kb']) / mib:.1f}"
-            f" MiB; configured bound {figures['stream_bound_bytes'] / 2**20:,.0f} MiB), "
-            f"{figures['rss_after_streams_kb'] / mib:.1f} MiB after they are cancelled; other "
-            f"callers (8, closed loop) p99 during / before: {figures['others_p99_ratio']:.2f}, "
-            f"req/s during / before: {figures['others_rps_ratio']:.2f}, errors during: "
-            f"{figures['others_errors'] or 'none'}.",
-        ]
+    lines = [
+        "```sh",
+        command,
+        "```",
+        "",
+        f"capacity {figures['capacity_rps']:.0f} req/s "
+        f"({'given' if figures['settings'].get('capacity_given') else 'closed loop'}); "
+        f"max_queue_size {figures['settings']['max_queue_size']}, "
+        f"max_batch_size {figures['settings']['max_batch_size']}"
+        + "".join(f", {s}" for s in figures["settings"]["set"]),
+        "",
+        "| phase | OK/s | OK p99 ms | RESOURCE_EXHAUSTED | its p50 / p99 ms | other codes "
+        "| send lag p50 / p99 / max ms |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        *(_row(name, p) for name, p in (("0.8x", light), ("2x", heavy))),
+        "",
+        f"accepted p99 at 2x / p99 at 0.8x: **{figures['accepted_p99_ratio']:.2f}** "
+        f"(target <= 3); RSS during 2x: {min(rss) / _MIB:.1f} .. {max(rss) / _MIB:.1f} MiB "
+        f"({len(rss)} samples).",
+    ]
+    for name, p in (("0.8x", light), ("2x", heavy)):
+        if p["details"]:
+            lines += ["", f"{name} failures by message: {p['details']}"]
+    if figures["streams"]:
+        lines += ["", _streams_line(figures["streams"])]
+    return "\n".join(lines)
+
+
+_MIB = 1024
+
+
+def _row(name: str, p: dict[str, Any]) -> str:
+    other = ", ".join(f"{c} {n}" for c, n in p["counts"].items() if c not in ("OK", EXHAUSTED))
+    lag = p["send_lag_ms"]
+    return (
+        f"| {name} | {p['counts'].get('OK', 0) / p['seconds']:.0f} | "
+        f"{p['p99_ms'].get('OK', float('nan')):.1f} | {p['counts'].get(EXHAUSTED, 0):,} | "
+        f"{p['p50_ms'].get(EXHAUSTED, float('nan')):.1f} / "
+        f"{p['p99_ms'].get(EXHAUSTED, float('nan')):.1f} | {other or '-'} | "
+        f"{lag['p50']:.1f} / {lag['p99']:.1f} / {lag['max']:.1f} |"
+    )
+
+
+def _streams_line(f: dict[str, Any]) -> str:
+    return (
+        f"{f['streams']:,} stalled ScoreStreams ({f['stream_requests_taken']:,} "
+        f"requests sent, none read): RSS {f['rss_before_streams_kb'] / _MIB:.1f} -> "
+        f"{f['rss_with_streams_kb'] / _MIB:.1f} MiB "
+        f"(+{(f['rss_with_streams_kb'] - f['rss_before_streams_kb']) / _MIB:.1f}"
+        f" MiB; configured bound {f['stream_bound_bytes'] / 2**20:,.0f} MiB), "
+        f"{f['rss_after_streams_kb'] / _MIB:.1f} MiB after they are cancelled; other "
+        f"callers (8, closed loop) p99 during / before: {f['others_p99_ratio']:.2f}, "
+        f"req/s during / before: {f['others_rps_ratio']:.2f}, errors during: "
+        f"{f['others_errors'] or 'none'}."
     )
 
 
@@ -338,13 +390,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--light-s", type=float, default=20.0)
     add("--overload-s", type=float, default=60.0)
     add("--others-s", type=float, default=8.0)
-    add("--streams", type=int, default=1000)
+    add("--streams", type=int, default=1000, help="stalled ScoreStreams (0: skip that phase)")
     add("--per-stream", type=int, default=100, help="requests each stalled stream sends")
     add("--max-batch-size", type=int, default=8)
     add("--max-queue-size", type=int, default=1024)
     add("--slow-layers", type=int, default=40)
     add("--stream-buffer-bytes", type=int, default=1 << 20, help="server.limits setting")
     add("--stream-in-flight", type=int, default=32, help="server.limits.stream_max_in_flight")
+    add("--capacity-rps", type=float, help="use this capacity instead of the measured one")
+    add("--set", action="append", default=[], metavar="KEY=VALUE", help="server setting")
     add("--json-out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -98,6 +101,56 @@ async def _timed(
     except grpc.aio.AioRpcError as error:
         code = error.code()
     return code, time.perf_counter() - started
+
+
+async def test_a_flood_past_the_queue_wait_budget_is_refused(tmp_path: Path) -> None:
+    """``max_queue_wait_ms`` below one batch time: while a batch runs, the wait a new
+    call can expect (one batch) exceeds the budget, so it is refused at once even
+    though the queue has room for all 24 (``max_queue_size`` 64)."""
+    repository = tmp_path / "models"
+    write_linear_model(repository, "slow", "1", TEST_FEATURES, slow_layers=300, slow_width=1024)
+    overrides = [
+        "models.per_model.slow.execution=thread",
+        "models.per_model.slow.max_batch_size=1",
+        "models.per_model.slow.max_queue_size=64",
+        "models.per_model.slow.max_queue_wait_ms=1",
+    ]
+    async with running_server(repository, overrides) as srv:
+        await _batch_seconds(srv)  # the batcher now knows what a batch costs
+        outcomes: list[tuple[grpc.StatusCode, str]] = []
+
+        async def call(i: int) -> None:
+            try:
+                await srv.scoring.Score(_request(i), timeout=30)
+                outcomes.append((OK, ""))
+            except grpc.aio.AioRpcError as error:
+                outcomes.append((error.code(), error.details() or ""))
+
+        await asyncio.gather(*(call(i) for i in range(24)))
+        refused = [d for code, d in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert len(refused) + outcomes.count((OK, "")) == 24, outcomes
+        assert len(refused) >= 12, outcomes  # without the budget all 24 are queued and run
+        assert all("max_queue_wait_ms 1" in d for d in refused), refused[:1]
+        assert _dropped(srv, "queue_full") == len(refused)
+        assert (await _timed(srv, 99))[0] == OK  # idle again: admitted
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+async def test_worker_thread_runs_below_the_event_loop(tmp_path: Path) -> None:
+    """With ``execution=thread`` and ``worker_nice`` the ORT worker thread runs that much
+    above the process, so on a shared core the loop that admits and refuses calls is
+    scheduled first; the loop's own thread keeps the process's nice value."""
+    repository = tmp_path / "models"
+    write_linear_model(repository, "slow", "1", TEST_FEATURES, slow_layers=300, slow_width=1024)
+    overrides = ["models.per_model.slow.execution=thread", "models.per_model.slow.worker_nice=7"]
+    async with running_server(repository, overrides) as srv:
+        await _batch_seconds(srv)  # the worker thread exists once a batch ran
+        workers = [t for t in threading.enumerate() if t.name.startswith("ort-slow")]
+        assert len(workers) == 1, [t.name for t in threading.enumerate()]
+        worker_id = workers[0].native_id
+        assert worker_id is not None
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, worker_id) == min(19, loop_nice + 7)
 
 
 async def test_flood_is_rejected_at_once_and_the_rest_succeed(slow_server: RunningServer) -> None:

@@ -51,6 +51,7 @@ class FakeRun:
 
     gate: asyncio.Event | None = None
     turns: int = 0
+    sleep_s: float = 0.0
     fail_with: Exception | None = None
     batches: list[Rows] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -62,6 +63,8 @@ class FakeRun:
             await self.gate.wait()
         for _ in range(self.turns):
             await asyncio.sleep(0)
+        if self.sleep_s:
+            await asyncio.sleep(self.sleep_s)
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None
             raise error
@@ -292,6 +295,73 @@ async def test_queue_is_bounded_in_rows_as_well_as_requests() -> None:
     for i, task in zip((1, 2), queued, strict=True):
         assert_own_rows(await task, make_rows(i, 3))
     await batcher.close()
+
+
+async def test_queue_is_bounded_by_expected_wait() -> None:
+    """``max_queue_wait_s``: a job is refused at once when the batches ahead of it (the
+    running one counted) x the measured batch time exceed the budget, long before
+    ``max_queue_size``; before any batch ran there is no estimate and no refusal."""
+    budget = 0.175
+    run = FakeRun(sleep_s=0.05)
+    recorder = Recorder()
+    batcher = batcher_with(
+        run, recorder, max_batch_size=1, max_queue_size=100, max_queue_wait_s=budget
+    )
+    assert batcher.expected_wait_s == 0.0
+    assert_own_rows(await batcher.submit(make_rows(0, 1)), make_rows(0, 1))  # ~50 ms measured
+    run.sleep_s, run.gate = 0.0, asyncio.Event()
+    run.started.clear()
+    running = asyncio.create_task(batcher.submit(make_rows(1, 1)))
+    await run.started.wait()
+    per_batch = batcher.expected_wait_s  # one batch ahead: the running one
+    assert per_batch >= 0.05
+    # the job finding k queued has k + 1 batches ahead: 3 fit when a batch is 50-58 ms
+    fits = sum(1 for k in range(100) if (k + 1) * per_batch <= budget)
+    queued = []
+    for i in range(fits):
+        queued.append(asyncio.create_task(batcher.submit(make_rows(2 + i, 1))))
+        await turns_until(lambda n=i + 1: batcher.depth == n)
+    assert batcher.expected_wait_s > budget
+    refused = batcher.submit(make_rows(99, 1))
+    with pytest.raises(QueueFull, match=r"expected wait \d+ ms exceeds max_queue_wait_ms 175"):
+        refused.send(None)  # raises before ever suspending
+    assert recorder.dropped_reasons == ["queue_full"]
+    run.gate.set()
+    assert_own_rows(await running, make_rows(1, 1))
+    for i, task in enumerate(queued):
+        assert_own_rows(await task, make_rows(2 + i, 1))
+    assert_own_rows(await batcher.submit(make_rows(50, 1)), make_rows(50, 1))  # idle: admitted
+    await batcher.close()
+
+
+async def test_deadline_sooner_than_the_expected_wait_is_refused_at_once() -> None:
+    run = FakeRun(sleep_s=0.05)
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder, max_batch_size=1, max_queue_size=100)
+    await batcher.submit(make_rows(0, 1))  # the batch time is measured: ~50 ms
+    run.sleep_s, run.gate = 0.0, asyncio.Event()
+    run.started.clear()
+    running = asyncio.create_task(batcher.submit(make_rows(1, 1)))
+    await run.started.wait()
+    queued = asyncio.create_task(batcher.submit(make_rows(2, 1)))
+    await turns_until(lambda: batcher.depth == 1)
+    wait = batcher.expected_wait_s  # two batches ahead of the next caller
+    loop = asyncio.get_running_loop()
+    late = batcher.submit(make_rows(3, 1), deadline=loop.time() + wait / 2)
+    with pytest.raises(DeadlineExceeded, match=r"deadline in \d+ ms, the queue ahead"):
+        late.send(None)  # raises before ever suspending: it never waits to miss it
+    assert recorder.dropped_reasons == ["deadline"]
+    in_time = asyncio.create_task(batcher.submit(make_rows(4, 1), deadline=loop.time() + 60))
+    await turns_until(lambda: batcher.depth == 2)  # a far deadline is queued as before
+    run.gate.set()
+    for i, task in ((1, running), (2, queued), (4, in_time)):
+        assert_own_rows(await task, make_rows(i, 1))
+    await batcher.close()
+
+
+def test_queue_wait_budget_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_queue_wait_s"):
+        BatchPolicy(max_queue_wait_s=0.0)
 
 
 def test_queue_rows_below_a_batch_are_refused() -> None:
