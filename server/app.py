@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -287,6 +288,11 @@ class AppContext:
             )
             await store.append_audit(entry)
 
+        # the drift thread's own client (few connections; same server and mode)
+        options = dataclasses.replace(self._redis_options(), max_connections=4)
+        mode: Literal["standalone", "cluster"] = (
+            "cluster" if is_cluster(self.redis) else "standalone"
+        )
         self.drift = DriftMonitor(
             drift,
             self.redis,
@@ -294,6 +300,7 @@ class AppContext:
             sink=self.record_sink,
             audit=audit,
             clock=clock,
+            worker_redis=lambda: client_for(options, mode),
         )
         self.registry.use_drift(self.drift)
 
