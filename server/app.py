@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -288,11 +287,6 @@ class AppContext:
             )
             await store.append_audit(entry)
 
-        # the drift thread's own client (few connections; same server and mode)
-        options = dataclasses.replace(self._redis_options(), max_connections=4)
-        mode: Literal["standalone", "cluster"] = (
-            "cluster" if is_cluster(self.redis) else "standalone"
-        )
         self.drift = DriftMonitor(
             drift,
             self.redis,
@@ -300,7 +294,6 @@ class AppContext:
             sink=self.record_sink,
             audit=audit,
             clock=clock,
-            worker_redis=lambda: client_for(options, mode),
         )
         self.registry.use_drift(self.drift)
 

@@ -1,16 +1,14 @@
 """Drift monitor of one server process: fold, flush, merge, compare, alert.
 
 The executor hands every micro-batch's input matrix, outputs and jobs to
-:meth:`VersionDrift.observe`, which queues the input and score arrays and the slots of
-defaulted features (O(1), no numpy call); it keeps no job, so the request objects die
+:meth:`VersionDrift.observe`, which keeps the input and score arrays (O(1), no numpy
+call) and counts defaulted features; it keeps no job, so the request objects die
 young (holding them let them survive into older collector generations; arrays are not
-tracked by the collector). Everything else runs in the monitor's own thread and event
-loop (:class:`server.drift.worker.LoopThread`, its own Redis client), never on the
-serving loop: every ``flush_interval_s`` it folds what was queued into the reference
-bins (:meth:`server.drift.bins.BinLayout.fold_values`: one vectorised pass for all
-columns) and writes this process's cumulative count vector of each time bucket to
-Redis. PSI is computed only when windows are read back (``evaluate``). Drift events
-are handed back to the serving loop (the Kafka sink and the audit store live there).
+tracked by the collector). ``PENDING_ROWS`` kept rows fold at once; every
+``flush_interval_s`` the monitor folds what accumulated into
+the reference bins (:meth:`server.drift.bins.BinLayout.fold_values`: one vectorised
+pass for all columns) and writes this process's cumulative count vector of each time
+bucket to Redis. PSI is computed only when windows are read back (``evaluate``).
 
 Redis layout (``<digest>`` = first 12 hex digits of the profile's sha256, so a
 changed profile never mixes with old counts)::
@@ -45,12 +43,10 @@ import hashlib
 import json
 import logging
 import math
-import threading
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -61,7 +57,6 @@ from feature_streams.redis_client import AnyRedis
 from server.drift.bins import BinLayout, ColumnDrift, Counts, compare
 from server.drift.metrics import DriftMetrics
 from server.drift.views import VersionView, WindowView
-from server.drift.worker import LoopThread
 from server.features import Prepared
 from server.governance.profile import PROFILE_FILE, SCORE, ReferenceProfile
 from server.manifest import ModelManifest
@@ -69,11 +64,10 @@ from server.records.kafka_sink import RecordSink
 from server.settings import DriftSettings, DriftThresholds
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 KEY_PREFIX = "streamscore:drift:v1"
-#: Name of the thread that folds, flushes and evaluates (never the serving loop's).
-WORKER_THREAD = "streamscore-drift"
+#: Rows kept before a fold happens at once (keeps each fold, an event-loop stall, ~0.2 ms).
+PENDING_ROWS = 256
 
 
 class HasPrepared(Protocol):
@@ -115,12 +109,11 @@ class VersionDrift:
         self._score_index = manifest.score_index
         self._feature_slot = {b.name: i for i, b in enumerate(layout.features)}
         self.vector_size = layout.size + len(layout.features) + 1
-        self._batches: deque[tuple[npt.NDArray[Any], npt.NDArray[Any]]] = deque()
-        """Input matrix and score output of each batch not folded yet (thread-safe queue)."""
-        self._defaulted: deque[int] = deque()
-        """Monitored feature slot of each defaulted answer not folded yet."""
-        self.threads: set[str] = set()
-        """Names of the threads that folded or read windows (the serving loop's must not)."""
+        self._batches: list[tuple[npt.NDArray[Any], npt.NDArray[Any]]] = []
+        """Input matrix and score output of each batch not folded yet."""
+        self._filled = 0
+        self._defaulted = [0] * len(layout.features)
+        """Defaulted answers per monitored feature since the last fold."""
         self._all_features = bool(
             np.array_equal(layout.sources, np.arange(layout.width, dtype=np.intp))
         )
@@ -138,29 +131,32 @@ class VersionDrift:
         outputs: Mapping[str, npt.NDArray[Any]],
         jobs: Sequence[HasPrepared],
     ) -> None:
-        """Queue one answered batch's input and score arrays for the next fold.
+        """Keep one answered batch's input and score arrays for the next fold.
 
         O(1) and no numpy call per batch (a lone caller's batches are one row: numpy's
         per-call overhead was the cost there). Only the arrays are kept, never the jobs:
         arrays are not tracked by the cyclic collector, so holding them adds no
-        collection work (holding the jobs did). The fold runs in the monitor's thread.
+        collection work (holding the jobs did). Defaulted features are counted now;
+        ``PENDING_ROWS`` kept rows fold at once.
         """
         self._batches.append((matrix, outputs[self._score_output]))
+        self._filled += int(matrix.shape[0])
         for job in jobs:
             prepared = job.prepared
             if prepared is not None and prepared.defaulted:
                 for name in prepared.defaulted:
                     slot = self._feature_slot.get(name)
                     if slot is not None:
-                        self._defaulted.append(slot)
+                        self._defaulted[slot] += 1
+        if self._filled >= PENDING_ROWS:
+            self.fold()
 
     def fold(self) -> None:
-        """Fold the queued batches and defaulted counts into the current bucket's vector."""
-        self.threads.add(threading.current_thread().name)
-        batches = _drain(self._batches)
-        if not batches:
+        """Fold the kept batches and defaulted counts into the current bucket's vector."""
+        if not self._batches:
             return
-        rows = sum(int(b[0].shape[0]) for b in batches)
+        batches, self._batches = self._batches, []
+        rows, self._filled = self._filled, 0
         matrix = batches[0][0] if len(batches) == 1 else np.concatenate([b[0] for b in batches])
         raw = batches[0][1] if len(batches) == 1 else np.concatenate([b[1] for b in batches])
         block = np.empty((rows, len(self.layout.features) + 1), np.float32)
@@ -172,9 +168,8 @@ class VersionDrift:
         layout = self.layout
         vector = np.zeros(self.vector_size, np.int64)
         vector[: layout.size] = counts
-        defaulted = _drain(self._defaulted)
-        if defaulted:
-            vector[layout.size : -1] = np.bincount(defaulted, minlength=len(layout.features))
+        vector[layout.size : -1] = self._defaulted
+        self._defaulted = [0] * len(layout.features)
         vector[-1] = rows
         bucket = int(self._clock() // self._settings.bucket_s)
         current = self._buckets.get(bucket)
@@ -207,7 +202,6 @@ class VersionDrift:
         kept summed, so an evaluation reads only the few recent buckets, not the whole
         long window; older ones are dropped from that cache.
         """
-        self.threads.add(threading.current_thread().name)
         total = np.zeros(self.vector_size, np.int64)
         missing: list[int] = []
         for bucket in range(last_bucket - buckets + 1, last_bucket + 1):
@@ -262,12 +256,10 @@ def over_threshold(view: WindowView, thresholds: DriftThresholds) -> dict[str, C
 
 
 class DriftMonitor:
-    """Every monitored version of this process, its flush/evaluate thread, gauges and events.
+    """Every monitored version of this process, its flush/evaluate task, gauges and events.
 
     ``attach``/``detach`` follow the registry's loads; ``start``/``stop`` run the
-    flush/evaluate rounds in the ``WORKER_THREAD`` thread, which talks to Redis through
-    its own client from ``worker_redis`` (``stop`` flushes once more). ``flush`` and
-    ``evaluate`` run there too while it runs. Does not own ``redis`` or ``sink``.
+    task (``stop`` flushes once more). Does not own ``redis`` or ``sink``.
     """
 
     def __init__(
@@ -279,26 +271,18 @@ class DriftMonitor:
         sink: RecordSink | None = None,
         audit: AuditWriter | None = None,
         clock: Callable[[], float],
-        worker_redis: Callable[[], AnyRedis] | None = None,
     ) -> None:
         self._settings = settings
         self._redis = redis
-        self._worker_redis = worker_redis
         self._metrics = metrics
         self._sink = sink
         self._audit = audit
         self._clock = clock
         self.process_id = uuid.uuid4().hex
         self._versions: dict[tuple[str, str], VersionDrift] = {}
-        self._worker: LoopThread | None = None
-        self._stopping: asyncio.Event | None = None
-        """Set on the worker's loop to end its rounds."""
-        self._rounds: asyncio.Future[None] | None = None
-        self._home: asyncio.AbstractEventLoop | None = None
-        """The serving loop: drift events are sent from there."""
-        self._worker_client: AnyRedis | None = None
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        """One evaluation at a time, on the loop evaluations run on (new one per start)."""
 
     def attach(
         self, version_dir: Path, manifest: ModelManifest, feature_names: Sequence[str]
@@ -348,22 +332,10 @@ class DriftMonitor:
 
     async def flush(self) -> bool:
         """Fold and write every version's counts; True when all were written."""
-        if self._worker is not None and self._worker_client is not None:
-            return await self._worker.run(self._flush(self._worker_client))
-        return await self._flush(self._redis)
-
-    async def evaluate(self) -> None:
-        """Export the windows ending now and judge the buckets closed since the last look."""
-        if self._worker is not None and self._worker_client is not None:
-            await self._worker.run(self._evaluate_all(self._worker_client))
-        else:
-            await self._evaluate_all(self._redis)
-
-    async def _flush(self, redis: AnyRedis) -> bool:
         ok = True
         for drift in list(self._versions.values()):
             try:
-                await drift.flush(redis, self.process_id)
+                await drift.flush(self._redis, self.process_id)
             except (RedisError, OSError) as error:
                 ok = False
                 self._metrics.flush_failed()
@@ -373,11 +345,12 @@ class DriftMonitor:
                 )
         return ok
 
-    async def _evaluate_all(self, redis: AnyRedis) -> None:
+    async def evaluate(self) -> None:
+        """Export the windows ending now and judge the buckets closed since the last look."""
         async with self._lock:
             for drift in list(self._versions.values()):
                 try:
-                    await self._evaluate(redis, drift)
+                    await self._evaluate(drift)
                 except (RedisError, OSError) as error:
                     where = {"model": drift.model, "version": drift.version}
                     logger.warning(
@@ -385,26 +358,26 @@ class DriftMonitor:
                         extra={**where, "error": repr(error)},
                     )
 
-    async def _evaluate(self, redis: AnyRedis, drift: VersionDrift) -> None:
+    async def _evaluate(self, drift: VersionDrift) -> None:
         s = self._settings
         now = self._clock()
         current = int(now // s.bucket_s)
         closed = int((now - s.grace_s) // s.bucket_s) - 1
         short = drift.window_view(
-            await drift.read_window(redis, current, s.short_window_buckets, closed),
+            await drift.read_window(self._redis, current, s.short_window_buckets, closed),
             s.short_window_buckets,
         )
         long = drift.window_view(
-            await drift.read_window(redis, current, s.long_window_buckets, closed),
+            await drift.read_window(self._redis, current, s.long_window_buckets, closed),
             s.long_window_buckets,
         )
         self._metrics.export(drift.model, drift.version, short)
         start = closed if drift.last_judged is None else drift.last_judged + 1
         for bucket in range(max(start, closed - s.short_window_buckets + 1), closed + 1):
-            await self._judge(redis, drift, bucket)
+            await self._judge(drift, bucket)
         if drift.last_judged is None or closed > drift.last_judged:
             drift.last_judged = closed
-        breach = await redis.hgetall(f"{drift.key}:breach")
+        breach = await self._redis.hgetall(f"{drift.key}:breach")
         open_now = tuple(
             sorted(
                 _text(k)[: -len(":open")]
@@ -414,24 +387,24 @@ class DriftMonitor:
         )
         drift.view = VersionView(short, long, open_now, s.bucket_s)
 
-    async def _judge(self, redis: AnyRedis, drift: VersionDrift, bucket: int) -> None:
+    async def _judge(self, drift: VersionDrift, bucket: int) -> None:
         """Judge the short window ending at ``bucket``, once across every process."""
         s = self._settings
-        claimed = await redis.set(
+        claimed = await self._redis.set(
             f"{drift.key}:judged:{bucket}", self.process_id, nx=True, ex=s.key_ttl_s
         )
         if not claimed:
             return
         thresholds = s.thresholds(drift.model)
         view = drift.window_view(
-            await drift.read_window(redis, bucket, s.short_window_buckets, bucket),
+            await drift.read_window(self._redis, bucket, s.short_window_buckets, bucket),
             s.short_window_buckets,
         )
         if view.rows < thresholds.min_rows:
             return  # too few rows to judge: streaks stay as they are
         over = over_threshold(view, thresholds)
         state_key = f"{drift.key}:breach"
-        state = {_text(k): _text(v) for k, v in (await redis.hgetall(state_key)).items()}
+        state = {_text(k): _text(v) for k, v in (await self._redis.hgetall(state_key)).items()}
         updates: dict[FieldT, EncodableT] = {}
         events: list[ColumnDrift] = []
         for column in view.columns:
@@ -446,12 +419,12 @@ class DriftMonitor:
                 updates[name] = "0"
                 updates[f"{name}:open"] = "0"
         if updates:
-            async with redis.pipeline(transaction=True) as pipe:
+            async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(state_key, mapping=updates)
                 pipe.expire(state_key, s.key_ttl_s)
                 await pipe.execute()
         for column in events:
-            await self._at_home(self._emit(drift, bucket, view, column, thresholds))
+            await self._emit(drift, bucket, view, column, thresholds)
 
     async def _emit(
         self,
@@ -491,79 +464,36 @@ class DriftMonitor:
             except Exception:
                 logger.exception("drift event not audit-logged", extra={"model": drift.model})
 
-    async def _at_home(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` on the serving loop (from the worker), or here without a worker."""
-        home = self._home
-        if home is None or home is asyncio.get_running_loop():
-            await coro
-        else:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
-
     async def start(self) -> None:
-        """Start the flush/evaluate rounds in the worker thread (needs ``worker_redis``)."""
-        if self._worker is not None:
+        """Start the flush/evaluate task."""
+        if self._task is not None:
             raise RuntimeError("drift monitor already started")
-        if self._worker_redis is None:
-            raise RuntimeError("drift monitor needs worker_redis to start its thread")
-        self._home = asyncio.get_running_loop()
-        worker = LoopThread(WORKER_THREAD)
-        client = await worker.run(_build(self._worker_redis))
-        self._worker_client = client
-        self._lock = asyncio.Lock()
-        self._stopping = await worker.run(_new_event())
-        self._rounds = asyncio.wrap_future(worker.submit(self._run(client, self._stopping)))
-        self._worker = worker
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name="drift-monitor")
 
     async def stop(self) -> None:
-        """Stop the rounds and the thread, then flush once more from here. Idempotent."""
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            stopping, rounds, client = self._stopping, self._rounds, self._worker_client
-            assert stopping is not None and rounds is not None and client is not None
-            worker.submit(_set(stopping))
-            await rounds
-            await worker.run(client.aclose())
-            await asyncio.to_thread(worker.close)
-            self._home = self._worker_client = None
-            self._lock = asyncio.Lock()
+        """Stop the task, then flush once more. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping.set()
+            await task
         await self.flush()
 
-    async def _run(self, redis: AnyRedis, stopping: asyncio.Event) -> None:
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_evaluation = loop.time()
-        while not stopping.is_set():
+        while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self._settings.flush_interval_s)
-            if stopping.is_set():
+                await asyncio.wait_for(self._stopping.wait(), self._settings.flush_interval_s)
+            if self._stopping.is_set():
                 return
             try:
-                await self._flush(redis)
+                await self.flush()
                 if loop.time() >= next_evaluation:
                     next_evaluation = loop.time() + self._settings.evaluate_interval_s
-                    await self._evaluate_all(redis)
+                    await self.evaluate()
             except Exception:
                 logger.exception("drift monitor round crashed; retrying next interval")
-
-
-def _drain(queue: deque[T]) -> list[T]:
-    """Every item queued so far (another thread may append meanwhile: those wait)."""
-    items: list[T] = []
-    with contextlib.suppress(IndexError):
-        for _ in range(len(queue)):
-            items.append(queue.popleft())
-    return items
-
-
-async def _build(factory: Callable[[], AnyRedis]) -> AnyRedis:
-    return factory()  # built on the worker's loop: its connections belong to that loop
-
-
-async def _new_event() -> asyncio.Event:
-    return asyncio.Event()
-
-
-async def _set(event: asyncio.Event) -> None:
-    event.set()
 
 
 def _text(value: bytes | str) -> str:

@@ -26,7 +26,6 @@ from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import admin_pb2_grpc as apb_grpc
 from server.admin.cli import format_drift
 from server.clients.replay import read_topic_values
-from server.drift.monitor import WORKER_THREAD
 from server.governance.profile import SCORE
 from server.routing.store import RedisRoutingStore
 from server.settings import RoutingSettings
@@ -297,36 +296,3 @@ async def test_a_final_bucket_is_read_once_then_kept_summed(tmp_path: Path, redi
         assert long_rows() == 20
     finally:
         await client.aclose()
-
-
-async def test_the_serving_loop_never_folds_flushes_or_evaluates(
-    tmp_path: Path, redis_url: str
-) -> None:
-    """Drift's fold, Redis writes and window reads all run in the monitor's own thread."""
-    repository = repository_with_profile(tmp_path)
-    overrides = [
-        "routing.store=redis",
-        f"redis.url={redis_url}",
-        "drift.flush_interval_s=3",
-        "drift.evaluate_interval_s=0.05",
-    ]
-    rng = np.random.default_rng(5)
-    async with running_server(repository, overrides) as server:
-        monitor = server.app.drift
-        assert monitor is not None
-        # a lone caller (the batcher's idle fast path), then 64-row batches: with one round
-        # every 3 s, at least 256 rows (the old on-loop fold's size) wait between two rounds
-        for _ in range(300):
-            await server.inference.ModelInfer(infer(draw(rng, 1)))
-        for _ in range(5):
-            await server.inference.ModelInfer(infer(draw(rng, 64)))
-
-        def rows() -> int:
-            view = monitor.view("lin", "1")
-            return view.short.rows if view else 0
-
-        await wait_for(lambda: rows() == 620, 15, "620 rows in the short window")
-        assert await monitor.flush()
-        await monitor.evaluate()
-        version = monitor._versions[("lin", "1")]
-        assert version.threads == {WORKER_THREAD}, version.threads
