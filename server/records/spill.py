@@ -293,8 +293,13 @@ class SpillFile:
         return out
 
     def consume(self, count: int) -> None:
-        """Forget the ``count`` oldest records (the broker acknowledged them)."""
+        """Forget the ``count`` oldest records (the broker acknowledged them).
+
+        Nothing to forget touches no file: a memory-only round (every round while
+        Kafka is up) would otherwise unlink or rewrite the cursor each time."""
         count = min(count, self.pending)
+        if count <= 0:
+            return
         self.pending -= count
         while count > 0 and self._segments:
             head = self._segments[0]

@@ -37,6 +37,20 @@ def test_records_come_back_in_order_across_segments_and_reopen(tmp_path: Path) -
     again.close()
 
 
+def test_consuming_nothing_touches_no_file(tmp_path: Path) -> None:
+    # The durable sink consumes after every round, most of them with nothing spilled.
+    spill = SpillFile(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    spill.consume(0)
+    assert spill.append(records(3)) == 3
+    files = sorted(p.name for p in tmp_path.iterdir())
+    spill.consume(0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no cursor written
+    assert spill.pending == 3 and spill.peek(10, 1 << 20) == records(3)
+    spill.consume(1)
+    assert (tmp_path / "cursor").exists() and spill.pending == 2
+    spill.close()
+
+
 def test_budget_refuses_past_max_bytes(tmp_path: Path) -> None:
     spill = SpillFile(tmp_path, max_bytes=1000, segment_bytes=400)
     written = spill.append(records(100, size=30))
