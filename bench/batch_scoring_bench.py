@@ -11,8 +11,11 @@ subprocess, timed from outside:
   ``--with-features``) read from Parquet and scored by a bare ORT loop;
 * optionally ``--engine spark`` (``--spark``), for reference.
 
-Peak RSS: the largest process of the score-batch run (``ru_maxrss`` of waited-for
-children; cumulative, so measured for the first run only).
+With ``--key-partitions K`` (K > 1) the local engine runs a second time with
+``--key-partitions K``; its output must equal the unpartitioned one.
+
+Peak RSS: the largest process of each run (``ru_maxrss`` from ``wait4`` of that run's
+process, which covers the worker processes it waited for).
 
     .venv/bin/python -m bench.batch_scoring_bench --rows 200000 --cards 20000
 """
@@ -21,9 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -111,13 +115,18 @@ def generate(tmp: Path, rows: int, cards: int, events_per_card: int, seed: int) 
 
 
 def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MiB of the largest process, stdout) of one subprocess."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.monotonic()
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    wall = time.monotonic() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024, done.stdout
+    """(wall seconds, peak RSS MiB of its largest process, stdout) of one subprocess."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        wall = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, out.read(), err.read())
+        return wall, usage.ru_maxrss / 1024, out.read()
 
 
 def main() -> None:
@@ -127,6 +136,12 @@ def main() -> None:
     p.add_argument("--events-per-card", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk-rows", type=int, default=50_000)
+    p.add_argument(
+        "--key-partitions",
+        type=int,
+        default=1,
+        help="also run the local engine with --key-partitions K (K > 1)",
+    )
     p.add_argument("--spark", action="store_true", help="also --engine spark (local[2])")
     p.add_argument("--dir", type=Path, default=Path("/tmp/streamscore-batch-bench"))
     p.add_argument("--json-out", type=Path, default=None)
@@ -150,6 +165,21 @@ def main() -> None:
         "rows_per_s": round(args.rows / wall),
         "peak_rss_mib": round(rss),
     }
+    if args.key_partitions > 1:
+        pout = args.dir / "scored-partitioned.parquet"
+        parted = ["--workers", str(args.workers), "--key-partitions", str(args.key_partitions)]
+        wall, rss, _ = timed([*cli, *common, *parted, "--output", str(pout)])
+        result["partitioned"] = {
+            "key_partitions": args.key_partitions,
+            "s": round(wall, 1),
+            "rows_per_s": round(args.rows / wall),
+            "peak_rss_mib": round(rss),
+            "equal_to_local": bool(pq.read_table(out).equals(pq.read_table(pout))),
+        }
+        result["partitioned"]["rss_vs_local"] = round(rss / result["local"]["peak_rss_mib"], 3)
+        result["partitioned"]["rows_per_s_vs_local"] = round(
+            result["partitioned"]["rows_per_s"] / result["local"]["rows_per_s"], 3
+        )
     model = next((args.dir / "models" / "fraud" / "1").glob("*.onnx"))
     names = ",".join(f"feature.{n}" for n in DEMO_FEATURES)
     wall, _, stdout = timed([sys.executable, "-c", FLOOR, str(out), str(model), names])
