@@ -11,6 +11,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from feature_streams.definitions import parse_definitions
+from feature_streams.event_filter import FilteredParquetEvents, Wanted
 from server.batch_scoring.partitioned import ROW_COLUMN, merged, partition_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,3 +45,26 @@ def test_merged_restores_row_order(tmp_path: Path, chunk: int, batch: int) -> No
     joined = pa.concat_tables(out)
     assert joined.column_names == ["v"]
     assert joined.column("v").to_pylist() == [10 * r for r in range(1, total + 1)]
+
+
+def test_filtered_events_keep_exactly_the_wanted_keys_column_wise(tmp_path: Path) -> None:
+    definitions = parse_definitions((REPO / "features.yaml").read_text())
+    card = definitions.entities["card_id"]
+    log = pa.table(
+        {
+            "card_id": ["c1", "c2", None, "c3", "c1", " c2"],
+            "amount": [1.0, 2.0, 3.0, None, 5.0, 6.0],
+        }
+    )
+    pq.write_table(log, path := tmp_path / "events.parquet")
+    wanted = (Wanted("card_id", card, frozenset({"c1", "c2"})),)
+    events = FilteredParquetEvents(path, wanted)
+    batches = list(events.record_batches())
+    got = pa.Table.from_batches(batches).to_pylist()
+    # " c2" is the key "c2" by the entity's rule: the per-value path keeps it too
+    assert [r["card_id"] for r in got] == ["c1", "c2", "c1", " c2"]
+    assert list(events) == [{k: v for k, v in r.items() if v is not None} for r in got]
+    plain = pa.table({"card_id": ["c1", "c9", "c2"], "amount": [1.0, 2.0, 3.0]})
+    pq.write_table(plain, path)
+    kept = pa.Table.from_batches(list(events.record_batches()))
+    assert kept.column("card_id").to_pylist() == ["c1", "c2"]
