@@ -252,16 +252,20 @@ def test_unknown_model_or_version_exits_2(
     assert not out.exists()
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_key_partitions_equal_the_unpartitioned_run(case: dict[str, Any], workers: str) -> None:
+@pytest.mark.parametrize(
+    ("workers", "events"), [("1", "events.parquet"), ("2", "events.parquet"), ("1", "events.jsonl")]
+)
+def test_key_partitions_equal_the_unpartitioned_run(
+    case: dict[str, Any], workers: str, events: str
+) -> None:
     spine: pa.Table = case["spine"]
     card = parse_definitions((case["tmp"] / "features.yaml").read_text()).entities["card_id"]
     assert len(set(partition_of(spine.column("card_id"), card, 4).tolist())) == 4
     one = case["tmp"] / "whole-log.parquet"
     assert run(case, one, "--workers", "1", "--with-features", "--version", "1") == 0
-    parted = case["tmp"] / f"parted-{workers}.parquet"
+    parted = case["tmp"] / f"parted-{workers}-{events}.parquet"
     args = ("--workers", workers, "--chunk-rows", "50", "--with-features", "--version", "1")
-    assert run(case, parted, *args, "--key-partitions", "4", events="events.parquet") == 0
+    assert run(case, parted, *args, "--key-partitions", "4", events=events) == 0
     a, b = pq.read_table(one), pq.read_table(parted)
     assert a.num_rows > 50 * 3
     assert a.equals(b)

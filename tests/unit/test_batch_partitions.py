@@ -10,9 +10,10 @@ import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
-from feature_streams.definitions import parse_definitions
+from demo.synthetic import DEMO_FEATURES
+from feature_streams.definitions import FeatureSource, parse_definitions, resolve_features
 from feature_streams.event_filter import FilteredParquetEvents, Wanted
-from server.batch_scoring.partitioned import ROW_COLUMN, merged, partition_of
+from server.batch_scoring.partitioned import ROW_COLUMN, merged, partition_of, side_features
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,3 +69,16 @@ def test_filtered_events_keep_exactly_the_wanted_keys_column_wise(tmp_path: Path
     pq.write_table(plain, path)
     kept = pa.Table.from_batches(list(events.record_batches()))
     assert kept.column("card_id").to_pylist() == ["c1", "c2"]
+
+
+def test_side_features_are_the_stream_features_of_other_entities() -> None:
+    definitions = parse_definitions((REPO / "features.yaml").read_text())
+    sides = side_features(definitions, DEMO_FEATURES, "card_id")
+    assert list(sides) == ["merchant_id"]
+    refs = {r.name: r for r in resolve_features(definitions, DEMO_FEATURES).refs}
+    expected = [
+        n
+        for n in DEMO_FEATURES
+        if refs[n].source is FeatureSource.STREAM and refs[n].entity == "merchant_id"
+    ]
+    assert expected and list(sides["merchant_id"]) == expected
