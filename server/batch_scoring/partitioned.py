@@ -2,18 +2,16 @@
 
 ``--key-partitions K`` (K > 1) splits the spine, in one streamed pass, into K
 temporary Parquet files by a stable hash (CRC-32) of the partition entity's key
-(the first stream group's entity: it decides the log share). Each worker then
-scores one partition at a time: it reads only the event records carrying that
-partition's keys and only their snapshot rows (the backfill's per-spine filter,
-as the Spark engine), builds that index, scores the partition's rows and writes a
-part file with each row's spine row number. The parts are merged back, streamed
-by row number, into the spine's order, so the output equals the unpartitioned run.
-
-Any assignment of rows to partitions gives the same values: a row's point-in-time
-value depends only on the complete log of its own keys, and every partition reads
-the complete log of the keys it holds. The hash only decides how evenly memory is
-spread.
-"""
+(the first stream group's entity: it decides the log share). Stream features keyed
+by another entity (e.g. the merchant's) get their own pass, partitioned by that
+entity's key, written per main partition and joined back by row number: otherwise
+every main partition would need every such key's history. Each worker then scores
+one partition at a time: it reads only the event records carrying that partition's
+keys (a Parquet log; a JSON-lines log is replayed whole) and only their snapshot
+rows (the backfill's per-spine filter, as the Spark engine), builds that index,
+scores the partition's rows and writes a part file with each row's spine row
+number. The parts are merged back, streamed by row number, into the spine's order,
+so the output equals the unpartitioned run."""
 
 from __future__ import annotations
 
