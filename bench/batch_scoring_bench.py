@@ -11,8 +11,13 @@ subprocess, timed from outside:
   ``--with-features``) read from Parquet and scored by a bare ORT loop;
 * optionally ``--engine spark`` (``--spark``), for reference.
 
-Peak RSS: the largest process of the score-batch run (``ru_maxrss`` of waited-for
-children; cumulative, so measured for the first run only).
+With ``--key-partitions K`` (K > 1) the local engine runs a second time with
+``--key-partitions K``; its output must equal the unpartitioned one.
+
+Peak RSS, two ways: ``ru_maxrss`` from ``wait4`` of the run's process (covers the
+workers it waited for, but a fork-exec'd worker may be charged its parent's pages at
+the fork), and the largest ``VmHWM`` of the run's process tree, read every 20 ms from
+/proc (misses growth in a process's last 20 ms).
 
     .venv/bin/python -m bench.batch_scoring_bench --rows 200000 --cards 20000
 """
@@ -20,10 +25,12 @@ children; cumulative, so measured for the first run only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -110,14 +117,49 @@ def generate(tmp: Path, rows: int, cards: int, events_per_card: int, seed: int) 
     ]
 
 
-def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MiB of the largest process, stdout) of one subprocess."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.monotonic()
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    wall = time.monotonic() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024, done.stdout
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (from /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+    return out
+
+
+def _hwm_mib(pid: int) -> float:
+    """VmHWM (the process's own peak RSS) in MiB, 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def timed(cmd: list[str]) -> tuple[float, float, float, str]:
+    """(wall seconds, peak RSS MiB from wait4, largest VmHWM MiB sampled every 20 ms
+    over the process tree, stdout) of one subprocess."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        hwm: dict[int, float] = {}
+        while True:
+            done, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if done:
+                break
+            for pid in _tree(proc.pid):
+                hwm[pid] = max(hwm.get(pid, 0.0), _hwm_mib(pid))
+            time.sleep(0.02)
+        wall = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, out.read(), err.read())
+        return wall, usage.ru_maxrss / 1024, max(hwm.values(), default=0.0), out.read()
 
 
 def main() -> None:
@@ -127,6 +169,12 @@ def main() -> None:
     p.add_argument("--events-per-card", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chunk-rows", type=int, default=50_000)
+    p.add_argument(
+        "--key-partitions",
+        type=int,
+        default=1,
+        help="also run the local engine with --key-partitions K (K > 1)",
+    )
     p.add_argument("--spark", action="store_true", help="also --engine spark (local[2])")
     p.add_argument("--dir", type=Path, default=Path("/tmp/streamscore-batch-bench"))
     p.add_argument("--json-out", type=Path, default=None)
@@ -143,16 +191,36 @@ def main() -> None:
     cli = [str(Path(sys.executable).with_name("streamscore")), "score-batch"]
     out = args.dir / "scored.parquet"
     common = [*flags, "--chunk-rows", str(args.chunk_rows), "--with-features"]
-    wall, rss, _ = timed([*cli, *common, "--workers", str(args.workers), "--output", str(out)])
+    wall, rss, hwm, _ = timed([*cli, *common, "--workers", str(args.workers), "--output", str(out)])
     result["local"] = {
         "workers": args.workers,
         "s": round(wall, 1),
         "rows_per_s": round(args.rows / wall),
         "peak_rss_mib": round(rss),
+        "largest_process_hwm_mib": round(hwm),
     }
+    if args.key_partitions > 1:
+        pout = args.dir / "scored-partitioned.parquet"
+        parted = ["--workers", str(args.workers), "--key-partitions", str(args.key_partitions)]
+        wall, rss, hwm, _ = timed([*cli, *common, *parted, "--output", str(pout)])
+        result["partitioned"] = {
+            "key_partitions": args.key_partitions,
+            "s": round(wall, 1),
+            "rows_per_s": round(args.rows / wall),
+            "peak_rss_mib": round(rss),
+            "largest_process_hwm_mib": round(hwm),
+            "equal_to_local": bool(pq.read_table(out).equals(pq.read_table(pout))),
+        }
+        result["partitioned"]["rss_vs_local"] = round(rss / result["local"]["peak_rss_mib"], 3)
+        result["partitioned"]["hwm_vs_local"] = round(
+            hwm / result["local"]["largest_process_hwm_mib"], 3
+        )
+        result["partitioned"]["rows_per_s_vs_local"] = round(
+            result["partitioned"]["rows_per_s"] / result["local"]["rows_per_s"], 3
+        )
     model = next((args.dir / "models" / "fraud" / "1").glob("*.onnx"))
     names = ",".join(f"feature.{n}" for n in DEMO_FEATURES)
-    wall, _, stdout = timed([sys.executable, "-c", FLOOR, str(out), str(model), names])
+    wall, _, _, stdout = timed([sys.executable, "-c", FLOOR, str(out), str(model), names])
     loop_s = float(stdout.split()[1])
     result["floor"] = {
         "s": round(wall, 1),
@@ -165,7 +233,7 @@ def main() -> None:
     if args.spark:
         sout = args.dir / "scored-spark.parquet"
         spark = ["--engine", "spark", "--spark-master", "local[2]", "--output", str(sout)]
-        wall, rss, _ = timed([*cli, *common, *spark])
+        wall, rss, _, _ = timed([*cli, *common, *spark])
         result["spark"] = {"s": round(wall, 1), "rows_per_s": round(args.rows / wall)}
         a, b = pq.read_table(out), pq.read_table(sout)
         result["spark"]["equal_to_local"] = bool(a.equals(b))

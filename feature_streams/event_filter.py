@@ -21,6 +21,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 
 from feature_streams.definitions import Entity, EntityKeyError, FeatureDefinitions
 from feature_streams.definitions import resolve_features as _resolve
+from feature_streams.key_columns import already_keys
 from feature_streams.point_in_time import BackfillError, EventRecord
 
 __all__ = ["FilteredParquetEvents", "Wanted", "entity_key", "events_for", "wanted_keys"]
@@ -83,17 +84,22 @@ class FilteredParquetEvents:
     path: Path
     wanted: tuple[Wanted, ...]
 
-    def __iter__(self) -> Iterator[EventRecord]:
+    def record_batches(self) -> Iterator[pa.RecordBatch]:
+        """The log's batches in order, each cut to the rows carrying a wanted key
+        (read column-wise by the point-in-time code, as a whole Parquet log is)."""
         try:
             reader = pq.ParquetFile(self.path)
             for batch in reader.iter_batches(batch_size=_SCAN_ROWS):
                 mask = self._mask(batch)
-                if mask is None:
-                    continue
-                for row in batch.filter(mask).to_pylist():
-                    yield {k: v for k, v in row.items() if v is not None}
+                if mask is not None:
+                    yield batch.filter(mask)
         except (OSError, pa.ArrowException) as exc:
             raise BackfillError(f"{self.path}: cannot read events: {exc}") from None
+
+    def __iter__(self) -> Iterator[EventRecord]:
+        for batch in self.record_batches():
+            for row in batch.to_pylist():
+                yield {k: v for k, v in row.items() if v is not None}
 
     def _mask(self, batch: pa.RecordBatch) -> pa.Array | None:
         mask: pa.Array | None = None
@@ -101,11 +107,16 @@ class FilteredParquetEvents:
             if wanted.field not in batch.schema.names or not wanted.keys:
                 continue
             column = batch.column(wanted.field)
-            raw = pc.unique(column).to_pylist()
-            hits = [v for v in raw if entity_key(wanted.entity, v) in wanted.keys]
-            if not hits:
+            if already_keys(column, wanted.entity.key_type):  # ids are their keys
+                hits = pa.array(sorted(wanted.keys), column.type)
+            else:
+                raw = pc.unique(column).to_pylist()
+                hits = pa.array(
+                    [v for v in raw if entity_key(wanted.entity, v) in wanted.keys], column.type
+                )
+            if not len(hits):
                 continue
-            these = pc.is_in(column, value_set=pa.array(hits, column.type))
+            these = pc.is_in(column, value_set=hits)
             mask = these if mask is None else pc.or_(mask, these)
         if mask is None or not pc.any(mask).as_py():
             return None

@@ -29,6 +29,7 @@ from server.batch_scoring.features import PointInTimeFeatures, key_entities
 from server.batch_scoring.local import Progress, run_local
 from server.batch_scoring.online import OnlineFeatures, OnlineFeaturesError
 from server.batch_scoring.output import COMPARISON_KEY, OutputFile
+from server.batch_scoring.partitioned import MAX_PARTITIONS, run_partitioned
 from server.batch_scoring.reasons import BatchReasons
 from server.batch_scoring.scoring import (
     ExplainerError,
@@ -83,12 +84,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-by", default=None, metavar="COLUMN")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--chunk-rows", type=int, default=100_000)
+    p.add_argument(
+        "--key-partitions",
+        type=_partitions,
+        default=1,
+        metavar="K",
+        help="local engine, point-in-time: score K key partitions one at a time per worker "
+        "(each reads only its keys' events and snapshot rows: memory / K); default 1",
+    )
     p.add_argument("--engine", choices=("local", "spark"), default="local")
     p.add_argument("--spark-master", default="local[*]")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     return p
+
+
+def _partitions(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PARTITIONS:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 1 to {MAX_PARTITIONS}, got {text!r}"
+        )
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -100,7 +121,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main_score_batch(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = _parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.key_partitions > 1 and (args.engine != "local" or args.features != "point-in-time"):
+        parser.error("argument --key-partitions: needs --engine local --features point-in-time")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     try:
         return _run(args)
@@ -221,6 +245,18 @@ def _run(args: argparse.Namespace) -> int:
 
             key = partition_entity(definitions, wanted)
             rows = run_spark(job, reader, sink, args.spark_master, key, progress)
+        elif args.key_partitions > 1 and (key := partition_entity(definitions, wanted)):
+            rows = run_partitioned(
+                job,
+                reader.chunks(),
+                sink,
+                definitions.entities[key],
+                args.key_partitions,
+                max(1, args.workers),
+                args.output.resolve().parent,
+                max(1, args.chunk_rows),
+                progress,
+            )
         else:
             rows = run_local(job, reader.chunks(), sink, max(1, args.workers), progress)
         extra = {COMPARISON_KEY: comparison.summary()} if comparison is not None else None

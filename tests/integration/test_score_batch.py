@@ -25,6 +25,7 @@ from feature_streams.backfill import backfill
 from feature_streams.definitions import parse_definitions
 from server.batch_scoring.cli import main_score_batch
 from server.batch_scoring.output import COMPARISON_KEY, LINEAGE_KEY, read_metadata
+from server.batch_scoring.partitioned import partition_of
 from tests.integration.test_training_serving_consistency import (
     T0,
     make_spine,
@@ -247,5 +248,46 @@ def test_unknown_model_or_version_exits_2(
 ) -> None:
     out = case["tmp"] / "unknown.parquet"
     assert run(case, out, *args, "--workers", "1") == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("workers", "events"), [("1", "events.parquet"), ("2", "events.parquet"), ("1", "events.jsonl")]
+)
+def test_key_partitions_equal_the_unpartitioned_run(
+    case: dict[str, Any], workers: str, events: str
+) -> None:
+    spine: pa.Table = case["spine"]
+    card = parse_definitions((case["tmp"] / "features.yaml").read_text()).entities["card_id"]
+    assert len(set(partition_of(spine.column("card_id"), card, 4).tolist())) == 4
+    one = case["tmp"] / "whole-log.parquet"
+    assert run(case, one, "--workers", "1", "--with-features", "--version", "1") == 0
+    parted = case["tmp"] / f"parted-{workers}-{events}.parquet"
+    args = ("--workers", workers, "--chunk-rows", "50", "--with-features", "--version", "1")
+    assert run(case, parted, *args, "--key-partitions", "4", events=events) == 0
+    a, b = pq.read_table(one), pq.read_table(parted)
+    assert a.num_rows > 50 * 3
+    assert a.equals(b)
+    assert not list(parted.parent.glob(".score-batch-*"))  # scratch removed
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (("--key-partitions", "0"), "--key-partitions: must be an integer from 1 to 4096"),
+        (("--key-partitions", "x"), "--key-partitions: must be an integer from 1 to 4096"),
+        (("--key-partitions", "5000"), "--key-partitions: must be an integer from 1 to 4096"),
+        (("--key-partitions", "2", "--features", "online"), "--key-partitions: needs --engine"),
+        (("--key-partitions", "2", "--engine", "spark"), "--key-partitions: needs --engine"),
+    ],
+)
+def test_bad_key_partitions_exit_2_naming_the_option(
+    case: dict[str, Any], capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], needle: str
+) -> None:
+    out = case["tmp"] / "bad-partitions.parquet"
+    with pytest.raises(SystemExit) as exited:
+        run(case, out, "--workers", "1", *extra)
+    assert exited.value.code == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()
