@@ -181,14 +181,19 @@ class VersionDrift:
         self.fold()
         if not self._dirty:
             return
+        # flags taken before the await: a fold while Redis answers marks its bucket again
         dirty = sorted(self._dirty)
-        async with redis.pipeline(transaction=False) as pipe:
-            for bucket in dirty:
-                key = f"{self.key}:b:{bucket}"
-                pipe.hset(key, process_id, self._buckets[bucket].tobytes())
-                pipe.expire(key, self._settings.key_ttl_s)
-            await pipe.execute()
-        self._dirty.difference_update(dirty)
+        self._dirty.clear()
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for bucket in dirty:
+                    key = f"{self.key}:b:{bucket}"
+                    pipe.hset(key, process_id, self._buckets[bucket].tobytes())
+                    pipe.expire(key, self._settings.key_ttl_s)
+                await pipe.execute()
+        except BaseException:
+            self._dirty.update(dirty)  # sent again at the next flush
+            raise
         current = int(self._clock() // self._settings.bucket_s)
         for bucket in [b for b in self._buckets if b < current - 1 and b not in self._dirty]:
             del self._buckets[bucket]
