@@ -163,9 +163,9 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--score-rate",
         type=float,
-        default=d.score_rate,
+        default=None,
         help=f"built-in Score calls/s of the producer's transactions (default "
-        f"{d.score_rate:g}; 0: only what callers send)",
+        f"{d.score_rate:g}, at most --rate; 0: only what callers send)",
     )
     parser.add_argument("--status-interval", type=float, default=d.status_interval_s)
     parser.add_argument(
@@ -194,7 +194,10 @@ def options_from_args(args: argparse.Namespace, config_path: Path | None) -> Dev
         merchants=args.merchants,
         seed=args.seed,
         rate=args.rate,
-        score_rate=args.score_rate,
+        # not given: the default, capped by --rate (a slow producer must still start)
+        score_rate=(
+            min(DEFAULT_SCORE_RATE, args.rate) if args.score_rate is None else args.score_rate
+        ),
         status_interval_s=args.status_interval,
         train_models=not args.no_train,
         gate=not args.no_gate,
