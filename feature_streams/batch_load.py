@@ -551,8 +551,9 @@ def _numeric_column(
         return None
     numbers = np.asarray(pc.fill_null(column, 0).to_numpy(zero_copy_only=False), np.float64)
     if pat.is_integer(kind):
+        # compared as integers: 2**53 + 1 rounds to 2**53 once it is a float
         raw = pc.fill_null(column, 0).to_numpy(zero_copy_only=False)
-        if len(raw) and int(np.abs(raw.astype(np.float64)).max()) > _MAX_EXACT_INT:
+        if len(raw) and (int(raw.max()) > _MAX_EXACT_INT or int(raw.min()) < -_MAX_EXACT_INT):
             return None
     if not np.isfinite(numbers).all():
         return None

@@ -335,6 +335,8 @@ def test_column_wise_read_equals_the_row_rules(defs: FeatureDefinitions, tmp_pat
         {"customer_id": ["c-1", "c-2"], "count": [1.0, 2.5]},  # not an integer
         {"customer_id": ["c-1", "c-2"], "vip": [1, 2]},  # not a bool
         {"customer_id": ["c-1", "c-2"], "count": [1, 2**60]},  # not exact as a float
+        {"customer_id": ["c-1", "c-2"], "count": [1, 2**53 + 1]},  # rounds to 2**53 as a float
+        {"customer_id": ["c-1", "c-2"], "count": [1, -(2**53) - 1]},
         {"customer_id": [1, 2], "limit": [1.0, 2.0]},  # int ids of a str entity
     ],
 )
