@@ -78,7 +78,7 @@ class VersionBatchRunner:
             blocks = [_rows_of(job) for job in live]
             matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
             outputs = await self._model.run(matrix)
-            if self._on_batch is not None:  # copies what it needs, keeps no reference
+            if self._on_batch is not None:  # may keep the arrays to its next fold, not jobs
                 self._on_batch(matrix, outputs, live)
             sliced = split_rows(outputs, [block.shape[0] for block in blocks])
             parts = list(zip(blocks, sliced, strict=True))
