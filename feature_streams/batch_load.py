@@ -507,7 +507,7 @@ def read_file_columns(
     if layout.file_format != "parquet":
         return None
     try:
-        table = pq.read_table(layout.path)
+        table = pq.ParquetFile(layout.path).read()  # read_table would import pyarrow.dataset
     except (OSError, ValueError) as exc:
         raise BatchFileError(str(layout.path), [f"cannot read: {exc}"]) from None
     if table.num_rows == 0:

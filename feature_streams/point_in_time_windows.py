@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from feature_streams.definitions import AggKind
+from feature_streams.key_columns import KeyIndex
 from feature_streams.point_in_time_events import GroupEvents, exclusive_running_max
 from feature_streams.windows import GroupPlan, OutputPlan, Slot, SlotKind
 
@@ -61,14 +62,13 @@ class _SlotEvents:
     """(key code, time) packed in one int64 per event, when they fit (built once)."""
 
     @classmethod
-    def build(
-        cls, slot: Slot, code: I64, ts: I64, value: F64, logpos: I64, ncodes: int = 0
-    ) -> _SlotEvents:
-        if slot.kind is SlotKind.LAST:
-            order = np.lexsort((value, ts, code))
-        else:
-            order = np.lexsort((logpos, ts, code))
-        code, ts, value = code[order], ts[order], value[order]
+    def of_sorted(cls, slot: Slot, code: I64, ts: I64, value: F64, ncodes: int = 0) -> _SlotEvents:
+        """From events sorted by (key code, time, log order)."""
+        if slot.kind is SlotKind.LAST and len(ts) > 1:
+            tie = (code[1:] == code[:-1]) & (ts[1:] == ts[:-1])
+            if tie.any():  # equal (key, time): the last is the greatest value
+                order = np.lexsort((value, ts, code))
+                code, ts, value = code[order], ts[order], value[order]
         start = ts - ts % slot.tile_ms
         n = len(ts)
         new_tile = np.ones(n, np.bool_)
@@ -142,8 +142,8 @@ class GroupWindows:
     """One stream group's kept events, indexed for window reads at any (key, time)."""
 
     plan: GroupPlan
-    codes: Mapping[str, int]
-    """Key -> key code (keys with no kept event may be absent)."""
+    codes: KeyIndex
+    """Key code -> key (keys with no kept event may be present)."""
     slots: Mapping[str, _SlotEvents]
     applied: int
     late: int
@@ -156,19 +156,17 @@ class GroupWindows:
         has_prev, newest = exclusive_running_max(code, ts)
         late = has_prev & (ts < newest - plan.group.allowed_lateness_ms)
         kept = ~late
-        logpos = np.arange(len(ts), dtype=np.int64)
-        ncodes = max(events.codes.values(), default=0) + 2  # every code a row can ask for
+        ncodes = max(events.size - 1, 0) + 2  # every code a row can ask for
+        # one sort by (key, time, log order) for every slot: a slot's events are a subset
+        order = np.lexsort((np.arange(len(ts), dtype=np.int64), ts, code))
+        code, ts, kept = code[order], ts[order], kept[order]
         slots: dict[str, _SlotEvents] = {}
         for slot in plan.slots:
-            take = kept & feeds[slot.name]
-            slots[slot.name] = _SlotEvents.build(
-                slot, code[take], ts[take], values[slot.name][take], logpos[take], ncodes
-            )
-        return cls(plan, dict(events.codes), slots, int(kept.sum()), int(late.sum()))
-
-    def codes_of(self, keys: list[str | None]) -> I64:
-        """Key codes of ``keys`` (``-1``: no key, or no event of it)."""
-        return np.array([self.codes.get(k, -1) if k is not None else -1 for k in keys], np.int64)
+            take = kept & feeds[slot.name][order]
+            value = values[slot.name][order[take]]
+            slots[slot.name] = _SlotEvents.of_sorted(slot, code[take], ts[take], value, ncodes)
+        codes = KeyIndex(events.key_array())
+        return cls(plan, codes, slots, int(kept.sum()), int(late.sum()))
 
     def values(self, code: I64, times: I64) -> dict[str, F64]:
         """Every aggregation at each row ``(code[i], times[i])`` (``code -1``: defaults)."""

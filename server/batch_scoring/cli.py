@@ -258,7 +258,14 @@ def _run(args: argparse.Namespace) -> int:
                 progress,
             )
         else:
-            rows = run_local(job, reader.chunks(), sink, max(1, args.workers), progress)
+            rows = run_local(
+                job,
+                reader.chunks(),
+                sink,
+                max(1, args.workers),
+                progress,
+                args.output.resolve().parent,
+            )
         extra = {COMPARISON_KEY: comparison.summary()} if comparison is not None else None
         out.commit(extra)
     if progress is not None:

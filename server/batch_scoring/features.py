@@ -109,6 +109,12 @@ class PointInTimeFeatures:
     def _events_for(self, source: str | os.PathLike[str], spine: pa.Table) -> EventSource:
         return events_for(source, wanted_keys(self.definitions, self.features, spine))
 
+    def prepare(self) -> None:
+        """Build this process's index now (``whole_log``): processes forked after it
+        inherit it (copy-on-write) instead of each building its own."""
+        if self.whole_log:
+            _index(_Keyed(self))
+
     def build_index(self) -> PointInTimeIndex:
         """The log and snapshots read and indexed (what :meth:`table` uses per process)."""
         events: str | os.PathLike[str] | dict[str, str | os.PathLike[str]]

@@ -3,21 +3,33 @@
 At most ``2 * workers`` chunks are in flight, so memory is bounded by the chunk size,
 not the spine. Each process loads the model once (sha256 checked) and keeps it.
 A progress line (rows, rows/s, ETA when the row count is known) goes to stderr.
+
+Where ``fork`` exists (Linux), the point-in-time index is built once, in this process,
+before the workers are forked: they inherit it copy-on-write instead of each reading
+and indexing the whole log again. Chunks go to the workers and their output rows come
+back as Arrow IPC files in a scratch directory (written once, memory-mapped when
+read): nothing big is pickled. Elsewhere the workers are spawned and each builds its
+own index (the chunks are pickled).
 """
 
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 from typing import TextIO
 
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
+import pyarrow.ipc as ipc  # type: ignore[import-untyped, unused-ignore]
 
 from server.batch_scoring.chunk import ChunkJob, score_chunk
+from server.batch_scoring.features import PointInTimeFeatures
 
 __all__ = ["Progress", "run_local"]
 
@@ -75,8 +87,12 @@ def run_local(
     sink: Callable[[pa.Table], None],
     workers: int,
     progress: Progress | None = None,
+    scratch: Path | None = None,
 ) -> int:
-    """Score every chunk, hand outputs to ``sink`` in input order; returns rows scored."""
+    """Score every chunk, hand outputs to ``sink`` in input order; returns rows scored.
+
+    ``scratch``: where the forked workers' chunk files go (default: the system's
+    temporary directory); removed at the end, also on failure."""
     rows = 0
     if workers <= 1:
         for first, chunk in chunks:
@@ -86,6 +102,8 @@ def run_local(
             if progress is not None:
                 progress.add(out.num_rows)
         return rows
+    if "fork" in multiprocessing.get_all_start_methods():
+        return _run_forked(job, chunks, sink, workers, progress, scratch)
     # spawn: a clean interpreter per worker (no forked Redis/ORT/thread state)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         pending: collections.deque[Future[pa.Table]] = collections.deque()
@@ -100,6 +118,77 @@ def run_local(
             for future in pending:
                 future.cancel()
             raise
+    return rows
+
+
+def _run_forked(
+    job: ChunkJob,
+    chunks: Iterator[tuple[int, pa.Table]],
+    sink: Callable[[pa.Table], None],
+    workers: int,
+    progress: Progress | None,
+    scratch: Path | None,
+) -> int:
+    """Workers forked after the index is built; chunks in and out as IPC files."""
+    if isinstance(job.features, PointInTimeFeatures):
+        job.features.prepare()  # the workers inherit it: no index build per worker
+    rows = 0
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix=".score-batch-", dir=scratch) as tmp,
+        ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool,
+    ):
+        pending: collections.deque[tuple[Future[int], Path]] = collections.deque()
+        try:
+            for first, chunk in chunks:
+                source = Path(tmp, f"in-{first}.arrow")
+                target = Path(tmp, f"out-{first}.arrow")
+                write_ipc(chunk, source)
+                pending.append((pool.submit(score_chunk_file, job, source, first, target), target))
+                while len(pending) >= 2 * workers:
+                    rows += _drain_file(*pending.popleft(), sink, progress)
+            while pending:
+                rows += _drain_file(*pending.popleft(), sink, progress)
+        except BaseException:
+            for future, _ in pending:
+                future.cancel()
+            raise
+    return rows
+
+
+def write_ipc(table: pa.Table, path: Path) -> None:
+    """``table`` as an Arrow IPC file (uncompressed: read back memory-mapped)."""
+    with ipc.new_file(path, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_ipc(path: Path) -> pa.Table:
+    """An IPC file written by :func:`write_ipc`, memory-mapped (no copy)."""
+    with pa.memory_map(str(path)) as source:
+        return ipc.open_file(source).read_all()
+
+
+def score_chunk_file(job: ChunkJob, source: Path, first_row: int, target: Path) -> int:
+    """A forked worker's task: the chunk in ``source`` scored into ``target``; rows."""
+    chunk = read_ipc(source)
+    out = score_chunk(job, chunk, first_row)
+    write_ipc(out, target)
+    source.unlink()
+    return int(out.num_rows)
+
+
+def _drain_file(
+    future: Future[int],
+    target: Path,
+    sink: Callable[[pa.Table], None],
+    progress: Progress | None,
+) -> int:
+    rows = future.result()
+    sink(read_ipc(target))
+    target.unlink()
+    if progress is not None:
+        progress.add(rows)
     return rows
 
 
