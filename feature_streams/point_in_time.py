@@ -67,7 +67,7 @@ from feature_streams.definitions import (
     feature_sources,
     resolve_features,
 )
-from feature_streams.key_columns import KeyIndex, already_keys
+from feature_streams.key_columns import already_keys
 from feature_streams.point_in_time_events import ColumnarEvents, GroupEvents, LogReader
 from feature_streams.point_in_time_windows import GroupWindows
 from feature_streams.windows import GroupPlan
@@ -233,36 +233,19 @@ def _violations(rule: RequestFeature, x: F64) -> Mask:
 
 @dataclass(frozen=True)
 class _SpineKeys:
-    """One entity column of a spine as keys: distinct keys and each row's index.
+    """One entity column of a spine as keys: distinct keys and each row's index."""
 
-    ``dictionary``: the distinct keys as Arrow text (nulls: no id) when the column's ids
-    are keys already, looked up column-wise; else ``python`` (``None``: no id)."""
-
+    keys: list[str | None]
     row_index: npt.NDArray[np.intp]
-    dictionary: pa.Array | None = None
-    python: list[str | None] | None = None
 
-    @property
-    def keys(self) -> list[str | None]:
-        """The distinct keys (``None``: no id)."""
-        if self.python is not None:
-            return self.python
-        return [] if self.dictionary is None else self.dictionary.to_pylist()
-
-    def per_row(self, lookup: KeyIndex) -> I64:
-        """Each row's key's position in ``lookup`` (``-1``: no id, or not in it)."""
-        if self.dictionary is not None:
-            codes = lookup.positions(self.dictionary)
-        else:
-            codes = np.array([lookup.get(k) if k is not None else -1 for k in self.keys], np.int64)
+    def per_row(self, lookup: Mapping[str, int]) -> I64:
+        """``lookup[key]`` per row (``-1``: no id, or not in ``lookup``)."""
+        codes = np.array([lookup.get(k, -1) if k is not None else -1 for k in self.keys], np.int64)
         return codes[self.row_index] if len(codes) else np.full(len(self.row_index), -1)
 
     def missing(self) -> Mask:
         """Rows without an id (null or blank)."""
-        if self.dictionary is not None:
-            none = np.asarray(self.dictionary.is_null().to_numpy(zero_copy_only=False), np.bool_)
-        else:
-            none = np.array([k is None for k in self.keys], np.bool_)
+        none = np.array([k is None for k in self.keys], np.bool_)
         return none[self.row_index] if len(none) else np.ones(len(self.row_index), np.bool_)
 
 
@@ -274,7 +257,7 @@ def _spine_keys(table: pa.Table, definitions: FeatureDefinitions, entity: str) -
     encoded = pc.dictionary_encode(column, null_encoding="encode")
     index = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.intp)
     if already_keys(encoded.dictionary, spec.key_type):
-        return _SpineKeys(index, dictionary=encoded.dictionary)
+        return _SpineKeys(encoded.dictionary.to_pylist(), index)
     keys: list[str | None] = []
     for u, value in enumerate(encoded.dictionary.to_pylist()):
         try:
@@ -282,7 +265,7 @@ def _spine_keys(table: pa.Table, definitions: FeatureDefinitions, entity: str) -
         except EntityKeyError as exc:
             row = int(np.flatnonzero(index == u)[0]) + 1
             raise BackfillError(f"spine column {entity!r}, row {row}: {exc}") from None
-    return _SpineKeys(index, python=keys)
+    return _SpineKeys(keys, index)
 
 
 def _entity_key(entity: Entity, value: object) -> str | None:
@@ -320,8 +303,7 @@ def _events_by_topic(
 class _Snapshot:
     """One snapshot's rows: key -> row, and per field its values and presence."""
 
-    rows: KeyIndex
-    """Key -> its row."""
+    rows: Mapping[str, int]
     values: Mapping[str, F64]
     present: Mapping[str, Mask]
 
@@ -337,14 +319,14 @@ class _Snapshot:
         """From column-wise rows (canonical unique keys), keeping the ``wanted`` keys."""
         if wanted is None:
             return cls(
-                KeyIndex(keys),
+                {key: i for i, key in enumerate(keys)},
                 {f: values[f] for f in fields},
                 {f: present[f] for f in fields},
             )
         at = [i for i, key in enumerate(keys) if key in wanted]
         take = np.array(at, np.int64)
         return cls(
-            KeyIndex([keys[i] for i in at]),
+            {keys[i]: j for j, i in enumerate(at)},
             {f: values[f][take] for f in fields},
             {f: present[f][take] for f in fields},
         )
@@ -387,7 +369,7 @@ class _BatchIndex:
                     ) from None
                 if wanted is None or key in wanted:
                     kept[key] = row
-            rows = KeyIndex(list(kept))
+            rows = {key: i for i, key in enumerate(kept)}
             values: dict[str, F64] = {}
             present: dict[str, Mask] = {}
             for name in fields:

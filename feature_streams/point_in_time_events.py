@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -67,18 +67,13 @@ class ColumnarEvents(Protocol):
 
 @dataclass
 class GroupEvents:
-    """One stream group's events valid for its topic, in log order (before lateness).
-
-    Keys get codes ``0, 1, ...`` in order of first appearance: one by one
-    (:meth:`code_of`, records) or a batch's distinct keys at once (:meth:`codes_of_keys`,
-    an Arrow hash lookup instead of a dict lookup per key)."""
+    """One stream group's events valid for its topic, in log order (before lateness)."""
 
     plan: GroupPlan
-    size: int = 0
-    """Keys coded so far."""
-    _chunks: list[pa.Array] = field(default_factory=list)
-    _pending: list[str] = field(default_factory=list)
-    _mapping: dict[str, int] | None = None
+    keys: list[str] = field(default_factory=list)
+    """Key code -> key."""
+    codes: dict[str, int] = field(default_factory=dict)
+    """Key -> key code."""
     _key: list[I64] = field(default_factory=list)
     _ts: list[I64] = field(default_factory=list)
     _feeds: dict[str, list[Mask]] = field(default_factory=dict)
@@ -86,42 +81,11 @@ class GroupEvents:
 
     def code_of(self, key: str) -> int:
         """The code of ``key`` (a new one when unseen)."""
-        if self._mapping is None:
-            self._mapping = {k: i for i, k in enumerate(self.key_array().to_pylist())}
-        code = self._mapping.get(key)
+        code = self.codes.get(key)
         if code is None:
-            code = self._mapping[key] = self.size
-            self.size += 1
-            self._pending.append(key)
+            code = self.codes[key] = len(self.keys)
+            self.keys.append(key)
         return code
-
-    def codes_of_keys(self, keys: pa.Array) -> I64:
-        """Codes of distinct keys (text; null: no key, ``-1``), new ones in order."""
-        keys = keys.cast(pa.large_string())
-        found = pc.index_in(keys, value_set=self.key_array())
-        codes = np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
-        fresh = (codes < 0) & np.asarray(keys.is_valid().to_numpy(zero_copy_only=False), np.bool_)
-        count = int(fresh.sum())
-        if count:
-            codes[fresh] = self.size + np.arange(count, dtype=np.int64)
-            new = keys.filter(pa.array(fresh))
-            self._chunks.append(new)
-            if self._mapping is not None:
-                added = range(self.size, self.size + count)
-                self._mapping.update(zip(new.to_pylist(), added, strict=True))
-            self.size += count
-        return codes
-
-    def key_array(self) -> pa.Array:
-        """Code -> key (``large_string``)."""
-        if self._pending:
-            self._chunks.append(pa.array(self._pending, pa.large_string()))
-            self._pending = []
-        if len(self._chunks) != 1:
-            self._chunks = [
-                pa.concat_arrays(self._chunks) if self._chunks else pa.array([], pa.large_string())
-            ]
-        return self._chunks[0]
 
     def append(
         self, key: I64, ts: I64, feeds: Mapping[str, Mask], value: Mapping[str, F64]
@@ -242,8 +206,9 @@ class LogReader:
         if n == 0:
             return
         valid = np.ones(n, np.bool_)
-        parsed: dict[str, tuple[_Keys, npt.NDArray[np.intp], I64, dict[str, Mask], dict[str, F64]]]
-        parsed = {}
+        parsed: dict[
+            str, tuple[list[str | None], npt.NDArray[np.intp], I64, dict[str, Mask], dict[str, F64]]
+        ] = {}
         for plan in plans:
             ok, keys, key_index, ts, feeds, values = _check_batch(plan, batch)
             valid &= ok
@@ -255,10 +220,7 @@ class LogReader:
             if out is None:
                 continue
             keys, key_index, ts, feeds, values = parsed[plan.group.name]
-            if isinstance(keys, pa.Array):
-                lookup = out.codes_of_keys(keys)
-            else:
-                lookup = np.array([out.code_of(k) if k is not None else -1 for k in keys], np.int64)
+            lookup = np.array([out.code_of(k) if k is not None else -1 for k in keys], np.int64)
             out.append(
                 lookup[key_index[rows]] if len(keys) else np.empty(0, np.int64),
                 ts[rows],
@@ -288,22 +250,16 @@ def _contributions(
     return feeds, values
 
 
-def _encoded(column: pa.Array) -> tuple[pa.Array, npt.NDArray[np.intp]] | None:
-    """Distinct values of a column (Arrow) and each row's index into them (``None``
+def _uniques(column: pa.Array) -> tuple[list[object], npt.NDArray[np.intp]] | None:
+    """Distinct Python values of a column and each row's index into them (``None``
     when Arrow cannot hash the type)."""
     try:
         encoded = pc.dictionary_encode(column, null_encoding="encode")
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
         return None
+    values = encoded.dictionary.to_pylist()
     index = encoded.indices.to_numpy(zero_copy_only=False).astype(np.intp)
-    return encoded.dictionary, index
-
-
-def _uniques(column: pa.Array) -> tuple[list[object], npt.NDArray[np.intp]] | None:
-    """Distinct Python values of a column and each row's index into them (``None``
-    when Arrow cannot hash the type)."""
-    found = _encoded(column)
-    return None if found is None else (found[0].to_pylist(), found[1])
+    return values, index
 
 
 def _python_values(column: pa.Array) -> list[object]:
@@ -375,13 +331,9 @@ def _number_column(column: pa.Array | None, n: int) -> tuple[Mask, F64]:
     return ok_l, vals.astype(np.float64)
 
 
-_Keys = list[str | None] | pa.Array
-"""A batch's distinct keys: Python (``None``: no key), or Arrow text (null: no key)."""
-
-
 def _check_batch(
     plan: GroupPlan, batch: pa.RecordBatch
-) -> tuple[Mask, _Keys, npt.NDArray[np.intp], I64, dict[str, Mask], dict[str, F64]]:
+) -> tuple[Mask, list[str | None], npt.NDArray[np.intp], I64, dict[str, Mask], dict[str, F64]]:
     """One group's verdict on a batch: (valid, distinct keys, row -> key index, times,
     feeds per slot, values per slot)."""
     n = batch.num_rows
@@ -392,24 +344,19 @@ def _check_batch(
         return batch.column(name) if name in names else None
 
     key_col = col(group.key)
-    keys: _Keys
+    keys: list[str | None]
     if key_col is None:
         keys, key_index = [None], np.zeros(n, np.intp)
-        key_ok = np.zeros(n, np.bool_)
     else:
-        encoded = _encoded(key_col)
-        if encoded is not None and already_keys(encoded[0], plan.key_type):
-            keys, key_index = encoded  # every id its own key, nulls none
-            present = keys.is_valid().to_numpy(zero_copy_only=False)
-            key_ok = np.asarray(present, np.bool_)[key_index]
+        found = _uniques(key_col)
+        raw_keys, key_index = (
+            found if found is not None else (_python_values(key_col), np.arange(n, dtype=np.intp))
+        )
+        if found is not None and already_keys(key_col, plan.key_type):
+            keys = cast(list[str | None], raw_keys)  # every id its own key, nulls none
         else:
-            raw_keys, key_index = (
-                (encoded[0].to_pylist(), encoded[1])
-                if encoded is not None
-                else (_python_values(key_col), np.arange(n, dtype=np.intp))
-            )
             keys = [_key_or_none(plan, v) for v in raw_keys]
-            key_ok = np.array([k is not None for k in keys], np.bool_)[key_index]
+    key_ok = np.array([k is not None for k in keys], np.bool_)[key_index]
     ts_ok, ts = _time_column(plan, col(group.event_time_field), n)
     valid = key_ok & ts_ok
     feeds: dict[str, Mask] = {}

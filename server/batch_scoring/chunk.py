@@ -57,8 +57,8 @@ def score_chunk(job: ChunkJob, chunk: pa.Table, first_row: int = 1) -> pa.Table:
     columns: dict[str, pa.Array] = {c: table.column(c) for c in job.key_columns}
     columns["score"] = pa.array(scores, pa.float32())
     columns["decision"] = pa.array(model.decisions(scores))
-    columns["model_version"] = pa.array([model.manifest.version] * n, pa.string())
-    columns["model_sha256"] = pa.array([model.manifest.sha256] * n, pa.string())
+    columns["model_version"] = _repeat(model.manifest.version, n)
+    columns["model_sha256"] = _repeat(model.manifest.sha256, n)
     if job.compare is not None:
         other = _loaded(job.compare, False)
         same = tuple(other.manifest.features) == tuple(names)
@@ -66,10 +66,15 @@ def score_chunk(job: ChunkJob, chunk: pa.Table, first_row: int = 1) -> pa.Table:
         scores_b = other.scores(rows_b)
         columns["compare_score"] = pa.array(scores_b, pa.float32())
         columns["compare_decision"] = pa.array(other.decisions(scores_b))
-        columns["compare_version"] = pa.array([other.manifest.version] * n, pa.string())
+        columns["compare_version"] = _repeat(other.manifest.version, n)
     if job.with_features:
         for j, name in enumerate(names):
             columns[f"feature.{name}"] = pa.array(rows[:, j], pa.float32())
     if job.reasons is not None and model.explainer is not None:
         columns["reasons"] = job.reasons.column(model.explainer, rows)
     return pa.table(columns)
+
+
+def _repeat(text: str, n: int) -> pa.Array:
+    """``n`` copies of ``text`` as a string column (no Python list of ``n`` items)."""
+    return pa.repeat(pa.scalar(text, pa.string()), n)
