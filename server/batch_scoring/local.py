@@ -38,10 +38,10 @@ class Progress:
     """``rows  rows/s  ETA`` on one stderr line, at most every ``interval_s``."""
 
     def __init__(
-        self, total: int | None, stream: TextIO = sys.stderr, interval_s: float = 1.0
+        self, total: int | None, stream: TextIO | None = None, interval_s: float = 1.0
     ) -> None:
         self.total = total
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr  # the current one
         self.interval_s = interval_s
         self.done = 0
         self.started = time.monotonic()

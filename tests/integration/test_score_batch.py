@@ -11,6 +11,7 @@ at one time; bad spines and unknown models exit 2 leaving no output file.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,13 @@ import pytest
 from demo.synthetic import DEMO_FEATURES, make_population
 from feature_streams.backfill import backfill
 from feature_streams.definitions import parse_definitions
+from server.batch_scoring import local
+from server.batch_scoring.chunk import score_chunk
 from server.batch_scoring.cli import main_score_batch
+from server.batch_scoring.features import PointInTimeFeatures
 from server.batch_scoring.output import COMPARISON_KEY, LINEAGE_KEY, read_metadata
 from server.batch_scoring.partitioned import partition_of
+from server.batch_scoring.spine import SpineError
 from tests.integration.test_training_serving_consistency import (
     T0,
     make_spine,
@@ -212,8 +217,13 @@ def test_reasons_without_explainer_says_so(
         ("null_time", "spine column 'ts_ms', row 3: ''"),
     ],
 )
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_bad_spine_exits_2_and_writes_nothing(
-    case: dict[str, Any], capsys: pytest.CaptureFixture[str], change: str, needle: str
+    case: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    change: str,
+    needle: str,
+    workers: str,
 ) -> None:
     spine: pa.Table = case["spine"]
     rows = spine.to_pylist()
@@ -226,13 +236,76 @@ def test_bad_spine_exits_2_and_writes_nothing(
         bad = pa.Table.from_pylist(rows)
     path = case["tmp"] / f"bad-{change}.csv"
     pacsv.write_csv(bad, path)
-    out = case["tmp"] / f"bad-{change}.parquet"
-    assert run(case, out, "--input", str(path), "--workers", "1", "--chunk-rows", "2") == 2
+    out = case["tmp"] / f"bad-{change}-{workers}.parquet"
+    assert run(case, out, "--input", str(path), "--workers", workers, "--chunk-rows", "2") == 2
     err = capsys.readouterr().err
     assert needle in err, err
     assert len([line for line in err.splitlines() if "score-batch:" in line]) == 1
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}*"))
+    assert not list(out.parent.glob(".score-batch-*"))  # the workers' scratch removed
+
+
+def test_workers_share_one_index_built_before_they_fork(
+    case: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The point-in-time index is built once, in the parent: the forked workers inherit
+    it instead of each reading and indexing the whole log again."""
+    builds = case["tmp"] / "index-builds.txt"
+    builds.unlink(missing_ok=True)
+    original = PointInTimeFeatures.build_index
+
+    def recorded(self: PointInTimeFeatures) -> Any:
+        with builds.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return original(self)
+
+    monkeypatch.setattr(PointInTimeFeatures, "build_index", recorded)
+    out = case["tmp"] / "shared-index.parquet"
+    args = ("--workers", "2", "--chunk-rows", "50", "--with-features", "--version", "1")
+    assert run(case, out, *args, events="events.parquet") == 0
+    assert builds.read_text().split() == [str(os.getpid())]
+    one = case["tmp"] / "shared-index-one.parquet"
+    assert run(case, one, "--workers", "1", "--with-features", "--version", "1") == 0
+    assert pq.read_table(one).equals(pq.read_table(out))
+
+
+def test_a_worker_failure_exits_2_and_leaves_nothing(
+    case: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error raised in a forked worker reaches the command (exit 2, its message) and
+    the partial output and the chunk files are removed."""
+
+    def failing(job: Any, chunk: pa.Table, first_row: int = 1) -> pa.Table:
+        if first_row > 100:
+            raise SpineError(f"spine column 'card_id', row {first_row}: refused by the test")
+        return score_chunk(job, chunk, first_row)
+
+    monkeypatch.setattr(local, "score_chunk", failing)
+    out = case["tmp"] / "worker-fails.parquet"
+    assert run(case, out, "--workers", "2", "--chunk-rows", "50") == 2
+    assert "row 101: refused by the test" in capsys.readouterr().err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))
+    assert not list(out.parent.glob(".score-batch-*"))
+
+
+def test_progress_line_counts_every_row_with_workers(
+    case: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = case["tmp"] / "progress.parquet"
+    tmp: Path = case["tmp"]
+    argv = [
+        *("--model", "fraud", "--input", str(tmp / "spine.parquet"), "--output", str(out)),
+        *("--events", str(tmp / "events.parquet"), *case["batch_args"]),
+        *("--definitions", str(tmp / "features.yaml")),
+        *("--set", f"models.repository={case['models']}"),
+        *("--workers", "2", "--chunk-rows", "50"),
+    ]
+    assert main_score_batch(argv) == 0
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert f"score-batch: {case['spine'].num_rows:,} rows" in last
+    assert "100.0%" in last
 
 
 @pytest.mark.parametrize(
