@@ -48,6 +48,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
@@ -448,33 +449,33 @@ class PointInTimeIndex:
         stream_groups = list(
             dict.fromkeys(r.group for r in refs if r.source is FeatureSource.STREAM)
         )
-        batches: dict[str, _BatchIndex] = {}
-        for group in map(str, batch_groups):
-            fields = [r.name for r in refs if r.group == group and r.source is FeatureSource.BATCH]
-            entity = definitions.batch_groups[group].entity
-            batches[group] = _BatchIndex.build(
-                definitions,
-                group,
-                batch_snapshots.get(group, ()),
-                fields,
-                None if keys is None else keys.get(entity, frozenset()),
-            )
-        windows: dict[str, GroupWindows] = {}
-        read = malformed = 0
-        if stream_groups:
-            selected = {
-                g: GroupEvents(GroupPlan.of(definitions, g)) for g in map(str, stream_groups)
-            }
-            topic_plans: dict[str, list[GroupPlan]] = {}
-            for name, sg in definitions.stream_groups.items():
-                plan = selected[name].plan if name in selected else GroupPlan.of(definitions, name)
-                topic_plans.setdefault(sg.topic, []).append(plan)
-            reader = LogReader(topic_plans, selected)
-            needed = list(dict.fromkeys(g.plan.group.topic for g in selected.values()))
-            for topic, source in _events_by_topic(events, needed).items():
-                reader.read_topic(topic, source)
-            read, malformed = reader.read, reader.malformed
-            windows = {g: GroupWindows.build(e) for g, e in selected.items()}
+
+        def build_batches() -> dict[str, _BatchIndex]:
+            batches: dict[str, _BatchIndex] = {}
+            for group in map(str, batch_groups):
+                fields = [
+                    r.name for r in refs if r.group == group and r.source is FeatureSource.BATCH
+                ]
+                entity = definitions.batch_groups[group].entity
+                batches[group] = _BatchIndex.build(
+                    definitions,
+                    group,
+                    batch_snapshots.get(group, ()),
+                    fields,
+                    None if keys is None else keys.get(entity, frozenset()),
+                )
+            return batches
+
+        # The snapshots are read and indexed on a thread while the log is (Arrow and
+        # numpy release the GIL for most of both); the pool is joined before returning.
+        with ThreadPoolExecutor(3, thread_name_prefix="point-in-time") as pool:
+            snapshots = pool.submit(build_batches)
+            try:
+                read, malformed, windows = _stream_windows(definitions, events, stream_groups, pool)
+            except BaseException:
+                snapshots.result()  # a snapshot error first, as when built first
+                raise
+            batches = snapshots.result()
         return cls(definitions, refs, windows, batches, read, malformed)
 
     def table(
@@ -542,6 +543,29 @@ class PointInTimeIndex:
             elapsed_s=time.monotonic() - started,
         )
         return table, report
+
+
+def _stream_windows(
+    definitions: FeatureDefinitions,
+    events: EventSource | Mapping[str, EventSource],
+    stream_groups: Sequence[str],
+    pool: Executor,
+) -> tuple[int, int, dict[str, GroupWindows]]:
+    """The log read by the worker's rules and each group's windows (built in ``pool``):
+    (records read, records malformed, group -> windows)."""
+    if not stream_groups:
+        return 0, 0, {}
+    selected = {g: GroupEvents(GroupPlan.of(definitions, g)) for g in map(str, stream_groups)}
+    topic_plans: dict[str, list[GroupPlan]] = {}
+    for name, sg in definitions.stream_groups.items():
+        plan = selected[name].plan if name in selected else GroupPlan.of(definitions, name)
+        topic_plans.setdefault(sg.topic, []).append(plan)
+    reader = LogReader(topic_plans, selected)
+    needed = list(dict.fromkeys(g.plan.group.topic for g in selected.values()))
+    for topic, source in _events_by_topic(events, needed).items():
+        reader.read_topic(topic, source)
+    built = {g: pool.submit(GroupWindows.build, e) for g, e in selected.items()}
+    return reader.read, reader.malformed, {g: f.result() for g, f in built.items()}
 
 
 def _check_spine(

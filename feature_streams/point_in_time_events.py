@@ -119,11 +119,17 @@ def exclusive_running_max(codes: I64, ts: I64) -> tuple[Mask, I64]:
         return np.zeros(0, np.bool_), np.zeros(0, np.int64)
     order = np.argsort(codes, kind="stable")
     c, t = codes[order], ts[order]
-    uniq, rank = np.unique(t, return_inverse=True)
-    width = np.int64(len(uniq))
+    base = int(t.min())
+    span = int(t.max()) - base + 1
+    uniq: I64 | None = None
+    if int(c[0]) >= 0 and (int(c[-1]) + 1) * span < 1 << 62:
+        rank, width = t - base, np.int64(span)  # times packed as they are: no ranking sort
+    else:
+        uniq, inverse = np.unique(t, return_inverse=True)
+        rank, width = inverse.astype(np.int64), np.int64(len(uniq))
     # Segments by key are increasing blocks of c * width + rank: one running max resets
     # at every key because each block starts above everything before it.
-    running = np.maximum.accumulate(c.astype(np.int64) * width + rank.astype(np.int64))
+    running = np.maximum.accumulate(c.astype(np.int64) * width + rank)
     first = np.ones(n, np.bool_)
     first[1:] = c[1:] != c[:-1]
     prev_rank = np.empty(n, np.int64)
@@ -133,7 +139,7 @@ def exclusive_running_max(codes: I64, ts: I64) -> tuple[Mask, I64]:
     has = np.empty(n, np.bool_)
     has[order] = ~first
     newest = np.empty(n, np.int64)
-    newest[order] = np.where(first, 0, uniq[prev_rank])
+    newest[order] = np.where(first, 0, prev_rank + base if uniq is None else uniq[prev_rank])
     return has, newest
 
 
