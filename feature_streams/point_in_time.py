@@ -447,7 +447,7 @@ class PointInTimeIndex:
             raise BackfillError(f"unknown batch groups in the schedule: {', '.join(unknown)}")
         batch_groups = list(dict.fromkeys(r.group for r in refs if r.source is FeatureSource.BATCH))
         stream_groups = list(
-            dict.fromkeys(r.group for r in refs if r.source is FeatureSource.STREAM)
+            dict.fromkeys(str(r.group) for r in refs if r.source is FeatureSource.STREAM)
         )
 
         def build_batches() -> dict[str, _BatchIndex]:
@@ -555,7 +555,7 @@ def _stream_windows(
     (records read, records malformed, group -> windows)."""
     if not stream_groups:
         return 0, 0, {}
-    selected = {g: GroupEvents(GroupPlan.of(definitions, g)) for g in map(str, stream_groups)}
+    selected = {g: GroupEvents(GroupPlan.of(definitions, g)) for g in stream_groups}
     topic_plans: dict[str, list[GroupPlan]] = {}
     for name, sg in definitions.stream_groups.items():
         plan = selected[name].plan if name in selected else GroupPlan.of(definitions, name)
