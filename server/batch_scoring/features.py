@@ -9,9 +9,10 @@ Chunks are independent, so any chunking (and any number of workers or Spark
 partitions) gives the same values: a row's point-in-time value depends only on the
 complete log of its own keys (the lateness rule is per (group, key), the
 dead-letter rule per record), and every chunk reads the complete log of the keys it
-holds. The local engine (``whole_log``) reads the log and the snapshots once per
-worker process and keeps them indexed (numpy arrays per group and slot: a few tens of
-bytes per event) for every chunk it scores. The Spark engine reads, per partition, the
+holds. The local engine (``whole_log``) reads the log and the snapshots once and keeps
+them indexed (numpy arrays per group and slot: a few tens of bytes per event) for every
+chunk: built in the parent before the workers are forked (:meth:`prepare`), or once per
+spawned worker process where fork does not exist. The Spark engine reads, per partition, the
 records carrying one of its keys (a Parquet log scanned column-wise and filtered; a
 JSON-lines log is replayed whole), so an executor holds only its keys' history.
 """
