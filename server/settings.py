@@ -187,35 +187,6 @@ class ConnectionSettings(_Frozen):
         ge=0.0,
         description="After max_connection_age, how long calls still open may finish.",
     )
-    max_pending_calls: int = Field(
-        default=1000,
-        ge=0,
-        description="Calls gRPC core holds for this server that no handler has taken yet "
-        "(the event loop is behind). Past this, each new call is refused with a probability "
-        "rising to 1 at max_pending_calls_hard: refused inside gRPC core, before any Python "
-        "runs, so shedding costs the saturated loop nothing. The caller gets CANCELLED "
-        "(gRPC core's status for these; nothing ran, so it is safe to retry). Size it as "
-        "capacity x the queue wait you accept, e.g. 3,000 calls/s x 20 ms = 60. Defaults are "
-        "gRPC's own (1000 / 3000: about a second of queue at 3,000 calls/s).",
-    )
-    max_pending_calls_hard: int = Field(
-        default=3000,
-        ge=1,
-        description="Pending calls at which every new call is refused (see max_pending_calls).",
-    )
-
-    @model_validator(mode="after")
-    def _pending_ordered(self) -> ConnectionSettings:
-        if self.max_pending_calls_hard < self.max_pending_calls:
-            raise KeyedError(
-                [
-                    (
-                        "max_pending_calls_hard must be >= max_pending_calls",
-                        (("max_pending_calls_hard",), ("max_pending_calls",)),
-                    )
-                ]
-            )
-        return self
 
 
 class LimitsSettings(_Frozen):

@@ -5,9 +5,7 @@ server: HTTP/2 ``max_concurrent_streams`` per connection, the keepalive policy
 (server pings, and what client pings it tolerates), idle and age limits. The age
 limit (GOAWAY after ``max_connection_age_s``, calls still open get the grace) makes a
 long-lived client channel reconnect, and with ``server.processes > 1`` SO_REUSEPORT
-hands the new connection to any process: see README "Every process busy". The pending
-call bounds let gRPC core refuse calls the event loop has not taken yet, so a loop
-saturated by arrivals sheds them without running any Python (bench/RESULTS.md, Overload).
+hands the new connection to any process: see README "Every process busy".
 """
 
 from __future__ import annotations
@@ -41,9 +39,6 @@ def server_options(server: ServerSettings) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1 if c.keepalive_permit_without_calls else 0),
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.max_ping_strikes", 2),
-        # calls not yet taken by a handler: refused in core past these (see the settings)
-        ("grpc.server.max_pending_requests", c.max_pending_calls),
-        ("grpc.server.max_pending_requests_hard_limit", c.max_pending_calls_hard),
     ]
     if c.max_connection_idle_s is not None:
         options.append(("grpc.max_connection_idle_ms", _ms(c.max_connection_idle_s)))

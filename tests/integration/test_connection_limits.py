@@ -4,7 +4,6 @@ connection age (GOAWAY, then the client reconnects), idle timeout, ping policy."
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
-from server.settings import SettingsError, load_settings
+from server.settings import load_settings
 from server.transport import server_options
 from tests.conftest import TEST_FEATURES
 from tests.support.server import running_server
@@ -37,14 +36,6 @@ async def _wait_leaves(channel: grpc.aio.Channel, state: State) -> State:
     return current
 
 
-async def _finished(call: Any) -> None:
-    """Let this loop (the server's) run until a synchronous client's future is done."""
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    call.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
-    await done.wait()
-
-
 def _watch(channel: grpc.aio.Channel) -> Any:
     """A Health.Watch call: a stream that stays open until cancelled."""
     return health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
@@ -63,8 +54,6 @@ def test_every_bound_becomes_a_server_channel_argument() -> None:
             "server.connections.max_connection_idle_s=60",
             "server.connections.max_connection_age_s=12",
             "server.connections.max_connection_age_grace_s=3",
-            "server.connections.max_pending_calls=5",
-            "server.connections.max_pending_calls_hard=9",
         ],
     )
     options = dict(server_options(settings.server))
@@ -76,8 +65,6 @@ def test_every_bound_becomes_a_server_channel_argument() -> None:
     assert options["grpc.max_connection_idle_ms"] == 60_000
     assert options["grpc.max_connection_age_ms"] == 12_000
     assert options["grpc.max_connection_age_grace_ms"] == 3_000
-    assert options["grpc.server.max_pending_requests"] == 5
-    assert options["grpc.server.max_pending_requests_hard_limit"] == 9
     never = load_settings(
         None,
         {},
@@ -89,54 +76,6 @@ def test_every_bound_becomes_a_server_channel_argument() -> None:
     unbounded = dict(server_options(never.server))
     assert "grpc.max_connection_age_ms" not in unbounded
     assert "grpc.max_connection_idle_ms" not in unbounded
-
-
-def test_pending_call_bounds_must_be_ordered() -> None:
-    with pytest.raises(SettingsError, match="max_pending_calls_hard must be >= max_pending_calls"):
-        load_settings(
-            None,
-            {},
-            [
-                "server.connections.max_pending_calls=10",
-                "server.connections.max_pending_calls_hard=5",
-            ],
-        )
-
-
-@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "grpc-defaults"])
-async def test_calls_the_busy_loop_has_not_taken_are_refused_in_core(
-    linear_repository: Path, bounded: bool
-) -> None:
-    """With the event loop blocked, no handler takes a call; past the pending bound gRPC
-    core refuses the rest (CANCELLED) at once, with no Python run. Unbounded (gRPC's
-    1000 / 3000), every call waits for the loop and then succeeds."""
-    overrides = (
-        ["server.connections.max_pending_calls=2", "server.connections.max_pending_calls_hard=4"]
-        if bounded
-        else []
-    )
-    async with running_server(linear_repository, overrides) as srv:
-        await srv.scoring.Score(REQUEST, timeout=30)  # warm: model loaded, port serving
-        # a synchronous client: its own threads send and receive while this loop is blocked
-        with grpc.insecure_channel(f"127.0.0.1:{srv.app.port}") as channel:
-            score = pb_grpc.ScoringStub(channel).Score
-            first = score.future(REQUEST, timeout=30)  # connected before the flood
-            await _finished(first)
-            assert first.code() is Code.OK
-            calls = [score.future(REQUEST, timeout=30) for _ in range(40)]
-            # block the server's loop (this loop) on purpose: no handler takes a call
-            time.sleep(2.0)  # noqa: ASYNC251
-            refused_while_blocked = [c for c in calls if c.done()]
-            if bounded:
-                assert len(refused_while_blocked) >= 30
-                assert {c.code() for c in refused_while_blocked} == {Code.CANCELLED}
-            else:
-                assert refused_while_blocked == []
-            outcomes = []
-            for call in calls:
-                await _finished(call)  # the loop runs again: taken calls are answered
-                outcomes.append(call.code())
-            assert outcomes.count(Code.OK) == 40 - len(refused_while_blocked)
 
 
 async def test_calls_past_max_concurrent_streams_wait_for_a_free_stream(
