@@ -166,7 +166,9 @@ class AppContext:
             versions=serving.versions,
             champion=serving.champion,
             failure_policy=serving.feature_failure_policy or self.settings.redis.failure_policy,
-            reasons=ReasonPolicy(serving.reasons.when, serving.reasons.top_n),
+            reasons=ReasonPolicy(
+                serving.reasons.when, serving.reasons.top_n, serving.reasons.max_queue_size
+            ),
         )
 
     async def __aenter__(self) -> Self:

@@ -433,6 +433,13 @@ class ReasonsSettings(_Frozen):
     top_n: int = Field(
         default=4, ge=1, le=64, description="Most reasons per answer (toward adverse)."
     )
+    max_queue_size: int = Field(
+        default=1024,
+        ge=1,
+        description="Calls waiting for their explanation per version (a v2 call asking "
+        "for reasons is one, whatever its rows; rows waiting are bounded by max_queue_rows); "
+        "past it RESOURCE_EXHAUSTED, a v2 call refused whole before it is scored.",
+    )
 
 
 class ModelServing(_Frozen):
