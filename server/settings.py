@@ -466,10 +466,11 @@ class ModelServing(_Frozen):
     )
     max_queue_wait_ms: float | None = Field(
         default=None,
-        gt=0.0,
+        ge=0.0,
         description="Wait a new request may expect in the queue (batches ahead x the "
-        "moving average of batch time); past it RESOURCE_EXHAUSTED at once, so accepted "
-        "latency stays bounded under overload; null = only the size bounds apply.",
+        "estimated batch time); past it RESOURCE_EXHAUSTED at once, so accepted latency "
+        "stays bounded under overload; 0 or null = off (only the size bounds apply). Per "
+        "model, 0 switches off a budget set in defaults (a field left out inherits it).",
     )
     execution: Execution = Field(
         default="inline",
@@ -514,6 +515,11 @@ class ModelServing(_Frozen):
     @classmethod
     def _versions_as_text(cls, value: Any) -> Any:
         return _version_text(value)
+
+    @property
+    def max_queue_wait_s(self) -> float | None:
+        """The queue-wait budget in seconds; ``None`` when off (0 or null)."""
+        return self.max_queue_wait_ms / 1e3 if self.max_queue_wait_ms else None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelServing:

@@ -220,6 +220,38 @@ def test_per_model_override_validated_after_merge() -> None:
     }
 
 
+def test_per_model_zero_switches_off_a_default_queue_wait_budget(tmp_path: Path) -> None:
+    """``max_queue_wait_ms: 0`` per model turns off a budget set in defaults, from the
+    file, the environment or ``--set``; a model left out inherits it; below 0 is refused."""
+    config = tmp_path / "streamscore.yaml"
+    config.write_text(
+        "models:\n"
+        "  defaults:\n"
+        "    max_queue_wait_ms: 50\n"
+        "  per_model:\n"
+        "    fraud:\n"
+        "      max_queue_wait_ms: 0\n"
+        "    credit:\n"
+        "      max_batch_size: 8\n"
+    )
+    loaded = load_settings(
+        config,
+        {"STREAMSCORE_MODELS__PER_MODEL__RISK__MAX_QUEUE_WAIT_MS": "0"},
+        [
+            "models.per_model.limits.max_queue_wait_ms=0",
+            "models.per_model.slow.max_queue_wait_ms=5",
+        ],
+    )
+    for name in ("fraud", "risk", "limits"):
+        assert loaded.serving_for(name).max_queue_wait_s is None, name
+    assert loaded.serving_for("credit").max_queue_wait_s == pytest.approx(0.05)
+    assert loaded.serving_for("other").max_queue_wait_s == pytest.approx(0.05)
+    assert loaded.serving_for("slow").max_queue_wait_s == pytest.approx(0.005)
+    assert load_settings(None, {}, []).serving_for("fraud").max_queue_wait_s is None
+    (problem,) = problems_of(sets=["models.per_model.fraud.max_queue_wait_ms=-1"])
+    assert problem.startswith("models.per_model.fraud.max_queue_wait_ms: Input should be greater")
+
+
 def test_bad_model_name() -> None:
     (problem,) = problems_of(sets=["models.per_model.no/slash.max_batch_size=1"])
     assert problem.startswith("models.per_model.no/slash: bad name:")
