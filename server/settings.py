@@ -487,7 +487,8 @@ class ModelServing(_Frozen):
         default=0,
         ge=0,
         le=19,
-        description="With execution 'thread' (Linux): the worker thread's nice value above "
+        description="With execution 'thread' (Linux; refused with 'inline', which has no "
+        "worker thread): the worker thread's nice value above "
         "the process's, so on a shared core the event loop that accepts and refuses calls "
         "is scheduled before session.run (ORT's own intra-op threads keep the process's). "
         "Off by default: when accepting calls alone saturates the core, a niced worker "
@@ -538,6 +539,15 @@ class ModelServing(_Frozen):
                     f"max_batch_size ({self.max_batch_size}) must not exceed "
                     f"max_queue_rows ({self.max_queue_rows})",
                     (("max_batch_size",), ("max_queue_rows",)),
+                )
+            )
+        if self.worker_nice and self.execution != "thread":
+            issues.append(
+                (
+                    f"worker_nice ({self.worker_nice}) needs execution 'thread' (execution is "
+                    f"{self.execution!r}: there is no worker thread to nice); set worker_nice 0 "
+                    "or execution 'thread'",
+                    (("worker_nice",), ("execution",)),
                 )
             )
         if self.versions is not None and not self.versions:
@@ -619,13 +629,15 @@ class ModelsSettings(_Frozen):
                         issues.append((error["msg"], (("per_model", name, *field),)))
                         continue
                     for message, keys in cause.issues:
-                        where = tuple(
+                        where = [
                             ("per_model", name, *key)
                             if key[0] in overrides.model_fields_set
                             else ("defaults", *key)
                             for key in keys
-                        )
-                        issues.append((message, where))
+                        ]
+                        # the key shown first names the model: a per-model key leads
+                        where.sort(key=lambda key: key[0] != "per_model")
+                        issues.append((message, tuple(where)))
         if issues:
             raise KeyedError(issues)
         return self

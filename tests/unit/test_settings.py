@@ -252,6 +252,33 @@ def test_per_model_zero_switches_off_a_default_queue_wait_budget(tmp_path: Path)
     assert problem.startswith("models.per_model.fraud.max_queue_wait_ms: Input should be greater")
 
 
+def test_worker_nice_without_a_worker_thread_is_refused_naming_both_fields() -> None:
+    """``worker_nice`` only nices the ``thread`` execution's worker: with ``inline`` it
+    would be ignored, so it is refused, naming both fields (the model's key first)."""
+    wants = "worker_nice (5) needs execution 'thread' (execution is 'inline'"
+    assert problems_of(sets=["models.defaults.worker_nice=5"]) == (
+        f"models.defaults.worker_nice: {wants}: there is no worker thread to nice); set "
+        "worker_nice 0 or execution 'thread' (from --set models.defaults.worker_nice, default)",
+    )
+    (problem,) = problems_of(
+        env={"STREAMSCORE_MODELS__DEFAULTS__EXECUTION": "thread"},
+        sets=["models.defaults.worker_nice=5", "models.per_model.fraud.execution=inline"],
+    )
+    assert problem.startswith(f"models.per_model.fraud.execution: {wants}")
+    assert problem.endswith(
+        "(from --set models.per_model.fraud.execution, --set models.defaults.worker_nice)"
+    )
+    (problem,) = problems_of(sets=["models.per_model.fraud.worker_nice=3"])
+    assert problem.startswith("models.per_model.fraud.worker_nice: worker_nice (3) needs")
+    assert "default" in problem  # execution: inline by default
+    threaded = load_settings(
+        None,
+        {},
+        ["models.per_model.fraud.execution=thread", "models.per_model.fraud.worker_nice=3"],
+    )
+    assert threaded.serving_for("fraud").worker_nice == 3
+
+
 def test_bad_model_name() -> None:
     (problem,) = problems_of(sets=["models.per_model.no/slash.max_batch_size=1"])
     assert problem.startswith("models.per_model.no/slash: bad name:")
