@@ -817,7 +817,8 @@ class DriftSettings(_Frozen):
     grace_s: float = Field(
         default=3.0,
         ge=0.0,
-        description="How long after a bucket closes it is judged (late flushes land first).",
+        description="How long after a bucket closes it is judged, then read once and kept "
+        "(late flushes land first): at least flush_interval_s, with a margin for the write.",
     )
     topic: str = Field(
         default="streamscore-drift", min_length=1, description="Kafka topic of drift events."
@@ -834,16 +835,28 @@ class DriftSettings(_Frozen):
 
     @model_validator(mode="after")
     def _windows(self) -> DriftSettings:
+        issues: list[Issue] = []
         if self.long_window_buckets < self.short_window_buckets:
-            raise KeyedError(
-                [
-                    (
-                        f"long_window_buckets ({self.long_window_buckets}) must be >= "
-                        f"short_window_buckets ({self.short_window_buckets})",
-                        (("long_window_buckets",), ("short_window_buckets",)),
-                    )
-                ]
+            issues.append(
+                (
+                    f"long_window_buckets ({self.long_window_buckets}) must be >= "
+                    f"short_window_buckets ({self.short_window_buckets})",
+                    (("long_window_buckets",), ("short_window_buckets",)),
+                )
             )
+        if self.grace_s < self.flush_interval_s:
+            # a bucket's last rows are flushed up to flush_interval_s after it closes; one
+            # judged (read once, then kept) before that would miss them for good
+            issues.append(
+                (
+                    f"grace_s ({self.grace_s:g}) must be >= flush_interval_s "
+                    f"({self.flush_interval_s:g}): a bucket is read for good grace_s after it "
+                    "closes, and its last flush may come flush_interval_s after",
+                    (("grace_s",), ("flush_interval_s",)),
+                )
+            )
+        if issues:
+            raise KeyedError(issues)
         return self
 
     def thresholds(self, model: str) -> DriftThresholds:

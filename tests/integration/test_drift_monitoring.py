@@ -232,7 +232,12 @@ async def test_a_lone_callers_answers_are_all_counted(tmp_path: Path, redis_url:
     from redis.asyncio import Redis
 
     repository = repository_with_profile(tmp_path)
-    overrides = ["routing.store=redis", f"redis.url={redis_url}", "drift.flush_interval_s=60"]
+    overrides = [
+        "routing.store=redis",
+        f"redis.url={redis_url}",
+        "drift.flush_interval_s=60",  # flushed by the test only
+        "drift.grace_s=60",
+    ]
     rng = np.random.default_rng(11)
     async with running_server(repository, overrides) as server:
         for _ in range(40):
@@ -263,7 +268,13 @@ async def test_a_final_bucket_is_read_once_then_kept_summed(tmp_path: Path, redi
 
     version_dir, weights, bias = write_linear_model(tmp_path, "cached", "1", TEST_FEATURES)
     write_reference_profile(version_dir, weights, bias, rows=2000)
-    settings = DriftSettings(bucket_s=1, short_window_buckets=2, long_window_buckets=4, grace_s=0)
+    settings = DriftSettings(
+        bucket_s=1,
+        short_window_buckets=2,
+        long_window_buckets=4,
+        flush_interval_s=0.5,
+        grace_s=0.5,  # the test flushes itself: a bucket is final half a second after
+    )
     now = [100.5]
     client = Redis.from_url(redis_url)
     try:

@@ -279,6 +279,25 @@ def test_worker_nice_without_a_worker_thread_is_refused_naming_both_fields() -> 
     assert threaded.serving_for("fraud").worker_nice == 3
 
 
+def test_drift_grace_below_the_flush_interval_is_refused_naming_both(tmp_path: Path) -> None:
+    """A drift bucket is read for good ``grace_s`` after it closes, and its last rows
+    may be flushed ``flush_interval_s`` after: a grace below the interval is refused,
+    naming both keys with their sources; equal or above loads."""
+    config = tmp_path / "streamscore.yaml"
+    config.write_text("drift:\n  flush_interval_s: 5\n")
+    (problem,) = problems_of(config)
+    assert problem.startswith(
+        "drift.grace_s: grace_s (3) must be >= flush_interval_s (5): a bucket is read"
+    )
+    assert problem.endswith(f"(from default, file {config})")
+    (problem,) = problems_of(sets=["drift.grace_s=0.5"])
+    assert problem.startswith("drift.grace_s: grace_s (0.5) must be >= flush_interval_s (1)")
+    assert problem.endswith("(from --set drift.grace_s, default)")
+    loaded = load_settings(config, {"STREAMSCORE_DRIFT__GRACE_S": "5"}, [])
+    assert (loaded.drift.grace_s, loaded.drift.flush_interval_s) == (5.0, 5.0)
+    assert load_settings(None, {}, []).drift.grace_s >= 1.0  # the defaults load
+
+
 def test_bad_model_name() -> None:
     (problem,) = problems_of(sets=["models.per_model.no/slash.max_batch_size=1"])
     assert problem.startswith("models.per_model.no/slash: bad name:")
