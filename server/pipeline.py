@@ -7,8 +7,8 @@ Servicers decode protobuf into the inputs here and encode the results back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from server.explain.service import Explained, VersionReasons
     from server.records.shadow import ShadowRunner
     from server.records.traffic_log import TrafficLog
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,18 +461,9 @@ class ScoringPipeline:
         reasons = loaded.reasons
         assert reasons is not None
         explained: tuple[Explained, ...] | None = None
-        try:  # one job: the rows are explained, or refused, together
+        # one job: the rows are explained, or refused together (then recorded flagged)
+        with contextlib.suppress(ScoringError):
             explained = await reasons.explain(np.concatenate([r for _, r, _ in rows]), None)
-        except ScoringError as error:
-            logger.warning(
-                "v2 rows recorded without reasons",
-                extra={
-                    "model": loaded.name,
-                    "version": loaded.version,
-                    "rows": len(rows),
-                    "error": str(error),
-                },
-            )
         recorded = Decision(decision.version, decision.route)  # shadows already ran
         for i, (answer, row, request) in enumerate(rows):
             if explained is None:
