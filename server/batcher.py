@@ -26,6 +26,10 @@ Policy (continuous batching, gathered without timers):
   and the wait the queue already implies (batches ahead, counting the one running, x
   a moving average of measured batch time) exceeds it. That bounds accepted latency
   by time, whatever a batch costs, and refuses the excess before it waits at all.
+  The estimate does not trust a cold start: the first batch after start or reload
+  (ORT's first run allocates, caches are cold, a worker thread starts) is not counted,
+  the next few set it by their minimum, and only then the moving average follows; a
+  cold batch set as the average refused calls for ~10 batches after every (re)load.
 * A request whose deadline comes before the queue ahead of it is expected to clear
   fails with ``DeadlineExceeded`` at once instead of waiting to miss it. Before a
   batch runs, requests whose caller cancelled are skipped, and requests whose
@@ -71,6 +75,11 @@ RunNow = Callable[[list[J]], Sequence[R | ScoringError] | None]
 _LONE_CALLER = 1.1
 #: Weight of the newest batch in the moving average of batch time.
 _BATCH_TIME_WEIGHT = 0.2
+#: Batches after the first (not counted: it carries one-time costs) whose minimum sets
+#: the batch-time estimate before the moving average takes over: a cold outlier among
+#: them (the first run of a new batch shape) is discounted, while a model slow in every
+#: batch still measures slow. Underestimating here only admits more; the size bounds hold.
+_SETTLING_BATCHES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +181,10 @@ class MicroBatcher(Generic[J, R]):
         self._closing = False
         #: Moving average of requests per batch: the fill window opens only above 1.5.
         self._recent_requests_per_batch = 1.0
-        #: Moving average of a batch's run time (s); 0 until one ran.
+        #: Estimated batch run time (s); 0 (no estimate) until a batch after the first ran.
         self._batch_seconds = 0.0
+        #: Batches timed so far (the first is not counted in the estimate).
+        self._batches_timed = 0
 
     @property
     def depth(self) -> int:
@@ -183,7 +194,7 @@ class MicroBatcher(Generic[J, R]):
     @property
     def expected_wait_s(self) -> float:
         """Wait a job queued now can expect: the batches ahead of it (the running one
-        counted whole) x the moving average of batch time."""
+        counted whole) x the estimated batch time (0 until a batch after the first ran)."""
         batch = self.policy.max_batch_size
         ahead = -(-self._rows_queued // batch) + (1 if self._busy else 0)
         return ahead * self._batch_seconds
@@ -437,9 +448,17 @@ class MicroBatcher(Generic[J, R]):
                 pending.future.set_result(result)
 
     def _note_batch_time(self, seconds: float) -> None:
-        previous = self._batch_seconds
-        weight = _BATCH_TIME_WEIGHT if previous else 1.0
-        self._batch_seconds = previous + weight * (seconds - previous)
+        """Fold one batch's run time into the estimate (see ``_SETTLING_BATCHES``)."""
+        self._batches_timed += 1
+        timed = self._batches_timed
+        if timed == 1:
+            return  # the cold batch: one-time costs, not what the next batches will take
+        if timed == 2:
+            self._batch_seconds = seconds
+        elif timed <= 1 + _SETTLING_BATCHES:
+            self._batch_seconds = min(self._batch_seconds, seconds)
+        else:
+            self._batch_seconds += _BATCH_TIME_WEIGHT * (seconds - self._batch_seconds)
 
     def _fail(self, batch: list[_Pending[J, R]], error: ScoringError) -> None:
         for pending in batch:

@@ -433,6 +433,13 @@ class ReasonsSettings(_Frozen):
     top_n: int = Field(
         default=4, ge=1, le=64, description="Most reasons per answer (toward adverse)."
     )
+    max_queue_size: int = Field(
+        default=1024,
+        ge=1,
+        description="Calls waiting for their explanation per version (a v2 call asking "
+        "for reasons is one, whatever its rows; rows waiting are bounded by max_queue_rows); "
+        "past it RESOURCE_EXHAUSTED, a v2 call refused whole before it is scored.",
+    )
 
 
 class ModelServing(_Frozen):
@@ -459,10 +466,11 @@ class ModelServing(_Frozen):
     )
     max_queue_wait_ms: float | None = Field(
         default=None,
-        gt=0.0,
+        ge=0.0,
         description="Wait a new request may expect in the queue (batches ahead x the "
-        "moving average of batch time); past it RESOURCE_EXHAUSTED at once, so accepted "
-        "latency stays bounded under overload; null = only the size bounds apply.",
+        "estimated batch time); past it RESOURCE_EXHAUSTED at once, so accepted latency "
+        "stays bounded under overload; 0 or null = off (only the size bounds apply). Per "
+        "model, 0 switches off a budget set in defaults (a field left out inherits it).",
     )
     execution: Execution = Field(
         default="inline",
@@ -479,7 +487,8 @@ class ModelServing(_Frozen):
         default=0,
         ge=0,
         le=19,
-        description="With execution 'thread' (Linux): the worker thread's nice value above "
+        description="With execution 'thread' (Linux; refused with 'inline', which has no "
+        "worker thread): the worker thread's nice value above "
         "the process's, so on a shared core the event loop that accepts and refuses calls "
         "is scheduled before session.run (ORT's own intra-op threads keep the process's). "
         "Off by default: when accepting calls alone saturates the core, a niced worker "
@@ -508,6 +517,11 @@ class ModelServing(_Frozen):
     def _versions_as_text(cls, value: Any) -> Any:
         return _version_text(value)
 
+    @property
+    def max_queue_wait_s(self) -> float | None:
+        """The queue-wait budget in seconds; ``None`` when off (0 or null)."""
+        return self.max_queue_wait_ms / 1e3 if self.max_queue_wait_ms else None
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelServing:
         issues: list[Issue] = []
@@ -525,6 +539,15 @@ class ModelServing(_Frozen):
                     f"max_batch_size ({self.max_batch_size}) must not exceed "
                     f"max_queue_rows ({self.max_queue_rows})",
                     (("max_batch_size",), ("max_queue_rows",)),
+                )
+            )
+        if self.worker_nice and self.execution != "thread":
+            issues.append(
+                (
+                    f"worker_nice ({self.worker_nice}) needs execution 'thread' (execution is "
+                    f"{self.execution!r}: there is no worker thread to nice); set worker_nice 0 "
+                    "or execution 'thread'",
+                    (("worker_nice",), ("execution",)),
                 )
             )
         if self.versions is not None and not self.versions:
@@ -606,13 +629,15 @@ class ModelsSettings(_Frozen):
                         issues.append((error["msg"], (("per_model", name, *field),)))
                         continue
                     for message, keys in cause.issues:
-                        where = tuple(
+                        where = [
                             ("per_model", name, *key)
                             if key[0] in overrides.model_fields_set
                             else ("defaults", *key)
                             for key in keys
-                        )
-                        issues.append((message, where))
+                        ]
+                        # the key shown first names the model: a per-model key leads
+                        where.sort(key=lambda key: key[0] != "per_model")
+                        issues.append((message, tuple(where)))
         if issues:
             raise KeyedError(issues)
         return self
@@ -792,7 +817,8 @@ class DriftSettings(_Frozen):
     grace_s: float = Field(
         default=3.0,
         ge=0.0,
-        description="How long after a bucket closes it is judged (late flushes land first).",
+        description="How long after a bucket closes it is judged, then read once and kept "
+        "(late flushes land first): at least flush_interval_s, with a margin for the write.",
     )
     topic: str = Field(
         default="streamscore-drift", min_length=1, description="Kafka topic of drift events."
@@ -809,16 +835,28 @@ class DriftSettings(_Frozen):
 
     @model_validator(mode="after")
     def _windows(self) -> DriftSettings:
+        issues: list[Issue] = []
         if self.long_window_buckets < self.short_window_buckets:
-            raise KeyedError(
-                [
-                    (
-                        f"long_window_buckets ({self.long_window_buckets}) must be >= "
-                        f"short_window_buckets ({self.short_window_buckets})",
-                        (("long_window_buckets",), ("short_window_buckets",)),
-                    )
-                ]
+            issues.append(
+                (
+                    f"long_window_buckets ({self.long_window_buckets}) must be >= "
+                    f"short_window_buckets ({self.short_window_buckets})",
+                    (("long_window_buckets",), ("short_window_buckets",)),
+                )
             )
+        if self.grace_s < self.flush_interval_s:
+            # a bucket's last rows are flushed up to flush_interval_s after it closes; one
+            # judged (read once, then kept) before that would miss them for good
+            issues.append(
+                (
+                    f"grace_s ({self.grace_s:g}) must be >= flush_interval_s "
+                    f"({self.flush_interval_s:g}): a bucket is read for good grace_s after it "
+                    "closes, and its last flush may come flush_interval_s after",
+                    (("grace_s",), ("flush_interval_s",)),
+                )
+            )
+        if issues:
+            raise KeyedError(issues)
         return self
 
     def thresholds(self, model: str) -> DriftThresholds:

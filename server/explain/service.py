@@ -7,6 +7,10 @@ answer needs reasons (per the model's :class:`ReasonPolicy` and the request's fl
 then submits its scored row here. Concurrent such rows are explained together, one
 TreeSHAP batch on a worker thread (off the event loop), so answers that need no
 reasons never wait for an explanation: they left with their scoring batch.
+
+A job here is a whole call's rows (``[N, F]``: one for a Score, N for a v2 call asking
+for reasons), so a call is admitted to the queue, or refused, whole: never some rows
+explained and the rest refused part-way.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy.typing as npt
 
 from feature_streams.definitions import FeatureDefinitions
 from server.batcher import BatchPolicy, MicroBatcher
-from server.errors import ModelLoadError, ScoringError
+from server.errors import InferenceFailed, ModelLoadError, ScoringError
 from server.explain.explainer import ExplainerError, TreeExplainer, load_explainer
 from server.explain.reasons import DEFAULT_TOP_N, Reason, ReasonCatalogue, ReasonSpec
 from server.manifest import ModelManifest
@@ -40,10 +44,14 @@ class ReasonPolicy:
 
     when: ReasonsWhen = "on_request"
     top_n: int = DEFAULT_TOP_N
+    #: Explanation jobs (calls) waiting per version; past it a call is refused whole.
+    max_queue_size: int = 1024
 
     def __post_init__(self) -> None:
         if self.top_n < 1:
             raise ValueError("reasons.top_n must be >= 1")
+        if self.max_queue_size < 1:
+            raise ValueError("reasons.max_queue_size must be >= 1")
 
     def needed(self, asked: bool, decision: bool) -> bool:
         """Whether one answer needs reasons: asked for (any mode), always, or a
@@ -60,6 +68,23 @@ class Explained:
 
     reasons: tuple[Reason, ...]
     base_value: float
+
+
+def explain_batching(scoring: BatchPolicy, max_queue_size: int) -> BatchPolicy:
+    """The explanation batcher's limits beside a version's scoring ``BatchPolicy``.
+
+    Batches gather up to ``EXPLAIN_BATCH`` rows, or more when the scoring batcher takes
+    more, so any call the scoring batcher admits fits as one job. ``max_queue_size``
+    bounds waiting calls; rows waiting are bounded like the scoring queue's (a v2 call of
+    N rows counts N), so one call per slot cannot hide an unbounded backlog of work.
+    """
+    batch = max(EXPLAIN_BATCH, scoring.max_batch_size)
+    rows = scoring.max_queue_rows
+    return BatchPolicy(
+        max_batch_size=batch,
+        max_queue_size=max_queue_size,
+        max_queue_rows=None if rows is None else max(rows, batch),
+    )
 
 
 def catalogue_for(
@@ -93,15 +118,15 @@ class VersionReasons:
         explainer: TreeExplainer,
         catalogue: ReasonCatalogue,
         policy: ReasonPolicy,
-        max_queue_size: int = 1024,
+        batching: BatchPolicy | None = None,
     ) -> None:
         self.explainer = explainer
         self.catalogue = catalogue
         self.policy = policy
-        self._batcher: MicroBatcher[npt.NDArray[np.float32], Explained] = MicroBatcher(
+        self._batcher: MicroBatcher[npt.NDArray[np.float32], tuple[Explained, ...]] = MicroBatcher(
             f"{explainer.name}/{explainer.version}:reasons",
             self._run,
-            BatchPolicy(max_batch_size=EXPLAIN_BATCH, max_queue_size=max_queue_size),
+            batching or explain_batching(BatchPolicy(), policy.max_queue_size),
         )
 
     def start(self) -> None:
@@ -112,14 +137,36 @@ class VersionReasons:
         """Finish queued explanations, then stop."""
         await self._batcher.close()
 
-    async def explain(self, row: npt.NDArray[np.float32], deadline: float | None) -> Explained:
-        """Reasons of one scored row (``[1, F]``, exactly what the model saw)."""
-        return await self._batcher.submit(row, deadline=deadline)
+    async def explain(
+        self, rows: npt.NDArray[np.float32], deadline: float | None
+    ) -> tuple[Explained, ...]:
+        """Reasons of each scored row of ``rows`` (``[N, F]``, exactly what the model
+        saw), in row order: one job, admitted or refused (``QueueFull``) whole."""
+        return await self._batcher.submit(rows, rows=int(rows.shape[0]), deadline=deadline)
 
-    async def _run(self, rows: list[npt.NDArray[np.float32]]) -> list[Explained | ScoringError]:
-        matrix = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+    def enqueue(
+        self, rows: npt.NDArray[np.float32], deadline: float | None
+    ) -> asyncio.Future[tuple[Explained, ...]]:
+        """Queue ``rows`` like ``explain`` (the same checks, raised at once) and return
+        the future of their reasons; cancelling it drops the job if it has not run."""
+        return self._batcher.enqueue(rows, rows=int(rows.shape[0]), deadline=deadline)
+
+    async def _run(
+        self, jobs: list[npt.NDArray[np.float32]]
+    ) -> list[tuple[Explained, ...] | ScoringError]:
+        matrix = jobs[0] if len(jobs) == 1 else np.concatenate(jobs, axis=0)
         explained = await asyncio.to_thread(self.explain_now, matrix)
-        return list(explained)
+        if len(explained) != matrix.shape[0]:
+            raise InferenceFailed(
+                f"{self._batcher.name}: {len(explained)} explanations for {matrix.shape[0]} rows"
+            )
+        parts: list[tuple[Explained, ...] | ScoringError] = []
+        offset = 0
+        for job in jobs:
+            size = int(job.shape[0])
+            parts.append(tuple(explained[offset : offset + size]))
+            offset += size
+        return parts
 
     def explain_now(self, x: npt.NDArray[np.float32]) -> list[Explained]:
         """Reasons of every row of ``x`` (CPU-bound: call it off the event loop)."""
@@ -133,9 +180,11 @@ def load_reasons(
     manifest: ModelManifest,
     definitions: FeatureDefinitions | None,
     policy: ReasonPolicy,
+    scoring: BatchPolicy | None = None,
 ) -> VersionReasons | None:
     """The version's checked reasons, or None without an explainer; a bad explainer or
-    catalogue raises :class:`ModelLoadError` naming the version (it is refused)."""
+    catalogue raises :class:`ModelLoadError` naming the version (it is refused).
+    ``scoring``: the version's scoring limits (see :func:`explain_batching`)."""
     try:
         explainer = load_explainer(version_dir, manifest)
     except ExplainerError as error:
@@ -150,7 +199,8 @@ def load_reasons(
         raise ModelLoadError(
             f"{manifest.name}/{manifest.version}: reason catalogue: {error}"
         ) from error
-    return VersionReasons(explainer, catalogue, policy)
+    batching = explain_batching(scoring or BatchPolicy(), policy.max_queue_size)
+    return VersionReasons(explainer, catalogue, policy, batching)
 
 
 def reason_codes(reasons: Sequence[Reason]) -> list[str]:

@@ -300,7 +300,8 @@ async def test_queue_is_bounded_in_rows_as_well_as_requests() -> None:
 async def test_queue_is_bounded_by_expected_wait() -> None:
     """``max_queue_wait_s``: a job is refused at once when the batches ahead of it (the
     running one counted) x the measured batch time exceed the budget, long before
-    ``max_queue_size``; before any batch ran there is no estimate and no refusal."""
+    ``max_queue_size``; before a batch after the first ran there is no estimate and no
+    refusal."""
     budget = 0.175
     run = FakeRun(sleep_s=0.05)
     recorder = Recorder()
@@ -308,6 +309,7 @@ async def test_queue_is_bounded_by_expected_wait() -> None:
         run, recorder, max_batch_size=1, max_queue_size=100, max_queue_wait_s=budget
     )
     assert batcher.expected_wait_s == 0.0
+    assert_own_rows(await batcher.submit(make_rows(0, 1)), make_rows(0, 1))  # not counted
     assert_own_rows(await batcher.submit(make_rows(0, 1)), make_rows(0, 1))  # ~50 ms measured
     run.sleep_s, run.gate = 0.0, asyncio.Event()
     run.started.clear()
@@ -334,10 +336,70 @@ async def test_queue_is_bounded_by_expected_wait() -> None:
     await batcher.close()
 
 
+async def hold_a_batch(batcher: RowBatcher, run: FakeRun) -> asyncio.Task[Outputs]:
+    """Submit one job and return once its batch runs, held until ``run.gate`` is set:
+    ``expected_wait_s`` is then exactly the batch-time estimate (one batch ahead)."""
+    run.gate = asyncio.Event()
+    run.started.clear()
+    running = asyncio.create_task(batcher.submit(make_rows(1, 1)))
+    await run.started.wait()
+    return running
+
+
+async def test_a_cold_first_batch_does_not_set_the_wait_estimate() -> None:
+    """The first batch after start (or reload: a new batcher) carries one-time costs:
+    it is not counted, so a slow one refuses nothing after it (set as the average it
+    refused every call for ~10 batches); the next batches set the estimate."""
+    budget = 0.05
+    run = FakeRun(sleep_s=0.2)  # the cold first batch: 4x the budget
+    recorder = Recorder()
+    batcher = batcher_with(
+        run, recorder, max_batch_size=1, max_queue_size=100, max_queue_wait_s=budget
+    )
+    assert_own_rows(await batcher.submit(make_rows(0, 1)), make_rows(0, 1))
+    run.sleep_s = 0.0
+    running = await hold_a_batch(batcher, run)
+    assert batcher.expected_wait_s == 0.0  # no estimate yet
+    queued = [asyncio.create_task(batcher.submit(make_rows(2 + i, 1))) for i in range(3)]
+    await turns_until(lambda: batcher.depth == 3)  # admitted, none refused
+    assert recorder.dropped_reasons == []
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(1, 1))
+    for i, task in enumerate(queued):
+        assert_own_rows(await task, make_rows(2 + i, 1))
+    running = await hold_a_batch(batcher, run)
+    assert 0.0 < batcher.expected_wait_s < budget  # measured on the warm batches
+    run.gate.set()  # type: ignore[union-attr]
+    await running
+    await batcher.close()
+
+
+async def test_settling_batches_set_the_estimate_by_their_minimum() -> None:
+    """After the first, the next batches set the estimate by their minimum: a second
+    slow batch (the first run of a new shape) is discounted too, while a model slow in
+    every batch so far measures slow; the moving average takes over after them."""
+    run = FakeRun(sleep_s=0.2)
+    batcher = batcher_with(run, max_batch_size=1, max_queue_size=100)
+    await batcher.submit(make_rows(0, 1))  # not counted
+    run.sleep_s = 0.1
+    await batcher.submit(make_rows(0, 1))  # settling: 100 ms
+    run.sleep_s = 0.0
+    running = await hold_a_batch(batcher, run)
+    assert batcher.expected_wait_s >= 0.1  # slow in every counted batch: measured slow
+    run.gate.set()  # type: ignore[union-attr]
+    await running  # settling: a few loop turns
+    running = await hold_a_batch(batcher, run)
+    assert batcher.expected_wait_s < 0.05  # their minimum, not an average with 100 ms
+    run.gate.set()  # type: ignore[union-attr]
+    await running
+    await batcher.close()
+
+
 async def test_deadline_sooner_than_the_expected_wait_is_refused_at_once() -> None:
     run = FakeRun(sleep_s=0.05)
     recorder = Recorder()
     batcher = batcher_with(run, recorder, max_batch_size=1, max_queue_size=100)
+    await batcher.submit(make_rows(0, 1))  # the first batch is not counted
     await batcher.submit(make_rows(0, 1))  # the batch time is measured: ~50 ms
     run.sleep_s, run.gate = 0.0, asyncio.Event()
     run.started.clear()
