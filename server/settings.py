@@ -460,9 +460,11 @@ class ModelServing(_Frozen):
     max_queue_wait_ms: float | None = Field(
         default=None,
         gt=0.0,
-        description="Wait a new request may expect in the queue (batches ahead x the "
-        "moving average of batch time); past it RESOURCE_EXHAUSTED at once, so accepted "
-        "latency stays bounded under overload; null = only the size bounds apply.",
+        description="Wait a new request may expect in the queue (the rest of the running "
+        "batch plus the full batches ahead of its own, at the p90 of recent batch times); "
+        "past it RESOURCE_EXHAUSTED at once, so accepted latency stays within it plus one "
+        "batch under overload. Set it from the model's batch time (at least one p90 batch, "
+        "e.g. 2x streamscore_inference_seconds); null = only the size bounds apply.",
     )
     execution: Execution = Field(
         default="inline",
