@@ -187,6 +187,35 @@ class ConnectionSettings(_Frozen):
         ge=0.0,
         description="After max_connection_age, how long calls still open may finish.",
     )
+    pending_calls_soft_limit: int = Field(
+        default=1000,
+        ge=0,
+        description="Calls received but not yet taken by a handler (the event loop is "
+        "behind) past which gRPC core refuses new calls at once, at random with a chance "
+        "rising to 1 at pending_calls_hard_limit (random early drop). The refusal happens "
+        "in gRPC core, below Python, so it costs the loop nothing; the caller sees "
+        "CANCELLED (gRPC core's status for it, not settable). gRPC's defaults: 1000 / 3000 "
+        "(seconds of backlog for a loop-bound process; bench/RESULTS.md, overload).",
+    )
+    pending_calls_hard_limit: int = Field(
+        default=3000,
+        ge=1,
+        description="Pending calls (see pending_calls_soft_limit) past which every new call "
+        "is refused by gRPC core at once.",
+    )
+
+    @model_validator(mode="after")
+    def _pending_ordered(self) -> ConnectionSettings:
+        if self.pending_calls_hard_limit <= self.pending_calls_soft_limit:
+            raise KeyedError(
+                [
+                    (
+                        "pending_calls_hard_limit must be > pending_calls_soft_limit",
+                        (("pending_calls_hard_limit",), ("pending_calls_soft_limit",)),
+                    )
+                ]
+            )
+        return self
 
 
 class LimitsSettings(_Frozen):
