@@ -216,7 +216,9 @@ async def test_cancelled_call_is_not_computed(slow_server: RunningServer) -> Non
     assert (await _timed(srv, 101))[0] == OK
 
 
-async def _blocked_loop_outcomes(srv: RunningServer, calls: int) -> list[tuple[OK, str, float]]:
+async def _blocked_loop_outcomes(
+    srv: RunningServer, calls: int
+) -> list[tuple[grpc.StatusCode, str, float]]:
     """Start ``calls`` Score calls, then block the event loop (the server's and this
     client's: one process) for 1 s so they all wait in gRPC core for a handler; their
     codes, details and latencies once the loop runs again."""
