@@ -58,7 +58,7 @@ from server.errors import (
     ScoringError,
     ShuttingDown,
 )
-from server.queue_wait import BatchTimes, expected_wait
+from server.queue_wait import BatchTimes, Quantiles, expected_wait
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ class MicroBatcher(Generic[J, R]):
         self._busy = False
         #: ``loop.time()`` at which the batch in progress started running (None: none).
         self._running_since: float | None = None
+        #: Rows of the batch in progress.
+        self._running_rows = 0
         #: ``loop.time()`` from which the next fast-path candidate gathers instead.
         self._next_probe = 0.0
         self._observer: BatchObserver = observer or _NullObserver()
@@ -176,7 +178,7 @@ class MicroBatcher(Generic[J, R]):
         #: Moving average of requests per batch: the fill window opens only above 1.5.
         self._recent_requests_per_batch = 1.0
         #: Run times of recent batches: what the queue ahead of a new job will take.
-        self._batch_times = BatchTimes()
+        self._batch_times = BatchTimes(policy.max_batch_size)
 
     @property
     def depth(self) -> int:
@@ -185,17 +187,22 @@ class MicroBatcher(Generic[J, R]):
 
     @property
     def expected_wait_s(self) -> float:
-        """The wait the budget bounds for a one-row job queued now (high batch time)."""
-        return self._wait(1, asyncio.get_running_loop().time(), self._batch_times.high)
+        """The wait the budget bounds for a one-row job queued now (high batch times)."""
+        return self._wait(1, asyncio.get_running_loop().time(), high=True)
 
-    def _wait(self, rows: int, now: float, batch_seconds: float) -> float:
+    def _wait(self, rows: int, now: float, *, high: bool) -> float:
+        """Expected wait of a job of ``rows`` rows: high (the budget's) or typical."""
+
+        def pick(q: Quantiles) -> float:
+            return q.high if high else q.typical
+
+        times = self._batch_times
         since = self._running_since
+        running = None
+        if since is not None:
+            running = (pick(times.of(self._running_rows)), now - since)
         return expected_wait(
-            self._rows_queued,
-            rows,
-            self.policy.max_batch_size,
-            batch_seconds,
-            None if since is None else now - since,
+            self._rows_queued, rows, self.policy.max_batch_size, pick(times.full), running
         )
 
     def start(self) -> None:
@@ -257,9 +264,7 @@ class MicroBatcher(Generic[J, R]):
             )
         now = loop.time()
         max_wait = self.policy.max_queue_wait_s
-        if max_wait is not None and (wait := self._wait(rows, now, self._batch_times.high)) > (
-            max_wait
-        ):
+        if max_wait is not None and (wait := self._wait(rows, now, high=True)) > max_wait:
             self._observer.dropped("queue_full")
             raise QueueFull(
                 f"model {self.name}: queue full (expected wait {wait * 1000:.0f} ms exceeds "
@@ -269,7 +274,7 @@ class MicroBatcher(Generic[J, R]):
             if now >= deadline:
                 self._observer.dropped("deadline")
                 raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
-            if (wait := self._wait(rows, now, self._batch_times.typical)) > deadline - now:
+            if (wait := self._wait(rows, now, high=False)) > deadline - now:
                 self._observer.dropped("deadline")
                 raise DeadlineExceeded(
                     f"model {self.name}: deadline in {(deadline - now) * 1000:.0f} ms, "
@@ -314,7 +319,7 @@ class MicroBatcher(Generic[J, R]):
         observer.queue_waited(0.0)
         seconds = loop.time() - started
         observer.batch_ran(rows, 1, seconds)
-        self._batch_times.add(seconds)
+        self._batch_times.add(seconds, rows)
         self._recent_requests_per_batch = 0.8 * self._recent_requests_per_batch + 0.2
         result = results[0]
         if isinstance(result, ScoringError):
@@ -415,6 +420,7 @@ class MicroBatcher(Generic[J, R]):
     async def _run(self, batch: list[_Pending[J, R]]) -> None:
         loop = asyncio.get_running_loop()
         started = self._running_since = loop.time()
+        self._running_rows = sum(p.rows for p in batch)
         for pending in batch:
             self._observer.queue_waited(started - pending.enqueued_at)
         try:
@@ -437,10 +443,10 @@ class MicroBatcher(Generic[J, R]):
             return
         finally:
             self._running_since = None
-        rows = sum(p.rows for p in batch)
+        rows = self._running_rows
         seconds = loop.time() - started
         self._observer.batch_ran(rows, len(batch), seconds)
-        self._batch_times.add(seconds)
+        self._batch_times.add(seconds, rows)
         self._recent_requests_per_batch = 0.8 * self._recent_requests_per_batch + 0.2 * len(batch)
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():

@@ -4,53 +4,103 @@ The batcher refuses a job whose expected wait exceeds ``max_queue_wait_ms`` and 
 deadline comes first; both read the estimate here. It is built so that an accepted job's
 latency stays within the budget plus its own batch:
 
-* the wait is the **rest of the batch in progress** (a batch time less what has already
-  run) plus the **full batches ahead** of the one the job joins: rows are counted, so a
-  job that fits into the batch being filled waits for none of them (counting the running
-  batch whole and a partial batch as one more would refuse calls that would be served in
-  one batch time, and leave the next batch short);
-* a batch time is a **high quantile of recent batches** (``BatchTimes.high``) for the
-  budget, so a slow batch does not let the queue grow past it, and their median
-  (``BatchTimes.typical``) for the deadline check (expected, not worst, wait).
+* the wait is the **rest of the batch in progress** (its batch time less what it has
+  already run) plus the **full batches ahead** of the one the job joins: rows are
+  counted, so a job that fits into the batch being filled waits for none of them
+  (counting the running batch whole and a partial batch as one more would refuse calls
+  that would be served in one batch time, and leave the next batch short);
+* a batch time is a **high quantile of recent batches** (``BatchTimes``) for the
+  budget, so a slow batch does not let the queue grow past it, and their median for the
+  deadline check (expected, not worst, wait);
+* batches ahead are full, so they are timed by recent **full** batches, kept apart: a
+  model whose time grows with rows runs small batches at light load, and timing the
+  first full ones of an overload by those would admit several times too many until the
+  window turned over.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
-#: Batches remembered; at overload a window is a few seconds of batches.
+#: Batches remembered per window; at overload a window is a few seconds of batches.
 DEFAULT_WINDOW = 64
-#: Quantile of recent batch times that bounds the wait (``BatchTimes.high``).
+#: Quantile of recent batch times that bounds the wait (``Quantiles.high``).
 DEFAULT_QUANTILE = 0.9
+#: A batch with at least this share of ``max_batch_size`` rows counts as full.
+FULL_SHARE = 0.75
+
+
+@dataclass(frozen=True, slots=True)
+class Quantiles:
+    """Two quantiles of recent batch times (s): ``high`` bounds, ``typical`` expects."""
+
+    high: float = 0.0
+    typical: float = 0.0
+
+
+class _Window:
+    def __init__(self, window: int, quantile: float) -> None:
+        self._values: deque[float] = deque(maxlen=window)
+        self._quantile = quantile
+        self.quantiles = Quantiles()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def add(self, seconds: float) -> None:
+        self._values.append(max(0.0, seconds))
+        ordered = sorted(self._values)
+        self.quantiles = Quantiles(
+            high=ordered[math.ceil(self._quantile * len(ordered)) - 1],
+            typical=ordered[(len(ordered) - 1) // 2],
+        )
 
 
 class BatchTimes:
-    """Run times of the most recent batches and two quantiles of them (0 until one ran).
+    """Run times of recent batches, all of them and the full ones apart (0 until one ran).
 
-    The quantiles are recomputed when a batch is added (once per batch), so reading them
-    on every admission costs nothing.
+    Quantiles are recomputed when a batch is added (once per batch), so reading them on
+    every admission costs nothing.
     """
 
-    def __init__(self, window: int = DEFAULT_WINDOW, quantile: float = DEFAULT_QUANTILE) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        window: int = DEFAULT_WINDOW,
+        quantile: float = DEFAULT_QUANTILE,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
         if window < 1:
             raise ValueError("window must be >= 1")
         if not 0.5 <= quantile <= 1.0:
             raise ValueError("quantile must be in [0.5, 1]")
-        self._recent: deque[float] = deque(maxlen=window)
-        self._quantile = quantile
-        self.high = 0.0
-        self.typical = 0.0
+        self._full_rows = max(1, math.ceil(FULL_SHARE * max_batch_size))
+        self._all = _Window(window, quantile)
+        self._full = _Window(window, quantile)
 
     def __len__(self) -> int:
-        return len(self._recent)
+        return len(self._all)
 
-    def add(self, seconds: float) -> None:
-        """Record one batch's run time."""
-        self._recent.append(max(0.0, seconds))
-        ordered = sorted(self._recent)
-        self.high = ordered[math.ceil(self._quantile * len(ordered)) - 1]
-        self.typical = ordered[(len(ordered) - 1) // 2]
+    def add(self, seconds: float, rows: int) -> None:
+        """Record one batch of ``rows`` rows that ran ``seconds``."""
+        self._all.add(seconds)
+        if rows >= self._full_rows:
+            self._full.add(seconds)
+
+    def of(self, rows: int) -> Quantiles:
+        """Quantiles for a batch of ``rows`` rows: those of recent full batches when it
+        is full (all recent batches until a full one ran), of all recent ones otherwise."""
+        if rows >= self._full_rows and len(self._full):
+            return self._full.quantiles
+        return self._all.quantiles
+
+    @property
+    def full(self) -> Quantiles:
+        """Quantiles of a full batch."""
+        return self.of(self._full_rows)
 
 
 def batches_ahead(rows_queued: int, rows: int, max_batch_size: int) -> int:
@@ -63,13 +113,14 @@ def expected_wait(
     rows_queued: int,
     rows: int,
     max_batch_size: int,
-    batch_seconds: float,
-    running_for: float | None,
+    full_batch_s: float,
+    running: tuple[float, float] | None,
 ) -> float:
     """Seconds a job queued now waits before its batch starts.
 
-    ``running_for``: how long the batch in progress has run (``None``: none is running;
-    one being gathered is made of the queued rows, which ``rows_queued`` counts).
+    ``running``: (the running batch's expected time, how long it has run), ``None`` when
+    no batch is running (one being gathered is made of the queued rows, which
+    ``rows_queued`` counts). ``full_batch_s``: the time of each full batch ahead.
     """
-    rest = 0.0 if running_for is None else max(0.0, batch_seconds - running_for)
-    return rest + batches_ahead(rows_queued, rows, max_batch_size) * batch_seconds
+    rest = 0.0 if running is None else max(0.0, running[0] - running[1])
+    return rest + batches_ahead(rows_queued, rows, max_batch_size) * full_batch_s

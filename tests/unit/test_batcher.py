@@ -790,3 +790,29 @@ async def test_deadline_check_expects_the_median_batch_time() -> None:
     assert_own_rows(await running, make_rows(10, 1))
     assert_own_rows(await in_time, make_rows(12, 1))
     await batcher.close()
+
+
+async def test_batches_ahead_are_timed_by_recent_full_batches() -> None:
+    """A model whose time grows with rows runs small, fast batches at light load; when
+    load jumps, the full batches ahead of a new job are timed by the full batches seen
+    before (here 100 ms), not by the small ones (10 ms) that fill the recent window."""
+    run = FakeRun(sleep_s=0.1)
+    recorder = Recorder()
+    batcher = batcher_with(
+        run, recorder, max_batch_size=4, max_queue_size=100, max_queue_wait_s=0.05
+    )
+    await batcher.submit(make_rows(0, 4))  # one full batch: ~100 ms
+    run.sleep_s = 0.01
+    for i in range(1, 11):  # ten small ones: ~10 ms
+        await batcher.submit(make_rows(i, 1))
+    running = await _held_batch(run, batcher, 11)  # a small batch runs
+    queued = asyncio.create_task(batcher.submit(make_rows(12, 4)))  # the next, full
+    await turns_until(lambda: batcher.depth == 1)
+    late = batcher.submit(make_rows(13, 1))  # behind a full batch: ~100 ms, not ~10
+    with pytest.raises(QueueFull, match="max_queue_wait_ms 50"):
+        late.send(None)
+    assert recorder.dropped_reasons == ["queue_full"]
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(11, 1))
+    assert_own_rows(await queued, make_rows(12, 4))
+    await batcher.close()
