@@ -8,7 +8,9 @@ worker thread) so the server, not the client, is the bottleneck:
    without a queue-wait budget; a full batch's time is ``max_batch_size / capacity``;
 2. with ``--budget-batches K`` a second server is started with ``max_queue_wait_ms`` =
    K x that batch time (the rule: the budget is set from the model's measured batch
-   time, never tuned per run); otherwise the same server goes on;
+   time, never tuned per run), and each further pair measures capacity again on a fresh
+   server without the budget first; otherwise the same server goes on (re-measuring
+   capacity before each pair with ``--recapacity-s``);
 3. open loop at 0.8x capacity: p99 of the answers (from the intended send time);
 4. open loop at 2x capacity for ``--overload-s``: p99 of the accepted answers (ratio to
    step 3), RESOURCE_EXHAUSTED answers and their p99 (refused at once?), the server's
@@ -409,6 +411,19 @@ async def _pairs(
     return pairs
 
 
+async def _capacity(
+    repository: Path, work: Path, extra: list[str], prefix: list[str], args: argparse.Namespace
+) -> float:
+    """Closed-loop capacity (OK/s) of a fresh server with ``extra`` settings."""
+    with serve(repository, work / "server-capacity.log", extra, prefix) as (_, target):
+        client = Client(target)
+        try:
+            await closed_loop(client, "warmup", args.callers, 2.0)
+            return (await closed_loop(client, "capacity", args.callers, args.capacity_s)).rate()
+        finally:
+            await client.close()
+
+
 async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[str, Any]:
     """All phases (one or two servers); the figures as a JSON-able dict."""
     metrics_port = free_port()
@@ -436,18 +451,29 @@ async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[st
             await client.close()
     if args.budget_batches is not None:
         budget_ms = round(args.budget_batches * batch_ms, 1)
-        extra.append(f"models.per_model.{MODEL}.max_queue_wait_ms={budget_ms}")
-        log.info("budget %.1f ms = %g x batch", budget_ms, args.budget_batches)
-        with serve(repository, work / "server2.log", extra, prefix) as (pid, target):
-            client = Client(target)
-            try:
-                await closed_loop(client, "warmup", args.callers, 3.0)
-                pairs = await _pairs(client, pid, rate, args, metrics_port)
-                streams = (
-                    await _streams_phase(client, target, pid, rate, args) if args.streams else {}
-                )
-            finally:
-                await client.close()
+        for repeat in range(args.repeats):
+            if repeat and not args.capacity_rps:
+                # capacity again, on a server without the budget (one with it refuses
+                # part of a closed loop: K = 1 measured 116 req/s against 219 without)
+                rate = await _capacity(repository, work, extra, prefix, args)
+                budget_ms = round(args.budget_batches * 1e3 * args.max_batch_size / rate, 1)
+            with_budget = [*extra, f"models.per_model.{MODEL}.max_queue_wait_ms={budget_ms}"]
+            log.info("pair %d: capacity %.0f/s, budget %.1f ms", repeat, rate, budget_ms)
+            log_path = work / f"server-budget-{repeat}.log"
+            with serve(repository, log_path, with_budget, prefix) as (pid, target):
+                client = Client(target)
+                try:
+                    await closed_loop(client, "warmup", 2 * args.max_batch_size, 3.0)
+                    one = dict(args.__dict__, repeats=1, recapacity_s=0.0)
+                    pair = (
+                        await _pairs(client, pid, rate, argparse.Namespace(**one), metrics_port)
+                    )[0]
+                    pairs.append(pair | {"budget_ms": budget_ms})
+                    if repeat == args.repeats - 1 and args.streams:
+                        streams = await _streams_phase(client, target, pid, rate, args)
+                finally:
+                    await client.close()
+        budget_ms = pairs[0]["budget_ms"]
     ratios = [p["accepted_p99_ratio"] for p in pairs]
     return {
         "capacity_rps": rate,
@@ -497,8 +523,10 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for i, pair in enumerate(pairs, 1):
+        label = f"{i} ({pair['capacity_rps']:.0f}/s"
+        label += f", {pair['budget_ms']:g} ms)" if "budget_ms" in pair else ")"
         lines += [
-            _row(f"{i} ({pair['capacity_rps']:.0f}/s)", "0.8x", pair["light"]),
+            _row(label, "0.8x", pair["light"]),
             _row("", "2x", pair["overload"]),
         ]
     ratios = ", ".join(f"{p['accepted_p99_ratio']:.2f}" for p in pairs)
@@ -583,7 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--recapacity-s",
         type=float,
         default=0.0,
-        help="measure capacity again (closed loop) before each pair, for this long",
+        help="without --budget-batches: measure capacity again (closed loop) before each "
+        "pair, for this long",
     )
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="server setting")
     add("--json-out", type=Path)
