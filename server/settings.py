@@ -187,6 +187,35 @@ class ConnectionSettings(_Frozen):
         ge=0.0,
         description="After max_connection_age, how long calls still open may finish.",
     )
+    pending_calls_soft_limit: int = Field(
+        default=1000,
+        ge=0,
+        description="Calls received but not yet taken by a handler (the event loop is "
+        "behind) past which gRPC core refuses new calls at once, at random with a chance "
+        "rising to 1 at pending_calls_hard_limit (random early drop). The refusal happens "
+        "in gRPC core, below Python, so it costs the loop nothing; the caller sees "
+        "CANCELLED (gRPC core's status for it, not settable). gRPC's defaults: 1000 / 3000 "
+        "(seconds of backlog for a loop-bound process; bench/RESULTS.md, overload).",
+    )
+    pending_calls_hard_limit: int = Field(
+        default=3000,
+        ge=1,
+        description="Pending calls (see pending_calls_soft_limit) past which every new call "
+        "is refused by gRPC core at once.",
+    )
+
+    @model_validator(mode="after")
+    def _pending_ordered(self) -> ConnectionSettings:
+        if self.pending_calls_hard_limit <= self.pending_calls_soft_limit:
+            raise KeyedError(
+                [
+                    (
+                        "pending_calls_hard_limit must be > pending_calls_soft_limit",
+                        (("pending_calls_hard_limit",), ("pending_calls_soft_limit",)),
+                    )
+                ]
+            )
+        return self
 
 
 class LimitsSettings(_Frozen):
@@ -467,10 +496,13 @@ class ModelServing(_Frozen):
     max_queue_wait_ms: float | None = Field(
         default=None,
         ge=0.0,
-        description="Wait a new request may expect in the queue (batches ahead x the "
-        "estimated batch time); past it RESOURCE_EXHAUSTED at once, so accepted latency "
-        "stays bounded under overload; 0 or null = off (only the size bounds apply). Per "
-        "model, 0 switches off a budget set in defaults (a field left out inherits it).",
+        description="Wait a new request may expect in the queue (the rest of the running "
+        "batch plus the full batches ahead of its own, at the p90 of recent batch times); "
+        "past it RESOURCE_EXHAUSTED at once, so accepted latency stays within it plus one "
+        "batch under overload. Set it from the model's batch time (at least one p90 batch, "
+        "e.g. 2x streamscore_inference_seconds); 0 or null = off (only the size bounds "
+        "apply). Per model, 0 switches off a budget set in defaults (a field left out "
+        "inherits it).",
     )
     execution: Execution = Field(
         default="inline",
