@@ -72,7 +72,8 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "streamscore:drift:v1"
 #: Rows kept before a fold is scheduled (keeps each fold, an event-loop stall, ~0.2 ms).
 PENDING_ROWS = 256
-#: How long a flush waits for an answered batch to fold behind before folding itself.
+#: How long a periodic flush waits for an answered batch to fold behind before folding
+#: itself (at most half the flush interval).
 FOLD_WAIT_S = 0.05
 
 
@@ -535,13 +536,14 @@ class DriftMonitor:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_evaluation = loop.time()
+        fold_wait_s = min(FOLD_WAIT_S, self._settings.flush_interval_s / 2)
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._settings.flush_interval_s)
             if self._stopping.is_set():
                 return
             try:
-                await self.flush(FOLD_WAIT_S)
+                await self.flush(fold_wait_s)
                 if loop.time() >= next_evaluation:
                     next_evaluation = loop.time() + self._settings.evaluate_interval_s
                     await self.evaluate()
