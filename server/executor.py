@@ -44,7 +44,9 @@ class JobResult(NamedTuple):
 
 
 #: Sees each answered batch: input matrix, outputs, the jobs it served (drift monitoring).
-#: Called from the event loop *after* the batch's answers were handed out (``call_soon``).
+#: Batched: called with ``call_soon`` once the batcher resolved the batch's futures. Idle
+#: fast path: called inline before the lone answer returns, so it must only keep
+#: references and leave real work (a fold) to a later loop turn.
 BatchHook = Callable[[npt.NDArray[np.float32], Mapping[str, npt.NDArray[Any]], list[Job]], None]
 
 
@@ -100,9 +102,10 @@ class VersionBatchRunner:
         outputs = self._model.run_sync(matrix)
         sliced = split_rows(outputs, [block.shape[0] for block in blocks])
         if self._on_batch is not None:
-            # the idle fast path's answers count too; the hook runs once the caller's
-            # handler has handed its answer to gRPC (it does so within this loop step)
-            asyncio.get_running_loop().call_soon(self._on_batch, matrix, outputs, jobs)
+            # the idle fast path's answers count too; inline (the hook only keeps
+            # references: no callback allocated per lone request), its fold is scheduled
+            # for a later loop turn, after the caller's handler has answered in this one
+            self._on_batch(matrix, outputs, jobs)
         return _results(jobs, {}, list(zip(blocks, sliced, strict=True)))
 
 

@@ -1,8 +1,9 @@
 """Drift monitor of one server process: fold, flush, merge, compare, alert.
 
 The executor hands every micro-batch's input matrix, outputs and jobs to
-:meth:`VersionDrift.observe` once the batch's answers are out (``call_soon``), which
-keeps the input and score arrays (O(1), no numpy call) and counts defaulted features;
+:meth:`VersionDrift.observe` (batched: with ``call_soon`` once the batch's futures are
+resolved; the idle fast path inline), which keeps references to the input and score
+arrays (O(1), no numpy call, no allocation) and counts defaulted features;
 it keeps no job, so the request objects die young (holding them let them survive into
 older collector generations; arrays are not tracked by the collector). A fold of the
 kept rows into the reference bins (:meth:`server.drift.bins.BinLayout.fold_values`:
@@ -116,8 +117,9 @@ class VersionDrift:
         self._score_index = manifest.score_index
         self._feature_slot = {b.name: i for i, b in enumerate(layout.features)}
         self.vector_size = layout.size + len(layout.features) + 1
-        self._batches: list[tuple[npt.NDArray[Any], npt.NDArray[Any]]] = []
-        """Input matrix and score output of each batch not folded yet."""
+        self._matrices: list[npt.NDArray[Any]] = []
+        """Input matrix of each batch not folded yet (``_scores``: its score output)."""
+        self._scores: list[npt.NDArray[Any]] = []
         self._filled = 0
         self._fold_scheduled = False
         self._fold_waiter: asyncio.Future[None] | None = None
@@ -151,7 +153,8 @@ class VersionDrift:
         next loop turn, behind the steps that deliver this batch's answers; outside an
         event loop (offline use) it runs at once.
         """
-        self._batches.append((matrix, outputs[self._score_output]))
+        self._matrices.append(matrix)
+        self._scores.append(outputs[self._score_output])
         self._filled += int(matrix.shape[0])
         for job in jobs:
             prepared = job.prepared
@@ -171,6 +174,11 @@ class VersionDrift:
             self._fold_scheduled = True
             loop.call_soon(self._scheduled_fold)
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows kept, not folded yet."""
+        return self._filled
+
     def _scheduled_fold(self) -> None:
         self._fold_scheduled = False
         try:
@@ -185,12 +193,13 @@ class VersionDrift:
         waiter, self._fold_waiter = self._fold_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if not self._batches:
+        if not self._matrices:
             return
-        batches, self._batches = self._batches, []
+        matrices, scores = self._matrices, self._scores
+        self._matrices, self._scores = [], []
         rows, self._filled = self._filled, 0
-        matrix = batches[0][0] if len(batches) == 1 else np.concatenate([b[0] for b in batches])
-        raw = batches[0][1] if len(batches) == 1 else np.concatenate([b[1] for b in batches])
+        matrix = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
+        raw = scores[0] if len(scores) == 1 else np.concatenate(scores)
         block = np.empty((rows, len(self.layout.features) + 1), np.float32)
         block[:, :-1] = matrix if self._all_features else matrix[:, self.layout.sources]
         block[:, -1] = raw[:, self._score_index] if raw.ndim == 2 else raw.reshape(-1)
@@ -215,7 +224,7 @@ class VersionDrift:
         batch when one comes within ``fold_wait_s`` (so the fold lands between answers,
         not on a request), else here.
         """
-        if self._batches and fold_wait_s > 0:
+        if self._matrices and fold_wait_s > 0:
             waiter = asyncio.get_running_loop().create_future()
             self._fold_waiter = waiter
             try:

@@ -330,7 +330,7 @@ async def test_a_flush_folds_behind_the_next_answer_or_alone_when_idle(
     fold = drift.fold
 
     def recorded_fold() -> None:
-        if drift._batches:  # a fold with rows to fold
+        if drift.pending_rows:  # a fold with rows to fold
             events.append("fold")
         fold()
 

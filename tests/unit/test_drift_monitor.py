@@ -87,7 +87,7 @@ class FoldOrder:
         fold = drift.fold
 
         def recorded_fold() -> None:
-            self.events.append(f"fold of {drift._filled} rows")
+            self.events.append(f"fold of {drift.pending_rows} rows")
             fold()
 
         drift.fold = recorded_fold  # type: ignore[method-assign]
