@@ -367,3 +367,80 @@ async def test_a_fold_during_the_flush_write_is_flushed_and_a_failed_write_is_ke
     finally:
         await client.aclose()
         await down.aclose()
+
+
+async def test_a_flush_folds_behind_the_next_answer_or_alone_when_idle(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The periodic flush does not fold in the middle of traffic: it waits for the next
+    answered request and folds right after it; with no request coming it folds alone.
+    Every row reaches Redis either way."""
+    from prometheus_client import CollectorRegistry
+    from redis.asyncio import Redis
+
+    from server.batcher import BatchPolicy, MicroBatcher
+    from server.drift.metrics import DriftMetrics
+    from server.drift.monitor import DriftMonitor
+    from server.executor import Job, JobResult, VersionBatchRunner
+    from server.features import FeatureLayout
+    from server.manifest import ModelManifest
+    from server.runtime import RuntimeOptions, load_version
+    from server.settings import DriftSettings
+
+    version_dir, weights, bias = write_linear_model(tmp_path, "lin", "1", TEST_FEATURES)
+    write_reference_profile(version_dir, weights, bias, rows=2000)
+    manifest = ModelManifest.read(version_dir)
+    client = Redis.from_url(redis_url)
+    model = load_version(version_dir, RuntimeOptions())
+    monitor = DriftMonitor(
+        DriftSettings(), client, DriftMetrics(CollectorRegistry()), clock=lambda: 120.0
+    )
+    drift = monitor.attach(version_dir, manifest, TEST_FEATURES)
+    assert drift is not None
+    events: list[str] = []
+    fold = drift.fold
+
+    def recorded_fold() -> None:
+        if drift.pending_rows:  # a fold with rows to fold
+            events.append("fold")
+        fold()
+
+    drift.fold = recorded_fold  # type: ignore[method-assign]
+    runner = VersionBatchRunner(
+        model, FeatureLayout.from_manifest(manifest), None, "degrade", on_batch=drift.observe
+    )
+    batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
+        "lin/1", runner.run, BatchPolicy(lone_probe_interval_s=3600.0), run_now=runner.run_now
+    )
+    rng = np.random.default_rng(8)
+
+    async def ask() -> None:
+        await batcher.submit(Job(rows=draw(rng, 1)))
+        events.append("answer")
+
+    async def stored_rows() -> int:
+        return int((await drift.read_window(client, 2, 1))[-1])
+
+    try:
+        for _ in range(5):
+            await ask()
+        await asyncio.sleep(0.01)
+        events.clear()
+        flushing = asyncio.create_task(monitor.flush(fold_wait_s=30.0))
+        await asyncio.sleep(0.05)
+        assert events == []  # waiting for an answer to fold behind
+        await ask()
+        assert await asyncio.wait_for(flushing, 5.0)
+        assert events == ["answer", "fold"]
+        assert await stored_rows() == 6
+
+        await ask()
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        assert await monitor.flush(fold_wait_s=0.2)  # no request comes: folds alone
+        assert 0.2 <= time.monotonic() - started < 2.0
+        assert await stored_rows() == 7
+    finally:
+        await batcher.close()
+        model.close()
+        await client.aclose()
