@@ -166,7 +166,11 @@ class AppContext:
             versions=serving.versions,
             champion=serving.champion,
             failure_policy=serving.feature_failure_policy or self.settings.redis.failure_policy,
-            reasons=ReasonPolicy(serving.reasons.when, serving.reasons.top_n),
+            reasons=ReasonPolicy(
+                serving.reasons.when,
+                serving.reasons.top_n,
+                inline_max_s=serving.reasons.inline_max_ms / 1000.0,
+            ),
         )
 
     async def __aenter__(self) -> Self:

@@ -181,6 +181,17 @@ class MicroBatcher(Generic[J, R]):
         return len(self._queue)
 
     @property
+    def lone(self) -> bool:
+        """Nothing queued, no batch running, and recent batches held one request each:
+        a lone caller (the signal for work that may run on the loop at once)."""
+        return not self._queue and not self._busy and self._recent_requests_per_batch < _LONE_CALLER
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called (new jobs are refused)."""
+        return self._closing
+
+    @property
     def expected_wait_s(self) -> float:
         """Wait a job queued now can expect: the batches ahead of it (the running one
         counted whole) x the moving average of batch time."""

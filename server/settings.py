@@ -433,6 +433,14 @@ class ReasonsSettings(_Frozen):
     top_n: int = Field(
         default=4, ge=1, le=64, description="Most reasons per answer (toward adverse)."
     )
+    inline_max_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="A lone caller's one-row explanation runs on the event loop at once "
+        "(no thread hop, no batcher wake-up) while the version's scoring batcher sees a "
+        "lone caller and a row's measured cost is at most this; otherwise, and at 0, "
+        "explanations are batched off the loop.",
+    )
 
 
 class ModelServing(_Frozen):
