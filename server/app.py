@@ -165,7 +165,10 @@ class AppContext:
             champion=serving.champion,
             failure_policy=serving.feature_failure_policy or self.settings.redis.failure_policy,
             reasons=ReasonPolicy(
-                serving.reasons.when, serving.reasons.top_n, serving.reasons.max_queue_size
+                serving.reasons.when,
+                serving.reasons.top_n,
+                serving.reasons.max_queue_size,
+                inline_max_s=serving.reasons.inline_max_ms / 1000.0,
             ),
         )
 

@@ -187,6 +187,17 @@ class MicroBatcher(Generic[J, R]):
         return len(self._queue)
 
     @property
+    def lone(self) -> bool:
+        """Nothing queued, no batch running, and recent batches held one request each:
+        a lone caller (the signal for work that may run on the loop at once)."""
+        return not self._queue and not self._busy and self._recent_requests_per_batch < _LONE_CALLER
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called (new jobs are refused)."""
+        return self._closing
+
+    @property
     def expected_wait_s(self) -> float:
         """The wait the budget bounds for a one-row job queued now (high batch times)."""
         return self._wait(1, asyncio.get_running_loop().time(), high=True)

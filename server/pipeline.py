@@ -91,8 +91,11 @@ class ScoringPipeline:
             explained = None
             reasons = self._reasons_needed(call, result)
             if reasons is not None:
-                # a separate batcher: answers not needing reasons already left with their batch
-                (explained,) = await reasons.explain(result.rows, deadline)
+                # a separate batcher: answers not needing reasons already left with their
+                # batch; a lone caller's row is explained at once (nobody else waits)
+                (explained,) = await reasons.explain(
+                    result.rows, deadline, loop_idle=call.loaded.batcher.lone
+                )
             return self._finish(call, result, explained)
         except ScoringError:
             self._record(request, decision, started, None)
@@ -224,9 +227,12 @@ class ScoringPipeline:
         deadline: float | None,
         done: Callable[[ScoreResult | Exception], None],
     ) -> None:
-        """A stream item that needs reasons: explained in the reasons batcher, then answered."""
+        """A stream item that needs reasons: explained in the reasons batcher (at once for
+        a lone caller), then answered."""
         try:
-            (explained,) = await reasons.explain(result.rows, deadline)
+            (explained,) = await reasons.explain(
+                result.rows, deadline, loop_idle=call.loaded.batcher.lone
+            )
             answer = self._finish(call, result, explained)
         except Exception as failure:
             self._record(call.request, call.decision, call.started, None)

@@ -469,6 +469,14 @@ class ReasonsSettings(_Frozen):
         "for reasons is one, whatever its rows; rows waiting are bounded by max_queue_rows); "
         "past it RESOURCE_EXHAUSTED, a v2 call refused whole before it is scored.",
     )
+    inline_max_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="A lone caller's one-row explanation runs on the event loop at once "
+        "(no thread hop, no batcher wake-up) while the version's scoring batcher sees a "
+        "lone caller and a row's measured cost is at most this; otherwise, and at 0, "
+        "explanations are batched off the loop.",
+    )
 
 
 class ModelServing(_Frozen):

@@ -26,7 +26,7 @@ from protos.inference import grpc_service_pb2 as v2
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.explain.explainer import load_explainer
-from server.explain.service import Explained, catalogue_for
+from server.explain.service import Explained, VersionReasons, catalogue_for
 from server.manifest import ModelManifest
 from tests.support.admin import CREDENTIALS, admin_server
 from tests.support.server import RunningServer, running_server
@@ -376,3 +376,45 @@ async def test_score_stream_explains_the_items_that_ask(demo_repo: Path, rows: F
     for request_id, reference in unary.items():
         assert by_id[request_id].score == pytest.approx(reference.score)
         assert [r.code for r in by_id[request_id].reasons] == [r.code for r in reference.reasons]
+
+
+async def test_a_lone_callers_row_is_explained_on_the_loop_and_concurrent_ones_off_it(
+    demo_repo: Path, rows: F32, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lone caller: after the first (measured) explanation, rows are explained at once on
+    the loop thread; under concurrency (the scoring batcher batches) always on a worker
+    thread, as with ``reasons.inline_max_ms=0``; the reasons are the same either way."""
+    threads: list[bool] = []  # per row, True: explained on the loop's (main) thread
+    explain_now = VersionReasons.explain_now
+
+    def spy(self: VersionReasons, x: F32) -> list[Explained]:
+        threads.extend([threading.current_thread() is threading.main_thread()] * x.shape[0])
+        return explain_now(self, x)
+
+    monkeypatch.setattr(VersionReasons, "explain_now", spy)
+    answers: dict[str, list[str]] = {}
+    always = "models.defaults.reasons.when=always"
+    # a budget no row exceeds even on a loaded machine: the test is of the choice
+    async with running_server(
+        demo_repo, [always, "models.defaults.reasons.inline_max_ms=100"]
+    ) as srv:
+        for row in rows[:6]:
+            answers.setdefault("lone", []).extend(
+                r.code for r in (await _score(srv, _request(row))).reasons
+            )
+        assert threads == [False, True, True, True, True, True]  # first one measures the cost
+        for _ in range(3):
+            threads.clear()
+            await asyncio.gather(*(_score(srv, _request(row)) for row in rows[:32]))
+        assert len(threads) == 32 and not any(threads)  # batched: nobody waits on the loop
+    async with running_server(
+        demo_repo,
+        [always, "models.defaults.reasons.inline_max_ms=0"],
+    ) as srv:
+        threads.clear()
+        for row in rows[:6]:
+            answers.setdefault("off", []).extend(
+                r.code for r in (await _score(srv, _request(row))).reasons
+            )
+        assert threads == [False] * 6
+    assert answers["lone"] == answers["off"]

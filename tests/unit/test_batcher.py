@@ -860,3 +860,25 @@ async def test_batches_ahead_are_timed_by_recent_full_batches() -> None:
     assert_own_rows(await running, make_rows(11, 1))
     assert_own_rows(await queued, make_rows(12, 4))
     await batcher.close()
+
+
+async def test_lone_means_idle_after_batches_of_one_request() -> None:
+    gate = asyncio.Event()
+    run = FakeRun(gate=gate)
+    batcher = batcher_with(run)
+    assert batcher.lone  # nothing seen yet: counts as a lone caller
+    first = asyncio.ensure_future(batcher.submit(make_rows(0, 1)))
+    await turns_until(run.started.is_set)
+    assert not batcher.lone  # a batch is running
+    queued = [asyncio.ensure_future(batcher.submit(make_rows(i, 1))) for i in range(1, 9)]
+    await asyncio.sleep(0)
+    assert not batcher.lone
+    gate.set()
+    await asyncio.gather(first, *queued)
+    assert not batcher.lone  # idle, but the last batch held 8 requests: not a lone caller
+    for i in range(12):
+        await batcher.submit(make_rows(i, 1))
+    assert batcher.lone  # batches of one again
+    assert not batcher.closing
+    await batcher.close()
+    assert batcher.closing
