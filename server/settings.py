@@ -507,10 +507,12 @@ class ModelServing(_Frozen):
         description="Wait a new request may expect in the queue (the rest of the running "
         "batch plus the full batches ahead of its own, at the p90 of recent batch times); "
         "past it RESOURCE_EXHAUSTED at once, so accepted latency stays within it plus one "
-        "batch under overload. Set it from the model's batch time (at least one p90 batch, "
-        "e.g. 2x streamscore_inference_seconds); 0 or null = off (only the size bounds "
-        "apply). Per model, 0 switches off a budget set in defaults (a field left out "
-        "inherits it).",
+        "batch under overload. Set it from the model's batch time: 1.5x the mean time of a "
+        "full batch (streamscore_inference_seconds) kept accepted p99 at 2x load within "
+        "1.5x the p99 at 0.8x; below ~1 p90 batch it starves batches, at 2 batches the "
+        "accepted p99 was 3.6-4.3x (bench/RESULTS.md); 0 or null = off (only the size "
+        "bounds apply). Per model, 0 switches off a budget set in defaults (a field left "
+        "out inherits it).",
     )
     execution: Execution = Field(
         default="inline",
