@@ -7,7 +7,8 @@ is the online read side of the feature store:
 * :class:`BatchSnapshotCache` keeps the active snapshot id of each batch group,
   refreshed in the background, so the request path reads a pointer without I/O;
 * :class:`FeatureFetcher` completes a micro-batch of :class:`FetchRow` s with ONE
-  non-transactional pipeline: an ``HMGET`` per (batch group, entity) from the group's
+  round trip (:func:`~feature_streams.reply_loop.execute_reads`: the commands in one
+  write, the replies in one loop): an ``HMGET`` per (batch group, entity) from the group's
   active snapshot (:func:`~feature_streams.read_plan.queue_reads`) and an ``HGETALL``
   per (stream group, entity) tile hash, whose windows are evaluated at each row's
   time by :class:`~feature_streams.hash_reader.HashWindowReader` (tested equal to
@@ -26,7 +27,7 @@ On a Redis Cluster the micro-batch's reads go out as one pipeline per node
 timeout. A node that fails degrades only the rows reading a key it holds
 (:data:`NODE_UNAVAILABLE`, defaults served); the rest of the micro-batch is served and
 nothing is raised for it (the per-node :class:`~feature_streams.cluster_pipeline.NodeHealth`
-counts it). The standalone path is one pipeline as before.
+counts it).
 """
 
 from __future__ import annotations
