@@ -11,7 +11,8 @@
    hash read by parsing every field vs by the server's ``HashWindowReader``.
 2. ``score``: Score throughput with features fetched from Redis vs the same
    features sent in the request (no fetch), same server settings, 64 callers;
-   server pinned to core 0, load generator to core 1.
+   server pinned to core 0, load generator to core 1. ``--profile-out PATH`` then
+   py-spies the server under the fetched load (``--py-spy``: the binary to use).
 3. ``--cluster-fetch``: ``FeatureStore.fill`` for the same 64-request micro-batches
    on a local Redis Cluster (3 primaries + 3 replicas) vs one Redis, both seeded with
    the same data and running at once. Every redis-server (both sides) is pinned to
@@ -499,6 +500,48 @@ def bench_score(
     }
 
 
+def profile_score(
+    url: str, repository: Path, cards: int, out: Path, py_spy: str, seconds: float = 15.0
+) -> dict[str, Any]:
+    """py-spy (GIL samples, 100 Hz, ``--format raw``) of the pinned server for ``seconds``
+    while 64 callers send Score with features fetched; the sampler runs on the client
+    core. Read it with ``python -m bench.profile_top OUT --no-lines``."""
+    import subprocess
+
+    from bench.pinning import taskset_prefix
+    from bench.serving_bench import Scenario, _server
+    from devstack.services import free_port
+
+    scenario = Scenario(
+        "score features fetched c64 (profiled)",
+        "streamscore",
+        ("features.definitions_path=features.yaml", f"redis.url={url}"),
+    )
+    port = free_port()
+    manifest = sorted((repository / "fraud").iterdir())[-1]
+    with _server(scenario, repository, port) as server:
+        loadgen = [
+            *taskset_prefix(CLIENT_CPUS), sys.executable, "-m", "bench.loadgen",
+            "--target", f"127.0.0.1:{port}", "--api", "score", "--model", "fraud",
+            "--manifest", str(manifest), "--connections", "4", "--concurrency", "64",
+            "--duration", str(seconds + 6.0), "--warmup", "2",
+            "--entities", "card_id,customer_id,merchant_id",
+            "--entity-cardinality", str(cards),
+            "--request-features", ",".join(REQUEST_FEATURES),
+        ]  # fmt: skip
+        load = subprocess.Popen(loadgen, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        time.sleep(5.0)  # client start-up, warm-up
+        record = [
+            *taskset_prefix(CLIENT_CPUS), py_spy, "record", "--pid", str(server.pid),
+            "--duration", str(int(seconds)), "--rate", "100", "--gil",
+            "--format", "raw", "-o", str(out),
+        ]  # fmt: skip
+        subprocess.run(record, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout, _ = load.communicate()
+    result = json.loads(stdout)
+    return {"profile": str(out), "throughput_rps": result["throughput_rps"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.feature_bench", description=__doc__)
     parser.add_argument("--cards", type=int, default=5000)
@@ -514,6 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated parts to run (fetch, window_read, score); default all",
     )
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument(
+        "--profile-out",
+        type=Path,
+        default=None,
+        help="score part: after the rounds, py-spy the server (features fetched) into this file",
+    )
+    parser.add_argument("--py-spy", default="py-spy", help="py-spy binary for --profile-out")
     parser.add_argument(
         "--cluster-fetch",
         action="store_true",
@@ -554,6 +604,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["score"] = bench_score(
                 redis.url, args.repository, args.cards, args.duration, args.score_rounds
             )
+            if args.profile_out is not None:
+                result["score_profile"] = profile_score(
+                    redis.url, args.repository, args.cards, args.profile_out, args.py_spy
+                )
         result |= {"cards": args.cards, "events_per_card": args.events_per_card}
     _write(result, args.json_out)
     return 0

@@ -7,7 +7,8 @@ is the online read side of the feature store:
 * :class:`BatchSnapshotCache` keeps the active snapshot id of each batch group,
   refreshed in the background, so the request path reads a pointer without I/O;
 * :class:`FeatureFetcher` completes a micro-batch of :class:`FetchRow` s with ONE
-  non-transactional pipeline: an ``HMGET`` per (batch group, entity) from the group's
+  round trip (:func:`~feature_streams.reply_loop.execute_reads`: the commands in one
+  write, the replies in one loop): an ``HMGET`` per (batch group, entity) from the group's
   active snapshot (:func:`~feature_streams.read_plan.queue_reads`) and an ``HGETALL``
   per (stream group, entity) tile hash, whose windows are evaluated at each row's
   time by :class:`~feature_streams.hash_reader.HashWindowReader` (tested equal to
@@ -26,7 +27,7 @@ On a Redis Cluster the micro-batch's reads go out as one pipeline per node
 timeout. A node that fails degrades only the rows reading a key it holds
 (:data:`NODE_UNAVAILABLE`, defaults served); the rest of the micro-batch is served and
 nothing is raised for it (the per-node :class:`~feature_streams.cluster_pipeline.NodeHealth`
-counts it). The standalone path is one pipeline as before.
+counts it).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from feature_streams.batch_cache import BatchRow, BatchValueCache
@@ -71,6 +72,7 @@ from feature_streams.read_plan import (
     queue_reads,
 )
 from feature_streams.redis_client import AnyRedis
+from feature_streams.reply_loop import execute_reads
 
 __all__ = [
     "KEY_ERROR",
@@ -279,9 +281,12 @@ class FeatureFetcher:
         self._client = client
         self._snapshots = snapshots
         self._batch_cache = batch_cache if batch_cache is not None and batch_cache.enabled else None
-        self._cluster = (
-            NodePipelines(client, node_health) if isinstance(client, RedisCluster) else None
-        )
+        self._cluster: NodePipelines | None = None
+        self._standalone: Redis | None = None
+        if isinstance(client, RedisCluster):
+            self._cluster = NodePipelines(client, node_health)
+        else:
+            self._standalone = client
         self._refreshing: asyncio.Task[object] | None = None
         self._next_log = 0.0
 
@@ -317,23 +322,17 @@ class FeatureFetcher:
         unavailable: tuple[str, ...] = ()
         round_trip_s: float | None = None
         results: Sequence[object] = ()
-        if self._cluster is not None:
-            queued = QueuedReads()
-            batch_reads, stream_reads = self._queue(plan, rows, queued)
-            if not batch_reads and not stream_reads:
-                return _NOTHING_READ
-            if queued.commands:
+        queued = QueuedReads()
+        batch_reads, stream_reads = self._queue(plan, rows, queued)
+        if not batch_reads and not stream_reads:
+            return _NOTHING_READ
+        if queued.commands:
+            if self._cluster is not None:
                 results = await self._cluster.execute(queued.commands, timeout_s)
-                round_trip_s = loop.time() - started
-            unavailable = _unavailable_nodes(results)
-        else:
-            async with self._client.pipeline(transaction=False) as pipe:
-                batch_reads, stream_reads = self._queue(plan, rows, pipe)
-                if not batch_reads and not stream_reads:
-                    return _NOTHING_READ
-                if len(pipe):
-                    results = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout_s)
-                    round_trip_s = loop.time() - started
+                unavailable = _unavailable_nodes(results)
+            elif self._standalone is not None:
+                results = await execute_reads(self._standalone, queued.commands, timeout_s)
+            round_trip_s = loop.time() - started
         for reply in results:
             if (
                 isinstance(reply, BaseException)

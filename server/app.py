@@ -153,9 +153,7 @@ class AppContext:
                 max_queue_size=serving.max_queue_size,
                 max_queue_rows=serving.max_queue_rows,
                 max_queue_delay_s=serving.max_queue_delay_ms / 1000.0,
-                max_queue_wait_s=(
-                    None if serving.max_queue_wait_ms is None else serving.max_queue_wait_ms / 1e3
-                ),
+                max_queue_wait_s=serving.max_queue_wait_s,
             ),
             runtime=RuntimeOptions(
                 execution=serving.execution,
@@ -166,7 +164,12 @@ class AppContext:
             versions=serving.versions,
             champion=serving.champion,
             failure_policy=serving.feature_failure_policy or self.settings.redis.failure_policy,
-            reasons=ReasonPolicy(serving.reasons.when, serving.reasons.top_n),
+            reasons=ReasonPolicy(
+                serving.reasons.when,
+                serving.reasons.top_n,
+                serving.reasons.max_queue_size,
+                inline_max_s=serving.reasons.inline_max_ms / 1000.0,
+            ),
         )
 
     async def __aenter__(self) -> Self:

@@ -23,11 +23,14 @@ Policy (continuous batching, gathered without timers):
   arriving concurrency is noticed and batching resumes.
 * Over ``max_queue_size`` pending requests or ``max_queue_rows`` pending rows,
   ``submit`` raises ``QueueFull`` at once; so it does when ``max_queue_wait_s`` is set
-  and the wait the queue already implies (batches ahead, counting the one running, x
-  a moving average of measured batch time) exceeds it. That bounds accepted latency
-  by time, whatever a batch costs, and refuses the excess before it waits at all.
+  and the wait the queue already implies exceeds it (the rest of the running batch plus
+  the full batches ahead of the one the job joins, at a high quantile of recent batch
+  times: ``server.queue_wait``; the first, cold, batch after a (re)load not counted).
+  That bounds an accepted job's latency by the budget plus its own batch, whatever a
+  batch costs, and refuses the excess before it waits.
 * A request whose deadline comes before the queue ahead of it is expected to clear
-  fails with ``DeadlineExceeded`` at once instead of waiting to miss it. Before a
+  (median batch time) fails with ``DeadlineExceeded`` at once instead of waiting to
+  miss it. Before a
   batch runs, requests whose caller cancelled are skipped, and requests whose
   deadline has passed fail with ``DeadlineExceeded``; neither is computed.
 * Each caller gets exactly the rows of its own request back: outputs are split by
@@ -56,6 +59,7 @@ from server.errors import (
     ScoringError,
     ShuttingDown,
 )
+from server.queue_wait import BatchTimes, Quantiles, expected_wait
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +73,6 @@ RunJobs = Callable[[list[J]], Awaitable[Sequence[R | ScoringError]]]
 RunNow = Callable[[list[J]], Sequence[R | ScoringError] | None]
 #: Average requests per batch under which traffic counts as a lone caller.
 _LONE_CALLER = 1.1
-#: Weight of the newest batch in the moving average of batch time.
-_BATCH_TIME_WEIGHT = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,10 @@ class MicroBatcher(Generic[J, R]):
         self._run_now = run_now
         #: True from the moment the flush task starts gathering until its batch ran.
         self._busy = False
+        #: ``loop.time()`` at which the batch in progress started running (None: none).
+        self._running_since: float | None = None
+        #: Rows of the batch in progress.
+        self._running_rows = 0
         #: ``loop.time()`` from which the next fast-path candidate gathers instead.
         self._next_probe = 0.0
         self._observer: BatchObserver = observer or _NullObserver()
@@ -172,8 +178,8 @@ class MicroBatcher(Generic[J, R]):
         self._closing = False
         #: Moving average of requests per batch: the fill window opens only above 1.5.
         self._recent_requests_per_batch = 1.0
-        #: Moving average of a batch's run time (s); 0 until one ran.
-        self._batch_seconds = 0.0
+        #: Run times of recent batches: what the queue ahead of a new job will take.
+        self._batch_times = BatchTimes(policy.max_batch_size, skip_first=True)
 
     @property
     def depth(self) -> int:
@@ -181,12 +187,35 @@ class MicroBatcher(Generic[J, R]):
         return len(self._queue)
 
     @property
+    def lone(self) -> bool:
+        """Nothing queued, no batch running, and recent batches held one request each:
+        a lone caller (the signal for work that may run on the loop at once)."""
+        return not self._queue and not self._busy and self._recent_requests_per_batch < _LONE_CALLER
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called (new jobs are refused)."""
+        return self._closing
+
+    @property
     def expected_wait_s(self) -> float:
-        """Wait a job queued now can expect: the batches ahead of it (the running one
-        counted whole) x the moving average of batch time."""
-        batch = self.policy.max_batch_size
-        ahead = -(-self._rows_queued // batch) + (1 if self._busy else 0)
-        return ahead * self._batch_seconds
+        """The wait the budget bounds for a one-row job queued now (high batch times)."""
+        return self._wait(1, asyncio.get_running_loop().time(), high=True)
+
+    def _wait(self, rows: int, now: float, *, high: bool) -> float:
+        """Expected wait of a job of ``rows`` rows: high (the budget's) or typical."""
+
+        def pick(q: Quantiles) -> float:
+            return q.high if high else q.typical
+
+        times = self._batch_times
+        since = self._running_since
+        running = None
+        if since is not None:
+            running = (pick(times.of(self._running_rows)), now - since)
+        return expected_wait(
+            self._rows_queued, rows, self.policy.max_batch_size, pick(times.full), running
+        )
 
     def start(self) -> None:
         """Start the flush task on the running loop."""
@@ -245,19 +274,19 @@ class MicroBatcher(Generic[J, R]):
                 f"model {self.name}: queue full ({self._rows_queued} rows waiting, "
                 f"{rows} more would exceed max_queue_rows {max_rows})"
             )
+        now = loop.time()
         max_wait = self.policy.max_queue_wait_s
-        if max_wait is not None and (wait := self.expected_wait_s) > max_wait:
+        if max_wait is not None and (wait := self._wait(rows, now, high=True)) > max_wait:
             self._observer.dropped("queue_full")
             raise QueueFull(
                 f"model {self.name}: queue full (expected wait {wait * 1000:.0f} ms exceeds "
                 f"max_queue_wait_ms {max_wait * 1000:g})"
             )
-        now = loop.time()
         if deadline is not None:
             if now >= deadline:
                 self._observer.dropped("deadline")
                 raise DeadlineExceeded(f"model {self.name}: deadline passed before queueing")
-            if (wait := self.expected_wait_s) > deadline - now:
+            if (wait := self._wait(rows, now, high=False)) > deadline - now:
                 self._observer.dropped("deadline")
                 raise DeadlineExceeded(
                     f"model {self.name}: deadline in {(deadline - now) * 1000:.0f} ms, "
@@ -302,7 +331,7 @@ class MicroBatcher(Generic[J, R]):
         observer.queue_waited(0.0)
         seconds = loop.time() - started
         observer.batch_ran(rows, 1, seconds)
-        self._note_batch_time(seconds)
+        self._batch_times.add(seconds, rows)
         self._recent_requests_per_batch = 0.8 * self._recent_requests_per_batch + 0.2
         result = results[0]
         if isinstance(result, ScoringError):
@@ -402,7 +431,8 @@ class MicroBatcher(Generic[J, R]):
 
     async def _run(self, batch: list[_Pending[J, R]]) -> None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self._running_since = loop.time()
+        self._running_rows = sum(p.rows for p in batch)
         for pending in batch:
             self._observer.queue_waited(started - pending.enqueued_at)
         try:
@@ -423,10 +453,12 @@ class MicroBatcher(Generic[J, R]):
             logger.exception("batch failed", extra={"model": self.name, "requests": len(batch)})
             self._fail(batch, InferenceFailed(f"model {self.name}: inference failed: {error}"))
             return
-        rows = sum(p.rows for p in batch)
+        finally:
+            self._running_since = None
+        rows = self._running_rows
         seconds = loop.time() - started
         self._observer.batch_ran(rows, len(batch), seconds)
-        self._note_batch_time(seconds)
+        self._batch_times.add(seconds, rows)
         self._recent_requests_per_batch = 0.8 * self._recent_requests_per_batch + 0.2 * len(batch)
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
@@ -435,11 +467,6 @@ class MicroBatcher(Generic[J, R]):
                 pending.future.set_exception(result)
             else:
                 pending.future.set_result(result)
-
-    def _note_batch_time(self, seconds: float) -> None:
-        previous = self._batch_seconds
-        weight = _BATCH_TIME_WEIGHT if previous else 1.0
-        self._batch_seconds = previous + weight * (seconds - previous)
 
     def _fail(self, batch: list[_Pending[J, R]], error: ScoringError) -> None:
         for pending in batch:

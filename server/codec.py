@@ -7,6 +7,7 @@ caller used: typed ``contents`` or ``raw_input_contents``.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,7 +22,6 @@ from server.errors import InvalidInput
 from server.explain.reasons import Reason
 from server.explain.service import Explained
 from server.features import OVERRIDE_PERMISSION
-from server.records.decision_json import reasons_json
 from server.registry import LoadedVersion
 from server.router import Route
 from server.scoring_types import ScoreInput, ScoreResult
@@ -241,15 +241,39 @@ def reasons_asked(request: v2.ModelInferRequest) -> bool:
 def reasons_parameter(explained: Iterable[Explained]) -> str:
     """The response's ``reasons`` parameter: a JSON array, one object per row, in row
     order, with the Score response's fields: ``reasons`` (code, text, contribution,
-    features behind it with value and contribution) and ``reasons_base_value``. A
-    missing feature value is ``NaN`` (Python's JSON extension, as in decision records)."""
+    features behind it with value and contribution) and ``reasons_base_value``. Strict
+    JSON: a number that is not finite (a missing feature value is NaN) is ``null``."""
     return json.dumps(
         [
-            {"reasons": reasons_json(row.reasons), "reasons_base_value": row.base_value}
+            {
+                "reasons": [
+                    {
+                        "code": reason.code,
+                        "text": reason.text,
+                        "contribution": _finite(reason.contribution),
+                        "features": [
+                            {
+                                "name": f.name,
+                                "value": _finite(f.value),
+                                "contribution": _finite(f.contribution),
+                            }
+                            for f in reason.features
+                        ],
+                    }
+                    for reason in row.reasons
+                ],
+                "reasons_base_value": _finite(row.base_value),
+            }
             for row in explained
         ],
         separators=(",", ":"),
+        allow_nan=False,  # every number went through _finite: a miss here is a bug, loud
     )
+
+
+def _finite(value: float) -> float | None:
+    """``value`` as a JSON number, ``None`` (``null``) when it is NaN or infinite."""
+    return value if math.isfinite(value) else None
 
 
 #: Response templates one ``InferCodec`` keeps (output choice x batch shapes) at most.

@@ -7,6 +7,7 @@ One ``session.run`` serves them all; each job gets its own slice of the outputs.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -43,6 +44,9 @@ class JobResult(NamedTuple):
 
 
 #: Sees each answered batch: input matrix, outputs, the jobs it served (drift monitoring).
+#: Batched: called with ``call_soon`` once the batcher resolved the batch's futures. Idle
+#: fast path: called inline before the lone answer returns, so it must only keep
+#: references and leave real work (a fold) to a later loop turn.
 BatchHook = Callable[[npt.NDArray[np.float32], Mapping[str, npt.NDArray[Any]], list[Job]], None]
 
 
@@ -78,10 +82,11 @@ class VersionBatchRunner:
             blocks = [_rows_of(job) for job in live]
             matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
             outputs = await self._model.run(matrix)
-            if self._on_batch is not None:  # may keep the arrays to its next fold, not jobs
-                self._on_batch(matrix, outputs, live)
             sliced = split_rows(outputs, [block.shape[0] for block in blocks])
             parts = list(zip(blocks, sliced, strict=True))
+            if self._on_batch is not None:
+                # queued now, runs after the batcher resolved every job's future
+                asyncio.get_running_loop().call_soon(self._on_batch, matrix, outputs, live)
         return _results(jobs, failed, parts)
 
     def run_now(self, jobs: list[Job]) -> list[JobResult | ScoringError] | None:
@@ -95,9 +100,12 @@ class VersionBatchRunner:
         blocks = [_rows_of(job) for job in jobs]
         matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
         outputs = self._model.run_sync(matrix)
-        if self._on_batch is not None:  # the idle fast path's answers are served too
-            self._on_batch(matrix, outputs, jobs)
         sliced = split_rows(outputs, [block.shape[0] for block in blocks])
+        if self._on_batch is not None:
+            # the idle fast path's answers count too; inline (the hook only keeps
+            # references: no callback allocated per lone request), its fold is scheduled
+            # for a later loop turn, after the caller's handler has answered in this one
+            self._on_batch(matrix, outputs, jobs)
         return _results(jobs, {}, list(zip(blocks, sliced, strict=True)))
 
 

@@ -92,15 +92,16 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.freshness = Histogram(
+        # Per answer with store features (one freshness per stream group): lock-free too.
+        self.freshness = LoopHistogramFamily(
             "streamscore_feature_freshness_seconds",
             "Age of the newest applied stream event behind an answer, by stream group.",
             ["group"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
             registry=r,
         )
-        self._freshness_children: dict[str, Histogram] = {}
-        self.degraded = Counter(
+        self._freshness_children: dict[str, LoopHistogram] = {}
+        self.degraded = LoopCounterFamily(
             "streamscore_degraded_answers",
             "Answers given with default features because a dependency failed, by reason.",
             ["reason"],

@@ -7,6 +7,7 @@ Servicers decode protobuf into the inputs here and encode the results back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
@@ -90,8 +91,11 @@ class ScoringPipeline:
             explained = None
             reasons = self._reasons_needed(call, result)
             if reasons is not None:
-                # a separate batcher: answers not needing reasons already left with their batch
-                explained = await reasons.explain(result.rows, deadline)
+                # a separate batcher: answers not needing reasons already left with their
+                # batch; a lone caller's row is explained at once (nobody else waits)
+                (explained,) = await reasons.explain(
+                    result.rows, deadline, loop_idle=call.loaded.batcher.lone
+                )
             return self._finish(call, result, explained)
         except ScoringError:
             self._record(request, decision, started, None)
@@ -223,9 +227,12 @@ class ScoringPipeline:
         deadline: float | None,
         done: Callable[[ScoreResult | Exception], None],
     ) -> None:
-        """A stream item that needs reasons: explained in the reasons batcher, then answered."""
+        """A stream item that needs reasons: explained in the reasons batcher (at once for
+        a lone caller), then answered."""
         try:
-            explained = await reasons.explain(result.rows, deadline)
+            (explained,) = await reasons.explain(
+                result.rows, deadline, loop_idle=call.loaded.batcher.lone
+            )
             answer = self._finish(call, result, explained)
         except Exception as failure:
             self._record(call.request, call.decision, call.started, None)
@@ -333,21 +340,19 @@ class ScoringPipeline:
         """Run caller-supplied rows ([N, F]) through ``loaded``'s batcher; with the
         ``decision`` that chose it, each row is shadowed and offered to the traffic log
         like one Score call (ids ``<request_id>#<row>``). ``explain``: every row's
-        reasons too (in the version's reasons batcher, after scoring), recorded with it."""
+        reasons too, recorded with it: the rows are one job of the version's reasons
+        batcher, queued together with the scoring job before either runs, so the call
+        is refused whole (nothing scored) when either queue cannot take it."""
         started = time.perf_counter()
         reasons = loaded.reasons
-        if explain and reasons is None:
+        n = int(rows.shape[0])
+        explained: tuple[Explained, ...] | None = None
+        if not explain:
+            result = await loaded.batcher.submit(Job(rows=rows), rows=n, deadline=deadline)
+        elif reasons is None:
             raise NoExplainer(loaded.name, loaded.version)
-        result = await loaded.batcher.submit(
-            Job(rows=rows), rows=int(rows.shape[0]), deadline=deadline
-        )
-        explained = None
-        if explain and reasons is not None:
-            explained = tuple(
-                await asyncio.gather(
-                    *(reasons.explain(rows[i : i + 1], deadline) for i in range(rows.shape[0]))
-                )
-            )
+        else:
+            result, explained = await self._score_explained(loaded, reasons, rows, deadline)
         if decision is not None and (
             (decision.shadows and self.shadows is not None) or self.traffic is not None
         ):
@@ -355,6 +360,31 @@ class ScoringPipeline:
                 loaded, decision, rows, result.outputs, request_id, started, explained
             )
         return InferResult(loaded, result.outputs, explained)
+
+    @staticmethod
+    async def _score_explained(
+        loaded: LoadedVersion,
+        reasons: VersionReasons,
+        rows: npt.NDArray[np.float32],
+        deadline: float | None,
+    ) -> tuple[JobResult, tuple[Explained, ...]]:
+        """Score ``rows`` and explain them, both admitted before either runs (no await
+        between): a refusal of either job drops the other unrun. The explanation needs
+        only the rows, so it runs beside the scoring batch rather than after it."""
+        n = int(rows.shape[0])
+        scoring = loaded.batcher.enqueue(Job(rows=rows), rows=n, deadline=deadline)
+        try:
+            explaining = reasons.enqueue(rows, deadline)
+        except BaseException:
+            scoring.cancel()  # not taken yet: the flush task has not run since
+            raise
+        try:
+            result = await scoring
+            explained = await explaining
+        finally:
+            explaining.cancel()  # a failed or cancelled call: drop what has not run
+            scoring.cancel()
+        return result, explained
 
     def _record_rows(
         self,
@@ -436,16 +466,17 @@ class ScoringPipeline:
         ``explain_failed`` in its degraded reasons."""
         reasons = loaded.reasons
         assert reasons is not None
-        results = await asyncio.gather(
-            *(reasons.explain(row, None) for _, row, _ in rows), return_exceptions=True
-        )
+        explained: tuple[Explained, ...] | None = None
+        # one job: the rows are explained, or refused together (then recorded flagged)
+        with contextlib.suppress(ScoringError):
+            explained = await reasons.explain(np.concatenate([r for _, r, _ in rows]), None)
         recorded = Decision(decision.version, decision.route)  # shadows already ran
-        for (answer, row, request), explained in zip(rows, results, strict=True):
-            if isinstance(explained, BaseException):
+        for i, (answer, row, request) in enumerate(rows):
+            if explained is None:
                 answer = answer._replace(degraded_reasons=("explain_failed",))
             else:
                 answer = answer._replace(
-                    reasons=explained.reasons, reasons_base_value=explained.base_value
+                    reasons=explained[i].reasons, reasons_base_value=explained[i].base_value
                 )
             self._after_answer(loaded, recorded, answer, row, t_ms, timings, request)
 

@@ -190,7 +190,12 @@ class ModelRegistry:
         try:
             layout = FeatureLayout.from_manifest(model.manifest, self._definitions)
             reasons = await asyncio.to_thread(
-                load_reasons, version_dir, model.manifest, self._definitions, options.reasons
+                load_reasons,
+                version_dir,
+                model.manifest,
+                self._definitions,
+                options.reasons,
+                options.policy,
             )
         except ModelLoadError:
             model.close()

@@ -187,6 +187,35 @@ class ConnectionSettings(_Frozen):
         ge=0.0,
         description="After max_connection_age, how long calls still open may finish.",
     )
+    pending_calls_soft_limit: int = Field(
+        default=1000,
+        ge=0,
+        description="Calls received but not yet taken by a handler (the event loop is "
+        "behind) past which gRPC core refuses new calls at once, at random with a chance "
+        "rising to 1 at pending_calls_hard_limit (random early drop). The refusal happens "
+        "in gRPC core, below Python, so it costs the loop nothing; the caller sees "
+        "CANCELLED (gRPC core's status for it, not settable). gRPC's defaults: 1000 / 3000 "
+        "(seconds of backlog for a loop-bound process; bench/RESULTS.md, overload).",
+    )
+    pending_calls_hard_limit: int = Field(
+        default=3000,
+        ge=1,
+        description="Pending calls (see pending_calls_soft_limit) past which every new call "
+        "is refused by gRPC core at once.",
+    )
+
+    @model_validator(mode="after")
+    def _pending_ordered(self) -> ConnectionSettings:
+        if self.pending_calls_hard_limit <= self.pending_calls_soft_limit:
+            raise KeyedError(
+                [
+                    (
+                        "pending_calls_hard_limit must be > pending_calls_soft_limit",
+                        (("pending_calls_hard_limit",), ("pending_calls_soft_limit",)),
+                    )
+                ]
+            )
+        return self
 
 
 class LimitsSettings(_Frozen):
@@ -433,6 +462,21 @@ class ReasonsSettings(_Frozen):
     top_n: int = Field(
         default=4, ge=1, le=64, description="Most reasons per answer (toward adverse)."
     )
+    max_queue_size: int = Field(
+        default=1024,
+        ge=1,
+        description="Calls waiting for their explanation per version (a v2 call asking "
+        "for reasons is one, whatever its rows; rows waiting are bounded by max_queue_rows); "
+        "past it RESOURCE_EXHAUSTED, a v2 call refused whole before it is scored.",
+    )
+    inline_max_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="A lone caller's one-row explanation runs on the event loop at once "
+        "(no thread hop, no batcher wake-up) while the version's scoring batcher sees a "
+        "lone caller and a row's measured cost is at most this; otherwise, and at 0, "
+        "explanations are batched off the loop.",
+    )
 
 
 class ModelServing(_Frozen):
@@ -459,10 +503,16 @@ class ModelServing(_Frozen):
     )
     max_queue_wait_ms: float | None = Field(
         default=None,
-        gt=0.0,
-        description="Wait a new request may expect in the queue (batches ahead x the "
-        "moving average of batch time); past it RESOURCE_EXHAUSTED at once, so accepted "
-        "latency stays bounded under overload; null = only the size bounds apply.",
+        ge=0.0,
+        description="Wait a new request may expect in the queue (the rest of the running "
+        "batch plus the full batches ahead of its own, at the p90 of recent batch times); "
+        "past it RESOURCE_EXHAUSTED at once, so accepted latency stays within it plus one "
+        "batch under overload. Set it from the model's batch time: 1.5x the mean time of a "
+        "full batch (streamscore_inference_seconds) kept accepted p99 at 2x load within "
+        "1.5x the p99 at 0.8x; below ~1 p90 batch it starves batches, at 2 batches the "
+        "accepted p99 was 3.6-4.3x (bench/RESULTS.md); 0 or null = off (only the size "
+        "bounds apply). Per model, 0 switches off a budget set in defaults (a field left "
+        "out inherits it).",
     )
     execution: Execution = Field(
         default="inline",
@@ -479,7 +529,8 @@ class ModelServing(_Frozen):
         default=0,
         ge=0,
         le=19,
-        description="With execution 'thread' (Linux): the worker thread's nice value above "
+        description="With execution 'thread' (Linux; refused with 'inline', which has no "
+        "worker thread): the worker thread's nice value above "
         "the process's, so on a shared core the event loop that accepts and refuses calls "
         "is scheduled before session.run (ORT's own intra-op threads keep the process's). "
         "Off by default: when accepting calls alone saturates the core, a niced worker "
@@ -508,6 +559,11 @@ class ModelServing(_Frozen):
     def _versions_as_text(cls, value: Any) -> Any:
         return _version_text(value)
 
+    @property
+    def max_queue_wait_s(self) -> float | None:
+        """The queue-wait budget in seconds; ``None`` when off (0 or null)."""
+        return self.max_queue_wait_ms / 1e3 if self.max_queue_wait_ms else None
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelServing:
         issues: list[Issue] = []
@@ -525,6 +581,15 @@ class ModelServing(_Frozen):
                     f"max_batch_size ({self.max_batch_size}) must not exceed "
                     f"max_queue_rows ({self.max_queue_rows})",
                     (("max_batch_size",), ("max_queue_rows",)),
+                )
+            )
+        if self.worker_nice and self.execution != "thread":
+            issues.append(
+                (
+                    f"worker_nice ({self.worker_nice}) needs execution 'thread' (execution is "
+                    f"{self.execution!r}: there is no worker thread to nice); set worker_nice 0 "
+                    "or execution 'thread'",
+                    (("worker_nice",), ("execution",)),
                 )
             )
         if self.versions is not None and not self.versions:
@@ -606,13 +671,15 @@ class ModelsSettings(_Frozen):
                         issues.append((error["msg"], (("per_model", name, *field),)))
                         continue
                     for message, keys in cause.issues:
-                        where = tuple(
+                        where = [
                             ("per_model", name, *key)
                             if key[0] in overrides.model_fields_set
                             else ("defaults", *key)
                             for key in keys
-                        )
-                        issues.append((message, where))
+                        ]
+                        # the key shown first names the model: a per-model key leads
+                        where.sort(key=lambda key: key[0] != "per_model")
+                        issues.append((message, tuple(where)))
         if issues:
             raise KeyedError(issues)
         return self
@@ -792,7 +859,8 @@ class DriftSettings(_Frozen):
     grace_s: float = Field(
         default=3.0,
         ge=0.0,
-        description="How long after a bucket closes it is judged (late flushes land first).",
+        description="How long after a bucket closes it is judged, then read once and kept "
+        "(late flushes land first): at least flush_interval_s, with a margin for the write.",
     )
     topic: str = Field(
         default="streamscore-drift", min_length=1, description="Kafka topic of drift events."
@@ -809,16 +877,28 @@ class DriftSettings(_Frozen):
 
     @model_validator(mode="after")
     def _windows(self) -> DriftSettings:
+        issues: list[Issue] = []
         if self.long_window_buckets < self.short_window_buckets:
-            raise KeyedError(
-                [
-                    (
-                        f"long_window_buckets ({self.long_window_buckets}) must be >= "
-                        f"short_window_buckets ({self.short_window_buckets})",
-                        (("long_window_buckets",), ("short_window_buckets",)),
-                    )
-                ]
+            issues.append(
+                (
+                    f"long_window_buckets ({self.long_window_buckets}) must be >= "
+                    f"short_window_buckets ({self.short_window_buckets})",
+                    (("long_window_buckets",), ("short_window_buckets",)),
+                )
             )
+        if self.grace_s < self.flush_interval_s:
+            # a bucket's last rows are flushed up to flush_interval_s after it closes; one
+            # judged (read once, then kept) before that would miss them for good
+            issues.append(
+                (
+                    f"grace_s ({self.grace_s:g}) must be >= flush_interval_s "
+                    f"({self.flush_interval_s:g}): a bucket is read for good grace_s after it "
+                    "closes, and its last flush may come flush_interval_s after",
+                    (("grace_s",), ("flush_interval_s",)),
+                )
+            )
+        if issues:
+            raise KeyedError(issues)
         return self
 
     def thresholds(self, model: str) -> DriftThresholds:

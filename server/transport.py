@@ -5,7 +5,9 @@ server: HTTP/2 ``max_concurrent_streams`` per connection, the keepalive policy
 (server pings, and what client pings it tolerates), idle and age limits. The age
 limit (GOAWAY after ``max_connection_age_s``, calls still open get the grace) makes a
 long-lived client channel reconnect, and with ``server.processes > 1`` SO_REUSEPORT
-hands the new connection to any process: see README "Every process busy".
+hands the new connection to any process: see README "Every process busy". The
+pending-call limits bound the calls gRPC core holds for a busy event loop: past them it
+refuses new ones itself (CANCELLED), the only refusal that costs the loop nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def server_options(server: ServerSettings) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1 if c.keepalive_permit_without_calls else 0),
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.server.max_pending_requests", c.pending_calls_soft_limit),
+        ("grpc.server.max_pending_requests_hard_limit", c.pending_calls_hard_limit),
     ]
     if c.max_connection_idle_s is not None:
         options.append(("grpc.max_connection_idle_ms", _ms(c.max_connection_idle_s)))

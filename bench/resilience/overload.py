@@ -4,12 +4,19 @@ Against a ``streamscore serve`` subprocess (server pinned to core 0, this client
 core 1) serving a linear model made slow on purpose (``slow_layers``, run on the
 worker thread) so the server, not the client, is the bottleneck:
 
-1. capacity: closed loop, ``--callers`` callers, OK answers per second;
-2. open loop at 0.8x capacity: p99 of the answers (from the intended send time);
-3. open loop at 2x capacity for ``--overload-s``: p99 of the accepted answers (ratio to
-   step 2), RESOURCE_EXHAUSTED answers and their p99 (refused at once?), the server's
-   RSS sampled every second (flat?);
-4. ``--streams`` ScoreStreams that each send more than ``stream_max_in_flight`` requests
+1. capacity: closed loop, ``--callers`` callers, OK answers per second, on a server
+   without a queue-wait budget; a full batch's time is ``max_batch_size / capacity``;
+2. with ``--budget-batches K`` a second server is started with ``max_queue_wait_ms`` =
+   K x that batch time (the rule: the budget is set from the model's measured batch
+   time, never tuned per run), and each further pair measures capacity again on a fresh
+   server without the budget first; otherwise the same server goes on (re-measuring
+   capacity before each pair with ``--recapacity-s``);
+3. open loop at 0.8x capacity: p99 of the answers (from the intended send time);
+4. open loop at 2x capacity for ``--overload-s``: p99 of the accepted answers (ratio to
+   step 3), RESOURCE_EXHAUSTED answers and their p99 (refused at once?), the server's
+   RSS sampled every second (flat?); steps 3-4 are repeated ``--repeats`` times on the
+   same server, each pair giving its own ratio;
+5. ``--streams`` ScoreStreams that each send more than ``stream_max_in_flight`` requests
    (set to ``--stream-in-flight``, 32: the server scores every item it reads, so the
    product default 256 x 1,000 streams would be ~10 min of this model's work) and never
    read: the server's RSS growth against the configured bound (streams x
@@ -28,9 +35,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,9 +49,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.pinning import CLIENT_CPUS, SERVER_CPUS, taskset_available, taskset_prefix
-from bench.resilience.fuzz import rss_kb, serve
+from bench.resilience.fuzz import free_port, rss_kb, serve
 from protos.streamscore.v1 import scoring_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -66,9 +76,26 @@ class Phase:
     send_lag: list[float] = field(default_factory=list)
     #: Failed calls by code and message (digits as N): who refused, and why.
     details: Counter[str] = field(default_factory=Counter)
+    #: The server's own means over the phase (``server_means``).
+    server: dict[str, float] = field(default_factory=dict)
+    #: OK answers as (intended send time, latency) in s: where in the phase the tail is.
+    ok_times: list[tuple[float, float]] = field(default_factory=list)
 
-    def add(self, code: str, latency: float) -> None:
+    def add(self, code: str, latency: float, sent: float | None = None) -> None:
         self.latencies.setdefault(code, []).append(latency)
+        if code == "OK" and sent is not None:
+            self.ok_times.append((sent, latency))
+
+    def ok_p99_by_slice(self, slices: int = 6) -> list[float]:
+        """p99 (ms) of OK answers in each of ``slices`` equal parts of the phase."""
+        if not self.ok_times:
+            return []
+        first = min(t for t, _ in self.ok_times)
+        width = self.seconds / slices
+        parts: list[list[float]] = [[] for _ in range(slices)]
+        for sent, latency in self.ok_times:
+            parts[min(slices - 1, int((sent - first) / width))].append(latency)
+        return [float(np.percentile(v, 99) * 1e3) if v else float("nan") for v in parts]
 
     def note(self, code: str, detail: str) -> None:
         self.details[f"{code}: {re.sub(r'[0-9.]+', 'N', detail)}"] += 1
@@ -93,6 +120,8 @@ class Phase:
             "rss_kb": self.rss_kb,
             "send_lag_ms": _lag_summary(self.send_lag),
             "details": dict(self.details.most_common()),
+            "ok_p99_ms_by_slice": self.ok_p99_by_slice(),
+            "server": self.server,
         }
 
 
@@ -145,7 +174,7 @@ class Client:
         except grpc.aio.AioRpcError as error:
             code = error.code().name
             phase.note(code, error.details() or "")
-        phase.add(code, time.perf_counter() - started)
+        phase.add(code, time.perf_counter() - started, started)
 
     def channel(self, i: int) -> grpc.aio.Channel:
         return self._channels[i % len(self._channels)]
@@ -153,6 +182,54 @@ class Client:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close(None)
+
+
+#: Server histograms read around each phase (sums and counts: their means).
+_SERVER_SERIES = {
+    "streamscore_queue_wait_seconds": "queue_wait_ms",
+    "streamscore_inference_seconds": "inference_ms",
+    "streamscore_batch_size_rows": "batch_rows",
+}
+
+
+def _scrape(metrics_port: int) -> dict[str, float]:
+    """Sums and counts of the server's batcher histograms, and queue waits past 100 ms
+    and 250 ms (bucket counts)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in _SERVER_SERIES:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") != MODEL:
+                continue
+            if sample.name.endswith(("_sum", "_count")):
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            elif sample.name.endswith("_bucket") and family.name.startswith(
+                "streamscore_queue_wait"
+            ):
+                le = sample.labels["le"]
+                if le in ("0.1", "0.25", "+Inf"):
+                    values[f"wait_le_{le}"] = sample.value
+    return values
+
+
+def server_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the server measured between two scrapes: mean queue wait and batch time
+    (ms), mean rows per batch, share of queue waits over 100 / 250 ms."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    out: dict[str, float] = {}
+    for family, name in _SERVER_SERIES.items():
+        count = delta.get(f"{family}_count", 0.0)
+        mean = delta.get(f"{family}_sum", 0.0) / count if count else float("nan")
+        out[name] = mean * 1e3 if name.endswith("_ms") else mean
+    waits = delta.get("wait_le_+Inf", 0.0)
+    if waits:
+        out["wait_over_100ms_share"] = 1 - delta.get("wait_le_0.1", 0.0) / waits
+        out["wait_over_250ms_share"] = 1 - delta.get("wait_le_0.25", 0.0) / waits
+    return out
 
 
 async def _sample_rss(pid: int, phase: Phase, every_s: float = 1.0) -> None:
@@ -175,11 +252,18 @@ async def closed_loop(client: Client, name: str, callers: int, seconds: float) -
 
 
 async def open_loop(
-    client: Client, name: str, rate: float, seconds: float, pid: int, deadline_s: float = 10.0
+    client: Client,
+    name: str,
+    rate: float,
+    seconds: float,
+    pid: int,
+    deadline_s: float = 10.0,
+    metrics_port: int | None = None,
 ) -> Phase:
     """Calls sent on a fixed schedule of ``rate``/s for ``seconds``, whatever the answers;
     latency counts from each call's intended send time."""
     phase = Phase(name, seconds)
+    before = await asyncio.to_thread(_scrape, metrics_port) if metrics_port else {}
     sampler = asyncio.create_task(_sample_rss(pid, phase))
     tasks: set[asyncio.Task[None]] = set()
     start = time.perf_counter()
@@ -198,6 +282,8 @@ async def open_loop(
         await asyncio.wait(tasks)
     sampler.cancel()
     phase.rss_kb.append(rss_kb(pid))
+    if metrics_port:
+        phase.server = server_means(before, await asyncio.to_thread(_scrape, metrics_port))
     return phase
 
 
@@ -271,9 +357,8 @@ def pct(phase: Phase, code: str = "OK") -> str:
     return f"{phase.p(code, 99):.1f}"
 
 
-async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[str, Any]:
-    """All phases against one server; the figures as a JSON-able dict."""
-    extra = [
+def _server_settings(args: argparse.Namespace) -> list[str]:
+    return [
         f"models.per_model.{MODEL}.execution=thread",
         f"models.per_model.{MODEL}.max_batch_size={args.max_batch_size}",
         f"models.per_model.{MODEL}.max_queue_size={args.max_queue_size}",
@@ -283,7 +368,70 @@ async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[st
         f"server.limits.stream_buffer_bytes={args.stream_buffer_bytes}",
         *args.set,
     ]
+
+
+def _pair(rate: float, light: Phase, heavy: Phase) -> dict[str, Any]:
+    """One 0.8x / 2x pair's figures."""
+    return {
+        "capacity_rps": rate,
+        "light": light.summary(),
+        "overload": heavy.summary(),
+        "accepted_p99_ratio": heavy.p("OK", 99) / light.p("OK", 99),
+        "overload_ok_rps": heavy.rate(),
+        "overload_rejected_share": heavy.count(EXHAUSTED)
+        / max(1, sum(len(v) for v in heavy.latencies.values())),
+    }
+
+
+async def _pairs(
+    client: Client, pid: int, rate: float, args: argparse.Namespace, metrics_port: int
+) -> list[dict[str, Any]]:
+    """``--repeats`` pairs; each measures capacity again first (``--recapacity-s``): the
+    other sessions on this machine move it by 2-3x within minutes, and a "2x" taken from
+    a capacity measured in a busy minute is no overload in a quiet one."""
+    pairs = []
+    for repeat in range(args.repeats):
+        if args.recapacity_s and not args.capacity_rps:
+            # callers: two full batches, so a queue-wait budget refuses (and spins) few
+            callers = 2 * args.max_batch_size if args.budget_batches else args.callers
+            again = await closed_loop(client, "capacity", callers, args.recapacity_s)
+            rate = again.rate()
+            log.info("pair %d capacity %.0f/s", repeat, rate)
+        light = await open_loop(
+            client, "0.8x", 0.8 * rate, args.light_s, pid, metrics_port=metrics_port
+        )
+        log.info("pair %d 0.8x: %s", repeat, light.summary()["counts"])
+        await asyncio.sleep(2.0)
+        heavy = await open_loop(
+            client, "2x", 2.0 * rate, args.overload_s, pid, metrics_port=metrics_port
+        )
+        log.info("pair %d 2x: %s", repeat, heavy.summary()["counts"])
+        pairs.append(_pair(rate, light, heavy))
+        await asyncio.sleep(2.0)
+    return pairs
+
+
+async def _capacity(
+    repository: Path, work: Path, extra: list[str], prefix: list[str], args: argparse.Namespace
+) -> float:
+    """Closed-loop capacity (OK/s) of a fresh server with ``extra`` settings."""
+    with serve(repository, work / "server-capacity.log", extra, prefix) as (_, target):
+        client = Client(target)
+        try:
+            await closed_loop(client, "warmup", args.callers, 2.0)
+            return (await closed_loop(client, "capacity", args.callers, args.capacity_s)).rate()
+        finally:
+            await client.close()
+
+
+async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[str, Any]:
+    """All phases (one or two servers); the figures as a JSON-able dict."""
+    metrics_port = free_port()
+    extra = [*_server_settings(args), f"server.metrics_port={metrics_port}"]
     prefix = taskset_prefix(SERVER_CPUS) if taskset_available() else []
+    budget_ms: float | None = None
+    pairs: list[dict[str, Any]] = []
+    streams: dict[str, Any] = {}
     with serve(repository, work / "server.log", extra, prefix) as (pid, target):
         client = Client(target)
         try:
@@ -292,24 +440,50 @@ async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[st
             # A budget that refuses part of a closed loop understates capacity: take it
             # from a run without the budget when given.
             rate = args.capacity_rps or capacity.rate()
-            log.info("capacity %.0f/s (p99 %s ms)", rate, pct(capacity))
-            light = await open_loop(client, "0.8x", 0.8 * rate, args.light_s, pid)
-            log.info("0.8x: %s", light.summary()["counts"])
-            await asyncio.sleep(2.0)
-            heavy = await open_loop(client, "2x", 2.0 * rate, args.overload_s, pid)
-            log.info("2x: %s", heavy.summary()["counts"])
-            streams = await _streams_phase(client, target, pid, rate, args) if args.streams else {}
+            batch_ms = 1e3 * args.max_batch_size / rate
+            log.info("capacity %.0f/s (p99 %s ms), batch %.1f ms", rate, pct(capacity), batch_ms)
+            if args.budget_batches is None:
+                pairs = await _pairs(client, pid, rate, args, metrics_port)
+                streams = (
+                    await _streams_phase(client, target, pid, rate, args) if args.streams else {}
+                )
         finally:
             await client.close()
+    if args.budget_batches is not None:
+        budget_ms = round(args.budget_batches * batch_ms, 1)
+        for repeat in range(args.repeats):
+            if repeat and not args.capacity_rps:
+                # capacity again, on a server without the budget (one with it refuses
+                # part of a closed loop: K = 1 measured 116 req/s against 219 without)
+                rate = await _capacity(repository, work, extra, prefix, args)
+                budget_ms = round(args.budget_batches * 1e3 * args.max_batch_size / rate, 1)
+            with_budget = [*extra, f"models.per_model.{MODEL}.max_queue_wait_ms={budget_ms}"]
+            log.info("pair %d: capacity %.0f/s, budget %.1f ms", repeat, rate, budget_ms)
+            log_path = work / f"server-budget-{repeat}.log"
+            with serve(repository, log_path, with_budget, prefix) as (pid, target):
+                client = Client(target)
+                try:
+                    await closed_loop(client, "warmup", 2 * args.max_batch_size, 3.0)
+                    one = dict(args.__dict__, repeats=1, recapacity_s=0.0)
+                    pair = (
+                        await _pairs(client, pid, rate, argparse.Namespace(**one), metrics_port)
+                    )[0]
+                    pairs.append(pair | {"budget_ms": budget_ms})
+                    if repeat == args.repeats - 1 and args.streams:
+                        streams = await _streams_phase(client, target, pid, rate, args)
+                finally:
+                    await client.close()
+        budget_ms = pairs[0]["budget_ms"]
+    ratios = [p["accepted_p99_ratio"] for p in pairs]
     return {
         "capacity_rps": rate,
         "capacity": capacity.summary(),
-        "light": light.summary(),
-        "overload": heavy.summary(),
-        "accepted_p99_ratio": heavy.p("OK", 99) / light.p("OK", 99),
-        "overload_ok_rps": heavy.rate(),
-        "overload_rejected_share": heavy.count(EXHAUSTED)
-        / max(1, sum(len(v) for v in heavy.latencies.values())),
+        "batch_ms": batch_ms,
+        "budget_ms": budget_ms,
+        # the first pair at top level, as before repeats existed
+        **pairs[0],
+        "pairs": pairs,
+        "accepted_p99_ratios": ratios,
         "streams": streams,
         "settings": {
             "max_batch_size": args.max_batch_size,
@@ -317,14 +491,15 @@ async def run(args: argparse.Namespace, repository: Path, work: Path) -> dict[st
             "slow_layers": args.slow_layers,
             "set": args.set,
             "capacity_given": args.capacity_rps is not None,
+            "budget_batches": args.budget_batches,
         },
     }
 
 
 def markdown(figures: dict[str, Any], command: str) -> str:
     """The RESULTS.md lines of one run."""
-    light, heavy = figures["light"], figures["overload"]
-    rss = heavy["rss_kb"]
+    pairs = figures["pairs"]
+    budget = figures.get("budget_ms")
     lines = [
         "```sh",
         command,
@@ -334,20 +509,39 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         f"({'given' if figures['settings'].get('capacity_given') else 'closed loop'}); "
         f"max_queue_size {figures['settings']['max_queue_size']}, "
         f"max_batch_size {figures['settings']['max_batch_size']}"
-        + "".join(f", {s}" for s in figures["settings"]["set"]),
+        + "".join(f", {s}" for s in figures["settings"]["set"])
+        + f"; full batch {figures['batch_ms']:.1f} ms (max_batch_size / capacity)"
+        + (
+            ""
+            if budget is None
+            else f"; max_queue_wait_ms {budget:g} = {figures['settings']['budget_batches']:g}"
+            " x batch"
+        ),
         "",
-        "| phase | OK/s | OK p99 ms | RESOURCE_EXHAUSTED | its p50 / p99 ms | other codes "
+        "| pair | phase | OK/s | OK p99 ms | RESOURCE_EXHAUSTED | its p50 / p99 ms | other codes "
         "| send lag p50 / p99 / max ms |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
-        *(_row(name, p) for name, p in (("0.8x", light), ("2x", heavy))),
-        "",
-        f"accepted p99 at 2x / p99 at 0.8x: **{figures['accepted_p99_ratio']:.2f}** "
-        f"(target <= 3); RSS during 2x: {min(rss) / _MIB:.1f} .. {max(rss) / _MIB:.1f} MiB "
-        f"({len(rss)} samples).",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
-    for name, p in (("0.8x", light), ("2x", heavy)):
-        if p["details"]:
-            lines += ["", f"{name} failures by message: {p['details']}"]
+    for i, pair in enumerate(pairs, 1):
+        label = f"{i} ({pair['capacity_rps']:.0f}/s"
+        label += f", {pair['budget_ms']:g} ms)" if "budget_ms" in pair else ")"
+        lines += [
+            _row(label, "0.8x", pair["light"]),
+            _row("", "2x", pair["overload"]),
+        ]
+    ratios = ", ".join(f"{p['accepted_p99_ratio']:.2f}" for p in pairs)
+    rss = [kb for p in pairs for kb in p["overload"]["rss_kb"]]
+    lines += [
+        "",
+        f"accepted p99 at 2x / p99 at 0.8x per pair: **{ratios}** (target <= 3); RSS during "
+        f"2x: {min(rss) / _MIB:.1f} .. {max(rss) / _MIB:.1f} MiB ({len(rss)} samples).",
+    ]
+    for i, pair in enumerate(pairs, 1):
+        for name in ("light", "overload"):
+            if server := pair[name].get("server"):
+                lines += ["", f"pair {i} {name}, server means: " + _server_text(server)]
+            if pair[name]["details"]:
+                lines += ["", f"pair {i} {name} failures by message: {pair[name]['details']}"]
     if figures["streams"]:
         lines += ["", _streams_line(figures["streams"])]
     return "\n".join(lines)
@@ -356,15 +550,24 @@ def markdown(figures: dict[str, Any], command: str) -> str:
 _MIB = 1024
 
 
-def _row(name: str, p: dict[str, Any]) -> str:
+def _row(pair: str, name: str, p: dict[str, Any]) -> str:
     other = ", ".join(f"{c} {n}" for c, n in p["counts"].items() if c not in ("OK", EXHAUSTED))
     lag = p["send_lag_ms"]
     return (
-        f"| {name} | {p['counts'].get('OK', 0) / p['seconds']:.0f} | "
+        f"| {pair} | {name} | {p['counts'].get('OK', 0) / p['seconds']:.0f} | "
         f"{p['p99_ms'].get('OK', float('nan')):.1f} | {p['counts'].get(EXHAUSTED, 0):,} | "
         f"{p['p50_ms'].get(EXHAUSTED, float('nan')):.1f} / "
         f"{p['p99_ms'].get(EXHAUSTED, float('nan')):.1f} | {other or '-'} | "
         f"{lag['p50']:.1f} / {lag['p99']:.1f} / {lag['max']:.1f} |"
+    )
+
+
+def _server_text(server: dict[str, float]) -> str:
+    return (
+        f"queue wait {server['queue_wait_ms']:.1f} ms, batch {server['inference_ms']:.1f} ms, "
+        f"{server['batch_rows']:.2f} rows/batch, queue waits > 100 / 250 ms: "
+        f"{server.get('wait_over_100ms_share', 0.0):.1%} / "
+        f"{server.get('wait_over_250ms_share', 0.0):.1%}"
     )
 
 
@@ -398,8 +601,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--stream-buffer-bytes", type=int, default=1 << 20, help="server.limits setting")
     add("--stream-in-flight", type=int, default=32, help="server.limits.stream_max_in_flight")
     add("--capacity-rps", type=float, help="use this capacity instead of the measured one")
+    add(
+        "--budget-batches",
+        type=float,
+        help="second server with max_queue_wait_ms = this x the measured full-batch time",
+    )
+    add("--repeats", type=int, default=1, help="0.8x / 2x pairs on the same server")
+    add(
+        "--recapacity-s",
+        type=float,
+        default=0.0,
+        help="without --budget-batches: measure capacity again (closed loop) before each "
+        "pair, for this long",
+    )
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="server setting")
     add("--json-out", type=Path)
+    add("--server-logs", type=Path, help="keep the server logs in this directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if taskset_available():
@@ -413,7 +630,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_linear_model(
             repository, MODEL, "1", list(FEATURES), seed=1, slow_layers=args.slow_layers
         )
-        figures = asyncio.run(run(args, repository, work))
+        try:
+            figures = asyncio.run(run(args, repository, work))
+        finally:
+            if args.server_logs:  # e.g. GRPC_TRACE output of the server(s)
+                args.server_logs.mkdir(parents=True, exist_ok=True)
+                for log_file in work.glob("server*.log"):
+                    shutil.copy(log_file, args.server_logs / log_file.name)
     command = "python -m bench.resilience.overload " + " ".join(
         sys.argv[1:] if argv is None else argv
     )

@@ -23,6 +23,8 @@ from server.drift.search import ColumnSearch
 from server.governance.profile import SCORE, Distribution, ReferenceProfile
 
 Counts = npt.NDArray[np.int64]
+#: Floor of both shares in a PSI term (an empty bin would make it infinite).
+PSI_EPSILON = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ class BinLayout:
     sources: npt.NDArray[np.intp]
     """Matrix column of each monitored feature, in order."""
     search: ColumnSearch
+    comparison: Comparison
+    """Index arrays of :func:`compare` (every column's PSI in one pass)."""
 
     @classmethod
     def compile(cls, profile: ReferenceProfile, feature_names: Sequence[str]) -> BinLayout:
@@ -92,7 +96,8 @@ class BinLayout:
                 for c in (*features, score)
             ],
         )
-        return cls(tuple(features), score, offset, len(feature_names), sources, search)
+        comparison = Comparison.compile((*features, score))
+        return cls(tuple(features), score, offset, len(feature_names), sources, search, comparison)
 
     @property
     def columns(self) -> tuple[ColumnBins, ...]:
@@ -143,8 +148,93 @@ def _column(name: str, column: int, dist: Distribution, offset: int) -> tuple[Co
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Where every column's quantile bins sit, flattened, to compare them all at once."""
+
+    slots: npt.NDArray[np.intp]
+    """Quantile-bin slots of every column, column after column."""
+    starts: npt.NDArray[np.intp]
+    """Position in ``slots`` of each column's first bin."""
+    sizes: npt.NDArray[np.intp]
+    expected: npt.NDArray[np.float64]
+    """Reference share of each entry of ``slots``, floored at ``PSI_EPSILON``."""
+    nan_slots: npt.NDArray[np.intp]
+    categorical: npt.NDArray[np.intp]
+    """Indexes of the categorical columns (Jensen-Shannon too)."""
+    category_slots: npt.NDArray[np.intp]
+    """Category slots (each category, then "other") of every categorical column."""
+    category_starts: npt.NDArray[np.intp]
+    category_sizes: npt.NDArray[np.intp]
+    category_shares: npt.NDArray[np.float64]
+    """Reference share of each entry of ``category_slots`` (summing to 1 per column)."""
+
+    @classmethod
+    def compile(cls, columns: Sequence[ColumnBins]) -> Comparison:
+        sizes = np.array([c.bins for c in columns], np.intp)
+        categorical = [
+            c for c in columns if c.categories is not None and c.category_reference is not None
+        ]
+        category_sizes = np.array(
+            [c.categories.size + 1 for c in categorical if c.categories is not None], np.intp
+        )
+        shares = [
+            c.category_reference / max(float(c.category_reference.sum()), 1e-12)
+            for c in categorical
+            if c.category_reference is not None
+        ]
+        return cls(
+            slots=np.concatenate([np.arange(c.start, c.start + c.bins) for c in columns]),
+            starts=_starts(sizes),
+            sizes=sizes,
+            expected=np.maximum(np.concatenate([c.reference for c in columns]), PSI_EPSILON),
+            nan_slots=np.array([c.nan_slot for c in columns], np.intp),
+            categorical=np.array(
+                [i for i, c in enumerate(columns) if c.categories is not None], np.intp
+            ),
+            category_slots=np.concatenate(
+                [
+                    np.arange(c.category_start, c.category_start + size)
+                    for c, size in zip(categorical, category_sizes.tolist(), strict=True)
+                ]
+                or [np.zeros(0, np.intp)]
+            ).astype(np.intp),
+            category_starts=_starts(category_sizes),
+            category_sizes=category_sizes,
+            category_shares=np.concatenate(shares or [np.zeros(0)]),
+        )
+
+    def jensen_shannon(self, counts: Counts) -> npt.NDArray[np.float64]:
+        """:func:`jensen_shannon` of every categorical column, in one pass."""
+        if self.categorical.size == 0:
+            return np.zeros(0)
+        starts, sizes = self.category_starts, self.category_sizes
+        live = counts[self.category_slots]
+        totals = np.add.reduceat(live, starts)
+        p = self.category_shares
+        q = live / np.repeat(np.maximum(totals, 1), sizes)
+        m = 0.5 * (p + q)
+        js = 0.5 * np.add.reduceat(_kl_terms(p, m), starts) + 0.5 * np.add.reduceat(
+            _kl_terms(q, m), starts
+        )
+        js[totals == 0] = 0.0
+        return js
+
+
+def _starts(sizes: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+    """Position of each segment's first entry, for ``np.add.reduceat``."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+
+
+def _kl_terms(p: npt.NDArray[np.float64], m: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``p * log2(p / m)``, 0 where ``p`` is 0 (``m`` >= ``p`` / 2 there is > 0)."""
+    present = p > 0
+    ratio = np.where(present, p, 1.0) / np.where(present, m, 1.0)
+    return np.where(present, p * np.log2(ratio), 0.0)
+
+
 def psi(
-    reference: npt.NDArray[np.float64], counts: npt.NDArray[np.int64], epsilon: float = 1e-4
+    reference: npt.NDArray[np.float64], counts: npt.NDArray[np.int64], epsilon: float = PSI_EPSILON
 ) -> float:
     """Population stability index of live ``counts`` against ``reference`` shares.
 
@@ -188,16 +278,27 @@ class ColumnDrift:
 
 
 def compare(layout: BinLayout, counts: Counts) -> tuple[ColumnDrift, ...]:
-    """PSI (and JS for categorical columns) of every monitored column, the score last."""
-    out: list[ColumnDrift] = []
-    for bins in layout.columns:
-        binned = counts[bins.start : bins.start + bins.bins]
-        nan = int(counts[bins.nan_slot])
-        rows = int(binned.sum()) + nan
-        js = None
-        if bins.categories is not None and bins.category_reference is not None:
-            live = counts[bins.category_start : bins.category_start + bins.categories.size + 1]
-            js = jensen_shannon(bins.category_reference, live)
-        nan_share = nan / rows if rows else 0.0
-        out.append(ColumnDrift(bins.name, psi(bins.reference, binned), js, nan_share, rows))
-    return tuple(out)
+    """PSI (and JS for categorical columns) of every monitored column, the score last.
+
+    Every column's PSI in one vectorised pass (:func:`psi` per column, summed with
+    ``np.add.reduceat``): a per-column loop of numpy calls took ~0.6 ms for the demo's
+    31 columns, one event-loop step of every evaluation.
+    """
+    c = layout.comparison
+    binned = counts[c.slots]
+    totals = np.add.reduceat(binned, c.starts)
+    actual = np.maximum(binned / np.repeat(np.maximum(totals, 1), c.sizes), PSI_EPSILON)
+    psis = np.add.reduceat((actual - c.expected) * np.log(actual / c.expected), c.starts)
+    psis[totals == 0] = 0.0
+    nans = counts[c.nan_slots]
+    rows = totals + nans
+    js: list[float | None] = [None] * len(c.sizes)
+    for i, value in zip(c.categorical.tolist(), c.jensen_shannon(counts).tolist(), strict=True):
+        js[i] = value
+    columns = layout.columns
+    return tuple(
+        ColumnDrift(bins.name, p, j, n / r if r else 0.0, r)
+        for bins, p, j, n, r in zip(
+            columns, psis.tolist(), js, nans.tolist(), rows.tolist(), strict=True
+        )
+    )

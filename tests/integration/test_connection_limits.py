@@ -54,6 +54,8 @@ def test_every_bound_becomes_a_server_channel_argument() -> None:
             "server.connections.max_connection_idle_s=60",
             "server.connections.max_connection_age_s=12",
             "server.connections.max_connection_age_grace_s=3",
+            "server.connections.pending_calls_soft_limit=16",
+            "server.connections.pending_calls_hard_limit=64",
         ],
     )
     options = dict(server_options(settings.server))
@@ -65,6 +67,8 @@ def test_every_bound_becomes_a_server_channel_argument() -> None:
     assert options["grpc.max_connection_idle_ms"] == 60_000
     assert options["grpc.max_connection_age_ms"] == 12_000
     assert options["grpc.max_connection_age_grace_ms"] == 3_000
+    assert options["grpc.server.max_pending_requests"] == 16
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 64
     never = load_settings(
         None,
         {},

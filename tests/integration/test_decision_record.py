@@ -256,6 +256,36 @@ async def test_every_decision_recorded_found_and_reproduced(
     assert report.agreement_rate == 1.0
 
 
+async def test_v2_rows_needing_reasons_are_recorded_with_them_as_one_job(
+    demo_repo: Path, rows: F32, kafka: KafkaBroker
+) -> None:
+    """Under ``reasons.when: always`` a v2 call's recorded rows are explained together,
+    one job in the reasons queue: with room for only 2 jobs every one of 16 rows is
+    recorded with its reasons (queued row by row, 14 were refused: ``explain_failed``)."""
+    topic = f"decisions-{uuid.uuid4().hex[:8]}"
+    settings = [
+        f"kafka.bootstrap_servers={kafka.bootstrap_servers}",
+        f"traffic_log.topic={topic}",
+        "traffic_log.sample_rate=1.0",
+        "models.per_model.fraud.reasons.when=always",
+        "models.per_model.fraud.reasons.max_queue_size=2",
+    ]
+    batch = rows[:16]
+    async with running_server(demo_repo, settings) as srv:
+        request = v2.ModelInferRequest(model_name="fraud", model_version="2", id="v2rows")
+        tensor = request.inputs.add(name="features", datatype="FP32", shape=list(batch.shape))
+        tensor.contents.fp32_contents.extend(batch.ravel().tolist())
+        await srv.inference.ModelInfer(request, timeout=20, metadata=srv.overrides)
+    # leaving the server waited for the explanations and flushed the records
+    records = _records(await read_topic_values(kafka.bootstrap_servers, topic))
+    ids = [f"v2rows#{i}" for i in range(len(batch))]
+    assert set(ids) <= set(records)
+    for item_id in ids:
+        assert records[item_id]["degraded_reasons"] == [], item_id
+        assert records[item_id]["reasons"] is not None, item_id
+        assert records[item_id]["reasons_base_value"] != 0.0
+
+
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +148,38 @@ def _wait_serving(target: str, timeout_s: float) -> None:
     pytest.fail(f"{target} not SERVING after {timeout_s} s")
 
 
+def _dev_args(
+    data_dir: Path,
+    repository: Path,
+    *,
+    grpc_port: int,
+    metrics_port: int,
+    redis: Sequence[str] | None = None,
+    extra: Sequence[str] = (),
+    sets: Sequence[str] = (),
+) -> tuple[str, ...]:
+    """The ``streamscore dev`` arguments every test here passes: the small seeded
+    population, a status line a second, no training, ``data_dir`` and the model
+    ``repository``; ``redis`` (default: a free ``--redis-port``), then ``extra``
+    arguments and ``--set`` ``sets``."""
+    args = [
+        "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+        *(("--redis-port", str(free_port())) if redis is None else redis),
+        "--customers", str(CUSTOMERS),
+        "--merchants", str(MERCHANTS),
+        "--seed", str(SEED),
+        *extra,
+        "--status-interval", "1",
+        "--no-train",
+        "--data-dir", str(data_dir),
+        "--set", f"models.repository={repository}",
+    ]  # fmt: skip
+    for setting in sets:
+        args += ["--set", setting]
+    return tuple(args)
+
+
 def _primary_key_counts(seed_url: str) -> list[int]:
     """Keys held by each primary of the cluster seeded at ``seed_url``."""
     client = redis.RedisCluster.from_url(seed_url)
@@ -171,24 +203,18 @@ def test_dev_stack_serves_stream_and_batch_features_and_stops_cleanly(
     population = demo_population(SEED, CUSTOMERS, MERCHANTS)
     first = TransactionSource(population, SEED).next_event()
 
-    with _stack(
-        tmp_path,
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-        *redis_args,
-        "--customers", str(CUSTOMERS),
-        "--merchants", str(MERCHANTS),
-        "--seed", str(SEED),
-        "--rate", "200",
-        "--status-interval", "1",
-        "--no-train",
-        "--data-dir", str(tmp_path / "devstack"),
-        "--set", f"models.repository={repository}",
+    args = _dev_args(
+        tmp_path / "devstack",
+        repository,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        redis=redis_args,
+        extra=("--rate", "200"),
         # the answer's values are checked: a loaded machine must not degrade it (the
         # 50 ms fetch and 0.2 s socket defaults trip there, answering with defaults)
-        "--set", "features.fetch_timeout_s=5",
-        "--set", "redis.socket_timeout_s=5",
-    ) as stack:  # fmt: skip
+        sets=("features.fetch_timeout_s=5", "redis.socket_timeout_s=5"),
+    )
+    with _stack(tmp_path, *args) as stack:
         pids_line = stack.wait_for_line(lambda line: "pids" in line, STARTUP_S)
         pids = {name: int(pid) for name, pid in re.findall(r"(\w+)=(\d+)", pids_line)}
         redis_names = {f"redis{i}" for i in range(6)} if cluster else {"redis"}
@@ -276,21 +302,14 @@ def test_dev_stack_scores_on_its_own_so_drift_shows_without_callers(tmp_path: Pa
     )
     write_reference_profile(version_dir, weights, bias, rows=2000)
     metrics_port = free_port()
-    with _stack(
-        tmp_path,
-        "--grpc-port", str(free_port()),
-        "--metrics-port", str(metrics_port),
-        "--redis-port", str(free_port()),
-        "--customers", str(CUSTOMERS),
-        "--merchants", str(MERCHANTS),
-        "--seed", str(SEED),
-        "--status-interval", "1",
-        "--no-train",
-        "--data-dir", str(tmp_path / "devstack"),
-        "--set", f"models.repository={repository}",
-        "--set", "drift.flush_interval_s=0.2",
-        "--set", "drift.evaluate_interval_s=0.5",
-    ) as stack:  # fmt: skip
+    args = _dev_args(
+        tmp_path / "devstack",
+        repository,
+        grpc_port=free_port(),
+        metrics_port=metrics_port,
+        sets=("drift.flush_interval_s=0.2", "drift.evaluate_interval_s=0.5"),
+    )
+    with _stack(tmp_path, *args) as stack:
         stack.wait_for_line(lambda line: "pids" in line, 2 * STARTUP_S)  # seen > 45 s at load 9
         banner = "\n".join(stack.lines)
         assert "built-in load    20 Score calls/s" in banner, banner
@@ -390,19 +409,8 @@ def test_dev_stack_gates_the_newest_version_until_a_second_person_approves(
     data_dir = tmp_path / "devstack"
     population = demo_population(SEED, CUSTOMERS, MERCHANTS)
 
-    with _stack(
-        tmp_path,
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-        "--redis-port", str(free_port()),
-        "--customers", str(CUSTOMERS),
-        "--merchants", str(MERCHANTS),
-        "--seed", str(SEED),
-        "--status-interval", "1",
-        "--no-train",
-        "--data-dir", str(data_dir),
-        "--set", f"models.repository={repository}",
-    ) as stack:  # fmt: skip
+    args = _dev_args(data_dir, repository, grpc_port=grpc_port, metrics_port=metrics_port)
+    with _stack(tmp_path, *args) as stack:
         stack.wait_for_line(lambda line: "pids" in line, STARTUP_S)
         approve = stack.wait_for_line(lambda line: " models approve fraud 2 " in line, 5.0)
         route = stack.wait_for_line(lambda line: " models route fraud --canary 2 " in line, 5.0)

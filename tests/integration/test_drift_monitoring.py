@@ -232,7 +232,12 @@ async def test_a_lone_callers_answers_are_all_counted(tmp_path: Path, redis_url:
     from redis.asyncio import Redis
 
     repository = repository_with_profile(tmp_path)
-    overrides = ["routing.store=redis", f"redis.url={redis_url}", "drift.flush_interval_s=60"]
+    overrides = [
+        "routing.store=redis",
+        f"redis.url={redis_url}",
+        "drift.flush_interval_s=60",  # flushed by the test only
+        "drift.grace_s=60",
+    ]
     rng = np.random.default_rng(11)
     async with running_server(repository, overrides) as server:
         for _ in range(40):
@@ -263,7 +268,13 @@ async def test_a_final_bucket_is_read_once_then_kept_summed(tmp_path: Path, redi
 
     version_dir, weights, bias = write_linear_model(tmp_path, "cached", "1", TEST_FEATURES)
     write_reference_profile(version_dir, weights, bias, rows=2000)
-    settings = DriftSettings(bucket_s=1, short_window_buckets=2, long_window_buckets=4, grace_s=0)
+    settings = DriftSettings(
+        bucket_s=1,
+        short_window_buckets=2,
+        long_window_buckets=4,
+        flush_interval_s=0.5,
+        grace_s=0.5,  # the test flushes itself: a bucket is final half a second after
+    )
     now = [100.5]
     client = Redis.from_url(redis_url)
     try:
@@ -295,4 +306,141 @@ async def test_a_final_bucket_is_read_once_then_kept_summed(tmp_path: Path, redi
         await monitor.evaluate()
         assert long_rows() == 20
     finally:
+        await client.aclose()
+
+
+async def test_a_fold_during_the_flush_write_is_flushed_and_a_failed_write_is_kept(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The dirty flags of a flush are taken before it awaits Redis: rows folded while the
+    write is on the wire mark their bucket again and reach Redis at the next flush (the
+    flags cleared after the await lost them: nothing else would send that bucket after
+    its rollover). A write that fails keeps the flags: the next flush sends them."""
+    from prometheus_client import CollectorRegistry
+    from redis.asyncio import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from server.drift.metrics import DriftMetrics
+    from server.drift.monitor import DriftMonitor
+    from server.manifest import ModelManifest
+    from server.settings import DriftSettings
+    from tests.conftest import free_port
+
+    version_dir, weights, bias = write_linear_model(tmp_path, "flags", "1", TEST_FEATURES)
+    write_reference_profile(version_dir, weights, bias, rows=2000)
+    now = [1_000.5]  # in bucket 16 of 60 s
+    client = Redis.from_url(redis_url)
+    down = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    try:
+        monitor = DriftMonitor(
+            DriftSettings(), client, DriftMetrics(CollectorRegistry()), clock=lambda: now[0]
+        )
+        drift = monitor.attach(version_dir, ModelManifest.read(version_dir), TEST_FEATURES)
+        assert drift is not None
+        rng = np.random.default_rng(5)
+
+        def fold(rows: int) -> None:
+            probabilities = rng.random((rows, 2)).astype(np.float32)
+            drift.observe(draw(rng, rows), {"probabilities": probabilities}, [])
+            drift.fold()
+
+        async def rows_in_redis(bucket: int) -> int:
+            return int((await drift.read_window(client, bucket, 1))[-1])
+
+        fold(10)
+        flushing = asyncio.create_task(drift.flush(client, "p1"))
+        await asyncio.sleep(0)  # the flush runs up to its first wait: Redis's answer
+        assert not flushing.done()
+        fold(7)  # folded while the write of the first 10 is on the wire
+        await flushing
+        assert await rows_in_redis(16) == 10  # the write carried the vector it was given
+        now[0] += 120  # rollover: nothing folds into bucket 16 any more
+        await drift.flush(client, "p1")
+        assert await rows_in_redis(16) == 17  # marked again by the fold, so sent
+
+        fold(3)  # bucket 18
+        with pytest.raises((RedisConnectionError, OSError)):
+            await drift.flush(down, "p1")
+        assert await rows_in_redis(18) == 0
+        await drift.flush(client, "p1")  # the failed write's flags were kept
+        assert await rows_in_redis(18) == 3
+    finally:
+        await client.aclose()
+        await down.aclose()
+
+
+async def test_a_flush_folds_behind_the_next_answer_or_alone_when_idle(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The periodic flush does not fold in the middle of traffic: it waits for the next
+    answered request and folds right after it; with no request coming it folds alone.
+    Every row reaches Redis either way."""
+    from prometheus_client import CollectorRegistry
+    from redis.asyncio import Redis
+
+    from server.batcher import BatchPolicy, MicroBatcher
+    from server.drift.metrics import DriftMetrics
+    from server.drift.monitor import DriftMonitor
+    from server.executor import Job, JobResult, VersionBatchRunner
+    from server.features import FeatureLayout
+    from server.manifest import ModelManifest
+    from server.runtime import RuntimeOptions, load_version
+    from server.settings import DriftSettings
+
+    version_dir, weights, bias = write_linear_model(tmp_path, "lin", "1", TEST_FEATURES)
+    write_reference_profile(version_dir, weights, bias, rows=2000)
+    manifest = ModelManifest.read(version_dir)
+    client = Redis.from_url(redis_url)
+    model = load_version(version_dir, RuntimeOptions())
+    monitor = DriftMonitor(
+        DriftSettings(), client, DriftMetrics(CollectorRegistry()), clock=lambda: 120.0
+    )
+    drift = monitor.attach(version_dir, manifest, TEST_FEATURES)
+    assert drift is not None
+    events: list[str] = []
+    fold = drift.fold
+
+    def recorded_fold() -> None:
+        if drift.pending_rows:  # a fold with rows to fold
+            events.append("fold")
+        fold()
+
+    drift.fold = recorded_fold  # type: ignore[method-assign]
+    runner = VersionBatchRunner(
+        model, FeatureLayout.from_manifest(manifest), None, "degrade", on_batch=drift.observe
+    )
+    batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
+        "lin/1", runner.run, BatchPolicy(lone_probe_interval_s=3600.0), run_now=runner.run_now
+    )
+    rng = np.random.default_rng(8)
+
+    async def ask() -> None:
+        await batcher.submit(Job(rows=draw(rng, 1)))
+        events.append("answer")
+
+    async def stored_rows() -> int:
+        return int((await drift.read_window(client, 2, 1))[-1])
+
+    try:
+        for _ in range(5):
+            await ask()
+        await asyncio.sleep(0.01)
+        events.clear()
+        flushing = asyncio.create_task(monitor.flush(fold_wait_s=30.0))
+        await asyncio.sleep(0.05)
+        assert events == []  # waiting for an answer to fold behind
+        await ask()
+        assert await asyncio.wait_for(flushing, 5.0)
+        assert events == ["answer", "fold"]
+        assert await stored_rows() == 6
+
+        await ask()
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        assert await monitor.flush(fold_wait_s=0.2)  # no request comes: folds alone
+        assert 0.2 <= time.monotonic() - started < 2.0
+        assert await stored_rows() == 7
+    finally:
+        await batcher.close()
+        model.close()
         await client.aclose()

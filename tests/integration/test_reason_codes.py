@@ -5,10 +5,14 @@ ListModels. The demo models are trained once for the module (small snapshots).""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,7 +26,7 @@ from protos.inference import grpc_service_pb2 as v2
 from protos.streamscore.v1 import admin_pb2 as apb
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.explain.explainer import load_explainer
-from server.explain.service import catalogue_for
+from server.explain.service import Explained, VersionReasons, catalogue_for
 from server.manifest import ModelManifest
 from tests.support.admin import CREDENTIALS, admin_server
 from tests.support.server import RunningServer, running_server
@@ -185,6 +189,108 @@ async def test_v2_infer_gives_each_rows_reasons_when_asked(demo_repo: Path, rows
             assert [f["name"] for f in mine["features"]] == [f.name for f in theirs.features]
 
 
+def _strict_json(text: str) -> Any:
+    """``text`` parsed as standard JSON: NaN / Infinity (Python's extension) refused."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _scored_rows(srv: RunningServer) -> float:
+    """Rows fraud/2's scoring batcher has run (its batch-size histogram's sum)."""
+    labels = {"model": "fraud", "version": "2"}
+    value = srv.app.metrics.registry.get_sample_value("streamscore_batch_size_rows_sum", labels)
+    return value or 0.0
+
+
+async def test_v2_reasons_are_one_job_admitted_or_refused_whole(demo_repo: Path, rows: F32) -> None:
+    """A v2 call's rows are one explanation job: with room for only 2 calls in the
+    reasons queue, a 12-row call gets every row's reasons (queued row by row it was
+    refused part-way, after scoring); and with that queue full, a call is refused
+    RESOURCE_EXHAUSTED whole, before its rows are scored."""
+    batch = rows[:12]
+    asked = v2.InferParameter(bool_param=True)
+    async with running_server(
+        demo_repo,
+        ["server.overrides.allow_all=true", "models.defaults.reasons.max_queue_size=2"],
+    ) as srv:
+        answer = await srv.inference.ModelInfer(_infer(batch, reasons=asked), timeout=20)
+        explained = _strict_json(answer.parameters["reasons"].string_param)
+        assert len(explained) == len(batch)
+        assert all(row["reasons_base_value"] != 0.0 for row in explained)
+
+        reasons = srv.app.registry.get("fraud", "2").reasons
+        assert reasons is not None
+        entered, release = threading.Event(), threading.Event()
+        explain_now = reasons.explain_now
+
+        def held(x: F32) -> list[Explained]:
+            entered.set()
+            release.wait(20)
+            return explain_now(x)
+
+        reasons.explain_now = held  # type: ignore[method-assign]
+
+        def call() -> asyncio.Future[v2.ModelInferResponse]:
+            return asyncio.ensure_future(
+                srv.inference.ModelInfer(_infer(batch[:4], reasons=asked), timeout=20)
+            )
+
+        try:
+            running = [call()]  # explained in a batch of its own, held
+            assert await asyncio.to_thread(entered.wait, 10)
+            running += [call(), call()]  # waiting: the reasons queue is full
+            deadline = time.monotonic() + 10
+            while _scored_rows(srv) < len(batch) + 3 * 4:
+                assert time.monotonic() < deadline, "the three calls were not scored"
+                await asyncio.sleep(0.01)
+            scored = _scored_rows(srv)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await srv.inference.ModelInfer(_infer(batch, reasons=asked), timeout=20)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "reasons" in (info.value.details() or "")
+            assert _scored_rows(srv) == scored  # refused before scoring
+            plain = await srv.inference.ModelInfer(_infer(batch), timeout=20)
+            assert "reasons" not in plain.parameters  # scoring alone still served
+        finally:
+            release.set()
+        for answered in await asyncio.gather(*running):
+            assert len(_strict_json(answered.parameters["reasons"].string_param)) == 4
+
+
+async def test_v2_reasons_parameter_is_strict_json_with_a_missing_value(
+    demo_repo: Path, rows: F32, tmp_path: Path
+) -> None:
+    """A feature that may be missing (``nan_allowed``) sent as NaN: the ``reasons``
+    parameter stays standard JSON, the missing value ``null``."""
+    repo = tmp_path / "models"
+    shutil.copytree(demo_repo, repo)
+    version_dir = repo / "fraud" / "2"
+    missing = "amount"
+    manifest = ModelManifest.read(version_dir)
+    manifest.model_copy(update={"nan_allowed": frozenset({missing})}).write(version_dir)
+    batch = rows[:32].copy()
+    batch[:, DEMO_FEATURES.index(missing)] = np.nan
+    async with running_server(
+        repo, ["server.overrides.allow_all=true", "models.defaults.reasons.top_n=64"]
+    ) as srv:
+        answer = await srv.inference.ModelInfer(
+            _infer(batch, reasons=v2.InferParameter(bool_param=True)), timeout=20
+        )
+    explained = _strict_json(answer.parameters["reasons"].string_param)
+    assert len(explained) == len(batch)
+    values = [
+        feature["value"]
+        for row in explained
+        for reason in row["reasons"]
+        for feature in reason["features"]
+        if feature["name"] == missing
+    ]
+    assert values and all(value is None for value in values)
+
+
 async def test_no_explainer_is_failed_precondition_and_tampered_is_refused(
     demo_repo: Path, rows: F32, tmp_path: Path
 ) -> None:
@@ -270,3 +376,45 @@ async def test_score_stream_explains_the_items_that_ask(demo_repo: Path, rows: F
     for request_id, reference in unary.items():
         assert by_id[request_id].score == pytest.approx(reference.score)
         assert [r.code for r in by_id[request_id].reasons] == [r.code for r in reference.reasons]
+
+
+async def test_a_lone_callers_row_is_explained_on_the_loop_and_concurrent_ones_off_it(
+    demo_repo: Path, rows: F32, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lone caller: after the first (measured) explanation, rows are explained at once on
+    the loop thread; under concurrency (the scoring batcher batches) always on a worker
+    thread, as with ``reasons.inline_max_ms=0``; the reasons are the same either way."""
+    threads: list[bool] = []  # per row, True: explained on the loop's (main) thread
+    explain_now = VersionReasons.explain_now
+
+    def spy(self: VersionReasons, x: F32) -> list[Explained]:
+        threads.extend([threading.current_thread() is threading.main_thread()] * x.shape[0])
+        return explain_now(self, x)
+
+    monkeypatch.setattr(VersionReasons, "explain_now", spy)
+    answers: dict[str, list[str]] = {}
+    always = "models.defaults.reasons.when=always"
+    # a budget no row exceeds even on a loaded machine: the test is of the choice
+    async with running_server(
+        demo_repo, [always, "models.defaults.reasons.inline_max_ms=100"]
+    ) as srv:
+        for row in rows[:6]:
+            answers.setdefault("lone", []).extend(
+                r.code for r in (await _score(srv, _request(row))).reasons
+            )
+        assert threads == [False, True, True, True, True, True]  # first one measures the cost
+        for _ in range(3):
+            threads.clear()
+            await asyncio.gather(*(_score(srv, _request(row)) for row in rows[:32]))
+        assert len(threads) == 32 and not any(threads)  # batched: nobody waits on the loop
+    async with running_server(
+        demo_repo,
+        [always, "models.defaults.reasons.inline_max_ms=0"],
+    ) as srv:
+        threads.clear()
+        for row in rows[:6]:
+            answers.setdefault("off", []).extend(
+                r.code for r in (await _score(srv, _request(row))).reasons
+            )
+        assert threads == [False] * 6
+    assert answers["lone"] == answers["off"]

@@ -300,7 +300,8 @@ async def test_queue_is_bounded_in_rows_as_well_as_requests() -> None:
 async def test_queue_is_bounded_by_expected_wait() -> None:
     """``max_queue_wait_s``: a job is refused at once when the batches ahead of it (the
     running one counted) x the measured batch time exceed the budget, long before
-    ``max_queue_size``; before any batch ran there is no estimate and no refusal."""
+    ``max_queue_size``; before a batch after the first ran there is no estimate and no
+    refusal."""
     budget = 0.175
     run = FakeRun(sleep_s=0.05)
     recorder = Recorder()
@@ -308,6 +309,7 @@ async def test_queue_is_bounded_by_expected_wait() -> None:
         run, recorder, max_batch_size=1, max_queue_size=100, max_queue_wait_s=budget
     )
     assert batcher.expected_wait_s == 0.0
+    assert_own_rows(await batcher.submit(make_rows(0, 1)), make_rows(0, 1))  # not counted
     assert_own_rows(await batcher.submit(make_rows(0, 1)), make_rows(0, 1))  # ~50 ms measured
     run.sleep_s, run.gate = 0.0, asyncio.Event()
     run.started.clear()
@@ -334,10 +336,49 @@ async def test_queue_is_bounded_by_expected_wait() -> None:
     await batcher.close()
 
 
+async def hold_a_batch(batcher: RowBatcher, run: FakeRun) -> asyncio.Task[Outputs]:
+    """Submit one job and return once its batch runs, held until ``run.gate`` is set:
+    ``expected_wait_s`` is then exactly the batch-time estimate (one batch ahead)."""
+    run.gate = asyncio.Event()
+    run.started.clear()
+    running = asyncio.create_task(batcher.submit(make_rows(1, 1)))
+    await run.started.wait()
+    return running
+
+
+async def test_a_cold_first_batch_does_not_set_the_wait_estimate() -> None:
+    """The first batch after start (or reload: a new batcher) carries one-time costs:
+    it is not counted, so a slow one refuses nothing after it (set as the average it
+    refused every call for ~10 batches); the next batches set the estimate."""
+    budget = 0.05
+    run = FakeRun(sleep_s=0.2)  # the cold first batch: 4x the budget
+    recorder = Recorder()
+    batcher = batcher_with(
+        run, recorder, max_batch_size=1, max_queue_size=100, max_queue_wait_s=budget
+    )
+    assert_own_rows(await batcher.submit(make_rows(0, 1)), make_rows(0, 1))
+    run.sleep_s = 0.0
+    running = await hold_a_batch(batcher, run)
+    assert batcher.expected_wait_s == 0.0  # no estimate yet
+    queued = [asyncio.create_task(batcher.submit(make_rows(2 + i, 1))) for i in range(3)]
+    await turns_until(lambda: batcher.depth == 3)  # admitted, none refused
+    assert recorder.dropped_reasons == []
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(1, 1))
+    for i, task in enumerate(queued):
+        assert_own_rows(await task, make_rows(2 + i, 1))
+    running = await hold_a_batch(batcher, run)
+    assert 0.0 < batcher.expected_wait_s < budget  # measured on the warm batches
+    run.gate.set()  # type: ignore[union-attr]
+    await running
+    await batcher.close()
+
+
 async def test_deadline_sooner_than_the_expected_wait_is_refused_at_once() -> None:
     run = FakeRun(sleep_s=0.05)
     recorder = Recorder()
     batcher = batcher_with(run, recorder, max_batch_size=1, max_queue_size=100)
+    await batcher.submit(make_rows(0, 1))  # the first batch is not counted
     await batcher.submit(make_rows(0, 1))  # the batch time is measured: ~50 ms
     run.sleep_s, run.gate = 0.0, asyncio.Event()
     run.started.clear()
@@ -681,3 +722,163 @@ async def test_declined_fast_path_goes_through_the_queue() -> None:
         assert_own_rows(await batcher.submit(make_rows(i, 1)), make_rows(i, 1))
     assert run.sizes() == [1, 1, 1]
     await batcher.close()
+
+
+async def _held_batch(run: FakeRun, batcher: RowBatcher, request: int) -> asyncio.Task[Outputs]:
+    """A batch that runs until ``run.gate`` is set (nothing else queued)."""
+    run.sleep_s, run.gate = 0.0, asyncio.Event()
+    run.started.clear()
+    running = asyncio.create_task(batcher.submit(make_rows(request, 1)))
+    await run.started.wait()
+    return running
+
+
+async def test_wait_budget_counts_rows_so_the_next_batch_fills() -> None:
+    """With a batch running and a budget of ~1.5 batch times, the jobs that fit into the
+    next batch wait only for the running one and are admitted (a full next batch: the
+    runtime never idles at overload); the first that would start a batch after it is
+    refused. Counting the running batch whole plus a partial batch as one more refused
+    every job behind the running batch (a next batch of one)."""
+    run = FakeRun(sleep_s=0.15)
+    recorder = Recorder()
+    batcher = batcher_with(
+        run, recorder, max_batch_size=4, max_queue_size=100, max_queue_wait_s=0.25
+    )
+    await batcher.submit(make_rows(0, 1))  # the cold first batch: not counted
+    await batcher.submit(make_rows(0, 1))  # one batch measured: 150 ms (+ scheduling)
+    running = await _held_batch(run, batcher, 1)
+    queued = [asyncio.create_task(batcher.submit(make_rows(2 + i, 1))) for i in range(4)]
+    await turns_until(lambda: batcher.depth == 4)
+    assert recorder.dropped_reasons == []
+    refused = batcher.submit(make_rows(9, 1))
+    with pytest.raises(QueueFull, match="max_queue_wait_ms 250"):
+        refused.send(None)
+    assert recorder.dropped_reasons == ["queue_full"]
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(1, 1))
+    for i, task in enumerate(queued):
+        assert_own_rows(await task, make_rows(2 + i, 1))
+    assert recorder.ran[-1] == (4, 4)  # the four admitted ran as one full batch
+    await batcher.close()
+
+
+async def test_wait_budget_counts_what_the_running_batch_has_left() -> None:
+    """The running batch counts for its remaining time: a job refused at its start
+    (the running batch plus one queued ahead exceed the budget) is admitted once the
+    running batch has run a batch time (only the queued one is ahead then)."""
+    run = FakeRun(sleep_s=0.1)
+    recorder = Recorder()
+    batcher = batcher_with(
+        run, recorder, max_batch_size=1, max_queue_size=100, max_queue_wait_s=0.19
+    )
+    await batcher.submit(make_rows(0, 1))  # the cold first batch: not counted
+    await batcher.submit(make_rows(0, 1))  # one batch measured: 100 ms (+ scheduling)
+    running = await _held_batch(run, batcher, 1)
+    batch_s = batcher.expected_wait_s  # the whole running batch is ahead
+    assert 0.1 <= batch_s < 0.19
+    queued = asyncio.create_task(batcher.submit(make_rows(2, 1)))
+    await turns_until(lambda: batcher.depth == 1)
+    early = batcher.submit(make_rows(3, 1))
+    with pytest.raises(QueueFull, match=r"expected wait \d+ ms exceeds max_queue_wait_ms 190"):
+        early.send(None)  # ~2 batch times ahead: the running one and the queued one
+    await asyncio.sleep(batch_s + 0.01)  # the running batch has had its batch time
+    assert batcher.expected_wait_s == pytest.approx(batch_s, abs=1e-3)  # the queued one left
+    late = asyncio.create_task(batcher.submit(make_rows(4, 1)))
+    await turns_until(lambda: batcher.depth == 2)
+    assert recorder.dropped_reasons == ["queue_full"]
+    run.gate.set()  # type: ignore[union-attr]
+    for i, task in ((1, running), (2, queued), (4, late)):
+        assert_own_rows(await task, make_rows(i, 1))
+    await batcher.close()
+
+
+async def test_wait_budget_uses_a_high_quantile_of_batch_time() -> None:
+    """Two slow batches in ten set the batch time the budget uses: with a batch just
+    started, the wait is ~150 ms (their mean, ~50 ms, or the median, ~10 ms, would admit
+    a queue that the slow batches then overrun)."""
+    run = FakeRun(sleep_s=0.01)
+    recorder = Recorder()
+    batcher = batcher_with(
+        run, recorder, max_batch_size=1, max_queue_size=100, max_queue_wait_s=0.1
+    )
+    for i in range(10):
+        run.sleep_s = 0.15 if i in (3, 7) else 0.01
+        await batcher.submit(make_rows(i, 1))
+    running = await _held_batch(run, batcher, 10)
+    refused = batcher.submit(make_rows(11, 1))  # the running batch may take 150 ms
+    with pytest.raises(QueueFull, match="max_queue_wait_ms 100"):
+        refused.send(None)
+    assert recorder.dropped_reasons == ["queue_full"]
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(10, 1))
+    await batcher.close()
+
+
+async def test_deadline_check_expects_the_median_batch_time() -> None:
+    """The deadline refusal is for calls that will surely miss: it expects the median
+    batch time, so two slow batches in ten do not refuse a deadline the typical batch
+    meets."""
+    run = FakeRun(sleep_s=0.01)
+    recorder = Recorder()
+    batcher = batcher_with(run, recorder, max_batch_size=1, max_queue_size=100)
+    for i in range(10):
+        run.sleep_s = 0.15 if i in (3, 7) else 0.01
+        await batcher.submit(make_rows(i, 1))
+    running = await _held_batch(run, batcher, 10)
+    loop = asyncio.get_running_loop()
+    in_time = asyncio.create_task(batcher.submit(make_rows(12, 1), deadline=loop.time() + 0.1))
+    await turns_until(lambda: batcher.depth == 1)
+    assert recorder.dropped_reasons == []
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(10, 1))
+    assert_own_rows(await in_time, make_rows(12, 1))
+    await batcher.close()
+
+
+async def test_batches_ahead_are_timed_by_recent_full_batches() -> None:
+    """A model whose time grows with rows runs small, fast batches at light load; when
+    load jumps, the full batches ahead of a new job are timed by the full batches seen
+    before (here 100 ms), not by the small ones (10 ms) that fill the recent window."""
+    run = FakeRun(sleep_s=0.1)
+    recorder = Recorder()
+    batcher = batcher_with(
+        run, recorder, max_batch_size=4, max_queue_size=100, max_queue_wait_s=0.05
+    )
+    await batcher.submit(make_rows(0, 4))  # the cold first batch: not counted
+    await batcher.submit(make_rows(0, 4))  # one full batch: ~100 ms
+    run.sleep_s = 0.01
+    for i in range(1, 11):  # ten small ones: ~10 ms
+        await batcher.submit(make_rows(i, 1))
+    running = await _held_batch(run, batcher, 11)  # a small batch runs
+    queued = asyncio.create_task(batcher.submit(make_rows(12, 4)))  # the next, full
+    await turns_until(lambda: batcher.depth == 1)
+    late = batcher.submit(make_rows(13, 1))  # behind a full batch: ~100 ms, not ~10
+    with pytest.raises(QueueFull, match="max_queue_wait_ms 50"):
+        late.send(None)
+    assert recorder.dropped_reasons == ["queue_full"]
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await running, make_rows(11, 1))
+    assert_own_rows(await queued, make_rows(12, 4))
+    await batcher.close()
+
+
+async def test_lone_means_idle_after_batches_of_one_request() -> None:
+    gate = asyncio.Event()
+    run = FakeRun(gate=gate)
+    batcher = batcher_with(run)
+    assert batcher.lone  # nothing seen yet: counts as a lone caller
+    first = asyncio.ensure_future(batcher.submit(make_rows(0, 1)))
+    await turns_until(run.started.is_set)
+    assert not batcher.lone  # a batch is running
+    queued = [asyncio.ensure_future(batcher.submit(make_rows(i, 1))) for i in range(1, 9)]
+    await asyncio.sleep(0)
+    assert not batcher.lone
+    gate.set()
+    await asyncio.gather(first, *queued)
+    assert not batcher.lone  # idle, but the last batch held 8 requests: not a lone caller
+    for i in range(12):
+        await batcher.submit(make_rows(i, 1))
+    assert batcher.lone  # batches of one again
+    assert not batcher.closing
+    await batcher.close()
+    assert batcher.closing

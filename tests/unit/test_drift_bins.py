@@ -131,3 +131,59 @@ def test_vectorised_fold_equals_the_column_by_column_fold() -> None:
     scores[:10] = np.nan
     matrix32 = matrix.astype(np.float32)
     assert np.array_equal(layout.fold(matrix32, scores), reference_fold(layout, matrix32, scores))
+
+
+def column_by_column(layout: BinLayout, counts: np.ndarray) -> list[tuple[float, float | None]]:
+    """PSI and JS of every column through the scalar formulas (what ``compare`` vectorises)."""
+    out: list[tuple[float, float | None]] = []
+    for bins in layout.columns:
+        js = None
+        if bins.categories is not None and bins.category_reference is not None:
+            live = counts[bins.category_start : bins.category_start + bins.categories.size + 1]
+            js = jensen_shannon(bins.category_reference, live)
+        out.append((psi(bins.reference, counts[bins.start : bins.start + bins.bins]), js))
+    return out
+
+
+@pytest.mark.parametrize("empty", ["", "coded", "wide"])
+def test_vectorised_compare_equals_the_scalar_formulas(empty: str) -> None:
+    """One pass for all columns gives each column's :func:`psi` / :func:`jensen_shannon`,
+    including a column with no live rows (0, not NaN) and zero reference shares."""
+    rng = np.random.default_rng(9)
+    distributions = {
+        "wide": Distribution(
+            edges=tuple(np.sort(rng.normal(size=9))),
+            frequencies=(0.0, 0.2, *(0.1,) * 6, 0.2, 0.0),
+            nan_share=0.0,
+        ),
+        "none": Distribution(edges=(), frequencies=(1.0,), nan_share=0.0),
+        "coded": Distribution(
+            edges=(1.0, 2.0),
+            frequencies=(0.3, 0.3, 0.4),
+            nan_share=0.0,
+            categories={"0": 0.3, "1": 0.3, "2": 0.2, "5": 0.0},
+        ),
+        "pair": Distribution(
+            edges=(0.0,), frequencies=(0.5, 0.5), nan_share=0.0, categories={"0": 0.5, "1": 0.5}
+        ),
+    }
+    layout = BinLayout.compile(profile(**distributions), ["wide", "none", "coded", "pair"])
+    counts = rng.integers(0, 500, size=layout.size).astype(np.int64)
+    counts[rng.random(layout.size) < 0.2] = 0
+    if empty:
+        (bins,) = [b for b in layout.columns if b.name == empty]
+        counts[bins.start : bins.nan_slot + 1] = 0
+        if bins.categories is not None:
+            counts[bins.category_start : bins.category_start + bins.categories.size + 1] = 0
+    drift = compare(layout, counts)
+    expected = column_by_column(layout, counts)
+    assert [d.name for d in drift] == ["wide", "none", "coded", "pair", SCORE]
+    for column, (want_psi, want_js) in zip(drift, expected, strict=True):
+        assert column.psi == pytest.approx(want_psi, rel=1e-12, abs=1e-15), column.name
+        if want_js is None:
+            assert column.js is None
+        else:
+            assert column.js == pytest.approx(want_js, rel=1e-12, abs=1e-15), column.name
+        if column.name == empty:
+            assert column.psi == 0.0 and column.rows == 0 and column.nan_share == 0.0
+    assert any(d.psi > 0.01 for d in drift) and any(d.js for d in drift)

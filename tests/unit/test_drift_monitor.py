@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -10,10 +11,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from server.batcher import BatchPolicy, MicroBatcher
 from server.drift.metrics import DriftMetrics
-from server.drift.monitor import DriftMonitor
-from server.features import Prepared
+from server.drift.monitor import PENDING_ROWS, DriftMonitor
+from server.executor import Job, JobResult, VersionBatchRunner
+from server.features import FeatureLayout, Prepared
 from server.manifest import ModelManifest
+from server.runtime import RuntimeOptions, load_version
 from server.settings import DriftSettings
 from tests.conftest import TEST_FEATURES
 from tests.support.drift import draw, write_reference_profile
@@ -67,3 +71,81 @@ def test_fold_counts_rows_bins_and_defaulted_features(tmp_path: Path) -> None:
     assert view.defaulted_share["f1"] == pytest.approx(0.25)
     assert view.defaulted_share["f0"] == 0.0
     assert max(c.psi for c in view.columns) < 0.02
+
+
+class FoldOrder:
+    """A real version's batcher, runner and drift counts; records answers and folds."""
+
+    def __init__(self, tmp_path: Path, *, fast_path: bool) -> None:
+        version_dir, weights, bias = write_linear_model(tmp_path, "lin", "1", TEST_FEATURES)
+        write_reference_profile(version_dir, weights, bias, rows=2000)
+        manifest = ModelManifest.read(version_dir)
+        drift = monitor().attach(version_dir, manifest, TEST_FEATURES)
+        assert drift is not None
+        self.drift = drift
+        self.events: list[str] = []
+        fold = drift.fold
+
+        def recorded_fold() -> None:
+            self.events.append(f"fold of {drift.pending_rows} rows")
+            fold()
+
+        drift.fold = recorded_fold  # type: ignore[method-assign]
+        self.model = load_version(version_dir, RuntimeOptions())
+        runner = VersionBatchRunner(
+            self.model,
+            FeatureLayout.from_manifest(manifest),
+            None,
+            "degrade",
+            on_batch=drift.observe,
+        )
+        # a probe interval of an hour: after the first request every lone one runs inline
+        self.batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
+            "lin/1",
+            runner.run,
+            BatchPolicy(lone_probe_interval_s=3600.0),
+            run_now=runner.run_now if fast_path else None,
+        )
+        self.rng = np.random.default_rng(5)
+
+    async def ask(self, name: str) -> None:
+        await self.batcher.submit(Job(rows=draw(self.rng, 1)))
+        self.events.append(name)
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.model.close()
+
+
+async def test_a_fold_runs_after_the_lone_answer_that_fills_the_block(tmp_path: Path) -> None:
+    """The idle fast path answers inline; the fold its answer triggers comes after it."""
+    order = FoldOrder(tmp_path, fast_path=True)
+    try:
+        for i in range(PENDING_ROWS):
+            await order.ask(f"answer {i}")
+        assert order.batcher._next_probe > 0  # lone requests took the fast path
+        assert order.events[-1] == f"answer {PENDING_ROWS - 1}"  # not folded before it
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert order.events[-2:] == [f"answer {PENDING_ROWS - 1}", f"fold of {PENDING_ROWS} rows"]
+    finally:
+        await order.close()
+    assert int(order.drift._buckets[2][-1]) == PENDING_ROWS  # clock 120 s: bucket 2
+
+
+async def test_a_fold_runs_after_every_caller_of_its_batch_resumed(tmp_path: Path) -> None:
+    """A batched answer: the batch's callers all get their result before the fold."""
+    order = FoldOrder(tmp_path, fast_path=False)
+    try:
+        for _ in range(PENDING_ROWS - 10):  # observed outside any answer: no fold yet
+            order.drift.observe(draw(order.rng, 1), {"probabilities": np.zeros((1, 2))}, [])
+        await asyncio.gather(*(order.ask(f"caller {i}") for i in range(32)))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # one batch of 32: every caller resumed before its fold
+        assert order.events == [f"caller {i}" for i in range(32)] + [
+            f"fold of {PENDING_ROWS + 22} rows"
+        ]
+    finally:
+        await order.close()
+    assert int(order.drift._buckets[2][-1]) == PENDING_ROWS + 22

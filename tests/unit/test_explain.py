@@ -313,3 +313,56 @@ def test_reasons_of_a_real_explanation(versions: tuple[Version, Version], rows: 
         assert all(c > 0 for c in contributions) and len(reasons) <= 4
         positive = np.sort(explanation.values[row][explanation.values[row] > 0])[::-1][:4]
         np.testing.assert_allclose(contributions, positive)
+
+
+async def test_a_calls_rows_are_one_job_and_each_call_gets_its_own(
+    versions: tuple[Version, Version], rows: F32
+) -> None:
+    """``VersionReasons.explain`` takes a call's rows as one job; concurrent calls are
+    explained in one batch and each gets exactly the reasons of its own rows, in order.
+    A job as large as the scoring batch fits (``explain_batching``)."""
+    import asyncio
+
+    from server.batcher import BatchPolicy
+    from server.explain.service import (
+        EXPLAIN_BATCH,
+        ReasonPolicy,
+        VersionReasons,
+        explain_batching,
+    )
+
+    catalogue = ReasonCatalogue.build(
+        [ReasonSpec(code=name, text=name, features=(name,)) for name in DEMO_FEATURES],
+        DEMO_FEATURES,
+    )
+    scoring = BatchPolicy(max_batch_size=256, max_queue_size=512, max_queue_rows=1024)
+    batching = explain_batching(scoring, max_queue_size=8)
+    assert (batching.max_batch_size, batching.max_queue_size) == (256, 8)
+    assert batching.max_queue_rows == 1024
+    assert explain_batching(BatchPolicy(max_batch_size=8), 8).max_batch_size == EXPLAIN_BATCH
+    reasons = VersionReasons(_load(versions[1]), catalogue, ReasonPolicy(top_n=3), batching)
+    reasons.start()
+    try:
+        calls = [rows[0:1], rows[1:6], rows[6:9], rows[9:209]]
+        answers = await asyncio.gather(*(reasons.explain(call, None) for call in calls))
+        for call, answer in zip(calls, answers, strict=True):
+            expected = reasons.explain_now(call)
+            assert len(answer) == len(expected) == len(call)
+            for mine, theirs in zip(answer, expected, strict=True):
+                assert [r.code for r in mine.reasons] == [r.code for r in theirs.reasons]
+                assert mine.base_value == pytest.approx(theirs.base_value)
+                np.testing.assert_allclose(_numbers(mine), _numbers(theirs), atol=1e-9)
+    finally:
+        await reasons.close()
+
+
+def _numbers(explained: Any) -> list[float]:
+    """Every number of one row's reasons (contributions and feature values; NaN kept)."""
+    return [
+        number
+        for reason in explained.reasons
+        for number in (
+            reason.contribution,
+            *(v for f in reason.features for v in (f.value, f.contribution)),
+        )
+    ]

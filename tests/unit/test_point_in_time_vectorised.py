@@ -82,7 +82,12 @@ _offsets = st.one_of(
 )
 _amounts = st.one_of(
     st.integers(-500, 500).map(lambda c: c / 100),  # cents: sums round
-    st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
+    # not below 1e-9 in magnitude: a 1e-136 beside 0.1 + 0.2 puts the exact sum within
+    # 2**-100 of a rounding tie, the documented limit of the compensated sum
+    # (feature_streams/point_in_time_windows.py), where the last bit may differ
+    st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False).filter(
+        lambda x: x == 0 or abs(x) >= 1e-9
+    ),
     st.sampled_from([0.1, 0.2, 0.3, 1e16, -1e16, 3.0]),  # cancellation, ties
 )
 _event = st.fixed_dictionaries(

@@ -220,6 +220,84 @@ def test_per_model_override_validated_after_merge() -> None:
     }
 
 
+def test_per_model_zero_switches_off_a_default_queue_wait_budget(tmp_path: Path) -> None:
+    """``max_queue_wait_ms: 0`` per model turns off a budget set in defaults, from the
+    file, the environment or ``--set``; a model left out inherits it; below 0 is refused."""
+    config = tmp_path / "streamscore.yaml"
+    config.write_text(
+        "models:\n"
+        "  defaults:\n"
+        "    max_queue_wait_ms: 50\n"
+        "  per_model:\n"
+        "    fraud:\n"
+        "      max_queue_wait_ms: 0\n"
+        "    credit:\n"
+        "      max_batch_size: 8\n"
+    )
+    loaded = load_settings(
+        config,
+        {"STREAMSCORE_MODELS__PER_MODEL__RISK__MAX_QUEUE_WAIT_MS": "0"},
+        [
+            "models.per_model.limits.max_queue_wait_ms=0",
+            "models.per_model.slow.max_queue_wait_ms=5",
+        ],
+    )
+    for name in ("fraud", "risk", "limits"):
+        assert loaded.serving_for(name).max_queue_wait_s is None, name
+    assert loaded.serving_for("credit").max_queue_wait_s == pytest.approx(0.05)
+    assert loaded.serving_for("other").max_queue_wait_s == pytest.approx(0.05)
+    assert loaded.serving_for("slow").max_queue_wait_s == pytest.approx(0.005)
+    assert load_settings(None, {}, []).serving_for("fraud").max_queue_wait_s is None
+    (problem,) = problems_of(sets=["models.per_model.fraud.max_queue_wait_ms=-1"])
+    assert problem.startswith("models.per_model.fraud.max_queue_wait_ms: Input should be greater")
+
+
+def test_worker_nice_without_a_worker_thread_is_refused_naming_both_fields() -> None:
+    """``worker_nice`` only nices the ``thread`` execution's worker: with ``inline`` it
+    would be ignored, so it is refused, naming both fields (the model's key first)."""
+    wants = "worker_nice (5) needs execution 'thread' (execution is 'inline'"
+    assert problems_of(sets=["models.defaults.worker_nice=5"]) == (
+        f"models.defaults.worker_nice: {wants}: there is no worker thread to nice); set "
+        "worker_nice 0 or execution 'thread' (from --set models.defaults.worker_nice, default)",
+    )
+    (problem,) = problems_of(
+        env={"STREAMSCORE_MODELS__DEFAULTS__EXECUTION": "thread"},
+        sets=["models.defaults.worker_nice=5", "models.per_model.fraud.execution=inline"],
+    )
+    assert problem.startswith(f"models.per_model.fraud.execution: {wants}")
+    assert problem.endswith(
+        "(from --set models.per_model.fraud.execution, --set models.defaults.worker_nice)"
+    )
+    (problem,) = problems_of(sets=["models.per_model.fraud.worker_nice=3"])
+    assert problem.startswith("models.per_model.fraud.worker_nice: worker_nice (3) needs")
+    assert "default" in problem  # execution: inline by default
+    threaded = load_settings(
+        None,
+        {},
+        ["models.per_model.fraud.execution=thread", "models.per_model.fraud.worker_nice=3"],
+    )
+    assert threaded.serving_for("fraud").worker_nice == 3
+
+
+def test_drift_grace_below_the_flush_interval_is_refused_naming_both(tmp_path: Path) -> None:
+    """A drift bucket is read for good ``grace_s`` after it closes, and its last rows
+    may be flushed ``flush_interval_s`` after: a grace below the interval is refused,
+    naming both keys with their sources; equal or above loads."""
+    config = tmp_path / "streamscore.yaml"
+    config.write_text("drift:\n  flush_interval_s: 5\n")
+    (problem,) = problems_of(config)
+    assert problem.startswith(
+        "drift.grace_s: grace_s (3) must be >= flush_interval_s (5): a bucket is read"
+    )
+    assert problem.endswith(f"(from default, file {config})")
+    (problem,) = problems_of(sets=["drift.grace_s=0.5"])
+    assert problem.startswith("drift.grace_s: grace_s (0.5) must be >= flush_interval_s (1)")
+    assert problem.endswith("(from --set drift.grace_s, default)")
+    loaded = load_settings(config, {"STREAMSCORE_DRIFT__GRACE_S": "5"}, [])
+    assert (loaded.drift.grace_s, loaded.drift.flush_interval_s) == (5.0, 5.0)
+    assert load_settings(None, {}, []).drift.grace_s >= 1.0  # the defaults load
+
+
 def test_bad_model_name() -> None:
     (problem,) = problems_of(sets=["models.per_model.no/slash.max_batch_size=1"])
     assert problem.startswith("models.per_model.no/slash: bad name:")
