@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from server.batcher import BatchPolicy, MicroBatcher
 from server.drift.metrics import DriftMetrics
-from server.drift.monitor import PENDING_ROWS, DriftMonitor
+from server.drift.monitor import FOLD_WAIT_S, PENDING_ROWS, DriftMonitor
 from server.executor import Job, JobResult, VersionBatchRunner
 from server.features import FeatureLayout, Prepared
 from server.manifest import ModelManifest
@@ -149,3 +149,34 @@ async def test_a_fold_runs_after_every_caller_of_its_batch_resumed(tmp_path: Pat
     finally:
         await order.close()
     assert int(order.drift._buckets[2][-1]) == PENDING_ROWS + 22
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "expected_wait_s"), [(0.02, 0.01), (1.0, FOLD_WAIT_S)], ids=["short", "default"]
+)
+async def test_the_periodic_flush_waits_for_an_answer_at_most_half_its_interval(
+    monkeypatch: pytest.MonkeyPatch, interval_s: float, expected_wait_s: float
+) -> None:
+    """The periodic flush folds behind the next answer but waits for one at most
+    ``FOLD_WAIT_S`` and never more than half its interval (a flat 50 ms outlasted a
+    short interval: flushes fell behind it)."""
+    drift = DriftMonitor(
+        DriftSettings(flush_interval_s=interval_s, grace_s=interval_s),
+        Redis(),  # never contacted: flush is replaced
+        DriftMetrics(CollectorRegistry()),
+        clock=lambda: 120.0,
+    )
+    waits: list[float] = []
+    flushed = asyncio.Event()
+
+    async def record(fold_wait_s: float = 0.0) -> bool:
+        waits.append(fold_wait_s)
+        flushed.set()
+        return True
+
+    monkeypatch.setattr(drift, "flush", record)
+    await drift.start()
+    await asyncio.wait_for(flushed.wait(), 5.0)
+    await drift.stop()  # its final flush passes no wait
+    assert waits[0] == pytest.approx(expected_wait_s)
+    assert waits[-1] == 0.0
