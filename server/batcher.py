@@ -59,7 +59,7 @@ from server.errors import (
     ScoringError,
     ShuttingDown,
 )
-from server.queue_wait import BatchTimes, Quantiles, expected_wait
+from server.queue_wait import BatchTimes, expected_wait
 
 logger = logging.getLogger(__name__)
 
@@ -204,17 +204,18 @@ class MicroBatcher(Generic[J, R]):
 
     def _wait(self, rows: int, now: float, *, high: bool) -> float:
         """Expected wait of a job of ``rows`` rows: high (the budget's) or typical."""
-
-        def pick(q: Quantiles) -> float:
-            return q.high if high else q.typical
-
         times = self._batch_times
-        since = self._running_since
+        full = times.full
         running = None
-        if since is not None:
-            running = (pick(times.of(self._running_rows)), now - since)
+        if (since := self._running_since) is not None:
+            batch = times.of(self._running_rows)
+            running = (batch.high if high else batch.typical, now - since)
         return expected_wait(
-            self._rows_queued, rows, self.policy.max_batch_size, pick(times.full), running
+            self._rows_queued,
+            rows,
+            self.policy.max_batch_size,
+            full.high if high else full.typical,
+            running,
         )
 
     def start(self) -> None:
