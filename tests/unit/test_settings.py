@@ -385,3 +385,34 @@ def test_redis_socket_timeout_never_cuts_the_fetch_budget_short() -> None:
     assert redis_options(shorter.redis, shorter.features).socket_timeout_s == 0.2
     no_store = Settings.model_validate({"features": {"fetch_timeout_s": 2.0}})
     assert redis_options(no_store.redis, no_store.features).socket_timeout_s == 0.2
+
+
+@pytest.mark.parametrize(
+    ("sets", "message", "admitted"),
+    [
+        (
+            ["server.restarts.backoff_initial_s=5", "server.restarts.backoff_max_s=1"],
+            "server.restarts.backoff_max_s: backoff_max_s must be >= backoff_initial_s",
+            ["server.restarts.backoff_initial_s=5", "server.restarts.backoff_max_s=5"],
+        ),
+        (
+            [
+                "server.connections.pending_calls_soft_limit=64",
+                "server.connections.pending_calls_hard_limit=64",
+            ],
+            "server.connections.pending_calls_hard_limit: pending_calls_hard_limit must be > "
+            "pending_calls_soft_limit",
+            [
+                "server.connections.pending_calls_soft_limit=16",
+                "server.connections.pending_calls_hard_limit=64",
+            ],
+        ),
+    ],
+    ids=["restart-backoff", "pending-calls"],
+)
+def test_ordered_pairs_are_refused_out_of_order_naming_both(
+    sets: list[str], message: str, admitted: list[str]
+) -> None:
+    (problem,) = problems_of(sets=sets)
+    assert problem.startswith(message), problem
+    assert load_settings(None, {}, admitted) is not None
