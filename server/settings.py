@@ -113,6 +113,15 @@ class AdminToken(_Frozen):
     )
 
 
+def _require_order(model: BaseModel, high: str, low: str, *, strict: bool) -> None:
+    """Refuse ``model`` unless field ``high`` is >= (``strict``: >) field ``low``; the
+    message names both keys."""
+    upper, lower = getattr(model, high), getattr(model, low)
+    if upper < lower or (strict and upper == lower):
+        relation = ">" if strict else ">="
+        raise KeyedError([(f"{high} must be {relation} {low}", ((high,), (low,)))])
+
+
 class RestartSettings(_Frozen):
     """How the parent of ``processes > 1`` restarts a crashed server process."""
 
@@ -134,15 +143,7 @@ class RestartSettings(_Frozen):
 
     @model_validator(mode="after")
     def _ordered(self) -> RestartSettings:
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise KeyedError(
-                [
-                    (
-                        "backoff_max_s must be >= backoff_initial_s",
-                        (("backoff_max_s",), ("backoff_initial_s",)),
-                    )
-                ]
-            )
+        _require_order(self, "backoff_max_s", "backoff_initial_s", strict=False)
         return self
 
 
@@ -206,15 +207,7 @@ class ConnectionSettings(_Frozen):
 
     @model_validator(mode="after")
     def _pending_ordered(self) -> ConnectionSettings:
-        if self.pending_calls_hard_limit <= self.pending_calls_soft_limit:
-            raise KeyedError(
-                [
-                    (
-                        "pending_calls_hard_limit must be > pending_calls_soft_limit",
-                        (("pending_calls_hard_limit",), ("pending_calls_soft_limit",)),
-                    )
-                ]
-            )
+        _require_order(self, "pending_calls_hard_limit", "pending_calls_soft_limit", strict=True)
         return self
 
 
