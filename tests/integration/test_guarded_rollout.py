@@ -18,14 +18,17 @@ from tests.support.model_factory import write_linear_model
 
 pytestmark = pytest.mark.integration
 
+# min_requests follows the policy docs (at least ~B / max_psi requests): with 40 a same-model
+# canary's score PSI over the 22 bins is sampling noise and exceeded 0.25 in 4 of 6 runs on a
+# loaded machine (evaluations then came at the very first 40 requests).
 POLICY = {
     "steps": [
         {"share_bp": 2000, "hold_s": 1.0},
         {"share_bp": 5000, "hold_s": 1.0},
         {"share_bp": 10000, "hold_s": 0.5},
     ],
-    "min_requests": 40,
-    "min_champion_requests": 40,
+    "min_requests": 300,
+    "min_champion_requests": 300,
     "max_error_rate_ratio": 2.0,
     "max_p99_latency_ratio": 1000.0,
     "max_psi": 0.25,
