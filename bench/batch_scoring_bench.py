@@ -139,9 +139,10 @@ def _hwm_mib(pid: int) -> float:
     return 0.0
 
 
-def timed(cmd: list[str]) -> tuple[float, float, float, str]:
+def timed(cmd: list[str]) -> tuple[float, float, float, str, float]:
     """(wall seconds, peak RSS MiB from wait4, largest VmHWM MiB sampled every 20 ms
-    over the process tree, stdout) of one subprocess."""
+    over the process tree, stdout, CPU seconds (user + system) of the process and the
+    workers it waited for) of one subprocess."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
@@ -159,7 +160,8 @@ def timed(cmd: list[str]) -> tuple[float, float, float, str]:
         err.seek(0)
         if proc.returncode:
             raise subprocess.CalledProcessError(proc.returncode, cmd, out.read(), err.read())
-        return wall, usage.ru_maxrss / 1024, max(hwm.values(), default=0.0), out.read()
+        cpu = usage.ru_utime + usage.ru_stime
+        return wall, usage.ru_maxrss / 1024, max(hwm.values(), default=0.0), out.read(), cpu
 
 
 def main() -> None:
@@ -191,10 +193,13 @@ def main() -> None:
     cli = [str(Path(sys.executable).with_name("streamscore")), "score-batch"]
     out = args.dir / "scored.parquet"
     common = [*flags, "--chunk-rows", str(args.chunk_rows), "--with-features"]
-    wall, rss, hwm, _ = timed([*cli, *common, "--workers", str(args.workers), "--output", str(out)])
+    wall, rss, hwm, _, cpu = timed(
+        [*cli, *common, "--workers", str(args.workers), "--output", str(out)]
+    )
     result["local"] = {
         "workers": args.workers,
         "s": round(wall, 1),
+        "cpu_s": round(cpu, 2),
         "rows_per_s": round(args.rows / wall),
         "peak_rss_mib": round(rss),
         "largest_process_hwm_mib": round(hwm),
@@ -202,7 +207,7 @@ def main() -> None:
     if args.key_partitions > 1:
         pout = args.dir / "scored-partitioned.parquet"
         parted = ["--workers", str(args.workers), "--key-partitions", str(args.key_partitions)]
-        wall, rss, hwm, _ = timed([*cli, *common, *parted, "--output", str(pout)])
+        wall, rss, hwm, _, _ = timed([*cli, *common, *parted, "--output", str(pout)])
         result["partitioned"] = {
             "key_partitions": args.key_partitions,
             "s": round(wall, 1),
@@ -220,10 +225,11 @@ def main() -> None:
         )
     model = next((args.dir / "models" / "fraud" / "1").glob("*.onnx"))
     names = ",".join(f"feature.{n}" for n in DEMO_FEATURES)
-    wall, _, _, stdout = timed([sys.executable, "-c", FLOOR, str(out), str(model), names])
+    wall, _, _, stdout, cpu = timed([sys.executable, "-c", FLOOR, str(out), str(model), names])
     loop_s = float(stdout.split()[1])
     result["floor"] = {
         "s": round(wall, 1),
+        "cpu_s": round(cpu, 2),
         "loop_s": round(loop_s, 2),
         "rows_per_s": round(args.rows / wall),
     }
@@ -233,7 +239,7 @@ def main() -> None:
     if args.spark:
         sout = args.dir / "scored-spark.parquet"
         spark = ["--engine", "spark", "--spark-master", "local[2]", "--output", str(sout)]
-        wall, rss, _, _ = timed([*cli, *common, *spark])
+        wall, rss, _, _, _ = timed([*cli, *common, *spark])
         result["spark"] = {"s": round(wall, 1), "rows_per_s": round(args.rows / wall)}
         a, b = pq.read_table(out), pq.read_table(sout)
         result["spark"]["equal_to_local"] = bool(a.equals(b))

@@ -45,9 +45,10 @@ ambiguous.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
@@ -241,7 +242,8 @@ class _SpineKeys:
 
     def per_row(self, lookup: Mapping[str, int]) -> I64:
         """``lookup[key]`` per row (``-1``: no id, or not in ``lookup``)."""
-        codes = np.array([lookup.get(k, -1) if k is not None else -1 for k in self.keys], np.int64)
+        get: Callable[[str | None, int], int] = lookup.get  # type: ignore[assignment]
+        codes = np.fromiter(map(get, self.keys, itertools.repeat(-1)), np.int64, len(self.keys))
         return codes[self.row_index] if len(codes) else np.full(len(self.row_index), -1)
 
     def missing(self) -> Mask:

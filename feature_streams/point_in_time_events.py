@@ -26,6 +26,7 @@ That is the worker's rule, because a dropped event is never the newest one.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,20 @@ class GroupEvents:
             code = self.codes[key] = len(self.keys)
             self.keys.append(key)
         return code
+
+    def codes_for(self, keys: Sequence[str | None]) -> I64:
+        """:meth:`code_of` of each key in order (``-1`` for ``None``): unseen keys get new
+        codes in order of first appearance, as one :meth:`code_of` call per key would."""
+        codes: dict[str | None, int] = self.codes  # type: ignore[assignment]  # None: absent
+        found = np.fromiter(map(codes.get, keys, itertools.repeat(-1)), np.int64, len(keys))
+        missing = np.flatnonzero(found < 0).tolist()
+        fresh = list(dict.fromkeys(k for k in (keys[i] for i in missing) if k is not None))
+        if fresh:
+            start = len(self.keys)
+            codes.update(zip(fresh, range(start, start + len(fresh)), strict=True))
+            self.keys.extend(fresh)
+            found[missing] = [codes.get(keys[i], -1) for i in missing]
+        return found
 
     def append(
         self, key: I64, ts: I64, feeds: Mapping[str, Mask], value: Mapping[str, F64]
@@ -226,7 +241,7 @@ class LogReader:
             if out is None:
                 continue
             keys, key_index, ts, feeds, values = parsed[plan.group.name]
-            lookup = np.array([out.code_of(k) if k is not None else -1 for k in keys], np.int64)
+            lookup = out.codes_for(keys)
             out.append(
                 lookup[key_index[rows]] if len(keys) else np.empty(0, np.int64),
                 ts[rows],
@@ -259,10 +274,19 @@ def _contributions(
 def _uniques(column: pa.Array) -> tuple[list[object], npt.NDArray[np.intp]] | None:
     """Distinct Python values of a column and each row's index into them (``None``
     when Arrow cannot hash the type)."""
+    encoded = _encoded(column)
+    return None if encoded is None else _python_uniques(encoded)
+
+
+def _encoded(column: pa.Array) -> pa.DictionaryArray | None:
+    """The column dictionary encoded (nulls a value), ``None`` when Arrow cannot hash it."""
     try:
-        encoded = pc.dictionary_encode(column, null_encoding="encode")
+        return pc.dictionary_encode(column, null_encoding="encode")
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
         return None
+
+
+def _python_uniques(encoded: pa.DictionaryArray) -> tuple[list[object], npt.NDArray[np.intp]]:
     values = encoded.dictionary.to_pylist()
     index = encoded.indices.to_numpy(zero_copy_only=False).astype(np.intp)
     return values, index
@@ -354,11 +378,14 @@ def _check_batch(
     if key_col is None:
         keys, key_index = [None], np.zeros(n, np.intp)
     else:
-        found = _uniques(key_col)
+        encoded = _encoded(key_col)
         raw_keys, key_index = (
-            found if found is not None else (_python_values(key_col), np.arange(n, dtype=np.intp))
+            _python_uniques(encoded)
+            if encoded is not None
+            else (_python_values(key_col), np.arange(n, dtype=np.intp))
         )
-        if found is not None and already_keys(key_col, plan.key_type):
+        # the distinct ids (not every row's) checked: the same verdict, one hash pass
+        if encoded is not None and already_keys(encoded.dictionary, plan.key_type):
             keys = cast(list[str | None], raw_keys)  # every id its own key, nulls none
         else:
             keys = [_key_or_none(plan, v) for v in raw_keys]

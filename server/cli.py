@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["score-batch"]:  # its own parser: server.batch_scoring.cli
         from server.batch_scoring.cli import main_score_batch
 
-        return main_score_batch(argv[1:])
+        return main_score_batch(argv[1:], own_process=True)
     if argv[:1] == ["replay"]:  # its own parser: server.clients.replay
         from server.clients.replay import main_replay
 

@@ -27,6 +27,7 @@ from server.batch_scoring.chunk import ChunkJob
 from server.batch_scoring.compare import Comparison
 from server.batch_scoring.features import PointInTimeFeatures, key_entities
 from server.batch_scoring.local import Progress, run_local
+from server.batch_scoring.no_pandas import skip_pandas_probe
 from server.batch_scoring.online import OnlineFeatures, OnlineFeaturesError
 from server.batch_scoring.output import COMPARISON_KEY, OutputFile
 from server.batch_scoring.partitioned import MAX_PARTITIONS, run_partitioned
@@ -119,10 +120,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(config, os.environ, args.overrides)
 
 
-def main_score_batch(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+def main_score_batch(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """Entry point; returns the exit status. ``own_process``: the process runs this
+    command only (the console script), so process-wide settings are allowed: the local
+    engine keeps pyarrow from importing pandas (:mod:`.no_pandas`)."""
     parser = _parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if own_process and args.engine == "local":
+        skip_pandas_probe()  # ~0.4 s of CPU before the workers fork; Spark needs pandas
     if args.key_partitions > 1 and (args.engine != "local" or args.features != "point-in-time"):
         parser.error("argument --key-partitions: needs --engine local --features point-in-time")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")

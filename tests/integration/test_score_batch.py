@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +366,46 @@ def test_bad_key_partitions_exit_2_naming_the_option(
     assert exited.value.code == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_local_engine_does_not_import_pandas(case: dict[str, Any]) -> None:
+    """pyarrow would import pandas (~0.4 s of CPU before the workers fork) on its first
+    conversion; the local engine has no pandas objects. The console script's own
+    process (a fresh interpreter); in-process calls leave pyarrow as it is."""
+    out = case["tmp"] / "no-pandas.parquet"
+    argv = [
+        "--model",
+        "fraud",
+        "--input",
+        str(case["tmp"] / "spine.parquet"),
+        "--output",
+        str(out),
+        "--events",
+        str(case["tmp"] / "events.parquet"),
+        *case["batch_args"],
+        "--definitions",
+        str(case["tmp"] / "features.yaml"),
+        "--set",
+        f"models.repository={case['models']}",
+        "--no-progress",
+        "--workers",
+        "2",
+        "--chunk-rows",
+        "50",
+        "--with-features",
+        "--version",
+        "1",
+    ]
+    code = (
+        "import sys\n"
+        "from server.cli import main\n"
+        f"status = main({['score-batch', *argv]!r})\n"
+        "print(status, 'pandas' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert done.stdout.split() == ["0", "False"]
+    reference = case["tmp"] / "with-pandas.parquet"
+    assert run(case, reference, "--workers", "1", "--with-features", "--version", "1") == 0
+    assert pq.read_table(out).equals(pq.read_table(reference))

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from feature_streams.backfill import ParquetEvents
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
 from feature_streams.point_in_time import point_in_time_table
-from feature_streams.point_in_time_events import exclusive_running_max
+from feature_streams.point_in_time_events import GroupEvents, exclusive_running_max
 from feature_streams.point_in_time_windows import _row_order
 from feature_streams.windows import GroupPlan, event_key, event_time, is_too_late
 from feature_streams.windows import point_in_time_values as reference_values
@@ -264,3 +264,20 @@ def test_row_order_is_the_lexsort_of_code_then_time(
     if far_apart and len(times):
         times[0] = 1 << 61  # (code + 2) * span overflows: the lexsort path
     assert np.array_equal(_row_order(code, times), np.lexsort((times, code)))
+
+
+@given(
+    st.lists(st.lists(st.one_of(st.none(), st.sampled_from("abcdefgh")), max_size=12), max_size=4)
+)
+def test_codes_for_a_batch_are_code_of_key_by_key(batches: list[list[str | None]]) -> None:
+    """Batch by batch (keys seen before, repeated, absent): the same codes, and the same
+    key <-> code tables, as one ``code_of`` call per key in order."""
+    plan = GroupPlan.of(parse_definitions(DEFS), "card")
+    batched, one_by_one = GroupEvents(plan), GroupEvents(plan)
+    for keys in batches:
+        got = batched.codes_for(keys)
+        want = [one_by_one.code_of(k) if k is not None else -1 for k in keys]
+        assert got.dtype == np.int64
+        assert got.tolist() == want
+    assert batched.codes == one_by_one.codes
+    assert batched.keys == one_by_one.keys
