@@ -44,13 +44,15 @@ class _RefusePandas(importlib.abc.MetaPathFinder):
 
 def skip_pandas_probe() -> bool:
     """Make pyarrow treat pandas as absent in this process (and processes forked from
-    it); ``False`` (nothing done) when pandas is already imported."""
-    if "pandas" in sys.modules:
+    it); ``False`` (nothing done) when pandas is already imported or this pyarrow has
+    no ``_pandas_api`` shim (a private name: a pyarrow without it runs as before)."""
+    shim = getattr(pyarrow.lib, "_pandas_api", None)  # private: absent in another pyarrow
+    if "pandas" in sys.modules or shim is None:
         return False
     finder = _RefusePandas()
     sys.meta_path.insert(0, finder)
     try:
-        _ = pyarrow.lib._pandas_api.have_pandas  # the shim's probe: remembered
+        _ = shim.have_pandas  # the shim's probe: remembered
         pa.array([0.0])  # the C++ conversion's probe: remembered
     finally:
         sys.meta_path.remove(finder)

@@ -75,3 +75,17 @@ def test_nothing_is_done_once_pandas_is_imported() -> None:
         """
     )
     assert out == "False"
+
+
+def test_a_pyarrow_without_the_private_shim_runs_as_before() -> None:
+    """``_pandas_api`` is pyarrow's private name: without it the probe does nothing
+    (returns False) instead of failing the run."""
+    out = _python(
+        """
+        import pyarrow.lib
+        del pyarrow.lib._pandas_api
+        from server.batch_scoring.no_pandas import skip_pandas_probe
+        print(skip_pandas_probe())
+        """
+    )
+    assert out == "False"
