@@ -6,8 +6,10 @@ the server (its flush/evaluate task included, against a private Redis on core 1)
 A lone caller submits one row, measures the wall time until ``submit`` returns (its
 answer), then leaves ``--gap-us`` for the network and client (the loop idles meanwhile,
 like a server between one caller's requests). Modes alternate ``--repeats`` times;
-per mode it prints the answer-time percentiles and how many answers took over
-``--slow-us``: the requests some drift work (a fold, a flush, an evaluation) landed on.
+per mode it prints the answer-time percentiles, how many answers took over
+``--slow-us`` (the requests some drift work -- a fold, a flush, an evaluation -- landed
+on) and the loop thread's CPU time per request (``time.thread_time``: drift's own task
+and its Redis calls included; other processes on the core do not count in it).
 Pin it like the server::
 
     taskset -c 0 .venv/bin/python -m bench.drift_answer_path --version-dir /tmp/models/fraud/2
@@ -44,8 +46,9 @@ from server.settings import DriftSettings
 
 async def run_mode(
     mode: str, version_dir: Path, redis_url: str, requests: int, gap_s: float
-) -> list[int]:
-    """Answer times (ns) of ``requests`` lone requests with drift ``mode`` ("on"/"off")."""
+) -> tuple[list[int], int]:
+    """Answer times (ns) of ``requests`` lone requests with drift ``mode`` ("on"/"off"),
+    and the loop thread's CPU time (ns) over them (drift's task and Redis calls included)."""
     manifest = ModelManifest.read(version_dir)
     model = load_version(version_dir, RuntimeOptions())
     client = Redis.from_url(redis_url)
@@ -70,25 +73,28 @@ async def run_mode(
     times: list[int] = []
     if drift is not None:
         await monitor.start()
+    cpu_started = time.thread_time_ns()
     try:
         for i in range(requests):
             started = time.perf_counter_ns()
             await batcher.submit(jobs[i % len(jobs)])
             times.append(time.perf_counter_ns() - started)
             await asyncio.sleep(gap_s)
+        cpu_ns = time.thread_time_ns() - cpu_started
     finally:
         if drift is not None:
             await monitor.stop()
         await batcher.close()
         model.close()
         await client.aclose()
-    return times
+    return times, cpu_ns
 
 
-def summary(times: list[int], slow_us: float) -> dict[str, Any]:
+def summary(times: list[int], cpu_ns: int, slow_us: float) -> dict[str, Any]:
     us = np.asarray(times, np.float64) / 1000
     return {
         "requests": int(us.size),
+        "cpu_us_per_request": round(cpu_ns / 1000 / us.size, 2),
         "p50_us": round(float(np.percentile(us, 50)), 1),
         "p99_us": round(float(np.percentile(us, 99)), 1),
         "p99.9_us": round(float(np.percentile(us, 99.9)), 1),
@@ -111,10 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(redis.process.pid, set(CLIENT_CPUS))
         for repeat in range(args.repeats):
             for mode in ("off", "on"):
-                times = asyncio.run(
+                times, cpu_ns = asyncio.run(
                     run_mode(mode, args.version_dir, redis.url, args.requests, args.gap_us / 1e6)
                 )
-                row = summary(times, args.slow_us)
+                row = summary(times, cpu_ns, args.slow_us)
                 results[mode].append(row)
                 print(f"drift {mode} #{repeat + 1}: {json.dumps(row)}", flush=True)
     for mode, rows in results.items():

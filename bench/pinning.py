@@ -14,7 +14,9 @@ Or from Python (e.g. a benchmark suite starting subprocesses)::
 ``taskset`` (util-linux) sets the affinity of the process it starts and all its
 children, so ``--processes N`` servers share the CPUs given (pin N processes to N
 cores, e.g. ``taskset -c 0,1``, only when nothing else runs there). Pinning does not
-isolate: other processes may still run on those cores.
+isolate: other processes may still run on those cores, and on a virtual machine the
+host may take a core away (steal time, ``steal_seconds``), which a guest's load
+average does not show.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable
+from pathlib import Path
 
 #: Benchmark convention on the 2-core machine.
 SERVER_CPUS: tuple[int, ...] = (0,)
@@ -60,3 +63,17 @@ def taskset_available() -> bool:
 def usable_cpus() -> frozenset[int]:
     """CPUs this process may run on (pin only within these)."""
     return frozenset(os.sched_getaffinity(0))
+
+
+def steal_seconds(cpus: Iterable[int], stat_text: str | None = None) -> float:
+    """Steal time of ``cpus`` so far (seconds): time a virtual CPU was runnable but the
+    host ran something else, counted by the guest as CPU time of whatever was running.
+    ``stat_text``: the text of ``/proc/stat`` (read when None); 0.0 where not reported."""
+    text = Path("/proc/stat").read_text() if stat_text is None else stat_text
+    wanted = {f"cpu{cpu}" for cpu in cpus}
+    ticks = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] in wanted and len(fields) > 8:
+            ticks += int(fields[8])  # user nice system idle iowait irq softirq steal
+    return ticks / os.sysconf("SC_CLK_TCK")

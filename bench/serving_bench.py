@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.pinning import CLIENT_CPUS, SERVER_CPUS, taskset_prefix
+from bench.pinning import CLIENT_CPUS, SERVER_CPUS, steal_seconds, taskset_prefix
 from devstack.services import free_port, wait_for_port
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -126,8 +126,12 @@ def run_scenario(
         def sample_cpu() -> None:
             time.sleep(warmup_s + 1.0)  # client start-up (~1 s) plus warmup
             cpu["start"], cpu["t0"] = _cpu_seconds(server.pid), time.monotonic()
+            cpu["steal_server0"] = steal_seconds(SERVER_CPUS)
+            cpu["steal_client0"] = steal_seconds(CLIENT_CPUS)
             time.sleep(duration_s - 0.5)
             cpu["end"], cpu["t1"] = _cpu_seconds(server.pid), time.monotonic()
+            cpu["steal_server1"] = steal_seconds(SERVER_CPUS)
+            cpu["steal_client1"] = steal_seconds(CLIENT_CPUS)
 
         sampler = threading.Thread(target=sample_cpu)
         sampler.start()
@@ -138,7 +142,8 @@ def run_scenario(
         load = json.loads(result.stdout)
     throughput = float(load["throughput_rps"])
     cpu_s = cpu["end"] - cpu["start"]
-    cpu_rate = cpu_s / (cpu["t1"] - cpu["t0"])  # cores busy
+    window_s = cpu["t1"] - cpu["t0"]
+    cpu_rate = cpu_s / window_s  # cores busy
     return Measurement(
         scenario=scenario,
         throughput_rps=throughput,
@@ -146,7 +151,16 @@ def run_scenario(
         errors=load["errors"],
         server_cpu_s=cpu_s,
         server_cpu_us_per_request=(cpu_rate / throughput * 1e6) if throughput else float("nan"),
-        extra={"server_cores_busy": round(cpu_rate, 3)},
+        extra={
+            "server_cores_busy": round(cpu_rate, 3),
+            # share of the window the host took the server's / client's cores away
+            "steal_server_cores": round(
+                (cpu["steal_server1"] - cpu["steal_server0"]) / window_s, 4
+            ),
+            "steal_client_cores": round(
+                (cpu["steal_client1"] - cpu["steal_client0"]) / window_s, 4
+            ),
+        },
     )
 
 
