@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from server.records.kafka_outage import KafkaOutage
 from server.records.kafka_sink import Payload, SinkMetrics, _stop_producer
+from server.records.partitioner import partition_for
 from server.records.spill import SpillFile, SpillRecord
 
 __all__ = ["DURABLE_DROP_REASONS", "DurableSink", "DurableSinkConfig", "Shrink", "SinkHealth"]
@@ -170,7 +170,6 @@ class DurableSink:
         self._syncing: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._partitions: dict[str, list[int]] = {}
-        self._partitioner = DefaultPartitioner()
         self._round = 0
         #: Records acknowledged, by topic.
         self.sent: Counter[str] = Counter()
@@ -524,7 +523,7 @@ class DurableSink:
             if key is None:
                 partition = partitions[self._round % len(partitions)]
             else:
-                partition = self._partitioner(key, partitions, partitions)
+                partition = partition_for(key, partitions)
             builder = builders.get((topic, partition))
             if builder is None:
                 builder = builders[(topic, partition)] = producer.create_batch()
