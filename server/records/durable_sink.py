@@ -186,6 +186,15 @@ class DurableSink:
             failures=None if metrics is None else metrics.kafka_failures,
             suppressed=None if metrics is None else metrics.kafka_log_suppressed,
         )
+        #: This sink's gauge children (buffered, spill bytes), bound once: set every round.
+        self._gauges = (
+            None
+            if metrics is None
+            else (
+                metrics.buffered_bytes.labels(config.name),
+                metrics.spill_bytes.labels(config.name),
+            )
+        )
         self._update_idle()
 
     # ------------------------------------------------------------------ public
@@ -296,9 +305,10 @@ class DurableSink:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        if self._metrics is not None:
-            self._metrics.buffered_bytes.labels(self.config.name).set(self._memory_bytes)
-            self._metrics.spill_bytes.labels(self.config.name).set(self._spill.bytes)
+        if self._gauges is not None:
+            buffered, spill = self._gauges
+            buffered.set(self._memory_bytes)
+            spill.set(self._spill.bytes)
 
     # ---------------------------------------------------------- encode, spill
     def _materialize(self, entry: _Entry) -> bool:
