@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from server.records.kafka_outage import KafkaOutage
 from server.records.kafka_sink import Payload, SinkMetrics, _stop_producer
+from server.records.partitioner import partition_for
 from server.records.spill import SpillFile, SpillRecord
 
 __all__ = ["DURABLE_DROP_REASONS", "DurableSink", "DurableSinkConfig", "Shrink", "SinkHealth"]
@@ -170,7 +170,6 @@ class DurableSink:
         self._syncing: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._partitions: dict[str, list[int]] = {}
-        self._partitioner = DefaultPartitioner()
         self._round = 0
         #: Records acknowledged, by topic.
         self.sent: Counter[str] = Counter()
@@ -186,6 +185,15 @@ class DurableSink:
             logger,
             failures=None if metrics is None else metrics.kafka_failures,
             suppressed=None if metrics is None else metrics.kafka_log_suppressed,
+        )
+        #: This sink's gauge children (buffered, spill bytes), bound once: set every round.
+        self._gauges = (
+            None
+            if metrics is None
+            else (
+                metrics.buffered_bytes.labels(config.name),
+                metrics.spill_bytes.labels(config.name),
+            )
         )
         self._update_idle()
 
@@ -297,9 +305,10 @@ class DurableSink:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        if self._metrics is not None:
-            self._metrics.buffered_bytes.labels(self.config.name).set(self._memory_bytes)
-            self._metrics.spill_bytes.labels(self.config.name).set(self._spill.bytes)
+        if self._gauges is not None:
+            buffered, spill = self._gauges
+            buffered.set(self._memory_bytes)
+            spill.set(self._spill.bytes)
 
     # ---------------------------------------------------------- encode, spill
     def _materialize(self, entry: _Entry) -> bool:
@@ -524,7 +533,7 @@ class DurableSink:
             if key is None:
                 partition = partitions[self._round % len(partitions)]
             else:
-                partition = self._partitioner(key, partitions, partitions)
+                partition = partition_for(key, partitions)
             builder = builders.get((topic, partition))
             if builder is None:
                 builder = builders[(topic, partition)] = producer.create_batch()

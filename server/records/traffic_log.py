@@ -54,8 +54,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 import orjson
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
+from server.loop_metrics import LoopCounter, LoopCounterFamily
 from server.records.decision_json import VersionParts, encode_record, lineage_json, reasons_json
 from server.records.kafka_sink import RecordSink
 
@@ -165,7 +166,8 @@ def _sources_value(
     value was sent)."""
     if fetched is None:
         return parts.all_request_sources
-    if not (plan is not None and plan.uses_store) and fetched.sent.all():
+    # a list scan: numpy's all() has a few us of call overhead on a short row
+    if not (plan is not None and plan.uses_store) and False not in fetched.sent.tolist():
         return parts.all_request_sources
     return feature_sources(parts.names, fetched, plan)
 
@@ -202,12 +204,15 @@ class TrafficLog:
         self._process = {"pid": os.getpid(), "index": process_index}
         #: Shared record parts per (model, version, sha256); built on the sender task.
         self._parts: dict[tuple[str, str, str], VersionParts] = {}
-        self._sampled: Counter | None = (
-            Counter(
+        #: Lock-free (the request path runs on the event loop): prometheus_client's
+        #: counter takes a mutex per increment.
+        self._sampled: LoopCounter | None = (
+            LoopCounterFamily(
                 "streamscore_traffic_log_sampled",
                 "Scored requests sampled into the decision record (drops: record_sink_dropped).",
-                registry=registry,
-            )
+                (),
+                registry,
+            ).labels()
             if registry is not None
             else None
         )
@@ -282,35 +287,52 @@ class TrafficLog:
         return parts
 
     def _encode(self, pending: _Pending) -> bytes:
-        """The record's JSON (on the sink's sender task)."""
+        """The record's JSON (on the sink's sender task): :func:`traffic_record`'s object,
+        built here without its defensive copies (the request's mappings are copied only
+        when they are not plain dicts), with the version's shared parts as fragments."""
         request, result = pending.request, pending.result
         parts = self._version_parts(pending)
-        record = traffic_record(
-            ts=pending.ts,
-            model=request.model,
-            model_version=request.model_version,
-            request_id=request.request_id,
-            entity_ids=request.entity_ids,
-            request_features=request.features,
-            event_time_ms=request.event_time_ms,
-            t_ms=pending.t_ms,
-            features=dict(zip(parts.names, pending.row.reshape(-1).tolist(), strict=True)),
-            score=result.score,
-            version=result.version,
-            route=str(result.route.value),
-            threshold=pending.threshold,
-            defaulted_features=result.defaulted_features,
-            degraded_reasons=result.degraded_reasons,
-            timings=pending.timings,
-            freshness=[f._asdict() for f in result.freshness],
-            artifact_sha256=result.artifact_sha256,
-            reasons=result.reasons,
-            reasons_base_value=result.reasons_base_value,
-            process=self._process,
-        )
-        record["lineage"] = parts.lineage
-        record["feature_sources"] = _sources_value(parts, pending.fetched, pending.plan)
+        timings = _plain(pending.timings)
+        reasons = result.reasons
+        threshold = pending.threshold
+        record = {
+            "schema": DECISION_SCHEMA,
+            "ts": pending.ts,
+            "request_id": request.request_id,
+            "request": {
+                "model": request.model,
+                "model_version": request.model_version or None,
+                "request_id": request.request_id,
+                "entity_ids": _plain(request.entity_ids),
+                "features": _plain(request.features),
+                "event_time_ms": request.event_time_ms,
+            },
+            "t_ms": pending.t_ms,
+            "features": dict(zip(parts.names, pending.row.tolist()[0], strict=True)),
+            "feature_sources": _sources_value(parts, pending.fetched, pending.plan),
+            "freshness": [f._asdict() for f in result.freshness],
+            "score": result.score,
+            "model": request.model,
+            "version": result.version,
+            "route": result.route.value,
+            "threshold": threshold,
+            "decision": result.score >= threshold,
+            "artifact_sha256": result.artifact_sha256,
+            "lineage": parts.lineage,
+            "reasons": None if reasons is None else reasons_json(reasons),
+            "reasons_base_value": result.reasons_base_value,
+            "defaulted_features": result.defaulted_features,
+            "degraded_reasons": result.degraded_reasons,
+            "process": self._process,
+            "latency_us": timings.get("pipeline_us"),
+            "timings": timings,
+        }
         return encode_record(record, parts)
+
+
+def _plain(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """``mapping`` as a ``dict`` (itself when it is one: the encoders take only dicts)."""
+    return mapping if type(mapping) is dict else dict(mapping)
 
 
 class _Pending(NamedTuple):

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import pytest
 
-from feature_streams.read_plan import FetchRow
+from feature_streams.read_plan import FetchRow, Freshness
 from server.explain.reasons import FeatureValue, Reason
 from server.lineage import Lineage
 from server.records.decision_json import VersionParts, encode_record, finite
-from server.records.traffic_log import TrafficLog, traffic_record
+from server.records.traffic_log import TrafficLog, feature_sources, traffic_record
 from server.router import Route
 from server.scoring_types import ScoreInput, ScoreResult
 
@@ -194,3 +196,77 @@ def test_traffic_log_builds_a_versions_parts_once_and_again_on_reload() -> None:
     assert records[0]["feature_sources"] == {"a": "request", "b": "request"}
     assert records[3]["feature_sources"] == {"a": "default", "b": "default"}
     assert calls == ["snap-1", "snap-2"]  # once per version load, not per record
+
+
+def test_traffic_log_bytes_equal_the_documented_record() -> None:
+    """What the traffic log writes is ``traffic_record`` of the same inputs, encoded:
+    request mappings of any kind (a protobuf map, the default empty proxy), freshness,
+    reasons, sources from a fetch row, tuples as lists."""
+    rng = np.random.default_rng(5)
+    reason = Reason("AMT", "High amount", 0.8, (FeatureValue("f0", 120.5, 0.8),))
+    for i in range(120):
+        sink = _Sink()
+        log = TrafficLog(sink, "t", 1.0, sample_salt=b"s", clock=lambda: 1_796_000_000.5)
+        row = np.asarray([_random_row(rng)], np.float32)
+        sent_mask = np.array([j % (i % 3 + 1) == 0 for j in range(len(NAMES))])
+        fetched = FetchRow(row, sent_mask, {}, 1_000)
+        sent = {n: float(v) for n, v, s in zip(NAMES, row[0], sent_mask, strict=True) if s}
+        entity_ids = MappingProxyType({"card_id": f"c-{i}"}) if i % 2 else MappingProxyType({})
+        request = ScoreInput("fraud", f"r-{i}", MappingProxyType(sent), entity_ids)
+        freshness = (Freshness("card_activity", f"c-{i}", 12 + i),) if i % 4 == 0 else ()
+        result = ScoreResult(
+            f"r-{i}",
+            float(rng.random()),
+            "fraud",
+            "2",
+            Route.CANARY if i % 5 == 0 else Route.CHAMPION,
+            defaulted_features=("f3",) if i % 2 else (),
+            freshness=freshness,
+            degraded_reasons=("snapshot_missing",) if i % 6 == 0 else (),
+            artifact_sha256="abc123",
+            reasons=(reason,) if i % 3 == 0 else None,
+            reasons_base_value=-1.5,
+        )
+        timings = {"pipeline_us": 100 + i}
+        log.offer(
+            request,
+            result,
+            names=NAMES,
+            row=row,
+            t_ms=1_000,
+            threshold=0.5,
+            timings=timings,
+            fetched=fetched,
+            lineage=lambda: LINEAGE,
+        )
+        reference = traffic_record(
+            ts=1_796_000_000.5,
+            model="fraud",
+            model_version=None,
+            request_id=f"r-{i}",
+            entity_ids=entity_ids,
+            request_features=sent,
+            event_time_ms=None,
+            t_ms=1_000,
+            features=dict(zip(NAMES, row[0].tolist(), strict=True)),
+            score=result.score,
+            version="2",
+            route=result.route.value,
+            threshold=0.5,
+            defaulted_features=result.defaulted_features,
+            degraded_reasons=result.degraded_reasons,
+            timings=timings,
+            feature_sources=feature_sources(NAMES, fetched, None),
+            freshness=[f._asdict() for f in freshness],
+            artifact_sha256="abc123",
+            lineage=LINEAGE,
+            reasons=result.reasons,
+            reasons_base_value=-1.5,
+            process={"pid": os.getpid(), "index": 0},
+        )
+        (encode,) = sink.values
+        encoded = encode()
+        expected = json.dumps(reference, separators=(",", ":"))
+        assert json.loads(encoded) == json.loads(expected)
+        if "e-0" not in expected and "e+" not in expected:
+            assert encoded == expected.encode()
