@@ -39,9 +39,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from feature_streams.batch_cache import BatchRow, BatchValueCache
 from feature_streams.cluster_pipeline import (
@@ -73,6 +74,13 @@ from feature_streams.read_plan import (
 )
 from feature_streams.redis_client import AnyRedis
 from feature_streams.reply_loop import execute_reads
+from feature_streams.tile_cache import (
+    CHECK_SCRIPT,
+    CHECK_SHA,
+    UNCHANGED,
+    TileEntry,
+    TileHashCache,
+)
 
 __all__ = [
     "KEY_ERROR",
@@ -258,8 +266,20 @@ class _BatchRead:
         return 0 if self.plan is None else self.plan.n_commands
 
 
+@dataclass(slots=True)
+class _StreamRead:
+    """One stream group of a micro-batch: its rows, their keys and one read per key."""
+
+    columns: StreamColumns
+    members: list[FetchRow]
+    keys: list[str]  # per member
+    unique: list[str]  # one command each, in queue order
+    held: list[TileEntry | None]  # per unique key: the hash checked by version, if any
+
+
 _Batches = list[_BatchRead]
-_Streams = list[tuple[StreamColumns, list[FetchRow], list[str], list[str]]]
+_Streams = list[_StreamRead]
+_Fetched = Mapping[str, Mapping[bytes, bytes] | BaseException]
 
 
 class FeatureFetcher:
@@ -269,6 +289,9 @@ class FeatureFetcher:
     ``node_health`` gates each cluster node's pipeline (ignored on a standalone Redis).
     ``batch_cache`` keeps decoded batch-snapshot rows by snapshot id, so only entities
     it does not hold are read (:mod:`feature_streams.batch_cache`); ``None``: read all.
+    ``tile_cache`` keeps fetched tile hashes by version, so a hash it holds is checked
+    by a small script and read whole only when it changed
+    (:mod:`feature_streams.tile_cache`; standalone Redis only); ``None``: read all.
     """
 
     def __init__(
@@ -277,16 +300,20 @@ class FeatureFetcher:
         snapshots: BatchSnapshotCache,
         node_health: NodeHealth | None = None,
         batch_cache: BatchValueCache | None = None,
+        tile_cache: TileHashCache | None = None,
     ) -> None:
         self._client = client
         self._snapshots = snapshots
         self._batch_cache = batch_cache if batch_cache is not None and batch_cache.enabled else None
         self._cluster: NodePipelines | None = None
         self._standalone: Redis | None = None
+        self._tile_cache: TileHashCache | None = None
         if isinstance(client, RedisCluster):
             self._cluster = NodePipelines(client, node_health)
         else:
             self._standalone = client
+            if tile_cache is not None and tile_cache.enabled:
+                self._tile_cache = tile_cache
         self._refreshing: asyncio.Task[object] | None = None
         self._next_log = 0.0
 
@@ -299,6 +326,11 @@ class FeatureFetcher:
     def batch_cache(self) -> BatchValueCache | None:
         """The decoded batch rows kept between micro-batches (``None``: none kept)."""
         return self._batch_cache
+
+    @property
+    def tile_cache(self) -> TileHashCache | None:
+        """The tile hashes kept by version (``None``: none kept, e.g. on a cluster)."""
+        return self._tile_cache
 
     async def aclose(self) -> None:
         """Stop background work (a cluster slot map refresh in flight); idempotent."""
@@ -332,6 +364,8 @@ class FeatureFetcher:
                 unavailable = _unavailable_nodes(results)
             elif self._standalone is not None:
                 results = await execute_reads(self._standalone, queued.commands, timeout_s)
+                if stream_reads and any(isinstance(r, NoScriptError) for r in results):
+                    results = await self._read_whole(self._standalone, queued, results, timeout_s)
             round_trip_s = loop.time() - started
         for reply in results:
             if (
@@ -349,14 +383,12 @@ class FeatureFetcher:
             snapshots[batch_read.columns.spec.group] = batch_read.snapshot_id
             if not self._apply_batch_group(batch_read, chunk):
                 gone.append(batch_read.columns.spec.group)
-        for stream, stream_members, keys, unique in stream_reads:
+        for stream_read in stream_reads:
+            unique = stream_read.unique
             chunk = results[offset : offset + len(unique)]
             offset += len(unique)
-            fetched: dict[str, Mapping[bytes, bytes] | BaseException] = {
-                key: raw if isinstance(raw, dict | BaseException) else {}
-                for key, raw in zip(unique, chunk, strict=True)
-            }
-            self._apply_stream_group(stream, stream_members, keys, fetched)
+            fetched, memos = self._hashes(stream_read, chunk)
+            self._apply_stream_group(stream_read, fetched, memos)
         read = MappingProxyType(snapshots)
         if snapshots:
             for item in rows:
@@ -393,9 +425,10 @@ class FeatureFetcher:
                 read_plan = queue_reads(pipe, spec, snapshot, ids) if ids else None
                 batch_reads.append(_BatchRead(columns, snapshot, members, cached, read_plan))
         stream_reads: _Streams = []
+        tiles = self._tile_cache
         for stream in plan.stream:
             members, keys = [], []
-            queued: dict[str, None] = {}
+            queued: dict[str, TileEntry | None] = {}
             for item in rows:
                 if item.store_sent and item.sent[stream.column_index].all():
                     continue
@@ -404,14 +437,71 @@ class FeatureFetcher:
                     self._missing_entity(plan, item, [c for _, c in stream.outputs])
                     continue
                 key = tile_key(stream.plan.group.name, entity_id)
-                if key not in queued:  # one HGETALL per entity, however many requests
-                    queued[key] = None
-                    pipe.hgetall(key)
+                if key not in queued:  # one read per entity, however many requests
+                    held = None if tiles is None else tiles.get(key)
+                    queued[key] = held
+                    if held is None:
+                        pipe.hgetall(key)
+                    else:  # QueuedReads on a standalone Redis (tiles is None on a cluster)
+                        cast(QueuedReads, pipe).commands.append(
+                            ("EVALSHA", CHECK_SHA, "1", key, held.version)
+                        )
                 members.append(item)
                 keys.append(key)
             if members:
-                stream_reads.append((stream, members, keys, list(queued)))
+                stream_reads.append(
+                    _StreamRead(stream, members, keys, list(queued), list(queued.values()))
+                )
         return batch_reads, stream_reads
+
+    async def _read_whole(
+        self,
+        client: Redis,
+        queued: QueuedReads,
+        results: Sequence[object],
+        timeout_s: float | None,
+    ) -> list[object]:
+        """``results`` with every check answered ``NOSCRIPT`` (Redis restarted, or its
+        scripts flushed) replaced by an ``HGETALL`` of its key, read now; the check
+        script is loaded again for the next micro-batches (one more round trip, rare)."""
+        redo = [n for n, reply in enumerate(results) if isinstance(reply, NoScriptError)]
+        again = await execute_reads(
+            client, [("HGETALL", queued.commands[n][3]) for n in redo], timeout_s
+        )
+        replaced = list(results)
+        for n, reply in zip(redo, again, strict=True):
+            replaced[n] = reply
+        await client.script_load(CHECK_SCRIPT)
+        return replaced
+
+    def _hashes(
+        self, read: _StreamRead, replies: Sequence[object]
+    ) -> tuple[_Fetched, Mapping[str, dict[object, Any]]]:
+        """Each key's hash (or error) from its reply, and the merge memo of each hash
+        the tile cache holds; what was read whole is kept by the cache."""
+        tiles = self._tile_cache
+        fetched: dict[str, Mapping[bytes, bytes] | BaseException] = {}
+        memos: dict[str, dict[object, Any]] = {}
+        for key, raw, held in zip(read.unique, replies, read.held, strict=True):
+            if isinstance(raw, BaseException):
+                fetched[key] = raw
+                if tiles is not None:
+                    tiles.discard(key)
+                continue
+            if held is not None and tiles is not None and type(raw) is int and raw == UNCHANGED:
+                fetched[key] = tiles.hit(held)
+                memos[key] = held.merge_memo()
+                continue
+            if isinstance(raw, list):  # the check's reply: the changed hash, flat
+                it = iter(raw)
+                raw = dict(zip(it, it, strict=False))
+            fields = raw if isinstance(raw, dict) else {}
+            fetched[key] = fields
+            if tiles is not None:
+                entry = tiles.store(key, fields)
+                if entry is not None:
+                    memos[key] = entry.merge_memo()
+        return fetched, memos
 
     def _apply_batch_group(self, batch: _BatchRead, results: Sequence[object]) -> bool:
         """Place one group's values; False when its snapshot was gone (defaults)."""
@@ -509,12 +599,9 @@ class FeatureFetcher:
         return rows, read.key_errors, down
 
     def _apply_stream_group(
-        self,
-        stream: StreamColumns,
-        members: list[FetchRow],
-        keys: list[str],
-        fetched: Mapping[str, Mapping[bytes, bytes] | BaseException],
+        self, read: _StreamRead, fetched: _Fetched, memos: Mapping[str, dict[object, Any]]
     ) -> None:
+        stream, members, keys = read.columns, read.members, read.keys
         group = stream.plan.group.name
         read_many = stream.reader.read_many
         placement = stream.placement
@@ -538,7 +625,8 @@ class FeatureFetcher:
                 reason = VALUE_INVALID
                 last = hash_fields.get(LAST_TS_FIELD_BYTES)
                 last_ms = None if last is None else int(float(last))
-                all_values = read_many(hash_fields, [item.t_ms for item in items])
+                times = [item.t_ms for item in items]
+                all_values = read_many(hash_fields, times, memos.get(key))
             except (ResponseError, ValueError, TypeError, OverflowError) as error:
                 if reason == VALUE_INVALID:
                     self._log_invalid(group, key, (repr(error)[:200],))

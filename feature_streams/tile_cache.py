@@ -1,0 +1,172 @@
+"""Fetched tile hashes kept in process by version, checked with one small read. Pure.
+
+Every write that changes a tile hash raises its version field
+(:data:`~feature_streams.keys.VERSION_FIELD`, see :mod:`feature_streams.tile_store`),
+in the same atomic script call. So a hash read at version ``v`` is, field for field,
+the hash as long as the version is still ``v``: :class:`TileHashCache` keeps the
+decoded ``HGETALL`` reply of each hash the fetcher read (and the window merges
+computed from it, by read layout), and the next micro-batch sends
+:data:`CHECK_SCRIPT` with the held version instead of ``HGETALL``. The script answers
+``1`` when the version is unchanged (the held hash is reused: no transfer, no parse,
+no merge) and the whole hash otherwise, in the same round trip, atomically with the
+check: a value is never served from a hash older than the one Redis holds at the
+check.
+
+* Keyed by the hash's Redis key; an entry holds the version it was read at.
+* Only hashes that carry a version are kept (a hash written before versions existed,
+  or by something else, is read whole every time).
+* Bounded in hashes (``max_entries``) and estimated bytes (``max_bytes``), least
+  recently used first out. ``max_entries == 0`` disables it.
+* On a Redis Cluster the fetcher does not use it (plain ``HGETALL`` per node).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from feature_streams.keys import VERSION_FIELD, VERSION_FIELD_BYTES, lua_string
+
+__all__ = [
+    "CHECK_SCRIPT",
+    "CHECK_SHA",
+    "UNCHANGED",
+    "CacheStats",
+    "TileEntry",
+    "TileHashCache",
+    "hash_version",
+]
+
+CHECK_SCRIPT = f"""
+local v = redis.call('HGET', KEYS[1], {lua_string(VERSION_FIELD)})
+if v and v == ARGV[1] then return 1 end
+return redis.call('HGETALL', KEYS[1])
+"""
+"""KEYS[1] = tile hash, ARGV[1] = the version held. Replies :data:`UNCHANGED` when the
+hash is at that version, else its ``HGETALL`` as a flat ``[field, value, ...]`` list
+(empty for a missing key)."""
+
+CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()
+"""The SHA1 ``EVALSHA`` names :data:`CHECK_SCRIPT` by (``SCRIPT LOAD`` gives the same)."""
+
+UNCHANGED = 1
+""":data:`CHECK_SCRIPT`'s reply when the held version is current."""
+
+ENTRY_OVERHEAD_BYTES = 600
+"""Estimated bytes of one entry besides its fields (entry, dict, key)."""
+FIELD_OVERHEAD_BYTES = 110
+"""Estimated bytes per field of a kept hash besides the names' and values' lengths
+(two ``bytes`` objects and a dict slot)."""
+
+_MAX_MERGES = 4
+"""Window merges kept per hash (one per read layout; layouts change once a step)."""
+
+
+def hash_version(fields: Mapping[Any, Any]) -> bytes | str | None:
+    """The version field of a fetched hash (``bytes`` or ``str`` as the client
+    decodes), ``None`` when it has none."""
+    version = fields.get(VERSION_FIELD_BYTES)
+    if version is None:
+        version = fields.get(VERSION_FIELD)
+    return version
+
+
+@dataclass(slots=True)
+class TileEntry:
+    """One hash as read at ``version``; ``fields`` is never mutated once kept."""
+
+    version: bytes | str
+    fields: Mapping[Any, Any]
+    size: int
+    merges: dict[object, Any] = field(default_factory=dict)
+    """Window merges of these fields by read layout (see ``HashWindowReader``)."""
+
+    def merge_memo(self) -> dict[object, Any]:
+        """The merges memo, emptied first when it holds :data:`_MAX_MERGES` layouts."""
+        if len(self.merges) >= _MAX_MERGES:
+            self.merges.clear()
+        return self.merges
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """Counters of one :class:`TileHashCache`."""
+
+    entries: int
+    bytes: int
+    hits: int
+    """Checks answered unchanged (the held hash served)."""
+    misses: int
+    """Hashes read whole: not held, or changed since."""
+    evictions: int
+
+
+class TileHashCache:
+    """Bounded LRU of fetched tile hashes by version; one per fetcher, on the loop."""
+
+    def __init__(self, max_entries: int = 100_000, max_bytes: int = 128 * 1024 * 1024) -> None:
+        if max_entries < 0 or max_bytes < 0:
+            raise ValueError("max_entries and max_bytes must be >= 0")
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._entries: OrderedDict[str, TileEntry] = OrderedDict()
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+
+    @property
+    def enabled(self) -> bool:
+        """False when built with a zero bound (nothing is ever kept)."""
+        return self._max_entries > 0 and self._max_bytes > 0
+
+    def stats(self) -> CacheStats:
+        """Current size and counters."""
+        return CacheStats(
+            len(self._entries), self._bytes, self._hits, self._misses, self._evictions
+        )
+
+    def get(self, key: str) -> TileEntry | None:
+        """The entry held for ``key`` (most recently used now), or ``None``."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def hit(self, entry: TileEntry) -> Mapping[Any, Any]:
+        """``entry``'s fields, its version just confirmed current (counted)."""
+        self._hits += 1
+        return entry.fields
+
+    def store(self, key: str, fields: Mapping[Any, Any]) -> TileEntry | None:
+        """Keep ``fields``, the hash of ``key`` just read whole (counted as a miss);
+        returns its entry, or ``None`` when it carries no version (and any entry held
+        for ``key`` is dropped) or the cache is disabled."""
+        self._misses += 1
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        version = hash_version(fields)
+        if version is None or not self.enabled:
+            return None
+        size = ENTRY_OVERHEAD_BYTES + len(key) + FIELD_OVERHEAD_BYTES * len(fields)
+        size += sum(len(name) + len(value) for name, value in fields.items())
+        entry = TileEntry(version, fields, size)
+        self._entries[key] = entry
+        self._bytes += size
+        while self._entries and (
+            len(self._entries) > self._max_entries or self._bytes > self._max_bytes
+        ):
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.size
+            self._evictions += 1
+        return entry if key in self._entries else None
+
+    def discard(self, key: str) -> None:
+        """Forget ``key`` (e.g. it answered an error)."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
