@@ -14,7 +14,8 @@
    server pinned to core 0, load generator to core 1. ``--profile-out PATH`` then
    py-spies the server under the fetched load (``--py-spy``: the binary to use).
    ``--score-write-rate N`` applies N new events per second to the tile hashes during
-   every scenario (a live stream, so the server's tile cache sees changed hashes).
+   every scenario (a live stream, so the server's tile cache sees changed hashes);
+   ``--score-warmup S`` loads each scenario for S seconds before measuring it.
 3. ``--cluster-fetch``: ``FeatureStore.fill`` for the same 64-request micro-batches
    on a local Redis Cluster (3 primaries + 3 replicas) vs one Redis, both seeded with
    the same data and running at once. Every redis-server (both sides) is pinned to
@@ -545,11 +546,14 @@ def bench_score(
     rounds_n: int = 1,
     write_rate: float = 0.0,
     defs: FeatureDefinitions | None = None,
+    warmup_s: float = 1.0,
 ) -> dict[str, Any]:
     """Score throughput with features fetched from Redis vs all sent in the request:
     ``rounds_n`` alternating rounds (sent, fetched); the ratio is the median of the
     rounds' ratios. ``write_rate`` > 0: that many new events per second are applied to
-    the tile hashes during every scenario (:class:`LiveWrites`), both sides."""
+    the tile hashes during every scenario (:class:`LiveWrites`), both sides.
+    ``warmup_s``: load before the measured ``duration_s`` of each scenario (the server
+    starts with empty in-process caches in every scenario)."""
     from bench.serving_bench import Scenario, run_scenario
 
     features = ("features.definitions_path=features.yaml", f"redis.url={url}")
@@ -571,14 +575,14 @@ def bench_score(
             if write_rate > 0:
                 assert defs is not None
                 with LiveWrites(url, defs, cards, write_rate) as live:
-                    m = run_scenario(scenario, repository, "fraud", duration_s, 1.0)
+                    m = run_scenario(scenario, repository, "fraud", duration_s, warmup_s)
                 writes = {
                     "events": live.events,
                     "events_per_s": live.events / live.seconds,
                     "hash_updates_applied": live.applied,
                 }
             else:
-                m = run_scenario(scenario, repository, "fraud", duration_s, 1.0)
+                m = run_scenario(scenario, repository, "fraud", duration_s, warmup_s)
             out[scenario.name] = {
                 "throughput_rps": m.throughput_rps,
                 "latency_us": m.latency_us,
@@ -662,6 +666,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="score: new events per second applied to the tile hashes during every "
         "scenario (a live stream; default 0: static data)",
     )
+    parser.add_argument(
+        "--score-warmup",
+        type=float,
+        default=1.0,
+        help="score: seconds of load before each scenario's measured duration (default 1; "
+        "longer warms the server's caches, which start empty in every scenario)",
+    )
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument(
         "--profile-out",
@@ -715,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.score_rounds,
                 args.score_write_rate,
                 defs,
+                args.score_warmup,
             )
             if args.profile_out is not None:
                 result["score_profile"] = profile_score(
