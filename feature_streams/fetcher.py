@@ -39,10 +39,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from feature_streams.batch_cache import BatchRow, BatchValueCache
 from feature_streams.cluster_pipeline import (
@@ -53,6 +53,7 @@ from feature_streams.cluster_pipeline import (
 )
 from feature_streams.keys import (
     LAST_TS_FIELD_BYTES,
+    VERSION_FIELD,
     active_key,
     as_text,
     check_group,
@@ -67,20 +68,13 @@ from feature_streams.read_plan import (
     FetchPlan,
     FetchRow,
     Freshness,
-    ReadPipeline,
     SnapshotGoneError,
     StreamColumns,
     queue_reads,
 )
 from feature_streams.redis_client import AnyRedis
 from feature_streams.reply_loop import execute_reads
-from feature_streams.tile_cache import (
-    CHECK_SCRIPT,
-    CHECK_SHA,
-    UNCHANGED,
-    TileEntry,
-    TileHashCache,
-)
+from feature_streams.tile_cache import TileEntry, TileHashCache
 
 __all__ = [
     "KEY_ERROR",
@@ -289,9 +283,10 @@ class FeatureFetcher:
     ``node_health`` gates each cluster node's pipeline (ignored on a standalone Redis).
     ``batch_cache`` keeps decoded batch-snapshot rows by snapshot id, so only entities
     it does not hold are read (:mod:`feature_streams.batch_cache`); ``None``: read all.
-    ``tile_cache`` keeps fetched tile hashes by version, so a hash it holds is checked
-    by a small script and read whole only when it changed
-    (:mod:`feature_streams.tile_cache`; standalone Redis only); ``None``: read all.
+    ``tile_cache`` keeps fetched tile hashes by version, so for a hash it holds only
+    the version is read (``HGET``), and the hash is read whole, in a second round trip,
+    only when it changed (:mod:`feature_streams.tile_cache`; standalone Redis only);
+    ``None``: read all.
     """
 
     def __init__(
@@ -355,7 +350,7 @@ class FeatureFetcher:
         round_trip_s: float | None = None
         results: Sequence[object] = ()
         queued = QueuedReads()
-        batch_reads, stream_reads = self._queue(plan, rows, queued)
+        batch_reads, stream_reads, checks = self._queue(plan, rows, queued)
         if not batch_reads and not stream_reads:
             return _NOTHING_READ
         if queued.commands:
@@ -364,8 +359,10 @@ class FeatureFetcher:
                 unavailable = _unavailable_nodes(results)
             elif self._standalone is not None:
                 results = await execute_reads(self._standalone, queued.commands, timeout_s)
-                if stream_reads and any(isinstance(r, NoScriptError) for r in results):
-                    results = await self._read_whole(self._standalone, queued, results, timeout_s)
+                if checks:
+                    results = await self._read_changed(
+                        self._standalone, checks, results, timeout_s, started
+                    )
             round_trip_s = loop.time() - started
         for reply in results:
             if (
@@ -402,8 +399,8 @@ class FeatureFetcher:
         return FetchResult(round_trip_s, read, tuple(gone), unavailable)
 
     def _queue(
-        self, plan: FetchPlan, rows: Sequence[FetchRow], pipe: ReadPipeline
-    ) -> tuple[_Batches, _Streams]:
+        self, plan: FetchPlan, rows: Sequence[FetchRow], pipe: QueuedReads
+    ) -> tuple[_Batches, _Streams, list[tuple[int, str, TileEntry]]]:
         batch_reads: _Batches = []
         cache = self._batch_cache
         for columns in plan.batch:
@@ -425,6 +422,7 @@ class FeatureFetcher:
                 read_plan = queue_reads(pipe, spec, snapshot, ids) if ids else None
                 batch_reads.append(_BatchRead(columns, snapshot, members, cached, read_plan))
         stream_reads: _Streams = []
+        checks: list[tuple[int, str, TileEntry]] = []  # (command position, key, hash held)
         tiles = self._tile_cache
         for stream in plan.stream:
             members, keys = [], []
@@ -442,36 +440,44 @@ class FeatureFetcher:
                     queued[key] = held
                     if held is None:
                         pipe.hgetall(key)
-                    else:  # QueuedReads on a standalone Redis (tiles is None on a cluster)
-                        cast(QueuedReads, pipe).commands.append(
-                            ("EVALSHA", CHECK_SHA, "1", key, held.version)
-                        )
+                    else:  # only its version: the hash is read whole only if it changed
+                        checks.append((len(pipe), key, held))
+                        pipe.hget(key, VERSION_FIELD)
                 members.append(item)
                 keys.append(key)
             if members:
                 stream_reads.append(
                     _StreamRead(stream, members, keys, list(queued), list(queued.values()))
                 )
-        return batch_reads, stream_reads
+        return batch_reads, stream_reads, checks
 
-    async def _read_whole(
-        self,
+    @staticmethod
+    async def _read_changed(
         client: Redis,
-        queued: QueuedReads,
+        checks: Sequence[tuple[int, str, TileEntry]],
         results: Sequence[object],
         timeout_s: float | None,
-    ) -> list[object]:
-        """``results`` with every check answered ``NOSCRIPT`` (Redis restarted, or its
-        scripts flushed) replaced by an ``HGETALL`` of its key, read now; the check
-        script is loaded again for the next micro-batches (one more round trip, rare)."""
-        redo = [n for n, reply in enumerate(results) if isinstance(reply, NoScriptError)]
-        again = await execute_reads(
-            client, [("HGETALL", queued.commands[n][3]) for n in redo], timeout_s
-        )
+        started: float,
+    ) -> Sequence[object]:
+        """``results`` with each checked hash whose version is no longer the one held
+        replaced by its ``HGETALL``, read now: a second round trip, only when some kept
+        hash changed (an error reply stays: that key's error), within the same budget."""
+        changed = [
+            (n, key)
+            for n, key, held in checks
+            if results[n] != held.version and not isinstance(results[n], BaseException)
+        ]
+        if not changed:
+            return results
+        left = None
+        if timeout_s is not None:
+            left = timeout_s - (asyncio.get_running_loop().time() - started)
+            if left <= 0:
+                raise TimeoutError("feature fetch: no time left to read the changed hashes")
+        again = await execute_reads(client, [("HGETALL", key) for _, key in changed], left)
         replaced = list(results)
-        for n, reply in zip(redo, again, strict=True):
+        for (n, _), reply in zip(changed, again, strict=True):
             replaced[n] = reply
-        await client.script_load(CHECK_SCRIPT)
         return replaced
 
     def _hashes(
@@ -488,13 +494,10 @@ class FeatureFetcher:
                 if tiles is not None:
                     tiles.discard(key)
                 continue
-            if held is not None and tiles is not None and type(raw) is int and raw == UNCHANGED:
-                fetched[key] = tiles.hit(held)
+            if held is not None and tiles is not None and not isinstance(raw, dict):
+                fetched[key] = tiles.hit(held)  # its version was the one held
                 memos[key] = held.merge_memo()
                 continue
-            if isinstance(raw, list):  # the check's reply: the changed hash, flat
-                it = iter(raw)
-                raw = dict(zip(it, it, strict=False))
             fields = raw if isinstance(raw, dict) else {}
             fetched[key] = fields
             if tiles is not None:

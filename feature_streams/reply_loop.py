@@ -12,7 +12,7 @@ with one write (``send_packed_command``), then the replies are read in one loop
 whole round trip.
 
 Replies are what the pipeline returns with ``raise_on_error=False`` for the commands
-the fetcher sends (``HGETALL``, ``HMGET``, ``HGET``, ``EVALSHA``): an error reply is its
+the fetcher sends (``HGETALL``, ``HMGET``, ``HGET``): an error reply is its
 ``ResponseError`` in place (e.g. ``WRONGTYPE``: one key's problem) and an ``HGETALL``
 reply is a ``dict`` (a RESP3 map is one already; a RESP2 flat list is paired up).
 Only these commands are accepted: others may need redis-py's response callbacks.
@@ -38,10 +38,8 @@ from redis.exceptions import ResponseError
 
 __all__ = ["READ_COMMANDS", "execute_reads", "pack_commands"]
 
-READ_COMMANDS = frozenset({"HGETALL", "HMGET", "HGET", "EVALSHA"})
-"""The commands :func:`execute_reads` runs (their replies need no callback); an
-``EVALSHA`` reply is the script's as Redis sends it (the fetcher's is the read-only
-:data:`feature_streams.tile_cache.CHECK_SCRIPT`)."""
+READ_COMMANDS = frozenset({"HGETALL", "HMGET", "HGET"})
+"""The commands :func:`execute_reads` runs (their replies need no callback)."""
 
 
 def pack_commands(commands: Sequence[tuple[Any, ...]], encoding: str = "utf-8") -> bytes:

@@ -5,12 +5,16 @@ Every write that changes a tile hash raises its version field
 in the same atomic script call. So a hash read at version ``v`` is, field for field,
 the hash as long as the version is still ``v``: :class:`TileHashCache` keeps the
 decoded ``HGETALL`` reply of each hash the fetcher read (and the window merges
-computed from it, by read layout), and the next micro-batch sends
-:data:`CHECK_SCRIPT` with the held version instead of ``HGETALL``. The script answers
-``1`` when the version is unchanged (the held hash is reused: no transfer, no parse,
-no merge) and the whole hash otherwise, in the same round trip, atomically with the
-check: a value is never served from a hash older than the one Redis holds at the
-check.
+computed from it, by read layout), and the next micro-batch reads only ``HGET key _v``
+for it, in its one round trip. The same version: the held hash is served (no
+transfer, no parse, no merge); another (or none): the hash is read whole in a second
+round trip. A value is never served from a hash older than the one Redis held when
+the micro-batch read the version.
+
+A check that answers "changed" costs one more round trip for the micro-batch. It is
+not done in the first one by a script (``if HGET == v then 1 else HGETALL``): Redis
+spends ~50 us converting a ~63-field hash to Lua and back, against ~12 us for a plain
+``HGETALL`` and ~5 us for the unchanged answer (``INFO commandstats``, bench/RESULTS.md).
 
 * Keyed by the hash's Redis key; an entry holds the version it was read at.
 * Only hashes that carry a version are kept (a hash written before versions existed,
@@ -22,38 +26,19 @@ check.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from feature_streams.keys import VERSION_FIELD, VERSION_FIELD_BYTES, lua_string
+from feature_streams.keys import VERSION_FIELD, VERSION_FIELD_BYTES
 
 __all__ = [
-    "CHECK_SCRIPT",
-    "CHECK_SHA",
-    "UNCHANGED",
     "CacheStats",
     "TileEntry",
     "TileHashCache",
     "hash_version",
 ]
-
-CHECK_SCRIPT = f"""
-local v = redis.call('HGET', KEYS[1], {lua_string(VERSION_FIELD)})
-if v and v == ARGV[1] then return 1 end
-return redis.call('HGETALL', KEYS[1])
-"""
-"""KEYS[1] = tile hash, ARGV[1] = the version held. Replies :data:`UNCHANGED` when the
-hash is at that version, else its ``HGETALL`` as a flat ``[field, value, ...]`` list
-(empty for a missing key)."""
-
-CHECK_SHA = hashlib.sha1(CHECK_SCRIPT.encode()).hexdigest()
-"""The SHA1 ``EVALSHA`` names :data:`CHECK_SCRIPT` by (``SCRIPT LOAD`` gives the same)."""
-
-UNCHANGED = 1
-""":data:`CHECK_SCRIPT`'s reply when the held version is current."""
 
 ENTRY_OVERHEAD_BYTES = 600
 """Estimated bytes of one entry besides its fields (entry, dict, key)."""

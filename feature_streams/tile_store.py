@@ -122,7 +122,7 @@ _APPLY_SOURCE = """
 local key = KEYS[1]
 local off_field = ARGV[1]
 local lateness = tonumber(ARGV[3])
-local head = redis.call('HMGET', key, off_field, $last_ts)
+local head = redis.call('HMGET', key, off_field, $last_ts, $version)
 local stored_off = tonumber(head[1] or '-1')
 local last_raw = head[2]
 local last_ts = last_raw and tonumber(last_raw)
@@ -229,8 +229,12 @@ while i <= n do
   end
 end
 if applied > 0 then
-  redis.call('HSET', key, off_field, new_off, $last_ts, last_raw)
-  $bump
+  local t = redis.call('TIME')
+  local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local old = tonumber(head[3] or '')
+  if old and old >= v and old < 2^53 - 1 then v = old + 1 end
+  redis.call('HSET', key, off_field, new_off, $last_ts, last_raw,
+             $version, string.format('%.0f', v))
   redis.call('PEXPIRE', key, ARGV[2])
 elseif new_off then
   redis.call('HSET', key, off_field, new_off)
@@ -248,9 +252,13 @@ end"""
 _BUMP = Template(_BUMP_SOURCE).substitute(version=lua_string(VERSION_FIELD))
 """Raise the hash's :data:`~feature_streams.keys.VERSION_FIELD` to ``max(old + 1, TIME
 in us)`` (Lua ``key`` in scope). Exact in a Lua double below 2**53 (TIME in
-microseconds is ~1.8e15); a field holding no number restarts at TIME."""
+microseconds is ~1.8e15); a field holding no number restarts at TIME. The apply script
+does the same inline: the old version read by its first ``HMGET`` and the new one
+written by its last ``HSET`` (no call of their own, on the worker's hot script)."""
 
-APPLY_SCRIPT = Template(_APPLY_SOURCE).substitute(last_ts=lua_string(LAST_TS_FIELD), bump=_BUMP)
+APPLY_SCRIPT = Template(_APPLY_SOURCE).substitute(
+    last_ts=lua_string(LAST_TS_FIELD), version=lua_string(VERSION_FIELD)
+)
 """KEYS[1] = hash; ARGV = offset field, retention ms, lateness ms, payload. The
 payload is the events' tokens, each ended by a newline: per event ``offset, ts_ms,
 m`` followed by ``m`` tokens, each update's ``TileUpdate.args()`` cut to ``op,

@@ -1,18 +1,19 @@
 """Tile hashes kept by version in the fetcher, against a real Redis: a kept hash is
-served only while Redis holds the same version (checked in the micro-batch's one round
-trip), and every read equals one without the cache across writes, late events, trims,
-deletions, re-creations and a script flush."""
+served only while Redis holds the same version (read in the micro-batch's round trip;
+a changed hash is read whole in a second one), and every read equals one without the
+cache across writes, late events, trims, deletions and re-creations."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 
 from feature_streams.definitions import load_definitions
 from feature_streams.fetcher import KEY_ERROR, BatchSnapshotCache, FeatureFetcher
@@ -84,6 +85,25 @@ async def _both(
     return _outcome(got)
 
 
+class _Sends:
+    """Counts the round trips (one packed write each) of a client built by :meth:`client`."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def client(self, url: str) -> Redis:
+        sends = self
+
+        class Counted(Connection):
+            async def send_packed_command(
+                self, command: bytes | str | Iterable[bytes], check_health: bool = True
+            ) -> None:
+                sends.n += 1
+                await super().send_packed_command(command, check_health)
+
+        return Redis.from_url(url, connection_class=Counted)
+
+
 def _batch(card: str, events: Sequence[tuple[int, int, float]]) -> KeyBatch:
     """``events``: (offset, ts, amount) of one card, in offset order."""
     updates = [
@@ -106,34 +126,40 @@ def _batch(card: str, events: Sequence[tuple[int, int, float]]) -> KeyBatch:
 
 
 async def test_an_unchanged_hash_is_checked_not_read_and_a_change_is_seen_at_once(
-    client: Redis,
+    client: Redis, redis_url: str
 ) -> None:
     store = TileStore(client)
     await store.apply([_batch("c0", [(0, T0 - 5 * MINUTE, 10.0), (1, T0 - MINUTE, 20.0)])])
+    sends = _Sends()
+    counted = sends.client(redis_url)
     cache = TileHashCache()
-    cached, plain = await _fetchers(client, cache)
-    first = await _both(cached, plain, [T0, T0 + 1], ["c0", "c0"])
-    assert (cache.stats().hits, cache.stats().misses, cache.stats().entries) == (0, 1, 1)
-    # the first check loads the script (NOSCRIPT: read whole once more), then it runs
-    assert await _both(cached, plain, [T0, T0 + 1], ["c0", "c0"]) == first
-    assert (cache.stats().hits, cache.stats().misses) == (0, 2)
-    client_sends = await client.info("commandstats")
-    checks = client_sends.get("cmdstat_evalsha", {}).get("calls", 0)
-    hgetalls = client_sends["cmdstat_hgetall"]["calls"]
-    assert await _both(cached, plain, [T0, T0 + 1], ["c0", "c0"]) == first
-    assert (cache.stats().hits, cache.stats().misses) == (1, 2)
-    stats = await client.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == checks + 1
-    assert stats["cmdstat_hgetall"]["calls"] == hgetalls + 1  # the plain fetcher's only
+    cached = FeatureFetcher(counted, BatchSnapshotCache(counted, []), tile_cache=cache)
+    _, plain = await _fetchers(client, cache)
+    try:
+        first = await _both(cached, plain, [T0, T0 + 1], ["c0", "c0"])
+        assert (cache.stats().hits, cache.stats().misses, cache.stats().entries) == (0, 1, 1)
+        before = await client.info("commandstats")
+        sends.n = 0
+        assert await _both(cached, plain, [T0, T0 + 1], ["c0", "c0"]) == first
+        assert (cache.stats().hits, cache.stats().misses) == (1, 1)
+        after = await client.info("commandstats")
+        hgets = before.get("cmdstat_hget", {}).get("calls", 0)
+        assert after["cmdstat_hget"]["calls"] == hgets + 1  # the version only
+        assert after["cmdstat_hgetall"]["calls"] == before["cmdstat_hgetall"]["calls"] + 1
+        assert sends.n == 1  # (that HGETALL was the plain fetcher's) one round trip
 
-    await store.apply([_batch("c0", [(2, T0 - 30_000, 5.0)])])  # a tile changes
-    changed = await _both(cached, plain, [T0], ["c0"])
-    assert changed[0][0] != first[0][0]  # new values served, not the kept ones
-    assert (cache.stats().hits, cache.stats().misses) == (1, 3)
+        await store.apply([_batch("c0", [(2, T0 - 30_000, 5.0)])])  # a tile changes
+        sends.n = 0
+        changed = await _both(cached, plain, [T0], ["c0"])
+        assert changed[0][0] != first[0][0]  # new values served, not the kept ones
+        assert (cache.stats().hits, cache.stats().misses) == (1, 2)
+        assert sends.n == 2  # the version, then the changed hash
+    finally:
+        await counted.aclose()
 
 
-@pytest.mark.parametrize("seed", [0, 3, 7])  # 0 and 3 read a trimmed tile under a kept version
-async def test_random_writes_trims_deletes_and_flushes_never_serve_a_stale_hash(
+@pytest.mark.parametrize("seed", [0, 3, 7])  # each reads a trimmed tile under a kept version
+async def test_random_writes_trims_and_deletes_never_serve_a_stale_hash(
     client: Redis, seed: int
 ) -> None:
     rng = random.Random(seed)
@@ -145,7 +171,7 @@ async def test_random_writes_trims_deletes_and_flushes_never_serve_a_stale_hash(
     lateness = STREAM.group.allowed_lateness_ms
     ops: list[str] = []
     for _ in range(60):
-        op = rng.choice(["write", "write", "late", "fetch", "fetch", "trim", "delete", "flush"])
+        op = rng.choice(["write", "write", "late", "fetch", "fetch", "trim", "delete"])
         ops.append(op)
         card = rng.choice(CARDS)
         if op in ("write", "late"):
@@ -161,26 +187,12 @@ async def test_random_writes_trims_deletes_and_flushes_never_serve_a_stale_hash(
             await store.trim(STREAM, [tile_key(GROUP, c) for c in CARDS])
         elif op == "delete":
             await client.delete(tile_key(GROUP, card))
-        elif op == "flush":
-            await client.script_flush()
         # reads before a card's newest event too: there, a trim changes what is read
         cards = [*CARDS, *CARDS, "nobody"]
         times = [newest.get(c, T0) + rng.randrange(-3 * 60 * MINUTE, 86_400_000) for c in cards]
         await _both(cached, plain, times, cards)
     stats = cache.stats()
     assert stats.hits > 20 and stats.misses > 20, (stats, ops)
-
-
-async def test_a_script_flush_is_read_through_and_the_check_loaded_again(client: Redis) -> None:
-    await TileStore(client).apply([_batch("c0", [(0, T0 - MINUTE, 10.0)])])
-    cache = TileHashCache()
-    cached, plain = await _fetchers(client, cache)
-    before = await _both(cached, plain, [T0], ["c0"])
-    await client.script_flush()
-    assert await _both(cached, plain, [T0], ["c0"]) == before  # NOSCRIPT: read whole
-    hits = cache.stats().hits
-    assert await _both(cached, plain, [T0], ["c0"]) == before
-    assert cache.stats().hits == hits + 1  # the check runs again
 
 
 async def test_a_kept_key_replaced_by_a_non_hash_degrades_only_its_rows(client: Redis) -> None:
