@@ -1,5 +1,5 @@
 """``features.tile_cache_entries`` / ``tile_cache_bytes`` reach the fetcher's tile cache
-(standalone Redis), and 0 turns it off."""
+(standalone Redis), 0 turns it off, and its counters are exported."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from redis.asyncio import Redis
 
 from feature_streams.fetcher import BatchSnapshotCache
 from feature_streams.keys import VERSION_FIELD_BYTES
+from feature_streams.tile_cache import TileHashCache
 from server.feature_store import FeatureStore, store_options
+from server.metrics import Metrics
 from server.settings import load_settings
 
 
@@ -34,3 +36,19 @@ def test_the_tile_cache_is_on_by_default_with_the_settings_bounds() -> None:
 def test_zero_entries_or_bytes_turn_it_off() -> None:
     assert _store("features.tile_cache_entries=0").fetcher.tile_cache is None
     assert _store("features.tile_cache_bytes=0").fetcher.tile_cache is None
+
+
+def test_the_tile_cache_counters_are_exported_at_scrape() -> None:
+    metrics = Metrics()
+    tiles = TileHashCache(1, 1 << 20)
+    metrics.track_tile_cache(tiles.stats)
+    entry = tiles.store("a", {VERSION_FIELD_BYTES: b"1", b"0:n": b"2"})
+    assert entry is not None
+    tiles.hit(entry)
+    tiles.store("b", {VERSION_FIELD_BYTES: b"1"})  # evicts a
+    sample = metrics.registry.get_sample_value
+    assert sample("streamscore_feature_tile_cache_hits_total") == 1.0
+    assert sample("streamscore_feature_tile_cache_misses_total") == 2.0
+    assert sample("streamscore_feature_tile_cache_evictions_total") == 1.0
+    assert sample("streamscore_feature_tile_cache_entries") == 1.0
+    assert (sample("streamscore_feature_tile_cache_bytes") or 0.0) > 0.0
