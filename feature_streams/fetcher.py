@@ -53,7 +53,6 @@ from feature_streams.cluster_pipeline import (
 )
 from feature_streams.keys import (
     LAST_TS_FIELD_BYTES,
-    VERSION_FIELD,
     active_key,
     as_text,
     check_group,
@@ -284,9 +283,9 @@ class FeatureFetcher:
     ``batch_cache`` keeps decoded batch-snapshot rows by snapshot id, so only entities
     it does not hold are read (:mod:`feature_streams.batch_cache`); ``None``: read all.
     ``tile_cache`` keeps fetched tile hashes by version, so for a hash it holds only
-    the version is read (``HGET``), and the hash is read whole, in a second round trip,
-    only when it changed (:mod:`feature_streams.tile_cache`; standalone Redis only);
-    ``None``: read all.
+    its version and offsets are read (``HMGET``), and the hash is read whole, in a
+    second round trip, only when it changed (:mod:`feature_streams.tile_cache`;
+    standalone Redis only); ``None``: read all.
     """
 
     def __init__(
@@ -442,7 +441,7 @@ class FeatureFetcher:
                         pipe.hgetall(key)
                     else:  # only its version: the hash is read whole only if it changed
                         checks.append((len(pipe), key, held))
-                        pipe.hget(key, VERSION_FIELD)
+                        pipe.hmget(key, held.check)
                 members.append(item)
                 keys.append(key)
             if members:
@@ -465,7 +464,7 @@ class FeatureFetcher:
         changed = [
             (n, key)
             for n, key, held in checks
-            if results[n] != held.version and not isinstance(results[n], BaseException)
+            if not isinstance(results[n], BaseException) and results[n] != held.expected
         ]
         if not changed:
             return results

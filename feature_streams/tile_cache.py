@@ -5,11 +5,13 @@ Every write that changes a tile hash raises its version field
 in the same atomic script call. So a hash read at version ``v`` is, field for field,
 the hash as long as the version is still ``v``: :class:`TileHashCache` keeps the
 decoded ``HGETALL`` reply of each hash the fetcher read (and the window merges
-computed from it, by read layout), and the next micro-batch reads only ``HGET key _v``
-for it, in its one round trip. The same version: the held hash is served (no
-transfer, no parse, no merge); another (or none): the hash is read whole in a second
-round trip. A value is never served from a hash older than the one Redis held when
-the micro-batch read the version.
+computed from it, by read layout), and the next micro-batch reads only ``HMGET key _v
+<offset fields>`` for it, in its one round trip. The same values: the held hash is
+served (no transfer, no parse, no merge); any other: the hash is read whole in a second
+round trip. The offset fields make the check safe while stream workers of an older
+release (which do not raise ``_v``) still apply events: every apply moves an offset.
+A value is never served from a hash older than the one Redis held when the
+micro-batch read the version.
 
 A check that answers "changed" costs one more round trip for the micro-batch. It is
 not done in the first one by a script (``if HGET == v then 1 else HGETALL``): Redis
@@ -31,12 +33,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from feature_streams.keys import VERSION_FIELD, VERSION_FIELD_BYTES
+from feature_streams.keys import OFFSET_FIELD_PREFIX, VERSION_FIELD, VERSION_FIELD_BYTES
 
 __all__ = [
     "CacheStats",
     "TileEntry",
     "TileHashCache",
+    "check_fields",
     "hash_version",
 ]
 
@@ -45,6 +48,9 @@ ENTRY_OVERHEAD_BYTES = 600
 FIELD_OVERHEAD_BYTES = 110
 """Estimated bytes per field of a kept hash besides the names' and values' lengths
 (two ``bytes`` objects and a dict slot)."""
+
+_OFFSET = OFFSET_FIELD_PREFIX + ":"
+_OFFSET_BYTES = _OFFSET.encode()
 
 _MAX_MERGES = 4
 """Window merges kept per hash (one per read layout; layouts change once a step)."""
@@ -59,13 +65,34 @@ def hash_version(fields: Mapping[Any, Any]) -> bytes | str | None:
     return version
 
 
+def check_fields(fields: Mapping[Any, Any]) -> tuple[Any, ...]:
+    """The fields a kept hash is checked by: its version, then every Kafka offset field
+    it holds (sorted), named as the client returned them."""
+    version = VERSION_FIELD_BYTES if VERSION_FIELD_BYTES in fields else VERSION_FIELD
+    offsets = sorted(
+        name
+        for name in fields
+        if (name.startswith(_OFFSET_BYTES) if isinstance(name, bytes) else name.startswith(_OFFSET))
+    )
+    return (version, *offsets)
+
+
 @dataclass(slots=True)
 class TileEntry:
-    """One hash as read at ``version``; ``fields`` is never mutated once kept."""
+    """One hash as read at ``version``; ``fields`` is never mutated once kept.
+
+    ``check`` names the fields re-read to confirm the hash unchanged (:func:`check_fields`)
+    and ``expected`` their values as read. Besides the version they hold the hash's
+    offset fields: a stream worker of an older release applies events without raising
+    the version, but it always moves its partition's offset, so a hash it changed is
+    read again instead of being served as kept (mixed-release rollouts).
+    """
 
     version: bytes | str
     fields: Mapping[Any, Any]
     size: int
+    check: tuple[Any, ...] = ()
+    expected: list[Any] = field(default_factory=list)
     merges: dict[object, Any] = field(default_factory=dict)
     """Window merges of these fields by read layout (see ``HashWindowReader``)."""
 
@@ -139,7 +166,8 @@ class TileHashCache:
             return None
         size = ENTRY_OVERHEAD_BYTES + len(key) + FIELD_OVERHEAD_BYTES * len(fields)
         size += sum(len(name) + len(value) for name, value in fields.items())
-        entry = TileEntry(version, fields, size)
+        check = check_fields(fields)
+        entry = TileEntry(version, fields, size, check, [fields.get(name) for name in check])
         self._entries[key] = entry
         self._bytes += size
         while self._entries and (

@@ -786,11 +786,11 @@ class FeaturesSettings(_Frozen):
         default=100_000,
         ge=0,
         description="Stream tile hashes (one entity of one group) kept in process by their "
-        "version field: for a kept hash the micro-batch's round trip reads only its version, "
-        "and a changed hash is read whole in a second round trip (standalone Redis; a "
-        "cluster reads every hash). 0 = none kept. Every writer of tile hashes must raise "
-        "the version (the stream worker of this release does): run no older worker against "
-        "a server with it on.",
+        "version field: for a kept hash the micro-batch's round trip reads only its version "
+        "and Kafka offset fields, and a changed hash is read whole in a second round trip "
+        "(standalone Redis; a cluster reads every hash). 0 = none kept. A stream worker of "
+        "an older release (no version raise) still moves an offset with every apply, so "
+        "mixed-release rollouts never serve a kept hash it changed.",
     )
     tile_cache_bytes: int = Field(
         default=128 * 1024 * 1024,

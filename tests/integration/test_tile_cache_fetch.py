@@ -17,7 +17,7 @@ from redis.asyncio.connection import Connection
 
 from feature_streams.definitions import load_definitions
 from feature_streams.fetcher import KEY_ERROR, BatchSnapshotCache, FeatureFetcher
-from feature_streams.keys import LAST_TS_FIELD, VERSION_FIELD, tile_key
+from feature_streams.keys import LAST_TS_FIELD, VERSION_FIELD, offset_field, tile_key
 from feature_streams.read_plan import FetchPlan, FetchRow
 from feature_streams.redis_client import RedisOptions, connect
 from feature_streams.tile_cache import TileHashCache
@@ -143,8 +143,8 @@ async def test_an_unchanged_hash_is_checked_not_read_and_a_change_is_seen_at_onc
         assert await _both(cached, plain, [T0, T0 + 1], ["c0", "c0"]) == first
         assert (cache.stats().hits, cache.stats().misses) == (1, 1)
         after = await client.info("commandstats")
-        hgets = before.get("cmdstat_hget", {}).get("calls", 0)
-        assert after["cmdstat_hget"]["calls"] == hgets + 1  # the version only
+        hmgets = before.get("cmdstat_hmget", {}).get("calls", 0)
+        assert after["cmdstat_hmget"]["calls"] == hmgets + 1  # version and offsets only
         assert after["cmdstat_hgetall"]["calls"] == before["cmdstat_hgetall"]["calls"] + 1
         assert sends.n == 1  # (that HGETALL was the plain fetcher's) one round trip
 
@@ -230,3 +230,34 @@ async def test_on_a_cluster_the_fetcher_keeps_no_tile_hashes(redis_cluster_url: 
         assert fetcher.tile_cache is None
     finally:
         await client.aclose()
+
+
+async def test_a_change_by_an_older_worker_without_the_version_raise_is_seen(
+    client: Redis,
+) -> None:
+    """During a rollout a stream worker of the previous release applies events without
+    raising ``_v``; it always moves its partition's offset field, which the check reads
+    too, so the kept hash is read again rather than served stale."""
+    key = tile_key(GROUP, "c0")
+    store = TileStore(client)
+    await store.apply([_batch("c0", [(0, T0 - 5 * MINUTE, 10.0), (1, T0 - MINUTE, 20.0)])])
+    cache = TileHashCache()
+    cached, plain = await _fetchers(client, cache)
+    first = await _both(cached, plain, [T0], ["c0"])
+    assert await _both(cached, plain, [T0], ["c0"]) == first
+    assert cache.stats().hits == 1
+    version = await client.hget(key, VERSION_FIELD)
+    # what the previous release's apply script writes for one more event: the tile,
+    # the offset and _last_ts, and no version
+    await client.hset(
+        key,
+        mapping={
+            f"{(T0 - 30_000) // MINUTE * MINUTE}:n": "7",
+            offset_field("tx", 0): "2",
+            LAST_TS_FIELD: str(T0 - 30_000),
+        },
+    )
+    assert await client.hget(key, VERSION_FIELD) == version
+    changed = await _both(cached, plain, [T0], ["c0"])
+    assert changed != first
+    assert cache.stats().hits == 1  # not served from the kept hash

@@ -81,3 +81,14 @@ def test_merges_memo_is_bounded_per_hash() -> None:
     for n in range(10):
         entry.merge_memo()[n] = [n]
     assert len(entry.merges) <= 4
+
+
+def test_a_kept_hash_is_checked_by_its_version_and_every_offset_field() -> None:
+    from feature_streams.tile_cache import check_fields
+
+    raw = {b"_v": b"9", b"_off:tx:3": b"4", b"_off:tx:0": b"7", b"_last_ts": b"1", b"60000:n": b"2"}
+    assert check_fields(raw) == (b"_v", b"_off:tx:0", b"_off:tx:3")
+    assert check_fields({"_v": "9", "_off:tx:1": "2", "0:s": "1.5"}) == ("_v", "_off:tx:1")
+    cache = TileHashCache()
+    entry = cache.store("k", raw)
+    assert entry is not None and entry.expected == [b"9", b"7", b"4"]
