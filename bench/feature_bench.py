@@ -13,6 +13,9 @@
    features sent in the request (no fetch), same server settings, 64 callers;
    server pinned to core 0, load generator to core 1. ``--profile-out PATH`` then
    py-spies the server under the fetched load (``--py-spy``: the binary to use).
+   ``--score-write-rate N`` applies N new events per second to the tile hashes during
+   every scenario (a live stream, so the server's tile cache sees changed hashes);
+   ``--score-warmup S`` loads each scenario for S seconds before measuring it.
 3. ``--cluster-fetch``: ``FeatureStore.fill`` for the same 64-request micro-batches
    on a local Redis Cluster (3 primaries + 3 replicas) vs one Redis, both seeded with
    the same data and running at once. Every redis-server (both sides) is pinned to
@@ -44,6 +47,7 @@ import os
 import random
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -457,12 +461,99 @@ def run_cluster(args: argparse.Namespace, defs: FeatureDefinitions) -> dict[str,
     }
 
 
+class LiveWrites:
+    """New events applied to the tile hashes while a block runs, as a stream worker
+    would: ``events_per_s`` events "now" (every 20 ms a share), each on a random card
+    and its merchant, by a thread pinned to the client core with its own loop."""
+
+    def __init__(self, url: str, defs: FeatureDefinitions, cards: int, events_per_s: float):
+        self._url = url
+        self._plans = {name: GroupPlan.build(g) for name, g in defs.stream_groups.items()}
+        self._cards = cards
+        self._rate = events_per_s
+        self._offset = 10**9  # above every offset of the seed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.events = 0
+        """Events written (each updates a card hash and a merchant hash)."""
+        self.applied = 0
+        """Hash updates applied (about two per event)."""
+        self.seconds = 0.0
+
+    def __enter__(self) -> LiveWrites:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="live-writes", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        os.sched_setaffinity(0, CLIENT_CPUS)
+        asyncio.run(self._write())
+
+    async def _write(self) -> None:
+        client = Redis.from_url(self._url)
+        store = TileStore(client)
+        rng = random.Random(2)
+        started = time.monotonic()
+        owed = 0.0
+        try:
+            while not self._stop.is_set():
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                owed += (now - started - self.seconds) * self._rate
+                self.seconds = now - started
+                n, owed = int(owed), owed - int(owed)
+                if n:
+                    result = await store.apply(self._batches(rng, n))
+                    self.events += n
+                    self.applied += result.applied
+        finally:
+            await client.aclose()
+
+    def _batches(self, rng: random.Random, n: int) -> list[KeyBatch]:
+        by_key: dict[tuple[str, str], list[EventUpdates]] = {}
+        now_ms = int(time.time() * 1000)
+        for _ in range(n):
+            card = rng.randrange(self._cards)
+            event = {
+                "card_id": f"card_id-{card}",
+                "merchant_id": f"merchant_id-{card % 50}",
+                "event_time_ms": now_ms,
+                "amount": rng.random() * 300,
+                "is_international": rng.randrange(2),
+            }
+            self._offset += 1
+            for name, plan in self._plans.items():
+                key = tile_key(name, str(event[plan.group.key]))
+                updates = EventUpdates(self._offset, now_ms, updates_for_event(plan, event))
+                by_key.setdefault((name, key), []).append(updates)
+        return [
+            KeyBatch(key, "bench", 0, self._plans[name].retention_ms, 10**12, events)
+            for (name, key), events in by_key.items()
+        ]
+
+
 def bench_score(
-    url: str, repository: Path, cards: int, duration_s: float, rounds_n: int = 1
+    url: str,
+    repository: Path,
+    cards: int,
+    duration_s: float,
+    rounds_n: int = 1,
+    write_rate: float = 0.0,
+    defs: FeatureDefinitions | None = None,
+    warmup_s: float = 1.0,
 ) -> dict[str, Any]:
     """Score throughput with features fetched from Redis vs all sent in the request:
     ``rounds_n`` alternating rounds (sent, fetched); the ratio is the median of the
-    rounds' ratios."""
+    rounds' ratios. ``write_rate`` > 0: that many new events per second are applied to
+    the tile hashes during every scenario (:class:`LiveWrites`), both sides.
+    ``warmup_s``: load before the measured ``duration_s`` of each scenario (the server
+    starts with empty in-process caches in every scenario)."""
     from bench.serving_bench import Scenario, run_scenario
 
     features = ("features.definitions_path=features.yaml", f"redis.url={url}")
@@ -480,12 +571,24 @@ def bench_score(
     for _ in range(rounds_n):  # alternate, so drift on a shared machine hits both
         out: dict[str, Any] = {}
         for scenario in scenarios:
-            m = run_scenario(scenario, repository, "fraud", duration_s, 1.0)
+            writes: dict[str, float] = {}
+            if write_rate > 0:
+                assert defs is not None
+                with LiveWrites(url, defs, cards, write_rate) as live:
+                    m = run_scenario(scenario, repository, "fraud", duration_s, warmup_s)
+                writes = {
+                    "events": live.events,
+                    "events_per_s": live.events / live.seconds,
+                    "hash_updates_applied": live.applied,
+                }
+            else:
+                m = run_scenario(scenario, repository, "fraud", duration_s, warmup_s)
             out[scenario.name] = {
                 "throughput_rps": m.throughput_rps,
                 "latency_us": m.latency_us,
                 "server_cpu_us_per_request": m.server_cpu_us_per_request,
                 "errors": m.errors,
+                **({"live_writes": writes} if writes else {}),
             }
         sent = out["score features sent c64"]["throughput_rps"]
         out["ratio_fetched_vs_sent"] = out["score features fetched c64"]["throughput_rps"] / sent
@@ -556,6 +659,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="fetch,window_read,score",
         help="comma-separated parts to run (fetch, window_read, score); default all",
     )
+    parser.add_argument(
+        "--score-write-rate",
+        type=float,
+        default=0.0,
+        help="score: new events per second applied to the tile hashes during every "
+        "scenario (a live stream; default 0: static data)",
+    )
+    parser.add_argument(
+        "--score-warmup",
+        type=float,
+        default=1.0,
+        help="score: seconds of load before each scenario's measured duration (default 1; "
+        "longer warms the server's caches, which start empty in every scenario)",
+    )
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument(
         "--profile-out",
@@ -602,7 +719,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = asyncio.run(run())
         if "score" in parts:
             result["score"] = bench_score(
-                redis.url, args.repository, args.cards, args.duration, args.score_rounds
+                redis.url,
+                args.repository,
+                args.cards,
+                args.duration,
+                args.score_rounds,
+                args.score_write_rate,
+                defs,
+                args.score_warmup,
             )
             if args.profile_out is not None:
                 result["score_profile"] = profile_score(

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError, ResponseError
@@ -66,13 +67,13 @@ from feature_streams.read_plan import (
     FetchPlan,
     FetchRow,
     Freshness,
-    ReadPipeline,
     SnapshotGoneError,
     StreamColumns,
     queue_reads,
 )
 from feature_streams.redis_client import AnyRedis
 from feature_streams.reply_loop import execute_reads
+from feature_streams.tile_cache import TileEntry, TileHashCache
 
 __all__ = [
     "KEY_ERROR",
@@ -258,8 +259,20 @@ class _BatchRead:
         return 0 if self.plan is None else self.plan.n_commands
 
 
+@dataclass(slots=True)
+class _StreamRead:
+    """One stream group of a micro-batch: its rows, their keys and one read per key."""
+
+    columns: StreamColumns
+    members: list[FetchRow]
+    keys: list[str]  # per member
+    unique: list[str]  # one command each, in queue order
+    held: list[TileEntry | None]  # per unique key: the hash checked by version, if any
+
+
 _Batches = list[_BatchRead]
-_Streams = list[tuple[StreamColumns, list[FetchRow], list[str], list[str]]]
+_Streams = list[_StreamRead]
+_Fetched = Mapping[str, Mapping[bytes, bytes] | BaseException]
 
 
 class FeatureFetcher:
@@ -269,6 +282,10 @@ class FeatureFetcher:
     ``node_health`` gates each cluster node's pipeline (ignored on a standalone Redis).
     ``batch_cache`` keeps decoded batch-snapshot rows by snapshot id, so only entities
     it does not hold are read (:mod:`feature_streams.batch_cache`); ``None``: read all.
+    ``tile_cache`` keeps fetched tile hashes by version, so for a hash it holds only
+    its version and offsets are read (``HMGET``), and the hash is read whole, in a
+    second round trip, only when it changed (:mod:`feature_streams.tile_cache`;
+    standalone Redis only); ``None``: read all.
     """
 
     def __init__(
@@ -277,16 +294,20 @@ class FeatureFetcher:
         snapshots: BatchSnapshotCache,
         node_health: NodeHealth | None = None,
         batch_cache: BatchValueCache | None = None,
+        tile_cache: TileHashCache | None = None,
     ) -> None:
         self._client = client
         self._snapshots = snapshots
         self._batch_cache = batch_cache if batch_cache is not None and batch_cache.enabled else None
         self._cluster: NodePipelines | None = None
         self._standalone: Redis | None = None
+        self._tile_cache: TileHashCache | None = None
         if isinstance(client, RedisCluster):
             self._cluster = NodePipelines(client, node_health)
         else:
             self._standalone = client
+            if tile_cache is not None and tile_cache.enabled:
+                self._tile_cache = tile_cache
         self._refreshing: asyncio.Task[object] | None = None
         self._next_log = 0.0
 
@@ -299,6 +320,11 @@ class FeatureFetcher:
     def batch_cache(self) -> BatchValueCache | None:
         """The decoded batch rows kept between micro-batches (``None``: none kept)."""
         return self._batch_cache
+
+    @property
+    def tile_cache(self) -> TileHashCache | None:
+        """The tile hashes kept by version (``None``: none kept, e.g. on a cluster)."""
+        return self._tile_cache
 
     async def aclose(self) -> None:
         """Stop background work (a cluster slot map refresh in flight); idempotent."""
@@ -323,7 +349,7 @@ class FeatureFetcher:
         round_trip_s: float | None = None
         results: Sequence[object] = ()
         queued = QueuedReads()
-        batch_reads, stream_reads = self._queue(plan, rows, queued)
+        batch_reads, stream_reads, checks = self._queue(plan, rows, queued)
         if not batch_reads and not stream_reads:
             return _NOTHING_READ
         if queued.commands:
@@ -332,6 +358,10 @@ class FeatureFetcher:
                 unavailable = _unavailable_nodes(results)
             elif self._standalone is not None:
                 results = await execute_reads(self._standalone, queued.commands, timeout_s)
+                if checks:
+                    results = await self._read_changed(
+                        self._standalone, checks, results, timeout_s, started
+                    )
             round_trip_s = loop.time() - started
         for reply in results:
             if (
@@ -349,14 +379,12 @@ class FeatureFetcher:
             snapshots[batch_read.columns.spec.group] = batch_read.snapshot_id
             if not self._apply_batch_group(batch_read, chunk):
                 gone.append(batch_read.columns.spec.group)
-        for stream, stream_members, keys, unique in stream_reads:
+        for stream_read in stream_reads:
+            unique = stream_read.unique
             chunk = results[offset : offset + len(unique)]
             offset += len(unique)
-            fetched: dict[str, Mapping[bytes, bytes] | BaseException] = {
-                key: raw if isinstance(raw, dict | BaseException) else {}
-                for key, raw in zip(unique, chunk, strict=True)
-            }
-            self._apply_stream_group(stream, stream_members, keys, fetched)
+            fetched, memos = self._hashes(stream_read, chunk)
+            self._apply_stream_group(stream_read, fetched, memos)
         read = MappingProxyType(snapshots)
         if snapshots:
             for item in rows:
@@ -370,8 +398,8 @@ class FeatureFetcher:
         return FetchResult(round_trip_s, read, tuple(gone), unavailable)
 
     def _queue(
-        self, plan: FetchPlan, rows: Sequence[FetchRow], pipe: ReadPipeline
-    ) -> tuple[_Batches, _Streams]:
+        self, plan: FetchPlan, rows: Sequence[FetchRow], pipe: QueuedReads
+    ) -> tuple[_Batches, _Streams, list[tuple[int, str, TileEntry]]]:
         batch_reads: _Batches = []
         cache = self._batch_cache
         for columns in plan.batch:
@@ -393,9 +421,11 @@ class FeatureFetcher:
                 read_plan = queue_reads(pipe, spec, snapshot, ids) if ids else None
                 batch_reads.append(_BatchRead(columns, snapshot, members, cached, read_plan))
         stream_reads: _Streams = []
+        checks: list[tuple[int, str, TileEntry]] = []  # (command position, key, hash held)
+        tiles = self._tile_cache
         for stream in plan.stream:
             members, keys = [], []
-            queued: dict[str, None] = {}
+            queued: dict[str, TileEntry | None] = {}
             for item in rows:
                 if item.store_sent and item.sent[stream.column_index].all():
                     continue
@@ -404,14 +434,76 @@ class FeatureFetcher:
                     self._missing_entity(plan, item, [c for _, c in stream.outputs])
                     continue
                 key = tile_key(stream.plan.group.name, entity_id)
-                if key not in queued:  # one HGETALL per entity, however many requests
-                    queued[key] = None
-                    pipe.hgetall(key)
+                if key not in queued:  # one read per entity, however many requests
+                    held = None if tiles is None else tiles.get(key)
+                    queued[key] = held
+                    if held is None:
+                        pipe.hgetall(key)
+                    else:  # only its version: the hash is read whole only if it changed
+                        checks.append((len(pipe), key, held))
+                        pipe.hmget(key, held.check)
                 members.append(item)
                 keys.append(key)
             if members:
-                stream_reads.append((stream, members, keys, list(queued)))
-        return batch_reads, stream_reads
+                stream_reads.append(
+                    _StreamRead(stream, members, keys, list(queued), list(queued.values()))
+                )
+        return batch_reads, stream_reads, checks
+
+    @staticmethod
+    async def _read_changed(
+        client: Redis,
+        checks: Sequence[tuple[int, str, TileEntry]],
+        results: Sequence[object],
+        timeout_s: float | None,
+        started: float,
+    ) -> Sequence[object]:
+        """``results`` with each checked hash whose version is no longer the one held
+        replaced by its ``HGETALL``, read now: a second round trip, only when some kept
+        hash changed (an error reply stays: that key's error), within the same budget."""
+        changed = [
+            (n, key)
+            for n, key, held in checks
+            if not isinstance(results[n], BaseException) and results[n] != held.expected
+        ]
+        if not changed:
+            return results
+        left = None
+        if timeout_s is not None:
+            left = timeout_s - (asyncio.get_running_loop().time() - started)
+            if left <= 0:
+                raise TimeoutError("feature fetch: no time left to read the changed hashes")
+        again = await execute_reads(client, [("HGETALL", key) for _, key in changed], left)
+        replaced = list(results)
+        for (n, _), reply in zip(changed, again, strict=True):
+            replaced[n] = reply
+        return replaced
+
+    def _hashes(
+        self, read: _StreamRead, replies: Sequence[object]
+    ) -> tuple[_Fetched, Mapping[str, dict[object, Any]]]:
+        """Each key's hash (or error) from its reply, and the merge memo of each hash
+        the tile cache holds; what was read whole is kept by the cache."""
+        tiles = self._tile_cache
+        fetched: dict[str, Mapping[bytes, bytes] | BaseException] = {}
+        memos: dict[str, dict[object, Any]] = {}
+        for key, raw, held in zip(read.unique, replies, read.held, strict=True):
+            if isinstance(raw, BaseException):
+                fetched[key] = raw
+                if tiles is not None:
+                    tiles.discard(key)
+                continue
+            if held is not None and tiles is not None and not isinstance(raw, dict):
+                fetched[key] = tiles.hit(held)  # its version was the one held
+                memos[key] = held.merge_memo()
+                continue
+            fields = raw if isinstance(raw, dict) else {}
+            fetched[key] = fields
+            if tiles is not None:
+                entry = tiles.store(key, fields)
+                if entry is not None:
+                    memos[key] = entry.merge_memo()
+        return fetched, memos
 
     def _apply_batch_group(self, batch: _BatchRead, results: Sequence[object]) -> bool:
         """Place one group's values; False when its snapshot was gone (defaults)."""
@@ -509,12 +601,9 @@ class FeatureFetcher:
         return rows, read.key_errors, down
 
     def _apply_stream_group(
-        self,
-        stream: StreamColumns,
-        members: list[FetchRow],
-        keys: list[str],
-        fetched: Mapping[str, Mapping[bytes, bytes] | BaseException],
+        self, read: _StreamRead, fetched: _Fetched, memos: Mapping[str, dict[object, Any]]
     ) -> None:
+        stream, members, keys = read.columns, read.members, read.keys
         group = stream.plan.group.name
         read_many = stream.reader.read_many
         placement = stream.placement
@@ -538,7 +627,8 @@ class FeatureFetcher:
                 reason = VALUE_INVALID
                 last = hash_fields.get(LAST_TS_FIELD_BYTES)
                 last_ms = None if last is None else int(float(last))
-                all_values = read_many(hash_fields, [item.t_ms for item in items])
+                times = [item.t_ms for item in items]
+                all_values = read_many(hash_fields, times, memos.get(key))
             except (ResponseError, ValueError, TypeError, OverflowError) as error:
                 if reason == VALUE_INVALID:
                     self._log_invalid(group, key, (repr(error)[:200],))

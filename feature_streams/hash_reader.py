@@ -34,7 +34,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from feature_streams.definitions import AggKind
 from feature_streams.windows import (
@@ -88,6 +88,8 @@ class _ReadLayout:
 
     ranges: tuple[_RangeNames, ...]
     lookups: int
+    key: tuple[int, bool]
+    """``(t // step, t on a step boundary)``: equal keys, equal names."""
 
 
 class HashWindowReader:
@@ -128,17 +130,17 @@ class HashWindowReader:
         if layout is None:
             if len(self._layouts) >= _MAX_CACHED_TIMES:
                 self._layouts.clear()
-            layout = self._layouts[key] = self._build(t_ms)
+            layout = self._layouts[key] = self._build(t_ms, key)
         return layout
 
-    def _build(self, t_ms: int) -> _ReadLayout:
+    def _build(self, t_ms: int, key: tuple[int, bool]) -> _ReadLayout:
         spans = [
             (slot, range(window_start(t_ms, window_ms, slot.tile_ms), t_ms, slot.tile_ms))
             for slot, window_ms in self._ranges
         ]
         lookups = sum(len(starts) * (2 if s.kind is SlotKind.LAST else 1) for s, starts in spans)
         if lookups > MAX_LOOKUPS:
-            return _ReadLayout((), lookups)  # empty ranges: always parse
+            return _ReadLayout((), lookups, key)  # empty ranges: always parse
         built = []
         for slot, starts in spans:
             values = tuple(f"{s}:{slot.name}".encode() for s in starts)
@@ -146,34 +148,40 @@ class HashWindowReader:
             if slot.kind is SlotKind.LAST:
                 stamps = tuple(f"{s}:{slot.name}{TS_SUFFIX}".encode() for s in starts)
             built.append(_RangeNames(slot.kind, values, stamps))
-        return _ReadLayout(tuple(built), lookups)
+        return _ReadLayout(tuple(built), lookups, key)
 
     def read(self, fields: Mapping[bytes, bytes] | Mapping[str, str], t_ms: int) -> list[float]:
         """Feature values at ``t_ms``, in ``plan.outputs`` order."""
         return self.read_many(fields, (t_ms,))[0]
 
     def read_many(
-        self, fields: Mapping[bytes, bytes] | Mapping[str, str], times: Sequence[int]
+        self,
+        fields: Mapping[bytes, bytes] | Mapping[str, str],
+        times: Sequence[int],
+        memo: dict[object, Any] | None = None,
     ) -> list[list[float]]:
         """Feature values at each of ``times`` from one hash (e.g. every request of a
-        micro-batch on one entity); tiles are merged once per distinct tile range."""
+        micro-batch on one entity); tiles are merged once per distinct tile range.
+
+        ``memo`` keeps those merges across calls on the SAME ``fields`` (never mutated
+        meanwhile: e.g. a hash held by version, :mod:`feature_streams.tile_cache`),
+        by read layout; it is filled here and must not be shared between groups."""
         if not fields:
             return [[output.default for output in self.plan.outputs] for _ in times]
         parse_only = not isinstance(next(iter(fields)), bytes)  # a decoding client
         results = []
-        merged_by_layout: dict[int, tuple[_ReadLayout, list[SlotValue | None]]] = {}
+        merged_by_layout: dict[object, Any] = {} if memo is None else memo
         for t_ms in times:
             layout = self.layout_at(t_ms)
             if parse_only or not layout.ranges or layout.lookups > NAMES_PER_FIELD * len(fields):
                 by_name = read_window(self.plan, tiles_from_hash(self.plan, fields, t_ms), t_ms)
                 results.append([by_name[output.name] for output in self.plan.outputs])
                 continue
-            # keyed by id: the entry holds the layout, so the id is not reused meanwhile
-            entry = merged_by_layout.get(id(layout))
-            if entry is None:
+            merged = merged_by_layout.get(layout.key)
+            if merged is None:
                 merged = _merge(layout, cast(Mapping[bytes, bytes], fields))
-                entry = merged_by_layout[id(layout)] = (layout, merged)
-            results.append(self._finish(entry[1], t_ms))
+                merged_by_layout[layout.key] = merged
+            results.append(self._finish(merged, t_ms))
         return results
 
     def _finish(self, merged: Sequence[SlotValue | None], t_ms: int) -> list[float]:

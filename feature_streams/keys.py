@@ -46,6 +46,8 @@ __all__ = [
     "READY",
     "RETIRED",
     "TILE_PREFIX",
+    "VERSION_FIELD",
+    "VERSION_FIELD_BYTES",
     "active_key",
     "as_text",
     "check_group",
@@ -69,6 +71,14 @@ the "max seen" of the lateness rule and the ``now`` of trimming."""
 LAST_TS_FIELD_BYTES: Final = LAST_TS_FIELD.encode()
 """:data:`LAST_TS_FIELD` as a client without ``decode_responses`` returns it."""
 OFFSET_FIELD_PREFIX: Final = "_off"
+VERSION_FIELD: Final = "_v"
+"""Tile hash field: the hash's version, raised by every write that changes a tile
+(the apply script, trimming) to ``max(version + 1, Redis TIME in microseconds)``, so
+a hash deleted and created again (expiry, ``DEL``) or written after a failover starts
+above any version it had. A reader holding the hash of one version may reuse it while
+the version is the same (:mod:`feature_streams.tile_cache`)."""
+VERSION_FIELD_BYTES: Final = VERSION_FIELD.encode()
+""":data:`VERSION_FIELD` as a client without ``decode_responses`` returns it."""
 
 
 def tile_key(group: str, entity_key: str) -> str:

@@ -12,7 +12,14 @@ One hash per stream group and entity key, :func:`feature_streams.keys.tile_key`
   (applied, or dropped as too late);
 * ``_last_ts`` (:data:`~feature_streams.keys.LAST_TS_FIELD`): the newest applied
   event time (epoch ms) — the freshness mark, the "max seen" of the lateness rule
-  and the ``now`` of trimming.
+  and the ``now`` of trimming;
+* ``_v`` (:data:`~feature_streams.keys.VERSION_FIELD`): the hash's version, raised
+  in the same script call by every write that changes a tile or ``_last_ts`` (an
+  applied event, a trim that deleted something) to ``max(old + 1, Redis TIME in
+  microseconds)``; so a hash re-created after its expiry starts above any version it
+  had. The server keeps decoded hashes by version (:mod:`feature_streams.tile_cache`),
+  so every writer of tile hashes must raise it: this script and :data:`TRIM_SCRIPT`
+  are the only ones. Offsets alone (duplicates, too-late events) do not raise it.
 
 Fields starting with ``_`` are never tile fields (those start with a digit), so
 :func:`windows.read_hash` and :func:`windows.expired_fields` ignore them.
@@ -59,7 +66,8 @@ Trimming
 --------
 Expired tiles are removed periodically, not per event (:meth:`TileStore.trim`):
 ``HKEYS`` + ``HGET _last_ts`` per key in one pipeline, then
-:func:`windows.expired_fields` with ``now = _last_ts`` and ``HDEL`` in a second
+:func:`windows.expired_fields` with ``now = _last_ts`` and, per key with expired
+fields, :data:`TRIM_SCRIPT` (``HDEL`` and the version raise, atomically) in a second
 pipeline. Safe against concurrent writers: ``_last_ts`` only grows, so an
 expired field stays expired, and the lateness rule keeps accepted events out of
 expired tiles. Whole idle hashes go away by their ``PEXPIRE``.
@@ -78,12 +86,13 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from feature_streams.cluster_pipeline import NodePipelines
-from feature_streams.keys import LAST_TS_FIELD, lua_string, offset_field
+from feature_streams.keys import LAST_TS_FIELD, VERSION_FIELD, lua_string, offset_field
 from feature_streams.redis_client import AnyRedis
 from feature_streams.windows import GroupPlan, TileUpdate, UpdateOp, expired_fields
 
 __all__ = [
     "APPLY_SCRIPT",
+    "TRIM_SCRIPT",
     "ApplyResult",
     "EventUpdates",
     "KeyBatch",
@@ -113,7 +122,7 @@ _APPLY_SOURCE = """
 local key = KEYS[1]
 local off_field = ARGV[1]
 local lateness = tonumber(ARGV[3])
-local head = redis.call('HMGET', key, off_field, $last_ts)
+local head = redis.call('HMGET', key, off_field, $last_ts, $version)
 local stored_off = tonumber(head[1] or '-1')
 local last_raw = head[2]
 local last_ts = last_raw and tonumber(last_raw)
@@ -220,19 +229,56 @@ while i <= n do
   end
 end
 if applied > 0 then
-  redis.call('HSET', key, off_field, new_off, $last_ts, last_raw)
+  local t = redis.call('TIME')
+  local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local old = tonumber(head[3] or '')
+  if old and old >= v and old < 2^53 - 1 then v = old + 1 end
+  redis.call('HSET', key, off_field, new_off, $last_ts, last_raw,
+             $version, string.format('%.0f', v))
   redis.call('PEXPIRE', key, ARGV[2])
 elseif new_off then
   redis.call('HSET', key, off_field, new_off)
 end
 return {applied, dup, late}
 """
-APPLY_SCRIPT = Template(_APPLY_SOURCE).substitute(last_ts=lua_string(LAST_TS_FIELD))
+_BUMP_SOURCE = """
+do
+  local t = redis.call('TIME')
+  local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local old = tonumber(redis.call('HGET', key, $version) or '')
+  if old and old >= v and old < 2^53 - 1 then v = old + 1 end
+  redis.call('HSET', key, $version, string.format('%.0f', v))
+end"""
+_BUMP = Template(_BUMP_SOURCE).substitute(version=lua_string(VERSION_FIELD))
+"""Raise the hash's :data:`~feature_streams.keys.VERSION_FIELD` to ``max(old + 1, TIME
+in us)`` (Lua ``key`` in scope). Exact in a Lua double below 2**53 (TIME in
+microseconds is ~1.8e15); a field holding no number restarts at TIME. The apply script
+does the same inline: the old version read by its first ``HMGET`` and the new one
+written by its last ``HSET`` (no call of their own, on the worker's hot script)."""
+
+APPLY_SCRIPT = Template(_APPLY_SOURCE).substitute(
+    last_ts=lua_string(LAST_TS_FIELD), version=lua_string(VERSION_FIELD)
+)
 """KEYS[1] = hash; ARGV = offset field, retention ms, lateness ms, payload. The
 payload is the events' tokens, each ended by a newline: per event ``offset, ts_ms,
 m`` followed by ``m`` tokens, each update's ``TileUpdate.args()`` cut to ``op,
 field, value`` except for ``last`` (whose ``ts_field, ts`` are used). Returns
 ``{applied, duplicate, late}`` event counts."""
+
+TRIM_SCRIPT = Template("""
+local key = KEYS[1]
+local n = 0
+for lo = 1, #ARGV, 500 do
+  n = n + redis.call('HDEL', key, unpack(ARGV, lo, math.min(lo + 499, #ARGV)))
+end
+if n > 0 then
+  $bump
+end
+return n
+""").substitute(bump=_BUMP)
+"""KEYS[1] = hash; ARGV = tile fields to delete. Deletes them and, when any was there,
+raises the version in the same atomic step (a reader never sees the fields gone under
+the old version). Returns how many were deleted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +457,8 @@ class TileStore:
                     continue
                 expired = expired_fields(plan, fields, int(float(last)))
                 if expired:
-                    pipe.hdel(key, *expired)
+                    # EVAL, not EVALSHA: periodic, and needs no NOSCRIPT handling
+                    pipe.execute_command("EVAL", TRIM_SCRIPT, 1, key, *expired)
                     doomed += 1
             if doomed:
                 results = await pipe.execute(raise_on_error=False)

@@ -211,6 +211,9 @@ class AppContext:
             on_breaker=self.metrics.feature_store_breaker,
             on_node_breaker=self.metrics.redis_node_breaker,
         )
+        tiles = self.feature_store.fetcher.tile_cache
+        if tiles is not None:
+            self.metrics.track_tile_cache(tiles.stats)
         self.registry.use_features(self.definitions, self.feature_store)
 
     def _start_side_records(self) -> None:

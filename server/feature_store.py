@@ -32,6 +32,12 @@ snapshots and stream windows, see there) and adds what the server decides:
   changes, and the pointer flip moves reads to the new id. A micro-batch whose every
   value is cached makes no round trip (and gives the breaker no verdict). While the
   breaker is open nothing is served from the cache: the policy decides, as before.
+* Stream tile hashes read once are kept in process by their version field
+  (:class:`~feature_streams.tile_cache.TileHashCache`, ``StoreOptions.tile_cache_entries``
+  / ``tile_cache_bytes``; standalone Redis only): the micro-batch's round trip reads
+  each kept hash's version only, and a changed hash is read whole in a second round
+  trip, so an unchanged hash costs neither the transfer nor the parse nor the window
+  merge.
 * The round trip is reported to ``on_fetch`` (the fetch latency metric), breaker
   changes to ``on_breaker`` (its state gauge) and a node breaker's changes to
   ``on_node_breaker`` (the per-node state gauge).
@@ -54,6 +60,7 @@ from feature_streams.fetcher import (
     default_all,
 )
 from feature_streams.redis_client import AnyRedis, RedisOptions
+from feature_streams.tile_cache import TileHashCache
 from server.circuit_breaker import BreakerOptions, BreakerState, CircuitBreaker, NodeBreakers
 from server.errors import DependencyUnavailable
 from server.features import FailurePolicy, FeatureLayout, Prepared
@@ -87,6 +94,10 @@ class StoreOptions:
     """Batch-snapshot rows kept in process (0: none, every micro-batch reads them)."""
     batch_cache_bytes: int = 64 * 1024 * 1024
     """Estimated bytes those rows may take."""
+    tile_cache_entries: int = 100_000
+    """Tile hashes kept by version (0: none, every micro-batch reads them whole)."""
+    tile_cache_bytes: int = 128 * 1024 * 1024
+    """Estimated bytes those hashes may take."""
 
 
 def store_options(features: FeaturesSettings) -> StoreOptions:
@@ -100,6 +111,8 @@ def store_options(features: FeaturesSettings) -> StoreOptions:
         ),
         batch_cache_entries=features.batch_cache_entries,
         batch_cache_bytes=features.batch_cache_bytes,
+        tile_cache_entries=features.tile_cache_entries,
+        tile_cache_bytes=features.tile_cache_bytes,
     )
 
 
@@ -139,6 +152,7 @@ class FeatureStore:
             snapshots,
             self._node_breakers,
             BatchValueCache(options.batch_cache_entries, options.batch_cache_bytes),
+            TileHashCache(options.tile_cache_entries, options.tile_cache_bytes),
         )
 
     def _node_changed(self, node: str, state: BreakerState) -> None:

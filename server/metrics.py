@@ -7,11 +7,14 @@ or per batch uses the lock-free children of ``server.loop_metrics``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from feature_streams.tile_cache import CacheStats as TileCacheStats
 from server.circuit_breaker import STATES, BreakerState
 from server.features import Freshness
 from server.loop_metrics import LoopCounter, LoopCounterFamily, LoopHistogram, LoopHistogramFamily
@@ -135,6 +138,10 @@ class Metrics:
             "streamscore_model_load_failures", "Model versions refused at load.", registry=r
         )
 
+    def track_tile_cache(self, stats: Callable[[], TileCacheStats]) -> None:
+        """Export the fetcher's tile cache counters, read from ``stats`` at each scrape."""
+        self.registry.register(_TileCacheCollector(stats))
+
     def observe_feature_fetch(self, seconds: float, requests: int) -> None:
         """One micro-batch's Redis round trip."""
         self.feature_fetch.observe(seconds)
@@ -245,3 +252,28 @@ class BatchMetrics:
 
     def queue_depth(self, requests: int) -> None:
         self.depth.set(requests)
+
+
+class _TileCacheCollector(Collector):
+    """The tile cache's counters as metric families, read when scraped (no request-path
+    work: the cache counts in plain ints, see :mod:`feature_streams.tile_cache`)."""
+
+    def __init__(self, stats: Callable[[], TileCacheStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        prefix = "streamscore_feature_tile_cache"
+        yield CounterMetricFamily(
+            f"{prefix}_hits", "Kept tile hashes served: their version was unchanged.", s.hits
+        )
+        yield CounterMetricFamily(
+            f"{prefix}_misses", "Tile hashes read whole: not kept, or changed since.", s.misses
+        )
+        yield CounterMetricFamily(
+            f"{prefix}_evictions", "Kept tile hashes dropped for room (LRU).", s.evictions
+        )
+        yield GaugeMetricFamily(f"{prefix}_entries", "Tile hashes kept.", s.entries)
+        yield GaugeMetricFamily(
+            f"{prefix}_bytes", "Estimated bytes of the tile hashes kept.", s.bytes
+        )

@@ -782,6 +782,22 @@ class FeaturesSettings(_Frozen):
         description="Estimated bytes the kept batch-snapshot rows may take (least recently "
         "used dropped first).",
     )
+    tile_cache_entries: int = Field(
+        default=100_000,
+        ge=0,
+        description="Stream tile hashes (one entity of one group) kept in process by their "
+        "version field: for a kept hash the micro-batch's round trip reads only its version "
+        "and Kafka offset fields, and a changed hash is read whole in a second round trip "
+        "(standalone Redis; a cluster reads every hash). 0 = none kept. A stream worker of "
+        "an older release (no version raise) still moves an offset with every apply, so "
+        "mixed-release rollouts never serve a kept hash it changed.",
+    )
+    tile_cache_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=0,
+        description="Estimated bytes the kept tile hashes may take (least recently used "
+        "dropped first).",
+    )
 
 
 class GovernanceSettings(_Frozen):

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,13 +23,17 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import redis as sync_redis
 
 from bench.callers import with_request_id
 from bench.config import RESULT_KEYS, Api, LoadConfig, LoadResult
+from bench.feature_bench import LiveWrites
 from bench.floor_server import READY_PREFIX
 from bench.loadgen import run_load
 from bench.payloads import PayloadSpec, infer_pool, score_pool
 from bench.pinning import taskset_available, taskset_prefix, usable_cpus
+from feature_streams.definitions import load_definitions
+from feature_streams.keys import VERSION_FIELD, tile_key
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from protos.streamscore.v1 import scoring_pb2, scoring_pb2_grpc
 from server.clients.histogram import LatencySummary
@@ -438,3 +443,22 @@ def test_taskset_prefix_pins_the_command() -> None:
     assert out.stdout.strip() == f"[{cpu}]"
     with pytest.raises(ValueError):
         taskset_prefix("0;rm")
+
+
+def test_live_writes_apply_new_events_that_raise_tile_versions(redis_url: str) -> None:
+    """``feature_bench --score-write-rate``: the writer thread applies about the asked
+    rate of new events "now", each changing its card's and its merchant's hash."""
+    defs = load_definitions(REPO / "features.yaml")
+    with LiveWrites(redis_url, defs, cards=5, events_per_s=200.0) as live:
+        time.sleep(0.5)
+    assert 40 <= live.events <= 150, live.events
+    assert live.applied == 2 * live.events  # one card hash and one merchant hash each
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        cards = [
+            client.hget(tile_key("card_activity", f"card_id-{n}"), VERSION_FIELD) for n in range(5)
+        ]
+        merchants = client.hget(tile_key("merchant_activity", "merchant_id-0"), VERSION_FIELD)
+    finally:
+        client.close()
+    assert all(v is not None for v in cards) and merchants is not None

@@ -585,3 +585,21 @@ async def test_redis_killed_under_load_every_call_answered_and_recovered(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert set(errors) <= {"routing store unreachable; serving the last applied routing"}
     print(f"recovery after Redis restart: {recovery_s * 1000:.0f} ms")  # bench/RESULTS.md
+
+
+async def test_a_card_scored_again_is_served_from_its_kept_tile_hash(
+    store: Store, repository: tuple[Path, np.ndarray, float]
+) -> None:
+    """The server keeps tile hashes by version: the second Score of the same card reads
+    only the versions, answers the same, and the app's metrics count the hits."""
+    repo, _, _ = repository
+    request = _request(card_id="card-1", customer_id="cust-1", merchant_id="merch-1")
+    async with running_server(repo, _overrides(store.url)) as srv:
+        first = await srv.scoring.Score(request)
+        second = await srv.scoring.Score(request)
+        sample = srv.app.metrics.registry.get_sample_value
+        hits = sample("streamscore_feature_tile_cache_hits_total")
+        entries = sample("streamscore_feature_tile_cache_entries")
+    assert _echo(second) == _echo(first) and second.score == first.score
+    assert hits == 2.0  # the card's and the merchant's hash
+    assert entries == 2.0

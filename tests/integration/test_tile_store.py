@@ -6,12 +6,13 @@ import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 from redis.asyncio import Redis
 
 from feature_streams.definitions import load_definitions
-from feature_streams.keys import LAST_TS_FIELD, offset_field, tile_key
+from feature_streams.keys import LAST_TS_FIELD, VERSION_FIELD, offset_field, tile_key
 from feature_streams.redis_client import AnyRedis, RedisOptions, connect
 from feature_streams.tile_store import (
     EventUpdates,
@@ -300,3 +301,66 @@ async def test_a_key_holding_a_non_hash_is_rejected_not_fatal(
     assert result.per_batch[1] == (0, 0, 0)
     assert result.applied == 40 - len(batches[1].events)
     assert await store.client.get(poisoned) == b"not a hash"
+
+
+async def _version(store: TileStore, key: str) -> int | None:
+    raw = await store.client.hget(key, VERSION_FIELD)
+    return None if raw is None else int(raw)
+
+
+async def test_every_tile_change_raises_the_version_and_nothing_else_does(
+    store: TileStore, plan: GroupPlan
+) -> None:
+    """The server reuses a hash while its version is unchanged (tile_cache): each write
+    that changes a tile or ``_last_ts`` must raise it, in the same atomic call."""
+    key = tile_key(plan.group.name, "c0")
+    events = make_events(seed=11, n=40, cards=1, spread_ms=10 * 86_400_000)
+    assert await _version(store, key) is None
+    await store.apply(key_batches(plan, events[:20], range(20)))
+    first = await _version(store, key)
+    assert first is not None and first > T0 * 1000  # from Redis TIME, in microseconds
+    await store.apply(key_batches(plan, events[:20], range(20)))  # all duplicates
+    assert await _version(store, key) == first
+    last_ts = int(cast(bytes, await store.client.hget(key, LAST_TS_FIELD)))
+    lateness = plan.group.allowed_lateness_ms
+    late = [{**events[0], "event_time_ms": last_ts - lateness - 1}]
+    result = await store.apply(key_batches(plan, late, [100]))
+    assert result.late == 1 and await _version(store, key) == first  # offset only
+    await store.apply(key_batches(plan, events[20:], range(200, 220)))
+    second = await _version(store, key)
+    assert second is not None and second > first
+    assert await store.trim(plan, [key]) > 0
+    third = await _version(store, key)
+    assert third is not None and third > second
+    assert await store.trim(plan, [key]) == 0  # nothing deleted: unchanged
+    assert await _version(store, key) == third
+
+
+async def test_a_hash_created_again_starts_above_every_version_it_had(
+    store: TileStore, plan: GroupPlan
+) -> None:
+    """After its expiry (or a DEL) the same key is a new hash: a reader holding the old
+    one must never see the old version again, however many writes the old one had."""
+    key = tile_key(plan.group.name, "c0")
+    events = make_events(seed=12, n=30, cards=1, spread_ms=MINUTE)
+    for n, event in enumerate(events):  # one write per event: the counter climbs
+        await store.apply(key_batches(plan, [event], [n]))
+    old = await _version(store, key)
+    assert old is not None
+    await store.client.delete(key)
+    await store.apply(key_batches(plan, events[:1], [0]))
+    new = await _version(store, key)
+    assert new is not None and new > old
+
+
+async def test_a_version_that_is_no_number_restarts_at_redis_time(
+    store: TileStore, plan: GroupPlan
+) -> None:
+    key = tile_key(plan.group.name, "c0")
+    events = make_events(seed=13, n=2, cards=1, spread_ms=MINUTE)
+    await store.apply(key_batches(plan, events[:1], [0]))
+    await store.client.hset(key, VERSION_FIELD, "garbage")
+    result = await store.apply(key_batches(plan, events[1:], [1]))
+    assert result.applied == 1 and result.failed == []
+    version = await _version(store, key)
+    assert version is not None and version > T0 * 1000
