@@ -471,7 +471,9 @@ class LiveWrites:
         self._plans = {name: GroupPlan.build(g) for name, g in defs.stream_groups.items()}
         self._cards = cards
         self._rate = events_per_s
-        self._offset = 10**9  # above every offset of the seed
+        # above every offset of the seed and of any earlier writer on the same hashes (a
+        # scenario's writer restarting at one base had every event refused as a duplicate)
+        self._offset = 10**9 + time.time_ns() // 1000
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.events = 0

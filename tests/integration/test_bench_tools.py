@@ -449,10 +449,11 @@ def test_live_writes_apply_new_events_that_raise_tile_versions(redis_url: str) -
     """``feature_bench --score-write-rate``: the writer thread applies about the asked
     rate of new events "now", each changing its card's and its merchant's hash."""
     defs = load_definitions(REPO / "features.yaml")
-    with LiveWrites(redis_url, defs, cards=5, events_per_s=200.0) as live:
-        time.sleep(0.5)
-    assert 40 <= live.events <= 150, live.events
-    assert live.applied == 2 * live.events  # one card hash and one merchant hash each
+    for _ in range(2):  # the bench runs one writer per scenario on the same hashes
+        with LiveWrites(redis_url, defs, cards=5, events_per_s=200.0) as live:
+            time.sleep(0.5)
+        assert 40 <= live.events <= 150, live.events
+        assert live.applied == 2 * live.events  # one card hash and one merchant hash each
     client = sync_redis.Redis.from_url(redis_url)
     try:
         cards = [
