@@ -108,8 +108,63 @@ def traffic_record(
     reasons_base_value: float = 0.0,
     process: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """One decision record as a JSON-ready dict (the documented schema)."""
-    timings = dict(timings or {})
+    """One decision record as a JSON-ready dict (the documented schema); the inputs are
+    copied, so the record shares no mutable object with the caller."""
+    return _record(
+        ts=ts,
+        model=model,
+        model_version=model_version,
+        request_id=request_id,
+        entity_ids=dict(entity_ids),
+        request_features=dict(request_features),
+        event_time_ms=event_time_ms,
+        t_ms=t_ms,
+        features=dict(features),
+        feature_sources=dict(feature_sources or {}),
+        freshness=[dict(f) for f in freshness],
+        score=score,
+        version=version,
+        route=route,
+        threshold=threshold,
+        artifact_sha256=artifact_sha256,
+        lineage=lineage_json(lineage),
+        reasons=None if reasons is None else reasons_json(reasons),
+        reasons_base_value=reasons_base_value,
+        defaulted_features=list(defaulted_features),
+        degraded_reasons=list(degraded_reasons),
+        process=dict(process or {}),
+        timings=dict(timings or {}),
+    )
+
+
+def _record(
+    *,
+    ts: float,
+    model: str,
+    model_version: str | None,
+    request_id: str,
+    entity_ids: dict[str, str],
+    request_features: dict[str, float],
+    event_time_ms: int | None,
+    t_ms: int,
+    features: dict[str, float],
+    feature_sources: Any,
+    freshness: list[Any],
+    score: float,
+    version: str,
+    route: str,
+    threshold: float,
+    artifact_sha256: str,
+    lineage: Any,
+    reasons: Any,
+    reasons_base_value: float,
+    defaulted_features: Sequence[str],
+    degraded_reasons: Sequence[str],
+    process: Mapping[str, int],
+    timings: dict[str, int],
+) -> dict[str, Any]:
+    """The record's layout, the one place it is written: every value already JSON-ready
+    (``lineage``, ``reasons`` and ``feature_sources`` in their JSON form), used as given."""
     return {
         "schema": DECISION_SCHEMA,
         "ts": ts,
@@ -118,14 +173,14 @@ def traffic_record(
             "model": model,
             "model_version": model_version or None,
             "request_id": request_id,
-            "entity_ids": dict(entity_ids),
-            "features": dict(request_features),
+            "entity_ids": entity_ids,
+            "features": request_features,
             "event_time_ms": event_time_ms,
         },
         "t_ms": t_ms,
-        "features": dict(features),
-        "feature_sources": dict(feature_sources or {}),
-        "freshness": [dict(f) for f in freshness],
+        "features": features,
+        "feature_sources": feature_sources,
+        "freshness": freshness,
         "score": score,
         "model": model,
         "version": version,
@@ -133,12 +188,12 @@ def traffic_record(
         "threshold": threshold,
         "decision": score >= threshold,
         "artifact_sha256": artifact_sha256,
-        "lineage": lineage_json(lineage),
-        "reasons": None if reasons is None else reasons_json(reasons),
+        "lineage": lineage,
+        "reasons": reasons,
         "reasons_base_value": reasons_base_value,
-        "defaulted_features": list(defaulted_features),
-        "degraded_reasons": list(degraded_reasons),
-        "process": dict(process or {}),
+        "defaulted_features": defaulted_features,
+        "degraded_reasons": degraded_reasons,
+        "process": process,
         "latency_us": timings.get("pipeline_us"),
         "timings": timings,
     }
@@ -287,46 +342,37 @@ class TrafficLog:
         return parts
 
     def _encode(self, pending: _Pending) -> bytes:
-        """The record's JSON (on the sink's sender task): :func:`traffic_record`'s object,
-        built here without its defensive copies (the request's mappings are copied only
-        when they are not plain dicts), with the version's shared parts as fragments."""
+        """The record's JSON (on the sink's sender task): :func:`traffic_record`'s layout
+        without its defensive copies (the request's mappings are copied only when they
+        are not plain dicts), with the version's shared parts as fragments."""
         request, result = pending.request, pending.result
         parts = self._version_parts(pending)
-        timings = _plain(pending.timings)
         reasons = result.reasons
-        threshold = pending.threshold
-        record = {
-            "schema": DECISION_SCHEMA,
-            "ts": pending.ts,
-            "request_id": request.request_id,
-            "request": {
-                "model": request.model,
-                "model_version": request.model_version or None,
-                "request_id": request.request_id,
-                "entity_ids": _plain(request.entity_ids),
-                "features": _plain(request.features),
-                "event_time_ms": request.event_time_ms,
-            },
-            "t_ms": pending.t_ms,
-            "features": dict(zip(parts.names, pending.row.tolist()[0], strict=True)),
-            "feature_sources": _sources_value(parts, pending.fetched, pending.plan),
-            "freshness": [f._asdict() for f in result.freshness],
-            "score": result.score,
-            "model": request.model,
-            "version": result.version,
-            "route": result.route.value,
-            "threshold": threshold,
-            "decision": result.score >= threshold,
-            "artifact_sha256": result.artifact_sha256,
-            "lineage": parts.lineage,
-            "reasons": None if reasons is None else reasons_json(reasons),
-            "reasons_base_value": result.reasons_base_value,
-            "defaulted_features": result.defaulted_features,
-            "degraded_reasons": result.degraded_reasons,
-            "process": self._process,
-            "latency_us": timings.get("pipeline_us"),
-            "timings": timings,
-        }
+        record = _record(
+            ts=pending.ts,
+            model=request.model,
+            model_version=request.model_version,
+            request_id=request.request_id,
+            entity_ids=_plain(request.entity_ids),
+            request_features=_plain(request.features),
+            event_time_ms=request.event_time_ms,
+            t_ms=pending.t_ms,
+            features=dict(zip(parts.names, pending.row.tolist()[0], strict=True)),
+            feature_sources=_sources_value(parts, pending.fetched, pending.plan),
+            freshness=[f._asdict() for f in result.freshness],
+            score=result.score,
+            version=result.version,
+            route=result.route.value,
+            threshold=pending.threshold,
+            artifact_sha256=result.artifact_sha256,
+            lineage=parts.lineage,
+            reasons=None if reasons is None else reasons_json(reasons),
+            reasons_base_value=result.reasons_base_value,
+            defaulted_features=result.defaulted_features,
+            degraded_reasons=result.degraded_reasons,
+            process=self._process,
+            timings=_plain(pending.timings),
+        )
         return encode_record(record, parts)
 
 
