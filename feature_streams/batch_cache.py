@@ -19,9 +19,10 @@ reads from Redis only the entities it does not hold.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from feature_streams.sized_lru import SizedLru
 
 __all__ = ["BatchRow", "BatchValueCache", "CacheStats"]
 
@@ -64,32 +65,22 @@ class BatchValueCache:
     """Bounded LRU of decoded batch-snapshot rows; one per fetcher, on the event loop."""
 
     def __init__(self, max_entries: int = 100_000, max_bytes: int = 64 * 1024 * 1024) -> None:
-        if max_entries < 0 or max_bytes < 0:
-            raise ValueError("max_entries and max_bytes must be >= 0")
-        self._max_entries = max_entries
-        self._max_bytes = max_bytes
-        self._rows: OrderedDict[_Key, tuple[BatchRow, int]] = OrderedDict()
+        self._rows: SizedLru[_Key, BatchRow] = SizedLru(max_entries, max_bytes)
         self._current: dict[str, str] = {}  # group -> the snapshot id its rows belong to
-        self._bytes = 0
         self._hits = 0
         self._misses = 0
-        self._evictions = 0
         self._invalidations = 0
 
     @property
     def enabled(self) -> bool:
-        """False when built with ``max_entries == 0`` (nothing is ever stored)."""
-        return self._max_entries > 0 and self._max_bytes > 0
+        """False when built with a zero bound (nothing is ever stored)."""
+        return self._rows.enabled
 
     def stats(self) -> CacheStats:
         """Current size and counters."""
+        rows = self._rows
         return CacheStats(
-            len(self._rows),
-            self._bytes,
-            self._hits,
-            self._misses,
-            self._evictions,
-            self._invalidations,
+            len(rows), rows.bytes, self._hits, self._misses, rows.evictions, self._invalidations
         )
 
     def lookup(
@@ -105,12 +96,11 @@ class BatchValueCache:
             if entity_id in hits or entity_id in missing:
                 continue
             key = (group, snapshot_id, fields, entity_id)
-            entry = rows.get(key)
-            if entry is None:
+            row = rows.get(key)
+            if row is None:
                 missing[entity_id] = None
             else:
-                rows.move_to_end(key)
-                hits[entity_id] = entry[0]
+                hits[entity_id] = row
         self._hits += len(hits)
         self._misses += len(missing)
         return hits, list(missing)
@@ -126,15 +116,7 @@ class BatchValueCache:
         for entity_id, row in rows.items():
             key = (group, snapshot_id, fields, entity_id)
             size = ROW_OVERHEAD_BYTES + FIELD_BYTES * len(fields) + len(entity_id)
-            old = self._rows.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
-            self._rows[key] = (row, size)
-            self._bytes += size
-        while self._rows and (len(self._rows) > self._max_entries or self._bytes > self._max_bytes):
-            _, (_, size) = self._rows.popitem(last=False)
-            self._bytes -= size
-            self._evictions += 1
+            self._rows.put(key, row, size)
 
     def invalidate(self, group: str) -> None:
         """Drop every row of ``group`` (e.g. its snapshot was found being deleted)."""
@@ -153,6 +135,6 @@ class BatchValueCache:
     def _drop(self, group: str) -> None:
         stale = [key for key in self._rows if key[0] == group]
         for key in stale:
-            self._bytes -= self._rows.pop(key)[1]
+            self._rows.pop(key)
         if stale:
             self._invalidations += 1

@@ -28,12 +28,12 @@ spends ~50 us converting a ~63-field hash to Lua and back, against ~12 us for a 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from feature_streams.keys import OFFSET_FIELD_PREFIX, VERSION_FIELD, VERSION_FIELD_BYTES
+from feature_streams.sized_lru import SizedLru
 
 __all__ = [
     "CacheStats",
@@ -120,33 +120,23 @@ class TileHashCache:
     """Bounded LRU of fetched tile hashes by version; one per fetcher, on the loop."""
 
     def __init__(self, max_entries: int = 100_000, max_bytes: int = 128 * 1024 * 1024) -> None:
-        if max_entries < 0 or max_bytes < 0:
-            raise ValueError("max_entries and max_bytes must be >= 0")
-        self._max_entries = max_entries
-        self._max_bytes = max_bytes
-        self._entries: OrderedDict[str, TileEntry] = OrderedDict()
-        self._bytes = 0
+        self._entries: SizedLru[str, TileEntry] = SizedLru(max_entries, max_bytes)
         self._hits = 0
         self._misses = 0
-        self._evictions = 0
 
     @property
     def enabled(self) -> bool:
         """False when built with a zero bound (nothing is ever kept)."""
-        return self._max_entries > 0 and self._max_bytes > 0
+        return self._entries.enabled
 
     def stats(self) -> CacheStats:
         """Current size and counters."""
-        return CacheStats(
-            len(self._entries), self._bytes, self._hits, self._misses, self._evictions
-        )
+        entries = self._entries
+        return CacheStats(len(entries), entries.bytes, self._hits, self._misses, entries.evictions)
 
     def get(self, key: str) -> TileEntry | None:
         """The entry held for ``key`` (most recently used now), or ``None``."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+        return self._entries.get(key)
 
     def hit(self, entry: TileEntry) -> Mapping[Any, Any]:
         """``entry``'s fields, its version just confirmed current (counted)."""
@@ -158,9 +148,7 @@ class TileHashCache:
         returns its entry, or ``None`` when it carries no version (and any entry held
         for ``key`` is dropped) or the cache is disabled."""
         self._misses += 1
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= old.size
+        self._entries.pop(key)
         version = hash_version(fields)
         if version is None or not self.enabled:
             return None
@@ -168,18 +156,8 @@ class TileHashCache:
         size += sum(len(name) + len(value) for name, value in fields.items())
         check = check_fields(fields)
         entry = TileEntry(version, fields, size, check, [fields.get(name) for name in check])
-        self._entries[key] = entry
-        self._bytes += size
-        while self._entries and (
-            len(self._entries) > self._max_entries or self._bytes > self._max_bytes
-        ):
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= dropped.size
-            self._evictions += 1
-        return entry if key in self._entries else None
+        return entry if self._entries.put(key, entry, size) else None
 
     def discard(self, key: str) -> None:
         """Forget ``key`` (e.g. it answered an error)."""
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= old.size
+        self._entries.pop(key)

@@ -27,6 +27,7 @@ PURE_MODULES: dict[str, tuple[str, ...]] = {
     "feature_streams.read_plan": (*IO, "server"),
     "feature_streams.batch_cache": (*IO, "server"),
     "feature_streams.tile_cache": (*IO, "server"),
+    "feature_streams.sized_lru": (*IO, "server"),
     "feature_streams.point_in_time": (*IO, "server"),
     "server.features": IO,
     "server.errors": IO,
