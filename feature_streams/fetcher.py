@@ -439,7 +439,7 @@ class FeatureFetcher:
                     queued[key] = held
                     if held is None:
                         pipe.hgetall(key)
-                    else:  # only its version: the hash is read whole only if it changed
+                    else:  # version and offsets only: read whole only if it changed
                         checks.append((len(pipe), key, held))
                         pipe.hmget(key, held.check)
                 members.append(item)

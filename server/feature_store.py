@@ -35,9 +35,9 @@ snapshots and stream windows, see there) and adds what the server decides:
 * Stream tile hashes read once are kept in process by their version field
   (:class:`~feature_streams.tile_cache.TileHashCache`, ``StoreOptions.tile_cache_entries``
   / ``tile_cache_bytes``; standalone Redis only): the micro-batch's round trip reads
-  each kept hash's version only, and a changed hash is read whole in a second round
-  trip, so an unchanged hash costs neither the transfer nor the parse nor the window
-  merge.
+  only each kept hash's version and Kafka offset fields, and a changed hash is read
+  whole in a second round trip, so an unchanged hash costs neither the transfer nor the
+  parse nor the window merge.
 * The round trip is reported to ``on_fetch`` (the fetch latency metric), breaker
   changes to ``on_breaker`` (its state gauge) and a node breaker's changes to
   ``on_node_breaker`` (the per-node state gauge).
