@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -76,6 +77,9 @@ class Experiment:
     #: ``payload`` pools: LoadConfig fields per arm (e.g. which features are sent)
     payload_a: dict[str, Any] = field(default_factory=dict)
     payload_b: dict[str, Any] = field(default_factory=dict)
+    #: environment added for each arm's server (e.g. a gRPC core experiment)
+    env_a: dict[str, str] = field(default_factory=dict)
+    env_b: dict[str, str] = field(default_factory=dict)
     #: store features seeded into Redis (and, with ``--write-rate``, a live stream)
     seeds_features: bool = False
     #: B / A bounds: ``throughput`` (minimum), ``p99`` and ``cpu`` (maximum)
@@ -120,6 +124,13 @@ def experiments(
                 "traffic_log.topic=streamscore.decisions",
             ),
             targets={"p99": 1.1, "cpu": 1.15},
+        ),
+        "transport": Experiment(
+            "transport",
+            quiet,
+            (),
+            (),
+            env_b={"GRPC_EXPERIMENTS": "ph2_server"},  # gRPC core's promise-based HTTP/2
         ),
         "reasons": Experiment(
             "reasons",
@@ -393,6 +404,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         experiment = experiments(
             args.model, redis.url, broker.bootstrap_servers, str(tmp / "spill"), args.cards
         )[args.experiment]
+        if args.control:  # A/A: B runs A's settings and payload (the method's own spread)
+            experiment = dataclasses.replace(
+                experiment,
+                name=f"{experiment.name} A/A control",
+                arm_b=experiment.arm_a,
+                payload_b=experiment.payload_a,
+                env_b=experiment.env_a,
+            )
         items = {arm: _items(experiment, arm, args.model, manifest_dir) for arm in ("A", "B")}
         writes: dict[str, float] = {}
         if experiment.seeds_features:
@@ -400,12 +419,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ports = {"A": free_port(), "B": free_port()}
         metrics_ports = {"A": free_port(), "B": free_port()}
         pids = {}
-        for arm, own in (("A", experiment.arm_a), ("B", experiment.arm_b)):
+        arms = (
+            ("A", experiment.arm_a, experiment.env_a),
+            ("B", experiment.arm_b, experiment.env_b),
+        )
+        for arm, own, env in arms:
             settings = [*experiment.common, *own, *args.set]
             process = stack.enter_context(
                 server(
                     args.repository, args.model, args.live, ports[arm], metrics_ports[arm],
-                    settings,
+                    settings, env or None,
                 )
             )  # fmt: skip
             pids[arm] = process.pid
@@ -443,7 +466,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.interleave", description=__doc__)
     parser.add_argument(
-        "--experiment", choices=("drift", "record", "reasons", "fetch"), required=True
+        "--experiment", choices=("drift", "record", "reasons", "fetch", "transport"), required=True
     )
     parser.add_argument("--load", type=Load.parse, action="append", required=True)
     parser.add_argument("--repository", type=Path, default=Path("models"))
@@ -455,6 +478,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cards", type=int, default=5000, help="fetch: entities seeded")
     parser.add_argument(
         "--write-rate", type=float, default=0.0, help="fetch: live events/s during the run"
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A: arm B gets arm A's settings (what the method reads when nothing differs)",
     )
     parser.add_argument("--set", action="append", default=[], help="extra override, both arms")
     parser.add_argument("--json-out", type=Path, default=None)

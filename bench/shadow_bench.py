@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,16 @@ ADMIN_TOKEN = secrets.token_hex(16)
 
 @contextlib.contextmanager
 def server(
-    repository: Path, model: str, live: str, port: int, metrics_port: int, extra: Sequence[str]
+    repository: Path,
+    model: str,
+    live: str,
+    port: int,
+    metrics_port: int,
+    extra: Sequence[str],
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``streamscore serve`` on core 0 with ``live`` as champion and its own routing state
-    file; always stopped."""
+    file; always stopped. ``env``: added to this process's environment for the server."""
     state_dir = tempfile.TemporaryDirectory()
     overrides = [
         f"routing.file_path={state_dir.name}/routing.json",
@@ -78,7 +84,12 @@ def server(
     cmd = [*taskset_prefix(SERVER_CPUS), sys.executable, "-m", "server.cli", "serve"]
     for item in overrides:
         cmd += ["--set", item]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env},
+    )
     try:
         try:
             wait_for_port("127.0.0.1", port, 60.0, process)

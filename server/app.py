@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -80,7 +81,13 @@ from server.routing.sync import RoutingSync
 from server.runtime import RuntimeOptions
 from server.settings import Settings
 from server.tls import ReloadingCertificates
-from server.transport import TLSReloadMetrics, bind, server_options
+from server.transport import (
+    PROMISE_TRANSPORT_EXPERIMENT,
+    TLSReloadMetrics,
+    bind,
+    experiments_to_enable,
+    server_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -396,6 +403,14 @@ class AppContext:
         )
 
     def _grpc_server(self) -> grpc.aio.Server:
+        connections = self.settings.server.connections
+        if experiments_to_enable(connections, os.environ):
+            logger.warning(
+                "http2_transport 'promise' asked, but GRPC_EXPERIMENTS did not enable %s "
+                "before gRPC was imported: serving on chttp2 (pending-call refusals "
+                "answer CANCELLED); `streamscore serve` sets it itself",
+                PROMISE_TRANSPORT_EXPERIMENT,
+            )
         return grpc.aio.server(options=server_options(self.settings.server))
 
     def reload_tls(self) -> None:

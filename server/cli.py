@@ -159,7 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         if args.command == "serve":
             from server.main import serve
+            from server.transport import experiments_to_enable, restart_with_experiments
 
+            missing = experiments_to_enable(settings.server.connections, os.environ)
+            if missing:  # gRPC read GRPC_EXPERIMENTS at import: start again with them
+                restart_with_experiments(missing)
             return serve(settings)
         configure_logging(settings.logging.level, settings.logging.json_format)
         if args.command == "stream":

@@ -188,6 +188,17 @@ class ConnectionSettings(_Frozen):
         ge=0.0,
         description="After max_connection_age, how long calls still open may finish.",
     )
+    http2_transport: Literal["chttp2", "promise"] = Field(
+        default="chttp2",
+        description="gRPC core's HTTP/2 server transport. 'chttp2': the stable one; past "
+        "the pending-call limits it refuses with CANCELLED. 'promise': the promise-based "
+        "transport (gRPC core experiment ph2_server, experimental in grpcio 1.85), whose "
+        "pending-call refusal answers RESOURCE_EXHAUSTED ('Too many pending requests for "
+        "this server'), so callers can tell overload from cancellation. gRPC reads its "
+        "experiments once, at import: `streamscore serve` restarts itself in place (same "
+        "PID) with GRPC_EXPERIMENTS set; other entry points must have it in the "
+        "environment. What it was tested for, and its known gaps: README 'Connections'.",
+    )
     pending_calls_soft_limit: int = Field(
         default=1000,
         ge=0,

@@ -7,20 +7,55 @@ limit (GOAWAY after ``max_connection_age_s``, calls still open get the grace) ma
 long-lived client channel reconnect, and with ``server.processes > 1`` SO_REUSEPORT
 hands the new connection to any process: see README "Every process busy". The
 pending-call limits bound the calls gRPC core holds for a busy event loop: past them it
-refuses new ones itself (CANCELLED), the only refusal that costs the loop nothing.
+refuses new ones itself, the only refusal that costs the loop nothing: CANCELLED on the
+default chttp2 transport, RESOURCE_EXHAUSTED on the promise-based one
+(``http2_transport: promise``, a gRPC core experiment enabled through the environment
+before gRPC is imported: :func:`experiments_to_enable`, :func:`restart_with_experiments`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, NoReturn
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from server.settings import ServerSettings, TLSSettings
+from server.settings import ConnectionSettings, ServerSettings, TLSSettings
 from server.tls import ReloadingCertificates
 
 _MS = 1000
+#: The environment variable gRPC core reads its experiments from (once, at import).
+EXPERIMENTS_VARIABLE = "GRPC_EXPERIMENTS"
+#: gRPC core's experiment of the promise-based HTTP/2 server transport.
+PROMISE_TRANSPORT_EXPERIMENT = "ph2_server"
+
+
+def active_experiments(environ: Mapping[str, str]) -> frozenset[str]:
+    """gRPC core experiments ``environ`` enables (``-name`` entries disable, so not listed)."""
+    entries = (e.strip() for e in environ.get(EXPERIMENTS_VARIABLE, "").split(","))
+    return frozenset(e for e in entries if e and not e.startswith("-"))
+
+
+def experiments_to_enable(connections: ConnectionSettings, environ: Mapping[str, str]) -> list[str]:
+    """Experiments ``connections`` needs that ``environ`` does not enable yet."""
+    wanted = [PROMISE_TRANSPORT_EXPERIMENT] if connections.http2_transport == "promise" else []
+    active = active_experiments(environ)
+    return [name for name in wanted if name not in active]
+
+
+def restart_with_experiments(
+    missing: list[str], environ: MutableMapping[str, str] = os.environ
+) -> NoReturn:
+    """Replace this process (same PID, arguments and affinity) by one started with
+    ``missing`` added to GRPC_EXPERIMENTS: gRPC has read the variable at import."""
+    current = environ.get(EXPERIMENTS_VARIABLE, "")
+    environ[EXPERIMENTS_VARIABLE] = ",".join(p for p in (current, *missing) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def _ms(seconds: float) -> int:
