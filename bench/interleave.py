@@ -487,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="extra override, both arms")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so both servers (one may be stopped) are ended too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     document = run(args)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
