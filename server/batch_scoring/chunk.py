@@ -47,10 +47,10 @@ def _loaded(ref: ModelRef, explain: bool) -> ScoringModel:
 def score_chunk(job: ChunkJob, chunk: pa.Table, first_row: int = 1) -> pa.Table:
     """The output rows of one chunk (same order as the chunk)."""
     model = _loaded(job.model, job.reasons is not None)
-    if isinstance(job.features, OnlineFeatures):
-        table = job.features.table(chunk, first_row)
-    else:
+    if isinstance(job.features, PointInTimeFeatures):
         table = job.features.table(chunk)
+    else:
+        table = job.features.table(chunk, first_row)
     names = model.manifest.features
     by_feature = feature_columns(table, names)
     rows = np.ascontiguousarray(by_feature.T)
