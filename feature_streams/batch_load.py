@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Final, Literal, TextIO
+from typing import TYPE_CHECKING, Final, Literal, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -56,17 +56,6 @@ import pyarrow.compute as pc  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 import pyarrow.types as pat  # type: ignore[import-untyped, unused-ignore]
 
-from feature_streams.batch_store import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_GRACE_S,
-    ActivateResult,
-    activate,
-    collect_garbage,
-    delete_snapshot,
-    new_snapshot_id,
-    rollback,
-    write_snapshot,
-)
 from feature_streams.definitions import (
     BatchField,
     BatchGroup,
@@ -75,7 +64,10 @@ from feature_streams.definitions import (
     FeatureDefinitions,
 )
 from feature_streams.key_columns import already_keys
-from feature_streams.redis_client import AnyRedis, RedisMode, RedisOptions, connect
+
+if TYPE_CHECKING:  # the Redis side is imported when loading: file readers need no redis
+    from feature_streams.batch_store import ActivateResult
+    from feature_streams.redis_client import AnyRedis, RedisMode
 
 __all__ = [
     "BatchFileError",
@@ -625,8 +617,8 @@ async def load_group_file(
     path: str | os.PathLike[str],
     *,
     allow_missing_columns: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    grace_s: float = DEFAULT_GRACE_S,
+    chunk_size: int | None = None,
+    grace_s: float | None = None,
     progress: bool = True,
     progress_stream: TextIO | None = None,
     mode: RedisMode = "auto",
@@ -635,7 +627,19 @@ async def load_group_file(
     delete due snapshots. Raises :class:`BatchFileError` (nothing written) for a bad
     file; a failure while writing deletes the partial snapshot (best effort) and
     leaves the active one untouched. ``mode`` is ``redis.mode`` (checked against the
-    server: :class:`feature_streams.redis_client.RedisModeMismatchError`)."""
+    server: :class:`feature_streams.redis_client.RedisModeMismatchError`).
+    ``chunk_size`` and ``grace_s`` default to :mod:`feature_streams.batch_store`'s
+    ``DEFAULT_CHUNK_SIZE`` and ``DEFAULT_GRACE_S``."""
+    from feature_streams.batch_store import (
+        DEFAULT_CHUNK_SIZE,
+        DEFAULT_GRACE_S,
+        activate,
+        collect_garbage,
+        new_snapshot_id,
+        write_snapshot,
+    )
+    from feature_streams.redis_client import RedisOptions, connect
+
     started = time.monotonic()
     summary = validate_file(definitions, group, path, allow_missing_columns=allow_missing_columns)
     source = summary.path
@@ -655,7 +659,7 @@ async def load_group_file(
                 iter_file_rows(
                     definitions, group, path, allow_missing_columns=allow_missing_columns
                 ),
-                chunk_size=chunk_size,
+                chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
                 progress=reporter,
                 snapshot_id=snapshot_id,
                 source=source,
@@ -668,7 +672,8 @@ async def load_group_file(
                 reporter.close()
             if not written:
                 await _discard(client, group, snapshot_id)
-        deleted, deferred = await collect_garbage(client, group, grace_s=grace_s)
+        grace = DEFAULT_GRACE_S if grace_s is None else grace_s
+        deleted, deferred = await collect_garbage(client, group, grace_s=grace)
     finally:
         await client.aclose()
     report = LoadReport(
@@ -703,6 +708,8 @@ def _check_unchanged(summary: FileSummary) -> None:
 
 
 async def _discard(client: AnyRedis, group: str, snapshot_id: str) -> None:
+    from feature_streams.batch_store import delete_snapshot
+
     try:
         await delete_snapshot(client, group, snapshot_id)
     except Exception as error:  # the original error matters more; GC removes it later
@@ -717,6 +724,9 @@ async def rollback_group(redis_url: str, group: str) -> ActivateResult:
 
     Raises :class:`feature_streams.batch_store.SnapshotStateError` when there is none.
     """
+    from feature_streams.batch_store import rollback
+    from feature_streams.redis_client import RedisOptions, connect
+
     client = await connect(RedisOptions(redis_url))
     try:
         return await rollback(client, group)

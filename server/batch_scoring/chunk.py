@@ -14,9 +14,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
 
-from server.batch_scoring.features import PointInTimeFeatures, feature_matrix
+from server.batch_scoring.features import PointInTimeFeatures, feature_columns, feature_matrix
 from server.batch_scoring.online import OnlineFeatures
 from server.batch_scoring.reasons import BatchReasons
 from server.batch_scoring.scoring import ModelRef, ScoringModel
@@ -46,12 +47,13 @@ def _loaded(ref: ModelRef, explain: bool) -> ScoringModel:
 def score_chunk(job: ChunkJob, chunk: pa.Table, first_row: int = 1) -> pa.Table:
     """The output rows of one chunk (same order as the chunk)."""
     model = _loaded(job.model, job.reasons is not None)
-    if isinstance(job.features, OnlineFeatures):
-        table = job.features.table(chunk, first_row)
-    else:
+    if isinstance(job.features, PointInTimeFeatures):
         table = job.features.table(chunk)
+    else:
+        table = job.features.table(chunk, first_row)
     names = model.manifest.features
-    rows = feature_matrix(table, names)
+    by_feature = feature_columns(table, names)
+    rows = np.ascontiguousarray(by_feature.T)
     scores = model.scores(rows)
     n = chunk.num_rows
     columns: dict[str, pa.Array] = {c: table.column(c) for c in job.key_columns}
@@ -69,7 +71,7 @@ def score_chunk(job: ChunkJob, chunk: pa.Table, first_row: int = 1) -> pa.Table:
         columns["compare_version"] = _repeat(other.manifest.version, n)
     if job.with_features:
         for j, name in enumerate(names):
-            columns[f"feature.{name}"] = pa.array(rows[:, j], pa.float32())
+            columns[f"feature.{name}"] = pa.array(by_feature[j], pa.float32())
     if job.reasons is not None and model.explainer is not None:
         columns["reasons"] = job.reasons.column(model.explainer, rows)
     return pa.table(columns)

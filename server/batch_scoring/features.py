@@ -41,7 +41,7 @@ from feature_streams.definitions import resolve_features as _resolve
 from feature_streams.event_filter import events_for, wanted_keys
 from feature_streams.point_in_time import PointInTimeIndex
 
-__all__ = ["PointInTimeFeatures", "feature_matrix", "key_entities"]
+__all__ = ["PointInTimeFeatures", "feature_columns", "feature_matrix", "key_entities"]
 
 
 def key_entities(definitions: FeatureDefinitions, features: Sequence[str]) -> list[str]:
@@ -54,8 +54,21 @@ def key_entities(definitions: FeatureDefinitions, features: Sequence[str]) -> li
 
 def feature_matrix(table: pa.Table, features: Sequence[str]) -> npt.NDArray[np.float32]:
     """``[N, F]`` float32 in the manifest's column order (the row the server builds)."""
+    return np.ascontiguousarray(feature_columns(table, features).T)
+
+
+def feature_columns(table: pa.Table, features: Sequence[str]) -> npt.NDArray[np.float32]:
+    """``[F, N]`` float32: row ``j`` is feature ``j``'s column (contiguous, so it becomes an
+    Arrow column without a copy). Each column is cast to the columns' common type first,
+    then to float32: the values ``np.column_stack(...).astype(np.float32)`` gives, without
+    writing a row-major float64 matrix column by column (~10x slower at 50k x 30)."""
     columns = [table.column(n).to_numpy(zero_copy_only=False) for n in features]
-    return np.ascontiguousarray(np.column_stack(columns).astype(np.float32))
+    out = np.empty((len(columns), table.num_rows), np.float32)
+    if columns:
+        common = np.result_type(*columns)
+        for j, column in enumerate(columns):
+            out[j] = column.astype(common, copy=False)
+    return out
 
 
 @dataclass(frozen=True)

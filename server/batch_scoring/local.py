@@ -6,7 +6,8 @@ A progress line (rows, rows/s, ETA when the row count is known) goes to stderr.
 
 Where ``fork`` exists (Linux), the point-in-time index is built once, in this process,
 before the workers are forked: they inherit it copy-on-write instead of each reading
-and indexing the whole log again. Chunks go to the workers and their output rows come
+and indexing the whole log again. A forked reader reads and checks the spine during
+that build (:mod:`.feeder`). Chunks go to the workers and their output rows come
 back as Arrow IPC files in a scratch directory (written once, memory-mapped when
 read): nothing big is pickled. Elsewhere the workers are spawned and each builds its
 own index (the chunks are pickled).
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import TextIO
 
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
-import pyarrow.ipc as ipc  # type: ignore[import-untyped, unused-ignore]
 
 from server.batch_scoring.chunk import ChunkJob, score_chunk
 from server.batch_scoring.features import PointInTimeFeatures
+from server.batch_scoring.feeder import SpineFeeder
+from server.batch_scoring.ipc_files import read_ipc, write_ipc
 
 __all__ = ["Progress", "run_local"]
 
@@ -129,44 +131,33 @@ def _run_forked(
     progress: Progress | None,
     scratch: Path | None,
 ) -> int:
-    """Workers forked after the index is built; chunks in and out as IPC files."""
-    if isinstance(job.features, PointInTimeFeatures):
-        job.features.prepare()  # the workers inherit it: no index build per worker
+    """Workers forked after the index is built; chunks in and out as IPC files. The
+    spine is read by a forked reader meanwhile (:class:`.feeder.SpineFeeder`)."""
     rows = 0
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix=".score-batch-", dir=scratch) as tmp,
-        ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool,
+        SpineFeeder(chunks, Path(tmp)) as feeder,
     ):
-        pending: collections.deque[tuple[Future[int], Path]] = collections.deque()
-        try:
-            for first, chunk in chunks:
-                source = Path(tmp, f"in-{first}.arrow")
-                target = Path(tmp, f"out-{first}.arrow")
-                write_ipc(chunk, source)
-                pending.append((pool.submit(score_chunk_file, job, source, first, target), target))
-                while len(pending) >= 2 * workers:
+        if isinstance(job.features, PointInTimeFeatures):
+            job.features.prepare()  # the workers inherit it: no index build per worker
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+            pending: collections.deque[tuple[Future[int], Path]] = collections.deque()
+            try:
+                for first, source in feeder:
+                    target = Path(tmp, f"out-{first}.arrow")
+                    task = pool.submit(score_chunk_file, job, source, first, target)
+                    pending.append((task, target))
+                    while len(pending) >= 2 * workers:
+                        rows += _drain_file(*pending.popleft(), sink, progress)
+                while pending:
                     rows += _drain_file(*pending.popleft(), sink, progress)
-            while pending:
-                rows += _drain_file(*pending.popleft(), sink, progress)
-        except BaseException:
-            for future, _ in pending:
-                future.cancel()
-            raise
+            except BaseException:
+                for future, _ in pending:
+                    future.cancel()
+                raise
     return rows
-
-
-def write_ipc(table: pa.Table, path: Path) -> None:
-    """``table`` as an Arrow IPC file (uncompressed: read back memory-mapped)."""
-    with ipc.new_file(path, table.schema) as writer:
-        writer.write_table(table)
-
-
-def read_ipc(path: Path) -> pa.Table:
-    """An IPC file written by :func:`write_ipc`, memory-mapped (no copy)."""
-    with pa.memory_map(str(path)) as source:
-        return ipc.open_file(source).read_all()
 
 
 def score_chunk_file(job: ChunkJob, source: Path, first_row: int, target: Path) -> int:

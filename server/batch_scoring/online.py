@@ -9,7 +9,6 @@ the only one to change.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Final
 
@@ -18,10 +17,7 @@ import numpy.typing as npt
 import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
 
 from feature_streams.definitions import FeatureDefinitions, FeatureSource, resolve_features
-from feature_streams.fetcher import BatchSnapshotCache
-from feature_streams.redis_client import RedisOptions, connect
 from server.errors import InvalidInput
-from server.feature_store import FeatureStore, StoreOptions
 from server.features import FailurePolicy, FeatureLayout
 from server.manifest import ModelManifest
 
@@ -46,6 +42,8 @@ class OnlineFeatures:
 
     def table(self, chunk: pa.Table, first_row: int = 1) -> pa.Table:
         """The chunk plus the features' current values (request features from the chunk)."""
+        import asyncio  # here, with the Redis client: the point-in-time path needs neither
+
         rows = asyncio.run(self._fill(chunk, first_row))
         out = chunk.drop_columns([c for c in chunk.column_names if c in self.manifest.features])
         for j, name in enumerate(self.manifest.features):
@@ -53,6 +51,10 @@ class OnlineFeatures:
         return out
 
     async def _fill(self, chunk: pa.Table, first_row: int) -> npt.NDArray[np.float32]:
+        from feature_streams.fetcher import BatchSnapshotCache
+        from feature_streams.redis_client import RedisOptions, connect
+        from server.feature_store import FeatureStore, StoreOptions
+
         layout = FeatureLayout.from_manifest(self.manifest, self.definitions)
         refs = resolve_features(self.definitions, self.manifest.features).refs
         request = [r.name for r in refs if r.source is FeatureSource.REQUEST]

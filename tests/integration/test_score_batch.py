@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -327,6 +328,23 @@ def test_unknown_model_or_version_exits_2(
     assert not out.exists()
 
 
+def test_online_features_with_redis_unreachable_exit_1(
+    case: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dependency down is exit 1 with its message (the Redis client's error is caught
+    although the command imports redis only for ``--features online``)."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = case["tmp"] / "online-down.parquet"
+    args = ("--features", "online", "--set", f"redis.url=redis://127.0.0.1:{port}/0")
+    assert run(case, out, *args, "--version", "1", "--workers", "1") == 1
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if "score-batch:" in line]) == 1, err
+    assert str(port) in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("workers", "events"), [("1", "events.parquet"), ("2", "events.parquet"), ("1", "events.jsonl")]
 )
@@ -370,8 +388,10 @@ def test_bad_key_partitions_exit_2_naming_the_option(
 
 def test_local_engine_does_not_import_pandas(case: dict[str, Any]) -> None:
     """pyarrow would import pandas (~0.4 s of CPU before the workers fork) on its first
-    conversion; the local engine has no pandas objects. The console script's own
-    process (a fresh interpreter); in-process calls leave pyarrow as it is."""
+    conversion; the local engine has no pandas objects. Nor does it import the Redis,
+    gRPC or Kafka clients (~0.15 s: other commands' and ``--features online``'s). The
+    console script's own process (a fresh interpreter); in-process calls leave pyarrow
+    as it is."""
     out = case["tmp"] / "no-pandas.parquet"
     argv = [
         "--model",
@@ -401,11 +421,12 @@ def test_local_engine_does_not_import_pandas(case: dict[str, Any]) -> None:
         "from server.cli import main\n"
         f"status = main({['score-batch', *argv]!r})\n"
         "print(status, 'pandas' in sys.modules)\n"
+        "print(*sorted({m.split('.')[0] for m in sys.modules} & {'redis', 'grpc', 'aiokafka'}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
     )
-    assert done.stdout.split() == ["0", "False"]
+    assert done.stdout.splitlines() == ["0 False", ""]
     reference = case["tmp"] / "with-pandas.parquet"
     assert run(case, reference, "--workers", "1", "--with-features", "--version", "1") == 0
     assert pq.read_table(out).equals(pq.read_table(reference))
