@@ -63,6 +63,9 @@ from server.clients.channels import aio_channel
 from server.clients.histogram import LatencyHistogram
 from server.manifest import ModelManifest
 
+#: Pause between the last answer of a block and stopping its server.
+SETTLE_S = 0.3
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -108,7 +111,14 @@ def experiments(
         ),
         "drift": Experiment(
             "drift",
-            (*quiet, "routing.store=redis", f"redis.url={redis_url}"),
+            # drift events go to a real broker, as in production (with none reachable
+            # the "on" server would retry a dead bootstrap address in the background)
+            (
+                *quiet,
+                "routing.store=redis",
+                f"redis.url={redis_url}",
+                f"kafka.bootstrap_servers={kafka}",
+            ),
             ("drift.enabled=false",),
             ("drift.enabled=true",),
             targets={"throughput": 0.95, "p99": 1.05},
@@ -304,6 +314,10 @@ async def interleave(
         active: str | None = None
         for arm, cycle in order:
             if arm != active:
+                # let the outgoing server finish what the last answers started (a sink
+                # round in flight) before it is stopped: a produce request frozen past its
+                # timeout would be spilled and sent again, work the block never caused
+                await asyncio.sleep(SETTLE_S)
                 os.kill(pids[arm], signal.SIGCONT)
                 for other in pids.keys() - {arm}:
                     os.kill(pids[other], signal.SIGSTOP)
