@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.payloads import PayloadSpec, feature_matrix
 from bench.pinning import CLIENT_CPUS, SERVER_CPUS, cpu_list, taskset_prefix
-from devstack.services import free_port, kafka_broker, wait_for_port
+from devstack.services import free_port, kafka_broker, wait_for_port, with_parent_death_signal
 from protos.streamscore.v1 import scoring_pb2 as pb
 from protos.streamscore.v1 import scoring_pb2_grpc as pb_grpc
 from server.clients.replay import record_from_exchange
@@ -81,7 +82,10 @@ def server(
         "features.definitions_path=null",
         *extra,
     ]
-    cmd = [*taskset_prefix(SERVER_CPUS), sys.executable, "-m", "server.cli", "serve"]
+    # ends with the bench even if the bench is killed (a dead bench left servers behind)
+    taskset = shutil.which("taskset") or "/usr/bin/taskset"
+    serve = [sys.executable, "-m", "server.cli", "serve"]
+    cmd = with_parent_death_signal([*taskset_prefix(SERVER_CPUS, taskset=taskset), *serve])
     for item in overrides:
         cmd += ["--set", item]
     process = subprocess.Popen(
