@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -130,22 +131,30 @@ def check_infer_request(
     ``limits`` (before the model is even looked up)."""
     if len(request.id) > limits.max_id_length:
         raise _too_long("id", len(request.id), limits.max_id_length, "max_id_length")
+    longest = limits.max_name_length
     check_name("model_name", request.model_name, limits)
     check_name("model_version", request.model_version, limits)
-    _check_parameters("parameters", request.parameters, limits)
+    if request.parameters:
+        _check_parameters("parameters", request.parameters, limits)
     inputs = request.inputs
     if len(inputs) > limits.max_v2_inputs:
         raise _too_many("inputs", len(inputs), limits.max_v2_inputs, "max_v2_inputs")
     for i, tensor in enumerate(inputs):
-        check_name(f"inputs[{i}].name", tensor.name, limits)
-        check_name(f"inputs[{i}].datatype", tensor.datatype, limits)
-        _check_parameters(f"inputs[{i}].parameters", tensor.parameters, limits)
+        # field names are formatted only for a failing check (no strings per call)
+        if len(tensor.name) > longest:
+            check_name(f"inputs[{i}].name", tensor.name, limits)
+        if len(tensor.datatype) > longest:
+            check_name(f"inputs[{i}].datatype", tensor.datatype, limits)
+        if tensor.parameters:
+            _check_parameters(f"inputs[{i}].parameters", tensor.parameters, limits)
     outputs = request.outputs
     if len(outputs) > limits.max_v2_outputs:
         raise _too_many("outputs", len(outputs), limits.max_v2_outputs, "max_v2_outputs")
     for i, output in enumerate(outputs):
-        check_name(f"outputs[{i}].name", output.name, limits)
-        _check_parameters(f"outputs[{i}].parameters", output.parameters, limits)
+        if len(output.name) > longest:
+            check_name(f"outputs[{i}].name", output.name, limits)
+        if output.parameters:
+            _check_parameters(f"outputs[{i}].parameters", output.parameters, limits)
 
 
 def decode_score_request(
@@ -405,9 +414,7 @@ class InferCodec:
         response = v2.ModelInferResponse.FromString(template)
         response.id = request.id
         if request.raw_input_contents:
-            response.raw_output_contents.extend(
-                np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")).tobytes() for v in values
-            )
+            response.raw_output_contents.extend(map(_little_endian_bytes, values))
         else:
             for tensor, value in zip(response.outputs, values, strict=True):
                 field = _NUMPY_TO_V2[value.dtype][1]
@@ -422,6 +429,16 @@ class InferCodec:
             datatype = _NUMPY_TO_V2[value.dtype][0]
             response.outputs.add(name=name, datatype=datatype, shape=value.shape)
         return response.SerializeToString()
+
+
+def _little_endian_bytes(value: npt.NDArray[Any]) -> bytes:
+    """``value``'s elements as little-endian bytes in C order (v2 raw contents)."""
+    if _NATIVE_IS_LITTLE and value.dtype.isnative:
+        return value.tobytes()  # C order by default: the common case needs no copy first
+    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+
+
+_NATIVE_IS_LITTLE = sys.byteorder == "little"
 
 
 def tensor_metadata(
