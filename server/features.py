@@ -83,6 +83,10 @@ def _check_name_length(name: str, limit: int) -> None:
         )
 
 
+#: ``ndarray.sum`` without its Python wrapper (``_methods._sum``) on the per-call check.
+_add_reduce = np.add.reduce
+
+
 def _fits_float32(value: float) -> bool:
     """Finite and representable as a finite float32 (False for NaN)."""
     return -F32_MAX <= value <= F32_MAX
@@ -176,7 +180,7 @@ class FeatureLayout:
         self, features: Mapping[str, float], max_name_length: int = MAX_NAME_LENGTH
     ) -> npt.NDArray[np.float32]:
         """Request-only mode: one [1, F] row; every column must be present and valid."""
-        found = [features.get(name) for name in self.names]
+        found = list(map(features.get, self.names))  # one bound method, not one per name
         if len(features) != len(self.names) or None in found:
             raise self._shape_error(features, max_name_length)
         values = cast(list[float], found)
@@ -257,7 +261,7 @@ class FeatureLayout:
 
     def check_rows(self, rows: npt.NDArray[np.float32], field: str) -> None:
         """Refuse NaN/inf in columns that do not allow it, naming row and feature."""
-        if not self.nan_allowed and math.isfinite(rows.sum()):
+        if not self.nan_allowed and math.isfinite(_add_reduce(rows, None)):
             return  # one reduction: NaN or inf anywhere makes the sum non-finite
         finite = np.isfinite(rows)
         bad = ~(finite | self.nan_allowed_mask)
