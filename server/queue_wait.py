@@ -25,6 +25,7 @@ latency stays within the budget plus its own batch:
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 
@@ -45,8 +46,13 @@ class Quantiles:
 
 
 class _Window:
+    """The last ``window`` values in arrival order and kept sorted (one insertion and
+    one removal per value, not a sort: it runs once per batch, i.e. per lone request)."""
+
     def __init__(self, window: int, quantile: float) -> None:
-        self._values: deque[float] = deque(maxlen=window)
+        self._values: deque[float] = deque()
+        self._window = window
+        self._ordered: list[float] = []
         self._quantile = quantile
         self.quantiles = Quantiles()
 
@@ -54,11 +60,15 @@ class _Window:
         return len(self._values)
 
     def add(self, seconds: float) -> None:
-        self._values.append(max(0.0, seconds))
-        ordered = sorted(self._values)
+        value = max(0.0, seconds)
+        values, ordered = self._values, self._ordered
+        if len(values) == self._window:
+            del ordered[bisect_left(ordered, values.popleft())]
+        values.append(value)
+        insort(ordered, value)
+        n = len(ordered)
         self.quantiles = Quantiles(
-            high=ordered[math.ceil(self._quantile * len(ordered)) - 1],
-            typical=ordered[(len(ordered) - 1) // 2],
+            high=ordered[math.ceil(self._quantile * n) - 1], typical=ordered[(n - 1) // 2]
         )
 
 
