@@ -479,15 +479,19 @@ def split_rows(
     outputs: Mapping[str, npt.NDArray[np.generic]], sizes: Sequence[int]
 ) -> list[Outputs]:
     """Split batch outputs (first dim = sum of ``sizes``) into one slice per job."""
-    total = sum(sizes)
-    for name, value in outputs.items():
-        if value.ndim == 0 or value.shape[0] != total:
-            raise InferenceFailed(
-                f"output {name!r} has shape {value.shape}, not one row per input row ({total})"
-            )
+    check_rows_out(outputs, sum(sizes))
     parts: list[Outputs] = []
     offset = 0
     for size in sizes:
         parts.append({name: value[offset : offset + size] for name, value in outputs.items()})
         offset += size
     return parts
+
+
+def check_rows_out(outputs: Mapping[str, npt.NDArray[np.generic]], total: int) -> None:
+    """Every output has one row per input row (``total``), else ``InferenceFailed``."""
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != total:
+            raise InferenceFailed(
+                f"output {name!r} has shape {value.shape}, not one row per input row ({total})"
+            )
