@@ -231,6 +231,16 @@ class MicroBatcher(Generic[J, R]):
         ``deadline`` is an absolute ``loop.time()``; past it the request is dropped
         with ``DeadlineExceeded`` instead of being computed.
         """
+        outcome = self.submit_now(job, rows=rows, deadline=deadline)
+        if isinstance(outcome, asyncio.Future):
+            return await outcome
+        return outcome
+
+    def submit_now(
+        self, job: J, *, rows: int = 1, deadline: float | None = None
+    ) -> R | asyncio.Future[R]:
+        """``submit`` without a coroutine: the result itself when the idle fast path ran
+        the job at once, else the queued job's future (await it; cancelling drops it)."""
         loop = asyncio.get_running_loop()
         now = self._admit(rows, deadline, loop)
         if (
@@ -244,7 +254,7 @@ class MicroBatcher(Generic[J, R]):
                 if done is not None:
                     return done[0]
             self._next_probe = now + self.policy.lone_probe_interval_s
-        return await self._push(job, rows, deadline, now, loop)
+        return self._push(job, rows, deadline, now, loop)
 
     def enqueue(self, job: J, *, rows: int = 1, deadline: float | None = None) -> asyncio.Future[R]:
         """Queue ``job`` like ``submit`` (same checks, always batched) and return the

@@ -25,7 +25,7 @@ from server.lineage import Lineage
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout.stats import StatsRecorder
 from server.router import Decision, Route
-from server.scoring_types import ScoreInput, ScoreResult
+from server.scoring_types import RowFeatures, ScoreInput, ScoreResult
 
 if TYPE_CHECKING:
     from server.explain.service import Explained, VersionReasons
@@ -85,9 +85,9 @@ class ScoringPipeline:
         started = time.perf_counter()
         try:
             call = self._begin(request, decision, started)
-            result = await call.loaded.batcher.submit(
-                Job(prepared=call.prepared), deadline=deadline
-            )
+            outcome = call.loaded.batcher.submit_now(Job(prepared=call.prepared), deadline=deadline)
+            # the idle fast path answered at once: no coroutine, no loop turn
+            result = await outcome if isinstance(outcome, asyncio.Future) else outcome
             explained = None
             reasons = self._reasons_needed(call, result)
             if reasons is not None:
@@ -348,7 +348,8 @@ class ScoringPipeline:
         n = int(rows.shape[0])
         explained: tuple[Explained, ...] | None = None
         if not explain:
-            result = await loaded.batcher.submit(Job(rows=rows), rows=n, deadline=deadline)
+            outcome = loaded.batcher.submit_now(Job(rows=rows), rows=n, deadline=deadline)
+            result = await outcome if isinstance(outcome, asyncio.Future) else outcome
         elif reasons is None:
             raise NoExplainer(loaded.name, loaded.version)
         else:
@@ -419,7 +420,7 @@ class ScoringPipeline:
                 request = ScoreInput(  # as a Score call sending every feature
                     model=loaded.name,
                     request_id=item_id,
-                    features=dict(zip(names, row[0].tolist(), strict=True)),
+                    features=RowFeatures(names, row[0]),  # a dict once recorded, not now
                     model_version=pinned,
                     event_time_ms=t_ms,
                 )
