@@ -54,10 +54,22 @@ class _Window:
         self._window = window
         self._ordered: list[float] = []
         self._quantile = quantile
-        self.quantiles = Quantiles()
+        self._quantiles: Quantiles | None = Quantiles()
 
     def __len__(self) -> int:
         return len(self._values)
+
+    @property
+    def quantiles(self) -> Quantiles:
+        """Of the values now (computed on the first read after a change)."""
+        quantiles = self._quantiles
+        if quantiles is None:
+            ordered = self._ordered
+            n = len(ordered)
+            quantiles = self._quantiles = Quantiles(
+                high=ordered[math.ceil(self._quantile * n) - 1], typical=ordered[(n - 1) // 2]
+            )
+        return quantiles
 
     def add(self, seconds: float) -> None:
         value = max(0.0, seconds)
@@ -66,17 +78,14 @@ class _Window:
             del ordered[bisect_left(ordered, values.popleft())]
         values.append(value)
         insort(ordered, value)
-        n = len(ordered)
-        self.quantiles = Quantiles(
-            high=ordered[math.ceil(self._quantile * n) - 1], typical=ordered[(n - 1) // 2]
-        )
+        self._quantiles = None
 
 
 class BatchTimes:
     """Run times of recent batches, all of them and the full ones apart (0 until one ran).
 
-    Quantiles are recomputed when a batch is added (once per batch), so reading them on
-    every admission costs nothing.
+    Quantiles are recomputed on the first read after a batch was added (an admission
+    that checks a budget or a deadline), not per batch.
     """
 
     def __init__(
