@@ -96,7 +96,8 @@ def check_score_request(request: pb.ScoreRequest, limits: LimitsSettings = DEFAU
         if len(entity_ids) > limits.max_entity_ids:
             raise _too_many("entity_ids", len(entity_ids), limits.max_entity_ids, "max_entity_ids")
         longest = limits.max_entity_id_length
-        for name, entity_id in entity_ids.items():
+        for name in entity_ids:  # (a upb map's items() is a Python-level view)
+            entity_id = entity_ids[name]
             if len(name) > names:
                 _check_keys("entity_ids", (name,), names)
             if len(entity_id) > longest:
@@ -195,14 +196,17 @@ def encode_score_response(result: ScoreResult, server_time_us: int) -> pb.ScoreR
         model=result.model,
         model_version=result.version,
         route=ROUTES[result.route],
-        defaulted_features=result.defaulted_features,
         server_time_us=server_time_us,
-        degraded=bool(result.degraded_reasons),
-        degraded_reasons=result.degraded_reasons,
         artifact_sha256=result.artifact_sha256,
         threshold=result.threshold,
         decision=result.decision,
     )
+    # the usual answer has none of these: set only when present (each costs per call)
+    if result.defaulted_features:
+        response.defaulted_features.extend(result.defaulted_features)
+    if result.degraded_reasons:
+        response.degraded = True
+        response.degraded_reasons.extend(result.degraded_reasons)
     if result.reasons is not None:
         response.reasons_base_value = result.reasons_base_value
         response.reasons.extend(encode_reason(r) for r in result.reasons)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from server.records.traffic_log import TrafficLog
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: its __init__ would set each field through object
 class _Call:
     """One Score request between routing and its answer."""
 
@@ -45,7 +45,7 @@ class _Call:
     started: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per v2 call
 class InferResult:
     """Raw outputs of a v2 inference on caller-supplied rows."""
 
@@ -263,10 +263,10 @@ class ScoringPipeline:
             model=request.model,
             version=decision.version,
             route=decision.route,
-            defaulted_features=tuple(prepared.defaulted),
+            defaulted_features=tuple(prepared.defaulted) if prepared.defaulted else (),
             features=echoed,
-            freshness=tuple(prepared.freshness),
-            degraded_reasons=tuple(prepared.degraded),
+            freshness=tuple(prepared.freshness) if prepared.freshness else (),
+            degraded_reasons=tuple(prepared.degraded) if prepared.degraded else (),
             artifact_sha256=manifest.sha256,
             threshold=manifest.threshold,
             decision=flagged,
