@@ -275,8 +275,17 @@ class ScoringPipeline:
         )
         if decision.shadows or self.traffic is not None:
             timings = {"pipeline_us": int((time.perf_counter() - call.started) * 1e6)}
-            self._after_answer(
-                loaded, decision, answer, result.rows, call.t_ms, timings, request, prepared
+            # queued for the next loop turn: the answer leaves first (both only queue work)
+            asyncio.get_running_loop().call_soon(
+                self._after_answer,
+                loaded,
+                decision,
+                answer,
+                result.rows,
+                call.t_ms,
+                timings,
+                request,
+                prepared,
             )
         self._record(request, decision, call.started, answer)
         return answer
@@ -357,8 +366,16 @@ class ScoringPipeline:
         if decision is not None and (
             (decision.shadows and self.shadows is not None) or self.traffic is not None
         ):
-            self._record_rows(
-                loaded, decision, rows, result.outputs, request_id, started, explained
+            # after the answer left (next loop turn): records are not on the answer path
+            asyncio.get_running_loop().call_soon(
+                self._record_rows,
+                loaded,
+                decision,
+                rows,
+                result.outputs,
+                request_id,
+                int((time.perf_counter() - started) * 1e6),
+                explained,
             )
         return InferResult(loaded, result.outputs, explained)
 
@@ -394,7 +411,7 @@ class ScoringPipeline:
         rows: npt.NDArray[np.float32],
         outputs: Mapping[str, npt.NDArray[Any]],
         request_id: str,
-        started: float,
+        pipeline_us: int,
         explained: tuple[Explained, ...] | None = None,
     ) -> None:
         """Shadows and traffic-log records of a v2 call's rows (only queues work).
@@ -410,7 +427,7 @@ class ScoringPipeline:
         names = loaded.layout.names
         t_ms = int(self._clock() * 1000)
         pinned = decision.version if decision.route is Route.PINNED else None
-        timings = {"pipeline_us": int((time.perf_counter() - started) * 1e6)}
+        timings = {"pipeline_us": pipeline_us}
         explain: list[tuple[ScoreResult, npt.NDArray[np.float32], ScoreInput]] = []
         for i, score in enumerate(column.tolist()):
             item_id = f"{call_id}#{i}"
