@@ -175,6 +175,9 @@ class MicroBatcher(Generic[J, R]):
         self._rows_queued = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: The loop the batcher serves on, bound at first use: asking asyncio for the
+        #: running loop per request costs a getpid() system call each time (CPython 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         #: Moving average of requests per batch: the fill window opens only above 1.5.
         self._recent_requests_per_batch = 1.0
@@ -221,9 +224,16 @@ class MicroBatcher(Generic[J, R]):
     def start(self) -> None:
         """Start the flush task on the running loop."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
+            self._task = self._running_loop().create_task(
                 self._flush_loop(), name=f"batcher:{self.name}"
             )
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this batcher serves on (bound on first use)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def submit(self, job: J, *, rows: int = 1, deadline: float | None = None) -> R:
         """Queue ``job`` (``rows`` input rows) and wait for its result.
@@ -241,7 +251,7 @@ class MicroBatcher(Generic[J, R]):
     ) -> R | asyncio.Future[R]:
         """``submit`` without a coroutine: the result itself when the idle fast path ran
         the job at once, else the queued job's future (await it; cancelling drops it)."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         now = self._admit(rows, deadline, loop)
         if (
             self._run_now is not None
@@ -259,7 +269,7 @@ class MicroBatcher(Generic[J, R]):
     def enqueue(self, job: J, *, rows: int = 1, deadline: float | None = None) -> asyncio.Future[R]:
         """Queue ``job`` like ``submit`` (same checks, always batched) and return the
         future of its result at once; cancelling the future drops the job."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         now = self._admit(rows, deadline, loop)
         return self._push(job, rows, deadline, now, loop)
 
@@ -414,7 +424,7 @@ class MicroBatcher(Generic[J, R]):
 
     def _take_batch(self) -> list[_Pending[J, R]]:
         """Pop whole requests up to max_batch_size rows, dropping dead ones."""
-        now = asyncio.get_running_loop().time()
+        now = self._running_loop().time()
         batch: list[_Pending[J, R]] = []
         rows = 0
         while self._queue:
@@ -441,7 +451,7 @@ class MicroBatcher(Generic[J, R]):
         return batch
 
     async def _run(self, batch: list[_Pending[J, R]]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         started = self._running_since = loop.time()
         self._running_rows = sum(p.rows for p in batch)
         for pending in batch:

@@ -78,6 +78,15 @@ class ScoringPipeline:
         self.traffic: TrafficLog | None = None
         #: Stream items waiting for their reasons (strong references until done).
         self._explaining: set[asyncio.Task[None]] = set()
+        #: The serving loop, bound at first use (``asyncio.get_running_loop`` makes a
+        #: getpid() system call each time it is asked).
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def score(self, request: ScoreInput, deadline: float | None) -> ScoreResult:
         """Score one transaction; ``deadline`` is an absolute ``loop.time()``."""
@@ -276,7 +285,7 @@ class ScoringPipeline:
         if decision.shadows or self.traffic is not None:
             timings = {"pipeline_us": int((time.perf_counter() - call.started) * 1e6)}
             # queued for the next loop turn: the answer leaves first (both only queue work)
-            asyncio.get_running_loop().call_soon(
+            self._running_loop().call_soon(
                 self._after_answer,
                 loaded,
                 decision,
@@ -367,7 +376,7 @@ class ScoringPipeline:
             (decision.shadows and self.shadows is not None) or self.traffic is not None
         ):
             # after the answer left (next loop turn): records are not on the answer path
-            asyncio.get_running_loop().call_soon(
+            self._running_loop().call_soon(
                 self._record_rows,
                 loaded,
                 decision,
