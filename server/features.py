@@ -24,7 +24,7 @@ sent (the mode of a deployment without a feature store).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -259,9 +259,15 @@ class FeatureLayout:
             f"missing ({len(missing)} missing: {', '.join(missing[:10])}{more})",
         )
 
-    def check_rows(self, rows: npt.NDArray[np.float32], field: str) -> None:
-        """Refuse NaN/inf in columns that do not allow it, naming row and feature."""
-        if not self.nan_allowed and math.isfinite(_add_reduce(rows, None)):
+    def check_rows(
+        self, rows: npt.NDArray[np.float32], field: str, values: Iterable[float] | None = None
+    ) -> None:
+        """Refuse NaN/inf in columns that do not allow it, naming row and feature.
+        ``values``: the same numbers as a Python iterable (e.g. a memoryview of the wire
+        bytes), summed by the interpreter instead of a numpy call for a row or two."""
+        if not self.nan_allowed and math.isfinite(
+            _add_reduce(rows, None) if values is None else sum(values)
+        ):
             return  # one reduction: NaN or inf anywhere makes the sum non-finite
         finite = np.isfinite(rows)
         bad = ~(finite | self.nan_allowed_mask)
