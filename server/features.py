@@ -191,7 +191,7 @@ class FeatureLayout:
             for name, value in zip(self.names, values, strict=True):
                 if not _fits_float32(value) and name not in self.nan_allowed:
                     raise InvalidInput(f"features.{name}", _NOT_FLOAT32.format(value))
-        return np.array(values, dtype=np.float32).reshape(1, -1)
+        return np.array([values], dtype=np.float32)  # [1, F] in one call
 
     def prepare(
         self,

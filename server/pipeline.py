@@ -43,6 +43,8 @@ class _Call:
     prepared: Prepared
     t_ms: int
     started: float
+    score: float | None = None
+    """The answer's score once read from the outputs (reasons check, then the answer)."""
 
 
 @dataclass(slots=True)  # not frozen: built per v2 call
@@ -211,19 +213,22 @@ class ScoringPipeline:
         return _Call(request, decision, loaded, prepared, t_ms, started)
 
     @staticmethod
-    def _score_of(loaded: LoadedVersion, result: JobResult) -> float:
-        manifest = loaded.model.manifest
-        score_values = result.outputs[manifest.score_output]
-        return float(
-            score_values[0, manifest.score_index] if score_values.ndim == 2 else score_values[0]
-        )
+    def _score_of(call: _Call, result: JobResult) -> float:
+        score = call.score
+        if score is None:  # read once per call: item() gives the Python float in one step
+            manifest = call.loaded.model.manifest
+            values = result.outputs[manifest.score_output]
+            score = call.score = float(
+                values.item(0, manifest.score_index) if values.ndim == 2 else values.item(0)
+            )
+        return score
 
     def _reasons_needed(self, call: _Call, result: JobResult) -> VersionReasons | None:
         """The version's explainer when this answer needs reasons, else None."""
         loaded = call.loaded
         if loaded.reasons is None:
             return None
-        flagged = self._score_of(loaded, result) >= loaded.model.manifest.threshold
+        flagged = self._score_of(call, result) >= loaded.model.manifest.threshold
         return (
             loaded.reasons if loaded.reason_policy.needed(call.request.explain, flagged) else None
         )
@@ -260,7 +265,7 @@ class ScoringPipeline:
             call.prepared,
         )
         manifest = loaded.model.manifest
-        score = self._score_of(loaded, result)
+        score = self._score_of(call, result)
         flagged = score >= manifest.threshold
         echoed: tuple[tuple[str, float], ...] = ()
         if request.echo_features:
