@@ -18,6 +18,14 @@ medians over rounds are reported: the machine may be shared, so absolute numbers
 
 perf_analyzer is fetched into ``.cache/perf_analyzer`` on first use (see
 ``bench.perf_analyzer``); the demo models are trained into ``--repository`` when missing.
+
+A/B of a change: ``--base DIR`` adds the server ``base``, ``streamscore serve`` run from
+another source tree (e.g. a ``git archive`` of main) with this interpreter, alternated
+with the others in every round; each goal's ratio is then also reported for ``base``
+(the same run, the same reference servers):
+
+    git -C /work/main archive HEAD | tar -x -C /tmp/main-src
+    python -m bench.perf_bench --base /tmp/main-src --servers streamscore,base,bare,empty
 """
 
 from __future__ import annotations
@@ -38,10 +46,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench import perf_analyzer
-from bench.pinning import CLIENT_CPUS, SERVER_CPUS, taskset_prefix
+from bench.pinning import CLIENT_CPUS, SERVER_CPUS, steal_seconds, taskset_prefix
 from devstack.services import free_port, wait_for_port
 
 SERVERS = ("streamscore", "empty", "bare")
+#: ``streamscore serve`` from the ``--base`` source tree (A/B against another revision).
+BASE = "base"
 Client = Literal["perf_analyzer", "loadgen"]
 CLIENTS: tuple[Client, ...] = ("perf_analyzer", "loadgen")
 
@@ -198,6 +208,8 @@ class BenchConfig:
     loadgen_warmup_s: float = 1.0
     pa_cache: Path = perf_analyzer.DEFAULT_CACHE
     server_settings: tuple[str, ...] = field(default_factory=tuple)
+    #: Source tree the ``base`` server runs from (``None``: no ``base`` server).
+    base: Path | None = None
 
 
 def _version_dir(config: BenchConfig) -> Path:
@@ -223,8 +235,8 @@ def server_command(server: str, config: BenchConfig, version_dir: Path, port: in
             *pin, sys.executable, "-m", "bench.floor_server", "--host", "127.0.0.1",
             "--port", str(port), "--handler", server, "--model-dir", str(version_dir),
         ]  # fmt: skip
-    if server != "streamscore":
-        raise ValueError(f"unknown server {server!r}; expected one of {SERVERS}")
+    if server not in ("streamscore", BASE):
+        raise ValueError(f"unknown server {server!r}; expected one of {SERVERS} or {BASE!r}")
     overrides = [
         f"server.port={port}",
         "server.metrics_port=0",
@@ -241,10 +253,23 @@ def server_command(server: str, config: BenchConfig, version_dir: Path, port: in
     return cmd
 
 
+def server_source(server: str, config: BenchConfig) -> Path | None:
+    """The source tree ``server`` runs from (cwd and ``PYTHONPATH``); None: this one."""
+    if server != BASE:
+        return None
+    if config.base is None:
+        raise ValueError("server 'base' needs --base DIR")
+    return config.base.resolve()
+
+
 @contextlib.contextmanager
-def running_server(argv: Sequence[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``argv``, wait until ``port`` accepts connections, stop it on exit."""
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+def running_server(
+    argv: Sequence[str], port: int, source: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` (from ``source`` when given: its cwd and ``PYTHONPATH``), wait
+    until ``port`` accepts connections, stop it on exit."""
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, cwd=source, env=env)
     try:
         wait_for_port("127.0.0.1", port, 120.0, process)
         yield process
@@ -294,6 +319,27 @@ def _run_pa(
     return result.infer_per_s, result.p50_us, result.p99_us, 0
 
 
+def _absolute_paths(argv: list[str], version_dir: Path, config: BenchConfig) -> list[str]:
+    repository = f"models.repository={config.repository}"
+    return [
+        f"models.repository={config.repository.resolve()}" if item == repository else item
+        for item in argv
+    ]
+
+
+def base_goals(goals: Sequence[Goal]) -> list[Goal]:
+    """``goals`` with ``streamscore`` replaced by ``base`` (named ``[base] ...``)."""
+
+    def swap(side: tuple[str, str]) -> tuple[str, str]:
+        return (BASE, side[1]) if side[0] == "streamscore" else side
+
+    return [
+        Goal(f"[base] {g.name}", g.metric, swap(g.numerator), swap(g.denominator), g.target,
+             g.at_most)
+        for g in goals
+    ]  # fmt: skip
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run every round and return the JSON document (measurements, medians, ratios)."""
     workloads = [w for w in WORKLOADS if w.name in config.workloads]
@@ -306,12 +352,17 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         pa = perf_analyzer.ensure_perf_analyzer(config.pa_cache)
     measurements: list[Measurement] = []
     started = datetime.now(UTC)
+    steal_before = steal_seconds((*SERVER_CPUS, *CLIENT_CPUS))
+    load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="perfbench-") as tmp_name:
         tmp = Path(tmp_name)
         for r in range(config.rounds):
             for server in server_order(r, config.servers):
                 port = free_port()
-                with running_server(server_command(server, config, version_dir, port), port):
+                argv = server_command(server, config, version_dir, port)
+                if server == BASE:  # its paths must not depend on the cwd it runs in
+                    argv = _absolute_paths(argv, version_dir, config)
+                with running_server(argv, port, server_source(server, config)):
                     for workload in workloads:
                         if workload.client == "loadgen":
                             values = _run_loadgen(workload, config, version_dir, port)
@@ -340,6 +391,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "medians": medians(measurements),
         "ratios": [asdict(r) for r in compute_ratios(measurements)],
         "context_ratios": [asdict(r) for r in compute_ratios(measurements, CONTEXT)],
+        "base_ratios": [asdict(r) for r in compute_ratios(measurements, base_goals(GOALS))]
+        if BASE in config.servers
+        else [],
+        "load_average_at_start": load_before,
+        "steal_s": round(steal_seconds((*SERVER_CPUS, *CLIENT_CPUS)) - steal_before, 2),
     }
 
 
@@ -352,7 +408,11 @@ def format_report(document: dict[str, Any]) -> str:
             f"{row['p50_us']:8.0f} {row['p99_us']:8.0f}"
         )
     lines.append("")
-    for ratio in [*document["ratios"], *document["context_ratios"]]:
+    for ratio in [
+        *document["ratios"],
+        *document.get("base_ratios", []),
+        *document["context_ratios"],
+    ]:
         rounds = ", ".join(f"{v:.2f}" for v in ratio["per_round"])
         median = "n/a" if ratio["median"] is None else f"{ratio['median']:.2f}x"
         goal = ""
@@ -389,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pa-cache", type=Path, default=d.pa_cache)
     p.add_argument("--set", dest="settings", action="append", default=[],
                    help="streamscore setting key.path=value (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="source tree of the extra server 'base' (A/B against another revision)",
+    )
     p.add_argument("--json-out", type=Path, default=None)
     return p
 
@@ -397,9 +463,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Map parsed arguments onto a ``BenchConfig`` (raises ``ValueError`` if invalid)."""
     if args.rounds < 1:
         raise ValueError("--rounds must be >= 1")
-    unknown = set(args.servers) - set(SERVERS)
+    unknown = set(args.servers) - {*SERVERS, BASE}
     if unknown or not args.servers:
         raise ValueError(f"--servers: unknown {sorted(unknown)}; expected some of {SERVERS}")
+    if (BASE in args.servers) != (args.base is not None):
+        raise ValueError("--base DIR and the server 'base' go together")
     known = {w.name for w in WORKLOADS}
     if set(args.workloads) - known or not args.workloads:
         raise ValueError(f"--workloads: unknown {sorted(set(args.workloads) - known)}")
@@ -417,6 +485,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         loadgen_warmup_s=args.warmup,
         pa_cache=args.pa_cache,
         server_settings=tuple(args.settings),
+        base=args.base,
     )
 
 

@@ -175,6 +175,9 @@ class MicroBatcher(Generic[J, R]):
         self._rows_queued = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: The loop the batcher serves on, bound at first use: asking asyncio for the
+        #: running loop per request costs a getpid() system call each time (CPython 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         #: Moving average of requests per batch: the fill window opens only above 1.5.
         self._recent_requests_per_batch = 1.0
@@ -221,9 +224,16 @@ class MicroBatcher(Generic[J, R]):
     def start(self) -> None:
         """Start the flush task on the running loop."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
+            self._task = self._running_loop().create_task(
                 self._flush_loop(), name=f"batcher:{self.name}"
             )
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this batcher serves on (bound on first use)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def submit(self, job: J, *, rows: int = 1, deadline: float | None = None) -> R:
         """Queue ``job`` (``rows`` input rows) and wait for its result.
@@ -231,7 +241,17 @@ class MicroBatcher(Generic[J, R]):
         ``deadline`` is an absolute ``loop.time()``; past it the request is dropped
         with ``DeadlineExceeded`` instead of being computed.
         """
-        loop = asyncio.get_running_loop()
+        outcome = self.submit_now(job, rows=rows, deadline=deadline)
+        if isinstance(outcome, asyncio.Future):
+            return await outcome
+        return outcome
+
+    def submit_now(
+        self, job: J, *, rows: int = 1, deadline: float | None = None
+    ) -> R | asyncio.Future[R]:
+        """``submit`` without a coroutine: the result itself when the idle fast path ran
+        the job at once, else the queued job's future (await it; cancelling drops it)."""
+        loop = self._running_loop()
         now = self._admit(rows, deadline, loop)
         if (
             self._run_now is not None
@@ -244,12 +264,12 @@ class MicroBatcher(Generic[J, R]):
                 if done is not None:
                     return done[0]
             self._next_probe = now + self.policy.lone_probe_interval_s
-        return await self._push(job, rows, deadline, now, loop)
+        return self._push(job, rows, deadline, now, loop)
 
     def enqueue(self, job: J, *, rows: int = 1, deadline: float | None = None) -> asyncio.Future[R]:
         """Queue ``job`` like ``submit`` (same checks, always batched) and return the
         future of its result at once; cancelling the future drops the job."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         now = self._admit(rows, deadline, loop)
         return self._push(job, rows, deadline, now, loop)
 
@@ -404,7 +424,7 @@ class MicroBatcher(Generic[J, R]):
 
     def _take_batch(self) -> list[_Pending[J, R]]:
         """Pop whole requests up to max_batch_size rows, dropping dead ones."""
-        now = asyncio.get_running_loop().time()
+        now = self._running_loop().time()
         batch: list[_Pending[J, R]] = []
         rows = 0
         while self._queue:
@@ -431,7 +451,7 @@ class MicroBatcher(Generic[J, R]):
         return batch
 
     async def _run(self, batch: list[_Pending[J, R]]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         started = self._running_since = loop.time()
         self._running_rows = sum(p.rows for p in batch)
         for pending in batch:
@@ -479,15 +499,19 @@ def split_rows(
     outputs: Mapping[str, npt.NDArray[np.generic]], sizes: Sequence[int]
 ) -> list[Outputs]:
     """Split batch outputs (first dim = sum of ``sizes``) into one slice per job."""
-    total = sum(sizes)
-    for name, value in outputs.items():
-        if value.ndim == 0 or value.shape[0] != total:
-            raise InferenceFailed(
-                f"output {name!r} has shape {value.shape}, not one row per input row ({total})"
-            )
+    check_rows_out(outputs, sum(sizes))
     parts: list[Outputs] = []
     offset = 0
     for size in sizes:
         parts.append({name: value[offset : offset + size] for name, value in outputs.items()})
         offset += size
     return parts
+
+
+def check_rows_out(outputs: Mapping[str, npt.NDArray[np.generic]], total: int) -> None:
+    """Every output has one row per input row (``total``), else ``InferenceFailed``."""
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != total:
+            raise InferenceFailed(
+                f"output {name!r} has shape {value.shape}, not one row per input row ({total})"
+            )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -95,7 +96,8 @@ def check_score_request(request: pb.ScoreRequest, limits: LimitsSettings = DEFAU
         if len(entity_ids) > limits.max_entity_ids:
             raise _too_many("entity_ids", len(entity_ids), limits.max_entity_ids, "max_entity_ids")
         longest = limits.max_entity_id_length
-        for name, entity_id in entity_ids.items():
+        for name in entity_ids:  # (a upb map's items() is a Python-level view)
+            entity_id = entity_ids[name]
             if len(name) > names:
                 _check_keys("entity_ids", (name,), names)
             if len(entity_id) > longest:
@@ -130,22 +132,30 @@ def check_infer_request(
     ``limits`` (before the model is even looked up)."""
     if len(request.id) > limits.max_id_length:
         raise _too_long("id", len(request.id), limits.max_id_length, "max_id_length")
+    longest = limits.max_name_length
     check_name("model_name", request.model_name, limits)
     check_name("model_version", request.model_version, limits)
-    _check_parameters("parameters", request.parameters, limits)
+    if request.parameters:
+        _check_parameters("parameters", request.parameters, limits)
     inputs = request.inputs
     if len(inputs) > limits.max_v2_inputs:
         raise _too_many("inputs", len(inputs), limits.max_v2_inputs, "max_v2_inputs")
     for i, tensor in enumerate(inputs):
-        check_name(f"inputs[{i}].name", tensor.name, limits)
-        check_name(f"inputs[{i}].datatype", tensor.datatype, limits)
-        _check_parameters(f"inputs[{i}].parameters", tensor.parameters, limits)
+        # field names are formatted only for a failing check (no strings per call)
+        if len(tensor.name) > longest:
+            check_name(f"inputs[{i}].name", tensor.name, limits)
+        if len(tensor.datatype) > longest:
+            check_name(f"inputs[{i}].datatype", tensor.datatype, limits)
+        if tensor.parameters:
+            _check_parameters(f"inputs[{i}].parameters", tensor.parameters, limits)
     outputs = request.outputs
     if len(outputs) > limits.max_v2_outputs:
         raise _too_many("outputs", len(outputs), limits.max_v2_outputs, "max_v2_outputs")
     for i, output in enumerate(outputs):
-        check_name(f"outputs[{i}].name", output.name, limits)
-        _check_parameters(f"outputs[{i}].parameters", output.parameters, limits)
+        if len(output.name) > longest:
+            check_name(f"outputs[{i}].name", output.name, limits)
+        if output.parameters:
+            _check_parameters(f"outputs[{i}].parameters", output.parameters, limits)
 
 
 def decode_score_request(
@@ -186,14 +196,17 @@ def encode_score_response(result: ScoreResult, server_time_us: int) -> pb.ScoreR
         model=result.model,
         model_version=result.version,
         route=ROUTES[result.route],
-        defaulted_features=result.defaulted_features,
         server_time_us=server_time_us,
-        degraded=bool(result.degraded_reasons),
-        degraded_reasons=result.degraded_reasons,
         artifact_sha256=result.artifact_sha256,
         threshold=result.threshold,
         decision=result.decision,
     )
+    # the usual answer has none of these: set only when present (each costs per call)
+    if result.defaulted_features:
+        response.defaulted_features.extend(result.defaulted_features)
+    if result.degraded_reasons:
+        response.degraded = True
+        response.degraded_reasons.extend(result.degraded_reasons)
     if result.reasons is not None:
         response.reasons_base_value = result.reasons_base_value
         response.reasons.extend(encode_reason(r) for r in result.reasons)
@@ -361,15 +374,19 @@ class InferCodec:
                     f"{len(raw)} bytes do not hold shape {shape} of {datatype} ({count * 4} bytes)",
                 )
             rows = np.frombuffer(raw, dtype="<f4").reshape(shape[0], width)
+            # the check sums the wire bytes' floats without a numpy call (native order)
+            values: Iterable[float] | None = (
+                memoryview(raw).cast("f") if _NATIVE_IS_LITTLE else None
+            )
         else:
-            values = tensor.contents.fp32_contents
+            values = tensor.contents.fp32_contents  # Python floats, float32 on the wire
             if len(values) != count:
                 raise InvalidInput(
                     "inputs[0].contents.fp32_contents",
                     f"{len(values)} values do not fill shape {shape} ({count} values)",
                 )
             rows = np.array(values, dtype=np.float32).reshape(shape[0], width)
-        self._layout.check_rows(rows, "inputs[0]")
+        self._layout.check_rows(rows, "inputs[0]", values)
         return rows
 
     def requested_outputs(self, request: v2.ModelInferRequest) -> tuple[str, ...]:
@@ -405,9 +422,7 @@ class InferCodec:
         response = v2.ModelInferResponse.FromString(template)
         response.id = request.id
         if request.raw_input_contents:
-            response.raw_output_contents.extend(
-                np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")).tobytes() for v in values
-            )
+            response.raw_output_contents.extend(map(_little_endian_bytes, values))
         else:
             for tensor, value in zip(response.outputs, values, strict=True):
                 field = _NUMPY_TO_V2[value.dtype][1]
@@ -422,6 +437,16 @@ class InferCodec:
             datatype = _NUMPY_TO_V2[value.dtype][0]
             response.outputs.add(name=name, datatype=datatype, shape=value.shape)
         return response.SerializeToString()
+
+
+def _little_endian_bytes(value: npt.NDArray[Any]) -> bytes:
+    """``value``'s elements as little-endian bytes in C order (v2 raw contents)."""
+    if _NATIVE_IS_LITTLE and value.dtype.isnative:
+        return value.tobytes()  # C order by default: the common case needs no copy first
+    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+
+
+_NATIVE_IS_LITTLE = sys.byteorder == "little"
 
 
 def tensor_metadata(

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from server.batcher import Outputs, split_rows
+from server.batcher import Outputs, check_rows_out, split_rows
 from server.errors import DependencyUnavailable, ScoringError
 from server.feature_store import FeatureStore
 from server.features import FailurePolicy, FeatureLayout, Prepared
@@ -97,6 +97,14 @@ class VersionBatchRunner:
         needs_store = self._store is not None and self._layout.uses_store
         if needs_store and any(job.prepared is not None for job in jobs):
             return None
+        if len(jobs) == 1:  # the lone request: its rows are the batch, nothing to split
+            job = jobs[0]
+            matrix = _rows_of(job)
+            outputs = self._model.run_sync(matrix)
+            check_rows_out(outputs, matrix.shape[0])
+            if self._on_batch is not None:
+                self._on_batch(matrix, outputs, jobs)  # see below
+            return [JobResult(outputs, matrix, job.prepared)]
         blocks = [_rows_of(job) for job in jobs]
         matrix = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
         outputs = self._model.run_sync(matrix)

@@ -24,7 +24,7 @@ sent (the mode of a deployment without a feature store).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -81,6 +81,10 @@ def _check_name_length(name: str, limit: int) -> None:
             f"features[{name[:32]!r}...]",
             f"{len(name)} characters exceed the limit of {limit} (server.limits.max_name_length)",
         )
+
+
+#: ``ndarray.sum`` without its Python wrapper (``_methods._sum``) on the per-call check.
+_add_reduce = np.add.reduce
 
 
 def _fits_float32(value: float) -> bool:
@@ -176,7 +180,7 @@ class FeatureLayout:
         self, features: Mapping[str, float], max_name_length: int = MAX_NAME_LENGTH
     ) -> npt.NDArray[np.float32]:
         """Request-only mode: one [1, F] row; every column must be present and valid."""
-        found = [features.get(name) for name in self.names]
+        found = list(map(features.get, self.names))  # one bound method, not one per name
         if len(features) != len(self.names) or None in found:
             raise self._shape_error(features, max_name_length)
         values = cast(list[float], found)
@@ -187,7 +191,7 @@ class FeatureLayout:
             for name, value in zip(self.names, values, strict=True):
                 if not _fits_float32(value) and name not in self.nan_allowed:
                     raise InvalidInput(f"features.{name}", _NOT_FLOAT32.format(value))
-        return np.array(values, dtype=np.float32).reshape(1, -1)
+        return np.array([values], dtype=np.float32)  # [1, F] in one call
 
     def prepare(
         self,
@@ -255,9 +259,15 @@ class FeatureLayout:
             f"missing ({len(missing)} missing: {', '.join(missing[:10])}{more})",
         )
 
-    def check_rows(self, rows: npt.NDArray[np.float32], field: str) -> None:
-        """Refuse NaN/inf in columns that do not allow it, naming row and feature."""
-        if not self.nan_allowed and math.isfinite(rows.sum()):
+    def check_rows(
+        self, rows: npt.NDArray[np.float32], field: str, values: Iterable[float] | None = None
+    ) -> None:
+        """Refuse NaN/inf in columns that do not allow it, naming row and feature.
+        ``values``: the same numbers as a Python iterable (e.g. a memoryview of the wire
+        bytes), summed by the interpreter instead of a numpy call for a row or two."""
+        if not self.nan_allowed and math.isfinite(
+            _add_reduce(rows, None) if values is None else sum(values)
+        ):
             return  # one reduction: NaN or inf anywhere makes the sum non-finite
         finite = np.isfinite(rows)
         bad = ~(finite | self.nan_allowed_mask)

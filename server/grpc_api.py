@@ -31,7 +31,7 @@ from server.metrics import UNKNOWN_MODEL, ApiMetrics, Metrics
 from server.overrides import OverridePermission
 from server.pipeline import ScoringPipeline
 from server.registry import LoadedVersion, ModelRegistry
-from server.scoring_types import ScoreInput, ScoreResult
+from server.scoring_types import ScoreResult
 from server.settings import LimitsSettings
 
 SERVER_NAME = "streamscore"
@@ -96,7 +96,8 @@ class ScoringService(pb_grpc.ScoringServicer):
             item = codec.decode_score_request(
                 request, self._limits, overrides_allowed=self._overrides.granted(context)
             )
-            response = await self._score_one(item, deadline_of(context), started, metrics)
+            result = await self._pipeline.score(item, deadline_of(context))
+            response = self._encode(result, started, metrics)
         except Exception as error:
             code, message = status_of(error, "Score")
             self._count_failure(metrics, request, code)
@@ -190,16 +191,6 @@ class ScoringService(pb_grpc.ScoringServicer):
             counts[1] = counts[0]
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-
-    async def _score_one(
-        self,
-        item: ScoreInput,
-        deadline: float | None,
-        started: float,
-        metrics: ApiMetrics,
-    ) -> pb.ScoreResponse:
-        result = await self._pipeline.score(item, deadline)
-        return self._encode(result, started, metrics)
 
     def _encode(self, result: ScoreResult, started: float, metrics: ApiMetrics) -> pb.ScoreResponse:
         if result.freshness or result.degraded_reasons:

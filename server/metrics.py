@@ -173,12 +173,14 @@ class Metrics:
 
     def observer_for(self, model: str, version: str) -> BatchMetrics:
         """Batch observer with label children bound for one version."""
+        depth = _Depth()
+        self.queue_depth.labels(model, version).set_function(depth.read)
         return BatchMetrics(
             batch_rows=self.batch_size.labels(model, version),
             batch_requests=self.batch_requests.labels(model, version),
             inference=self.inference.labels(model, version),
             wait=self.queue_wait.labels(model, version),
-            depth=self.queue_depth.labels(model, version),
+            depth=depth,
             dropped_queue_full=self.dropped.labels(model, version, "queue_full"),
             dropped_deadline=self.dropped.labels(model, version, "deadline"),
             dropped_cancelled=self.dropped.labels(model, version, "cancelled"),
@@ -221,6 +223,19 @@ class ApiMetrics:
 UNKNOWN_MODEL = "_unknown"
 
 
+class _Depth:
+    """A queue's depth: a plain int set on the loop per queued request, read by its
+    gauge only when scraped (``Gauge.set`` takes a mutex per update)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def read(self) -> float:
+        return self.value
+
+
 @dataclass(frozen=True, slots=True)
 class BatchMetrics:
     """``server.batcher.BatchObserver`` backed by Prometheus children."""
@@ -229,7 +244,7 @@ class BatchMetrics:
     batch_requests: LoopHistogram
     inference: LoopHistogram
     wait: LoopHistogram
-    depth: Gauge
+    depth: _Depth
     dropped_queue_full: Counter
     dropped_deadline: Counter
     dropped_cancelled: Counter
@@ -251,7 +266,7 @@ class BatchMetrics:
             self.dropped_cancelled.inc()
 
     def queue_depth(self, requests: int) -> None:
-        self.depth.set(requests)
+        self.depth.value = requests
 
 
 class _TileCacheCollector(Collector):

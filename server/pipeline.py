@@ -25,7 +25,7 @@ from server.lineage import Lineage
 from server.registry import LoadedVersion, ModelRegistry
 from server.rollout.stats import StatsRecorder
 from server.router import Decision, Route
-from server.scoring_types import ScoreInput, ScoreResult
+from server.scoring_types import RowFeatures, ScoreInput, ScoreResult
 
 if TYPE_CHECKING:
     from server.explain.service import Explained, VersionReasons
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from server.records.traffic_log import TrafficLog
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: its __init__ would set each field through object
 class _Call:
     """One Score request between routing and its answer."""
 
@@ -43,9 +43,11 @@ class _Call:
     prepared: Prepared
     t_ms: int
     started: float
+    score: float | None = None
+    """The answer's score once read from the outputs (reasons check, then the answer)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per v2 call
 class InferResult:
     """Raw outputs of a v2 inference on caller-supplied rows."""
 
@@ -78,6 +80,15 @@ class ScoringPipeline:
         self.traffic: TrafficLog | None = None
         #: Stream items waiting for their reasons (strong references until done).
         self._explaining: set[asyncio.Task[None]] = set()
+        #: The serving loop, bound at first use (``asyncio.get_running_loop`` makes a
+        #: getpid() system call each time it is asked).
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def score(self, request: ScoreInput, deadline: float | None) -> ScoreResult:
         """Score one transaction; ``deadline`` is an absolute ``loop.time()``."""
@@ -85,9 +96,9 @@ class ScoringPipeline:
         started = time.perf_counter()
         try:
             call = self._begin(request, decision, started)
-            result = await call.loaded.batcher.submit(
-                Job(prepared=call.prepared), deadline=deadline
-            )
+            outcome = call.loaded.batcher.submit_now(Job(prepared=call.prepared), deadline=deadline)
+            # the idle fast path answered at once: no coroutine, no loop turn
+            result = await outcome if isinstance(outcome, asyncio.Future) else outcome
             explained = None
             reasons = self._reasons_needed(call, result)
             if reasons is not None:
@@ -202,19 +213,22 @@ class ScoringPipeline:
         return _Call(request, decision, loaded, prepared, t_ms, started)
 
     @staticmethod
-    def _score_of(loaded: LoadedVersion, result: JobResult) -> float:
-        manifest = loaded.model.manifest
-        score_values = result.outputs[manifest.score_output]
-        return float(
-            score_values[0, manifest.score_index] if score_values.ndim == 2 else score_values[0]
-        )
+    def _score_of(call: _Call, result: JobResult) -> float:
+        score = call.score
+        if score is None:  # read once per call: item() gives the Python float in one step
+            manifest = call.loaded.model.manifest
+            values = result.outputs[manifest.score_output]
+            score = call.score = float(
+                values.item(0, manifest.score_index) if values.ndim == 2 else values.item(0)
+            )
+        return score
 
     def _reasons_needed(self, call: _Call, result: JobResult) -> VersionReasons | None:
         """The version's explainer when this answer needs reasons, else None."""
         loaded = call.loaded
         if loaded.reasons is None:
             return None
-        flagged = self._score_of(loaded, result) >= loaded.model.manifest.threshold
+        flagged = self._score_of(call, result) >= loaded.model.manifest.threshold
         return (
             loaded.reasons if loaded.reason_policy.needed(call.request.explain, flagged) else None
         )
@@ -251,7 +265,7 @@ class ScoringPipeline:
             call.prepared,
         )
         manifest = loaded.model.manifest
-        score = self._score_of(loaded, result)
+        score = self._score_of(call, result)
         flagged = score >= manifest.threshold
         echoed: tuple[tuple[str, float], ...] = ()
         if request.echo_features:
@@ -263,10 +277,10 @@ class ScoringPipeline:
             model=request.model,
             version=decision.version,
             route=decision.route,
-            defaulted_features=tuple(prepared.defaulted),
+            defaulted_features=tuple(prepared.defaulted) if prepared.defaulted else (),
             features=echoed,
-            freshness=tuple(prepared.freshness),
-            degraded_reasons=tuple(prepared.degraded),
+            freshness=tuple(prepared.freshness) if prepared.freshness else (),
+            degraded_reasons=tuple(prepared.degraded) if prepared.degraded else (),
             artifact_sha256=manifest.sha256,
             threshold=manifest.threshold,
             decision=flagged,
@@ -275,8 +289,17 @@ class ScoringPipeline:
         )
         if decision.shadows or self.traffic is not None:
             timings = {"pipeline_us": int((time.perf_counter() - call.started) * 1e6)}
-            self._after_answer(
-                loaded, decision, answer, result.rows, call.t_ms, timings, request, prepared
+            # queued for the next loop turn: the answer leaves first (both only queue work)
+            self._running_loop().call_soon(
+                self._after_answer,
+                loaded,
+                decision,
+                answer,
+                result.rows,
+                call.t_ms,
+                timings,
+                request,
+                prepared,
             )
         self._record(request, decision, call.started, answer)
         return answer
@@ -348,7 +371,8 @@ class ScoringPipeline:
         n = int(rows.shape[0])
         explained: tuple[Explained, ...] | None = None
         if not explain:
-            result = await loaded.batcher.submit(Job(rows=rows), rows=n, deadline=deadline)
+            outcome = loaded.batcher.submit_now(Job(rows=rows), rows=n, deadline=deadline)
+            result = await outcome if isinstance(outcome, asyncio.Future) else outcome
         elif reasons is None:
             raise NoExplainer(loaded.name, loaded.version)
         else:
@@ -356,8 +380,16 @@ class ScoringPipeline:
         if decision is not None and (
             (decision.shadows and self.shadows is not None) or self.traffic is not None
         ):
-            self._record_rows(
-                loaded, decision, rows, result.outputs, request_id, started, explained
+            # after the answer left (next loop turn): records are not on the answer path
+            self._running_loop().call_soon(
+                self._record_rows,
+                loaded,
+                decision,
+                rows,
+                result.outputs,
+                request_id,
+                int((time.perf_counter() - started) * 1e6),
+                explained,
             )
         return InferResult(loaded, result.outputs, explained)
 
@@ -393,7 +425,7 @@ class ScoringPipeline:
         rows: npt.NDArray[np.float32],
         outputs: Mapping[str, npt.NDArray[Any]],
         request_id: str,
-        started: float,
+        pipeline_us: int,
         explained: tuple[Explained, ...] | None = None,
     ) -> None:
         """Shadows and traffic-log records of a v2 call's rows (only queues work).
@@ -409,7 +441,7 @@ class ScoringPipeline:
         names = loaded.layout.names
         t_ms = int(self._clock() * 1000)
         pinned = decision.version if decision.route is Route.PINNED else None
-        timings = {"pipeline_us": int((time.perf_counter() - started) * 1e6)}
+        timings = {"pipeline_us": pipeline_us}
         explain: list[tuple[ScoreResult, npt.NDArray[np.float32], ScoreInput]] = []
         for i, score in enumerate(column.tolist()):
             item_id = f"{call_id}#{i}"
@@ -419,7 +451,7 @@ class ScoringPipeline:
                 request = ScoreInput(  # as a Score call sending every feature
                     model=loaded.name,
                     request_id=item_id,
-                    features=dict(zip(names, row[0].tolist(), strict=True)),
+                    features=RowFeatures(names, row[0]),  # a dict once recorded, not now
                     model_version=pinned,
                     event_time_ms=t_ms,
                 )

@@ -25,6 +25,7 @@ latency stays within the budget plus its own batch:
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 
@@ -45,28 +46,46 @@ class Quantiles:
 
 
 class _Window:
+    """The last ``window`` values in arrival order and kept sorted (one insertion and
+    one removal per value, not a sort: it runs once per batch, i.e. per lone request)."""
+
     def __init__(self, window: int, quantile: float) -> None:
-        self._values: deque[float] = deque(maxlen=window)
+        self._values: deque[float] = deque()
+        self._window = window
+        self._ordered: list[float] = []
         self._quantile = quantile
-        self.quantiles = Quantiles()
+        self._quantiles: Quantiles | None = Quantiles()
 
     def __len__(self) -> int:
         return len(self._values)
 
+    @property
+    def quantiles(self) -> Quantiles:
+        """Of the values now (computed on the first read after a change)."""
+        quantiles = self._quantiles
+        if quantiles is None:
+            ordered = self._ordered
+            n = len(ordered)
+            quantiles = self._quantiles = Quantiles(
+                high=ordered[math.ceil(self._quantile * n) - 1], typical=ordered[(n - 1) // 2]
+            )
+        return quantiles
+
     def add(self, seconds: float) -> None:
-        self._values.append(max(0.0, seconds))
-        ordered = sorted(self._values)
-        self.quantiles = Quantiles(
-            high=ordered[math.ceil(self._quantile * len(ordered)) - 1],
-            typical=ordered[(len(ordered) - 1) // 2],
-        )
+        value = max(0.0, seconds)
+        values, ordered = self._values, self._ordered
+        if len(values) == self._window:
+            del ordered[bisect_left(ordered, values.popleft())]
+        values.append(value)
+        insort(ordered, value)
+        self._quantiles = None
 
 
 class BatchTimes:
     """Run times of recent batches, all of them and the full ones apart (0 until one ran).
 
-    Quantiles are recomputed when a batch is added (once per batch), so reading them on
-    every admission costs nothing.
+    Quantiles are recomputed on the first read after a batch was added (an admission
+    that checks a budget or a deadline), not per batch.
     """
 
     def __init__(

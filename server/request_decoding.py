@@ -44,17 +44,17 @@ def _message(what: str, error: Exception) -> str:
 
 
 def _unary_request(behavior: Behavior, decode: Decode, what: str, streaming: bool) -> Behavior:
-    async def decoded(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[bool, Any]:
-        try:
-            return True, decode(raw)
-        except DecodeError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(what, error))
-            return False, None  # pragma: no cover - abort raises
+    async def undecodable(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(what, error))
 
     if not streaming:
 
         async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            _, request = await decoded(raw, context)
+            # decoded inline: no coroutine of its own per call on the hot path
+            try:
+                request = decode(raw)
+            except DecodeError as error:
+                return await undecodable(context, error)  # abort raises
             return await behavior(request, context)
 
         return unary
@@ -62,7 +62,11 @@ def _unary_request(behavior: Behavior, decode: Decode, what: str, streaming: boo
     async def unary_stream(
         raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        _, request = await decoded(raw, context)
+        try:
+            request = decode(raw)
+        except DecodeError as error:
+            await undecodable(context, error)  # abort raises
+            return  # pragma: no cover
         result = behavior(request, context)
         if inspect.isasyncgen(result):
             async for response in result:

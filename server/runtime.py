@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +66,11 @@ class OnnxModel:
         self.manifest = manifest
         self.options = options
         self._session = session
+        #: ``session.run`` without its Python wrapper, whose checks (every input fed, no
+        #: foreign OrtValue, no WebGPU graph capture, CPU provider fallback) hold by
+        #: construction here: one numpy input checked at load, CPU only. ~1 us per batch,
+        #: a lone request's share. The public method when the binding is not there.
+        self._run = _session_run(session)
         self._input_name = manifest.input.name
         self._output_names = [o.name for o in manifest.outputs]
         self.output_shapes: dict[str, list[int | str | None]] = {
@@ -94,7 +99,7 @@ class OnnxModel:
 
     def run_sync(self, rows: npt.NDArray[np.float32]) -> dict[str, npt.NDArray[Any]]:
         """Run the session on ``rows`` ([N, F] float32); outputs keyed by name."""
-        values = self._session.run(self._output_names, {self._input_name: rows})
+        values = self._run(self._output_names, {self._input_name: rows}, None)
         return dict(zip(self._output_names, values, strict=True))
 
     async def run(self, rows: npt.NDArray[np.float32]) -> Mapping[str, npt.NDArray[Any]]:
@@ -108,6 +113,12 @@ class OnnxModel:
         """Release the worker thread (the session is freed with the object)."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def _session_run(session: ort.InferenceSession) -> Callable[..., list[Any]]:
+    """The binding's ``run(output_names, feed, run_options)`` under ``session.run``."""
+    run: Callable[..., list[Any]] | None = getattr(getattr(session, "_sess", None), "run", None)
+    return run if callable(run) else session.run
 
 
 def lower_thread_priority(increment: int) -> None:

@@ -7,17 +7,20 @@ them (the traffic log records them; the pipeline hands them to the traffic log).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, NamedTuple
 
 from server.router import Route
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from server.explain.reasons import Reason
     from server.features import Freshness
 
-__all__ = ["ScoreInput", "ScoreResult"]
+__all__ = ["RowFeatures", "ScoreInput", "ScoreResult"]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -56,3 +59,32 @@ class ScoreResult(NamedTuple):
     reasons: tuple[Reason, ...] | None = None
     """Top reasons when computed (``None``: not computed; ``()``: none pushed up)."""
     reasons_base_value: float = 0.0
+
+
+class RowFeatures(Mapping[str, float]):
+    """One input row's values by feature name (what a Score call sending every feature
+    carries), built into a dict only when first read: a v2 row's decision record reads
+    it on the sink's sender task, after the answer left, not on the request path."""
+
+    __slots__ = ("_names", "_row", "_values")
+
+    def __init__(self, names: Sequence[str], row: npt.NDArray[np.float32]) -> None:
+        """``row``: the ``[F]`` values in ``names`` order (not copied: never mutated)."""
+        self._names = names
+        self._row = row
+        self._values: dict[str, float] | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """The values as a dict (built once, then kept)."""
+        if self._values is None:
+            self._values = dict(zip(self._names, self._row.tolist(), strict=True))
+        return self._values
+
+    def __getitem__(self, name: str) -> float:
+        return self.as_dict()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self._names)

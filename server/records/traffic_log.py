@@ -59,6 +59,7 @@ from prometheus_client import CollectorRegistry
 from server.loop_metrics import LoopCounter, LoopCounterFamily
 from server.records.decision_json import VersionParts, encode_record, lineage_json, reasons_json
 from server.records.kafka_sink import RecordSink
+from server.scoring_types import RowFeatures
 
 if TYPE_CHECKING:
     from feature_streams.read_plan import FetchPlan, FetchRow
@@ -377,8 +378,13 @@ class TrafficLog:
 
 
 def _plain(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """``mapping`` as a ``dict`` (itself when it is one: the encoders take only dicts)."""
-    return mapping if type(mapping) is dict else dict(mapping)
+    """``mapping`` as a ``dict`` (itself when it is one: the encoders take only dicts;
+    a v2 row's ``RowFeatures`` builds its own, without a lookup per name)."""
+    if type(mapping) is dict:
+        return mapping
+    if type(mapping) is RowFeatures:
+        return mapping.as_dict()
+    return dict(mapping)
 
 
 class _Pending(NamedTuple):

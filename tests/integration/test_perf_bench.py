@@ -20,6 +20,7 @@ from bench.perf_bench import (
     GOALS,
     BenchConfig,
     Measurement,
+    base_goals,
     build_parser,
     compute_ratios,
     config_from_args,
@@ -204,6 +205,25 @@ def test_arguments_map_onto_the_config_and_bad_ones_are_named() -> None:
                        (["--workloads", "v2 c2"], "--workloads")]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             config_from_args(parser.parse_args(bad))
+
+
+def test_base_server_runs_another_source_tree_and_gets_its_own_ratios(tmp_path: Path) -> None:
+    parser = build_parser()
+    config = config_from_args(
+        parser.parse_args(["--servers", "streamscore,base,bare", "--base", str(tmp_path)])
+    )
+    assert config.base == tmp_path and "base" in config.servers
+    for bad in (["--servers", "base,bare"], ["--base", str(tmp_path)]):  # one without the other
+        with pytest.raises(ValueError, match="--base"):
+            config_from_args(parser.parse_args(bad))
+    measurements = [
+        _m(0, "streamscore", "v2 c1", 0, 110),
+        _m(0, "base", "v2 c1", 0, 150),
+        _m(0, "bare", "v2 c1", 0, 100),
+    ]
+    ratios = {r.name: r for r in compute_ratios(measurements, base_goals(GOALS))}
+    assert ratios["[base] v2 c1 p50 streamscore/bare"].per_round == pytest.approx([1.5])
+    assert len(ratios) == len(GOALS)
 
 
 def test_perf_analyzer_env_file_and_csv_are_parsed(tmp_path: Path) -> None:

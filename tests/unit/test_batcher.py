@@ -660,6 +660,25 @@ async def test_idle_fast_path_answers_a_lone_request_without_a_loop_turn() -> No
     await batcher.close()
 
 
+async def test_submit_now_gives_the_fast_path_result_itself_else_the_queued_future() -> None:
+    run, now = FakeRun(gate=asyncio.Event()), FakeRunNow()
+    batcher = fast_batcher(run, now)
+    probe = batcher.inner.submit_now(make_rows(0, 1), rows=1)  # the probe queues
+    assert isinstance(probe, asyncio.Future)
+    await run.started.wait()  # its batch runs (held)
+    queued = batcher.inner.submit_now(make_rows(1, 1), rows=1)  # busy: queued, a future
+    assert isinstance(queued, asyncio.Future) and not queued.done()
+    run.gate.set()  # type: ignore[union-attr]
+    assert_own_rows(await probe, make_rows(0, 1))
+    assert_own_rows(await queued, make_rows(1, 1))
+    await turns_until(lambda: not batcher.inner._busy)
+    lone = batcher.inner.submit_now(make_rows(2, 2), rows=2)  # idle: answered in the call
+    assert not isinstance(lone, asyncio.Future)
+    assert_own_rows(lone, make_rows(2, 2))
+    assert [len(b) for b in now.batches] == [2] and run.sizes() == [1, 1]
+    await batcher.close()
+
+
 async def test_idle_fast_path_still_refuses_a_passed_deadline() -> None:
     run, now, recorder = FakeRun(), FakeRunNow(), Recorder()
     batcher = fast_batcher(run, now, recorder)

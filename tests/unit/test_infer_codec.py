@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -22,7 +23,12 @@ def fake_loaded(store_fed: bool = False) -> LoadedVersion:
     """Just the attributes InferCodec reads (no ONNX session needed); ``store_fed``:
     columns 1.. come from the feature store, column 0 is a request feature."""
 
-    def check_rows(rows: npt.NDArray[np.float32], field: str) -> None:
+    def check_rows(
+        rows: npt.NDArray[np.float32], field: str, values: Iterable[float] | None = None
+    ) -> None:
+        if values is not None:
+            flat = np.array(list(values), np.float32).reshape(rows.shape)
+            assert np.array_equal(flat, rows, equal_nan=True)
         if not np.isfinite(rows).all():
             raise InvalidInput(field, "not finite")
 
@@ -128,6 +134,10 @@ def test_decode_names_the_bad_field() -> None:
     with pytest.raises(InvalidInput) as nan_error:
         codec.decode(request(nan, raw=False))
     assert nan_error.value.field == "inputs[0]"
+    nan[1, 2] = np.inf
+    with pytest.raises(InvalidInput) as inf_error:
+        codec.decode(request(nan, raw=True))
+    assert inf_error.value.field == "inputs[0]"
 
 
 def test_outputs_asked_twice_are_answered_once() -> None:

@@ -74,3 +74,13 @@ def test_feature_metrics_per_answer_are_lock_free_with_the_same_samples() -> Non
     ours = [line for line in exposition(metrics.registry) if line.split("{")[0].startswith(names)]
     ours = [line for line in ours if not line.startswith("# ")]
     assert ours and ours == [line for line in exposition(reference) if not line.startswith("# ")]
+
+
+def test_queue_depth_is_a_plain_value_read_at_scrape() -> None:
+    metrics = Metrics()
+    observer = metrics.observer_for("fraud", "2")
+    observer.queue_depth(7)
+    labels = {"model": "fraud", "version": "2"}
+    assert metrics.registry.get_sample_value("streamscore_queue_depth", labels) == 7
+    observer.queue_depth(0)
+    assert metrics.registry.get_sample_value("streamscore_queue_depth", labels) == 0

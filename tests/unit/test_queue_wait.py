@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 from server.queue_wait import BatchTimes, Quantiles, batches_ahead, expected_wait
@@ -74,3 +77,20 @@ def test_skip_first_leaves_the_cold_batch_out() -> None:
     assert len(times) == 0 and times.full == Quantiles()
     times.add(0.05, 4)
     assert len(times) == 1 and times.full.high == 0.05
+
+
+def test_quantiles_match_a_sort_of_the_window_as_values_come_and_go() -> None:
+    rng = random.Random(7)
+    window, quantile = 8, 0.9
+    times = BatchTimes(64, window=window, quantile=quantile)
+    seen: list[float] = []
+    for _ in range(200):
+        value = rng.choice([0.0, 0.001, 0.002, rng.random() / 100, -0.5])  # repeats, clipped
+        times.add(value, 1)
+        seen.append(max(0.0, value))
+        ordered = sorted(seen[-window:])
+        assert times.of(1) == Quantiles(
+            high=ordered[math.ceil(quantile * len(ordered)) - 1],
+            typical=ordered[(len(ordered) - 1) // 2],
+        )
+    assert len(times) == window
