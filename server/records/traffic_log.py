@@ -377,8 +377,11 @@ class TrafficLog:
 
 
 def _plain(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """``mapping`` as a ``dict`` (itself when it is one: the encoders take only dicts)."""
-    return mapping if type(mapping) is dict else dict(mapping)
+    """``mapping`` as a ``dict`` (itself when it is one: the encoders take only dicts).
+
+    A comprehension: ``dict()`` of a protobuf map (a request's features) goes through
+    the ``Mapping`` ABC's Python-level key iteration, ~30% slower for 30 entries."""
+    return mapping if type(mapping) is dict else {k: mapping[k] for k in mapping}
 
 
 class _Pending(NamedTuple):
