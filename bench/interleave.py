@@ -387,6 +387,14 @@ def _feature_data(url: str, cards: int, write_rate: float) -> Iterator[dict[str,
     writes |= {"events": live.events, "events_per_s": live.events / max(live.seconds, 1e-9)}
 
 
+def _code_env(tree: Path | None) -> dict[str, str]:
+    """Server environment that imports the project from ``tree`` instead of the cwd
+    (``PYTHONSAFEPATH``: ``python -m`` does not put the cwd first on ``sys.path``)."""
+    if tree is None:
+        return {}
+    return {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(tree.resolve())}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start the services and both servers, then interleave every requested load."""
     os.sched_setaffinity(0, set(CLIENT_CPUS))
@@ -404,13 +412,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         experiment = experiments(
             args.model, redis.url, broker.bootstrap_servers, str(tmp / "spill"), args.cards
         )[args.experiment]
-        if args.control:  # A/A: B runs A's settings and payload (the method's own spread)
+        if args.control:  # A/A: both arms run one arm's settings and payload
+            same, payload, env = (
+                (experiment.arm_a, experiment.payload_a, experiment.env_a)
+                if args.control == "A"
+                else (experiment.arm_b, experiment.payload_b, experiment.env_b)
+            )
             experiment = dataclasses.replace(
                 experiment,
-                name=f"{experiment.name} A/A control",
-                arm_b=experiment.arm_a,
-                payload_b=experiment.payload_a,
-                env_b=experiment.env_a,
+                name=f"{experiment.name} {args.control}/{args.control} control",
+                arm_a=same,
+                arm_b=same,
+                payload_a=payload,
+                payload_b=payload,
+                env_a=env,
+                env_b=env,
+            )
+        if args.code_a or args.code_b:  # a code A/B: each arm's server from its own tree
+            experiment = dataclasses.replace(
+                experiment,
+                name=f"{experiment.name} code {args.code_a or '.'} vs {args.code_b or '.'}",
+                env_a={**(experiment.env_a or {}), **_code_env(args.code_a)},
+                env_b={**(experiment.env_b or {}), **_code_env(args.code_b)},
             )
         items = {arm: _items(experiment, arm, args.model, manifest_dir) for arm in ("A", "B")}
         writes: dict[str, float] = {}
@@ -481,8 +504,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--control",
-        action="store_true",
-        help="A/A: arm B gets arm A's settings (what the method reads when nothing differs)",
+        nargs="?",
+        const="A",
+        choices=("A", "B"),
+        default=None,
+        help="A/A (or B/B): both arms get that arm's settings (what the method reads when "
+        "nothing differs; with --code-a/--code-b, a code A/B at one setting)",
+    )
+    parser.add_argument(
+        "--code-a", type=Path, default=None, help="source tree arm A's server runs (default: cwd)"
+    )
+    parser.add_argument(
+        "--code-b", type=Path, default=None, help="source tree arm B's server runs (default: cwd)"
     )
     parser.add_argument("--set", action="append", default=[], help="extra override, both arms")
     parser.add_argument("--json-out", type=Path, default=None)
