@@ -409,8 +409,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             check=True,
             capture_output=True,
         )
+        spill = str(tmp / "spill")
         experiment = experiments(
-            args.model, redis.url, broker.bootstrap_servers, str(tmp / "spill"), args.cards
+            args.model, redis.url, broker.bootstrap_servers, spill, args.cards
         )[args.experiment]
         if args.control:  # A/A: both arms run one arm's settings and payload
             same, payload, env = (
@@ -447,7 +448,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("B", experiment.arm_b, experiment.env_b),
         )
         for arm, own, env in arms:
-            settings = [*experiment.common, *own, *args.set]
+            # each server its own spill directory (a spill is locked by its process)
+            settings = [
+                item.replace(spill, f"{spill}-{arm}")
+                for item in (*experiment.common, *own, *args.set)
+            ]
             process = stack.enter_context(
                 server(
                     args.repository, args.model, args.live, ports[arm], metrics_ports[arm],
