@@ -284,8 +284,10 @@ async def interleave(
     cycles: int,
     block_s: float,
     lead_in_s: float,
+    settle_s: float = 0.5,
 ) -> list[Block]:
-    """Warm both arms, then ``cycles`` x ABBA blocks; the arm not under load is stopped."""
+    """Warm both arms, then ``cycles`` x ABBA blocks; the arm not under load is stopped
+    (``settle_s`` after its last answer)."""
     channels = {
         arm: [aio_channel(f"127.0.0.1:{port}", None, _channel_options(i)) for i in range(n)]
         for arm, port in ports.items()
@@ -304,6 +306,12 @@ async def interleave(
         active: str | None = None
         for arm, cycle in order:
             if arm != active:
+                if active is not None:
+                    # let the last arm finish what its answers started (a record sink's
+                    # round in flight): stopped mid-request, its Kafka request would time
+                    # out on resume, and the failure's reconnect and spill land in its
+                    # next measured block
+                    await asyncio.sleep(settle_s)
                 os.kill(pids[arm], signal.SIGCONT)
                 for other in pids.keys() - {arm}:
                     os.kill(pids[other], signal.SIGSTOP)
@@ -464,7 +472,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loads: dict[str, Any] = {}
         for load in args.load:
             blocks = asyncio.run(
-                interleave(load, items, ports, pids, args.cycles, args.block, args.lead_in)
+                interleave(
+                    load, items, ports, pids, args.cycles, args.block, args.lead_in, args.settle
+                )
             )
             summary = summarise(blocks, experiment.targets)
             loads[load.label] = {"blocks": [b.to_json() for b in blocks], "summary": summary}
@@ -503,6 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=6, help="ABBA cycles per load")
     parser.add_argument("--block", type=float, default=4.0, help="measured seconds per block")
     parser.add_argument("--lead-in", type=float, default=1.0, help="unmeasured s per block")
+    parser.add_argument(
+        "--settle", type=float, default=0.5, help="s an arm runs unloaded before it is stopped"
+    )
     parser.add_argument("--cards", type=int, default=5000, help="fetch: entities seeded")
     parser.add_argument(
         "--write-rate", type=float, default=0.0, help="fetch: live events/s during the run"
