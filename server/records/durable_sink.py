@@ -79,13 +79,13 @@ class DurableSinkConfig:
     #: Records per round, and bytes per partition batch.
     max_batch: int = 500
     max_batch_bytes: int = 512 << 10
-    #: How long a round waits to fill (up to ``max_batch``): each round costs a fixed
-    #: few hundred us (a batch per partition, aiokafka's produce request and response).
-    #: Longer rounds used to hurt the server's tail (a round encoded its records at
-    #: once); with records encoded as offered, 50 ms rounds cost ~30 us less server CPU
-    #: per record than the former 20 ms ones (encoded per round, linger 5 ms), p99
-    #: x1.06 of theirs (bench/RESULTS.md, decision record, round 4).
-    max_wait_ms: int = 50
+    #: How long a round waits to fill (up to ``max_batch``). The sink alone spends less
+    #: CPU per record with longer waits, but in the server a 100 ms round's burst of
+    #: work on the serving loop cost more than it saved (bench/RESULTS.md, decision
+    #: record: 100 ms gave CPU 1.38x / p99 3.6x of off, 20 ms 1.13x / 1.31x). 50 ms
+    #: with records encoded as offered: not shown to save CPU in the server (code A/B
+    #: vs 20 ms: -30 then -4 us per record), p99 x1.06 / x1.13 (round 4).
+    max_wait_ms: int = 20
     #: The producer's linger. 0: a round's batches are built whole and handed over at
     #: once, so lingering only delayed the round and cost the producer's sender one
     #: more wakeup and timer per round.
