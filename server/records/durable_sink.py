@@ -83,8 +83,8 @@ class DurableSinkConfig:
     #: CPU per record with longer waits, but in the server a 100 ms round's burst of
     #: work on the serving loop cost more than it saved (bench/RESULTS.md, decision
     #: record: 100 ms gave CPU 1.38x / p99 3.6x of off, 20 ms 1.13x / 1.31x). 50 ms
-    #: with records encoded as offered: not shown to save CPU in the server (code A/B
-    #: vs 20 ms: -30 then -4 us per record), p99 x1.06 / x1.13 (round 4).
+    #: with records encoded as offered: not shown to save CPU in the server (code A/Bs
+    #: vs main's 20 ms rounds: -30, then -4 us per record; p99 x1.06, x1.13; round 4).
     max_wait_ms: int = 20
     #: The producer's linger. 0: a round's batches are built whole and handed over at
     #: once, so lingering only delayed the round and cost the producer's sender one
