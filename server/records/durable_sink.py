@@ -13,9 +13,6 @@ never blocks on Kafka, never raises), different promise: a record offered is sen
   most one record batch per partition, and the next round starts only after every
   batch of this one was acknowledged; so records reach each partition in offer
   order, spilled ones before newer in-memory ones.
-* A lazy record (a callable) is encoded soon after its offer, a few per loop turn
-  between answers (``loop.call_soon``), not a round's worth at once when the round
-  is sent: the round's burst of work on the serving loop is then only the batches.
 * Memory is bounded in bytes (``max_buffered_bytes``; a lazy record counts as
   ``lazy_size_estimate`` until encoded). An offer past it moves the oldest records
   to the spill first (encoding them then if needed); when Kafka fails, the sender
@@ -58,8 +55,6 @@ DURABLE_DROP_REASONS = ("spill_full", "too_large", "encode_failed", "closed")
 #: Bytes of a record batch around its records (header; the request adds a little more).
 _BATCH_OVERHEAD = 128
 _SLICE = 16
-#: Lazy records encoded per loop turn between answers (each ~20-30 us for a decision).
-_ENCODE_STEP = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +77,9 @@ class DurableSinkConfig:
     #: How long a round waits to fill (up to ``max_batch``). The sink alone spends less
     #: CPU per record with longer waits, but in the server a 100 ms round's burst of
     #: work on the serving loop cost more than it saved (bench/RESULTS.md, decision
-    #: record: 100 ms gave CPU 1.38x / p99 3.6x of off, 20 ms 1.13x / 1.31x). 50 ms
-    #: with records encoded as offered: not shown to save CPU in the server (code A/Bs
-    #: vs main's 20 ms rounds: -30, then -4 us per record; p99 x1.06, x1.13; round 4).
+    #: record: 100 ms gave CPU 1.38x / p99 3.6x of off, 20 ms 1.13x / 1.31x).
     max_wait_ms: int = 20
-    #: The producer's linger. 0: a round's batches are built whole and handed over at
-    #: once, so lingering only delayed the round and cost the producer's sender one
-    #: more wakeup and timer per round.
-    linger_ms: int = 0
+    linger_ms: int = 5
     #: A round not acknowledged within this is a failure (Kafka slow counts as down).
     request_timeout_ms: int = 5_000
     connect_timeout_s: float = 5.0
@@ -168,11 +158,6 @@ class DurableSink:
         )
         self._memory: deque[_Entry] = deque()
         self._memory_bytes = 0
-        #: Lazy entries offered and not yet encoded (oldest first), and the loop
-        #: callback that encodes them a few at a time (None: none scheduled).
-        self._unencoded: deque[_Entry] = deque()
-        self._encoding: asyncio.Handle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight_memory = 0  # memory head entries in the current round
         self._inflight_spilled = 0  # of the round, moved to the spill head while in flight
         self._dirty = False  # spill written since the last fsync
@@ -237,8 +222,7 @@ class DurableSink:
     def start(self) -> None:
         """Start the sender on the running loop (it first sends what the spill holds)."""
         if self._task is None and not self._closing:
-            self._loop = asyncio.get_running_loop()
-            self._task = self._loop.create_task(
+            self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"durable-sink:{self.config.name}"
             )
             self.outage.install()
@@ -257,13 +241,8 @@ class DurableSink:
             self._drop(topic, "spill_full", 1)
             return False
         memory = self._memory
-        entry = _Entry(topic, key, value, size)
-        memory.append(entry)
+        memory.append(_Entry(topic, key, value, size))
         self._memory_bytes += size
-        if not isinstance(value, bytes) and self._loop is not None:
-            self._unencoded.append(entry)
-            if self._encoding is None:
-                self._encoding = self._loop.call_soon(self._encode_step)
         self._idle.clear()
         if len(memory) == 1 or len(memory) >= self.config.max_batch:
             self._wakeup.set()
@@ -284,9 +263,6 @@ class DurableSink:
             return
         self._closing = True
         self._wakeup.set()
-        if self._encoding is not None:  # what is left is encoded when spilled
-            self._encoding.cancel()
-            self._encoding = None
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout_s
         task, self._task = self._task, None
@@ -472,21 +448,8 @@ class DurableSink:
             async with asyncio.timeout(wait_s):
                 await self._wakeup.wait()
 
-    def _encode_step(self) -> None:
-        """Encode the oldest few offered records (a loop callback between answers); call
-        again while some are left. Records spilled or sent meanwhile were encoded then."""
-        self._encoding = None
-        unencoded = self._unencoded
-        for _ in range(_ENCODE_STEP):
-            if not unencoded:
-                return
-            self._materialize(unencoded.popleft())
-        if unencoded and self._loop is not None and not self._closing:
-            self._encoding = self._loop.call_soon(self._encode_step)
-
     async def _encode_head(self) -> None:
-        """Encode what of the next round is not encoded yet, in slices (usually nothing:
-        offers schedule their encoding; this covers offers made before ``start``)."""
+        """Encode the next round's records in slices (the loop serves requests meanwhile)."""
         head = [e for _, e in zip(range(self.config.max_batch), self._memory, strict=False)]
         for index, entry in enumerate(head):
             if index % _SLICE == _SLICE - 1:

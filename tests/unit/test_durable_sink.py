@@ -3,8 +3,6 @@ oversize records shrunk or dropped alone, close leaves everything in the spill."
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 from pathlib import Path
 
@@ -60,50 +58,6 @@ async def test_lazy_records_are_encoded_when_spilled(tmp_path: Path) -> None:
     assert sink.buffered_bytes <= 4096
     await sink.close(timeout_s=1.0)
     assert spilled_values(tmp_path / "spill") == [f"lazy-{i}".encode() for i in range(30)]
-
-
-async def test_lazy_records_are_encoded_a_few_per_loop_turn_before_any_round(
-    tmp_path: Path,
-) -> None:
-    """Offers schedule their own encoding (a few per loop turn between answers), so a
-    round does not encode its whole batch at once on the serving loop."""
-    # a "broker" that accepts and never answers: the sink stays connecting, so no
-    # round is sent and nothing is spilled; only the offers' encode steps run
-    accepted: list[asyncio.StreamWriter] = []
-    silent = await asyncio.start_server(lambda _, w: accepted.append(w), "127.0.0.1", 0)
-    port = silent.sockets[0].getsockname()[1]
-    config = DurableSinkConfig(
-        bootstrap_servers=f"127.0.0.1:{port}",
-        spill_dir=tmp_path / "spill",
-        connect_timeout_s=30.0,
-        lazy_size_estimate=512,
-    )
-    sink = DurableSink(config)
-    sink.start()
-    encoded: list[int] = []
-
-    def payload(i: int) -> bytes:
-        encoded.append(i)
-        return f"lazy-{i}".encode()
-
-    for i in range(6):
-        assert sink.offer(TOPIC, functools.partial(payload, i))
-    assert encoded == []  # nothing on the offering call itself
-    turns = []
-    for _ in range(4):
-        await asyncio.sleep(0)
-        turns.append(len(encoded))
-    assert encoded == list(range(6))  # in offer order
-    assert turns[0] < 6 and turns[-1] == 6  # spread over turns, not all in one
-    assert sink.buffered_bytes == sum(len(f"lazy-{i}") for i in range(6))  # sizes now exact
-    assert sink.state == "connecting" and not sink.spill.pending
-    await sink.close(timeout_s=1.0)
-    silent.close()
-    for writer in accepted:
-        writer.close()
-    await silent.wait_closed()
-    assert encoded == list(range(6))  # none encoded twice
-    assert spilled_values(tmp_path / "spill") == [f"lazy-{i}".encode() for i in range(6)]
 
 
 async def test_spill_budget_exhausted_drops_counted_and_health_says_so(tmp_path: Path) -> None:
