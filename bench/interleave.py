@@ -13,12 +13,17 @@ woken server's timers catch up there).
 Reported per arm, pooled over its blocks: OK throughput, latency percentiles (histograms
 merged), server CPU per answer, host steal; the B / A ratios; and the same ratios per
 ABBA cycle (their median and how many cycles meet the target), so one can see whether a
-verdict rests on every cycle or on a few.
+verdict rests on every cycle or on a few. ``--code-a/--code-b`` run each arm's server from
+its own source tree (a code change A/B'd at one setting, e.g. with ``--control B``); an
+arm runs ``--settle`` seconds unloaded before it is stopped, so work its answers started
+(a Kafka round in flight) is not frozen mid-request.
 
     python -m bench.interleave --experiment drift --load c1 --load c64 --cycles 6 \
         --repository /tmp/drift-models --json-out bench/results/interleave_drift.json
     python -m bench.interleave --experiment record --load rate500 --cycles 6 \
         --json-out bench/results/interleave_record.json
+    python -m bench.interleave --experiment record --control B --code-a /tmp/main-tree \
+        --code-b . --load rate500 --cycles 8 --json-out bench/results/record_code_ab.json
     python -m bench.interleave --experiment reasons --load c1 --load c64 --cycles 6 \
         --json-out bench/results/interleave_reasons.json
     python -m bench.interleave --experiment fetch --load c64 --write-rate 1000 --cycles 6 \
