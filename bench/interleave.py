@@ -13,12 +13,17 @@ woken server's timers catch up there).
 Reported per arm, pooled over its blocks: OK throughput, latency percentiles (histograms
 merged), server CPU per answer, host steal; the B / A ratios; and the same ratios per
 ABBA cycle (their median and how many cycles meet the target), so one can see whether a
-verdict rests on every cycle or on a few.
+verdict rests on every cycle or on a few. ``--code-a/--code-b`` run each arm's server from
+its own source tree (a code change A/B'd at one setting, e.g. with ``--control B``); an
+arm runs ``--settle`` seconds unloaded before it is stopped, so work its answers started
+(a Kafka round in flight) is not frozen mid-request.
 
     python -m bench.interleave --experiment drift --load c1 --load c64 --cycles 6 \
         --repository /tmp/drift-models --json-out bench/results/interleave_drift.json
     python -m bench.interleave --experiment record --load rate500 --cycles 6 \
         --json-out bench/results/interleave_record.json
+    python -m bench.interleave --experiment record --control B --code-a /tmp/main-tree \
+        --code-b . --load rate500 --cycles 8 --json-out bench/results/record_code_ab.json
     python -m bench.interleave --experiment reasons --load c1 --load c64 --cycles 6 \
         --json-out bench/results/interleave_reasons.json
     python -m bench.interleave --experiment fetch --load c64 --write-rate 1000 --cycles 6 \
@@ -62,9 +67,6 @@ from feature_streams.definitions import load_definitions
 from server.clients.channels import aio_channel
 from server.clients.histogram import LatencyHistogram
 from server.manifest import ModelManifest
-
-#: Pause between the last answer of a block and stopping its server.
-SETTLE_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -294,8 +296,10 @@ async def interleave(
     cycles: int,
     block_s: float,
     lead_in_s: float,
+    settle_s: float = 0.5,
 ) -> list[Block]:
-    """Warm both arms, then ``cycles`` x ABBA blocks; the arm not under load is stopped."""
+    """Warm both arms, then ``cycles`` x ABBA blocks; the arm not under load is stopped
+    (``settle_s`` after its last answer)."""
     channels = {
         arm: [aio_channel(f"127.0.0.1:{port}", None, _channel_options(i)) for i in range(n)]
         for arm, port in ports.items()
@@ -314,10 +318,12 @@ async def interleave(
         active: str | None = None
         for arm, cycle in order:
             if arm != active:
-                # let the outgoing server finish what the last answers started (a sink
-                # round in flight) before it is stopped: a produce request frozen past its
-                # timeout would be spilled and sent again, work the block never caused
-                await asyncio.sleep(SETTLE_S)
+                if active is not None:
+                    # let the last arm finish what its answers started (a record sink's
+                    # round in flight): stopped mid-request, its Kafka request would time
+                    # out on resume, and the failure's reconnect and spill land in its
+                    # next measured block
+                    await asyncio.sleep(settle_s)
                 os.kill(pids[arm], signal.SIGCONT)
                 for other in pids.keys() - {arm}:
                     os.kill(pids[other], signal.SIGSTOP)
@@ -401,6 +407,14 @@ def _feature_data(url: str, cards: int, write_rate: float) -> Iterator[dict[str,
     writes |= {"events": live.events, "events_per_s": live.events / max(live.seconds, 1e-9)}
 
 
+def _code_env(tree: Path | None) -> dict[str, str]:
+    """Server environment that imports the project from ``tree`` instead of the cwd
+    (``PYTHONSAFEPATH``: ``python -m`` does not put the cwd first on ``sys.path``)."""
+    if tree is None:
+        return {}
+    return {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(tree.resolve())}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start the services and both servers, then interleave every requested load."""
     os.sched_setaffinity(0, set(CLIENT_CPUS))
@@ -415,16 +429,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             check=True,
             capture_output=True,
         )
+        spill = str(tmp / "spill")
         experiment = experiments(
-            args.model, redis.url, broker.bootstrap_servers, str(tmp / "spill"), args.cards
+            args.model, redis.url, broker.bootstrap_servers, spill, args.cards
         )[args.experiment]
-        if args.control:  # A/A: B runs A's settings and payload (the method's own spread)
+        if args.control:  # A/A: both arms run one arm's settings and payload
+            same, payload, env = (
+                (experiment.arm_a, experiment.payload_a, experiment.env_a)
+                if args.control == "A"
+                else (experiment.arm_b, experiment.payload_b, experiment.env_b)
+            )
             experiment = dataclasses.replace(
                 experiment,
-                name=f"{experiment.name} A/A control",
-                arm_b=experiment.arm_a,
-                payload_b=experiment.payload_a,
-                env_b=experiment.env_a,
+                name=f"{experiment.name} {args.control}/{args.control} control",
+                arm_a=same,
+                arm_b=same,
+                payload_a=payload,
+                payload_b=payload,
+                env_a=env,
+                env_b=env,
+            )
+        if args.code_a or args.code_b:  # a code A/B: each arm's server from its own tree
+            experiment = dataclasses.replace(
+                experiment,
+                name=f"{experiment.name} code {args.code_a or '.'} vs {args.code_b or '.'}",
+                env_a={**(experiment.env_a or {}), **_code_env(args.code_a)},
+                env_b={**(experiment.env_b or {}), **_code_env(args.code_b)},
             )
         items = {arm: _items(experiment, arm, args.model, manifest_dir) for arm in ("A", "B")}
         writes: dict[str, float] = {}
@@ -438,7 +468,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("B", experiment.arm_b, experiment.env_b),
         )
         for arm, own, env in arms:
-            settings = [*experiment.common, *own, *args.set]
+            # each server its own spill directory (a spill is locked by its process)
+            settings = [
+                item.replace(spill, f"{spill}-{arm}")
+                for item in (*experiment.common, *own, *args.set)
+            ]
             process = stack.enter_context(
                 server(
                     args.repository, args.model, args.live, ports[arm], metrics_ports[arm],
@@ -450,7 +484,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loads: dict[str, Any] = {}
         for load in args.load:
             blocks = asyncio.run(
-                interleave(load, items, ports, pids, args.cycles, args.block, args.lead_in)
+                interleave(
+                    load, items, ports, pids, args.cycles, args.block, args.lead_in, args.settle
+                )
             )
             summary = summarise(blocks, experiment.targets)
             loads[load.label] = {"blocks": [b.to_json() for b in blocks], "summary": summary}
@@ -489,14 +525,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=6, help="ABBA cycles per load")
     parser.add_argument("--block", type=float, default=4.0, help="measured seconds per block")
     parser.add_argument("--lead-in", type=float, default=1.0, help="unmeasured s per block")
+    parser.add_argument(
+        "--settle", type=float, default=0.5, help="s an arm runs unloaded before it is stopped"
+    )
     parser.add_argument("--cards", type=int, default=5000, help="fetch: entities seeded")
     parser.add_argument(
         "--write-rate", type=float, default=0.0, help="fetch: live events/s during the run"
     )
     parser.add_argument(
         "--control",
-        action="store_true",
-        help="A/A: arm B gets arm A's settings (what the method reads when nothing differs)",
+        nargs="?",
+        const="A",
+        choices=("A", "B"),
+        default=None,
+        help="A/A (or B/B): both arms get that arm's settings (what the method reads when "
+        "nothing differs; with --code-a/--code-b, a code A/B at one setting)",
+    )
+    parser.add_argument(
+        "--code-a", type=Path, default=None, help="source tree arm A's server runs (default: cwd)"
+    )
+    parser.add_argument(
+        "--code-b", type=Path, default=None, help="source tree arm B's server runs (default: cwd)"
     )
     parser.add_argument("--set", action="append", default=[], help="extra override, both arms")
     parser.add_argument("--json-out", type=Path, default=None)

@@ -379,12 +379,15 @@ class TrafficLog:
 
 def _plain(mapping: Mapping[str, Any]) -> dict[str, Any]:
     """``mapping`` as a ``dict`` (itself when it is one: the encoders take only dicts;
-    a v2 row's ``RowFeatures`` builds its own, without a lookup per name)."""
+    a v2 row's ``RowFeatures`` builds its own, without a lookup per name).
+
+    Otherwise a comprehension: ``dict()`` of a protobuf map (a request's features) goes
+    through the ``Mapping`` ABC's Python-level key iteration, ~30% slower for 30 entries."""
     if type(mapping) is dict:
         return mapping
     if type(mapping) is RowFeatures:
         return mapping.as_dict()
-    return dict(mapping)
+    return {k: mapping[k] for k in mapping}
 
 
 class _Pending(NamedTuple):
