@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from server.batcher import BatchPolicy, MicroBatcher
 from server.drift.metrics import DriftMetrics
-from server.drift.monitor import FOLD_WAIT_S, PENDING_ROWS, DriftMonitor
+from server.drift.monitor import FOLD_WAIT_S, LONE_ROWS_CAP, PENDING_ROWS, DriftMonitor
 from server.executor import Job, JobResult, VersionBatchRunner
 from server.features import FeatureLayout, Prepared
 from server.manifest import ModelManifest
@@ -118,19 +118,31 @@ class FoldOrder:
 
 
 async def test_a_fold_runs_after_the_lone_answer_that_fills_the_block(tmp_path: Path) -> None:
-    """The idle fast path answers inline; the fold its answer triggers comes after it."""
+    """The idle fast path answers inline; the fold its answer triggers comes after it.
+    A lone caller's one-row batches are not folded every PENDING_ROWS (each fold a stall
+    of one request) but at LONE_ROWS_CAP, or by the periodic flush before that."""
     order = FoldOrder(tmp_path, fast_path=True)
     try:
-        for i in range(PENDING_ROWS):
+        for i in range(LONE_ROWS_CAP):
             await order.ask(f"answer {i}")
+            if i == PENDING_ROWS:
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                assert not any(e.startswith("fold") for e in order.events)
         assert order.batcher._next_probe > 0  # lone requests took the fast path
-        assert order.events[-1] == f"answer {PENDING_ROWS - 1}"  # not folded before it
+        assert order.events[-1] == f"answer {LONE_ROWS_CAP - 1}"  # not folded before it
         for _ in range(3):
             await asyncio.sleep(0)
-        assert order.events[-2:] == [f"answer {PENDING_ROWS - 1}", f"fold of {PENDING_ROWS} rows"]
+        assert order.events[-2:] == [
+            f"answer {LONE_ROWS_CAP - 1}",
+            f"fold of {LONE_ROWS_CAP} rows",
+        ]
+        assert [e for e in order.events if e.startswith("fold")] == [
+            f"fold of {LONE_ROWS_CAP} rows"
+        ]
     finally:
         await order.close()
-    assert int(order.drift._buckets[2][-1]) == PENDING_ROWS  # clock 120 s: bucket 2
+    assert int(order.drift._buckets[2][-1]) == LONE_ROWS_CAP  # clock 120 s: bucket 2
 
 
 async def test_a_fold_runs_after_every_caller_of_its_batch_resumed(tmp_path: Path) -> None:
