@@ -9,8 +9,9 @@ older collector generations; arrays are not tracked by the collector). A fold of
 kept rows into the reference bins (:meth:`server.drift.bins.BinLayout.fold_values`:
 one vectorised pass for all columns, ~0.15-0.35 ms for 256 rows) is never run inside
 a request's path: once ``PENDING_ROWS`` are kept, ``observe`` schedules it for the
-next loop turn, after the answering step (a lone caller's one-row batches wait for the
-periodic flush's fold, or ``LONE_ROWS_CAP`` rows: a fold is a stall of one of its requests). Every ``flush_interval_s`` the monitor asks
+next loop turn, after the answering step (a lone caller's one-row batches wait for
+the periodic flush's fold, or ``LONE_ROWS_CAP`` rows: each fold stalls one of its
+requests). Every ``flush_interval_s`` the monitor asks
 for the same deferred fold right after the next answered batch (waiting at most
 ``FOLD_WAIT_S``, then folding itself: no traffic, nobody to delay) and writes this
 process's cumulative count vector of each time bucket to Redis. PSI is computed only
