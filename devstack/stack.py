@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -60,7 +61,7 @@ from devstack.services import (
     KafkaBroker,
     LocalRedisCluster,
     RedisServer,
-    free_port,
+    free_ports,
     kafka_broker,
     redis_cluster,
     redis_server,
@@ -237,12 +238,13 @@ class _Plan:
 
 
 def _plan(settings: Settings, options: DevOptions) -> _Plan:
+    """The stack's plan; ports not configured are 0 until :func:`_with_free_ports`."""
     server = settings.server
     metrics = server.metrics_port
     return _Plan(
-        grpc_port=server.port or free_port(LOOPBACK),
+        grpc_port=server.port,
         metrics_ports=tuple(metrics + i for i in range(server.processes)) if metrics else (),
-        worker_metrics_port=options.worker_metrics_port or free_port(LOOPBACK),
+        worker_metrics_port=options.worker_metrics_port or 0,
         repository=settings.models.repository,
         definitions=settings.features.definitions_path or DEFAULT_DEFINITIONS,
         topic=settings.kafka.events_topic,
@@ -252,6 +254,18 @@ def _plan(settings: Settings, options: DevOptions) -> _Plan:
         logs=options.data_dir / "logs",
         batch_dir=options.data_dir / "batch",
         stop_timeout_s=server.grace_period_s + 10.0,
+    )
+
+
+def _with_free_ports(plan: _Plan) -> _Plan:
+    """``plan`` with free ports where none was configured. Called once Redis and the
+    broker are listening: a port chosen before they started could be the one they then
+    took (seen: the server failed to bind the broker's port)."""
+    grpc_port, worker_port = free_ports(2, LOOPBACK)
+    return dataclasses.replace(
+        plan,
+        grpc_port=plan.grpc_port or grpc_port,
+        worker_metrics_port=plan.worker_metrics_port or worker_port,
     )
 
 
@@ -763,6 +777,7 @@ def run_dev_stack(
                 )
                 services.callback(_ignore_signals, saved)  # runs first when tearing down
                 say(f"redis {redis.describe()} and kafka broker {broker.bootstrap_servers} started")
+                plan = _with_free_ports(plan)
                 stack = _DevStack(options, plan, redis, broker, say)
                 code = asyncio.run(stack.run())
                 say("stopping the broker and redis ...")
