@@ -258,10 +258,11 @@ async def test_calls_past_the_pending_limit_are_refused_by_grpc_core(tmp_path: P
     refused = [d for code, d, _ in outcomes if code == grpc.StatusCode.CANCELLED]
     assert codes.count(OK) + len(refused) == 100, set(codes)
     # Calls held through the block: the hard limit, plus the few the server had already
-    # asked gRPC core for. (Calls answered in the loop turns before the block, which a
-    # faster handler gets more of, finished in well under the block's 1 s.)
+    # taken from gRPC core when the loop blocked (handlers started in the loop turns
+    # before it: 4-5 of them with the lone-call path's fewer awaits). Calls answered in
+    # those turns finished in well under the block's 1 s. Without the limit: all ~100.
     held = [seconds for code, _, seconds in outcomes if code == OK and seconds >= 0.9]
-    assert 1 <= len(held) <= 8 + 4, (len(held), codes.count(OK))
+    assert 1 <= len(held) <= 8 + 8, (len(held), codes.count(OK))
     assert set(refused) == {"CANCELLED"}
 
 
