@@ -56,7 +56,7 @@ from bench.callers import SCORE_METHOD, UnaryCaller
 from bench.config import LoadConfig
 from bench.drivers import Recorder, Window, closed_loop, open_loop
 from bench.feature_bench import DEFINITIONS, LiveWrites, seed
-from bench.loadgen import _channel_options, build_pool, payload_spec
+from bench.loadgen import build_pool, channel_options, payload_spec
 from bench.payloads import PoolItem
 from bench.pinning import CLIENT_CPUS, SERVER_CPUS, cpu_list, steal_seconds
 from bench.reasons_bench import demo_pool
@@ -301,7 +301,7 @@ async def interleave(
     """Warm both arms, then ``cycles`` x ABBA blocks; the arm not under load is stopped
     (``settle_s`` after its last answer)."""
     channels = {
-        arm: [aio_channel(f"127.0.0.1:{port}", None, _channel_options(i)) for i in range(n)]
+        arm: [aio_channel(f"127.0.0.1:{port}", None, channel_options(i)) for i in range(n)]
         for arm, port in ports.items()
         for n in [load.connections]
     }

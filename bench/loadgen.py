@@ -47,9 +47,10 @@ _UNLIMITED = -1
 _MAX_V2_POOL_VALUES = 1 << 23
 
 
-def _channel_options(index: int) -> list[tuple[str, Any]]:
-    # A local subchannel pool (plus a distinct arg) gives every channel its own TCP
-    # connection; by default gRPC shares one connection among identical channels.
+def channel_options(index: int) -> list[tuple[str, Any]]:
+    """Options of the ``index``-th client channel: its own TCP connection (a local
+    subchannel pool plus a distinct arg; by default gRPC shares one connection among
+    identical channels) and no message size limits."""
     return [
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.streamscore_bench_channel", index),
@@ -147,7 +148,7 @@ async def run_load(config: LoadConfig) -> LoadResult:
     spec = payload_spec(config)
     items = itertools.cycle(build_pool(config, spec))
     channels = [
-        aio_channel(config.target, config.client_tls(), _channel_options(i))
+        aio_channel(config.target, config.client_tls(), channel_options(i))
         for i in range(config.connections)
     ]
     rec = Recorder(open_loop=config.mode == "open")
