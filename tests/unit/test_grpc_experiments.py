@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from server.settings import ConnectionSettings, load_settings
+import pytest
+
+from server.settings import ConnectionSettings, SettingsError, load_settings
 from server.transport import active_experiments, experiments_to_enable
 
 
@@ -29,3 +31,8 @@ def test_the_default_transport_needs_nothing() -> None:
     default = load_settings(None, {}, []).server.connections
     assert default.http2_transport == "chttp2"
     assert experiments_to_enable(default, {}) == []
+
+
+def test_an_unknown_transport_is_a_configuration_error_naming_the_setting() -> None:
+    with pytest.raises(SettingsError, match="http2_transport"):
+        load_settings(None, {}, ["server.connections.http2_transport=quic"])
