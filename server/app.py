@@ -264,6 +264,7 @@ class AppContext:
                         spill_segment_bytes=durable.spill_segment_bytes,
                         max_request_size=durable.max_request_size,
                         retry_interval_s=durable.retry_interval_s,
+                        partition_by=durable.partition_by,
                     ),
                     sink_metrics,
                     shrink=shrink_json,

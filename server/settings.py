@@ -1043,6 +1043,12 @@ class DurableRecordsSettings(_Frozen):
     retry_interval_s: float = Field(
         default=1.0, gt=0.0, description="After a Kafka failure, how long until the next try."
     )
+    partition_by: Literal["key", "round"] = Field(
+        default="round",
+        description="round: a send round's records share one partition (one record batch per "
+        "round; a decision record's key, its request id, needs no order); key: each record in "
+        "its key's partition (Kafka's default partitioner).",
+    )
 
 
 class RecordsSettings(_Frozen):

@@ -3,8 +3,10 @@
 ``show REQUEST_ID`` finds the decision record (``server.records.traffic_log``) by a
 time-indexed offset lookup: the offsets at ``now - since`` of each partition
 (``offsets_for_times``), the partition the producer's default partitioner (murmur2 of
-the key, the request id) chose read first, the others only if it is not there. It
-prints the record readably: features with their sources, reasons, lineage.
+the key, the request id) would choose read first, the others if it is not there (the
+durable sink's default ``partition_by: round`` puts a record in its send round's
+partition, the first key's). It prints the record readably: features with their
+sources, reasons, lineage.
 
 ``reproduce REQUEST_ID --target HOST:PORT`` re-scores it: the recorded features sent
 to the recorded version (pinned), reasons asked for where they were recorded, and

@@ -4,10 +4,18 @@ Same ``offer`` contract as :class:`~server.records.kafka_sink.KafkaSink` (synchr
 never blocks on Kafka, never raises), different promise: a record offered is sent
 (at least once) unless the spill budget is exhausted.
 
-* Kafka ``acks=all``; the partition is chosen by the key's hash (Kafka's default
-  partitioner), so one key's records share a partition and keep their order.
-  Consumers drop duplicates by key: a resend after a lost ack repeats records
-  (no idempotent producer: some brokers, Tansu among them, refuse it).
+* Kafka ``acks=all``. Partitions (``partition_by``): ``key``, each record in the
+  partition of its key's hash (Kafka's default partitioner), so one key's records
+  share a partition and keep their order, at the cost of one record batch per
+  partition a round touches; ``round``, every record of a round (per topic) in the
+  partition of the round's first key, so a round is one record batch (its build,
+  CRC and produce-request entry are per batch in aiokafka's Python: bench/RESULTS.md),
+  for records whose key carries no ordering need (one record per key, as a decision
+  record per request id). Either way consumers drop duplicates by key: a resend
+  after a lost ack repeats records (no idempotent producer: some brokers, Tansu
+  among them, refuse it). A failed round stays at the head of the FIFO, so its resend
+  starts with the same record and, by ``round``, goes to the same partition (unless
+  the partition count changed or the resend is cut shorter by a byte limit).
 * One FIFO per sink: the spill file (oldest) then memory (newest). A round is a
   prefix of it (spilled records, then memory ones once the whole spill is in it), at
   most one record batch per partition, and the next round starts only after every
@@ -44,13 +52,22 @@ from server.records.kafka_sink import Payload, SinkMetrics, _stop_producer
 from server.records.partitioner import partition_for
 from server.records.spill import SpillFile, SpillRecord
 
-__all__ = ["DURABLE_DROP_REASONS", "DurableSink", "DurableSinkConfig", "Shrink", "SinkHealth"]
+__all__ = [
+    "DURABLE_DROP_REASONS",
+    "DurableSink",
+    "DurableSinkConfig",
+    "PartitionBy",
+    "Shrink",
+    "SinkHealth",
+]
 
 logger = logging.getLogger(__name__)
 
 #: ``shrink(value, limit)``: a smaller form of a record value, ideally at most ``limit`` bytes.
 Shrink = Callable[[bytes, int], bytes]
 DurableState = Literal["connecting", "up", "down", "closed"]
+#: How a record's partition is chosen (see the module docstring).
+PartitionBy = Literal["key", "round"]
 DURABLE_DROP_REASONS = ("spill_full", "too_large", "encode_failed", "closed")
 #: Bytes of a record batch around its records (header; the request adds a little more).
 _BATCH_OVERHEAD = 128
@@ -80,6 +97,9 @@ class DurableSinkConfig:
     #: record: 100 ms gave CPU 1.38x / p99 3.6x of off, 20 ms 1.13x / 1.31x).
     max_wait_ms: int = 20
     linger_ms: int = 5
+    #: ``key``: the partition of each record's key (per-key order, a batch per partition
+    #: touched); ``round``: a round's records in one partition (one batch per round).
+    partition_by: PartitionBy = "key"
     #: A round not acknowledged within this is a failure (Kafka slow counts as down).
     request_timeout_ms: int = 5_000
     connect_timeout_s: float = 5.0
@@ -102,6 +122,8 @@ class DurableSinkConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.retry_interval_s <= 0 or self.connect_timeout_s <= 0:
             raise ValueError("retry_interval_s and connect_timeout_s must be > 0")
+        if self.partition_by not in ("key", "round"):
+            raise ValueError(f"partition_by must be 'key' or 'round', not {self.partition_by!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,14 +548,20 @@ class DurableSink:
         partition: (prefix length, builders by (topic, partition)). Synchronous."""
         self._round += 1
         builders: dict[tuple[str, int], Any] = {}
+        by_round = self.config.partition_by == "round"
+        chosen: dict[str, int] = {}  # by_round: the round's partition per topic
         for index, (topic, key, value) in enumerate(records):
             partitions = self._partitions.get(topic)
             if not partitions:
                 return index, builders
-            if key is None:
-                partition = partitions[self._round % len(partitions)]
-            else:
-                partition = partition_for(key, partitions)
+            partition = chosen.get(topic, -1) if by_round else -1
+            if partition < 0:
+                if key is None:
+                    partition = partitions[self._round % len(partitions)]
+                else:
+                    partition = partition_for(key, partitions)
+                if by_round:
+                    chosen[topic] = partition
             builder = builders.get((topic, partition))
             if builder is None:
                 builder = builders[(topic, partition)] = producer.create_batch()

@@ -43,14 +43,16 @@ def config(bootstrap: str, spill_dir: Path, **overrides: object) -> DurableSinkC
 
 
 class Load:
-    """A steady offer load: record ``seq`` has key ``k{seq % KEYS}``."""
+    """A steady offer load: record ``seq`` has key ``k{seq % KEYS}`` (``u{seq}`` with
+    ``unique_keys``, as decision records keyed by request id)."""
 
-    def __init__(self, sink: DurableSink, topic: str) -> None:
+    def __init__(self, sink: DurableSink, topic: str, *, unique_keys: bool = False) -> None:
         self.sink, self.topic, self.offered = sink, topic, 0
+        self.unique_keys = unique_keys
 
     def offer_one(self) -> None:
         seq = self.offered
-        key = f"k{seq % KEYS}"
+        key = f"u{seq}" if self.unique_keys else f"k{seq % KEYS}"
         value = json.dumps({"key": key, "seq": seq, "pad": "p" * 100}).encode()
         assert self.sink.offer(self.topic, value, key=key.encode())
         self.offered += 1
@@ -111,12 +113,15 @@ async def test_frozen_broker_under_load_loses_nothing_and_keeps_order(tmp_path: 
     assert list((tmp_path / "spill").glob("*.spill")) == []  # trimmed once acknowledged
 
 
-async def test_killed_broker_then_restarted_gets_every_record_in_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("partition_by", ["key", "round"])
+async def test_killed_broker_then_restarted_gets_every_record_in_order(
+    tmp_path: Path, partition_by: str
+) -> None:
     topic = f"durable-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    sink = DurableSink(config(f"127.0.0.1:{port}", tmp_path / "spill"))
+    sink = DurableSink(config(f"127.0.0.1:{port}", tmp_path / "spill", partition_by=partition_by))
     sink.start()
-    load = Load(sink, topic)
+    load = Load(sink, topic, unique_keys=partition_by == "round")  # round: one record per key
     with kafka_broker(port=port, log_file=tmp_path / "a.log") as first:
         await load.until(lambda: sink.sent[topic] >= 100, "sending")
         assert await sink.flush(timeout_s=30.0)
@@ -136,6 +141,81 @@ async def test_killed_broker_then_restarted_gets_every_record_in_order(tmp_path:
     assert {seq for _, seq in before} == set(range(boundary))
     assert {seq for _, seq in after} == set(range(boundary, load.offered))
     assert_in_order_per_key(before + after)
+
+
+async def partitioned(bootstrap: str, topic: str) -> list[tuple[int, str, int]]:
+    """(partition, key, seq) of every message of ``topic``, each partition in offset order."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[int, str, int]] = []
+        async with asyncio.timeout(30):
+            for tp in tps:
+                while True:
+                    for message in (await consumer.getmany(tp, timeout_ms=300)).get(tp, []):
+                        assert message.value is not None
+                        record = json.loads(message.value)
+                        out.append((tp.partition, record["key"], record["seq"]))
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None and await consumer.position(tp) >= highwater:
+                        break
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def test_round_partitioning_frozen_broker_loses_nothing_and_keeps_order_per_partition(
+    tmp_path: Path,
+) -> None:
+    """``partition_by=round`` (decision records: one record per key): a burst offered at
+    once lands in one partition; a broker frozen under load loses nothing, each partition
+    holds its records in offer order, and a record sent twice (a lost ack) is repeated in
+    the partition of its first copy."""
+    topic = f"durable-round-{uuid.uuid4().hex[:8]}"
+    with kafka_broker(port=free_port(), log_file=tmp_path / "broker.log") as broker:
+        sink = DurableSink(
+            config(broker.bootstrap_servers, tmp_path / "spill", partition_by="round")
+        )
+        sink.start()
+        load = Load(sink, topic, unique_keys=True)
+        await load.until(lambda: sink.sent[topic] >= 50, "sending")
+        assert await sink.flush(timeout_s=30.0)
+        bursts = []
+        for _ in range(5):  # offered together, sent as one round
+            first = load.offered
+            for _ in range(20):
+                load.offer_one()
+            bursts.append(range(first, load.offered))
+            assert await sink.flush(timeout_s=30.0)
+        broker.process.send_signal(signal.SIGSTOP)
+        try:
+            await load.until(lambda: sink.state == "down", "noticed the outage")
+            spilled = sink.spilled[topic]
+            await load.until(lambda: sink.spilled[topic] >= spilled + 200, "spilling while down")
+        finally:
+            broker.process.send_signal(signal.SIGCONT)
+        await load.until(lambda: sink.spill.pending == 0, "spill drained")
+        assert await sink.flush(timeout_s=30.0)
+        await sink.close()
+        assert sink.dropped == {}
+        found = await partitioned(broker.bootstrap_servers, topic)
+    assert {seq for _, _, seq in found} == set(range(load.offered))  # every record offered
+    partition_of: dict[int, int] = {}
+    for partition, key, seq in found:
+        assert key == f"u{seq}"
+        assert partition_of.setdefault(seq, partition) == partition  # repeats: same partition
+    for burst in bursts:
+        assert len({partition_of[seq] for seq in burst}) == 1
+    assert len(set(partition_of.values())) > 1  # rounds spread over the partitions
+    for partition in set(partition_of.values()):
+        seqs = list(dict.fromkeys(seq for p, _, seq in found if p == partition))
+        assert seqs == sorted(seqs), f"partition {partition} out of order"
 
 
 async def test_close_without_broker_spills_and_the_next_sink_sends(tmp_path: Path) -> None:

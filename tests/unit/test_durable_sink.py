@@ -110,3 +110,47 @@ def test_shrink_keeps_numbers_and_marks_strings() -> None:
     assert out["features"]["amount"] == 12.5
     assert out["features"]["merchant"].startswith("m") and "chars]" in out["features"]["merchant"]
     assert len(json.dumps(out, separators=(",", ":"))) <= 200
+
+
+async def test_round_partitioning_puts_a_round_in_one_partition_per_topic(
+    tmp_path: Path,
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from server.records.partitioner import partition_for
+
+    parts = [0, 1, 2, 3]
+    keys = [f"req-{i}".encode() for i in range(12)]
+    records: list[tuple[str, bytes | None, bytes]] = [
+        (TOPIC if i % 3 else "other", k, b"v" * 10) for i, k in enumerate(keys)
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{free_port()}")  # never started
+    by_key = DurableSink(unreachable(tmp_path / "k"))
+    by_round = DurableSink(unreachable(tmp_path / "r", partition_by="round"))
+    try:
+        for sink in (by_key, by_round):
+            sink._partitions = {TOPIC: parts, "other": parts}
+        count, builders = by_round._build(producer, records)
+        assert count == len(records)
+        # one batch per topic: the partition of the topic's first key in the round
+        assert set(builders) == {
+            (TOPIC, partition_for(keys[1], parts)),
+            ("other", partition_for(keys[0], parts)),
+        }
+        count, builders = by_key._build(producer, records)
+        assert count == len(records)
+        assert set(builders) == {
+            (TOPIC if i % 3 else "other", partition_for(k, parts)) for i, k in enumerate(keys)
+        }
+        assert len(builders) > 2  # the default spreads a round over the keys' partitions
+    finally:
+        await producer.stop()
+        await by_key.close(timeout_s=0.1)
+        await by_round.close(timeout_s=0.1)
+
+
+def test_partition_by_is_checked(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="partition_by"):
+        unreachable(tmp_path, partition_by="random")
