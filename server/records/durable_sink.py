@@ -42,7 +42,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -50,6 +50,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from server.records.kafka_outage import KafkaOutage
 from server.records.kafka_sink import Payload, SinkMetrics, _stop_producer
 from server.records.partitioner import partition_for
+from server.records.produce import new_batch, produce
 from server.records.spill import SpillFile, SpillRecord
 
 __all__ = [
@@ -96,7 +97,6 @@ class DurableSinkConfig:
     #: work on the serving loop cost more than it saved (bench/RESULTS.md, decision
     #: record: 100 ms gave CPU 1.38x / p99 3.6x of off, 20 ms 1.13x / 1.31x).
     max_wait_ms: int = 20
-    linger_ms: int = 5
     #: ``key``: the partition of each record's key (per-key order, a batch per partition
     #: touched); ``round``: a round's records in one partition (one batch per round).
     partition_by: PartitionBy = "key"
@@ -489,6 +489,9 @@ class DurableSink:
         producer, self._producer = self._producer, None
         if producer is not None:  # a fresh producer next time: no stale retries of old batches
             await _stop_producer(producer, 1.0)
+        # asked again next time: the metadata request (re)creates a topic a restarted
+        # broker lost, and sees a partition count that changed meanwhile
+        self._partitions.clear()
         await self._spill_all()
         await self._sync()
         if not self._closing:
@@ -512,7 +515,6 @@ class DurableSink:
             client_id=cfg.client_id,
             acks="all",
             enable_idempotence=False,
-            linger_ms=cfg.linger_ms,
             request_timeout_ms=cfg.request_timeout_ms,
             max_request_size=cfg.max_request_size,
             max_batch_size=cfg.max_batch_bytes,
@@ -542,18 +544,21 @@ class DurableSink:
                 self._partitions[topic] = sorted(await producer.partitions_for(topic))
 
     def _build(
-        self, producer: AIOKafkaProducer, records: list[tuple[str, bytes | None, bytes]]
-    ) -> tuple[int, dict[tuple[str, int], Any]]:
+        self, records: list[tuple[str, bytes | None, bytes]]
+    ) -> tuple[int, dict[tuple[str, int], bytes]]:
         """Record batches for the longest prefix of ``records`` that fits one batch per
-        partition: (prefix length, builders by (topic, partition)). Synchronous."""
+        partition: (prefix length, built batches by (topic, partition)). Synchronous."""
         self._round += 1
-        builders: dict[tuple[str, int], Any] = {}
+        builders: dict[tuple[str, int], DefaultRecordBatchBuilder] = {}
+        counts: dict[tuple[str, int], int] = {}
         by_round = self.config.partition_by == "round"
         chosen: dict[str, int] = {}  # by_round: the round's partition per topic
+        count = len(records)
         for index, (topic, key, value) in enumerate(records):
             partitions = self._partitions.get(topic)
             if not partitions:
-                return index, builders
+                count = index
+                break
             partition = chosen.get(topic, -1) if by_round else -1
             if partition < 0:
                 if key is None:
@@ -562,26 +567,22 @@ class DurableSink:
                     partition = partition_for(key, partitions)
                 if by_round:
                     chosen[topic] = partition
-            builder = builders.get((topic, partition))
+            where = (topic, partition)
+            builder = builders.get(where)
             if builder is None:
-                builder = builders[(topic, partition)] = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None) is None:
-                return index, builders
-        return len(records), builders
+                builder = builders[where] = new_batch(self.config.max_batch_bytes)
+                counts[where] = 0
+            if builder.append(counts[where], None, key, value, []) is None:
+                count = index  # this partition's batch is full: the next round
+                break
+            counts[where] += 1
+        return count, {where: bytes(b.build()) for where, b in builders.items() if counts[where]}
 
-    async def _ship(self, producer: AIOKafkaProducer, builders: dict[tuple[str, int], Any]) -> bool:
+    async def _ship(
+        self, producer: AIOKafkaProducer, batches: dict[tuple[str, int], bytes]
+    ) -> bool:
         """Send the batches and wait for every ack; ``True`` when all were acknowledged."""
-        futures: list[asyncio.Future[Any]] = []
-        try:
-            for (topic, partition), builder in builders.items():
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
-        except Exception as error:  # metadata timeout, broker gone
-            logger.debug("durable sink: send refused", extra={"error": repr(error)})
-            return False
-        if not futures:
-            return True
-        done, _ = await asyncio.wait(futures, timeout=self.config.request_timeout_ms / 1000 + 1.0)
-        return all(f in done and f.exception() is None for f in futures)
+        return await produce(producer.client, batches, timeout_ms=self.config.request_timeout_ms)
 
     def _acked(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
         by_topic = Counter(topic for topic, _, _ in records)
@@ -611,7 +612,7 @@ class DurableSink:
                 entries.append(entry)
                 if entry.value is not None:
                     records.append((entry.topic, entry.key, entry.value))
-        count, builders = self._build(producer, records)
+        count, batches = self._build(records)
         from_spill = min(count, len(spilled))
         live_wanted = count - from_spill
         live = 0
@@ -622,7 +623,7 @@ class DurableSink:
                     break
                 live += 1
         self._inflight_memory, self._inflight_spilled = len(entries), 0
-        ok = await self._ship(producer, builders)
+        ok = await self._ship(producer, batches)
         inflight, moved = self._inflight_memory, self._inflight_spilled
         self._inflight_memory = self._inflight_spilled = 0
         if not ok:

@@ -32,7 +32,6 @@ KEYS = 7
 
 def config(bootstrap: str, spill_dir: Path, **overrides: object) -> DurableSinkConfig:
     options: dict[str, object] = {
-        "linger_ms": 2,
         "request_timeout_ms": 1500,
         "connect_timeout_s": 2.0,
         "retry_interval_s": 0.3,

@@ -115,38 +115,49 @@ def test_shrink_keeps_numbers_and_marks_strings() -> None:
 async def test_round_partitioning_puts_a_round_in_one_partition_per_topic(
     tmp_path: Path,
 ) -> None:
-    from aiokafka import AIOKafkaProducer
+    from aiokafka.record.default_records import DefaultRecordBatch
 
     from server.records.partitioner import partition_for
 
     parts = [0, 1, 2, 3]
     keys = [f"req-{i}".encode() for i in range(12)]
     records: list[tuple[str, bytes | None, bytes]] = [
-        (TOPIC if i % 3 else "other", k, b"v" * 10) for i, k in enumerate(keys)
+        (TOPIC if i % 3 else "other", k, b"v%d" % i) for i, k in enumerate(keys)
     ]
-    producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{free_port()}")  # never started
     by_key = DurableSink(unreachable(tmp_path / "k"))
     by_round = DurableSink(unreachable(tmp_path / "r", partition_by="round"))
     try:
         for sink in (by_key, by_round):
             sink._partitions = {TOPIC: parts, "other": parts}
-        count, builders = by_round._build(producer, records)
+        count, batches = by_round._build(records)
         assert count == len(records)
         # one batch per topic: the partition of the topic's first key in the round
-        assert set(builders) == {
-            (TOPIC, partition_for(keys[1], parts)),
-            ("other", partition_for(keys[0], parts)),
-        }
-        count, builders = by_key._build(producer, records)
+        topic_part = (TOPIC, partition_for(keys[1], parts))
+        other_part = ("other", partition_for(keys[0], parts))
+        assert set(batches) == {topic_part, other_part}
+        batch = DefaultRecordBatch(batches[topic_part])
+        assert [(r.offset, r.key, r.value) for r in batch] == [
+            (n, k, v) for n, (_, k, v) in enumerate(r for r in records if r[0] == TOPIC)
+        ]
+        count, batches = by_key._build(records)
         assert count == len(records)
-        assert set(builders) == {
+        assert set(batches) == {
             (TOPIC if i % 3 else "other", partition_for(k, parts)) for i, k in enumerate(keys)
         }
-        assert len(builders) > 2  # the default spreads a round over the keys' partitions
+        assert len(batches) > 2  # the default spreads a round over the keys' partitions
     finally:
-        await producer.stop()
         await by_key.close(timeout_s=0.1)
         await by_round.close(timeout_s=0.1)
+
+
+async def test_a_round_stops_at_a_full_batch(tmp_path: Path) -> None:
+    sink = DurableSink(unreachable(tmp_path, partition_by="round", max_batch_bytes=1000))
+    try:
+        sink._partitions = {TOPIC: [0, 1]}
+        count, batches = sink._build([(TOPIC, b"k%d" % i, b"x" * 300) for i in range(5)])
+        assert count == 3 and len(batches) == 1  # the 4th would pass 1,000 bytes: next round
+    finally:
+        await sink.close(timeout_s=0.1)
 
 
 def test_partition_by_is_checked(tmp_path: Path) -> None:
