@@ -10,6 +10,8 @@ The sink alone (no server): keyed 4 kB records offered at a fixed rate on this p
 ``--records decision`` offers real decision records instead (``TrafficLog`` of a
 30-feature request decoded from a ``ScoreRequest``, encoded lazily on the sender,
 sink metrics on): the whole record path after the answer, as in the server.
+``--partition-by round`` runs the sink as the server's decision record does (a send
+round in one partition).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from feature_streams.read_plan import FetchRow
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.codec import decode_score_request
 from server.lineage import Lineage
-from server.records.durable_sink import DurableSink, DurableSinkConfig
+from server.records.durable_sink import DurableSink, DurableSinkConfig, PartitionBy
 from server.records.kafka_sink import SinkMetrics
 from server.records.traffic_log import TrafficLog
 from server.router import Route
@@ -86,12 +88,15 @@ async def cpu_per_record(
     seconds: float,
     kind: str = "bytes",
     burst: int = 1,
+    partition_by: PartitionBy = "key",
 ) -> float:
     """CPU microseconds of this process per record offered and acknowledged (offered
     ``burst`` at a time: fewer of this loop's own wakeups in the figure)."""
     with tempfile.TemporaryDirectory() as spill:
         registry = CollectorRegistry()
-        config = DurableSinkConfig(bootstrap, Path(spill), max_wait_ms=wait_ms)
+        config = DurableSinkConfig(
+            bootstrap, Path(spill), max_wait_ms=wait_ms, partition_by=partition_by
+        )
         sink = DurableSink(config, SinkMetrics(registry) if kind == "decision" else None)
         sink.start()
         for offer in _offers(sink, kind, [f"warm-{wait_ms}-{i}" for i in range(50)]):
@@ -121,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records", choices=("bytes", "decision"), default="bytes")
     parser.add_argument("--runs", type=int, default=2, help="runs per wait (alternated)")
     parser.add_argument("--burst", type=int, default=1, help="records offered per wakeup")
+    parser.add_argument(
+        "--partition-by", choices=("key", "round"), default="key", help="the sink's partition_by"
+    )
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, set(SERVER_CPUS))
     with tempfile.TemporaryDirectory() as tmp, kafka_broker(log_file=Path(tmp) / "b.log") as b:
@@ -130,7 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for wait in args.waits:
                 us = asyncio.run(
                     cpu_per_record(
-                        b.bootstrap_servers, wait, args.rate, args.seconds, args.records, args.burst
+                        b.bootstrap_servers,
+                        wait,
+                        args.rate,
+                        args.seconds,
+                        args.records,
+                        args.burst,
+                        args.partition_by,
                     )
                 )
                 print(f"max_wait_ms={wait}: {us:.1f} us CPU/record", flush=True)
