@@ -11,7 +11,8 @@ The sink alone (no server): keyed 4 kB records offered at a fixed rate on this p
 30-feature request decoded from a ``ScoreRequest``, encoded lazily on the sender,
 sink metrics on): the whole record path after the answer, as in the server.
 ``--partition-by round`` runs the sink as the server's decision record does (a send
-round in one partition).
+round in one partition); ``--partitions N`` creates the topic with N partitions first
+(the broker's default otherwise: Tansu's is 4).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from bench.pinning import CLIENT_CPUS, SERVER_CPUS, cpu_list
 from devstack.services import kafka_broker
 from feature_streams.read_plan import FetchRow
+from feature_streams.topics import ensure_topics
 from protos.streamscore.v1 import scoring_pb2 as pb
 from server.codec import decode_score_request
 from server.lineage import Lineage
@@ -129,11 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--partition-by", choices=("key", "round"), default="key", help="the sink's partition_by"
     )
+    parser.add_argument("--partitions", type=int, default=0, help="create the topic first")
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, set(SERVER_CPUS))
     with tempfile.TemporaryDirectory() as tmp, kafka_broker(log_file=Path(tmp) / "b.log") as b:
         pin = ["taskset", "-a", "-p", "-c", cpu_list(CLIENT_CPUS), str(b.process.pid)]
         subprocess.run(pin, check=True, capture_output=True)
+        if args.partitions:
+            asyncio.run(ensure_topics(b.bootstrap_servers, {TOPIC: args.partitions}))
         for _ in range(args.runs):
             for wait in args.waits:
                 us = asyncio.run(
