@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_the_kernel_owns_its_arrays() -> None:
     np.testing.assert_array_equal(after, before)
 
 
-def _arrays(features: int = 3) -> dict[str, np.ndarray]:
+def _arrays() -> dict[str, Any]:
     """One path of two players on features 0 and 1, a table of 4 values."""
     return {
         "path_start": np.array([0, 2], dtype=np.int32),
@@ -112,12 +113,13 @@ def test_the_kernel_refuses_bad_rows_and_outputs() -> None:
     kernel = _lookup.Kernel(3, **_arrays())
     x = np.zeros((2, 3), dtype=np.float32)
     kernel.add_to(x, np.zeros((2, 4)))
-    for row, out in (
+    cases: tuple[tuple[Any, Any], ...] = (
         (x.astype(np.float64), np.zeros((2, 4))),  # wrong dtype
         (x, np.zeros((2, 3))),  # no room for the bias column
         (x, np.zeros((2, 4), dtype=np.float32)),
         (np.zeros((2, 4), dtype=np.float32), np.zeros((2, 4))),  # a row of 4 features
-    ):
+    )
+    for row, out in cases:
         with pytest.raises(ValueError):
             kernel.add_to(row, out)
     frozen = np.zeros((2, 4))
@@ -151,3 +153,20 @@ def test_missing_extension_falls_back_to_numpy_with_a_warning(
     assert "numpy engine" in caplog.text
     subsets = table.engines[0]
     assert lookup_engine(subsets, ensemble.n_features, compiled=False) is subsets
+
+
+def test_likely_players_take_the_low_bits() -> None:
+    """Each path's players in decreasing ``z``; the renumbered tables are a permutation
+    of the originals within each path (same values, moved)."""
+    ensemble, covers = random_ensemble(2, INTERVAL_MODES, n_features=6)
+    subsets = PathTable.build(ensemble, covers, compiled=False).engines[0]
+    assert isinstance(subsets, SubsetPaths)
+    order, start, table = compiled.likely_first(subsets)
+    z = 1.0 / subsets.scale[order]
+    for p in range(start.shape[0] - 1):
+        assert np.all(np.diff(z[start[p] : start[p + 1]]) <= 0)
+        size = 1 << int(start[p + 1] - start[p])
+        at = int(subsets.path_offset[p])
+        np.testing.assert_array_equal(
+            np.sort(table[at : at + size]), np.sort(subsets.table[at : at + size])
+        )
