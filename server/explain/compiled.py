@@ -111,7 +111,9 @@ class CompiledSubsetPaths:
     def add_to(self, x: npt.NDArray[np.floating[Any]], out: F64) -> None:
         """Add the attributions of ``x``'s rows into ``out`` (``[R, n_features + 1]``,
         C-contiguous float64)."""
-        rows = np.ascontiguousarray(x, dtype=np.float32)
+        rows = x
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            rows = np.ascontiguousarray(x, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_features:
             raise ValueError(f"x must be [N, {self.n_features}], got {list(rows.shape)}")
         self.kernel.add_to(rows, out)

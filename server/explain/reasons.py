@@ -104,8 +104,15 @@ class ReasonCatalogue:
         return cls.build(reasons, features)
 
     def summed(self, values: F64) -> F64:
-        """``[R, K]`` contributions summed per reason."""
-        return np.asarray(values, dtype=np.float64) @ self.membership
+        """``[R, K]`` contributions summed per reason, each reason's features added left
+        to right in its own order (as :meth:`top` adds them per row: the same floats)."""
+        values = np.asarray(values, dtype=np.float64)
+        out = np.empty((values.shape[0], len(self.reasons)), dtype=np.float64)
+        for k, columns in enumerate(self._columns):
+            out[:, k] = values[:, columns[0]]
+            for c in columns[1:]:
+                out[:, k] += values[:, c]
+        return out
 
     def rank(self, values: F64, top_n: int = DEFAULT_TOP_N) -> RankedReasons:
         """The ``top_n`` reasons with the largest positive summed contribution, per row."""
@@ -125,19 +132,24 @@ class ReasonCatalogue:
         """Per row of ``x``, up to ``top_n`` reasons toward the adverse outcome, with the
         values and contributions of their features.
 
-        The same ranking as :meth:`rank` (the same summed contributions, a stable sort),
-        done per row on Python floats after one matrix product: for the one or few rows
-        an answer explains, a handful of numpy calls on arrays of ~30 values cost more
-        than the work, and several times more when the explanation is the first thing
-        in tens of milliseconds to run them (their code and data out of the caches)."""
+        The same ranking as :meth:`rank` (the same sums, added in the same order, and a
+        stable sort), done per row on Python floats: for the one or few rows an answer
+        explains, numpy calls on arrays of ~30 values cost more than the work, and
+        several times more when the explanation is the first thing in tens of
+        milliseconds to run them (their code and data out of the caches)."""
         if top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {top_n}")
-        summed = self.summed(values).tolist()
         rows = np.asarray(values, dtype=np.float64).tolist()
         inputs = np.asarray(x).tolist()
         columns = self._columns
         out: list[list[Reason]] = []
-        for sums, row, seen in zip(summed, rows, inputs, strict=True):
+        for row, seen in zip(rows, inputs, strict=True):
+            sums = []
+            for features in columns:
+                total = row[features[0]]
+                for c in features[1:]:
+                    total += row[c]
+                sums.append(total)
             # stable: equal contributions keep catalogue order (as rank's argsort)
             order = sorted(range(len(sums)), key=lambda k: -sums[k])[:top_n]
             reasons = []

@@ -101,9 +101,13 @@ class PathTable:
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise ValueError(f"x must be [N, {self.n_features}], got {list(x.shape)}")
-        out = np.zeros((x.shape[0], self.n_features + 1), dtype=np.float64)
+        rows = x.shape[0]
+        out = np.zeros((rows, self.n_features + 1), dtype=np.float64)
         for engine in self.engines:
             step = max(1, CHUNK_ELEMENTS // max(1, engine.cells))
-            for start in range(0, x.shape[0], step):
+            if rows <= step:  # one chunk (a served answer's row): no slicing
+                engine.add_to(x, out)
+                continue
+            for start in range(0, rows, step):
                 engine.add_to(x[start : start + step], out[start : start + step])
         return out[:, : self.n_features]
