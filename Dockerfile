@@ -12,13 +12,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 RUN python -m venv /opt/venv
 
+# A C compiler for the one extension of our own (server/explain/_lookup.c, the
+# reasons' TreeSHAP lookup); every dependency ships manylinux wheels. The builder only:
+# the runtime stage copies the venv. Versions follow the pinned base image.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY server/ server/
 COPY feature_streams/ feature_streams/
 COPY protos/ protos/
-# All dependencies ship manylinux wheels, so no compiler is needed even here.
 RUN /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/venv/bin/python -c "import server.explain._lookup" \
     && /opt/venv/bin/streamscore --help > /dev/null
 
 # ---- runtime: the venv only, no build tools, non-root ---------------------------------

@@ -8,7 +8,8 @@ SPARK_STAMP := $(VENV)/.installed-spark
 
 .PHONY: run test test-spark lint typecheck protos protos-check check bench models k8s-config clean
 
-$(STAMP): pyproject.toml
+# setup.py and the C source: `pip install -e` (re)builds server.explain._lookup in place
+$(STAMP): pyproject.toml setup.py server/explain/_lookup.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

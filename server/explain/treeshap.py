@@ -4,10 +4,12 @@ The ensemble's leaves become paths of distinct-feature players
 (:mod:`server.explain.paths`); each path's Shapley values are Lundberg's TreeSHAP
 (path-dependent, as LightGBM ``pred_contrib`` and shap's ``tree_path_dependent``).
 Paths are explained by a precomputed table per path (:mod:`server.explain.subsets`,
-``O(d)`` per row and path) while their tables fit :data:`SUBSET_BUDGET`, shortest
-first; longer paths by the product polynomial (:mod:`server.explain.polynomial`,
-``O(d^2)``, no table). The base value is ``sum_paths v prod z`` (the cover-weighted
-mean output); ``phi.sum(1) + base`` equals the ensemble's margin for every row.
+``O(d)`` per row and path; looked up by the compiled kernel of
+:mod:`server.explain.compiled` when it is built) while their tables fit
+:data:`SUBSET_BUDGET`, shortest first; longer paths by the product polynomial
+(:mod:`server.explain.polynomial`, ``O(d^2)``, no table). The base value is
+``sum_paths v prod z`` (the cover-weighted mean output); ``phi.sum(1) + base``
+equals the ensemble's margin for every row.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from server.explain.compiled import lookup_engine
 from server.explain.paths import TreePath, decompose
 from server.explain.polynomial import PolynomialPaths
 from server.explain.subsets import MAX_DEPTH, SubsetPaths, intervals, table_size
@@ -59,10 +62,16 @@ class PathTable:
 
     @classmethod
     def build(
-        cls, ensemble: TreeEnsemble, covers: F64, subset_budget: int = SUBSET_BUDGET
+        cls,
+        ensemble: TreeEnsemble,
+        covers: F64,
+        subset_budget: int = SUBSET_BUDGET,
+        *,
+        compiled: bool = True,
     ) -> PathTable:
         """Decompose ``ensemble`` (with node ``covers``, checked) into paths and give the
-        shortest ones subset tables while ``subset_budget`` values last."""
+        shortest ones subset tables while ``subset_budget`` values last. ``compiled``:
+        look the tables up with the compiled kernel when it is built (else numpy)."""
         paths, base_value = decompose(ensemble, covers)
         players = sorted((p for p in paths if p.depth), key=lambda p: p.depth)
         tabled: list[TreePath] = []
@@ -75,7 +84,8 @@ class PathTable:
             (tabled if fits else rest).append(path)
         engines: list[_Engine] = []
         if tabled:
-            engines.append(SubsetPaths.build(ensemble, tabled))
+            subsets = SubsetPaths.build(ensemble, tabled)
+            engines.append(lookup_engine(subsets, ensemble.n_features, compiled))
         if rest:
             engines.append(PolynomialPaths.build(ensemble, rest))
         return cls(
@@ -91,9 +101,13 @@ class PathTable:
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise ValueError(f"x must be [N, {self.n_features}], got {list(x.shape)}")
-        out = np.zeros((x.shape[0], self.n_features + 1), dtype=np.float64)
+        rows = x.shape[0]
+        out = np.zeros((rows, self.n_features + 1), dtype=np.float64)
         for engine in self.engines:
             step = max(1, CHUNK_ELEMENTS // max(1, engine.cells))
-            for start in range(0, x.shape[0], step):
+            if rows <= step:  # one chunk (a served answer's row): no slicing
+                engine.add_to(x, out)
+                continue
+            for start in range(0, rows, step):
                 engine.add_to(x[start : start + step], out[start : start + step])
         return out[:, : self.n_features]

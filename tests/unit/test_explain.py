@@ -282,6 +282,22 @@ def test_top_n_limits_and_array_form() -> None:
         catalogue.rank(values, top_n=0)
 
 
+def test_top_agrees_with_rank_ties_included() -> None:
+    """top() ranks on Python floats; it must pick rank()'s reasons, in rank()'s order
+    (equal contributions in catalogue order), with rank()'s summed contributions."""
+    catalogue = _catalogue()
+    rng = np.random.default_rng(3)
+    values = rng.choice([-0.2, 0.0, 0.1, 0.25], size=(200, 6))  # many ties
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    ranked = catalogue.rank(values, top_n=3)
+    for row, reasons in enumerate(catalogue.top(values, x, top_n=3)):
+        keep = ~np.isnan(ranked.contribution[row])
+        assert [r.code for r in reasons] == [
+            catalogue.reasons[k].code for k in ranked.index[row][keep].tolist()
+        ]
+        assert [r.contribution for r in reasons] == ranked.contribution[row][keep].tolist()
+
+
 def test_catalogue_must_cover_each_feature_once() -> None:
     with pytest.raises(ValueError, match=r"without a reason code: \['intl'\]"):
         ReasonCatalogue.build([ReasonSpec(code="A", text="a", features=FEATURES[:-1])], FEATURES)
