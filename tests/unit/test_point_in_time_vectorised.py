@@ -32,7 +32,12 @@ from feature_streams.point_in_time_events import (
     exclusive_running_max,
     plan_fields,
 )
-from feature_streams.point_in_time_windows import _key_time_order, _row_order
+from feature_streams.point_in_time_windows import (
+    _key_time_order,
+    _Packed,
+    _row_order,
+    _RowEvents,
+)
 from feature_streams.windows import GroupPlan, event_key, event_time, is_too_late
 from feature_streams.windows import point_in_time_values as reference_values
 
@@ -356,3 +361,27 @@ def test_a_columnar_log_is_read_for_the_plans_fields_only(
     projected, _ = point_in_time_table(defs, ParquetEvents(path), spine)
     whole, _ = point_in_time_table(defs, table.drop_columns(["note"]).to_pylist(), spine)
     assert projected.equals(whole)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 40)), min_size=1, max_size=60),
+    st.lists(st.tuples(st.integers(-1, 8), st.integers(-5, 50)), max_size=60),
+)
+def test_a_chunks_excerpt_searches_as_the_whole_log(
+    events: list[tuple[int, int]], rows: list[tuple[int, int]]
+) -> None:
+    """Rows sorted by key (some without a key, some keys without events, times outside
+    the events' span): the excerpt's positions are the whole search's."""
+    events = sorted(events)
+    code = np.array([c for c, _ in events], np.int64)
+    ts = np.array([t for _, t in events], np.int64) + T0
+    packed = _Packed.of(code, ts, ncodes=9)
+    assert packed is not None
+    rows = sorted(rows)
+    row_code = np.array([c for c, _ in rows], np.int64)
+    at = np.array([t for _, t in rows], np.int64) + T0
+    assert packed.fits(row_code)
+    want = packed.positions(row_code, at)
+    got = _RowEvents.of(packed, row_code).positions(at)
+    assert want is not None
+    assert got.tolist() == want.tolist()
