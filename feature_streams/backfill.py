@@ -54,6 +54,7 @@ from feature_streams.point_in_time import (
     SnapshotRows,
     point_in_time_table,
 )
+from feature_streams.point_in_time_events import present_columns
 
 __all__ = [
     "DEFAULT_TIMESTAMP_COLUMN",
@@ -173,10 +174,12 @@ class ParquetEvents(_EventFile):
     """A Parquet events file, read column-wise by the point-in-time code
     (:class:`feature_streams.point_in_time.ColumnarEvents`); iterating gives its records."""
 
-    def record_batches(self) -> Iterator[pa.RecordBatch]:
-        """The file's record batches in order."""
+    def record_batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The file's record batches in order (``columns``: only those the file has)."""
         try:
-            yield from pq.ParquetFile(self._path).iter_batches(batch_size=_LOG_BATCH_ROWS)
+            reader = pq.ParquetFile(self._path)
+            kept = present_columns(reader.schema_arrow.names, columns)
+            yield from reader.iter_batches(batch_size=_LOG_BATCH_ROWS, columns=kept)
         except (OSError, ValueError, pa.ArrowException) as exc:
             raise BackfillError(f"{self._path}: cannot read events: {exc}") from None
 

@@ -23,6 +23,7 @@ from feature_streams.definitions import Entity, EntityKeyError, FeatureDefinitio
 from feature_streams.definitions import resolve_features as _resolve
 from feature_streams.key_columns import already_keys
 from feature_streams.point_in_time import BackfillError, EventRecord
+from feature_streams.point_in_time_events import present_columns
 
 __all__ = ["FilteredParquetEvents", "Wanted", "entity_key", "events_for", "wanted_keys"]
 
@@ -84,15 +85,22 @@ class FilteredParquetEvents:
     path: Path
     wanted: tuple[Wanted, ...]
 
-    def record_batches(self) -> Iterator[pa.RecordBatch]:
+    def record_batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
         """The log's batches in order, each cut to the rows carrying a wanted key
-        (read column-wise by the point-in-time code, as a whole Parquet log is)."""
+        (read column-wise by the point-in-time code, as a whole Parquet log is);
+        ``columns``: only those (that the file has), default every one."""
         try:
             reader = pq.ParquetFile(self.path)
-            for batch in reader.iter_batches(batch_size=_SCAN_ROWS):
+            names = reader.schema_arrow.names
+            kept = present_columns(names, columns)
+            read = kept
+            if kept is not None:  # the key fields too, to filter by
+                read = present_columns(names, [*kept, *(w.field for w in self.wanted)])
+            for batch in reader.iter_batches(batch_size=_SCAN_ROWS, columns=read):
                 mask = self._mask(batch)
                 if mask is not None:
-                    yield batch.filter(mask)
+                    batch = batch.filter(mask)
+                    yield batch if kept is None else batch.select(kept)
         except (OSError, pa.ArrowException) as exc:
             raise BackfillError(f"{self.path}: cannot read events: {exc}") from None
 

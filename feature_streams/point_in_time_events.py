@@ -49,7 +49,14 @@ from feature_streams.windows import (
     event_time,
 )
 
-__all__ = ["ColumnarEvents", "GroupEvents", "LogReader", "exclusive_running_max"]
+__all__ = [
+    "ColumnarEvents",
+    "GroupEvents",
+    "LogReader",
+    "exclusive_running_max",
+    "plan_fields",
+    "present_columns",
+]
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -61,8 +68,9 @@ class ColumnarEvents(Protocol):
     """An event log readable as Arrow record batches (one column per event field,
     null meaning "field absent"), in log order."""
 
-    def record_batches(self) -> Iterator[pa.RecordBatch]:
-        """The log's batches in order."""
+    def record_batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The log's batches in order; ``columns``: at least these of the log's fields
+        (those it has; others may be left out), default every field."""
         ...
 
 
@@ -92,15 +100,34 @@ class GroupEvents:
         """:meth:`code_of` of each key in order (``-1`` for ``None``): unseen keys get new
         codes in order of first appearance, as one :meth:`code_of` call per key would."""
         codes: dict[str | None, int] = self.codes  # type: ignore[assignment]  # None: absent
+        if not codes and not self.keys:  # nothing coded yet (a log's first batch)
+            return self._first_codes(keys)
         found = np.fromiter(map(codes.get, keys, itertools.repeat(-1)), np.int64, len(keys))
-        missing = np.flatnonzero(found < 0).tolist()
-        fresh = list(dict.fromkeys(k for k in (keys[i] for i in missing) if k is not None))
+        missing = np.flatnonzero(found < 0)
+        if not len(missing):
+            return found
+        absent = [keys[i] for i in missing.tolist()]
+        fresh = dict.fromkeys(absent)
+        fresh.pop(None, None)
         if fresh:
             start = len(self.keys)
             codes.update(zip(fresh, range(start, start + len(fresh)), strict=True))
-            self.keys.extend(fresh)
-            found[missing] = [codes.get(keys[i], -1) for i in missing]
+            self.keys.extend(fresh)  # type: ignore[arg-type]  # None popped
+            found[missing] = np.fromiter(
+                map(codes.get, absent, itertools.repeat(-1)), np.int64, len(absent)
+            )
         return found
+
+    def _first_codes(self, keys: Sequence[str | None]) -> I64:
+        """:meth:`codes_for` when no key is coded yet (a log's first batch)."""
+        fresh = dict.fromkeys(keys)
+        fresh.pop(None, None)
+        self.keys.extend(fresh)  # type: ignore[arg-type]  # None popped
+        self.codes.update(zip(self.keys, range(len(self.keys)), strict=True))
+        if len(fresh) == len(keys):  # distinct, no None (a batch's dictionary): in order
+            return np.arange(len(keys), dtype=np.int64)
+        codes: dict[str | None, int] = self.codes  # type: ignore[assignment]  # None: absent
+        return np.fromiter(map(codes.get, keys, itertools.repeat(-1)), np.int64, len(keys))
 
     def append(
         self, key: I64, ts: I64, feeds: Mapping[str, Mask], value: Mapping[str, F64]
@@ -126,13 +153,16 @@ class GroupEvents:
         return key, ts, feeds, value
 
 
-def exclusive_running_max(codes: I64, ts: I64) -> tuple[Mask, I64]:
+def exclusive_running_max(
+    codes: I64, ts: I64, by_key: npt.NDArray[np.intp] | None = None
+) -> tuple[Mask, I64]:
     """Per event (log order): whether an earlier event has its key, and the greatest
-    time among those earlier events (0 where none)."""
+    time among those earlier events (0 where none). ``by_key``: the events' stable sort
+    by key code, when the caller has it."""
     n = len(ts)
     if n == 0:
         return np.zeros(0, np.bool_), np.zeros(0, np.int64)
-    order = np.argsort(codes, kind="stable")
+    order = np.argsort(codes, kind="stable") if by_key is None else by_key
     c, t = codes[order], ts[order]
     base = int(t.min())
     span = int(t.max()) - base + 1
@@ -176,7 +206,7 @@ class LogReader:
         """Feed one topic's log (records, or a columnar log) to its groups."""
         plans = self.topic_plans[topic]
         if isinstance(source, ColumnarEvents):
-            for batch in source.record_batches():
+            for batch in source.record_batches(columns=plan_fields(plans)):
                 self._batch(plans, batch)
         else:
             self._records(plans, source)
@@ -230,8 +260,9 @@ class LogReader:
         parsed: dict[
             str, tuple[list[str | None], npt.NDArray[np.intp], I64, dict[str, Mask], dict[str, F64]]
         ] = {}
+        shared = _BatchColumns()
         for plan in plans:
-            ok, keys, key_index, ts, feeds, values = _check_batch(plan, batch)
+            ok, keys, key_index, ts, feeds, values = _check_batch(plan, batch, shared)
             valid &= ok
             parsed[plan.group.name] = (keys, key_index, ts, feeds, values)
         self.malformed += int(n - valid.sum())
@@ -248,6 +279,28 @@ class LogReader:
                 {s: m[rows] for s, m in feeds.items()},
                 {s: v[rows] for s, v in values.items()},
             )
+
+
+def plan_fields(plans: Sequence[GroupPlan]) -> list[str]:
+    """Every event field the plans' rules read (keys, times, filters, values): a columnar
+    log's other fields cannot change a verdict or a value, so they need not be read."""
+    fields: list[str] = []
+    for plan in plans:
+        fields += [plan.group.key, plan.group.event_time_field]
+        for slot in plan.slots:
+            fields += [name for name, _ in slot.where]
+            if slot.field is not None:
+                fields.append(slot.field)
+    return list(dict.fromkeys(fields))
+
+
+def present_columns(names: Sequence[str], wanted: Sequence[str] | None) -> list[str] | None:
+    """The ``wanted`` fields a log with columns ``names`` has, in its order (``None``:
+    every column)."""
+    if wanted is None:
+        return None
+    keep = set(wanted)
+    return [n for n in names if n in keep]
 
 
 def _contributions(
@@ -361,11 +414,38 @@ def _number_column(column: pa.Array | None, n: int) -> tuple[Mask, F64]:
     return ok_l, vals.astype(np.float64)
 
 
+@dataclass
+class _BatchColumns:
+    """A batch's columns as judged once for every group and slot reading them: number
+    fields, and event times of numeric columns (other types are judged per plan)."""
+
+    times: dict[str, tuple[Mask, I64]] = field(default_factory=dict)
+    numbers: dict[str, tuple[Mask, F64]] = field(default_factory=dict)
+
+    def time_column(self, plan: GroupPlan, column: pa.Array | None, n: int) -> tuple[Mask, I64]:
+        """:func:`_time_column`, shared when the rule does not depend on the plan."""
+        if column is None or not (
+            pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+        ):
+            return _time_column(plan, column, n)
+        name = plan.group.event_time_field
+        if name not in self.times:
+            self.times[name] = _time_column(plan, column, n)
+        return self.times[name]
+
+    def number_column(self, name: str, column: pa.Array | None, n: int) -> tuple[Mask, F64]:
+        """:func:`_number_column` of field ``name``."""
+        if name not in self.numbers:
+            self.numbers[name] = _number_column(column, n)
+        return self.numbers[name]
+
+
 def _check_batch(
-    plan: GroupPlan, batch: pa.RecordBatch
+    plan: GroupPlan, batch: pa.RecordBatch, shared: _BatchColumns | None = None
 ) -> tuple[Mask, list[str | None], npt.NDArray[np.intp], I64, dict[str, Mask], dict[str, F64]]:
     """One group's verdict on a batch: (valid, distinct keys, row -> key index, times,
-    feeds per slot, values per slot)."""
+    feeds per slot, values per slot); ``shared``: columns judged for other groups."""
+    shared = shared if shared is not None else _BatchColumns()
     n = batch.num_rows
     names = set(batch.schema.names)
     group = plan.group
@@ -390,7 +470,7 @@ def _check_batch(
         else:
             keys = [_key_or_none(plan, v) for v in raw_keys]
     key_ok = np.array([k is not None for k in keys], np.bool_)[key_index]
-    ts_ok, ts = _time_column(plan, col(group.event_time_field), n)
+    ts_ok, ts = shared.time_column(plan, col(group.event_time_field), n)
     valid = key_ok & ts_ok
     feeds: dict[str, Mask] = {}
     values: dict[str, F64] = {}
@@ -406,7 +486,7 @@ def _check_batch(
             valid &= scalar
             fed &= equal
         feeds[slot.name] = fed
-        values[slot.name] = _slot_values(plan, slot, col, fed, ts, valid, n)
+        values[slot.name] = _slot_values(plan, slot, col, fed, ts, valid, n, shared)
     return valid, keys, key_index, ts, feeds, values
 
 
@@ -418,6 +498,7 @@ def _slot_values(
     ts: I64,
     valid: Mask,
     n: int,
+    shared: _BatchColumns,
 ) -> F64:
     """A slot's value per row; rows fed a non-number become invalid (``valid`` in place)."""
     assert callable(col)
@@ -425,7 +506,7 @@ def _slot_values(
         return np.where(fed, 1.0, 0.0)
     if slot.field is None or slot.field == plan.group.event_time_field:
         return np.where(fed, ts.astype(np.float64), 0.0)
-    ok, number = _number_column(col(slot.field), n)
+    ok, number = shared.number_column(slot.field, col(slot.field), n)
     valid &= ~fed | ok
     return np.where(fed & ok, number, 0.0)
 

@@ -105,6 +105,8 @@ class _Packed:
     base: int
     top: int
     span: int
+    key_start: I64
+    """Key code -> index of its first event (one entry more than codes)."""
 
     @classmethod
     def of(cls, code: I64, ts: I64, ncodes: int) -> _Packed | None:
@@ -112,16 +114,67 @@ class _Packed:
         base = int(ts.min()) - 1
         top = int(ts.max()) + 1
         span = top - base + 1
-        if max(ncodes, int(code.max()) + 2) * span >= _LIMIT:
+        ncodes = max(ncodes, int(code.max()) + 2)
+        if ncodes * span >= _LIMIT:
             return None
-        return cls(code * span + (ts - base), base, top, span)
+        key_start = np.searchsorted(code, np.arange(ncodes + 1, dtype=np.int64), side="left")
+        return cls(code * span + (ts - base), base, top, span, key_start.astype(np.int64))
+
+    def fits(self, code: I64) -> bool:
+        """Whether every code of ``code`` packs (and has a :attr:`key_start` entry)."""
+        return not len(code) or int(code.max()) + 2 <= len(self.key_start)
+
+    def probe(self, code: I64, at: I64) -> I64:
+        """The packed (key, time) of each row (``at`` clipped into the events' span)."""
+        return code * self.span + (np.clip(at, self.base, self.top) - self.base)
 
     def positions(self, code: I64, at: I64) -> I64 | None:
         """First index with (key, time) >= (code, at); ``None`` if a code is too large."""
         if len(code) and int(code.max()) + 2 > _LIMIT // self.span:
             return None
-        probe = code * self.span + (np.clip(at, self.base, self.top) - self.base)
-        return np.searchsorted(self.keys, probe, side="left").astype(np.int64)
+        return np.searchsorted(self.keys, self.probe(code, at), side="left").astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _RowEvents:
+    """The packed keys of the events of some rows' keys only, for rows sorted by key
+    code: a chunk's searches go into these (a chunk's keys hold a few % of the log's
+    events: the searches stay in cache) and are shifted back to the log's indices.
+
+    A row's (code, time) probe lands within its key's events in the log and in the
+    excerpt alike (packed keys of other codes are all below or all above it), so the
+    excerpt's index plus the key's shift is the log's index: the same answer."""
+
+    packed: _Packed
+    code: I64
+    keys: I64
+    shift: I64
+    """Per row: log index minus excerpt index (rows without a key: 0)."""
+    known: Mask
+    """Rows with a key code (``-1``: no key, answer 0 as the whole search does)."""
+
+    @classmethod
+    def of(cls, packed: _Packed, code: I64) -> _RowEvents:
+        """``code``: the rows' key codes, ascending, each below ``packed``'s codes."""
+        n = len(code)
+        first = np.ones(n, np.bool_)
+        first[1:] = code[1:] != code[:-1]
+        distinct = code[first]
+        known = distinct >= 0
+        safe = np.where(known, distinct, 0)
+        start = packed.key_start[safe]
+        length = np.where(known, packed.key_start[safe + 1] - start, 0)
+        offset = np.cumsum(length) - length  # each key's first index in the excerpt
+        total = int(length.sum())
+        take = np.repeat(start - offset, length) + np.arange(total, dtype=np.int64)
+        group = np.cumsum(first) - 1
+        shift = (start - offset)[group]
+        return cls(packed, code, packed.keys[take], shift, code >= 0)
+
+    def positions(self, at: I64) -> I64:
+        """:meth:`_Packed.positions` of the rows at times ``at``."""
+        local = np.searchsorted(self.keys, self.packed.probe(self.code, at), side="left")
+        return np.where(self.known, local + self.shift, 0).astype(np.int64)
 
 
 def _tile_prefix(firsts: I64, lengths: I64, value: F64, kind: SlotKind) -> F64:
@@ -167,12 +220,13 @@ class GroupWindows:
         """Apply the lateness rule to ``events`` and index what is kept."""
         plan = events.plan
         code, ts, feeds, values = events.columns()
-        has_prev, newest = exclusive_running_max(code, ts)
+        by_key = np.argsort(code, kind="stable")
+        has_prev, newest = exclusive_running_max(code, ts, by_key)
         late = has_prev & (ts < newest - plan.group.allowed_lateness_ms)
         kept = ~late
         ncodes = max(events.codes.values(), default=0) + 2  # every code a row can ask for
         # one sort by (key, time, log order) for every slot: a slot's events are a subset
-        order = np.lexsort((np.arange(len(ts), dtype=np.int64), ts, code))
+        order = _key_time_order(code, ts, by_key)
         code, ts, kept = code[order], ts[order], kept[order]
         slots: dict[str, _SlotEvents] = {}
         family: dict[str, str] = {}
@@ -204,17 +258,27 @@ class GroupWindows:
         return {name: v[back] for name, v in self._sorted_values(code[order], times[order]).items()}
 
     def _sorted_values(self, code: I64, times: I64) -> dict[str, F64]:
+        """:meth:`values` of rows sorted by (code, time)."""
         ends: dict[str, I64] = {}
         starts: dict[tuple[str, int, int], I64] = {}
+        excerpts: dict[str, _RowEvents | None] = {}
+
+        def search(same: str, at: I64) -> I64:
+            events = self.slots[same]
+            if same not in excerpts:
+                packed = events.packed
+                fits = packed is not None and packed.fits(code)
+                excerpts[same] = _RowEvents.of(packed, code) if packed and fits else None
+            excerpt = excerpts[same]
+            return excerpt.positions(at) if excerpt is not None else _positions(events, code, at)
 
         def bounds(slot: Slot, lo: I64, window: int, tile: int) -> tuple[I64, I64]:
             same = self.family[slot.name]
-            events = self.slots[same]
             if same not in ends:
-                ends[same] = _positions(events, code, times)
+                ends[same] = search(same, times)
             key = (same, window, tile)
             if key not in starts:
-                starts[key] = _positions(events, code, lo)
+                starts[key] = search(same, lo)
             return starts[key], ends[same]
 
         out: dict[str, F64] = {}
@@ -226,6 +290,16 @@ class GroupWindows:
                 output, [self.slots[s.name] for s in output.slots], ranges, times
             )
         return out
+
+
+def _key_time_order(code: I64, ts: I64, by_key: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+    """``np.lexsort((log order, ts, code))``: ``by_key`` (the stable sort by code) itself
+    when every key's events are in time order in the log (the usual case: one check
+    instead of a three-key sort), else the lexsort."""
+    c, t = code[by_key], ts[by_key]
+    if bool(np.all((t[1:] >= t[:-1]) | (c[1:] != c[:-1]))):
+        return by_key
+    return np.lexsort((np.arange(len(ts), dtype=np.int64), ts, code))
 
 
 def _row_order(code: I64, times: I64) -> npt.NDArray[np.intp]:

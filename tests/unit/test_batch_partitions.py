@@ -82,3 +82,16 @@ def test_side_features_are_the_stream_features_of_other_entities() -> None:
         if refs[n].source is FeatureSource.STREAM and refs[n].entity == "merchant_id"
     ]
     assert expected and list(sides["merchant_id"]) == expected
+
+
+def test_filtered_events_project_to_the_columns_asked_for(tmp_path: Path) -> None:
+    """Filtered by a key column that is not asked for, cut to the columns asked for
+    (those the file has, in its order)."""
+    definitions = parse_definitions((REPO / "features.yaml").read_text())
+    card = definitions.entities["card_id"]
+    log = pa.table({"card_id": ["c1", "c2", "c1"], "amount": [1.0, 2.0, 3.0], "x": [7, 8, 9]})
+    pq.write_table(log, path := tmp_path / "events.parquet")
+    events = FilteredParquetEvents(path, (Wanted("card_id", card, frozenset({"c1"})),))
+    kept = pa.Table.from_batches(list(events.record_batches(columns=["x", "amount", "nope"])))
+    assert kept.column_names == ["amount", "x"]
+    assert kept.to_pylist() == [{"amount": 1.0, "x": 7}, {"amount": 3.0, "x": 9}]

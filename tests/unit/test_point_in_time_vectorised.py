@@ -26,8 +26,18 @@ from hypothesis import strategies as st
 from feature_streams.backfill import ParquetEvents
 from feature_streams.definitions import FeatureDefinitions, parse_definitions
 from feature_streams.point_in_time import point_in_time_table
-from feature_streams.point_in_time_events import GroupEvents, exclusive_running_max
-from feature_streams.point_in_time_windows import _row_order
+from feature_streams.point_in_time_events import (
+    GroupEvents,
+    LogReader,
+    exclusive_running_max,
+    plan_fields,
+)
+from feature_streams.point_in_time_windows import (
+    _key_time_order,
+    _Packed,
+    _row_order,
+    _RowEvents,
+)
 from feature_streams.windows import GroupPlan, event_key, event_time, is_too_late
 from feature_streams.windows import point_in_time_values as reference_values
 
@@ -281,3 +291,97 @@ def test_codes_for_a_batch_are_code_of_key_by_key(batches: list[list[str | None]
         assert got.tolist() == want
     assert batched.codes == one_by_one.codes
     assert batched.keys == one_by_one.keys
+
+
+@given(
+    st.lists(st.sampled_from("abcdefgh"), unique=True, max_size=8),
+    st.lists(st.one_of(st.none(), st.sampled_from("abcdefghij")), max_size=12),
+)
+def test_codes_for_a_distinct_first_batch_are_code_of_key_by_key(
+    first: list[str], then: list[str | None]
+) -> None:
+    """A log's first batch is its dictionary (distinct keys): coded in order, and the
+    batches after it see the same tables as one ``code_of`` call per key."""
+    plan = GroupPlan.of(parse_definitions(DEFS), "card")
+    batched, one_by_one = GroupEvents(plan), GroupEvents(plan)
+    for keys in (list[str | None](first), then):
+        want = [one_by_one.code_of(k) if k is not None else -1 for k in keys]
+        assert batched.codes_for(keys).tolist() == want
+    assert batched.codes == one_by_one.codes
+    assert batched.keys == one_by_one.keys
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 20)), max_size=60),
+    st.booleans(),
+)
+def test_key_time_order_is_the_lexsort_of_key_time_and_log_order(
+    events: list[tuple[int, int]], in_time_order: bool
+) -> None:
+    """With every key's events in time order (the shortcut) or not (the lexsort)."""
+    if in_time_order:
+        events = sorted(events, key=lambda e: e[1])
+    code = np.array([c for c, _ in events], np.int64)
+    ts = np.array([t for _, t in events], np.int64)
+    by_key = np.argsort(code, kind="stable")
+    want = np.lexsort((np.arange(len(ts)), ts, code))
+    assert np.array_equal(_key_time_order(code, ts, by_key), want)
+
+
+def test_a_columnar_log_is_read_for_the_plans_fields_only(
+    defs: FeatureDefinitions, tmp_path: Path
+) -> None:
+    """Fields no rule reads are not asked for (nor decoded); the values are unchanged."""
+    plans = [GroupPlan.of(defs, "card"), GroupPlan.of(defs, "merchant")]
+    assert plan_fields(plans) == ["card_id", "ts", "amount", "intl", "merchant_id"]
+    table = pa.table(
+        {
+            "card_id": ["a", "a"],
+            "merchant_id": ["1", "1"],
+            "ts": [T0, T0 + MIN],
+            "amount": [1.0, 2.0],
+            "intl": [1, 0],
+            "note": [{"x": 1}, None],  # a nested column no rule reads
+        }
+    )
+    pq.write_table(table, path := tmp_path / "events.parquet")
+    asked: list[list[str] | None] = []
+
+    class Spy(ParquetEvents):
+        def record_batches(self, columns: Sequence[str] | None = None) -> Any:
+            asked.append(None if columns is None else list(columns))
+            return super().record_batches(columns)
+
+    selected = {p.group.name: GroupEvents(p) for p in plans}
+    reader = LogReader({"tx": plans}, selected)
+    reader.read_topic("tx", Spy(path))
+    assert asked == [plan_fields(plans)]
+    assert reader.read == 2 and reader.malformed == 0
+    spine = spine_table([("a", 1, 2 * MIN)])
+    projected, _ = point_in_time_table(defs, ParquetEvents(path), spine)
+    whole, _ = point_in_time_table(defs, table.drop_columns(["note"]).to_pylist(), spine)
+    assert projected.equals(whole)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 40)), min_size=1, max_size=60),
+    st.lists(st.tuples(st.integers(-1, 8), st.integers(-5, 50)), max_size=60),
+)
+def test_a_chunks_excerpt_searches_as_the_whole_log(
+    events: list[tuple[int, int]], rows: list[tuple[int, int]]
+) -> None:
+    """Rows sorted by key (some without a key, some keys without events, times outside
+    the events' span): the excerpt's positions are the whole search's."""
+    events = sorted(events)
+    code = np.array([c for c, _ in events], np.int64)
+    ts = np.array([t for _, t in events], np.int64) + T0
+    packed = _Packed.of(code, ts, ncodes=9)
+    assert packed is not None
+    rows = sorted(rows)
+    row_code = np.array([c for c, _ in rows], np.int64)
+    at = np.array([t for _, t in rows], np.int64) + T0
+    assert packed.fits(row_code)
+    want = packed.positions(row_code, at)
+    got = _RowEvents.of(packed, row_code).positions(at)
+    assert want is not None
+    assert got.tolist() == want.tolist()
