@@ -10,6 +10,13 @@
  *      with its misses overlapped rather than one by one;
  *   3. the block's lookups, branch-free (a failed player reads K(A), times -1).
  *
+ * The tables are kept as float32 (copied from the float64 ones the numpy engine uses):
+ * a cold row's cost is its scattered table reads, and half the bytes means fewer cache
+ * lines and a table that stays in the cache longer (bench/RESULTS.md: ~15-20% per row).
+ * Each weight is rounded once (relative 6e-8); attributions are summed in float64, so
+ * they agree with the numpy engine to ~1e-7, inside the float32 tolerance the margin
+ * check at load allows (server/explain/explainer.py).
+ *
  * A Kernel copies and checks its arrays once, when built (it owns them: nothing can
  * change them afterwards), so add_to only checks the shapes of the row and output
  * buffers. Plain CPython API and the buffer protocol (no numpy headers); the GIL is
@@ -39,7 +46,7 @@ typedef struct {
     uint8_t *nan_ok;  /* [cells] a NaN satisfies the player */
     double *scale;    /* [cells] 1 / z */
     int64_t *offset;  /* [paths] start of each path's table */
-    double *table;
+    float *table; /* float32: half the bytes of the scattered reads */
     uint8_t *ok; /* [cells + PAD] work: one row's tests (used under the GIL's lock, see add_to) */
     PyThread_type_lock lock;
 } Kernel;
@@ -79,13 +86,13 @@ static void *copied(PyObject *obj, Py_ssize_t item, Py_ssize_t count, Py_ssize_t
 /* The tables, in memory aligned to 2 MiB and advised to be backed by huge pages
  * (where the kernel's transparent huge pages allow it): a row's reads are scattered
  * over the whole table, and with 4 KiB pages most would also miss the TLB. */
-static double *table_copy(PyObject *obj, Py_ssize_t count) {
+static float *table_copy(PyObject *obj, Py_ssize_t count) {
     Py_buffer view;
     if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
-    double *copy = NULL;
-    size_t bytes = (size_t)count * sizeof(double);
+    float *copy = NULL;
+    size_t bytes = (size_t)count * sizeof(float);
     size_t rounded = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
-    if (view.itemsize != 8 || view.len != (Py_ssize_t)bytes) {
+    if (view.itemsize != 8 || view.len != (Py_ssize_t)count * 8) {
         PyErr_Format(PyExc_ValueError, "table: expected %zd float64, got %zd bytes", count,
                      view.len);
     } else if (posix_memalign((void **)&copy, HUGE_PAGE, rounded ? rounded : HUGE_PAGE) != 0) {
@@ -95,7 +102,8 @@ static double *table_copy(PyObject *obj, Py_ssize_t count) {
 #ifdef MADV_HUGEPAGE
         (void)madvise(copy, rounded, MADV_HUGEPAGE); /* advice only: ignored where refused */
 #endif
-        memcpy(copy, view.buf, bytes);
+        const double *source = view.buf;
+        for (Py_ssize_t i = 0; i < count; i++) copy[i] = (float)source[i];
     }
     PyBuffer_Release(&view);
     return copy;
@@ -182,7 +190,8 @@ static void add_row(const Kernel *k, const float *x, double *out) {
     const int32_t *start = k->start, *feature = k->feature;
     const float *lo = k->lo, *hi = k->hi;
     const uint8_t *nan_ok = k->nan_ok;
-    const double *scale = k->scale, *table = k->table;
+    const double *scale = k->scale;
+    const float *table = k->table;
     uint8_t *ok = k->ok;
     for (Py_ssize_t c = 0; c < k->cells; c++) {
         float v = x[feature[c]];
@@ -202,7 +211,7 @@ static void add_row(const Kernel *k, const float *x, double *out) {
             for (int32_t j = 0; j < depth; j++) a |= (uint32_t)ok[start[p] + j] << j;
 #endif
             mask[p - first] = a;
-            const double *t = table + k->offset[p];
+            const float *t = table + k->offset[p];
             __builtin_prefetch(t + a);
             for (uint32_t rest = a; rest; rest &= rest - 1) {
                 __builtin_prefetch(t + (a ^ (rest & (0u - rest))));
@@ -210,7 +219,7 @@ static void add_row(const Kernel *k, const float *x, double *out) {
         }
         for (Py_ssize_t p = first; p < last; p++) {
             uint32_t a = mask[p - first];
-            const double *t = table + k->offset[p];
+            const float *t = table + k->offset[p];
             for (int32_t c = start[p], j = 0; c < start[p + 1]; c++, j++) {
                 uint32_t on = (a >> j) & 1;
                 /* branch-free: (1/z) - 1 when satisfied, else 0 - 1 (as the numpy engine) */

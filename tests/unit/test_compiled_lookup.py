@@ -47,8 +47,15 @@ def test_compiled_equals_numpy(seed: int, modes: tuple[int, ...]) -> None:
     assert isinstance(fast.engines[0], CompiledSubsetPaths)
     assert isinstance(reference.engines[0], SubsetPaths)
     phi = fast.shap_values(x)
-    np.testing.assert_allclose(phi, reference.shap_values(x), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(phi.sum(1) + fast.base_value, ensemble.margin(x), atol=1e-12)
+    # the compiled tables are float32 (half the bytes a row's scattered reads touch):
+    # each looked-up weight is rounded to float32, sums stay float64; the bar
+    # is float32 tolerance on the margin, and the load check's bound is far wider
+    expected = reference.shap_values(x)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(phi, expected, rtol=0, atol=1e-6 * scale)
+    assert np.abs(phi - expected).max() > 0  # really float32 tables (fails on float64 ones)
+    margin = ensemble.margin(x)
+    np.testing.assert_allclose(phi.sum(1) + fast.base_value, margin, atol=1e-6 * scale)
     for i in (0, 5, 399):  # one row alone equals the row in a batch
         np.testing.assert_allclose(fast.shap_values(x[i : i + 1])[0], phi[i], rtol=0, atol=1e-14)
 
