@@ -100,7 +100,9 @@ def rows_on_the_grid(n_features: int, n: int = 400, seed: int = 7) -> F64:
 def test_subset_tables_equal_the_polynomial_and_the_margin(seed: int) -> None:
     ensemble, covers = random_ensemble(seed, INTERVAL_MODES)
     x = rows_on_the_grid(ensemble.n_features)
-    tables = PathTable.build(ensemble, covers)
+    # the numpy engine: exact float64 (the compiled one, float32 tables, is checked
+    # against it in test_compiled_lookup.py)
+    tables = PathTable.build(ensemble, covers, compiled=False)
     polynomial = PathTable.build(ensemble, covers, subset_budget=0)
     paths, _ = decompose(ensemble, covers)
     assert tables.subset_paths == sum(1 for p in paths if p.depth) > 0
@@ -114,8 +116,8 @@ def test_equality_splits_go_to_the_polynomial_and_a_budget_splits_the_paths() ->
     ensemble, covers = random_ensemble(4, ALL_MODES)
     x = rows_on_the_grid(ensemble.n_features)
     reference = PathTable.build(ensemble, covers, subset_budget=0).shap_values(x)
-    everything = PathTable.build(ensemble, covers)
-    some = PathTable.build(ensemble, covers, subset_budget=64)
+    everything = PathTable.build(ensemble, covers, compiled=False)
+    some = PathTable.build(ensemble, covers, subset_budget=64, compiled=False)
     paths, _ = decompose(ensemble, covers)
     players = sum(1 for p in paths if p.depth)
     assert 0 < some.subset_paths < everything.subset_paths < players
@@ -149,9 +151,25 @@ def test_a_path_too_long_for_a_table_goes_to_the_polynomial() -> None:
     paths, _ = decompose(ensemble, covers)
     long = sum(1 for p in paths if p.depth > MAX_DEPTH)
     assert long > 0
-    table = PathTable.build(ensemble, covers)
+    table = PathTable.build(ensemble, covers, compiled=False)
     assert table.subset_paths == sum(1 for p in paths if 0 < p.depth <= MAX_DEPTH)
     x = rows_on_the_grid(ensemble.n_features, n=50)
     np.testing.assert_allclose(
         table.shap_values(x).sum(1) + table.base_value, ensemble.margin(x), atol=1e-12
+    )
+
+
+def test_the_served_engine_with_long_paths_sums_to_the_margin() -> None:
+    """The default build (compiled float32 tables where built, the polynomial for paths
+    too long for a table) still sums to the margin, to float32 tolerance."""
+    ensemble, covers = random_ensemble(
+        6, INTERVAL_MODES, n_trees=2, n_features=24, depth=20, chain=True
+    )
+    table = PathTable.build(ensemble, covers)
+    assert len(table.engines) == 2
+    x = rows_on_the_grid(ensemble.n_features, n=50)
+    margin = ensemble.margin(x)
+    scale = max(1.0, float(np.abs(margin).max()))
+    np.testing.assert_allclose(
+        table.shap_values(x).sum(1) + table.base_value, margin, atol=1e-6 * scale
     )
